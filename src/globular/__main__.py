@@ -1,0 +1,3 @@
+from globular.cli import main
+
+main()

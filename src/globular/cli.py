@@ -1,0 +1,258 @@
+"""The ``globular`` command: a thin layer that renders what the library returns.
+
+Exit codes are decided here, in :func:`main`: 0 success, 1 an operation failed,
+2 bad input (config or arguments), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from globular import __version__, cluster
+from globular.config import Config
+from globular.errors import GlobularError
+from globular.paths import globular_home
+from globular.plugins.base import PluginReport
+from globular.state import StateStore
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class RichReporter:
+    """Draws the library's progress steps as rich progress bars."""
+
+    def __init__(self, target: Console):
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=target,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def begin(self, key: str, description: str, total: int) -> None:
+        self.tasks[key] = self.progress.add_task(description, total=total)
+
+    def advance(self, key: str, amount: int = 1) -> None:
+        self.progress.advance(self.tasks[key], amount)
+
+    def set(self, key: str, completed: int) -> None:
+        self.progress.update(self.tasks[key], completed=completed)
+
+    def end(self, key: str) -> None:
+        task = self.tasks[key]
+        self.progress.update(task, completed=self.progress.tasks[task].total)
+        self.progress.stop_task(task)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(message)
+
+
+def load_config(ctx: click.Context) -> Config:
+    return Config.load(ctx.obj["config"])
+
+
+def render_report(report: PluginReport) -> None:
+    if report.summary:
+        table = Table.grid(padding=(0, 2))
+        for label, value in report.summary:
+            table.add_row(f"[bold]{escape(label)}[/]", escape(value))
+        console.print(table)
+    for warning in report.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if report.hints:
+        console.print("\nConnect with:")
+        for line in report.hints:
+            console.print(f"  {line}", markup=False)
+
+
+def age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-c",
+    "--config",
+    type=click.Path(dir_okay=False),
+    envvar="GLOBULAR_CONFIG",
+    help="Config file (StarCluster INI format). Default: $GLOBULAR_CONFIG, else ~/.globular/config, "
+    "else a built-in template (local provider, ipcluster plugin).",
+)
+@click.version_option(__version__, prog_name="globular")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None) -> None:
+    """Turn a set of machines into an interactive IPython-parallel cluster.
+
+    \b
+    globular start -s 3 mycluster        start a 3-node cluster
+    globular shell --ipcluster=mycluster IPython with `ipclient` and `ipview`
+    globular listclusters                what is running
+    globular terminate mycluster         stop everything and forget it
+    """
+    ctx.obj = {"config": config}
+
+
+@cli.command()
+@click.option("-s", "--cluster-size", type=click.IntRange(min=1), help="Number of nodes (overrides cluster_size).")
+@click.option("-c", "--cluster-template", "template", help="[cluster TEMPLATE] to use (default: default_template).")
+@click.argument("name")
+@click.pass_context
+def start(ctx: click.Context, cluster_size: int | None, template: str | None, name: str) -> None:
+    """Start cluster NAME: provision nodes, then run the template's plugins.
+
+    With the ipcluster plugin this starts an IPython-parallel controller on the
+    master and one engine per core on every node, and writes the client
+    connection file to ~/.globular/ipcluster/NAME-REGION.json.  If anything
+    fails, everything already started is stopped again.
+    """
+    spec = load_config(ctx).cluster_spec(template, cluster_size)
+    console.print(
+        f"Starting cluster [bold]{name}[/] from template [bold]{spec.template}[/]: "
+        f"{spec.cluster_size} nodes, provider {spec.provider}"
+    )
+    with RichReporter(console) as reporter:
+        result = asyncio.run(cluster.start(name, spec, reporter=reporter))
+    record = result.record
+    console.print(
+        f"\n[green]Cluster {name} is running[/]: {len(record.nodes)} nodes, started in {result.elapsed:.1f} s"
+    )
+    for report in result.reports:
+        render_report(report)
+
+
+@cli.command()
+def listclusters() -> None:
+    """List the clusters this machine started, with their state."""
+    records, problems = StateStore(globular_home()).list()
+    if not records and not problems:
+        console.print("No clusters.")
+        return
+    table = Table("name", "status", "provider", "region", "nodes", "engines", "template", "up")
+    now = time.time()
+    for record in records:
+        engines = (record.plugin_data.get("ipcluster") or {}).get("engines", "-")
+        table.add_row(
+            record.name,
+            record.status,
+            record.spec.provider,
+            record.region,
+            str(len(record.nodes)),
+            str(engines),
+            record.spec.template,
+            age(now - record.created),
+        )
+    console.print(table)
+    for problem in problems:
+        err_console.print(f"[yellow]warning:[/] {escape(str(problem))}")
+
+
+@cli.command()
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.argument("name")
+def terminate(yes: bool, name: str) -> None:
+    """Terminate cluster NAME: stop all its processes and release its nodes."""
+    record = StateStore(globular_home()).get(name)
+    if not yes:
+        click.confirm(f"Terminate cluster {name} ({len(record.nodes)} nodes, {record.status})?", abort=True)
+    result = asyncio.run(cluster.terminate(name))
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+    console.print(
+        f"Terminated cluster [bold]{name}[/]: {result.nodes} nodes released, "
+        f"{result.processes_stopped} processes stopped"
+        + (f" ({result.processes_killed} needed SIGKILL)" if result.processes_killed else "")
+        + f" in {result.elapsed:.1f} s"
+    )
+
+
+@cli.command()
+@click.option("--ipcluster", "name", required=True, metavar="NAME", help="Cluster to connect to.")
+@click.option("-c", "--command", "code", help="Run CODE with ipclient and ipview defined, then exit.")
+def shell(name: str, code: str | None) -> None:
+    """A Python shell connected to cluster NAME.
+
+    `ipclient` is an ipyparallel Client and `ipview` = ipclient[:], e.g.
+    ipview.map_async(lambda x: x**30, range(8)).get()
+    """
+    from globular.client import connect
+
+    client = connect(name)
+    namespace = {"ipclient": client, "ipview": client[:], "Client": type(client)}
+    try:
+        if code is not None:
+            exec(compile(code, "<globular shell -c>", "exec"), namespace)
+        else:
+            import IPython
+
+            console.print(f"Connected to {name}: {len(client.ids)} engines as `ipclient`, `ipview` = ipclient[:]")
+            IPython.start_ipython(argv=[], user_ns=namespace)
+    finally:
+        client.close()
+
+
+@cli.command()
+@click.argument("plugin")
+@click.argument("name")
+@click.pass_context
+def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
+    """Run PLUGIN's `run` on cluster NAME (e.g. ipclusterrestart, ipclusterstop).
+
+    PLUGIN is a [plugin PLUGIN] section of the config, or a built-in plugin.
+    """
+    record = StateStore(globular_home()).get(name)
+    spec = next((p for p in record.spec.plugins if p.name == plugin), None)
+    if spec is None:
+        spec = load_config(ctx).plugin_spec(plugin, builtin_fallback=True)
+    with RichReporter(console) as reporter:
+        result = asyncio.run(cluster.run_plugin(name, spec, reporter=reporter))
+    console.print(f"Plugin [bold]{plugin}[/] ran on {name} in {result.elapsed:.1f} s")
+    if result.report:
+        render_report(result.report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns outcomes into exit codes."""
+    try:
+        cli.main(args=argv, prog_name="globular", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("Aborted.")
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("Interrupted; anything started was stopped.")
+        sys.exit(130)
+    except GlobularError as exc:
+        err_console.print(f"[red]error:[/] {escape(str(exc))}")
+        sys.exit(exc.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
+

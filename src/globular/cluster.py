@@ -1,0 +1,288 @@
+"""A running cluster: its record, its provider, its plugins, and what can be done to it.
+
+Every operation holds the cluster's operation lock, keeps the state record up
+to date as it goes (a process is recorded as soon as it is started), and
+returns data; rendering is the caller's business.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from globular.errors import GlobularError, NodeFailures, PluginFailed, StartFailed
+from globular.fanout import each_node
+from globular.paths import globular_home
+from globular.plugins.base import Plugin, PluginReport
+from globular.providers.base import NodeProvider, Runner, StopResult
+from globular.registry import RegistryError, provider_class, resolve_plugin
+from globular.reporting import NullReporter, Reporter
+from globular.spec import ClusterSpec, PluginSpec
+from globular.state import ClusterRecord, NodeRecord, ProcessRecord, StateStore, check_cluster_name
+
+
+@dataclass
+class StartResult:
+    record: ClusterRecord
+    elapsed: float
+    reports: list[PluginReport] = field(default_factory=list)
+
+
+@dataclass
+class PluginRunResult:
+    record: ClusterRecord
+    plugin: str
+    elapsed: float
+    report: PluginReport | None
+
+
+@dataclass
+class TerminateResult:
+    name: str
+    nodes: int
+    processes_stopped: int
+    processes_killed: int
+    elapsed: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def node_names(count: int, existing: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+    """StarCluster's names: ``master``, then ``node001``, ``node002``, ... not yet used."""
+    names: list[str] = []
+    taken = set(existing)
+    if "master" not in taken and count > 0:
+        names.append("master")
+    index = 1
+    while len(names) < count:
+        name = f"node{index:03d}"
+        if name not in taken:
+            names.append(name)
+        index += 1
+    return names
+
+
+def load_plugin(spec: PluginSpec) -> Plugin:
+    try:
+        _, cls = resolve_plugin(spec.setup_class)
+    except RegistryError as exc:
+        raise GlobularError(f"plugin {spec.name!r}: {exc}") from None
+    return cls.from_spec(spec)
+
+
+class Cluster:
+    """A cluster known to the state store; the context plugins work in."""
+
+    def __init__(self, record: ClusterRecord, *, home: Path, store: StateStore, reporter: Reporter):
+        self.record = record
+        self.home = home
+        self.store = store
+        self.reporter = reporter
+        self.provider: NodeProvider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
+        self._runners: dict[str, Runner] = {}
+        self.stopped = StopResult(0, 0, [])  # totals of every stop_processes call
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def nodes(self) -> list[NodeRecord]:
+        return self.record.nodes
+
+    @property
+    def master(self) -> NodeRecord:
+        return self.record.master
+
+    def runner(self, node: NodeRecord) -> Runner:
+        if node.name not in self._runners:
+            self._runners[node.name] = self.provider.runner(node)
+        return self._runners[node.name]
+
+    async def close(self) -> None:
+        runners, self._runners = list(self._runners.values()), {}
+        for runner in runners:
+            await runner.close()
+
+    # -- record keeping, for plugins ----------------------------------------
+
+    def save(self) -> None:
+        self.store.save(self.record)
+
+    def track(self, node: NodeRecord, procs: list[ProcessRecord]) -> None:
+        """Record processes started on ``node`` (so terminate can always stop them)."""
+        node.processes.extend(procs)
+        self.save()
+
+    def untrack(self, node: NodeRecord, procs: list[ProcessRecord]) -> None:
+        gone = {(p.pid, p.start) for p in procs}
+        node.processes = [p for p in node.processes if (p.pid, p.start) not in gone]
+        self.save()
+
+    def plugin_data(self, key: str) -> dict:
+        """A plugin's own part of the state record (saved with :meth:`save`)."""
+        return self.record.plugin_data.setdefault(key, {})
+
+    def plugins(self) -> list[Plugin]:
+        return [load_plugin(spec) for spec in self.record.spec.plugins]
+
+    async def stop_processes(self, node: NodeRecord, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
+        result = await self.runner(node).stop(procs, timeout=timeout)
+        self.untrack(node, procs)
+        self.stopped = StopResult(self.stopped.stopped + result.stopped, self.stopped.killed + result.killed, [])
+        return result
+
+    # -- operations ----------------------------------------------------------
+
+    async def _hook(self, plugin: Plugin, hook: str, *args) -> PluginReport | None:
+        try:
+            return await getattr(plugin, hook)(self, *args)
+        except GlobularError as exc:
+            raise PluginFailed(plugin.name, hook, exc) from exc
+        except Exception as exc:  # a third-party plugin's bug: still name the plugin
+            raise PluginFailed(plugin.name, hook, GlobularError(f"{type(exc).__name__}: {exc}")) from exc
+
+    async def teardown(self, plugins: list[Plugin]) -> TerminateResult:
+        """Undo everything: plugins' ``on_shutdown`` (reverse order), stop every
+        recorded process by pid, release the nodes, delete the record.
+
+        A plugin's failure does not stop the rest; a process that cannot be
+        stopped (or a node that cannot be released) keeps the record, marked
+        ``failed``, so that ``terminate`` can try again.
+        """
+        started = time.monotonic()
+        self.record.status = "stopping"
+        self.save()
+        warnings: list[str] = []
+        for plugin in reversed(plugins):
+            try:
+                await self._hook(plugin, "on_shutdown")
+            except PluginFailed as exc:
+                warnings.append(str(exc))
+        try:
+            await each_node(
+                [n for n in self.nodes if n.processes],
+                lambda node: self.stop_processes(node, list(node.processes)),
+            )
+            await self.provider.terminate_nodes(self.nodes)
+        except BaseException as exc:
+            self.record.status = "failed"
+            self.record.error = str(exc)
+            self.save()
+            raise
+        finally:
+            await self.close()
+        self.store.delete(self.name)
+        return TerminateResult(
+            name=self.name,
+            nodes=len(self.nodes),
+            processes_stopped=self.stopped.stopped,
+            processes_killed=self.stopped.killed,
+            elapsed=time.monotonic() - started,
+            warnings=warnings,
+        )
+
+
+def _context(home: Path | None, reporter: Reporter | None) -> tuple[Path, StateStore, Reporter]:
+    home = home or globular_home()
+    return home, StateStore(home), reporter or NullReporter()
+
+
+async def start(
+    name: str, spec: ClusterSpec, *, home: Path | None = None, reporter: Reporter | None = None
+) -> StartResult:
+    """Provision ``spec.cluster_size`` nodes and run the plugins on them.
+
+    On any failure (or interruption) everything made so far is undone and
+    :class:`StartFailed` says what failed and whether the cleanup worked.
+    """
+    home, store, reporter = _context(home, reporter)
+    check_cluster_name(name)
+    plugins = [load_plugin(p) for p in spec.plugins]  # fail before anything exists
+    started = time.monotonic()
+    with store.operation(name):
+        provider = provider_class(spec.provider)(spec, cluster=name, home=home)
+        record = ClusterRecord(name=name, region=provider.region, spec=spec)
+        store.create(record)
+        cluster = Cluster(record, home=home, store=store, reporter=reporter)
+        try:
+            names = node_names(spec.cluster_size)
+            reporter.begin("nodes", f"nodes ({spec.provider})", len(names))
+
+            def ready(node: NodeRecord) -> None:
+                record.nodes.append(node)
+                cluster.save()
+                reporter.advance("nodes")
+
+            await cluster.provider.create_nodes(names, ready)
+            reporter.end("nodes")
+            reports = []
+            for plugin in plugins:
+                report = await cluster._hook(plugin, "run")
+                if report is not None:
+                    reports.append(report)
+            record.status = "running"
+            cluster.save()
+            await cluster.close()
+            return StartResult(record=record, elapsed=time.monotonic() - started, reports=reports)
+        except BaseException as exc:
+            try:
+                await cluster.teardown(plugins)
+            except BaseException as cleanup_exc:
+                if not isinstance(exc, Exception):
+                    raise
+                raise StartFailed(name, exc, cleanup_exc) from exc
+            if not isinstance(exc, Exception):
+                raise
+            raise StartFailed(name, exc) from exc
+
+
+def open_cluster(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> Cluster:
+    home, store, reporter = _context(home, reporter)
+    return Cluster(store.get(name), home=home, store=store, reporter=reporter)
+
+
+async def terminate(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> TerminateResult:
+    """Stop every process of the cluster, release its nodes, forget it."""
+    home, store, reporter = _context(home, reporter)
+    with store.operation(name):
+        cluster = open_cluster(name, home=home, reporter=reporter)
+        plugins, warnings = [], []
+        for spec in cluster.record.spec.plugins:
+            try:
+                plugins.append(load_plugin(spec))
+            except GlobularError as exc:  # uninstalled plugin: its processes are still stopped by pid
+                warnings.append(str(exc))
+        result = await cluster.teardown(plugins)
+        result.warnings[:0] = warnings
+        return result
+
+
+async def run_plugin(
+    name: str, spec: PluginSpec, *, home: Path | None = None, reporter: Reporter | None = None
+) -> PluginRunResult:
+    """Run one plugin's ``run`` hook on a running cluster."""
+    home, store, reporter = _context(home, reporter)
+    plugin = load_plugin(spec)
+    started = time.monotonic()
+    with store.operation(name):
+        cluster = open_cluster(name, home=home, reporter=reporter)
+        try:
+            report = await cluster._hook(plugin, "run")
+        finally:
+            await cluster.close()
+        return PluginRunResult(cluster.record, spec.name, time.monotonic() - started, report)
+
+
+__all__ = [
+    "Cluster",
+    "NodeFailures",
+    "PluginRunResult",
+    "StartResult",
+    "TerminateResult",
+    "node_names",
+    "open_cluster",
+    "run_plugin",
+    "start",
+    "terminate",
+]

@@ -1,0 +1,325 @@
+"""The config file: StarCluster's INI format.
+
+``[global] default_template``, ``[cluster NAME]`` templates with ``extends``,
+``[plugin NAME]`` sections with ``setup_class`` and typed settings.  Every error
+names the file, the section and the key (and the line where it can).
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field
+
+from globular.errors import ConfigError
+from globular.paths import default_config_path
+from globular.registry import RegistryError, plugin_names, provider_class, resolve_plugin
+from globular.spec import ClusterSpec, CommaList, PluginSpec, Settings, validate_settings
+
+BUILTIN_CONFIG = """\
+[global]
+default_template = local
+
+[cluster local]
+provider = local
+cluster_size = 2
+plugins = ipcluster
+
+[plugin ipcluster]
+setup_class = globular.plugins.ipcluster.IPCluster
+
+[plugin ipclusterrestart]
+setup_class = globular.plugins.ipcluster.IPClusterRestartEngines
+
+[plugin ipclusterstop]
+setup_class = globular.plugins.ipcluster.IPClusterStop
+"""
+
+# Section kinds globular reads; "aws info", "key" and "permission" belong to the
+# ec2 provider and are kept as they are for it.
+KEYED_KINDS = ("cluster", "plugin", "key", "permission")
+SINGLE_KINDS = ("global", "aws info")
+
+
+class GlobalSettings(Settings):
+    default_template: str | None = None
+
+
+class ClusterSettings(Settings):
+    """Keys every ``[cluster]`` section may have, whatever its provider."""
+
+    extends: str | None = None
+    cluster_size: int = Field(default=2, ge=1)
+    provider: str = "local"
+    plugins: CommaList = Field(default_factory=list)
+
+
+_HEADER = re.compile(r"^\s*\[(?P<name>[^\]]+)\]")
+_KEY = re.compile(r"^(?P<key>[^\s=:;#\[][^=:]*?)\s*[=:]")
+
+
+@dataclass
+class Config:
+    """A parsed config file (or the built-in default when there is none)."""
+
+    file: str | None
+    text: str
+    global_settings: GlobalSettings
+    clusters: dict[str, dict[str, str]] = field(default_factory=dict)
+    plugins: dict[str, dict[str, str]] = field(default_factory=dict)
+    extra_sections: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    # -- loading -------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> Config:
+        """Read ``path``, else ``$GLOBULAR_CONFIG``, else ``~/.globular/config``.
+
+        With no file at the default place, the built-in default is used; a file
+        named explicitly (argument or environment) must exist.
+        """
+        explicit = path is not None or "GLOBULAR_CONFIG" in os.environ
+        target = Path(path).expanduser() if path is not None else default_config_path()
+        if not target.exists():
+            if explicit:
+                raise ConfigError("config file not found", file=str(target))
+            return cls.builtin()
+        try:
+            data = target.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file: {exc.strerror}", file=str(target)) from None
+        return cls.from_bytes(data, file=str(target))
+
+    @classmethod
+    def builtin(cls) -> Config:
+        return cls.from_text(BUILTIN_CONFIG, file=None)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, file: str | None) -> Config:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"not a text file: byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8", file=file
+            ) from None
+        if "\x00" in text:
+            raise ConfigError(f"not a text file: NUL byte at offset {text.index(chr(0))}", file=file)
+        return cls.from_text(text, file=file)
+
+    @classmethod
+    def from_text(cls, text: str, *, file: str | None) -> Config:
+        parser = configparser.ConfigParser(interpolation=None, strict=True, default_section="\x00none")
+        try:
+            parser.read_string(text, source=file or "<built-in>")
+        except configparser.Error as exc:
+            raise _syntax_error(exc, file) from None
+        if not parser.sections():
+            raise ConfigError("the file is empty: it defines no [cluster NAME] template", file=file)
+
+        config = cls(file=file, text=text, global_settings=GlobalSettings())
+        for section in parser.sections():
+            values = dict(parser.items(section))
+            kind, name = _split_header(section)
+            if kind == "global":
+                config.global_settings = config._validate(  # type: ignore[assignment]
+                    GlobalSettings, values, section=section, owner="[global]"
+                )
+            elif kind == "cluster":
+                config.clusters[name] = values
+            elif kind == "plugin":
+                config.plugins[name] = values
+            elif kind in KEYED_KINDS or kind in SINGLE_KINDS:
+                config.extra_sections[section] = values
+            else:
+                raise ConfigError(
+                    f"unknown section type {kind!r} (known: global, cluster NAME, plugin NAME, "
+                    "aws info, key NAME, permission NAME)",
+                    file=file,
+                    section=section,
+                    line=config.line_of(section),
+                )
+            if kind in KEYED_KINDS and not name:
+                raise ConfigError(f"section needs a name: [{kind} NAME]", file=file, section=section)
+        if not config.clusters:
+            raise ConfigError("defines no [cluster NAME] template", file=file)
+        return config
+
+    # -- queries -------------------------------------------------------------
+
+    @property
+    def templates(self) -> list[str]:
+        return sorted(self.clusters)
+
+    def line_of(self, section: str, key: str | None = None) -> int | None:
+        """The line number where ``[section]`` (or its ``key``) is written."""
+        current = None
+        for number, line in enumerate(self.text.splitlines(), start=1):
+            header = _HEADER.match(line)
+            if header:
+                current = header.group("name").strip()
+                if key is None and current == section:
+                    return number
+                continue
+            if key is not None and current == section:
+                match = _KEY.match(line)
+                if match and match.group("key").strip().lower() == key:
+                    return number
+        return None
+
+    def error(self, message: str, section: str | None = None, key: str | None = None) -> ConfigError:
+        line = self.line_of(section, key) if section else None
+        return ConfigError(message, file=self.file or "<built-in config>", section=section, key=key, line=line)
+
+    def _validate(self, model: type[Settings], raw: dict[str, str], **kwargs) -> Settings:
+        try:
+            return validate_settings(model, raw, file=self.file or "<built-in config>", **kwargs)
+        except ConfigError as exc:
+            if exc.section:
+                exc.line = self.line_of(exc.section, exc.key)
+            raise
+
+    def _default_template(self) -> str:
+        name = self.global_settings.default_template
+        if name:
+            return name
+        raise ConfigError(
+            f"no cluster template chosen: pass `-c TEMPLATE` or set default_template in [global] "
+            f"(templates: {', '.join(self.templates)})",
+            file=self.file,
+            section="global",
+            key="default_template",
+        )
+
+    def _merged(self, template: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Settings of ``template`` with its ``extends`` chain applied.
+
+        Returns (values, key -> section that set it).
+        """
+        chain: list[str] = []
+        name = template
+        while True:
+            if name in chain:
+                cycle = " -> ".join([*chain, name])
+                raise self.error(f"extends forms a cycle: {cycle}", f"cluster {chain[-1]}", "extends")
+            chain.append(name)
+            parent = self.clusters[name].get("extends")
+            if not parent:
+                break
+            parent = parent.strip()
+            if parent not in self.clusters:
+                raise self.error(
+                    f"extends unknown template {parent!r} (templates: {', '.join(self.templates)})",
+                    f"cluster {name}",
+                    "extends",
+                )
+            name = parent
+        values: dict[str, str] = {}
+        sections: dict[str, str] = {}
+        for name in reversed(chain):  # root first, the template itself last
+            for key, value in self.clusters[name].items():
+                if key == "extends":
+                    continue
+                values[key] = value
+                sections[key] = f"cluster {name}"
+        return values, sections
+
+    def cluster_spec(self, template: str | None = None, cluster_size: int | None = None) -> ClusterSpec:
+        """The validated spec of ``template`` (default: ``default_template``)."""
+        if template is None:
+            template = self._default_template()
+        if template not in self.clusters:
+            raise ConfigError(
+                f"no [cluster {template}] section (templates: {', '.join(self.templates)})", file=self.file
+            )
+        values, sections = self._merged(template)
+        section = f"cluster {template}"
+
+        common_keys = set(ClusterSettings.model_fields)
+        common = self._validate(
+            ClusterSettings,
+            {k: v for k, v in values.items() if k in common_keys},
+            section=section,
+            sections=sections,
+        )
+        assert isinstance(common, ClusterSettings)
+        try:
+            provider_cls = provider_class(common.provider)
+        except RegistryError as exc:
+            where = sections.get("provider", section)
+            raise self.error(str(exc), where, "provider") from None
+        provider_settings = self._validate(
+            provider_cls.Settings,
+            {k: v for k, v in values.items() if k not in common_keys},
+            section=section,
+            sections=sections,
+            owner=f"provider {common.provider!r}",
+        )
+        plugins = [
+            self.plugin_spec(name, referenced_from=sections.get("plugins", section)) for name in common.plugins
+        ]
+        return ClusterSpec(
+            template=template,
+            config_file=self.file,
+            cluster_size=cluster_size if cluster_size is not None else common.cluster_size,
+            provider=common.provider,
+            provider_settings=provider_settings.model_dump(mode="json"),
+            plugins=plugins,
+        )
+
+    def plugin_spec(self, name: str, *, referenced_from: str | None = None, builtin_fallback: bool = False) -> PluginSpec:
+        """The ``[plugin NAME]`` section, resolved and validated.
+
+        With ``builtin_fallback``, a built-in plugin name (``ipclusterrestart``)
+        works without a section of its own.
+        """
+        section = f"plugin {name}"
+        if name in self.plugins:
+            raw = dict(self.plugins[name])
+            setup_class = raw.pop("setup_class", None)
+            if not setup_class:
+                raise self.error("missing setup_class (the plugin's class)", section, "setup_class")
+        elif builtin_fallback and name in plugin_names():
+            raw, setup_class = {}, name
+        else:
+            raise self.error(f"names plugin {name!r} but there is no [plugin {name}] section", referenced_from, "plugins")
+        try:
+            canonical, cls = resolve_plugin(setup_class.strip())
+        except RegistryError as exc:
+            raise self.error(str(exc), section, "setup_class") from None
+        settings = self._validate(
+            cls.Settings,
+            raw,
+            section=section,
+            owner=f"plugin class {cls.__name__}",
+        )
+        return PluginSpec(name=name, setup_class=canonical, settings=settings.model_dump(mode="json"))
+
+
+def _split_header(section: str) -> tuple[str, str]:
+    text = " ".join(section.split())
+    lowered = text.lower()
+    for kind in SINGLE_KINDS:
+        if lowered == kind:
+            return kind, ""
+    kind, _, name = text.partition(" ")
+    return kind.lower(), name
+
+
+def _syntax_error(exc: configparser.Error, file: str | None) -> ConfigError:
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return ConfigError(
+            f"text before the first [section] header: {exc.line.strip()!r}", file=file, line=exc.lineno
+        )
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return ConfigError("section appears twice", file=file, section=exc.section, line=exc.lineno)
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return ConfigError("key appears twice in the section", file=file, section=exc.section, key=exc.option, line=exc.lineno)
+    if isinstance(exc, configparser.ParsingError):
+        lineno, line = exc.errors[0] if exc.errors else (None, "")
+        return ConfigError(f"cannot parse line {line.strip()!r} (expected `key = value`)", file=file, line=lineno)
+    return ConfigError(f"syntax error: {exc}", file=file)
+

@@ -1,0 +1,155 @@
+"""Process control on a node: start detached processes, check and stop them by pid.
+
+This file runs on the node itself as ``python -c <this source> VERB``, reading a
+JSON request on stdin and printing a JSON reply, so it uses the standard library
+only (a node needs nothing but Python and ipyparallel).  Environment and other
+data travel on stdin, never on a command line.
+
+A process is ``{"pid": int, "start": int}``: the kernel's start time (field 22
+of /proc/PID/stat) makes sure a reused pid is never signalled.  Every process is
+started in a session of its own, so it and its children form one process group,
+which is what gets signalled.  A zombie counts as stopped.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def _stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+def _alive(proc):
+    st = _stat(proc["pid"])
+    return st is not None and st[0] not in ("Z", "X") and st[1] == proc["start"]
+
+
+def _signal(proc, sig):
+    if not _alive(proc):
+        return False
+    try:
+        os.killpg(proc["pid"], sig)
+    except OSError:
+        try:
+            os.kill(proc["pid"], sig)
+        except OSError:
+            return False
+    return True
+
+
+def spawn(req):
+    started = []
+    try:
+        for spec in req["procs"]:
+            env = dict(os.environ)
+            env.update(spec.get("env") or {})
+            log_dir = os.path.dirname(spec["log"])
+            if log_dir:
+                os.makedirs(log_dir, mode=0o700, exist_ok=True)
+            with open(spec["log"], "ab") as log:
+                child = subprocess.Popen(
+                    spec["argv"],
+                    cwd=spec.get("cwd") or None,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    umask=0o077,
+                )
+            st = _stat(child.pid)
+            started.append({"pid": child.pid, "start": st[1] if st else 0})
+    except OSError as exc:
+        for proc in started:
+            _signal(proc, signal.SIGKILL)
+        sys.stderr.write(f"cannot start {spec['argv'][0]!r}: {exc.strerror or exc}\n")
+        sys.exit(3)
+    return started
+
+
+def alive(req):
+    return [_alive(p) for p in req["procs"]]
+
+
+def signal_procs(req):
+    return [_signal(p, req.get("signal", signal.SIGTERM)) for p in req["procs"]]
+
+
+def _wait_gone(procs, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in procs if _alive(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.02)
+
+
+def stop(req):
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL what is left."""
+    running = [p for p in req["procs"] if _signal(p, signal.SIGTERM)]
+    left = _wait_gone(running, float(req.get("timeout", 10)))
+    for proc in left:
+        _signal(proc, signal.SIGKILL)
+    remaining = _wait_gone(left, 5.0)
+    return {"stopped": len(running), "killed": len(left), "remaining": remaining}
+
+
+def wait_files(req):
+    """Wait until every file exists and parses as JSON, or a watched process dies."""
+    deadline = time.monotonic() + float(req.get("timeout", 30))
+    while True:
+        found = {}
+        for path in req["files"]:
+            try:
+                with open(path) as f:
+                    found[path] = json.load(f)
+            except (OSError, ValueError):
+                break
+        if len(found) == len(req["files"]):
+            return {"files": found}
+        dead = [p for p in req.get("watch", []) if not _alive(p)]
+        if dead:
+            return {"dead": dead}
+        if time.monotonic() >= deadline:
+            return {"timeout": True}
+        time.sleep(0.02)
+
+
+def tail(req):
+    try:
+        with open(req["path"], "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - int(req.get("bytes", 4000))))
+            return f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(no log: {exc.strerror})"
+
+
+VERBS = {
+    "spawn": spawn,
+    "alive": alive,
+    "signal": signal_procs,
+    "stop": stop,
+    "wait_files": wait_files,
+    "tail": tail,
+}
+
+
+def main(argv):
+    request = json.loads(sys.stdin.read() or "{}")
+    json.dump(VERBS[argv[1]](request), sys.stdout)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

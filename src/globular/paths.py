@@ -1,0 +1,50 @@
+"""Where globular keeps its files on the machine that runs it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def globular_home() -> Path:
+    """``~/.globular``, or ``$GLOBULAR_HOME`` when set (tests use it)."""
+    env = os.environ.get("GLOBULAR_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".globular"
+
+
+def default_config_path() -> Path:
+    """The config file used when no ``-c FILE`` is given."""
+    env = os.environ.get("GLOBULAR_CONFIG")
+    return Path(env).expanduser() if env else globular_home() / "config"
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) readable by the owner only."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def connection_file_path(home: Path, cluster: str, region: str) -> Path:
+    """``~/.globular/ipcluster/<cluster>-<region>.json``."""
+    return home / "ipcluster" / f"{cluster}-{region}.json"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600."""
+    import tempfile
+
+    private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

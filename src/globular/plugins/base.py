@@ -1,0 +1,60 @@
+"""The plugin interface.
+
+A plugin is a class named by ``setup_class`` in a ``[plugin NAME]`` section.  Its
+typed settings are the rest of that section, validated by its ``Settings``
+model.  Hooks run in the order of the cluster's ``plugins =`` list; removal and
+shutdown run in reverse order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from globular.spec import PluginSpec, Settings
+
+if TYPE_CHECKING:
+    from globular.cluster import Cluster
+    from globular.state import NodeRecord
+
+
+@dataclass
+class PluginReport:
+    """What a hook wants the user to see, and data for programs."""
+
+    plugin: str
+    summary: list[tuple[str, str]] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Plugin:
+    """Base class; every hook is optional."""
+
+    Settings: ClassVar[type[Settings]] = Settings
+
+    def __init__(self, name: str, settings: Settings):
+        self.name = name
+        self.settings = settings
+
+    @classmethod
+    def from_spec(cls, spec: PluginSpec) -> Plugin:
+        return cls(spec.name, cls.Settings.model_validate(spec.settings))
+
+    async def run(self, cluster: Cluster) -> PluginReport | None:
+        """The cluster's nodes are up (at start, or on ``runplugin``)."""
+        return None
+
+    async def on_add_node(self, cluster: Cluster, node: NodeRecord) -> PluginReport | None:
+        """``node`` joined a running cluster."""
+        return None
+
+    async def on_remove_node(self, cluster: Cluster, node: NodeRecord) -> None:
+        """``node`` is about to leave the cluster."""
+
+    async def on_shutdown(self, cluster: Cluster) -> None:
+        """The cluster is being terminated (or a start failed); undo ``run``.
+
+        Must cope with a ``run`` that stopped half-way.
+        """

@@ -1,0 +1,355 @@
+"""IPython parallel on the cluster: StarCluster's IPCluster, IPClusterRestartEngines, IPClusterStop.
+
+The controller runs on the master, one engine per core runs on every node (the
+master keeps a core for the controller unless ``master_engines`` says otherwise),
+and the client connection file is copied to
+``~/.globular/ipcluster/<cluster>-<region>.json``.  Every process is started
+and stopped by pid through the node's runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from globular.errors import GlobularError, NodeError
+from globular.fanout import each_node
+from globular.paths import connection_file_path, write_private
+from globular.plugins.base import Plugin, PluginReport
+from globular.providers.base import ProcessSpec
+from globular.spec import Settings
+from globular.state import NodeRecord
+
+if TYPE_CHECKING:
+    from ipyparallel import Client
+
+    from globular.cluster import Cluster
+
+CONTROLLER = "ipcontroller"
+ENGINE = "ipengine"
+DATA_KEY = "ipcluster"  # where IPCluster keeps its part of the state record
+
+PACKERS = {
+    "json": ("json", "json"),
+    "pickle": ("pickle", "pickle"),
+    "msgpack": ("msgpack.packb", "msgpack.unpackb"),
+}
+
+
+class IPClusterSettings(Settings):
+    enable_notebook: bool = False
+    notebook_passwd: str | None = None
+    notebook_directory: str | None = None
+    packer: Literal["json", "pickle", "msgpack"] = "json"
+    master_engines: int | None = Field(default=None, ge=0, description="engines on the master; default cores - 1 (at least 1)")
+    heartbeat_period: int = Field(default=500, ge=50, le=60_000, description="controller heartbeat, ms")
+    engine_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for engines to register")
+
+
+def ipython_dir(node: NodeRecord) -> str:
+    return f"{node.workdir}/.ipython"
+
+
+def profile_dir(node: NodeRecord) -> str:
+    return f"{ipython_dir(node)}/profile_default"
+
+
+def engines_for(node: NodeRecord, settings: IPClusterSettings) -> int:
+    if node.is_master:
+        if settings.master_engines is not None:
+            return settings.master_engines
+        return max(1, node.cores - 1)
+    return node.cores
+
+
+def ipcluster_settings(cluster: Cluster) -> IPClusterSettings:
+    """The settings of the cluster's IPCluster plugin (restart and addnode need them)."""
+    for spec in cluster.record.spec.plugins:
+        if spec.setup_class == f"{IPCluster.__module__}:{IPCluster.__qualname__}":
+            return IPClusterSettings.model_validate(spec.settings)
+    raise GlobularError(f"cluster {cluster.name!r} does not run the ipcluster plugin")
+
+
+def running_data(cluster: Cluster) -> dict[str, Any]:
+    data = cluster.record.plugin_data.get(DATA_KEY) or {}
+    if not data.get("connection_file"):
+        raise GlobularError(f"no IPython controller is running on cluster {cluster.name!r}")
+    return data
+
+
+def connect(connection_file: str, timeout: float = 10.0) -> Client:
+    """A Client for the controller described by ``connection_file``."""
+    from ipyparallel import Client
+
+    return Client(connection_file, timeout=timeout)
+
+
+# -- engines -------------------------------------------------------------------
+
+
+async def start_engines(cluster: Cluster, node: NodeRecord, count: int, engine_info: dict[str, Any]) -> int:
+    """Write the engine connection file (0600) on ``node`` and start ``count`` engines."""
+    if count <= 0:
+        return 0
+    runner = cluster.runner(node)
+    info_path = f"{node.workdir}/security/ipcontroller-engine.json"
+    await runner.write_file(info_path, json.dumps(engine_info).encode(), 0o600)
+    env = {
+        "GLOBULAR_CLUSTER": cluster.name,
+        "GLOBULAR_NODE": node.name,
+        "IPYTHONDIR": ipython_dir(node),
+        "OMP_NUM_THREADS": "1",
+    }
+    specs = [
+        ProcessSpec(
+            argv=[node.python, "-m", "ipyparallel.engine", f"--file={info_path}"],
+            log=f"{node.workdir}/logs/engine-{i}.log",
+            role=ENGINE,
+            env=env,
+            cwd=node.workdir,
+        )
+        for i in range(count)
+    ]
+    cluster.track(node, await runner.spawn(specs))
+    return count
+
+
+async def stop_engines(cluster: Cluster, node: NodeRecord) -> int:
+    engines = node.processes_with_role(ENGINE)
+    await cluster.stop_processes(node, engines)
+    return len(engines)
+
+
+async def check_engines_alive(cluster: Cluster, nodes: list[NodeRecord]) -> None:
+    """Raise NodeError (with the engine's log) if an engine process has died."""
+
+    async def check(node: NodeRecord) -> None:
+        engines = node.processes_with_role(ENGINE)
+        for proc, alive in zip(engines, await cluster.runner(node).alive(engines)):
+            if not alive:
+                log = await cluster.runner(node).tail(proc.log) if proc.log else ""
+                raise NodeError(node.name, f"engine (pid {proc.pid}) exited; its log ({proc.log}) ends:", log)
+
+    await each_node(nodes, check)
+
+
+async def wait_for_engines(
+    cluster: Cluster,
+    client: Client,
+    *,
+    new: int,
+    before: set[int],
+    gone: set[int],
+    nodes: list[NodeRecord],
+    timeout: float,
+    key: str = "engines",
+) -> set[int]:
+    """Wait until ``new`` engines not in ``before`` are registered and every id in ``gone`` has left.
+
+    Checks every second that the engine processes on ``nodes`` are alive, so a
+    crashing engine fails at once with its log, not at the timeout.
+    """
+    reporter = cluster.reporter
+    reporter.begin(key, "engines registered", new)
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 1.0
+    while True:
+        ids = set(client.ids)
+        fresh = ids - before
+        reporter.set(key, min(len(fresh), new))
+        if len(fresh) >= new and not (ids & gone):
+            reporter.end(key)
+            return fresh
+        now = time.monotonic()
+        if now >= deadline:
+            raise GlobularError(
+                f"only {len(fresh)} of {new} engines registered within {timeout:g}s "
+                f"(engine logs are in <node workdir>/logs)"
+            )
+        if now >= next_check:
+            await check_engines_alive(cluster, nodes)
+            next_check = now + 1.0
+        await asyncio.sleep(0.05)
+
+
+# -- the plugins ---------------------------------------------------------------
+
+
+class IPCluster(Plugin):
+    """Controller on the master, engines on every node; StarCluster's IPCluster."""
+
+    Settings = IPClusterSettings
+    settings: IPClusterSettings
+
+    async def run(self, cluster: Cluster) -> PluginReport:
+        started = time.monotonic()
+        master = cluster.master
+        settings = self.settings
+        client_info, engine_info = await self._start_controller(cluster, master)
+
+        local_file = connection_file_path(cluster.home, cluster.name, cluster.record.region)
+        write_private(local_file, json.dumps(client_info, indent=2).encode())
+        data = cluster.plugin_data(DATA_KEY)
+        data.update(connection_file=str(local_file), engine_info=engine_info, packer=settings.packer)
+        cluster.save()
+
+        counts = {node.name: engines_for(node, settings) for node in cluster.nodes}
+        total = sum(counts.values())
+        cluster.reporter.begin("engine-start", "starting engines on nodes", len(cluster.nodes))
+        await each_node(
+            cluster.nodes,
+            lambda node: start_engines(cluster, node, counts[node.name], engine_info),
+            on_done=lambda node: cluster.reporter.advance("engine-start"),
+        )
+        cluster.reporter.end("engine-start")
+
+        client = await asyncio.to_thread(connect, str(local_file))
+        try:
+            await wait_for_engines(
+                cluster, client, new=total, before=set(), gone=set(), nodes=cluster.nodes, timeout=settings.engine_timeout
+            )
+        finally:
+            client.close()
+        data["engines"] = total
+        cluster.save()
+        return self._report(cluster, local_file, total, time.monotonic() - started)
+
+    async def _start_controller(self, cluster: Cluster, master: NodeRecord) -> tuple[dict, dict]:
+        runner = cluster.runner(master)
+        security = f"{profile_dir(master)}/security"
+        files = [f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"]
+        await runner.run(["rm", "-f", *files])
+        pack, unpack = PACKERS[self.settings.packer]
+        argv = [
+            master.python,
+            "-m",
+            "ipyparallel.controller",
+            f"--profile-dir={profile_dir(master)}",
+            f"--ip={master.address}",
+            f"--location={master.address}",
+            f"--HeartMonitor.period={self.settings.heartbeat_period}",
+            f"--Session.packer={pack}",
+            f"--Session.unpacker={unpack}",
+        ]
+        env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": cluster.name}
+        spec = ProcessSpec(argv=argv, log=f"{master.workdir}/logs/controller.log", role=CONTROLLER, env=env, cwd=master.workdir)
+        cluster.reporter.begin("controller", "controller on master", 1)
+        procs = await runner.spawn([spec])
+        cluster.track(master, procs)
+        found = await runner.wait_files(files, watch=procs, timeout=60)
+        cluster.reporter.advance("controller")
+        cluster.reporter.end("controller")
+        return found[files[0]], found[files[1]]
+
+    def _report(self, cluster: Cluster, local_file: Path, engines: int, elapsed: float) -> PluginReport:
+        client_line = f"Client({str(local_file)!r})"
+        warnings = []
+        if self.settings.enable_notebook:
+            warnings.append("enable_notebook is set, but this globular has no notebook server yet: none was started")
+        return PluginReport(
+            plugin=self.name,
+            summary=[
+                ("engines", f"{engines} on {len(cluster.nodes)} nodes"),
+                ("controller", f"{cluster.master.name} ({cluster.master.address})"),
+                ("connection file", str(local_file)),
+                ("ready in", f"{elapsed:.1f} s"),
+            ],
+            hints=[
+                "from ipyparallel import Client",
+                f"rc = {client_line}",
+                "view = rc[:]",
+                f"# or: globular shell --ipcluster={cluster.name}",
+            ],
+            warnings=warnings,
+            data={"engines": engines, "connection_file": str(local_file), "client": client_line},
+        )
+
+    async def on_add_node(self, cluster: Cluster, node: NodeRecord) -> PluginReport | None:
+        data = running_data(cluster)
+        count = engines_for(node, self.settings)
+        client = await asyncio.to_thread(connect, data["connection_file"])
+        try:
+            before = set(client.ids)
+            await start_engines(cluster, node, count, data["engine_info"])
+            await wait_for_engines(
+                cluster, client, new=count, before=before, gone=set(), nodes=[node], timeout=self.settings.engine_timeout
+            )
+        finally:
+            client.close()
+        data["engines"] = data.get("engines", 0) + count
+        cluster.save()
+        return None
+
+    async def on_remove_node(self, cluster: Cluster, node: NodeRecord) -> None:
+        stopped = await stop_engines(cluster, node)
+        data = cluster.plugin_data(DATA_KEY)
+        data["engines"] = max(0, data.get("engines", 0) - stopped)
+        cluster.save()
+
+    async def on_shutdown(self, cluster: Cluster) -> None:
+        await stop_ipcluster(cluster)
+
+
+async def stop_ipcluster(cluster: Cluster) -> int:
+    """Stop every engine, then the controller; remove the local connection file."""
+    counts = await each_node(cluster.nodes, lambda node: stop_engines(cluster, node))
+    for node in cluster.nodes:
+        controllers = node.processes_with_role(CONTROLLER)
+        if controllers:
+            await cluster.stop_processes(node, controllers)
+    data = cluster.record.plugin_data.pop(DATA_KEY, None) or {}
+    if data.get("connection_file"):
+        Path(data["connection_file"]).unlink(missing_ok=True)
+    cluster.save()
+    return sum(counts.values())
+
+
+class IPClusterRestartEngines(Plugin):
+    """Kill every engine on every node and start new ones against the same controller."""
+
+    async def run(self, cluster: Cluster) -> PluginReport:
+        started = time.monotonic()
+        data = running_data(cluster)
+        settings = ipcluster_settings(cluster)
+        client = await asyncio.to_thread(connect, data["connection_file"])
+        try:
+            old = set(client.ids)
+            counts = {node.name: engines_for(node, settings) for node in cluster.nodes}
+            cluster.reporter.begin("restart", "restarting engines (nodes)", len(cluster.nodes))
+
+            async def restart(node: NodeRecord) -> None:
+                await stop_engines(cluster, node)
+                await start_engines(cluster, node, counts[node.name], data["engine_info"])
+
+            await each_node(cluster.nodes, restart, on_done=lambda node: cluster.reporter.advance("restart"))
+            cluster.reporter.end("restart")
+            total = sum(counts.values())
+            fresh = await wait_for_engines(
+                cluster, client, new=total, before=old, gone=old, nodes=cluster.nodes, timeout=settings.engine_timeout
+            )
+        finally:
+            client.close()
+        data["engines"] = total
+        cluster.save()
+        return PluginReport(
+            plugin=self.name,
+            summary=[
+                ("engines", f"{total} new engines on {len(cluster.nodes)} nodes"),
+                ("restarted in", f"{time.monotonic() - started:.1f} s"),
+            ],
+            data={"old_ids": sorted(old), "new_ids": sorted(fresh)},
+        )
+
+
+class IPClusterStop(Plugin):
+    """Stop the engines and the controller; the nodes stay."""
+
+    async def run(self, cluster: Cluster) -> PluginReport:
+        running_data(cluster)
+        stopped = await stop_ipcluster(cluster)
+        return PluginReport(plugin=self.name, summary=[("stopped", f"{stopped} engines and the controller")])

@@ -1,0 +1,1 @@
+"""Node providers: ``local`` (process groups on this machine), more through entry points."""

@@ -1,0 +1,171 @@
+"""The provider interface: nodes come and go; a runner does work on one node.
+
+A :class:`NodeProvider` creates, lists and terminates nodes.  A :class:`Runner`
+runs commands and writes files on one node; process control (start detached,
+check, stop by pid) is built on top of those two, the same for every provider.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from globular import nodeproc
+from globular.errors import CommandError, NodeError
+from globular.spec import ClusterSpec, Settings
+from globular.state import NodeRecord, ProcessRecord
+
+NODEPROC_SOURCE = Path(nodeproc.__file__).read_text()
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class ProcessSpec:
+    """A process to start on a node."""
+
+    argv: list[str]
+    log: str
+    role: str
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class StopResult:
+    stopped: int
+    killed: int
+    remaining: list[ProcessRecord]
+
+
+def display(argv: list[str]) -> str:
+    """A command for messages; the process-control script is shown by name."""
+    if len(argv) >= 3 and argv[1] == "-c" and argv[2] == NODEPROC_SOURCE:
+        argv = [argv[0], "-m", "globular.nodeproc", *argv[3:]]
+    return shlex.join(argv)
+
+
+class Runner(ABC):
+    """Does work on one node."""
+
+    def __init__(self, node: NodeRecord):
+        self.node = node
+
+    @abstractmethod
+    async def run(
+        self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
+    ) -> CommandResult:
+        """Run ``argv`` on the node; with ``check``, a non-zero exit raises CommandError."""
+
+    @abstractmethod
+    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        """Write ``data`` to ``path`` on the node (atomically, with ``mode``)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    # -- process control, the same on every provider ---------------------
+
+    async def _nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+        result = await self.run(
+            [self.node.python, "-c", NODEPROC_SOURCE, verb], input=json.dumps(request).encode(), timeout=timeout
+        )
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            raise CommandError(self.node.name, f"globular.nodeproc {verb}", result.returncode, result.stderr, result.stdout) from None
+
+    async def spawn(self, specs: list[ProcessSpec]) -> list[ProcessRecord]:
+        """Start detached processes; they outlive this runner and the globular process."""
+        if not specs:
+            return []
+        request = {"procs": [{"argv": s.argv, "log": s.log, "env": s.env, "cwd": s.cwd} for s in specs]}
+        started = await self._nodeproc("spawn", request)
+        return [
+            ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log) for p, s in zip(started, specs)
+        ]
+
+    async def alive(self, procs: list[ProcessRecord]) -> list[bool]:
+        if not procs:
+            return []
+        return await self._nodeproc("alive", {"procs": [p.model_dump() for p in procs]})
+
+    async def stop(self, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
+        """SIGTERM each process group, SIGKILL after ``timeout`` s; returns what it did."""
+        if not procs:
+            return StopResult(0, 0, [])
+        reply = await self._nodeproc(
+            "stop", {"procs": [p.model_dump() for p in procs], "timeout": timeout}, timeout=timeout + 30
+        )
+        remaining = [ProcessRecord.model_validate(p) for p in reply["remaining"]]
+        if remaining:
+            pids = ", ".join(str(p.pid) for p in remaining)
+            raise NodeError(self.node.name, f"processes {pids} survived SIGKILL")
+        return StopResult(reply["stopped"], reply["killed"], remaining)
+
+    async def tail(self, path: str, nbytes: int = 4000) -> str:
+        return await self._nodeproc("tail", {"path": path, "bytes": nbytes})
+
+    async def wait_files(self, paths: list[str], *, watch: list[ProcessRecord], timeout: float) -> dict[str, Any]:
+        """Wait for JSON files to appear; fails with the log of a watched process that died."""
+        reply = await self._nodeproc(
+            "wait_files",
+            {"files": paths, "watch": [p.model_dump() for p in watch], "timeout": timeout},
+            timeout=timeout + 30,
+        )
+        if "files" in reply:
+            return reply["files"]
+        if "dead" in reply:
+            dead = [p for p in watch if p.pid in {d["pid"] for d in reply["dead"]}]
+            proc = dead[0] if dead else watch[0]
+            log = await self.tail(proc.log) if proc.log else ""
+            raise NodeError(self.node.name, f"{proc.role} (pid {proc.pid}) exited; its log ({proc.log}) ends:", log)
+        names = ", ".join(paths)
+        raise NodeError(self.node.name, f"timed out after {timeout:g}s waiting for {names}")
+
+
+class NodeProvider(ABC):
+    """Creates, lists and terminates nodes, and gives a runner per node."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[Settings]] = Settings
+
+    def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
+        self.spec = spec
+        self.settings = self.Settings.model_validate(spec.provider_settings)
+        self.cluster = cluster
+        self.home = home
+
+    @property
+    @abstractmethod
+    def region(self) -> str:
+        """Where the nodes are: ``local`` for this machine, an AWS region for ec2."""
+
+    @abstractmethod
+    async def create_nodes(self, names: list[str], on_ready: Callable[[NodeRecord], None]) -> list[NodeRecord]:
+        """Bring up nodes with these names; call ``on_ready`` as each becomes usable.
+
+        On failure, nodes already made are released before raising.
+        """
+
+    @abstractmethod
+    async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
+        """Release the nodes (their processes are stopped before this is called)."""
+
+    @abstractmethod
+    def runner(self, node: NodeRecord) -> Runner:
+        """A runner that does work on ``node``."""
+
+    async def list_nodes(self, nodes: list[NodeRecord]) -> list[NodeRecord]:
+        """The nodes that exist now, of those recorded (default: all of them)."""
+        return list(nodes)

@@ -1,0 +1,103 @@
+"""The ``local`` provider: a node is a working directory plus processes on this machine.
+
+Zero setup: the nodes use the Python that runs globular, address 127.0.0.1, and
+a folder under ``~/.globular/local/<cluster>/<node>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import Field
+
+from globular.errors import CommandError
+from globular.paths import private_dir, write_private
+from globular.providers.base import CommandResult, NodeProvider, Runner, display
+from globular.spec import Settings
+from globular.state import NodeRecord
+
+
+class LocalSettings(Settings):
+    cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: cores / nodes")
+    python: str | None = Field(default=None, description="interpreter for controller and engines; default: globular's own")
+
+
+class LocalRunner(Runner):
+    async def run(
+        self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
+    ) -> CommandResult:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self.node.workdir,
+            )
+        except OSError as exc:
+            raise CommandError(self.node.name, display(argv), 127, exc.strerror or str(exc)) from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            proc.kill()
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise CommandError(self.node.name, display(argv), None, f"no answer within {timeout:g}s") from None
+        result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+        if check and result.returncode != 0:
+            raise CommandError(self.node.name, display(argv), result.returncode, result.stderr, result.stdout)
+        return result
+
+    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        target = Path(self.node.workdir, path)
+        write_private(target, data)
+        os.chmod(target, mode)
+
+
+class LocalProvider(NodeProvider):
+    name = "local"
+    Settings = LocalSettings
+
+    @property
+    def region(self) -> str:
+        return "local"
+
+    @property
+    def root(self) -> Path:
+        return self.home / "local" / self.cluster
+
+    def cores_per_node(self) -> int:
+        if self.settings.cores_per_node:
+            return self.settings.cores_per_node
+        return max(1, (os.cpu_count() or 1) // self.spec.cluster_size)
+
+    async def create_nodes(self, names: list[str], on_ready: Callable[[NodeRecord], None]) -> list[NodeRecord]:
+        nodes = []
+        python = self.settings.python or sys.executable
+        for name in names:
+            workdir = private_dir(self.root / name)
+            node = NodeRecord(
+                name=name, address="127.0.0.1", workdir=str(workdir), cores=self.cores_per_node(), python=python
+            )
+            nodes.append(node)
+            on_ready(node)
+        return nodes
+
+    async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
+        for node in nodes:
+            workdir = self.root / node.name
+            if str(workdir) == node.workdir:  # never remove anything outside our own folder
+                shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass
+
+    def runner(self, node: NodeRecord) -> Runner:
+        return LocalRunner(node)

@@ -1,0 +1,94 @@
+"""Finding providers and plugins.
+
+Built-ins register through the same entry points third parties use:
+``globular.providers`` and ``globular.plugins``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from globular.plugins.base import Plugin
+    from globular.providers.base import NodeProvider
+
+PROVIDER_GROUP = "globular.providers"
+PLUGIN_GROUP = "globular.plugins"
+
+# StarCluster's class paths, accepted as they are in old config files.
+STARCLUSTER_ALIASES = {
+    "starcluster.plugins.ipcluster.IPCluster": "ipcluster",
+    "starcluster.plugins.ipcluster.IPClusterRestartEngines": "ipclusterrestart",
+    "starcluster.plugins.ipcluster.IPClusterStop": "ipclusterstop",
+}
+
+
+class RegistryError(LookupError):
+    """A name that does not resolve; the message says why."""
+
+
+def _group(group: str) -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group=group)}
+
+
+def provider_names() -> list[str]:
+    return sorted(_group(PROVIDER_GROUP))
+
+
+def plugin_names() -> list[str]:
+    return sorted(_group(PLUGIN_GROUP))
+
+
+def load_object(target: str) -> object:
+    """Import ``module:attr`` or ``module.attr``."""
+    if ":" in target:
+        module_name, _, attr = target.partition(":")
+    else:
+        module_name, _, attr = target.rpartition(".")
+    if not module_name or not attr:
+        raise RegistryError(f"{target!r} is not a dotted path to a class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RegistryError(f"cannot import module {module_name!r}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise RegistryError(f"module {module_name!r} has no {attr!r}") from None
+
+
+def provider_class(name: str) -> type[NodeProvider]:
+    from globular.providers.base import NodeProvider
+
+    targets = _group(PROVIDER_GROUP)
+    if name not in targets:
+        raise RegistryError(f"unknown provider {name!r} (available: {', '.join(sorted(targets)) or 'none'})")
+    cls = load_object(targets[name])
+    if not (isinstance(cls, type) and issubclass(cls, NodeProvider)):
+        raise RegistryError(f"provider {name!r} ({targets[name]}) is not a NodeProvider")
+    return cls
+
+
+def resolve_plugin(setup_class: str) -> tuple[str, type[Plugin]]:
+    """``setup_class`` -> (canonical ``module:Class``, class).
+
+    Accepts an entry point name (``ipcluster``), a StarCluster class path, our own
+    dotted path (``globular.plugins.ipcluster.IPCluster``), or any importable
+    dotted path to a :class:`Plugin` subclass.
+    """
+    from globular.plugins.base import Plugin
+
+    targets = _group(PLUGIN_GROUP)
+    name = STARCLUSTER_ALIASES.get(setup_class, setup_class)
+    if name in targets:
+        target = targets[name]
+    else:
+        dotted = {value.replace(":", "."): value for value in targets.values()}
+        target = dotted.get(setup_class, setup_class)
+    cls = load_object(target)
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+        raise RegistryError(f"{setup_class!r} is not a globular plugin class (a subclass of globular.plugins.base.Plugin)")
+    canonical = f"{cls.__module__}:{cls.__qualname__}"
+    return canonical, cls

@@ -1,0 +1,43 @@
+"""How the library tells its caller about progress, without rendering anything.
+
+The CLI passes a reporter that draws rich progress bars; library users get
+:class:`NullReporter` unless they pass their own.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Reporter(Protocol):
+    def begin(self, key: str, description: str, total: int) -> None:
+        """A step with ``total`` units of work starts."""
+
+    def advance(self, key: str, amount: int = 1) -> None:
+        """``amount`` more units of step ``key`` are done."""
+
+    def set(self, key: str, completed: int) -> None:
+        """``completed`` units of step ``key`` are done."""
+
+    def end(self, key: str) -> None:
+        """Step ``key`` is over."""
+
+    def note(self, message: str) -> None:
+        """Something the user should read, once."""
+
+
+class NullReporter:
+    def begin(self, key: str, description: str, total: int) -> None:
+        pass
+
+    def advance(self, key: str, amount: int = 1) -> None:
+        pass
+
+    def set(self, key: str, completed: int) -> None:
+        pass
+
+    def end(self, key: str) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass

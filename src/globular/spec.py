@@ -1,0 +1,80 @@
+"""A cluster as data: the validated specification built from the config.
+
+The spec is what ``start`` needs and what the state record keeps, so that later
+commands (``addnode``, ``runplugin``) use the settings the cluster started with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from globular.errors import ConfigError
+
+
+def split_commas(value: Any) -> Any:
+    """``"a, b ,c"`` -> ``["a", "b", "c"]``; lists pass through."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], BeforeValidator(split_commas)]
+
+
+class Settings(BaseModel):
+    """Base of every typed settings block: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginSpec(BaseModel):
+    """One ``[plugin NAME]`` section, resolved."""
+
+    name: str
+    setup_class: str  # canonical "module:Class"
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClusterSpec(BaseModel):
+    """One ``[cluster NAME]`` template with ``extends`` resolved and values validated."""
+
+    template: str
+    config_file: str | None = None
+    cluster_size: int = Field(ge=1)
+    provider: str
+    provider_settings: dict[str, Any] = Field(default_factory=dict)
+    plugins: list[PluginSpec] = Field(default_factory=list)
+
+
+def validate_settings(
+    model: type[Settings],
+    raw: Mapping[str, Any],
+    *,
+    file: str | None,
+    section: str,
+    sections: Mapping[str, str] | None = None,
+    owner: str = "",
+) -> Settings:
+    """Validate ``raw`` against ``model``; the first problem becomes a ConfigError.
+
+    ``sections`` maps a key to the section it was written in (for keys inherited
+    through ``extends``), so the error names the right one.
+    """
+    try:
+        return model.model_validate(dict(raw))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else None
+        where = (sections or {}).get(key or "", section)
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(model.model_fields)) or "none"
+            message = f"unknown setting{' for ' + owner if owner else ''} (known: {known})"
+        else:
+            value = raw.get(key) if key else None
+            message = err["msg"]
+            if value is not None:
+                message += f", got {value!r}"
+        raise ConfigError(message, file=file, section=where, key=key) from None

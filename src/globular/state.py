@@ -1,0 +1,204 @@
+"""State of running clusters: one versioned JSON record per cluster.
+
+Records live in ``~/.globular/clusters/<name>.json`` (0600).  Every write goes
+to a temporary file in the same folder, is fsynced and then renamed over the
+record, under a lock shared by all globular processes, so a reader always sees
+a whole record and concurrent writers never lose each other's updates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock, Timeout
+from pydantic import BaseModel, Field, ValidationError
+
+from globular.errors import BadInput, ClusterBusy, ClusterExists, ClusterNotFound, GlobularError, StateError
+from globular.paths import private_dir, write_private
+from globular.spec import ClusterSpec
+
+STATE_VERSION = 1
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+ClusterStatus = Literal["starting", "running", "stopping", "failed"]
+
+
+class ProcessRecord(BaseModel):
+    """A process on a node, known by pid and its kernel start time (guards against pid reuse)."""
+
+    pid: int
+    start: int
+    role: str
+    log: str | None = None
+
+
+class NodeRecord(BaseModel):
+    name: str  # "master", "node001", ...
+    address: str
+    workdir: str
+    cores: int = Field(ge=1)
+    python: str
+    data: dict[str, Any] = Field(default_factory=dict)  # provider's own fields
+    processes: list[ProcessRecord] = Field(default_factory=list)
+
+    @property
+    def is_master(self) -> bool:
+        return self.name == "master"
+
+    def processes_with_role(self, role: str) -> list[ProcessRecord]:
+        return [p for p in self.processes if p.role == role]
+
+
+class ClusterRecord(BaseModel):
+    version: int = STATE_VERSION
+    name: str
+    status: ClusterStatus = "starting"
+    region: str
+    created: float = Field(default_factory=time.time)
+    updated: float = Field(default_factory=time.time)
+    owner_pid: int = Field(default_factory=os.getpid)  # the globular process that last changed it
+    spec: ClusterSpec
+    nodes: list[NodeRecord] = Field(default_factory=list)
+    plugin_data: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def master(self) -> NodeRecord:
+        for node in self.nodes:
+            if node.is_master:
+                return node
+        raise StateError(f"cluster {self.name!r} has no master node in its record")
+
+    def node(self, name: str) -> NodeRecord:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes)
+        raise GlobularError(f"cluster {self.name!r} has no node {name!r} (nodes: {known})")
+
+
+def check_cluster_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise BadInput(
+            f"invalid cluster name {name!r}: use letters, digits, '.', '_' and '-' (up to 63, not starting with a symbol)"
+        )
+    return name
+
+
+class StateStore:
+    """Reads and writes cluster records under ``home/clusters``."""
+
+    def __init__(self, home: Path, lock_timeout: float = 30.0):
+        self.home = home
+        self.dir = home / "clusters"
+        self.lock_timeout = lock_timeout
+
+    def _path(self, name: str) -> Path:
+        return self.dir / f"{check_cluster_name(name)}.json"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        private_dir(self.dir)
+        lock = FileLock(str(self.dir / ".lock"), timeout=self.lock_timeout)
+        with lock:
+            yield
+
+    @contextmanager
+    def operation(self, name: str, timeout: float = 0.5) -> Iterator[None]:
+        """Exclusive right to change cluster ``name`` (start, addnode, terminate...).
+
+        Held by one globular process at a time; released by the kernel if that
+        process dies.
+        """
+        private_dir(self.dir)
+        lock = FileLock(str(self.dir / f".{check_cluster_name(name)}.op.lock"), timeout=timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ClusterBusy(name) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _read(self, path: Path) -> ClusterRecord:
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise StateError(f"state file {path} is unreadable: {exc}") from None
+        version = raw.get("version") if isinstance(raw, dict) else None
+        if version != STATE_VERSION:
+            raise StateError(
+                f"state file {path} has version {version!r}; this globular reads version {STATE_VERSION}"
+            )
+        try:
+            return ClusterRecord.model_validate(raw)
+        except ValidationError as exc:
+            raise StateError(f"state file {path} is invalid: {exc.errors()[0]['msg']}") from None
+
+    def _write(self, record: ClusterRecord) -> None:
+        record.updated = time.time()
+        data = record.model_dump_json(indent=2).encode()
+        write_private(self._path(record.name), data)
+
+    def get(self, name: str) -> ClusterRecord:
+        try:
+            return self._read(self._path(name))
+        except FileNotFoundError:
+            raise ClusterNotFound(name) from None
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def list(self) -> tuple[list[ClusterRecord], list[StateError]]:
+        """All records, and the errors of those that cannot be read."""
+        records, problems = [], []
+        if not self.dir.exists():
+            return records, problems
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                records.append(self._read(path))
+            except FileNotFoundError:
+                continue  # removed while listing
+            except StateError as exc:
+                problems.append(exc)
+        return records, problems
+
+    def create(self, record: ClusterRecord) -> None:
+        with self._locked():
+            path = self._path(record.name)
+            if path.exists():
+                try:
+                    status = self._read(path).status
+                except StateError:
+                    status = "unreadable"
+                raise ClusterExists(record.name, status)
+            self._write(record)
+
+    def save(self, record: ClusterRecord) -> None:
+        with self._locked():
+            self._write(record)
+
+    def update(self, name: str, change: Callable[[ClusterRecord], None]) -> ClusterRecord:
+        """Read-modify-write of one record under the lock."""
+        with self._locked():
+            record = self.get(name)
+            change(record)
+            self._write(record)
+            return record
+
+    def delete(self, name: str) -> None:
+        with self._locked():
+            try:
+                self._path(name).unlink()
+            except FileNotFoundError:
+                pass

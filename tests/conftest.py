@@ -1,0 +1,114 @@
+"""Shared fixtures: an isolated ~/.globular per test, the real CLI, a leak check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+@dataclass
+class CLIResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def processes_of(home: Path) -> list[psutil.Process]:
+    """Live (non-zombie) processes started with GLOBULAR_HOME=home."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get("GLOBULAR_HOME") == str(home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """GLOBULAR_HOME for this test; fails the test if a process it started is left behind."""
+    path = tmp_path / "globular-home"
+    monkeypatch.setenv("GLOBULAR_HOME", str(path))
+    monkeypatch.delenv("GLOBULAR_CONFIG", raising=False)
+    yield path
+    leaked = processes_of(path)
+    for proc in leaked:
+        try:
+            os.killpg(proc.pid, 9)
+        except OSError:
+            proc.kill()
+    assert not leaked, f"processes left running: {[(p.pid, p.cmdline()) for p in leaked]}"
+
+
+@pytest.fixture
+def cli(home):
+    """Run the real `globular` command in a subprocess."""
+
+    def run(*args: str, timeout: float = 180, env: dict | None = None, input: str | None = None) -> CLIResult:
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
+        full_env["COLUMNS"] = "200"
+        full_env.update(env or {})
+        proc = subprocess.run(
+            [sys.executable, "-m", "globular", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        return CLIResult(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(text: str, name: str = "config") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def read_record(home: Path, name: str) -> dict:
+    return json.loads((home / "clusters" / f"{name}.json").read_text())
+
+
+def recorded_pids(record: dict, role: str | None = None) -> list[int]:
+    return [p["pid"] for n in record["nodes"] for p in n["processes"] if role is None or p["role"] == role]
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,223 @@
+"""The config loader: StarCluster's INI format, templates, extends, typed settings, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from globular.config import Config
+from globular.errors import ConfigError
+
+STARCLUSTER_DOCS = """\
+[global]
+DEFAULT_TEMPLATE = smallcluster
+
+[cluster smallcluster]
+CLUSTER_SIZE = 2
+PLUGINS = ipcluster
+
+[plugin ipcluster]
+SETUP_CLASS = starcluster.plugins.ipcluster.IPCluster
+ENABLE_NOTEBOOK = True
+NOTEBOOK_PASSWD = a-secret-password
+NOTEBOOK_DIRECTORY = notebooks
+PACKER = pickle
+
+[plugin ipclusterstop]
+SETUP_CLASS = starcluster.plugins.ipcluster.IPClusterStop
+
+[plugin ipclusterrestart]
+SETUP_CLASS = starcluster.plugins.ipcluster.IPClusterRestartEngines
+"""
+
+
+def load(text: str, file: str = "/cfg/config") -> Config:
+    return Config.from_text(text, file=file)
+
+
+def error_of(text: str, template: str | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(text).cluster_spec(template)
+    return info.value
+
+
+def test_builtin_default_when_no_config_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOBULAR_HOME", str(tmp_path))
+    monkeypatch.delenv("GLOBULAR_CONFIG", raising=False)
+    spec = Config.load().cluster_spec()
+    assert spec.provider == "local"
+    assert spec.template == "local"
+    assert [p.name for p in spec.plugins] == ["ipcluster"]
+    assert spec.plugins[0].setup_class == "globular.plugins.ipcluster:IPCluster"
+    assert spec.config_file is None
+
+
+def test_starcluster_docs_block_works_as_is():
+    spec = load(STARCLUSTER_DOCS).cluster_spec()
+    assert spec.template == "smallcluster"
+    assert spec.cluster_size == 2
+    plugin = spec.plugins[0]
+    assert plugin.setup_class == "globular.plugins.ipcluster:IPCluster"
+    assert plugin.settings["enable_notebook"] is True
+    assert plugin.settings["packer"] == "pickle"
+    assert plugin.settings["notebook_directory"] == "notebooks"
+    config = load(STARCLUSTER_DOCS)
+    assert config.plugin_spec("ipclusterrestart").setup_class.endswith(":IPClusterRestartEngines")
+    assert config.plugin_spec("ipclusterstop").setup_class.endswith(":IPClusterStop")
+
+
+def test_extends_chain_overrides_parent_values():
+    text = """\
+[global]
+default_template = big
+[cluster base]
+cluster_size = 2
+plugins = ipcluster
+cores_per_node = 3
+[cluster mid]
+extends = base
+cluster_size = 4
+[cluster big]
+extends = mid
+cores_per_node = 1
+[plugin ipcluster]
+setup_class = ipcluster
+master_engines = 0
+"""
+    spec = load(text).cluster_spec()
+    assert spec.cluster_size == 4
+    assert spec.provider_settings["cores_per_node"] == 1
+    assert spec.plugins[0].settings["master_engines"] == 0
+    assert load(text).cluster_spec("base").cluster_size == 2
+    assert load(text).cluster_spec("big", cluster_size=7).cluster_size == 7
+
+
+def test_extends_cycle_is_an_error_naming_the_chain():
+    exc = error_of("[cluster a]\nextends = b\n[cluster b]\nextends = c\n[cluster c]\nextends = a\n", "a")
+    assert "cycle: a -> b -> c -> a" in str(exc)
+    assert exc.key == "extends" and exc.section == "cluster c"
+    assert exc.file == "/cfg/config" and exc.line == 6
+
+
+def test_extends_missing_parent():
+    exc = error_of("[cluster a]\nextends = nothere\n", "a")
+    assert exc.section == "cluster a" and exc.key == "extends"
+    assert "'nothere'" in str(exc)
+    assert str(exc).startswith("/cfg/config:2 [cluster a] extends:")
+
+
+def test_unknown_key_names_section_and_key_where_written():
+    text = "[cluster base]\nclustr_size = 3\n[cluster child]\nextends = base\n"
+    exc = error_of(text, "child")
+    assert (exc.section, exc.key, exc.line) == ("cluster base", "clustr_size", 2)
+    assert "unknown setting for provider 'local'" in str(exc)
+
+
+def test_bad_value_names_key_and_value():
+    exc = error_of("[cluster a]\ncluster_size = three\n", "a")
+    assert exc.key == "cluster_size" and "'three'" in str(exc)
+    exc = error_of("[cluster a]\ncluster_size = 0\n", "a")
+    assert "greater than or equal to 1" in str(exc)
+
+
+def test_plugin_settings_are_typed():
+    base = "[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\n"
+    exc = error_of(base + "packer = yaml\n", "a")
+    assert (exc.section, exc.key) == ("plugin ipcluster", "packer")
+    assert "'json', 'pickle' or 'msgpack'" in str(exc)
+    exc = error_of(base + "enable_notebook = perhaps\n", "a")
+    assert exc.key == "enable_notebook"
+    exc = error_of(base + "no_such_setting = 1\n", "a")
+    assert exc.key == "no_such_setting" and "plugin class IPCluster" in str(exc)
+
+
+def test_missing_plugin_section():
+    exc = error_of("[cluster a]\nplugins = ipcluster, extra\n[plugin ipcluster]\nsetup_class = ipcluster\n", "a")
+    assert (exc.section, exc.key) == ("cluster a", "plugins")
+    assert "no [plugin extra] section" in str(exc)
+
+
+def test_missing_or_bad_setup_class():
+    exc = error_of("[cluster a]\nplugins = p\n[plugin p]\nfoo = 1\n", "a")
+    assert (exc.section, exc.key) == ("plugin p", "setup_class")
+    exc = error_of("[cluster a]\nplugins = p\n[plugin p]\nsetup_class = no.such.module.Class\n", "a")
+    assert "cannot import module 'no.such.module'" in str(exc)
+    exc = error_of("[cluster a]\nplugins = p\n[plugin p]\nsetup_class = json.dumps\n", "a")
+    assert "not a globular plugin class" in str(exc)
+
+
+def test_unknown_provider():
+    exc = error_of("[cluster a]\nprovider = azure\n", "a")
+    assert exc.key == "provider" and "unknown provider 'azure'" in str(exc)
+
+
+def test_template_selection_errors():
+    text = "[cluster a]\n[cluster b]\n"
+    exc = error_of(text)
+    assert exc.section == "global" and exc.key == "default_template"
+    assert "templates: a, b" in str(exc)
+    exc = error_of(text, "zzz")
+    assert "no [cluster zzz] section" in str(exc)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "empty"),
+        ("   \n# only a comment\n", "empty"),
+        ("cluster_size = 3\n", "before the first [section] header"),
+        ("[cluster a]\n[cluster a]\n", "section appears twice"),
+        ("[cluster a]\ncluster_size = 1\ncluster_size = 2\n", "key appears twice"),
+        ("[cluster a]\nthis line has no equals\n", "cannot parse line"),
+        ("[volume data]\nvolume_id = vol-1\n", "unknown section type 'volume'"),
+        ("[plugin only]\nsetup_class = ipcluster\n", "defines no [cluster NAME] template"),
+        ("[global]\ndefault_templat = a\n[cluster a]\n", "unknown setting"),
+    ],
+)
+def test_syntax_errors_are_one_line_config_errors(text, fragment):
+    with pytest.raises(ConfigError) as info:
+        load(text).cluster_spec("a")
+    message = str(info.value)
+    assert fragment in message
+    assert message.startswith("/cfg/config")
+    assert "\n" not in message
+
+
+def test_binary_garbage_and_bad_encoding(tmp_path):
+    path = tmp_path / "config"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(ConfigError, match="not a text file"):
+        Config.load(path)
+    path.write_bytes(b"[cluster a]\x00\n")
+    with pytest.raises(ConfigError, match="NUL byte"):
+        Config.load(path)
+
+
+def test_explicit_missing_file_is_an_error(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="config file not found"):
+        Config.load(tmp_path / "nope")
+    monkeypatch.setenv("GLOBULAR_CONFIG", str(tmp_path / "nope2"))
+    with pytest.raises(ConfigError, match="nope2: config file not found"):
+        Config.load()
+
+
+def test_cli_reports_config_error_in_one_line_with_exit_code_2(cli, write_config):
+    path = write_config("[global]\ndefault_template = a\n[cluster a]\ncluster_size = many\n")
+    result = cli("-c", str(path), "start", "x")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{path}:4 [cluster a] cluster_size:" in lines[0]
+    assert "'many'" in lines[0]
+    result = cli("start", "x", env={"GLOBULAR_CONFIG": str(path)})
+    assert result.returncode == 2 and "[cluster a] cluster_size" in result.stderr
+
+
+def test_cli_usage_errors(cli):
+    result = cli("start")
+    assert result.returncode == 2 and "Missing argument 'NAME'" in result.stderr
+    result = cli("start", "-s", "0", "x")
+    assert result.returncode == 2 and "-s" in result.stderr
+    result = cli("start", "bad/name")
+    assert result.returncode == 2 and "invalid cluster name" in result.stderr
+    result = cli("nosuchcommand")
+    assert result.returncode == 2

@@ -1,0 +1,143 @@
+"""A real local cluster: real ipyparallel controller and engines, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+
+import pytest
+
+from conftest import gone, read_record, recorded_pids, wait_until
+
+pytestmark = pytest.mark.cluster
+
+SEED = [x**30 for x in range(8)]
+MAP = "print(ipview.map_async(lambda x: x**30, range(8)).get())"
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_start_map_terminate_leaves_nothing(cli, home):
+    result = cli("start", "-s", "3", "demo")
+    assert result.returncode == 0, result.output
+    assert "Cluster demo is running: 3 nodes" in result.stdout
+    conn = home / "ipcluster" / "demo-local.json"
+    assert f"rc = Client('{conn}')" in result.stdout
+    assert "engines registered" in result.stdout  # the progress bar
+
+    record = read_record(home, "demo")
+    assert record["status"] == "running"
+    assert [n["name"] for n in record["nodes"]] == ["master", "node001", "node002"]
+    pids = recorded_pids(record)
+    assert len(recorded_pids(record, "ipcontroller")) == 1
+    engines = recorded_pids(record, "ipengine")
+    assert len(engines) >= 3
+    assert not any(gone(pid) for pid in pids)
+    assert mode(conn) == 0o600 and mode(home / "clusters" / "demo.json") == 0o600
+    master = record["nodes"][0]["workdir"]
+    security = f"{master}/.ipython/profile_default/security"
+    assert mode(__import__("pathlib").Path(security, "ipcontroller-client.json")) == 0o600
+    assert json.loads(conn.read_text())["key"]
+
+    listing = cli("listclusters")
+    assert listing.returncode == 0
+    row = next(line for line in listing.stdout.splitlines() if " demo " in line)
+    assert "running" in row and "local" in row
+
+    shell = cli("shell", "--ipcluster=demo", "-c", MAP)
+    assert shell.returncode == 0, shell.output
+    assert shell.stdout.strip() == str(SEED)
+    nodes = cli("shell", "--ipcluster=demo", "-c",
+                "import os; print(sorted(set(ipview.apply_sync(lambda: __import__('os').environ['GLOBULAR_NODE']))))")
+    assert nodes.stdout.strip() == "['master', 'node001', 'node002']"
+
+    again = cli("start", "demo")
+    assert again.returncode == 1 and "already exists (running)" in again.stderr
+
+    ended = cli("terminate", "--yes", "demo")
+    assert ended.returncode == 0, ended.output
+    assert f"{len(engines) + 1} processes stopped" in ended.stdout or "processes stopped" in ended.stdout
+    assert wait_until(lambda: all(gone(pid) for pid in pids), timeout=5), [p for p in pids if not gone(p)]
+    assert not conn.exists()
+    assert not (home / "clusters" / "demo.json").exists()
+    assert not (home / "local" / "demo").exists()
+    assert "No clusters." in cli("listclusters").stdout
+    assert cli("terminate", "--yes", "demo").returncode == 1
+
+
+def test_terminate_asks_for_confirmation(cli, home):
+    assert cli("start", "-s", "1", "ask").returncode == 0
+    refused = cli("terminate", "ask", input="n\n")
+    assert refused.returncode == 1 and (home / "clusters" / "ask.json").exists()
+    accepted = cli("terminate", "ask", input="y\n")
+    assert accepted.returncode == 0 and not (home / "clusters" / "ask.json").exists()
+
+
+def test_restart_engines_keeps_connected_client_working(cli, home, write_config):
+    config = write_config(
+        "[global]\ndefault_template = two\n"
+        "[cluster two]\ncluster_size = 2\ncores_per_node = 2\nplugins = ipcluster\n"
+        "[plugin ipcluster]\nsetup_class = starcluster.plugins.ipcluster.IPCluster\nmaster_engines = 1\n"
+    )
+    assert cli("-c", str(config), "start", "rs").returncode == 0
+    from ipyparallel import Client
+
+    client = Client(str(home / "ipcluster" / "rs-local.json"))
+    try:
+        old_ids = set(client.ids)
+        assert len(old_ids) == 3  # master keeps a core: 1 + 2
+        old_pids = recorded_pids(read_record(home, "rs"), "ipengine")
+        result = cli("-c", str(config), "runplugin", "ipclusterrestart", "rs")
+        assert result.returncode == 0, result.output
+        assert "restarting engines (nodes)" in result.stdout and "2/2" in result.stdout
+        assert all(gone(pid) for pid in old_pids)
+        new_pids = recorded_pids(read_record(home, "rs"), "ipengine")
+        assert len(new_pids) == 3 and not set(new_pids) & set(old_pids)
+        assert wait_until(lambda: len(set(client.ids) - old_ids) == 3 and not set(client.ids) & old_ids)
+        assert client[:].map_sync(lambda x: x**30, range(8)) == SEED
+    finally:
+        client.close()
+    stop = cli("-c", str(config), "runplugin", "ipclusterstop", "rs")
+    assert stop.returncode == 0, stop.output
+    record = read_record(home, "rs")
+    assert recorded_pids(record) == [] and "ipcluster" not in record["plugin_data"]
+    assert cli("terminate", "--yes", "rs").returncode == 0
+
+
+def test_plugin_failure_stops_start_and_leaves_nothing(cli, home, write_config):
+    config = write_config(
+        "[global]\ndefault_template = t\n"
+        "[cluster t]\ncluster_size = 3\nplugins = ipcluster, broken\n"
+        "[plugin ipcluster]\nsetup_class = ipcluster\n"
+        "[plugin broken]\nsetup_class = globular_test_plugins.FailOnNode\nmessage = disk-full-on-node001\n"
+    )
+    result = cli("-c", str(config), "start", "bad")
+    assert result.returncode == 1
+    assert "plugin 'broken' failed in run: node001:" in result.stderr
+    assert "disk-full-on-node001" in result.stderr
+    assert "Everything it started was stopped and removed." in result.stderr
+    assert not (home / "clusters" / "bad.json").exists()
+    assert not (home / "ipcluster" / "bad-local.json").exists()
+    assert not (home / "local" / "bad").exists()
+    # the `home` fixture fails the test if any controller or engine is still running
+
+
+def test_controller_that_dies_is_reported_with_its_log(cli, home, tmp_path, write_config):
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = ipyparallel.controller ]; then echo "controller: address already in use" >&2; exit 1; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    config = write_config(
+        f"[cluster t]\ncluster_size = 2\npython = {wrapper}\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\n"
+    )
+    result = cli("-c", str(config), "start", "-c", "t", "dead")
+    assert result.returncode == 1
+    assert "master: ipcontroller (pid" in result.stderr
+    assert "controller: address already in use" in result.stderr
+    assert not (home / "clusters" / "dead.json").exists()
