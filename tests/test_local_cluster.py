@@ -54,6 +54,10 @@ def test_start_map_terminate_leaves_nothing(cli, home):
                 "import os; print(sorted(set(ipview.apply_sync(lambda: __import__('os').environ['GLOBULAR_NODE']))))")
     assert nodes.stdout.strip() == "['master', 'node001', 'node002']"
 
+    interactive = cli("shell", "--ipcluster=demo", input="print('engines:', len(ipclient.ids), type(ipview).__name__)\nexit\n")
+    assert interactive.returncode == 0, interactive.output
+    assert f"engines: {len(engines)} DirectView" in interactive.stdout
+
     again = cli("start", "demo")
     assert again.returncode == 1 and "already exists (running)" in again.stderr
 
@@ -141,3 +145,46 @@ def test_controller_that_dies_is_reported_with_its_log(cli, home, tmp_path, writ
     assert "master: ipcontroller (pid" in result.stderr
     assert "controller: address already in use" in result.stderr
     assert not (home / "clusters" / "dead.json").exists()
+
+
+@pytest.mark.parametrize("signum", [2, 15], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_start_leaves_nothing(home, tmp_path, write_config, signum):
+    """Ctrl-C or SIGTERM while engines register: everything started is stopped."""
+    import os
+    import signal
+    import subprocess
+
+    wrapper = tmp_path / "python"  # engines that never register: start is stuck waiting for them
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = ipyparallel.engine ]; then exec sleep 300; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    config = write_config(
+        f"[cluster t]\ncluster_size = 2\npython = {wrapper}\nplugins = ipcluster\n"
+        "[plugin ipcluster]\nsetup_class = ipcluster\nengine_timeout = 300\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "globular", "-c", str(config), "start", "-c", "t", "intr"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    try:
+        def engines_recorded():
+            try:
+                return len(recorded_pids(read_record(home, "intr"), "ipengine")) == 2
+            except (OSError, ValueError):
+                return False
+
+        assert wait_until(engines_recorded, timeout=60)
+        pids = recorded_pids(read_record(home, "intr"))
+        os.kill(proc.pid, signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Interrupted" in err
+    assert all(gone(pid) for pid in pids)
+    assert not (home / "clusters" / "intr.json").exists()
+    assert not (home / "local" / "intr").exists()

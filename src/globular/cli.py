@@ -7,6 +7,7 @@ Exit codes are decided here, in :func:`main`: 0 success, 1 an operation failed,
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 
@@ -64,6 +65,25 @@ class RichReporter:
 
     def note(self, message: str) -> None:
         self.progress.console.print(message)
+
+
+def run(coro):
+    """Run a library coroutine; SIGTERM cancels it like Ctrl-C does, so the
+    library's cleanup runs (a half-started cluster is undone)."""
+
+    async def main():
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await coro
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
 
 
 def load_config(ctx: click.Context) -> Config:
@@ -135,7 +155,7 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
         f"{spec.cluster_size} nodes, provider {spec.provider}"
     )
     with RichReporter(console) as reporter:
-        result = asyncio.run(cluster.start(name, spec, reporter=reporter))
+        result = run(cluster.start(name, spec, reporter=reporter))
     record = result.record
     console.print(
         f"\n[green]Cluster {name} is running[/]: {len(record.nodes)} nodes, started in {result.elapsed:.1f} s"
@@ -178,7 +198,7 @@ def terminate(yes: bool, name: str) -> None:
     record = StateStore(globular_home()).get(name)
     if not yes:
         click.confirm(f"Terminate cluster {name} ({len(record.nodes)} nodes, {record.status})?", abort=True)
-    result = asyncio.run(cluster.terminate(name))
+    result = run(cluster.terminate(name))
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(
@@ -228,7 +248,7 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
     if spec is None:
         spec = load_config(ctx).plugin_spec(plugin, builtin_fallback=True)
     with RichReporter(console) as reporter:
-        result = asyncio.run(cluster.run_plugin(name, spec, reporter=reporter))
+        result = run(cluster.run_plugin(name, spec, reporter=reporter))
     console.print(f"Plugin [bold]{plugin}[/] ran on {name} in {result.elapsed:.1f} s")
     if result.report:
         render_report(result.report)
@@ -238,14 +258,17 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns outcomes into exit codes."""
     try:
         cli.main(args=argv, prog_name="globular", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click wraps Ctrl-C in Abort
+            err_console.print("Interrupted.")
+            sys.exit(130)
         err_console.print("Aborted.")
         sys.exit(1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("Interrupted; anything started was stopped.")
+        err_console.print("Interrupted.")
         sys.exit(130)
     except GlobularError as exc:
         err_console.print(f"[red]error:[/] {escape(str(exc))}")
