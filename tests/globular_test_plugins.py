@@ -19,3 +19,10 @@ class FailOnNode(Plugin):
     async def run(self, cluster):
         node = cluster.record.node(self.settings.node)
         await cluster.runner(node).run(["sh", "-c", f"echo {self.settings.message} >&2; exit 3"])
+
+
+class FailOnAdd(Plugin):
+    """Fine at start; fails when a node joins (after ipcluster started its engines)."""
+
+    async def on_add_node(self, cluster, node):
+        await cluster.runner(node).run(["sh", "-c", "echo cannot-mount-scratch >&2; exit 5"])

@@ -210,6 +210,37 @@ def terminate(yes: bool, name: str) -> None:
 
 
 @cli.command()
+@click.option("-n", "--num-nodes", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes to add.")
+@click.argument("name")
+def addnode(count: int, name: str) -> None:
+    """Add nodes to running cluster NAME.
+
+    New nodes run every plugin's on_add_node: with ipcluster, their engines
+    register with the running controller, and clients already connected see
+    them without reconnecting.  If anything fails, the new nodes are removed.
+    """
+    with RichReporter(console) as reporter:
+        result = run(cluster.add_nodes(name, count, reporter=reporter))
+    console.print(f"Added {', '.join(result.nodes)} to [bold]{name}[/] in {result.elapsed:.1f} s")
+    for report in result.reports:
+        render_report(report)
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("node")
+def removenode(name: str, node: str) -> None:
+    """Remove NODE (e.g. node002) from running cluster NAME.
+
+    Its engines are shut down and stopped by pid, every plugin's
+    on_remove_node runs (in reverse order), and the node is released.
+    """
+    with RichReporter(console) as reporter:
+        result = run(cluster.remove_node(name, node, reporter=reporter))
+    console.print(f"Removed {node} from [bold]{name}[/] in {result.elapsed:.1f} s")
+
+
+@cli.command()
 @click.option("--ipcluster", "name", required=True, metavar="NAME", help="Cluster to connect to.")
 @click.option("-c", "--command", "code", help="Run CODE with ipclient and ipview defined, then exit.")
 def shell(name: str, code: str | None) -> None:

@@ -38,6 +38,16 @@ class PluginRunResult:
 
 
 @dataclass
+class NodesResult:
+    """What ``add_nodes`` / ``remove_node`` did."""
+
+    record: ClusterRecord
+    nodes: list[str]
+    elapsed: float
+    reports: list[PluginReport] = field(default_factory=list)
+
+
+@dataclass
 class TerminateResult:
     name: str
     nodes: int
@@ -132,7 +142,36 @@ class Cluster:
         self.stopped = StopResult(self.stopped.stopped + result.stopped, self.stopped.killed + result.killed, [])
         return result
 
+    def require_running(self) -> None:
+        if self.record.status != "running":
+            raise GlobularError(f"cluster {self.name!r} is {self.record.status}, not running")
+
     # -- operations ----------------------------------------------------------
+
+    async def release(self, nodes: list[NodeRecord], plugins: list[Plugin]) -> None:
+        """Take ``nodes`` out of the cluster: ``on_remove_node`` in reverse plugin
+        order, stop whatever they still run, release them, drop them from the record.
+
+        Every step runs even if an earlier one failed; the first failure is raised.
+        """
+        errors: list[BaseException] = []
+        for node in nodes:
+            for plugin in reversed(plugins):
+                try:
+                    await self._hook(plugin, "on_remove_node", node)
+                except PluginFailed as exc:
+                    errors.append(exc)
+        try:
+            await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))
+            await self.provider.terminate_nodes(nodes)
+        except BaseException as exc:
+            errors.append(exc)
+        else:
+            names = {n.name for n in nodes}
+            self.record.nodes = [n for n in self.record.nodes if n.name not in names]
+            self.save()
+        if errors:
+            raise errors[0]
 
     async def _hook(self, plugin: Plugin, hook: str, *args) -> PluginReport | None:
         try:
@@ -237,6 +276,71 @@ async def start(
             raise StartFailed(name, exc) from exc
 
 
+async def add_nodes(
+    name: str, count: int = 1, *, home: Path | None = None, reporter: Reporter | None = None
+) -> NodesResult:
+    """Add ``count`` nodes to a running cluster and run the plugins' ``on_add_node`` on each.
+
+    If anything fails, the new nodes are removed again and the cluster is as it was.
+    """
+    if count < 1:
+        raise GlobularError("the number of nodes to add must be at least 1")
+    home, store, reporter = _context(home, reporter)
+    started = time.monotonic()
+    with store.operation(name):
+        cluster = open_cluster(name, home=home, reporter=reporter)
+        cluster.require_running()
+        plugins = cluster.plugins()
+        names = node_names(count, [n.name for n in cluster.nodes])
+        added: list[NodeRecord] = []
+
+        def ready(node: NodeRecord) -> None:
+            cluster.record.nodes.append(node)
+            added.append(node)
+            cluster.save()
+            reporter.advance("nodes")
+
+        async def join(node: NodeRecord) -> list[PluginReport]:
+            reports = []
+            for plugin in plugins:
+                report = await cluster._hook(plugin, "on_add_node", node)
+                if report is not None:
+                    reports.append(report)
+            return reports
+
+        try:
+            reporter.begin("nodes", f"new nodes ({cluster.record.spec.provider})", count)
+            await cluster.provider.create_nodes(names, ready)
+            reporter.end("nodes")
+            results = await each_node(added, join)
+        except BaseException:
+            await cluster.release(added, plugins)
+            raise
+        finally:
+            await cluster.close()
+        reports = [r for node in added for r in results[node.name]]
+        return NodesResult(cluster.record, [n.name for n in added], time.monotonic() - started, reports)
+
+
+async def remove_node(
+    name: str, node_name: str, *, home: Path | None = None, reporter: Reporter | None = None
+) -> NodesResult:
+    """Run the plugins' ``on_remove_node`` (reverse order), stop the node's processes, release it."""
+    home, store, reporter = _context(home, reporter)
+    started = time.monotonic()
+    with store.operation(name):
+        cluster = open_cluster(name, home=home, reporter=reporter)
+        cluster.require_running()
+        node = cluster.record.node(node_name)
+        if node.is_master:
+            raise GlobularError("the master cannot be removed; use `globular terminate` to stop the whole cluster")
+        try:
+            await cluster.release([node], cluster.plugins())
+        finally:
+            await cluster.close()
+        return NodesResult(cluster.record, [node_name], time.monotonic() - started)
+
+
 def open_cluster(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> Cluster:
     home, store, reporter = _context(home, reporter)
     return Cluster(store.get(name), home=home, store=store, reporter=reporter)
@@ -276,6 +380,9 @@ async def run_plugin(
 
 __all__ = [
     "Cluster",
+    "NodesResult",
+    "add_nodes",
+    "remove_node",
     "NodeFailures",
     "PluginRunResult",
     "StartResult",

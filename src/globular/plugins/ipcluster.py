@@ -148,6 +148,7 @@ async def wait_for_engines(
     nodes: list[NodeRecord],
     timeout: float,
     key: str = "engines",
+    description: str = "engines registered",
 ) -> set[int]:
     """Wait until ``new`` engines not in ``before`` are registered and every id in ``gone`` has left.
 
@@ -155,7 +156,7 @@ async def wait_for_engines(
     crashing engine fails at once with its log, not at the timeout.
     """
     reporter = cluster.reporter
-    reporter.begin(key, "engines registered", new)
+    reporter.begin(key, description, new)
     deadline = time.monotonic() + timeout
     next_check = time.monotonic() + 1.0
     while True:
@@ -175,6 +176,48 @@ async def wait_for_engines(
             await check_engines_alive(cluster, nodes)
             next_check = now + 1.0
         await asyncio.sleep(0.05)
+
+
+def _engine_identity() -> tuple[str, int]:
+    import os
+
+    return os.environ.get("GLOBULAR_NODE", "?"), os.getpid()
+
+
+async def identify_engines(cluster: Cluster, client: Client, ids: set[int]) -> None:
+    """Record which node each new engine id runs on (removenode and restart need it)."""
+    if not ids:
+        return
+    targets = sorted(ids)
+    result = client[targets].apply_async(_engine_identity)
+    identities = await asyncio.to_thread(result.get, 30)
+    mapping = cluster.plugin_data(DATA_KEY).setdefault("engine_ids", {})
+    for engine_id, (node, _pid) in zip(targets, identities):
+        mapping[str(engine_id)] = node
+    cluster.save()
+
+
+def engine_ids_on(cluster: Cluster, nodes: list[NodeRecord]) -> set[int]:
+    names = {n.name for n in nodes}
+    mapping = cluster.plugin_data(DATA_KEY).get("engine_ids", {})
+    return {int(i) for i, node in mapping.items() if node in names}
+
+
+async def retire_engines(cluster: Cluster, client: Client, nodes: list[NodeRecord]) -> set[int]:
+    """Ask the controller to shut down the engines of ``nodes`` (so they unregister
+    at once), then stop their processes by pid whatever they did."""
+    ids = engine_ids_on(cluster, nodes) & set(client.ids)
+    if ids:
+        try:
+            client.shutdown(targets=sorted(ids), block=False)
+        except Exception:  # a controller that cannot relay it: the pids are stopped anyway
+            pass
+    await each_node(nodes, lambda node: stop_engines(cluster, node))
+    mapping = cluster.plugin_data(DATA_KEY).get("engine_ids", {})
+    for engine_id in ids:
+        mapping.pop(str(engine_id), None)
+    cluster.save()
+    return ids
 
 
 # -- the plugins ---------------------------------------------------------------
@@ -210,9 +253,10 @@ class IPCluster(Plugin):
 
         client = await asyncio.to_thread(connect, str(local_file))
         try:
-            await wait_for_engines(
+            fresh = await wait_for_engines(
                 cluster, client, new=total, before=set(), gone=set(), nodes=cluster.nodes, timeout=settings.engine_timeout
             )
+            await identify_engines(cluster, client, fresh)
         finally:
             client.close()
         data["engines"] = total
@@ -276,19 +320,28 @@ class IPCluster(Plugin):
         try:
             before = set(client.ids)
             await start_engines(cluster, node, count, data["engine_info"])
-            await wait_for_engines(
+            fresh = await wait_for_engines(
                 cluster, client, new=count, before=before, gone=set(), nodes=[node], timeout=self.settings.engine_timeout
             )
+            await identify_engines(cluster, client, fresh)
         finally:
             client.close()
         data["engines"] = data.get("engines", 0) + count
         cluster.save()
-        return None
+        return PluginReport(plugin=self.name, summary=[(node.name, f"{count} engines registered")], data={"ids": sorted(fresh)})
 
     async def on_remove_node(self, cluster: Cluster, node: NodeRecord) -> None:
-        stopped = await stop_engines(cluster, node)
-        data = cluster.plugin_data(DATA_KEY)
-        data["engines"] = max(0, data.get("engines", 0) - stopped)
+        data = running_data(cluster)
+        client = await asyncio.to_thread(connect, data["connection_file"])
+        try:
+            retired = await retire_engines(cluster, client, [node])
+            await wait_for_engines(
+                cluster, client, new=0, before=set(client.ids), gone=retired, nodes=[], timeout=self.settings.engine_timeout,
+                key="engines-leaving", description=f"engines of {node.name} leaving",
+            )
+        finally:
+            client.close()
+        data["engines"] = len(engine_ids_on(cluster, cluster.nodes))
         cluster.save()
 
     async def on_shutdown(self, cluster: Cluster) -> None:
@@ -323,7 +376,7 @@ class IPClusterRestartEngines(Plugin):
             cluster.reporter.begin("restart", "restarting engines (nodes)", len(cluster.nodes))
 
             async def restart(node: NodeRecord) -> None:
-                await stop_engines(cluster, node)
+                await retire_engines(cluster, client, [node])
                 await start_engines(cluster, node, counts[node.name], data["engine_info"])
 
             await each_node(cluster.nodes, restart, on_done=lambda node: cluster.reporter.advance("restart"))
@@ -332,6 +385,8 @@ class IPClusterRestartEngines(Plugin):
             fresh = await wait_for_engines(
                 cluster, client, new=total, before=old, gone=old, nodes=cluster.nodes, timeout=settings.engine_timeout
             )
+            cluster.plugin_data(DATA_KEY)["engine_ids"] = {}
+            await identify_engines(cluster, client, fresh)
         finally:
             client.close()
         data["engines"] = total
