@@ -147,6 +147,7 @@ class StateStore:
 
     def _write(self, record: ClusterRecord) -> None:
         record.updated = time.time()
+        record.owner_pid = os.getpid()
         data = record.model_dump_json(indent=2).encode()
         write_private(self._path(record.name), data)
 
