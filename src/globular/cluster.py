@@ -148,6 +148,20 @@ class Cluster:
 
     # -- operations ----------------------------------------------------------
 
+    async def _stop_and_release(self, nodes: list[NodeRecord]) -> None:
+        """Stop every process still recorded on ``nodes`` (by pid), then release the nodes."""
+        await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))
+        await self.provider.terminate_nodes(nodes)
+
+    async def _run_hooks(self, plugins: list[Plugin], hook: str, *args) -> list[PluginReport]:
+        """Run ``hook`` of each plugin in order; the first failure stops the rest."""
+        reports = []
+        for plugin in plugins:
+            report = await self._hook(plugin, hook, *args)
+            if report is not None:
+                reports.append(report)
+        return reports
+
     async def release(self, nodes: list[NodeRecord], plugins: list[Plugin]) -> None:
         """Take ``nodes`` out of the cluster: ``on_remove_node`` in reverse plugin
         order, stop whatever they still run, release them, drop them from the record.
@@ -162,8 +176,7 @@ class Cluster:
                 except PluginFailed as exc:
                     errors.append(exc)
         try:
-            await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))
-            await self.provider.terminate_nodes(nodes)
+            await self._stop_and_release(nodes)
         except BaseException as exc:
             errors.append(exc)
         else:
@@ -199,11 +212,7 @@ class Cluster:
             except PluginFailed as exc:
                 warnings.append(str(exc))
         try:
-            await each_node(
-                [n for n in self.nodes if n.processes],
-                lambda node: self.stop_processes(node, list(node.processes)),
-            )
-            await self.provider.terminate_nodes(self.nodes)
+            await self._stop_and_release(self.nodes)
         except BaseException as exc:
             self.record.status = "failed"
             self.record.error = str(exc)
@@ -255,11 +264,7 @@ async def start(
 
             await cluster.provider.create_nodes(names, ready)
             reporter.end("nodes")
-            reports = []
-            for plugin in plugins:
-                report = await cluster._hook(plugin, "run")
-                if report is not None:
-                    reports.append(report)
+            reports = await cluster._run_hooks(plugins, "run")
             record.status = "running"
             cluster.save()
             await cluster.close()
@@ -300,19 +305,11 @@ async def add_nodes(
             cluster.save()
             reporter.advance("nodes")
 
-        async def join(node: NodeRecord) -> list[PluginReport]:
-            reports = []
-            for plugin in plugins:
-                report = await cluster._hook(plugin, "on_add_node", node)
-                if report is not None:
-                    reports.append(report)
-            return reports
-
         try:
             reporter.begin("nodes", f"new nodes ({cluster.record.spec.provider})", count)
             await cluster.provider.create_nodes(names, ready)
             reporter.end("nodes")
-            results = await each_node(added, join)
+            results = await each_node(added, lambda node: cluster._run_hooks(plugins, "on_add_node", node))
         except BaseException:
             await cluster.release(added, plugins)
             raise
