@@ -27,15 +27,16 @@ class CLIResult:
         return self.stdout + self.stderr
 
 
-def processes_of(home: Path) -> list[psutil.Process]:
-    """Live (non-zombie) processes started with GLOBULAR_HOME=home."""
+def processes_of(home: Path) -> list[tuple[psutil.Process, list[str]]]:
+    """Live (non-zombie) processes started with GLOBULAR_HOME=home, with their command lines
+    (read when found: a process may exit, and turn zombie, before the report is written)."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         try:
             if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             if proc.environ().get("GLOBULAR_HOME") == str(home):
-                found.append(proc)
+                found.append((proc, proc.cmdline()))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
@@ -56,12 +57,15 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("GLOBULAR_CONFIG", raising=False)
     yield path
     leaked = processes_of(path)
-    for proc in leaked:
+    for proc, _ in leaked:
         try:
             os.killpg(proc.pid, 9)
         except OSError:
-            proc.kill()
-    assert not leaked, f"processes left running: {[(p.pid, p.cmdline()) for p in leaked]}"
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert not leaked, f"processes left running: {[(p.pid, cmdline) for p, cmdline in leaked]}"
 
 
 @pytest.fixture

@@ -178,22 +178,24 @@ async def wait_for_engines(
         await asyncio.sleep(0.05)
 
 
-def _engine_identity() -> tuple[str, int]:
+def _engine_node() -> str:
     import os
 
-    return os.environ.get("GLOBULAR_NODE", "?"), os.getpid()
+    return os.environ.get("GLOBULAR_NODE", "?")
 
 
 async def identify_engines(cluster: Cluster, client: Client, ids: set[int]) -> None:
     """Record which node each new engine id runs on (removenode and restart need it)."""
-    if not ids:
-        return
     targets = sorted(ids)
-    result = client[targets].apply_async(_engine_identity)
-    identities = await asyncio.to_thread(result.get, 30)
-    mapping = cluster.plugin_data(DATA_KEY).setdefault("engine_ids", {})
-    for engine_id, (node, _pid) in zip(targets, identities):
+    nodes = []
+    if targets:
+        result = client[targets].apply_async(_engine_node)
+        nodes = await asyncio.to_thread(result.get, 30)
+    data = cluster.plugin_data(DATA_KEY)
+    mapping = data.setdefault("engine_ids", {})
+    for engine_id, node in zip(targets, nodes):
         mapping[str(engine_id)] = node
+    data["engines"] = len(mapping)
     cluster.save()
 
 
@@ -213,11 +215,33 @@ async def retire_engines(cluster: Cluster, client: Client, nodes: list[NodeRecor
         except Exception:  # a controller that cannot relay it: the pids are stopped anyway
             pass
     await each_node(nodes, lambda node: stop_engines(cluster, node))
-    mapping = cluster.plugin_data(DATA_KEY).get("engine_ids", {})
+    data = cluster.plugin_data(DATA_KEY)
+    mapping = data.setdefault("engine_ids", {})
     for engine_id in ids:
         mapping.pop(str(engine_id), None)
+    data["engines"] = len(mapping)
     cluster.save()
     return ids
+
+
+async def wait_for_node_engines(cluster: Cluster, client: Client, node: NodeRecord, count: int, timeout: float) -> set[int]:
+    """Wait until ``count`` engines registered *from ``node``*.
+
+    Nodes added together register at the same time, so a new id may belong to
+    another joining node: every unknown id is identified until ``node`` has its own.
+    """
+    before = set(client.ids)
+    deadline = time.monotonic() + timeout
+    fresh = await wait_for_engines(cluster, client, new=count, before=before, gone=set(), nodes=[node], timeout=timeout)
+    await identify_engines(cluster, client, fresh)
+    while len(engine_ids_on(cluster, [node])) < count:
+        if time.monotonic() >= deadline:
+            raise NodeError(node.name, f"only {len(engine_ids_on(cluster, [node]))} of {count} engines registered within {timeout:g}s")
+        await check_engines_alive(cluster, [node])
+        await asyncio.sleep(0.05)
+        known = {int(i) for i in cluster.plugin_data(DATA_KEY).get("engine_ids", {})}
+        await identify_engines(cluster, client, set(client.ids) - known)
+    return engine_ids_on(cluster, [node])
 
 
 # -- the plugins ---------------------------------------------------------------
@@ -259,8 +283,6 @@ class IPCluster(Plugin):
             await identify_engines(cluster, client, fresh)
         finally:
             client.close()
-        data["engines"] = total
-        cluster.save()
         return self._report(cluster, local_file, total, time.monotonic() - started)
 
     async def _start_controller(self, cluster: Cluster, master: NodeRecord) -> tuple[dict, dict]:
@@ -318,16 +340,10 @@ class IPCluster(Plugin):
         count = engines_for(node, self.settings)
         client = await asyncio.to_thread(connect, data["connection_file"])
         try:
-            before = set(client.ids)
             await start_engines(cluster, node, count, data["engine_info"])
-            fresh = await wait_for_engines(
-                cluster, client, new=count, before=before, gone=set(), nodes=[node], timeout=self.settings.engine_timeout
-            )
-            await identify_engines(cluster, client, fresh)
+            fresh = await wait_for_node_engines(cluster, client, node, count, self.settings.engine_timeout)
         finally:
             client.close()
-        data["engines"] = data.get("engines", 0) + count
-        cluster.save()
         return PluginReport(plugin=self.name, summary=[(node.name, f"{count} engines registered")], data={"ids": sorted(fresh)})
 
     async def on_remove_node(self, cluster: Cluster, node: NodeRecord) -> None:
@@ -341,8 +357,6 @@ class IPCluster(Plugin):
             )
         finally:
             client.close()
-        data["engines"] = len(engine_ids_on(cluster, cluster.nodes))
-        cluster.save()
 
     async def on_shutdown(self, cluster: Cluster) -> None:
         await stop_ipcluster(cluster)
@@ -389,8 +403,6 @@ class IPClusterRestartEngines(Plugin):
             await identify_engines(cluster, client, fresh)
         finally:
             client.close()
-        data["engines"] = total
-        cluster.save()
         return PluginReport(
             plugin=self.name,
             summary=[
