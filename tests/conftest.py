@@ -27,15 +27,18 @@ class CLIResult:
         return self.stdout + self.stderr
 
 
-def processes_of(home: Path) -> list[tuple[psutil.Process, list[str]]]:
-    """Live (non-zombie) processes started with GLOBULAR_HOME=home, with their command lines
-    (read when found: a process may exit, and turn zombie, before the report is written)."""
+def processes_of(home: Path, folder: Path | None = None) -> list[tuple[psutil.Process, list[str]]]:
+    """Live (non-zombie) processes started with GLOBULAR_HOME=home, or running in ``folder``
+    (where remote nodes of a test live), with their command lines (read when found:
+    a process may exit, and turn zombie, before the report is written)."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         try:
             if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if proc.environ().get("GLOBULAR_HOME") == str(home):
+            if proc.environ().get("GLOBULAR_HOME") == str(home) or (
+                folder is not None and Path(proc.cwd()).is_relative_to(folder)
+            ):
                 found.append((proc, proc.cmdline()))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -56,7 +59,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOBULAR_HOME", str(path))
     monkeypatch.delenv("GLOBULAR_CONFIG", raising=False)
     yield path
-    leaked = processes_of(path)
+    leaked = processes_of(path, tmp_path)
     for proc, _ in leaked:
         try:
             os.killpg(proc.pid, 9)

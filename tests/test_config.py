@@ -221,3 +221,61 @@ def test_cli_usage_errors(cli):
     assert result.returncode == 2 and "invalid cluster name" in result.stderr
     result = cli("nosuchcommand")
     assert result.returncode == 2
+
+
+SSH = """\
+[global]
+default_template = lab
+[cluster lab]
+provider = ssh
+node_hosts = {hosts}
+plugins = ipcluster
+{extra}
+[plugin ipcluster]
+setup_class = ipcluster
+{plugin}
+"""
+
+
+def ssh_spec(hosts: str = "alice@a, b:2222, c", extra: str = "", plugin: str = "", size: int | None = None):
+    return load(SSH.format(hosts=hosts, extra=extra, plugin=plugin)).cluster_spec(None, size)
+
+
+def ssh_error(**kwargs) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        ssh_spec(**kwargs)
+    return info.value
+
+
+def test_ssh_hosts_parse_and_size_defaults_to_every_host():
+    from globular.providers.ssh import SSHHost, SSHSettings, hosts_in_order
+
+    spec = ssh_spec(extra="master_host = c")
+    assert spec.cluster_size == 3
+    settings = SSHSettings.model_validate(spec.provider_settings)
+    assert [str(h) for h in hosts_in_order(settings)] == ["c", "alice@a", "b:2222"]
+    assert SSHHost.parse("u@[fe80::1]:2200") == SSHHost(host="fe80::1", port=2200, user="u")
+    assert ssh_spec(size=2).cluster_size == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "fragment"),
+    [
+        ({"hosts": "a, b c"}, "node_hosts", "'b c' is not a host"),
+        ({"hosts": "a, a:22"}, "node_hosts", "listed twice"),
+        ({"hosts": "a:99999"}, "node_hosts", "is not a host"),
+        ({"hosts": ""}, "node_hosts", "lists no host"),
+        ({"size": 4}, "node_hosts", "4 nodes asked for, but there are only 3 hosts"),
+        ({"extra": "connect_timeout = 0"}, "connect_timeout", "greater than 0"),
+        ({"extra": "cluster_size = 5"}, "node_hosts", "5 nodes asked for"),
+        ({"plugin": "controller_ports = 10000-10005"}, "controller_ports", "at least 20 ports"),
+        ({"plugin": "controller_ports = 80-200"}, "controller_ports", "1024-65535"),
+        ({"plugin": "controller_ports = lots"}, "controller_ports", "FIRST-LAST"),
+        ({"plugin": "controller_interface = 0.0.0.0"}, "controller_interface", "every interface"),
+    ],
+)
+def test_ssh_and_controller_settings_errors_name_the_key(kwargs, key, fragment):
+    err = ssh_error(**kwargs)
+    assert err.key == key, str(err)
+    assert fragment in str(err)
+    assert "/cfg/config:" in str(err)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -55,7 +56,7 @@ class Host:
 @dataclass
 class HostNet:
     workdir: Path
-    tag: str = field(default_factory=lambda: str(os.getpid() % 100000))
+    tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])  # names stay within 15 chars
     hosts: list[Host] = field(default_factory=list)
 
     @property
@@ -74,6 +75,9 @@ class HostNet:
         reason = available()
         if reason:
             raise RuntimeError(reason)
+        in_use = sh("ip", "-o", "-4", "addr", "show", "to", f"{SUBNET}.0/24", check=False).stdout.split()
+        if in_use:
+            raise RuntimeError(f"{SUBNET}.0/24 is already in use on {in_use[1]} (other test hosts? `testhosts.py down DIR`)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         try:

@@ -211,8 +211,12 @@ def terminate(yes: bool, name: str) -> None:
 
 @cli.command()
 @click.option("-n", "--num-nodes", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes to add.")
+@click.option(
+    "-H", "--host", "hosts", multiple=True, metavar="[USER@]HOST[:PORT]",
+    help="ssh provider: the host to use (repeat for several); default: the next unused hosts of node_hosts.",
+)
 @click.argument("name")
-def addnode(count: int, name: str) -> None:
+def addnode(count: int, hosts: tuple[str, ...], name: str) -> None:
     """Add nodes to running cluster NAME.
 
     New nodes run every plugin's on_add_node: with ipcluster, their engines
@@ -220,7 +224,7 @@ def addnode(count: int, name: str) -> None:
     them without reconnecting.  If anything fails, the new nodes are removed.
     """
     with RichReporter(console) as reporter:
-        result = run(cluster.add_nodes(name, count, reporter=reporter))
+        result = run(cluster.add_nodes(name, count, hosts=list(hosts) or None, reporter=reporter))
     console.print(f"Added {', '.join(result.nodes)} to [bold]{name}[/] in {result.elapsed:.1f} s")
     for report in result.reports:
         render_report(report)
@@ -265,6 +269,43 @@ def shell(name: str, code: str | None) -> None:
         client.close()
 
 
+def _open_shell(name: str, node: str, user: str | None, command: tuple[str, ...]) -> int:
+    import subprocess
+
+    from globular.client import node_shell
+
+    shell = node_shell(name, node, user=user, command=" ".join(command) if command else None)
+    try:
+        return subprocess.run(shell.argv, cwd=shell.cwd, env=shell.env).returncode
+    except FileNotFoundError:
+        raise GlobularError(f"cannot run {shell.argv[0]!r}: not found (install openssh-client)") from None
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("-u", "--user", help="Log in as USER (default: the cluster's ssh user).")
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def sshmaster(ctx: click.Context, user: str | None, name: str, command: tuple[str, ...]) -> None:
+    """Open a shell on the master of cluster NAME, or run COMMAND there.
+
+    Uses the cluster's ssh key, port and known_hosts; on a local cluster, a
+    shell in the master's folder.  Exits with COMMAND's exit status.
+    """
+    ctx.exit(_open_shell(name, "master", user, command))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("-u", "--user", help="Log in as USER (default: the cluster's ssh user).")
+@click.argument("name")
+@click.argument("node")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def sshnode(ctx: click.Context, user: str | None, name: str, node: str, command: tuple[str, ...]) -> None:
+    """Open a shell on NODE (master, node001, ...) of cluster NAME, or run COMMAND there."""
+    ctx.exit(_open_shell(name, node, user, command))
+
+
 @cli.command()
 @click.argument("plugin")
 @click.argument("name")
@@ -288,7 +329,7 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns outcomes into exit codes."""
     try:
-        cli.main(args=argv, prog_name="globular", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="globular", standalone_mode=False)
     except click.exceptions.Abort as exc:
         if isinstance(exc.__cause__, KeyboardInterrupt):  # click wraps Ctrl-C in Abort
             err_console.print("Interrupted.")
@@ -304,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     except GlobularError as exc:
         err_console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

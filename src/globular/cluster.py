@@ -72,6 +72,11 @@ def node_names(count: int, existing: list[str] = ()) -> list[str]:  # type: igno
     return names
 
 
+def node_order(node: NodeRecord) -> tuple[bool, str]:
+    """The master first, then the others by name."""
+    return (not node.is_master, node.name)
+
+
 def load_plugin(spec: PluginSpec) -> Plugin:
     try:
         _, cls = resolve_plugin(spec.setup_class)
@@ -89,7 +94,6 @@ class Cluster:
         self.store = store
         self.reporter = reporter
         self.provider: NodeProvider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
-        self._runners: dict[str, Runner] = {}
         self.stopped = StopResult(0, 0, [])  # totals of every stop_processes call
 
     @property
@@ -105,14 +109,10 @@ class Cluster:
         return self.record.master
 
     def runner(self, node: NodeRecord) -> Runner:
-        if node.name not in self._runners:
-            self._runners[node.name] = self.provider.runner(node)
-        return self._runners[node.name]
+        return self.provider.runner(node)
 
     async def close(self) -> None:
-        runners, self._runners = list(self._runners.values()), {}
-        for runner in runners:
-            await runner.close()
+        await self.provider.close()
 
     # -- record keeping, for plugins ----------------------------------------
 
@@ -259,6 +259,7 @@ async def start(
 
             def ready(node: NodeRecord) -> None:
                 record.nodes.append(node)
+                record.nodes.sort(key=node_order)
                 cluster.save()
                 reporter.advance("nodes")
 
@@ -282,12 +283,21 @@ async def start(
 
 
 async def add_nodes(
-    name: str, count: int = 1, *, home: Path | None = None, reporter: Reporter | None = None
+    name: str,
+    count: int = 1,
+    *,
+    hosts: list[str] | None = None,
+    home: Path | None = None,
+    reporter: Reporter | None = None,
 ) -> NodesResult:
     """Add ``count`` nodes to a running cluster and run the plugins' ``on_add_node`` on each.
 
-    If anything fails, the new nodes are removed again and the cluster is as it was.
+    ``hosts`` names the machines to use (ssh provider); by default the provider
+    picks (ssh: the next unused hosts of ``node_hosts``).  If anything fails, the
+    new nodes are removed again and the cluster is as it was.
     """
+    if hosts:
+        count = len(hosts)
     if count < 1:
         raise GlobularError("the number of nodes to add must be at least 1")
     home, store, reporter = _context(home, reporter)
@@ -301,13 +311,14 @@ async def add_nodes(
 
         def ready(node: NodeRecord) -> None:
             cluster.record.nodes.append(node)
+            cluster.record.nodes.sort(key=node_order)
             added.append(node)
             cluster.save()
             reporter.advance("nodes")
 
         try:
             reporter.begin("nodes", f"new nodes ({cluster.record.spec.provider})", count)
-            await cluster.provider.create_nodes(names, ready)
+            await cluster.provider.create_nodes(names, ready, existing=list(cluster.nodes), hosts=hosts)
             reporter.end("nodes")
             results = await each_node(added, lambda node: cluster._run_hooks(plugins, "on_add_node", node))
         except BaseException:

@@ -53,7 +53,7 @@ class ClusterSettings(Settings):
     """Keys every ``[cluster]`` section may have, whatever its provider."""
 
     extends: str | None = None
-    cluster_size: int = Field(default=2, ge=1)
+    cluster_size: int | None = Field(default=None, ge=1, description="default: the provider's (local: 2, ssh: every host)")
     provider: str = "local"
     plugins: CommaList = Field(default_factory=list)
 
@@ -261,10 +261,15 @@ class Config:
         plugins = [
             self.plugin_spec(name, referenced_from=sections.get("plugins", section)) for name in common.plugins
         ]
+        size = cluster_size or common.cluster_size or provider_cls.default_cluster_size(provider_settings)
+        problem = provider_cls.size_problem(provider_settings, size)
+        if problem:
+            key, message = problem
+            raise self.error(message, sections.get(key, section), key)
         return ClusterSpec(
             template=template,
             config_file=self.file,
-            cluster_size=cluster_size if cluster_size is not None else common.cluster_size,
+            cluster_size=size,
             provider=common.provider,
             provider_settings=provider_settings.model_dump(mode="json"),
             plugins=plugins,

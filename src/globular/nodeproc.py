@@ -136,7 +136,62 @@ def tail(req):
         return f"(no log: {exc.strerror})"
 
 
+def prepare(req):
+    """Make the node's folder (0700) and say what the node has: cores, Python, modules."""
+    import importlib.util
+
+    path = os.path.realpath(os.path.expanduser(req["dir"]))
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    missing = [m for m in req.get("modules", []) if importlib.util.find_spec(m) is None]
+    return {
+        "workdir": path,
+        "cpus": os.cpu_count() or 1,
+        "python": sys.executable,
+        "version": ".".join(map(str, sys.version_info[:3])),
+        "missing": missing,
+    }
+
+
+def remove_dir(req):
+    """Remove a node's folder, and its parent when that is left empty; only inside ``root``."""
+    import shutil
+
+    root = os.path.realpath(os.path.expanduser(req["root"]))
+    path = os.path.realpath(req["path"])
+    if os.path.commonpath([root, path]) != root or path == root:
+        sys.stderr.write(f"refusing to remove {path}: not inside {root}\n")
+        sys.exit(3)
+    shutil.rmtree(path, ignore_errors=True)
+    parent = os.path.dirname(path)
+    if parent != root:
+        try:
+            os.rmdir(parent)
+        except OSError:
+            pass
+    return not os.path.exists(path)
+
+
+def addresses(req):
+    """IPv4 address of each network interface: ``{"eth0": "10.0.0.5", ...}``."""
+    import fcntl
+    import socket
+    import struct
+
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            found[name] = socket.inet_ntoa(packed[20:24])
+    return found
+
+
 VERBS = {
+    "prepare": prepare,
+    "remove_dir": remove_dir,
+    "addresses": addresses,
     "spawn": spawn,
     "alive": alive,
     "signal": signal_procs,

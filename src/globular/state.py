@@ -45,6 +45,7 @@ class NodeRecord(BaseModel):
     workdir: str
     cores: int = Field(ge=1)
     python: str
+    login: str | None = None  # "user@host:port" where ssh reaches the node; None for local nodes
     data: dict[str, Any] = Field(default_factory=dict)  # provider's own fields
     processes: list[ProcessRecord] = Field(default_factory=list)
 

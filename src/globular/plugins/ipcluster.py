@@ -13,15 +13,15 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
 from globular.paths import connection_file_path, write_private
 from globular.plugins.base import Plugin, PluginReport
-from globular.providers.base import ProcessSpec
+from globular.providers.base import ProcessSpec, Runner
 from globular.spec import Settings
 from globular.state import NodeRecord
 
@@ -41,6 +41,45 @@ PACKERS = {
 }
 
 
+MIN_CONTROLLER_PORTS = 20  # the controller and its schedulers listen on 18 ports
+PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
+
+
+def _check_ports(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        low, high = (int(part) for part in text.split("-"))
+    except ValueError:
+        raise ValueError("expected a port range FIRST-LAST, such as 10000-10030") from None
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError("ports must lie in 1024-65535, the first no higher than the last")
+    if high - low + 1 < MIN_CONTROLLER_PORTS:
+        raise ValueError(f"the controller needs at least {MIN_CONTROLLER_PORTS} ports")
+    return f"{low}-{high}"
+
+
+def _check_interface(text: str | None) -> str | None:
+    if text is not None and text.strip() in ("*", "0.0.0.0", "::", ""):
+        raise ValueError("that listens on every interface; name one interface (eth0) or address")
+    return text
+
+
+def _is_address(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def port_range(text: str) -> range:
+    low, high = (int(part) for part in text.split("-"))
+    return range(low, high + 1)
+
+
 class IPClusterSettings(Settings):
     enable_notebook: bool = False
     notebook_passwd: str | None = None
@@ -49,6 +88,12 @@ class IPClusterSettings(Settings):
     master_engines: int | None = Field(default=None, ge=0, description="engines on the master; default cores - 1 (at least 1)")
     heartbeat_period: int = Field(default=500, ge=50, le=60_000, description="controller heartbeat, ms")
     engine_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for engines to register")
+    controller_interface: Annotated[str | None, AfterValidator(_check_interface)] = Field(
+        default=None, description="interface name (eth0) or address the controller listens on; default: the master's address"
+    )
+    controller_ports: Annotated[str | None, AfterValidator(_check_ports)] = Field(
+        default=None, description="FIRST-LAST: the ports the controller may use; default: random free ports"
+    )
 
 
 def ipython_dir(node: NodeRecord) -> str:
@@ -82,11 +127,32 @@ def running_data(cluster: Cluster) -> dict[str, Any]:
     return data
 
 
-def connect(connection_file: str, timeout: float = 10.0) -> Client:
-    """A Client for the controller described by ``connection_file``."""
+async def reachable_info(runner: Runner, info: dict[str, Any]) -> dict[str, Any]:
+    """Client connection info that works from this machine.
+
+    For a master reached by ssh, each controller port is forwarded through the
+    runner's SSH connection, so nothing but SSH has to be reachable.
+    """
+    if runner.node.login is None:
+        return info
+    host = info["interface"].split("://", 1)[1]
+    forwarded = dict(info, interface="tcp://127.0.0.1", location="127.0.0.1", ssh="")
+    for key in PORT_KEYS:
+        forwarded[key] = (await runner.forward_port(host, info[key]))[1]
+    return forwarded
+
+
+async def open_client(cluster: Cluster, timeout: float = 10.0) -> Client:
+    """A Client for the cluster's controller (tunnelled through ssh when the master is remote)."""
     from ipyparallel import Client
 
-    return Client(connection_file, timeout=timeout)
+    data = running_data(cluster)
+    try:
+        info = json.loads(Path(data["connection_file"]).read_text())
+    except (OSError, ValueError) as exc:
+        raise GlobularError(f"cannot read the connection file {data['connection_file']}: {exc}") from None
+    info = await reachable_info(cluster.runner(cluster.master), info)
+    return await asyncio.to_thread(Client, info, timeout=timeout)
 
 
 # -- engines -------------------------------------------------------------------
@@ -275,7 +341,7 @@ class IPCluster(Plugin):
         )
         cluster.reporter.end("engine-start")
 
-        client = await asyncio.to_thread(connect, str(local_file))
+        client = await open_client(cluster)
         try:
             fresh = await wait_for_engines(
                 cluster, client, new=total, before=set(), gone=set(), nodes=cluster.nodes, timeout=settings.engine_timeout
@@ -285,32 +351,59 @@ class IPCluster(Plugin):
             client.close()
         return self._report(cluster, local_file, total, time.monotonic() - started)
 
+    async def _controller_ip(self, cluster: Cluster, master: NodeRecord) -> str:
+        """Where the controller listens: ``controller_interface`` (a name or an address), else the master's address."""
+        wanted = self.settings.controller_interface
+        if not wanted:
+            return master.address
+        if _is_address(wanted):
+            return wanted
+        found = await cluster.runner(master)._nodeproc("addresses", {})
+        if wanted not in found:
+            raise NodeError(master.name, f"controller_interface {wanted!r}: no such interface with an IPv4 address (has: {', '.join(sorted(found))})")
+        return found[wanted]
+
     async def _start_controller(self, cluster: Cluster, master: NodeRecord) -> tuple[dict, dict]:
         runner = cluster.runner(master)
         security = f"{profile_dir(master)}/security"
         files = [f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"]
         await runner.run(["rm", "-f", *files])
         pack, unpack = PACKERS[self.settings.packer]
+        ip = await self._controller_ip(cluster, master)
         argv = [
             master.python,
             "-m",
             "ipyparallel.controller",
             f"--profile-dir={profile_dir(master)}",
-            f"--ip={master.address}",
-            f"--location={master.address}",
+            f"--ip={ip}",
+            f"--location={ip}",
             f"--HeartMonitor.period={self.settings.heartbeat_period}",
             f"--Session.packer={pack}",
             f"--Session.unpacker={unpack}",
         ]
+        if self.settings.controller_ports:
+            argv.append(f"--ports={self.settings.controller_ports}")
         env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": cluster.name}
         spec = ProcessSpec(argv=argv, log=f"{master.workdir}/logs/controller.log", role=CONTROLLER, env=env, cwd=master.workdir)
         cluster.reporter.begin("controller", "controller on master", 1)
         procs = await runner.spawn([spec])
         cluster.track(master, procs)
         found = await runner.wait_files(files, watch=procs, timeout=60)
+        client_info, engine_info = found[files[0]], found[files[1]]
+        self._check_ports(master, client_info, engine_info)
+        # Client(path) from this machine tunnels through ssh to the master by itself.
+        client_info["ssh"] = master.login or ""
         cluster.reporter.advance("controller")
         cluster.reporter.end("controller")
-        return found[files[0]], found[files[1]]
+        return client_info, engine_info
+
+    def _check_ports(self, master: NodeRecord, *infos: dict) -> None:
+        if not self.settings.controller_ports:
+            return
+        allowed = port_range(self.settings.controller_ports)
+        outside = sorted({info[k] for info in infos for k in PORT_KEYS + ("hb_ping", "hb_pong") if isinstance(info.get(k), int)} - set(allowed))
+        if outside:
+            raise NodeError(master.name, f"the controller took ports {outside} outside controller_ports = {self.settings.controller_ports}; widen the range")
 
     def _report(self, cluster: Cluster, local_file: Path, engines: int, elapsed: float) -> PluginReport:
         client_line = f"Client({str(local_file)!r})"
@@ -338,7 +431,7 @@ class IPCluster(Plugin):
     async def on_add_node(self, cluster: Cluster, node: NodeRecord) -> PluginReport | None:
         data = running_data(cluster)
         count = engines_for(node, self.settings)
-        client = await asyncio.to_thread(connect, data["connection_file"])
+        client = await open_client(cluster)
         try:
             await start_engines(cluster, node, count, data["engine_info"])
             fresh = await wait_for_node_engines(cluster, client, node, count, self.settings.engine_timeout)
@@ -348,7 +441,7 @@ class IPCluster(Plugin):
 
     async def on_remove_node(self, cluster: Cluster, node: NodeRecord) -> None:
         data = running_data(cluster)
-        client = await asyncio.to_thread(connect, data["connection_file"])
+        client = await open_client(cluster)
         try:
             retired = await retire_engines(cluster, client, [node])
             await wait_for_engines(
@@ -383,7 +476,7 @@ class IPClusterRestartEngines(Plugin):
         started = time.monotonic()
         data = running_data(cluster)
         settings = ipcluster_settings(cluster)
-        client = await asyncio.to_thread(connect, data["connection_file"])
+        client = await open_client(cluster)
         try:
             old = set(client.ids)
             counts = {node.name: engines_for(node, settings) for node in cluster.nodes}

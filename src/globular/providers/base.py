@@ -74,6 +74,13 @@ class Runner(ABC):
     async def close(self) -> None:
         """Release connections."""
 
+    async def forward_port(self, host: str, port: int) -> tuple[str, int]:
+        """An address on this machine that reaches ``host:port`` as the node sees it.
+
+        Local nodes need no forwarding; remote runners tunnel through their connection.
+        """
+        return host, port
+
     # -- process control, the same on every provider ---------------------
 
     async def _nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
@@ -145,6 +152,17 @@ class NodeProvider(ABC):
         self.settings = self.Settings.model_validate(spec.provider_settings)
         self.cluster = cluster
         self.home = home
+        self._runners: dict[str, Runner] = {}
+
+    @classmethod
+    def default_cluster_size(cls, settings: Settings) -> int:
+        """Nodes to start when neither the config nor ``-s`` says."""
+        return 2
+
+    @classmethod
+    def size_problem(cls, settings: Settings, size: int) -> tuple[str, str] | None:
+        """``(key, message)`` if ``size`` nodes cannot be made with ``settings``."""
+        return None
 
     @property
     @abstractmethod
@@ -152,10 +170,21 @@ class NodeProvider(ABC):
         """Where the nodes are: ``local`` for this machine, an AWS region for ec2."""
 
     @abstractmethod
-    async def create_nodes(self, names: list[str], on_ready: Callable[[NodeRecord], None]) -> list[NodeRecord]:
+    async def create_nodes(
+        self,
+        names: list[str],
+        on_ready: Callable[[NodeRecord], None],
+        *,
+        existing: list[NodeRecord] = (),  # type: ignore[assignment]
+        hosts: list[str] | None = None,
+    ) -> list[NodeRecord]:
         """Bring up nodes with these names; call ``on_ready`` as each becomes usable.
 
-        On failure, nodes already made are released before raising.
+        ``existing`` are the cluster's nodes already there; ``hosts`` asks for
+        particular machines (providers that cannot place nodes refuse it).
+        A node handed to ``on_ready`` belongs to the caller, who releases it if
+        anything fails; the provider releases what it made but did not hand over.
+        Per-node failures are raised together as :class:`NodeFailures`.
         """
 
     @abstractmethod
@@ -163,8 +192,20 @@ class NodeProvider(ABC):
         """Release the nodes (their processes are stopped before this is called)."""
 
     @abstractmethod
+    def make_runner(self, node: NodeRecord) -> Runner:
+        """A new runner that does work on ``node``."""
+
     def runner(self, node: NodeRecord) -> Runner:
-        """A runner that does work on ``node``."""
+        """The runner of ``node`` (one per node, kept until :meth:`close`)."""
+        if node.name not in self._runners:
+            self._runners[node.name] = self.make_runner(node)
+        return self._runners[node.name]
+
+    async def close(self) -> None:
+        """Close every runner's connections."""
+        runners, self._runners = list(self._runners.values()), {}
+        for runner in runners:
+            await runner.close()
 
     async def list_nodes(self, nodes: list[NodeRecord]) -> list[NodeRecord]:
         """The nodes that exist now, of those recorded (default: all of them)."""

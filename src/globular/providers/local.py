@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from globular.errors import CommandError
+from globular.errors import BadInput, CommandError
 from globular.paths import private_dir, write_private
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
 from globular.spec import Settings
@@ -77,7 +77,16 @@ class LocalProvider(NodeProvider):
             return self.settings.cores_per_node
         return max(1, (os.cpu_count() or 1) // self.spec.cluster_size)
 
-    async def create_nodes(self, names: list[str], on_ready: Callable[[NodeRecord], None]) -> list[NodeRecord]:
+    async def create_nodes(
+        self,
+        names: list[str],
+        on_ready: Callable[[NodeRecord], None],
+        *,
+        existing: list[NodeRecord] = (),  # type: ignore[assignment]
+        hosts: list[str] | None = None,
+    ) -> list[NodeRecord]:
+        if hosts:
+            raise BadInput("the local provider makes its nodes on this machine: it takes no --host")
         nodes = []
         python = self.settings.python or sys.executable
         for name in names:
@@ -99,5 +108,5 @@ class LocalProvider(NodeProvider):
         except OSError:
             pass
 
-    def runner(self, node: NodeRecord) -> Runner:
+    def make_runner(self, node: NodeRecord) -> Runner:
         return LocalRunner(node)

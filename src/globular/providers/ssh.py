@@ -1,0 +1,359 @@
+"""The ``ssh`` provider: nodes are hosts you already have, reached with asyncssh.
+
+``node_hosts = user@host1, host2:2222, ...`` lists the hosts (the first is the
+master unless ``master_host`` names another).  Connections use the user's
+``~/.ssh/config`` and agent, plus ``ssh_key`` when given; host keys are checked
+against ``known_hosts`` (``~/.ssh/known_hosts`` unless set), and a host not in it
+is refused unless ``accept_new_host_keys`` is on.  A changed key is always refused.
+
+On each host a node is a folder ``<remote_dir>/<cluster>/<node>`` (0700) and the
+processes started in it; nothing is installed, and nothing but the folder is
+written.  Data (files, process requests) travels on stdin, never on a command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import re
+import secrets
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import asyncssh
+from pydantic import AfterValidator, Field
+
+from globular.errors import BadInput, CommandError, GlobularError, NodeError, NodeFailures
+from globular.fanout import each_node
+from globular.providers.base import CommandResult, NodeProvider, Runner, display
+from globular.spec import CommaList, Settings
+from globular.state import NodeRecord
+
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+_HOST = re.compile(r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>[^@\s:\[\]]+|\[[0-9a-fA-F:.]+\])(?::(?P<port>\d{1,5}))?$")
+
+
+@dataclass(frozen=True)
+class SSHHost:
+    """One entry of ``node_hosts``: ``[user@]host[:port]``."""
+
+    host: str
+    port: int = 22
+    user: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SSHHost:
+        match = _HOST.match(text.strip())
+        if not match or not 0 < int(match["port"] or 22) < 65536:
+            raise ValueError(f"{text!r} is not a host (expected [user@]host[:port])")
+        return cls(host=match["host"].strip("[]"), port=int(match["port"] or 22), user=match["user"])
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What makes two entries the same machine (the user does not)."""
+        return self.host, self.port
+
+    def __str__(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port != 22 else ""
+        return f"{user}{self.host}{port}"
+
+
+def _check_hosts(hosts: list[str]) -> list[str]:
+    if not hosts:
+        raise ValueError("lists no host")
+    seen: dict[tuple[str, int], str] = {}
+    for text in hosts:
+        host = SSHHost.parse(text)
+        if host.key in seen:
+            raise ValueError(f"{text!r} is listed twice (also as {seen[host.key]!r})")
+        seen[host.key] = text
+    return hosts
+
+
+def _check_host(text: str | None) -> str | None:
+    if text is not None:
+        SSHHost.parse(text)
+    return text
+
+
+class SSHSettings(Settings):
+    node_hosts: Annotated[CommaList, AfterValidator(_check_hosts)] = Field(
+        description="[user@]host[:port], ...; the first is the master unless master_host says otherwise"
+    )
+    master_host: Annotated[str | None, AfterValidator(_check_host)] = None
+    user: str | None = Field(default=None, description="login name; default: ~/.ssh/config's, else yours")
+    ssh_key: str | None = Field(default=None, description="private key file; the agent and ~/.ssh/config's keys are also tried")
+    known_hosts: str | None = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")
+    accept_new_host_keys: bool = Field(default=False, description="add unknown host keys to known_hosts (never a changed one)")
+    python: str = Field(default="python3", description="Python on the hosts, with ipyparallel installed")
+    remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the hosts")
+    cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: the host's cores")
+    connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds to wait for a host to answer")
+
+
+def hosts_in_order(settings: SSHSettings) -> list[SSHHost]:
+    """Every host, the master first."""
+    hosts = [SSHHost.parse(h) for h in settings.node_hosts]
+    if settings.master_host:
+        master = SSHHost.parse(settings.master_host)
+        hosts = [master] + [h for h in hosts if h.key != master.key]
+    return hosts
+
+
+class SSHRunner(Runner):
+    """Runs commands on a node over one SSH connection (opened on first use)."""
+
+    def __init__(self, node: NodeRecord, connect: Callable[[], asyncio.Future]):
+        super().__init__(node)
+        self._connect = connect
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._lock = asyncio.Lock()
+        self._forwards: dict[tuple[str, int], asyncssh.SSHListener] = {}
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await self._connect()
+            return self._conn
+
+    def _command(self, argv: list[str]) -> str:
+        return f"cd {shlex.quote(self.node.workdir)} 2>/dev/null; exec {shlex.join(argv)}"
+
+    async def run(
+        self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
+    ) -> CommandResult:
+        return await self._run(self._command(argv), display(argv), input=input, timeout=timeout, check=check)
+
+    async def _run(self, command: str, shown: str, *, input: bytes | None, timeout: float | None, check: bool) -> CommandResult:
+        conn = await self.connection()
+        try:
+            done = await conn.run(command, input=input, encoding=None, timeout=timeout, check=False)
+        except asyncssh.TimeoutError:
+            raise CommandError(self.node.name, shown, None, f"no answer within {timeout:g}s") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise CommandError(self.node.name, shown, None, f"ssh connection to {self.node.login} lost: {exc}") from None
+        returncode = done.exit_status if done.exit_status is not None else 255
+        result = CommandResult(
+            returncode, (done.stdout or b"").decode(errors="replace"), (done.stderr or b"").decode(errors="replace")
+        )
+        if check and returncode != 0:
+            raise CommandError(self.node.name, shown, returncode, result.stderr, result.stdout)
+        return result
+
+    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        if not posixpath.isabs(path):
+            path = posixpath.join(self.node.workdir, path)
+        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+        q = shlex.quote
+        command = (
+            f"umask 077 && mkdir -p {q(posixpath.dirname(path))} && cat > {q(tmp)} "
+            f"&& chmod {mode:o} {q(tmp)} && mv -f {q(tmp)} {q(path)}"
+        )
+        await self._run(command, f"write {path}", input=data, timeout=60, check=True)
+
+    async def forward_port(self, host: str, port: int) -> tuple[str, int]:
+        if (host, port) not in self._forwards:
+            conn = await self.connection()
+            self._forwards[(host, port)] = await conn.forward_local_port("127.0.0.1", 0, host, port)
+        return "127.0.0.1", self._forwards[(host, port)].get_port()
+
+    async def close(self) -> None:
+        forwards, self._forwards = list(self._forwards.values()), {}
+        for listener in forwards:
+            listener.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            try:
+                await asyncio.wait_for(conn.wait_closed(), 5)
+            except (asyncio.TimeoutError, OSError, asyncssh.Error):
+                pass
+
+
+class SSHProvider(NodeProvider):
+    name = "ssh"
+    Settings = SSHSettings
+    settings: SSHSettings
+
+    @property
+    def region(self) -> str:
+        return "ssh"
+
+    @classmethod
+    def default_cluster_size(cls, settings: SSHSettings) -> int:
+        return len(hosts_in_order(settings))
+
+    @classmethod
+    def size_problem(cls, settings: SSHSettings, size: int) -> tuple[str, str] | None:
+        count = len(hosts_in_order(settings))
+        if size > count:
+            return "node_hosts", f"{size} nodes asked for, but there are only {count} hosts"
+        return None
+
+    # -- connecting ------------------------------------------------------------
+
+    def _host(self, node: NodeRecord) -> SSHHost:
+        return SSHHost.parse(node.data["host"])
+
+    def _known_hosts(self) -> Path:
+        return Path(self.settings.known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
+
+    def _options(self, host: SSHHost) -> dict:
+        options: dict = {"port": host.port, "connect_timeout": self.settings.connect_timeout, "keepalive_interval": 30}
+        user = host.user or self.settings.user
+        if user:
+            options["username"] = user
+        if self.settings.ssh_key:
+            options["client_keys"] = [str(Path(self.settings.ssh_key).expanduser())]
+        known = self._known_hosts()
+        options["known_hosts"] = str(known) if known.exists() else ([], [], [])  # no file: nothing is trusted
+        return options
+
+    async def connect(self, host: SSHHost) -> asyncssh.SSHClientConnection:
+        """An authenticated connection to ``host``, its host key checked; errors name the host."""
+        if self.settings.ssh_key and not Path(self.settings.ssh_key).expanduser().is_file():
+            raise GlobularError(f"ssh_key {self.settings.ssh_key} does not exist")
+        limit = self.settings.connect_timeout
+        try:
+            try:
+                return await asyncio.wait_for(asyncssh.connect(host.host, **self._options(host)), limit + 5)
+            except asyncssh.HostKeyNotVerifiable:
+                if not self.settings.accept_new_host_keys or self._host_is_known(host):
+                    raise
+            await self._accept_host_key(host)
+            return await asyncio.wait_for(asyncssh.connect(host.host, **self._options(host)), limit + 5)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            known = self._known_hosts()
+            if self._host_is_known(host):
+                why = f"its host key does not match the one in {known} (if the host was reinstalled, remove that line)"
+            else:
+                why = f"its host key is not in {known} (ssh to it once, or set accept_new_host_keys = true)"
+            raise GlobularError(f"cannot trust {host}: {why} [{exc.reason}]") from None
+        except asyncssh.PermissionDenied:
+            raise GlobularError(f"{host} refused the login (check user, ssh_key and your agent)") from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise GlobularError(f"cannot reach {host}: no answer within {limit:g}s") from None
+        except (OSError, asyncssh.Error) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            raise GlobularError(f"cannot reach {host}: {reason}") from None
+
+    def _host_is_known(self, host: SSHHost) -> bool:
+        path = self._known_hosts()
+        if not path.exists():
+            return False
+        matches = asyncssh.read_known_hosts(str(path)).match(host.host, host.host, host.port)
+        return any(matches[:4])
+
+    async def _accept_host_key(self, host: SSHHost) -> None:
+        key = await asyncio.wait_for(
+            asyncssh.get_server_host_key(host.host, host.port), self.settings.connect_timeout + 5
+        )
+        if key is None:
+            raise GlobularError(f"{host} offered no host key")
+        path = self._known_hosts()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = host.host if host.port == 22 else f"[{host.host}]:{host.port}"
+        with open(path, "a", opener=lambda p, f: os.open(p, f, 0o600)) as f:
+            f.write(f"{name} {key.export_public_key('openssh').decode().strip()}\n")
+
+    def make_runner(self, node: NodeRecord) -> Runner:
+        host = self._host(node)
+        return SSHRunner(node, lambda: self.connect(host))
+
+    # -- nodes -------------------------------------------------------------------
+
+    def _place(self, names: list[str], existing: list[NodeRecord], hosts: list[str] | None) -> list[SSHHost]:
+        used = {self._host(n).key: n.name for n in existing}
+        if hosts:
+            if len(hosts) != len(names):
+                raise BadInput(f"{len(names)} nodes to add but {len(hosts)} hosts named")
+            chosen = []
+            for text in hosts:
+                try:
+                    host = SSHHost.parse(text)
+                except ValueError as exc:
+                    raise BadInput(str(exc)) from None
+                if host.key in used:
+                    raise BadInput(f"{host} is already node {used[host.key]} of cluster {self.cluster!r}")
+                used[host.key] = "(being added)"
+                chosen.append(host)
+            return chosen
+        free = [h for h in hosts_in_order(self.settings) if h.key not in used]
+        if len(free) < len(names):
+            total = len(hosts_in_order(self.settings))
+            raise GlobularError(
+                f"{len(names)} more node{'s' if len(names) > 1 else ''} asked for, but only {len(free)} of the {total} hosts in node_hosts "
+                "are unused; add hosts to node_hosts, or name one with --host"
+            )
+        return free[: len(names)]
+
+    def _node_dir(self, name: str) -> str:
+        return posixpath.join(self.settings.remote_dir, self.cluster, name)
+
+    async def create_nodes(
+        self,
+        names: list[str],
+        on_ready: Callable[[NodeRecord], None],
+        *,
+        existing: list[NodeRecord] = (),  # type: ignore[assignment]
+        hosts: list[str] | None = None,
+    ) -> list[NodeRecord]:
+        placed = self._place(names, list(existing), hosts)
+
+        async def bring_up(name: str, host: SSHHost) -> NodeRecord:
+            node = NodeRecord(
+                name=name, address=host.host, workdir=self._node_dir(name), cores=1,
+                python=self.settings.python, login=str(host), data={"host": str(host)},
+            )
+            runner = self.runner(node)
+            try:
+                conn = await runner.connection()  # type: ignore[attr-defined]
+                node.address = conn.get_extra_info("peername")[0]
+                node.login = f"{conn.get_extra_info('username')}@{host.host}:{host.port}"
+                try:
+                    facts = await runner._nodeproc("prepare", {"dir": node.workdir, "modules": ["ipyparallel"]})
+                except CommandError as exc:
+                    raise NodeError(name, f"{host}: cannot run {self.settings.python} ({exc.stderr.strip() or exc})") from None
+                node.workdir = facts["workdir"]
+                if facts["missing"]:
+                    await self._remove_dir(node)
+                    raise NodeError(name, f"{host}: ipyparallel is not installed for {facts['python']} (python = {self.settings.python})")
+                node.cores = self.settings.cores_per_node or facts["cpus"]
+            except BaseException as exc:
+                self._runners.pop(name, None)
+                await runner.close()
+                if isinstance(exc, GlobularError) and not isinstance(exc, NodeError):
+                    raise NodeError(name, str(exc)) from None
+                raise
+            on_ready(node)
+            return node
+
+        outcomes = await asyncio.gather(*(bring_up(n, h) for n, h in zip(names, placed)), return_exceptions=True)
+        failures = {}
+        for name, outcome in zip(names, outcomes):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                failures[name] = outcome
+        if failures:
+            raise NodeFailures(failures)
+        return list(outcomes)  # type: ignore[arg-type]
+
+    async def _remove_dir(self, node: NodeRecord) -> None:
+        await self.runner(node)._nodeproc("remove_dir", {"root": self.settings.remote_dir, "path": node.workdir})
+
+    async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
+        async def release(node: NodeRecord) -> None:
+            try:
+                await self._remove_dir(node)
+            finally:
+                runner = self._runners.pop(node.name, None)
+                if runner is not None:
+                    await runner.close()
+
+        await each_node(nodes, release)

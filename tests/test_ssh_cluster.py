@@ -1,0 +1,284 @@
+"""The ssh provider on real hosts: network namespaces with their own sshd (tests/testhosts.py).
+
+The hosts share this machine's file system, so their Python is the one running
+the tests, and each test's node folders live under its tmp_path (the leak check
+in conftest finds any process left running there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import testhosts
+from conftest import read_record, recorded_pids, wait_until
+
+reason = testhosts.available()
+pytestmark = [pytest.mark.cluster, pytest.mark.skipif(reason is not None, reason=reason or "")]
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    hosts = testhosts.HostNet(workdir=tmp_path_factory.mktemp("hostnet"))
+    hosts.up(4)
+    yield hosts
+    hosts.down()
+
+
+def ssh_config(
+    net, tmp_path, *, hosts: str | None = None, python: str = sys.executable, extra: str = "", ipcluster: str = ""
+) -> str:
+    hosts = hosts or ", ".join(f"root@{h.address}" for h in net.hosts[:3])
+    path = tmp_path / "config"
+    path.write_text(
+        "[global]\ndefault_template = lab\n"
+        "[cluster lab]\nprovider = ssh\n"
+        f"node_hosts = {hosts}\n"
+        f"ssh_key = {net.key}\nknown_hosts = {net.known_hosts}\n"
+        f"python = {python}\nremote_dir = {tmp_path / 'hosts'}\n"
+        f"cores_per_node = 1\nconnect_timeout = 3\nplugins = ipcluster\n{extra}"
+        f"[plugin ipcluster]\nsetup_class = ipcluster\n{ipcluster}"
+    )
+    return str(path)
+
+
+def portable(f):
+    """``f``, sent by value: the hosts cannot import the tests' modules."""
+    f.__module__ = "__main__"
+    return f
+
+
+def engine_addresses(view) -> list[str]:
+    """The address each engine's host has on the test network (sorted)."""
+
+    def address() -> str:  # defined here so that it travels by value, not as tests' module
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("198.18.0.1", 9))
+            return s.getsockname()[0]
+
+    return sorted(view.apply_sync(portable(address)))
+
+
+def remote_processes(net, folder) -> list[str]:
+    """Processes on any host whose command line mentions ``folder`` (asked over ssh)."""
+    found = []
+    for host in net.hosts:
+        out = net.ssh(host, "ps -eo pid,args")
+        assert out.returncode == 0, out.stderr
+        found += [f"{host.name}: {line}" for line in out.stdout.splitlines() if str(folder) in line and "ps -eo" not in line]
+    return found
+
+
+def run_laptop_client(net, tmp_path, connection_file) -> subprocess.CompletedProcess:
+    """``Client(path, sshkey=key)`` in a fresh process whose ssh knows the hosts' key.
+
+    The process runs in a private mount namespace where /etc/ssh/ssh_config
+    points ssh at the test known_hosts, so nothing of this machine's ssh setup
+    is touched.  It ignores SIGHUP: pyzmq's openssh tunnel backgrounds
+    ``ssh -f`` under a pty that pexpect closes, and the forked ssh is killed by
+    that SIGHUP before it detaches (README, "Connecting from your laptop").
+    """
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host *\n  UserKnownHostsFile {net.known_hosts}\n  StrictHostKeyChecking yes\n  BatchMode yes\n")
+    code = (
+        "import signal, sys, json\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from ipyparallel import Client\n"
+        f"rc = Client({str(connection_file)!r}, sshkey={str(net.key)!r}, timeout=20)\n"
+        "out = {'ssh': rc._ssh, 'ids': rc.ids, 'squares': rc[:].map_sync(lambda x: x * x, range(10))}\n"
+        "rc.close()\n"
+        "print(json.dumps(out))\n"
+    )
+    env = dict(os.environ, GLOBULAR_LAPTOP_TEST=str(tmp_path))
+    try:
+        return subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f"mount --bind {config} /etc/ssh/ssh_config && exec {sys.executable} -c \"$0\"", code],
+            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        )
+    finally:  # the tunnel's `ssh -f` processes outlive the client by design: stop them by pid
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if proc.environ().get("GLOBULAR_LAPTOP_TEST") == str(tmp_path):
+                    proc.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+
+
+def test_three_host_cluster_grows_shrinks_restarts_and_leaves_nothing(net, cli, home, tmp_path):
+    from globular.client import connect
+
+    config = ssh_config(
+        net, tmp_path, hosts=", ".join(f"root@{h.address}" for h in net.hosts[:3]),
+        ipcluster="controller_interface = eth0\ncontroller_ports = 20100-20140\n",
+    )
+    started = cli("-c", config, "start", "lab")
+    assert started.returncode == 0, started.output
+    try:
+        check_lab_cluster(net, cli, home, tmp_path, config)
+    finally:
+        if (home / "clusters" / "lab.json").exists():
+            cli("terminate", "-y", "lab")
+
+
+def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
+    from globular.client import connect
+
+
+    record = read_record(home, "lab")
+    assert [(n["name"], n["address"]) for n in record["nodes"]] == [
+        ("master", "198.18.0.11"), ("node001", "198.18.0.12"), ("node002", "198.18.0.13"),
+    ]
+    local_file = home / "ipcluster" / "lab-ssh.json"
+    info = json.loads(local_file.read_text())
+    assert stat.S_IMODE(local_file.stat().st_mode) == 0o600
+    assert info["ssh"] == "root@198.18.0.11:22"
+    assert info["interface"] == "tcp://198.18.0.11"  # eth0 of the master, not 0.0.0.0
+    ports = [info[k] for k in ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")]
+    assert all(20100 <= p <= 20140 for p in ports), ports
+    # nothing listens on every interface: the controller's outward ports are on
+    # the master's address, in the range; its internal ones on loopback
+    listening = net.ssh(net.hosts[0], "ss -ltnH")
+    assert listening.returncode == 0, listening.stderr
+    addresses = [line.split()[3].rsplit(":", 1) for line in listening.stdout.splitlines()]
+    outward = [(a, int(p)) for a, p in addresses if a != "127.0.0.1" and p != "22"]
+    assert outward and all(a == "198.18.0.11" and 20100 <= p <= 20140 for a, p in outward), listening.stdout
+
+    client = connect("lab")  # tunnels over globular's own ssh connection
+    try:
+        assert len(client.ids) == 3
+        assert engine_addresses(client[:]) == ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
+        assert client[:].map_sync(portable(lambda x: x**30), range(16)) == [x**30 for x in range(16)]
+
+        shown = cli("sshmaster", "lab", "echo $SSH_CONNECTION; pwd")
+        assert shown.returncode == 0, shown.output
+        assert shown.stdout.split()[2] == "198.18.0.11"
+        assert shown.stdout.split()[4] == str(tmp_path / "hosts" / "lab" / "master")
+        assert cli("sshnode", "lab", "node002", "exit 7").returncode == 7
+
+        full = cli("-c", config, "addnode", "lab")
+        assert full.returncode == 1 and "only 0 of the 3 hosts in node_hosts are unused" in full.stderr
+        added = cli("addnode", "-H", f"root@{net.hosts[3].address}", "lab")
+        assert added.returncode == 0, added.output
+        assert "Added node003 to lab" in added.stdout
+        assert wait_until(lambda: len(client.ids) == 4)  # the connected client sees it, no reconnect
+        assert "198.18.0.14" in engine_addresses(client[:])
+
+        removed = cli("removenode", "lab", "node001")
+        assert removed.returncode == 0, removed.output
+        assert wait_until(lambda: len(client.ids) == 3)
+        assert engine_addresses(client[:]) == ["198.18.0.11", "198.18.0.13", "198.18.0.14"]
+        assert not (tmp_path / "hosts" / "lab" / "node001").exists()
+
+        old_ids = set(client.ids)
+        old_pids = recorded_pids(read_record(home, "lab"), "ipengine")
+        restarted = cli("runplugin", "ipclusterrestart", "lab")
+        assert restarted.returncode == 0, restarted.output
+        assert "3/3" in restarted.stdout
+        assert wait_until(lambda: len(client.ids) == 3 and not set(client.ids) & old_ids)
+        assert not set(recorded_pids(read_record(home, "lab"), "ipengine")) & set(old_pids)
+        assert client[:].map_sync(portable(lambda x: x + 1), range(6)) == list(range(1, 7))
+    finally:
+        client.close()
+
+    laptop = run_laptop_client(net, tmp_path, local_file)
+    assert laptop.returncode == 0, laptop.stderr
+    seen = json.loads(laptop.stdout.strip().splitlines()[-1])
+    assert seen["ssh"] is True and len(seen["ids"]) == 3
+    assert seen["squares"] == [x * x for x in range(10)]
+
+    pids = recorded_pids(read_record(home, "lab"))
+    done = cli("terminate", "-y", "lab")
+    assert done.returncode == 0, done.output
+    assert not remote_processes(net, tmp_path / "hosts")
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert not (tmp_path / "hosts" / "lab").exists()
+    assert not local_file.exists()
+    assert not (home / "clusters" / "lab.json").exists()
+
+
+def test_unreachable_host_fails_start_in_bounded_time_and_cleans_the_others(net, cli, home, tmp_path):
+    config = ssh_config(net, tmp_path, hosts=f"root@{net.hosts[0].address}, root@198.18.0.99, root@{net.hosts[1].address}")
+    started = time.monotonic()
+    result = cli("-c", config, "start", "bad")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert "node001" in result.stderr and "198.18.0.99" in result.stderr
+    assert elapsed < 20, elapsed  # connect_timeout = 3
+    assert not remote_processes(net, tmp_path / "hosts")
+    assert not (tmp_path / "hosts" / "bad").exists()
+    assert not (home / "clusters" / "bad.json").exists()
+
+
+def test_a_host_without_the_python_named_fails_with_the_host_named(net, cli, home, tmp_path):
+    config = ssh_config(net, tmp_path, python="/nonexistent/python3")
+    result = cli("-c", config, "start", "nopy")
+    assert result.returncode == 1
+    assert "cannot run /nonexistent/python3" in result.stderr
+    assert "root@198.18.0.11" in result.stderr
+    assert not (home / "clusters" / "nopy.json").exists()
+
+
+def provider(net, tmp_path, **settings):
+    from globular.providers.ssh import SSHProvider
+    from globular.spec import ClusterSpec
+
+    values = {"node_hosts": [f"root@{net.hosts[0].address}"], "ssh_key": str(net.key), "connect_timeout": 3, **settings}
+    spec = ClusterSpec(template="t", cluster_size=1, provider="ssh", provider_settings=values)
+    return SSHProvider(spec, cluster="keys", home=tmp_path)
+
+
+def connect_once(prov) -> str:
+    from globular.providers.ssh import SSHHost
+
+    async def go():
+        conn = await prov.connect(SSHHost.parse(prov.settings.node_hosts[0]))
+        conn.close()
+        return "ok"
+
+    return asyncio.run(go())
+
+
+def test_host_keys_unknown_refused_accept_new_learns_changed_always_refused(net, tmp_path):
+    from globular.errors import GlobularError
+
+    known = tmp_path / "known_hosts"
+    with pytest.raises(GlobularError, match="host key is not in .*accept_new_host_keys"):
+        connect_once(provider(net, tmp_path, known_hosts=str(known)))
+    assert not known.exists()
+
+    assert connect_once(provider(net, tmp_path, known_hosts=str(known), accept_new_host_keys=True)) == "ok"
+    learned = known.read_text()
+    assert learned.startswith(f"{net.hosts[0].address} ssh-ed25519 ")
+    assert learned.split()[1:3] == (net.workdir / "host_ed25519.pub").read_text().split()[:2]
+    assert stat.S_IMODE(known.stat().st_mode) == 0o600
+    assert connect_once(provider(net, tmp_path, known_hosts=str(known))) == "ok"  # now known
+
+    other = tmp_path / "otherkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    known.write_text(f"{net.hosts[0].address} {' '.join(other.with_suffix('.pub').read_text().split()[:2])}\n")
+    with pytest.raises(GlobularError, match="does not match"):
+        connect_once(provider(net, tmp_path, known_hosts=str(known), accept_new_host_keys=True))
+    assert len(known.read_text().splitlines()) == 1  # a changed key is never added
+
+
+def test_wrong_key_is_refused_by_name(net, tmp_path):
+    from globular.errors import GlobularError
+
+    other = tmp_path / "otherkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    with pytest.raises(GlobularError, match="198.18.0.11 refused the login"):
+        connect_once(provider(net, tmp_path, known_hosts=str(net.known_hosts), ssh_key=str(other)))
+    with pytest.raises(GlobularError, match="ssh_key .* does not exist"):
+        connect_once(provider(net, tmp_path, known_hosts=str(net.known_hosts), ssh_key=str(tmp_path / "missing")))
