@@ -121,7 +121,7 @@ def test_three_host_cluster_grows_shrinks_restarts_and_leaves_nothing(net, cli, 
 
     config = ssh_config(
         net, tmp_path, hosts=", ".join(f"root@{h.address}" for h in net.hosts[:3]),
-        ipcluster="controller_interface = eth0\ncontroller_ports = 20100-20140\n",
+        ipcluster="controller_interface = eth0\ncontroller_ports = 20100-20140\nenable_notebook = true\n",
     )
     started = cli("-c", config, "start", "lab")
     assert started.returncode == 0, started.output
@@ -152,7 +152,10 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
     listening = net.ssh(net.hosts[0], "ss -ltnH")
     assert listening.returncode == 0, listening.stderr
     addresses = [line.split()[3].rsplit(":", 1) for line in listening.stdout.splitlines()]
+    notebook_port = json.loads((home / "ipcluster" / "lab-ssh-notebook.json").read_text())["port"]
     outward = [(a, int(p)) for a, p in addresses if a != "127.0.0.1" and p != "22"]
+    assert ("198.18.0.11", notebook_port) in outward
+    outward.remove(("198.18.0.11", notebook_port))
     assert outward and all(a == "198.18.0.11" and 20100 <= p <= 20140 for a, p in outward), listening.stdout
 
     client = connect("lab")  # tunnels over globular's own ssh connection
@@ -192,6 +195,8 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
     finally:
         client.close()
 
+    check_notebook_forward(home, tmp_path)
+
     laptop = run_laptop_client(net, tmp_path, local_file)
     assert laptop.returncode == 0, laptop.stderr
     seen = json.loads(laptop.stdout.strip().splitlines()[-1])
@@ -206,6 +211,39 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
     assert not (tmp_path / "hosts" / "lab").exists()
     assert not local_file.exists()
     assert not (home / "clusters" / "lab.json").exists()
+
+
+def check_notebook_forward(home, tmp_path) -> None:
+    """The notebook on the remote master: HTTPS on its address, reached here through `notebook --forward`."""
+    import socket
+    import ssl
+
+    from notebook_client import Jupyter
+
+    saved = json.loads((home / "ipcluster" / "lab-ssh-notebook.json").read_text())
+    assert saved["url"].startswith("https://198.18.0.11:")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    forward = subprocess.Popen(
+        [sys.executable, "-m", "globular", "notebook", "--forward", "--port", str(port), "lab"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"),
+    )
+    try:
+        lines = []
+        for line in forward.stdout:
+            lines.append(line)
+            if "Forwarding" in line:
+                break
+        assert f"https://127.0.0.1:{port}/" in "".join(lines), lines
+        cert = (home / "tls" / "lab-ssh" / "cert.pem").read_text()
+        user = Jupyter(f"https://127.0.0.1:{port}/", ssl.create_default_context(cadata=cert))
+        assert user.request("GET", "/api/contents")[0] == 403
+        assert user.login(saved["password"])[0] == 302
+        assert user.request("GET", "/api/contents")[0] == 200
+    finally:
+        forward.send_signal(signal.SIGINT)
+        assert forward.wait(20) == 0
 
 
 def test_unreachable_host_fails_start_in_bounded_time_and_cleans_the_others(net, cli, home, tmp_path):

@@ -269,6 +269,37 @@ def shell(name: str, code: str | None) -> None:
         client.close()
 
 
+@cli.command()
+@click.option("--forward", is_flag=True, help="Forward a port of this machine to it over ssh (until Ctrl-C).")
+@click.option("--port", "local_port", type=click.IntRange(0, 65535), default=0, help="Local port for --forward (default: a free one).")
+@click.argument("name")
+def notebook(forward: bool, local_port: int, name: str) -> None:
+    """Show the URL and password of cluster NAME's notebook server.
+
+    The server speaks HTTPS only, with a self-signed certificate whose
+    fingerprint is shown (your browser asks you to accept it once; it is kept
+    across starts of the same cluster).  With ssh nodes, --forward makes it
+    reachable at https://127.0.0.1:PORT/ through the ssh connection.
+    """
+    from globular import client
+
+    info = client.notebook(name)
+    table = Table.grid(padding=(0, 2))
+    table.add_row("[bold]notebook[/]", escape(info["url"]))
+    table.add_row("[bold]password[/]", escape(info.get("password") or "the notebook_passwd of your config"))
+    table.add_row("[bold]certificate[/]", escape(info["fingerprint"]))
+    table.add_row("[bold]directory[/]", escape(info["directory"]))
+    console.print(table)
+    if forward:
+        def ready(url: str) -> None:
+            console.print(f"Forwarding [bold]{escape(url)}[/] to the master; Ctrl-C stops it.")
+
+        try:
+            run(client.forward_notebook(name, local_port, ready=ready))
+        except KeyboardInterrupt:
+            console.print("Forwarding stopped.")
+
+
 def _open_shell(name: str, node: str, user: str | None, command: tuple[str, ...]) -> int:
     import subprocess
 

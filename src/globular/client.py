@@ -142,3 +142,33 @@ def _ssh_argv(record: ClusterRecord, node: NodeRecord, user: str | None, command
     if command is not None:
         argv += ["--", f"cd {shlex.quote(node.workdir)} 2>/dev/null; {command}"]
     return argv
+
+
+def notebook(name: str, *, home: Path | None = None) -> dict:
+    """The notebook server of cluster ``name``: url, port, directory, fingerprint, and the
+    password when globular made it up (it is kept on this machine only, 0600)."""
+    from globular.plugins.notebook import saved_notebook
+
+    home = home or globular_home()
+    record = StateStore(home).get(name)
+    return saved_notebook(home, record.name, record.region)
+
+
+async def forward_notebook(name: str, local_port: int = 0, *, home: Path | None = None, ready=None) -> None:
+    """Forward ``127.0.0.1:local_port`` to the notebook server on the master over ssh,
+    until cancelled; ``ready(url)`` is called once it listens."""
+    home = home or globular_home()
+    record = StateStore(home).get(name)
+    info = notebook(name, home=home)
+    if record.master.login is None:
+        raise BadInput(f"the master of {name!r} is on this machine: open {info['url']} directly")
+    provider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
+    try:
+        runner = provider.runner(record.master)
+        conn = await runner.connection()  # type: ignore[attr-defined]
+        listener = await conn.forward_local_port("127.0.0.1", local_port, info["address"], info["port"])
+        if ready is not None:
+            ready(f"https://127.0.0.1:{listener.get_port()}/")
+        await asyncio.Event().wait()
+    finally:
+        await provider.close()

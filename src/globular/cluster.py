@@ -250,7 +250,8 @@ async def start(
     started = time.monotonic()
     with store.operation(name):
         provider = provider_class(spec.provider)(spec, cluster=name, home=home)
-        record = ClusterRecord(name=name, region=provider.region, spec=spec)
+        kept = spec.model_copy(update={"plugins": [type(p).redacted(s) for p, s in zip(plugins, spec.plugins)]})
+        record = ClusterRecord(name=name, region=provider.region, spec=kept)
         store.create(record)
         cluster = Cluster(record, home=home, store=store, reporter=reporter)
         try:

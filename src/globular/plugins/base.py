@@ -33,6 +33,8 @@ class Plugin:
     """Base class; every hook is optional."""
 
     Settings: ClassVar[type[Settings]] = Settings
+    # settings kept out of the state record (passwords): the plugin gets them at start only
+    secret_settings: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, settings: Settings):
         self.name = name
@@ -41,6 +43,12 @@ class Plugin:
     @classmethod
     def from_spec(cls, spec: PluginSpec) -> Plugin:
         return cls(spec.name, cls.Settings.model_validate(spec.settings))
+
+    @classmethod
+    def redacted(cls, spec: PluginSpec) -> PluginSpec:
+        """``spec`` with secret settings replaced, for the state record."""
+        hidden = {k: "(not kept)" for k in cls.secret_settings if spec.settings.get(k) is not None}
+        return spec.model_copy(update={"settings": {**spec.settings, **hidden}}) if hidden else spec
 
     async def run(self, cluster: Cluster) -> PluginReport | None:
         """The cluster's nodes are up (at start, or on ``runplugin``)."""

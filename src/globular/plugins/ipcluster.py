@@ -21,6 +21,7 @@ from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
 from globular.paths import connection_file_path, write_private
 from globular.plugins.base import Plugin, PluginReport
+from globular.plugins.notebook import NotebookInfo, notebook_certificate, start_notebook, stop_notebook
 from globular.providers.base import ProcessSpec, Runner
 from globular.spec import Settings
 from globular.state import NodeRecord
@@ -81,9 +82,12 @@ def port_range(text: str) -> range:
 
 
 class IPClusterSettings(Settings):
-    enable_notebook: bool = False
-    notebook_passwd: str | None = None
-    notebook_directory: str | None = None
+    enable_notebook: bool = Field(default=False, description="JupyterLab on the master, HTTPS and password only")
+    notebook_passwd: str | None = Field(default=None, description="default: a random one, shown once by start")
+    notebook_directory: str | None = Field(default=None, description="relative to home, or absolute; default: home")
+    notebook_port: int = Field(default=8888, ge=1, le=65535, description="the next free one is taken if it is in use")
+    notebook_certfile: str | None = Field(default=None, description="your own certificate (PEM); default: a self-signed one")
+    notebook_keyfile: str | None = Field(default=None, description="the key of notebook_certfile (PEM, unencrypted)")
     packer: Literal["json", "pickle", "msgpack"] = "json"
     master_engines: int | None = Field(default=None, ge=0, description="engines on the master; default cores - 1 (at least 1)")
     heartbeat_period: int = Field(default=500, ge=50, le=60_000, description="controller heartbeat, ms")
@@ -317,12 +321,15 @@ class IPCluster(Plugin):
     """Controller on the master, engines on every node; StarCluster's IPCluster."""
 
     Settings = IPClusterSettings
+    secret_settings = frozenset({"notebook_passwd"})
     settings: IPClusterSettings
 
     async def run(self, cluster: Cluster) -> PluginReport:
         started = time.monotonic()
         master = cluster.master
         settings = self.settings
+        # a certificate that cannot be had fails the start before anything runs
+        cert = notebook_certificate(cluster, settings, master.address) if settings.enable_notebook else None
         client_info, engine_info = await self._start_controller(cluster, master)
 
         local_file = connection_file_path(cluster.home, cluster.name, cluster.record.region)
@@ -349,7 +356,10 @@ class IPCluster(Plugin):
             await identify_engines(cluster, client, fresh)
         finally:
             client.close()
-        return self._report(cluster, local_file, total, time.monotonic() - started)
+        notebook = None
+        if cert is not None:
+            notebook = await start_notebook(cluster, settings, master, ipython_dir(master), cert)
+        return self._report(cluster, local_file, total, time.monotonic() - started, notebook)
 
     async def _controller_ip(self, cluster: Cluster, master: NodeRecord) -> str:
         """Where the controller listens: ``controller_interface`` (a name or an address), else the master's address."""
@@ -405,19 +415,30 @@ class IPCluster(Plugin):
         if outside:
             raise NodeError(master.name, f"the controller took ports {outside} outside controller_ports = {self.settings.controller_ports}; widen the range")
 
-    def _report(self, cluster: Cluster, local_file: Path, engines: int, elapsed: float) -> PluginReport:
+    def _report(
+        self, cluster: Cluster, local_file: Path, engines: int, elapsed: float, notebook: NotebookInfo | None
+    ) -> PluginReport:
         client_line = f"Client({str(local_file)!r})"
         warnings = []
-        if self.settings.enable_notebook:
-            warnings.append("enable_notebook is set, but this globular has no notebook server yet: none was started")
+        summary = [
+            ("engines", f"{engines} on {len(cluster.nodes)} nodes"),
+            ("controller", f"{cluster.master.name} ({cluster.master.address})"),
+            ("connection file", str(local_file)),
+        ]
+        if notebook is not None:
+            summary += [
+                ("notebook", notebook.url),
+                ("password", notebook.password or "the notebook_passwd of your config"),
+                ("certificate", f"self-signed, {notebook.fingerprint}" if not self.settings.notebook_certfile else "yours"),
+            ]
+            if cluster.master.login:
+                summary.append(("from here", f"globular notebook --forward {cluster.name}"))
+            if notebook.cert_note:
+                warnings.append(notebook.cert_note)
+        summary.append(("ready in", f"{elapsed:.1f} s"))
         return PluginReport(
             plugin=self.name,
-            summary=[
-                ("engines", f"{engines} on {len(cluster.nodes)} nodes"),
-                ("controller", f"{cluster.master.name} ({cluster.master.address})"),
-                ("connection file", str(local_file)),
-                ("ready in", f"{elapsed:.1f} s"),
-            ],
+            summary=summary,
             hints=[
                 "from ipyparallel import Client",
                 f"rc = {client_line}",
@@ -456,7 +477,8 @@ class IPCluster(Plugin):
 
 
 async def stop_ipcluster(cluster: Cluster) -> int:
-    """Stop every engine, then the controller; remove the local connection file."""
+    """Stop the notebook server, every engine, then the controller; remove the local files."""
+    await stop_notebook(cluster)
     counts = await each_node(cluster.nodes, lambda node: stop_engines(cluster, node))
     for node in cluster.nodes:
         controllers = node.processes_with_role(CONTROLLER)

@@ -1,0 +1,206 @@
+"""The notebook half of IPCluster: JupyterLab on the master, HTTPS only, password only.
+
+The password is hashed here (argon2, jupyter_server's own ``passwd``) and only
+the hash goes to the master, inside the server's config file (0600, on stdin,
+never on a command line).  A password globular made up is kept on this machine
+only, in ``~/.globular/ipcluster/<cluster>-<region>-notebook.json`` (0600), so
+that ``globular notebook NAME`` can show it again.  The certificate is kept in
+``~/.globular/tls/<cluster>-<region>/`` across starts of the same cluster.
+
+Kernels run with the master's IPYTHONDIR, whose default profile holds the
+controller's client connection file: ``Client()`` needs no argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import ssl
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from globular.errors import GlobularError, NodeError
+from globular.paths import write_private
+from globular.providers.base import ProcessSpec
+from globular.state import NodeRecord
+from globular.tls import CertPair, kept_certificate, load_certificate
+
+if TYPE_CHECKING:
+    from globular.cluster import Cluster
+    from globular.plugins.ipcluster import IPClusterSettings
+
+NOTEBOOK = "notebook"  # process role
+
+
+@dataclass(frozen=True)
+class NotebookInfo:
+    url: str
+    port: int
+    directory: str
+    password: str | None  # None when it is the config's notebook_passwd
+    fingerprint: str
+    cert_note: str = ""
+
+
+def notebook_file(cluster: Cluster) -> Path:
+    """Where this machine keeps the notebook's URL (and a generated password), 0600."""
+    return cluster.home / "ipcluster" / f"{cluster.name}-{cluster.record.region}-notebook.json"
+
+
+def tls_folder(home: Path, name: str, region: str) -> Path:
+    return home / "tls" / f"{name}-{region}"
+
+
+def notebook_certificate(cluster: Cluster, settings: IPClusterSettings, address: str) -> CertPair:
+    """The certificate the server will use: the user's, or the cluster's kept self-signed one."""
+    if settings.notebook_certfile or settings.notebook_keyfile:
+        if not (settings.notebook_certfile and settings.notebook_keyfile):
+            raise GlobularError("notebook_certfile and notebook_keyfile go together: set both, or neither")
+        try:
+            return load_certificate(Path(settings.notebook_certfile).expanduser(), Path(settings.notebook_keyfile).expanduser())
+        except (OSError, ValueError) as exc:
+            raise GlobularError(str(exc)) from None
+    return kept_certificate(tls_folder(cluster.home, cluster.name, cluster.record.region), address)
+
+
+def _home_relative(directory: str | None) -> str:
+    if not directory:
+        return "~"
+    if directory.startswith(("/", "~")):
+        return directory
+    return f"~/{directory}"
+
+
+async def start_notebook(
+    cluster: Cluster, settings: IPClusterSettings, master: NodeRecord, ipython_dir: str, cert: CertPair
+) -> NotebookInfo:
+    """Start JupyterLab on the master and wait until it answers over HTTPS."""
+    from jupyter_server.auth.security import passwd
+
+    runner = cluster.runner(master)
+    facts = await runner._nodeproc("prepare", {"dir": _home_relative(settings.notebook_directory), "modules": ["jupyterlab"]})
+    if facts["missing"]:
+        raise NodeError(master.name, f"jupyterlab is not installed for {facts['python']}: enable_notebook needs it on the master")
+    directory = facts["workdir"]
+
+    password = settings.notebook_passwd or secrets.token_urlsafe(12)
+    hashed = await asyncio.to_thread(passwd, password)
+
+    jupyter = f"{master.workdir}/jupyter"
+    certfile, keyfile = f"{jupyter}/tls/cert.pem", f"{jupyter}/tls/key.pem"
+    await runner.write_file(certfile, cert.cert, 0o600)
+    await runner.write_file(keyfile, cert.key, 0o600)
+    config = {
+        "ServerApp": {
+            "ip": master.address,
+            "port": settings.notebook_port,
+            "port_retries": 50,
+            "open_browser": False,
+            "root_dir": directory,
+            "certfile": certfile,
+            "keyfile": keyfile,
+            "allow_root": True,
+            "allow_remote_access": True,
+        },
+        "IdentityProvider": {"token": ""},
+        "PasswordIdentityProvider": {"hashed_password": hashed, "password_required": True, "allow_password_change": False},
+        "LabApp": {"check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
+    }
+    await runner.write_file(f"{jupyter}/config/jupyter_server_config.json", json.dumps(config, indent=1).encode(), 0o600)
+    env = {
+        "JUPYTER_CONFIG_DIR": f"{jupyter}/config",
+        "JUPYTER_RUNTIME_DIR": f"{jupyter}/runtime",
+        "IPYTHONDIR": ipython_dir,
+        "GLOBULAR_CLUSTER": cluster.name,
+        "GLOBULAR_NODE": master.name,
+    }
+    spec = ProcessSpec(
+        argv=[master.python, "-m", "jupyterlab", "--no-browser"],
+        log=f"{master.workdir}/logs/notebook.log",
+        role=NOTEBOOK,
+        env=env,
+        cwd=directory,
+    )
+    cluster.reporter.begin("notebook", "notebook server on master", 1)
+    procs = await runner.spawn([spec])
+    cluster.track(master, procs)
+    info_file = f"{jupyter}/runtime/jpserver-{procs[0].pid}.json"
+    server = (await runner.wait_files([info_file], watch=procs, timeout=120))[info_file]
+    port = int(server["port"])
+    own = not (settings.notebook_certfile or settings.notebook_keyfile)
+    await wait_https(cluster, master, port, cert.cert if own else None, procs[0].log)
+    cluster.reporter.advance("notebook")
+    cluster.reporter.end("notebook")
+
+    url = f"https://{master.address}:{port}/"
+    info = NotebookInfo(
+        url=url, port=port, directory=directory, password=None if settings.notebook_passwd else password,
+        fingerprint=cert.fingerprint, cert_note=cert.note,
+    )
+    saved = {"url": url, "address": master.address, "port": port, "directory": directory, "fingerprint": cert.fingerprint}
+    if info.password:
+        saved["password"] = info.password
+    write_private(notebook_file(cluster), json.dumps(saved, indent=2).encode())
+    cluster.plugin_data("ipcluster")["notebook"] = {k: v for k, v in saved.items() if k != "password"}
+    cluster.save()
+    return info
+
+
+def https_context(cert_pem: bytes | None) -> ssl.SSLContext:
+    """Trusts exactly the cluster's own certificate (hostname checked against its names);
+    with None (a certificate the user supplied, maybe for a name only), checks nothing."""
+    if cert_pem is None:
+        return ssl._create_unverified_context()
+    return ssl.create_default_context(cadata=cert_pem.decode())
+
+
+async def wait_https(cluster: Cluster, master: NodeRecord, port: int, cert_pem: bytes | None, log: str, timeout: float = 60) -> None:
+    """Wait until the server answers ``GET /api`` over HTTPS with its certificate."""
+    host, local_port = await cluster.runner(master).forward_port(master.address, port)
+    url = f"https://{host}:{local_port}/api"
+    context = https_context(cert_pem)
+
+    def get() -> int:
+        with urllib.request.urlopen(url, context=context, timeout=5) as reply:
+            return reply.status
+
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            if await asyncio.to_thread(get) == 200:
+                return
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            tail = await cluster.runner(master).tail(log)
+            raise NodeError(master.name, f"the notebook server did not answer {url} within {timeout:g}s ({last})", tail)
+        await asyncio.sleep(0.2)
+
+
+async def stop_notebook(cluster: Cluster) -> int:
+    """Stop the notebook server (by pid) and forget its local file; the certificate is kept."""
+    stopped = 0
+    for node in cluster.nodes:
+        procs = node.processes_with_role(NOTEBOOK)
+        if procs:
+            await cluster.stop_processes(node, procs)
+            stopped += len(procs)
+    notebook_file(cluster).unlink(missing_ok=True)
+    data = cluster.record.plugin_data.get("ipcluster")
+    if data:
+        data.pop("notebook", None)
+    return stopped
+
+
+def saved_notebook(home: Path, name: str, region: str) -> dict[str, Any]:
+    path = home / "ipcluster" / f"{name}-{region}-notebook.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GlobularError(f"cluster {name!r} runs no notebook server (enable_notebook = true starts one)") from None
