@@ -164,11 +164,9 @@ async def forward_notebook(name: str, local_port: int = 0, *, home: Path | None 
         raise BadInput(f"the master of {name!r} is on this machine: open {info['url']} directly")
     provider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
     try:
-        runner = provider.runner(record.master)
-        conn = await runner.connection()  # type: ignore[attr-defined]
-        listener = await conn.forward_local_port("127.0.0.1", local_port, info["address"], info["port"])
+        host, port = await provider.runner(record.master).forward_port(info["address"], info["port"], local_port)
         if ready is not None:
-            ready(f"https://127.0.0.1:{listener.get_port()}/")
+            ready(f"https://{host}:{port}/")
         await asyncio.Event().wait()
     finally:
         await provider.close()

@@ -152,6 +152,19 @@ def prepare(req):
     }
 
 
+def modules(req):
+    """The modules of ``req["modules"]`` that cannot be imported here, with the reason."""
+    import importlib
+
+    missing = {}
+    for name in req["modules"]:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a broken install
+            missing[name] = f"{type(exc).__name__}: {exc}"
+    return missing
+
+
 def remove_dir(req):
     """Remove a node's folder, and its parent when that is left empty; only inside ``root``."""
     import shutil
@@ -191,6 +204,7 @@ def addresses(req):
 VERBS = {
     "prepare": prepare,
     "remove_dir": remove_dir,
+    "modules": modules,
     "addresses": addresses,
     "spawn": spawn,
     "alive": alive,

@@ -159,6 +159,28 @@ async def open_client(cluster: Cluster, timeout: float = 10.0) -> Client:
     return await asyncio.to_thread(Client, info, timeout=timeout)
 
 
+PACKER_MODULES = {"msgpack": "msgpack"}
+
+
+async def require_modules(cluster: Cluster, nodes: list[NodeRecord], settings: IPClusterSettings) -> None:
+    """Fail, naming each node, if a node's Python lacks a module the settings need (msgpack)."""
+    needed = [m for m in [PACKER_MODULES.get(settings.packer)] if m]
+    if not needed:
+        return
+
+    async def check(node: NodeRecord) -> None:
+        missing = await cluster.runner(node)._nodeproc("modules", {"modules": needed})
+        if missing:
+            name, why = next(iter(missing.items()))
+            raise NodeError(
+                node.name,
+                f"packer = {settings.packer} needs the {name} package, which {node.python} cannot import ({why}); "
+                f"install it on every node (pip install {name})",
+            )
+
+    await each_node(nodes, check)
+
+
 # -- engines -------------------------------------------------------------------
 
 
@@ -328,6 +350,7 @@ class IPCluster(Plugin):
         started = time.monotonic()
         master = cluster.master
         settings = self.settings
+        await require_modules(cluster, cluster.nodes, settings)
         # a certificate that cannot be had fails the start before anything runs
         cert = notebook_certificate(cluster, settings, master.address) if settings.enable_notebook else None
         client_info, engine_info = await self._start_controller(cluster, master)
@@ -451,6 +474,7 @@ class IPCluster(Plugin):
 
     async def on_add_node(self, cluster: Cluster, node: NodeRecord) -> PluginReport | None:
         data = running_data(cluster)
+        await require_modules(cluster, [node], self.settings)
         count = engines_for(node, self.settings)
         client = await open_client(cluster)
         try:

@@ -74,8 +74,9 @@ class Runner(ABC):
     async def close(self) -> None:
         """Release connections."""
 
-    async def forward_port(self, host: str, port: int) -> tuple[str, int]:
-        """An address on this machine that reaches ``host:port`` as the node sees it.
+    async def forward_port(self, host: str, port: int, local_port: int = 0) -> tuple[str, int]:
+        """An address on this machine that reaches ``host:port`` as the node sees it
+        (at ``local_port`` when one is asked for and forwarding is needed).
 
         Local nodes need no forwarding; remote runners tunnel through their connection.
         """

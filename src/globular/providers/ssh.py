@@ -156,10 +156,10 @@ class SSHRunner(Runner):
         )
         await self._run(command, f"write {path}", input=data, timeout=60, check=True)
 
-    async def forward_port(self, host: str, port: int) -> tuple[str, int]:
+    async def forward_port(self, host: str, port: int, local_port: int = 0) -> tuple[str, int]:
         if (host, port) not in self._forwards:
             conn = await self.connection()
-            self._forwards[(host, port)] = await conn.forward_local_port("127.0.0.1", 0, host, port)
+            self._forwards[(host, port)] = await conn.forward_local_port("127.0.0.1", local_port, host, port)
         return "127.0.0.1", self._forwards[(host, port)].get_port()
 
     async def close(self) -> None:

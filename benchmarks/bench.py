@@ -1,0 +1,219 @@
+"""globular against plain ipyparallel, measured in the same run on this machine.
+
+    .venv/bin/python benchmarks/bench.py [--repeats 3] [--json benchmarks/results.json]
+
+Plain ipyparallel is ``ipp.Cluster(n=...)`` with its defaults; globular is the
+``globular`` command with the built-in local provider.  Each figure is the
+median of ``--repeats`` runs.  Times: ratio = globular / plain (below 1 is
+better); rates: ratio = globular / plain (above 1 is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ipyparallel as ipp
+import numpy as np
+
+PACKERS = {"json": ("json", "json"), "pickle": ("pickle", "pickle"), "msgpack": ("msgpack.packb", "msgpack.unpackb")}
+CONFIG = """\
+[global]
+default_template = bench
+[cluster bench]
+provider = local
+cores_per_node = {cores}
+plugins = ipcluster
+[plugin ipcluster]
+setup_class = ipcluster
+master_engines = {cores}
+packer = {packer}
+"""
+
+
+def noop(x=None):
+    return x
+
+
+class Globular:
+    """Drives the real `globular` command in its own GLOBULAR_HOME."""
+
+    def __init__(self, root: Path):
+        self.home = root / "home"
+        self.config = root / "config"
+        self.env = dict(os.environ, GLOBULAR_HOME=str(self.home), COLUMNS="200")
+
+    def cmd(self, *args: str) -> float:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "globular", "-c", str(self.config), *args],
+                              capture_output=True, text=True, env=self.env)
+        if done.returncode != 0:
+            raise RuntimeError(f"globular {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return time.perf_counter() - started
+
+    def start(self, nodes: int, cores: int, packer: str = "json") -> tuple[float, ipp.Client]:
+        self.config.write_text(CONFIG.format(cores=cores, packer=packer))
+        elapsed = self.cmd("start", "-s", str(nodes), "b")
+        return elapsed, ipp.Client(str(self.home / "ipcluster" / "b-local.json"))
+
+    def restart(self, rc: ipp.Client, n: int) -> float:
+        old = set(rc.ids)
+        started = time.perf_counter()
+        self.cmd("runplugin", "ipclusterrestart", "b")
+        wait_ids(rc, lambda ids: len(ids) == n and not ids & old)
+        return time.perf_counter() - started
+
+    def addnode(self, rc: ipp.Client, n: int) -> float:
+        before = set(rc.ids)
+        started = time.perf_counter()
+        self.cmd("addnode", "b")
+        new = wait_ids(rc, lambda ids: len(ids - before) >= n) - before
+        rc[sorted(new)].apply_sync(noop)  # the new engines take work
+        return time.perf_counter() - started
+
+    def stop(self, rc: ipp.Client) -> float:
+        rc.close()
+        return self.cmd("terminate", "-y", "b")
+
+
+class Plain:
+    """``ipp.Cluster`` with its defaults (the packer set where a row asks for one)."""
+
+    def start(self, n: int, packer: str = "json") -> tuple[float, ipp.Client]:
+        pack, unpack = PACKERS[packer]
+        args = [] if packer == "json" else [f"--Session.packer={pack}", f"--Session.unpacker={unpack}"]
+        started = time.perf_counter()
+        self.cluster = ipp.Cluster(n=n, controller_args=args)
+        rc = self.cluster.start_and_connect_sync()
+        rc.wait_for_engines(n, timeout=120)
+        return time.perf_counter() - started, rc
+
+    def restart(self, rc: ipp.Client, n: int) -> float:
+        old = set(rc.ids)
+        started = time.perf_counter()
+        self.cluster.restart_engines_sync()
+        wait_ids(rc, lambda ids: len(ids) == n and not ids & old)
+        return time.perf_counter() - started
+
+    def addnode(self, rc: ipp.Client, n: int) -> float:
+        before = set(rc.ids)
+        started = time.perf_counter()
+        self.cluster.start_engines_sync(n=n)
+        new = wait_ids(rc, lambda ids: len(ids - before) >= n) - before
+        rc[sorted(new)].apply_sync(noop)
+        return time.perf_counter() - started
+
+    def stop(self, rc: ipp.Client) -> float:
+        rc.close()
+        started = time.perf_counter()
+        self.cluster.stop_cluster_sync()
+        return time.perf_counter() - started
+
+
+def wait_ids(rc: ipp.Client, ok, timeout: float = 120) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = set(rc.ids)
+        if ok(ids):
+            return ids
+        time.sleep(0.01)
+    raise TimeoutError(f"engines: {rc.ids}")
+
+
+def work_figures(rc: ipp.Client) -> dict[str, float]:
+    lview = rc.load_balanced_view()
+    lview.map_sync(noop, range(10))  # warm
+    tasks = 1000
+    started = time.perf_counter()
+    results = [lview.apply_async(noop) for _ in range(tasks)]
+    for r in results:
+        r.get(60)
+    apply_rate = tasks / (time.perf_counter() - started)
+    items = 20_000
+    started = time.perf_counter()
+    lview.map_sync(noop, range(items), chunksize=200)
+    map_rate = items / (time.perf_counter() - started)
+    one = rc[rc.ids[0]]
+    samples = []
+    for _ in range(100):
+        t = time.perf_counter()
+        one.apply_sync(noop)
+        samples.append(time.perf_counter() - t)
+    return {"apply_async tasks/s": apply_rate, "map items/s": map_rate, "latency ms": 1000 * statistics.median(samples)}
+
+
+def push_pull(rc: ipp.Client, nbytes: int) -> float:
+    view = rc[:]
+    array = np.random.default_rng(0).random(nbytes // 8)
+    started = time.perf_counter()
+    view.push({"a": array}, block=True)
+    back = view.pull("a", block=True)
+    elapsed = time.perf_counter() - started
+    assert all(np.array_equal(b, array) for b in back)
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=str(Path(__file__).with_name("results.json")))
+    args = parser.parse_args()
+    figures: dict[str, dict[str, list[float]]] = {}
+
+    def add(row: str, system: str, value: float) -> None:
+        figures.setdefault(row, {"globular": [], "plain": []})[system].append(value)
+
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="globular-bench-") as tmp:
+        glob = Globular(Path(tmp))
+        for rep in range(args.repeats):
+            print(f"round {rep + 1}/{args.repeats}", file=sys.stderr)
+            for system in ("globular", "plain"):
+                runner = glob if system == "globular" else Plain()
+                t, rc = runner.start(1, 2) if system == "globular" else runner.start(2)
+                add("start 1 node x 2 engines (s)", system, t)
+                for name, value in work_figures(rc).items():
+                    add(name, system, value)
+                add("restart all engines (s)", system, runner.restart(rc, 2))
+                add("addnode until new engines work (s)", system, runner.addnode(rc, 2))
+                add("terminate (s)", system, runner.stop(rc))
+                t, rc = runner.start(3, 1) if system == "globular" else runner.start(3)
+                add("start 3 nodes x 1 engine (s)", system, t)
+                runner.stop(rc)
+        for packer in PACKERS:
+            for system in ("globular", "plain"):
+                runner = glob if system == "globular" else Plain()
+                _, rc = runner.start(1, 2, packer) if system == "globular" else runner.start(2, packer)
+                for size, label in ((1 << 20, "1 MB"), (100 << 20, "100 MB")):
+                    push_pull(rc, size)  # warm
+                    for _ in range(args.repeats):
+                        add(f"push+pull {label} to 2 engines, {packer} (s)", system, push_pull(rc, size))
+                runner.stop(rc)
+
+    rows = []
+    for row, values in figures.items():
+        g, p = statistics.median(values["globular"]), statistics.median(values["plain"])
+        higher_is_better = row.endswith("/s")
+        ratio = g / p
+        better = ratio >= 1 if higher_is_better else ratio <= 1
+        rows.append({"row": row, "globular": g, "plain": p, "ratio": ratio, "globular_better_or_equal": better})
+    Path(args.json).write_text(json.dumps({"repeats": args.repeats, "cpus": os.cpu_count(), "rows": rows,
+                                           "samples": figures, "seconds": time.perf_counter() - began}, indent=2))
+    width = max(len(r["row"]) for r in rows)
+    print(f"{'figure (median of %d)' % args.repeats:<{width}}  {'globular':>10}  {'plain ipp':>10}  {'ratio':>6}")
+    for r in rows:
+        mark = "" if r["globular_better_or_equal"] else "  <- globular slower"
+        print(f"{r['row']:<{width}}  {r['globular']:>10.3f}  {r['plain']:>10.3f}  {r['ratio']:>6.2f}{mark}")
+    print(f"(ratio = globular / plain; {time.perf_counter() - began:.0f} s in all; figures in {args.json})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
