@@ -142,6 +142,16 @@ class Cluster:
         self.stopped = StopResult(self.stopped.stopped + result.stopped, self.stopped.killed + result.killed, [])
         return result
 
+    async def stop_role(self, role: str) -> int:
+        """Stop every recorded process of ``role`` on every node (by pid); how many there were."""
+        stopped = 0
+        for node in self.nodes:
+            procs = node.processes_with_role(role)
+            if procs:
+                await self.stop_processes(node, procs)
+                stopped += len(procs)
+        return stopped
+
     def require_running(self) -> None:
         if self.record.status != "running":
             raise GlobularError(f"cluster {self.name!r} is {self.record.status}, not running")

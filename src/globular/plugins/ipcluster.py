@@ -46,13 +46,20 @@ MIN_CONTROLLER_PORTS = 20  # the controller and its schedulers listen on 18 port
 PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
 
 
+def port_range(text: str) -> range:
+    """``"10000-10030"`` -> the ports it names (ValueError if it is not FIRST-LAST)."""
+    low, high = (int(part) for part in text.split("-"))
+    return range(low, high + 1)
+
+
 def _check_ports(text: str | None) -> str | None:
     if text is None:
         return None
     try:
-        low, high = (int(part) for part in text.split("-"))
+        ports = port_range(text)
     except ValueError:
         raise ValueError("expected a port range FIRST-LAST, such as 10000-10030") from None
+    low, high = ports.start, ports.stop - 1
     if not 1024 <= low <= high <= 65535:
         raise ValueError("ports must lie in 1024-65535, the first no higher than the last")
     if high - low + 1 < MIN_CONTROLLER_PORTS:
@@ -74,11 +81,6 @@ def _is_address(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def port_range(text: str) -> range:
-    low, high = (int(part) for part in text.split("-"))
-    return range(low, high + 1)
 
 
 class IPClusterSettings(Settings):
@@ -504,10 +506,7 @@ async def stop_ipcluster(cluster: Cluster) -> int:
     """Stop the notebook server, every engine, then the controller; remove the local files."""
     await stop_notebook(cluster)
     counts = await each_node(cluster.nodes, lambda node: stop_engines(cluster, node))
-    for node in cluster.nodes:
-        controllers = node.processes_with_role(CONTROLLER)
-        if controllers:
-            await cluster.stop_processes(node, controllers)
+    await cluster.stop_role(CONTROLLER)
     data = cluster.record.plugin_data.pop(DATA_KEY, None) or {}
     if data.get("connection_file"):
         Path(data["connection_file"]).unlink(missing_ok=True)

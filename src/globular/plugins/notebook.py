@@ -188,12 +188,7 @@ async def wait_https(cluster: Cluster, master: NodeRecord, port: int, cert_pem: 
 
 async def stop_notebook(cluster: Cluster) -> int:
     """Stop the notebook server (by pid) and forget its local file; the certificate is kept."""
-    stopped = 0
-    for node in cluster.nodes:
-        procs = node.processes_with_role(NOTEBOOK)
-        if procs:
-            await cluster.stop_processes(node, procs)
-            stopped += len(procs)
+    stopped = await cluster.stop_role(NOTEBOOK)
     notebook_file(cluster).unlink(missing_ok=True)
     data = cluster.record.plugin_data.get("ipcluster")
     if data:

@@ -27,7 +27,7 @@ from typing import Annotated
 import asyncssh
 from pydantic import AfterValidator, Field
 
-from globular.errors import BadInput, CommandError, GlobularError, NodeError, NodeFailures
+from globular.errors import BadInput, CommandError, GlobularError, NodeError
 from globular.fanout import each_node
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
 from globular.spec import CommaList, Settings
@@ -219,14 +219,18 @@ class SSHProvider(NodeProvider):
         if self.settings.ssh_key and not Path(self.settings.ssh_key).expanduser().is_file():
             raise GlobularError(f"ssh_key {self.settings.ssh_key} does not exist")
         limit = self.settings.connect_timeout
+
+        async def attempt() -> asyncssh.SSHClientConnection:
+            return await asyncio.wait_for(asyncssh.connect(host.host, **self._options(host)), limit + 5)
+
         try:
             try:
-                return await asyncio.wait_for(asyncssh.connect(host.host, **self._options(host)), limit + 5)
+                return await attempt()
             except asyncssh.HostKeyNotVerifiable:
                 if not self.settings.accept_new_host_keys or self._host_is_known(host):
                     raise
             await self._accept_host_key(host)
-            return await asyncio.wait_for(asyncssh.connect(host.host, **self._options(host)), limit + 5)
+            return await attempt()
         except asyncssh.HostKeyNotVerifiable as exc:
             known = self._known_hosts()
             if self._host_is_known(host):
@@ -304,12 +308,16 @@ class SSHProvider(NodeProvider):
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
         placed = self._place(names, list(existing), hosts)
-
-        async def bring_up(name: str, host: SSHHost) -> NodeRecord:
-            node = NodeRecord(
+        nodes = [
+            NodeRecord(
                 name=name, address=host.host, workdir=self._node_dir(name), cores=1,
                 python=self.settings.python, login=str(host), data={"host": str(host)},
             )
+            for name, host in zip(names, placed)
+        ]
+
+        async def bring_up(node: NodeRecord) -> NodeRecord:
+            host = self._host(node)
             runner = self.runner(node)
             try:
                 conn = await runner.connection()  # type: ignore[attr-defined]
@@ -318,31 +326,22 @@ class SSHProvider(NodeProvider):
                 try:
                     facts = await runner._nodeproc("prepare", {"dir": node.workdir, "modules": ["ipyparallel"]})
                 except CommandError as exc:
-                    raise NodeError(name, f"{host}: cannot run {self.settings.python} ({exc.stderr.strip() or exc})") from None
+                    raise NodeError(node.name, f"{host}: cannot run {self.settings.python} ({exc.stderr.strip() or exc})") from None
                 node.workdir = facts["workdir"]
                 if facts["missing"]:
                     await self._remove_dir(node)
-                    raise NodeError(name, f"{host}: ipyparallel is not installed for {facts['python']} (python = {self.settings.python})")
+                    raise NodeError(node.name, f"{host}: ipyparallel is not installed for {facts['python']} (python = {self.settings.python})")
                 node.cores = self.settings.cores_per_node or facts["cpus"]
-            except BaseException as exc:
-                self._runners.pop(name, None)
+            except BaseException:
+                self._runners.pop(node.name, None)
                 await runner.close()
-                if isinstance(exc, GlobularError) and not isinstance(exc, NodeError):
-                    raise NodeError(name, str(exc)) from None
                 raise
             on_ready(node)
             return node
 
-        outcomes = await asyncio.gather(*(bring_up(n, h) for n, h in zip(names, placed)), return_exceptions=True)
-        failures = {}
-        for name, outcome in zip(names, outcomes):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                failures[name] = outcome
-        if failures:
-            raise NodeFailures(failures)
-        return list(outcomes)  # type: ignore[arg-type]
+        # each_node names the node in every failure, and lets the others finish
+        await each_node(nodes, bring_up)
+        return nodes
 
     async def _remove_dir(self, node: NodeRecord) -> None:
         await self.runner(node)._nodeproc("remove_dir", {"root": self.settings.remote_dir, "path": node.workdir})
