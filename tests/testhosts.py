@@ -2,7 +2,8 @@
 
 Addresses are in 198.18.0.0/24 only (the benchmarking range, RFC 2544): the
 bridge in the root namespace is 198.18.0.1 (the machine that runs globular),
-host ``i`` is 198.18.0.(10+i).  Every sshd has a throwaway host key and accepts
+host ``i`` is 198.18.0.(10+i) (``first`` moves that: the ec2 tests need the
+addresses moto hands out in a 198.18.0.0/24 subnet, which start at .4).  Every sshd has a throwaway host key and accepts
 one throwaway client key.  Everything is removed by :meth:`HostNet.down`.
 
 By hand (as root)::
@@ -58,6 +59,7 @@ class HostNet:
     workdir: Path
     tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])  # names stay within 15 chars
     hosts: list[Host] = field(default_factory=list)
+    first: int = 11  # the last octet of host1's address
 
     @property
     def bridge(self) -> str:
@@ -102,7 +104,7 @@ class HostNet:
         (self.workdir / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
 
     def _host(self, index: int) -> Host:
-        host = Host(name=f"host{index}", netns=f"glb{self.tag}h{index}", address=f"{SUBNET}.{10 + index}")
+        host = Host(name=f"host{index}", netns=f"glb{self.tag}h{index}", address=f"{SUBNET}.{self.first - 1 + index}")
         veth = f"gv{self.tag}h{index}"
         sh("ip", "netns", "add", host.netns)
         self.hosts.append(host)  # recorded before anything else, so down() removes it
@@ -132,13 +134,13 @@ class HostNet:
         return host
 
     def _save(self) -> None:
-        data = {"tag": self.tag, "hosts": [asdict(h) for h in self.hosts]}
+        data = {"tag": self.tag, "first": self.first, "hosts": [asdict(h) for h in self.hosts]}
         (self.workdir / "hosts.json").write_text(json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, workdir: Path) -> HostNet:
         data = json.loads((workdir / "hosts.json").read_text())
-        return cls(workdir=workdir, tag=data["tag"], hosts=[Host(**h) for h in data["hosts"]])
+        return cls(workdir=workdir, tag=data["tag"], first=data.get("first", 11), hosts=[Host(**h) for h in data["hosts"]])
 
     def ssh(self, host: Host, command: str, *, key: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
         return subprocess.run(

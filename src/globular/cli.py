@@ -19,7 +19,7 @@ from rich.table import Table
 
 from globular import __version__, cluster
 from globular.config import Config
-from globular.errors import GlobularError
+from globular.errors import ClusterNotFound, GlobularError
 from globular.paths import globular_home
 from globular.plugins.base import PluginReport
 from globular.state import StateStore
@@ -164,41 +164,91 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
         render_report(report)
 
 
+def _specs_with_accounts(ctx: click.Context) -> list:
+    """The config's templates that can be searched for clusters started elsewhere (ec2)."""
+    try:
+        config = load_config(ctx)
+    except GlobularError:
+        return []
+    specs = []
+    for template in config.templates:
+        try:
+            specs.append(config.cluster_spec(template))
+        except GlobularError:  # a broken template is reported by the commands that use it
+            continue
+    return [s for s in specs if s.provider not in ("local", "ssh")]
+
+
+def _found_elsewhere(ctx: click.Context) -> tuple[list, list[str]]:
+    specs = _specs_with_accounts(ctx)
+    if not specs:
+        return [], []
+    try:
+        return run(cluster.discover(specs)), []
+    except GlobularError as exc:
+        return [], [f"could not look for clusters started elsewhere: {exc}"]
+
+
 @cli.command()
-def listclusters() -> None:
-    """List the clusters this machine started, with their state."""
+@click.pass_context
+def listclusters(ctx: click.Context) -> None:
+    """List clusters: those this machine started, and (ec2) those the config's
+    accounts hold that another machine started (found by their tags)."""
     records, problems = StateStore(globular_home()).list()
-    if not records and not problems:
+    found, warnings = _found_elsewhere(ctx)
+    if not records and not problems and not found:
         console.print("No clusters.")
-        return
-    table = Table("name", "status", "provider", "region", "nodes", "engines", "template", "up")
-    now = time.time()
-    for record in records:
-        engines = (record.plugin_data.get("ipcluster") or {}).get("engines", "-")
-        table.add_row(
-            record.name,
-            record.status,
-            record.spec.provider,
-            record.region,
-            str(len(record.nodes)),
-            str(engines),
-            record.spec.template,
-            age(now - record.created),
-        )
-    console.print(table)
+    if records or found:
+        table = Table("name", "status", "provider", "region", "nodes", "engines", "template", "up")
+        now = time.time()
+        for record in records:
+            engines = (record.plugin_data.get("ipcluster") or {}).get("engines", "-")
+            table.add_row(
+                record.name,
+                record.status,
+                record.spec.provider,
+                record.region,
+                str(len(record.nodes)),
+                str(engines),
+                record.spec.template,
+                age(now - record.created),
+            )
+        for other in found:
+            table.add_row(
+                other.name, "running elsewhere", other.spec.provider, other.region, str(len(other.nodes)), "-",
+                other.spec.template, "-",
+            )
+        console.print(table)
     for problem in problems:
         err_console.print(f"[yellow]warning:[/] {escape(str(problem))}")
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @cli.command()
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.argument("name")
-def terminate(yes: bool, name: str) -> None:
-    """Terminate cluster NAME: stop all its processes and release its nodes."""
-    record = StateStore(globular_home()).get(name)
+@click.pass_context
+def terminate(ctx: click.Context, yes: bool, name: str) -> None:
+    """Terminate cluster NAME: stop all its processes and release its nodes.
+
+    A cluster another machine started (ec2, found by its tags) is terminated too.
+    """
+    store = StateStore(globular_home())
+    try:
+        record = store.get(name)
+    except ClusterNotFound:
+        found = next((f for f in _found_elsewhere(ctx)[0] if f.name == name), None)
+        if found is None:
+            raise
+        if not yes:
+            click.confirm(f"Cluster {name} was started elsewhere ({len(found.nodes)} instances in {found.region}). Terminate it?", abort=True)
+        record = cluster.adopt(found)
+        yes = True
     if not yes:
         click.confirm(f"Terminate cluster {name} ({len(record.nodes)} nodes, {record.status})?", abort=True)
-    result = run(cluster.terminate(name))
+    with RichReporter(console) as reporter:
+        result = run(cluster.terminate(name, reporter=reporter))
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(

@@ -94,6 +94,7 @@ class Cluster:
         self.store = store
         self.reporter = reporter
         self.provider: NodeProvider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
+        self.provider.reporter = reporter
         self.stopped = StopResult(0, 0, [])  # totals of every stop_processes call
 
     @property
@@ -223,6 +224,7 @@ class Cluster:
                 warnings.append(str(exc))
         try:
             await self._stop_and_release(self.nodes)
+            await self.provider.release_cluster()
         except BaseException as exc:
             self.record.status = "failed"
             self.record.error = str(exc)
@@ -360,6 +362,50 @@ async def remove_node(
         return NodesResult(cluster.record, [node_name], time.monotonic() - started)
 
 
+@dataclass
+class FoundCluster:
+    """A cluster a provider's account holds that this machine has no record of."""
+
+    name: str
+    spec: ClusterSpec
+    region: str
+    nodes: list[NodeRecord]
+
+
+async def discover(specs: list[ClusterSpec], *, home: Path | None = None) -> list[FoundCluster]:
+    """Clusters started elsewhere (ec2: found by their tags) in the accounts ``specs`` use.
+
+    Each account (provider, region, credentials) is asked once; clusters this
+    machine has a record of are left out.
+    """
+    home, store, _ = _context(home, None)
+    known = {r.name for r in store.list()[0]}
+    asked: set = set()
+    found: dict[str, FoundCluster] = {}
+    for spec in specs:
+        provider = provider_class(spec.provider)(spec, cluster="", home=home)
+        account = (spec.provider, provider.region, provider.account())
+        if provider.account() is None or account in asked:
+            continue
+        asked.add(account)
+        try:
+            for name, nodes in (await provider.discover()).items():
+                if name not in known and name not in found:
+                    found[name] = FoundCluster(name, spec, provider.region, sorted(nodes, key=node_order))
+        finally:
+            await provider.close()
+    return sorted(found.values(), key=lambda f: f.name)
+
+
+def adopt(found: FoundCluster, *, home: Path | None = None) -> ClusterRecord:
+    """Record a cluster found elsewhere so that ``terminate`` (and ``listclusters``) can act on it."""
+    home, store, _ = _context(home, None)
+    record = ClusterRecord(name=found.name, region=found.region, spec=found.spec, nodes=found.nodes, status="running")
+    record.error = "adopted: started elsewhere, found by its tags"
+    store.create(record)
+    return record
+
+
 def open_cluster(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> Cluster:
     home, store, reporter = _context(home, reporter)
     return Cluster(store.get(name), home=home, store=store, reporter=reporter)
@@ -399,6 +445,9 @@ async def run_plugin(
 
 __all__ = [
     "Cluster",
+    "FoundCluster",
+    "adopt",
+    "discover",
     "NodesResult",
     "add_nodes",
     "remove_node",

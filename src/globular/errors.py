@@ -136,6 +136,8 @@ class StartFailed(GlobularError):
     def __init__(self, name: str, cause: BaseException, cleanup_error: BaseException | None = None):
         self.cause = cause
         self.cleanup_error = cleanup_error
+        if cleanup_error is None and isinstance(cause, GlobularError):
+            self.exit_code = cause.exit_code  # bad input stays exit code 2
         msg = f"cluster {name!r} did not start: {cause}"
         if cleanup_error is None:
             msg += "\nEverything it started was stopped and removed."

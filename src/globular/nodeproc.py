@@ -94,14 +94,47 @@ def _wait_gone(procs, timeout):
         time.sleep(0.02)
 
 
+def _descendants(procs):
+    """Children (and theirs) of ``procs`` that left their process group, such as
+    ipyparallel's engine nanny (it starts a session of its own)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2 :].split()
+        parents.setdefault(int(fields[1]), []).append({"pid": int(entry), "start": int(fields[19]), "pgrp": int(fields[2])})
+    found, todo = [], [p["pid"] for p in procs if _alive(p)]
+    groups = set(todo)
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            todo.append(child["pid"])
+            if child["pgrp"] not in groups:
+                groups.add(child["pgrp"])
+                found.append({"pid": child["pid"], "start": child["start"]})
+    return found
+
+
 def stop(req):
-    """SIGTERM, wait up to ``timeout`` s, then SIGKILL what is left."""
+    """SIGTERM (with strays of their process groups), wait up to ``timeout`` s, then SIGKILL what is left."""
+    strays = _descendants(req["procs"])
     running = [p for p in req["procs"] if _signal(p, signal.SIGTERM)]
-    left = _wait_gone(running, float(req.get("timeout", 10)))
+    for proc in strays:
+        _signal(proc, signal.SIGTERM)
+    left = _wait_gone(running + strays, float(req.get("timeout", 10)))
     for proc in left:
         _signal(proc, signal.SIGKILL)
     remaining = _wait_gone(left, 5.0)
-    return {"stopped": len(running), "killed": len(left), "remaining": remaining}
+    requested = {(p["pid"], p["start"]) for p in req["procs"]}
+    return {
+        "stopped": len(running),
+        "killed": sum(1 for p in left if (p["pid"], p["start"]) in requested),
+        "remaining": [p for p in remaining if (p["pid"], p["start"]) in requested],
+    }
 
 
 def wait_files(req):
@@ -201,8 +234,32 @@ def addresses(req):
     return found
 
 
+def free_ports(req):
+    """``req["count"]`` distinct TCP ports free on ``req["ip"]``, taken from ``req["ports"]``
+    when given (else any); fewer when not enough are free."""
+    import socket
+
+    held = []
+    try:
+        for port in req.get("ports") or [0] * req["count"]:
+            if len(held) == req["count"]:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((req["ip"], port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 VERBS = {
     "prepare": prepare,
+    "free_ports": free_ports,
     "remove_dir": remove_dir,
     "modules": modules,
     "addresses": addresses,

@@ -72,6 +72,9 @@ def validate_settings(
         if err["type"] == "extra_forbidden":
             known = ", ".join(sorted(model.model_fields)) or "none"
             message = f"unknown setting{' for ' + owner if owner else ''} (known: {known})"
+        elif err["type"] == "missing" and key in model.model_fields:
+            about = model.model_fields[key].description
+            message = f"required setting is missing{f' ({about})' if about else ''}"
         else:
             value = raw.get(key) if key else None
             message = err["msg"]

@@ -10,8 +10,12 @@ and stopped by pid through the node's runner.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import math
+import secrets
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -23,8 +27,8 @@ from globular.paths import connection_file_path, write_private
 from globular.plugins.base import Plugin, PluginReport
 from globular.plugins.notebook import NotebookInfo, notebook_certificate, start_notebook, stop_notebook
 from globular.providers.base import ProcessSpec, Runner
+from globular.state import NodeRecord, ProcessRecord
 from globular.spec import Settings
-from globular.state import NodeRecord
 
 if TYPE_CHECKING:
     from ipyparallel import Client
@@ -43,6 +47,10 @@ PACKERS = {
 
 
 MIN_CONTROLLER_PORTS = 20  # the controller and its schedulers listen on 18 ports
+# engine-facing ports, in the order the controller takes them from engine_ports
+ENGINE_PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "hb_ping", "hb_pong")
+BROADCAST_DEPTH = 1
+BROADCAST_LEAVES = 2**BROADCAST_DEPTH
 PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
 
 
@@ -92,7 +100,12 @@ class IPClusterSettings(Settings):
     notebook_keyfile: str | None = Field(default=None, description="the key of notebook_certfile (PEM, unencrypted)")
     packer: Literal["json", "pickle", "msgpack"] = "json"
     master_engines: int | None = Field(default=None, ge=0, description="engines on the master; default cores - 1 (at least 1)")
-    heartbeat_period: int = Field(default=500, ge=50, le=60_000, description="controller heartbeat, ms")
+    heartbeat_period: int = Field(
+        default=200, ge=50, le=60_000, description="controller heartbeat, ms; engines register on a beat, dead ones are noticed after 5 s or 10 beats"
+    )
+    engine_nanny: bool = Field(
+        default=True, description="a nanny process per engine: needed to interrupt one engine (Client.send_signal); False starts engines faster"
+    )
     engine_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for engines to register")
     controller_interface: Annotated[str | None, AfterValidator(_check_interface)] = Field(
         default=None, description="interface name (eth0) or address the controller listens on; default: the master's address"
@@ -100,6 +113,11 @@ class IPClusterSettings(Settings):
     controller_ports: Annotated[str | None, AfterValidator(_check_ports)] = Field(
         default=None, description="FIRST-LAST: the ports the controller may use; default: random free ports"
     )
+
+
+def heartbeat_misses(period_ms: int) -> int:
+    """Missed beats before the controller drops an engine: about 5 s, and at least ipyparallel's 10."""
+    return max(10, math.ceil(DEATH_WINDOW_MS / period_ms))
 
 
 def ipython_dir(node: NodeRecord) -> str:
@@ -185,11 +203,31 @@ async def require_modules(cluster: Cluster, nodes: list[NodeRecord], settings: I
 
 # -- engines -------------------------------------------------------------------
 
+DEATH_WINDOW_MS = 5000  # the controller drops an engine silent for this long
+ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
 
-async def start_engines(cluster: Cluster, node: NodeRecord, count: int, engine_info: dict[str, Any]) -> int:
-    """Write the engine connection file (0600) on ``node`` and start ``count`` engines."""
+
+def claim_engine_ids(cluster: Cluster, node: NodeRecord, count: int, floor: int = 0) -> list[int]:
+    """The next ``count`` engine ids, recorded as ``node``'s.
+
+    Each engine asks the controller for its id, so the record knows which node
+    an id runs on without asking the engine.  ``floor``: ids below it are taken.
+    """
+    data = cluster.plugin_data(DATA_KEY)
+    first = max(data.get("next_engine_id", 0), floor)
+    data["next_engine_id"] = first + count
+    mapping = data.setdefault("engine_ids", {})
+    ids = list(range(first, first + count))
+    mapping.update({str(i): node.name for i in ids})
+    return ids
+
+
+async def start_engines(
+    cluster: Cluster, node: NodeRecord, count: int, engine_info: dict[str, Any], *, nanny: bool, floor: int = 0
+) -> dict[int, str]:
+    """Write the engine connection file (0600) on ``node`` and start ``count`` engines: id → node."""
     if count <= 0:
-        return 0
+        return {}
     runner = cluster.runner(node)
     info_path = f"{node.workdir}/security/ipcontroller-engine.json"
     await runner.write_file(info_path, json.dumps(engine_info).encode(), 0o600)
@@ -199,18 +237,23 @@ async def start_engines(cluster: Cluster, node: NodeRecord, count: int, engine_i
         "IPYTHONDIR": ipython_dir(node),
         "OMP_NUM_THREADS": "1",
     }
+    ids = claim_engine_ids(cluster, node, count, floor)
     specs = [
         ProcessSpec(
-            argv=[node.python, "-m", "ipyparallel.engine", f"--file={info_path}"],
-            log=f"{node.workdir}/logs/engine-{i}.log",
+            argv=[
+                node.python, "-m", "ipyparallel.engine", f"--file={info_path}",
+                f"--IPEngine.id={engine_id}", f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
+                f"--IPEngine.enable_nanny={nanny}",
+            ],
+            log=f"{node.workdir}/logs/engine-{engine_id}.log",
             role=ENGINE,
             env=env,
             cwd=node.workdir,
         )
-        for i in range(count)
+        for engine_id in ids
     ]
     cluster.track(node, await runner.spawn(specs))
-    return count
+    return {i: node.name for i in ids}
 
 
 async def stop_engines(cluster: Cluster, node: NodeRecord) -> int:
@@ -232,65 +275,78 @@ async def check_engines_alive(cluster: Cluster, nodes: list[NodeRecord]) -> None
     await each_node(nodes, check)
 
 
-async def wait_for_engines(
-    cluster: Cluster,
-    client: Client,
-    *,
-    new: int,
-    before: set[int],
-    gone: set[int],
-    nodes: list[NodeRecord],
-    timeout: float,
-    key: str = "engines",
-    description: str = "engines registered",
-) -> set[int]:
-    """Wait until ``new`` engines not in ``before`` are registered and every id in ``gone`` has left.
-
-    Checks every second that the engine processes on ``nodes`` are alive, so a
-    crashing engine fails at once with its log, not at the timeout.
-    """
-    reporter = cluster.reporter
-    reporter.begin(key, description, new)
-    deadline = time.monotonic() + timeout
-    next_check = time.monotonic() + 1.0
-    while True:
-        ids = set(client.ids)
-        fresh = ids - before
-        reporter.set(key, min(len(fresh), new))
-        if len(fresh) >= new and not (ids & gone):
-            reporter.end(key)
-            return fresh
-        now = time.monotonic()
-        if now >= deadline:
-            raise GlobularError(
-                f"only {len(fresh)} of {new} engines registered within {timeout:g}s "
-                f"(engine logs are in <node workdir>/logs)"
-            )
-        if now >= next_check:
-            await check_engines_alive(cluster, nodes)
-            next_check = now + 1.0
-        await asyncio.sleep(0.05)
-
-
 def _engine_node() -> str:
     import os
 
     return os.environ.get("GLOBULAR_NODE", "?")
 
 
-async def identify_engines(cluster: Cluster, client: Client, ids: set[int]) -> None:
-    """Record which node each new engine id runs on (removenode and restart need it)."""
+async def ask_engine_nodes(client: Client, ids: set[int]) -> dict[int, str]:
+    """Which node each engine of ``ids`` runs on, asked of the engines themselves."""
     targets = sorted(ids)
-    nodes = []
-    if targets:
-        result = client[targets].apply_async(_engine_node)
-        nodes = await asyncio.to_thread(result.get, 30)
+    result = client[targets].apply_async(_engine_node)
+    return dict(zip(targets, await asyncio.to_thread(result.get, 30)))
+
+
+async def wait_for_engines(
+    cluster: Cluster,
+    client: Client,
+    *,
+    wanted: dict[int, str],
+    gone: set[int] = frozenset(),  # type: ignore[assignment]
+    nodes: list[NodeRecord],
+    timeout: float,
+    key: str = "engines",
+    description: str = "engines registered",
+) -> set[int]:
+    """Wait until the engines of ``wanted`` (id → node) registered and every id in ``gone`` left.
+
+    An engine registers under the id it asked for; if the controller gave it
+    another one (a foreign engine held it), the unknown id is identified by
+    asking the engine.  Checks every second that the engine processes on
+    ``nodes`` are alive, so a crashing engine fails at once with its log, not
+    at the timeout.  Returns the ids now registered for the nodes of ``wanted``.
+    """
     data = cluster.plugin_data(DATA_KEY)
-    mapping = data.setdefault("engine_ids", {})
-    for engine_id, node in zip(targets, nodes):
-        mapping[str(engine_id)] = node
-    data["engines"] = len(mapping)
-    cluster.save()
+    mapping: dict[str, str] = data.setdefault("engine_ids", {})
+    need = Counter(wanted.values())
+    reporter = cluster.reporter
+    reporter.begin(key, description, len(wanted))
+    unknown = {i for i in client.ids if str(i) not in mapping}  # foreign engines, there before us
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 1.0
+    while True:
+        ids = set(client.ids)
+        strays = {i for i in ids - unknown if str(i) not in mapping}
+        if strays:
+            unknown |= strays
+            mapping.update({str(i): n for i, n in (await ask_engine_nodes(client, strays)).items() if n in need})
+        mine = {i for i in ids if mapping.get(str(i)) in need}
+        have = Counter(mapping[str(i)] for i in mine)
+        done = sum(min(have[n], count) for n, count in need.items())
+        reporter.set(key, done)
+        if done >= len(wanted) and not ids & gone:
+            reporter.end(key)
+            # ids asked for but given to nobody (the controller chose others) are dropped
+            for engine_id, node in list(mapping.items()):
+                if node in need and int(engine_id) not in ids:
+                    del mapping[engine_id]
+            data["engines"] = len(mapping)
+            cluster.save()
+            return mine
+        now = time.monotonic()
+        if now >= deadline:
+            short = ", ".join(f"{n} {have[n]} of {c}" for n, c in sorted(need.items()) if have[n] < c)
+            raise GlobularError(
+                f"only {done} of {len(wanted)} engines registered within {timeout:g}s ({short}; "
+                f"engine logs are in <node workdir>/logs)"
+                if done < len(wanted)
+                else f"engines {sorted(ids & gone)} did not leave within {timeout:g}s"
+            )
+        if now >= next_check:
+            await check_engines_alive(cluster, nodes)
+            next_check = now + 1.0
+        await asyncio.sleep(0.05)
 
 
 def engine_ids_on(cluster: Cluster, nodes: list[NodeRecord]) -> set[int]:
@@ -302,7 +358,8 @@ def engine_ids_on(cluster: Cluster, nodes: list[NodeRecord]) -> set[int]:
 async def retire_engines(cluster: Cluster, client: Client, nodes: list[NodeRecord]) -> set[int]:
     """Ask the controller to shut down the engines of ``nodes`` (so they unregister
     at once), then stop their processes by pid whatever they did."""
-    ids = engine_ids_on(cluster, nodes) & set(client.ids)
+    recorded = engine_ids_on(cluster, nodes)
+    ids = recorded & set(client.ids)
     if ids:
         try:
             client.shutdown(targets=sorted(ids), block=False)
@@ -311,31 +368,11 @@ async def retire_engines(cluster: Cluster, client: Client, nodes: list[NodeRecor
     await each_node(nodes, lambda node: stop_engines(cluster, node))
     data = cluster.plugin_data(DATA_KEY)
     mapping = data.setdefault("engine_ids", {})
-    for engine_id in ids:
+    for engine_id in recorded:
         mapping.pop(str(engine_id), None)
     data["engines"] = len(mapping)
     cluster.save()
     return ids
-
-
-async def wait_for_node_engines(cluster: Cluster, client: Client, node: NodeRecord, count: int, timeout: float) -> set[int]:
-    """Wait until ``count`` engines registered *from ``node``*.
-
-    Nodes added together register at the same time, so a new id may belong to
-    another joining node: every unknown id is identified until ``node`` has its own.
-    """
-    before = set(client.ids)
-    deadline = time.monotonic() + timeout
-    fresh = await wait_for_engines(cluster, client, new=count, before=before, gone=set(), nodes=[node], timeout=timeout)
-    await identify_engines(cluster, client, fresh)
-    while len(engine_ids_on(cluster, [node])) < count:
-        if time.monotonic() >= deadline:
-            raise NodeError(node.name, f"only {len(engine_ids_on(cluster, [node]))} of {count} engines registered within {timeout:g}s")
-        await check_engines_alive(cluster, [node])
-        await asyncio.sleep(0.05)
-        known = {int(i) for i in cluster.plugin_data(DATA_KEY).get("engine_ids", {})}
-        await identify_engines(cluster, client, set(client.ids) - known)
-    return engine_ids_on(cluster, [node])
 
 
 # -- the plugins ---------------------------------------------------------------
@@ -350,12 +387,27 @@ class IPCluster(Plugin):
 
     async def run(self, cluster: Cluster) -> PluginReport:
         started = time.monotonic()
+        # the client library loads while the processes start
+        client_import = asyncio.create_task(asyncio.to_thread(importlib.import_module, "ipyparallel"))
         master = cluster.master
         settings = self.settings
         await require_modules(cluster, cluster.nodes, settings)
         # a certificate that cannot be had fails the start before anything runs
         cert = notebook_certificate(cluster, settings, master.address) if settings.enable_notebook else None
-        client_info, engine_info = await self._start_controller(cluster, master)
+        controller, engine_info = await self._launch_controller(cluster, master)
+
+        # Engines start with the controller, not after it: their registration
+        # request waits on the (pre-chosen) registration port until it listens.
+        counts = {node.name: engines_for(node, settings) for node in cluster.nodes}
+        total = sum(counts.values())
+        cluster.reporter.begin("engine-start", "starting engines on nodes", len(cluster.nodes))
+        started_ids = await each_node(
+            cluster.nodes,
+            lambda node: start_engines(cluster, node, counts[node.name], engine_info, nanny=self.settings.engine_nanny),
+            on_done=lambda node: cluster.reporter.advance("engine-start"),
+        )
+        cluster.reporter.end("engine-start")
+        client_info, engine_info = await self._controller_ready(cluster, master, controller, engine_info)
 
         local_file = connection_file_path(cluster.home, cluster.name, cluster.record.region)
         write_private(local_file, json.dumps(client_info, indent=2).encode())
@@ -363,22 +415,11 @@ class IPCluster(Plugin):
         data.update(connection_file=str(local_file), engine_info=engine_info, packer=settings.packer)
         cluster.save()
 
-        counts = {node.name: engines_for(node, settings) for node in cluster.nodes}
-        total = sum(counts.values())
-        cluster.reporter.begin("engine-start", "starting engines on nodes", len(cluster.nodes))
-        await each_node(
-            cluster.nodes,
-            lambda node: start_engines(cluster, node, counts[node.name], engine_info),
-            on_done=lambda node: cluster.reporter.advance("engine-start"),
-        )
-        cluster.reporter.end("engine-start")
-
+        await client_import
         client = await open_client(cluster)
         try:
-            fresh = await wait_for_engines(
-                cluster, client, new=total, before=set(), gone=set(), nodes=cluster.nodes, timeout=settings.engine_timeout
-            )
-            await identify_engines(cluster, client, fresh)
+            wanted = {i: n for ids in started_ids.values() for i, n in ids.items()}
+            await wait_for_engines(cluster, client, wanted=wanted, nodes=cluster.nodes, timeout=settings.engine_timeout)
         finally:
             client.close()
         notebook = None
@@ -398,13 +439,21 @@ class IPCluster(Plugin):
             raise NodeError(master.name, f"controller_interface {wanted!r}: no such interface with an IPv4 address (has: {', '.join(sorted(found))})")
         return found[wanted]
 
-    async def _start_controller(self, cluster: Cluster, master: NodeRecord) -> tuple[dict, dict]:
+    async def _launch_controller(self, cluster: Cluster, master: NodeRecord) -> tuple[list[ProcessRecord], dict]:
+        """Start the controller with a key and registration port chosen here; return it and the
+        engine connection info, which engines can use before the controller is up."""
         runner = cluster.runner(master)
         security = f"{profile_dir(master)}/security"
-        files = [f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"]
-        await runner.run(["rm", "-f", *files])
-        pack, unpack = PACKERS[self.settings.packer]
+        await runner.run(["rm", "-f", f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"])
         ip = await self._controller_ip(cluster, master)
+        allowed = list(port_range(self.settings.controller_ports)) if self.settings.controller_ports else None
+        ports = await runner._nodeproc("free_ports", {"ip": ip, "ports": allowed, "count": len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES})
+        if len(ports) < len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES:
+            raise NodeError(master.name, f"not enough free ports in controller_ports = {self.settings.controller_ports} on {ip}")
+        keyfile = f"{security}/globular-session.key"
+        key = secrets.token_hex(32)
+        await runner.write_file(keyfile, key.encode(), 0o600)
+        pack, unpack = PACKERS[self.settings.packer]
         argv = [
             master.python,
             "-m",
@@ -413,18 +462,45 @@ class IPCluster(Plugin):
             f"--ip={ip}",
             f"--location={ip}",
             f"--HeartMonitor.period={self.settings.heartbeat_period}",
+            f"--HeartMonitor.max_heartmonitor_misses={heartbeat_misses(self.settings.heartbeat_period)}",
             f"--Session.packer={pack}",
             f"--Session.unpacker={unpack}",
+            f"--Session.keyfile={keyfile}",  # the key itself never on a command line
+            # the controller takes its engine ports in ENGINE_PORT_KEYS order, then the broadcast leaves
+            f"--IPController.engine_ports={','.join(map(str, ports))}",
+            f"--IPController.broadcast_scheduler_depth={BROADCAST_DEPTH}",
         ]
-        if self.settings.controller_ports:
-            argv.append(f"--ports={self.settings.controller_ports}")
+        if allowed:
+            argv.append(f"--ports={','.join(str(p) for p in allowed if p not in ports)}")
         env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": cluster.name}
         spec = ProcessSpec(argv=argv, log=f"{master.workdir}/logs/controller.log", role=CONTROLLER, env=env, cwd=master.workdir)
         cluster.reporter.begin("controller", "controller on master", 1)
         procs = await runner.spawn([spec])
         cluster.track(master, procs)
-        found = await runner.wait_files(files, watch=procs, timeout=60)
+        engine_info = {
+            "key": key,
+            "signature_scheme": "hmac-sha256",
+            "interface": f"tcp://{ip}",
+            "location": ip,
+            **dict(zip(ENGINE_PORT_KEYS, ports)),
+            "broadcast": ports[len(ENGINE_PORT_KEYS):],
+            "pack": pack,
+            "unpack": unpack,
+            "ssh": "",
+        }
+        return procs, engine_info
+
+    async def _controller_ready(
+        self, cluster: Cluster, master: NodeRecord, procs: list[ProcessRecord], expected: dict
+    ) -> tuple[dict, dict]:
+        """Wait for the controller's connection files; check it took the key and port it was given."""
+        security = f"{profile_dir(master)}/security"
+        files = [f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"]
+        found = await cluster.runner(master).wait_files(files, watch=procs, timeout=60)
         client_info, engine_info = found[files[0]], found[files[1]]
+        for key in ("key", "signature_scheme", "pack", "unpack", *ENGINE_PORT_KEYS, "broadcast"):
+            if engine_info.get(key) != expected[key]:
+                raise NodeError(master.name, f"the controller did not take the {key} it was given; this ipyparallel is not supported")
         self._check_ports(master, client_info, engine_info)
         # Client(path) from this machine tunnels through ssh to the master by itself.
         client_info["ssh"] = master.login or ""
@@ -480,8 +556,12 @@ class IPCluster(Plugin):
         count = engines_for(node, self.settings)
         client = await open_client(cluster)
         try:
-            await start_engines(cluster, node, count, data["engine_info"])
-            fresh = await wait_for_node_engines(cluster, client, node, count, self.settings.engine_timeout)
+            floor = max(client.ids, default=-1) + 1
+            wanted = await start_engines(cluster, node, count, data["engine_info"], nanny=self.settings.engine_nanny, floor=floor)
+            fresh = await wait_for_engines(
+                cluster, client, wanted=wanted, nodes=[node], timeout=self.settings.engine_timeout,
+                description=f"engines of {node.name} registered",
+            )
         finally:
             client.close()
         return PluginReport(plugin=self.name, summary=[(node.name, f"{count} engines registered")], data={"ids": sorted(fresh)})
@@ -492,7 +572,7 @@ class IPCluster(Plugin):
         try:
             retired = await retire_engines(cluster, client, [node])
             await wait_for_engines(
-                cluster, client, new=0, before=set(client.ids), gone=retired, nodes=[], timeout=self.settings.engine_timeout,
+                cluster, client, wanted={}, gone=retired, nodes=[], timeout=self.settings.engine_timeout,
                 key="engines-leaving", description=f"engines of {node.name} leaving",
             )
         finally:
@@ -505,8 +585,13 @@ class IPCluster(Plugin):
 async def stop_ipcluster(cluster: Cluster) -> int:
     """Stop the notebook server, every engine, then the controller; remove the local files."""
     await stop_notebook(cluster)
-    counts = await each_node(cluster.nodes, lambda node: stop_engines(cluster, node))
-    await cluster.stop_role(CONTROLLER)
+
+    async def stop_node(node: NodeRecord) -> int:  # engines and controller together: one round trip a node
+        engines = node.processes_with_role(ENGINE)
+        await cluster.stop_processes(node, engines + node.processes_with_role(CONTROLLER))
+        return len(engines)
+
+    counts = await each_node(cluster.nodes, stop_node)
     data = cluster.record.plugin_data.pop(DATA_KEY, None) or {}
     if data.get("connection_file"):
         Path(data["connection_file"]).unlink(missing_ok=True)
@@ -527,18 +612,19 @@ class IPClusterRestartEngines(Plugin):
             counts = {node.name: engines_for(node, settings) for node in cluster.nodes}
             cluster.reporter.begin("restart", "restarting engines (nodes)", len(cluster.nodes))
 
+            floor = max(old, default=-1) + 1
+            wanted: dict[int, str] = {}
+
             async def restart(node: NodeRecord) -> None:
                 await retire_engines(cluster, client, [node])
-                await start_engines(cluster, node, counts[node.name], data["engine_info"])
+                wanted.update(await start_engines(cluster, node, counts[node.name], data["engine_info"], nanny=settings.engine_nanny, floor=floor))
 
             await each_node(cluster.nodes, restart, on_done=lambda node: cluster.reporter.advance("restart"))
             cluster.reporter.end("restart")
             total = sum(counts.values())
             fresh = await wait_for_engines(
-                cluster, client, new=total, before=old, gone=old, nodes=cluster.nodes, timeout=settings.engine_timeout
+                cluster, client, wanted=wanted, gone=old, nodes=cluster.nodes, timeout=settings.engine_timeout
             )
-            cluster.plugin_data(DATA_KEY)["engine_ids"] = {}
-            await identify_engines(cluster, client, fresh)
         finally:
             client.close()
         return PluginReport(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from globular import nodeproc
 from globular.errors import CommandError, NodeError
+from globular.reporting import NullReporter, Reporter
 from globular.spec import ClusterSpec, Settings
 from globular.state import NodeRecord, ProcessRecord
 
@@ -154,6 +155,13 @@ class NodeProvider(ABC):
         self.cluster = cluster
         self.home = home
         self._runners: dict[str, Runner] = {}
+        self.reporter: Reporter = NullReporter()  # the operation's progress; set by the cluster
+
+    @classmethod
+    def config_values(cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]) -> None:
+        """Add to a template's ``values`` what the provider reads from other sections
+        (ec2: ``[aws info]``, ``[key NAME]``), recording in ``sections`` where each came
+        from; a problem is a :class:`ConfigError` naming its section and key."""
 
     @classmethod
     def default_cluster_size(cls, settings: Settings) -> int:
@@ -207,6 +215,19 @@ class NodeProvider(ABC):
         runners, self._runners = list(self._runners.values()), {}
         for runner in runners:
             await runner.close()
+
+    async def release_cluster(self) -> None:
+        """After the last node is released: remove whatever else the provider made for
+        the cluster (ec2: stray instances, the security group).  Default: nothing."""
+
+    def account(self) -> object | None:
+        """What identifies the account :meth:`discover` searches (None: nothing to search)."""
+        return None
+
+    async def discover(self) -> dict[str, list[NodeRecord]]:
+        """Clusters this provider's account holds, whoever started them: name → nodes.
+        Providers without such a record of their own return nothing."""
+        return {}
 
     async def list_nodes(self, nodes: list[NodeRecord]) -> list[NodeRecord]:
         """The nodes that exist now, of those recorded (default: all of them)."""

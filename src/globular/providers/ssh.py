@@ -179,6 +179,7 @@ class SSHProvider(NodeProvider):
     name = "ssh"
     Settings = SSHSettings
     settings: SSHSettings
+    key_setting = "ssh_key"  # the setting that names the private key, for messages
 
     @property
     def region(self) -> str:
@@ -203,21 +204,28 @@ class SSHProvider(NodeProvider):
     def _known_hosts(self) -> Path:
         return Path(self.settings.known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
 
+    def _ssh_key(self) -> str | None:
+        return self.settings.ssh_key
+
+    def _accept_new_host_keys(self) -> bool:
+        return self.settings.accept_new_host_keys
+
     def _options(self, host: SSHHost) -> dict:
         options: dict = {"port": host.port, "connect_timeout": self.settings.connect_timeout, "keepalive_interval": 30}
         user = host.user or self.settings.user
         if user:
             options["username"] = user
-        if self.settings.ssh_key:
-            options["client_keys"] = [str(Path(self.settings.ssh_key).expanduser())]
+        if self._ssh_key():
+            options["client_keys"] = [str(Path(self._ssh_key()).expanduser())]
         known = self._known_hosts()
         options["known_hosts"] = str(known) if known.exists() else ([], [], [])  # no file: nothing is trusted
         return options
 
     async def connect(self, host: SSHHost) -> asyncssh.SSHClientConnection:
         """An authenticated connection to ``host``, its host key checked; errors name the host."""
-        if self.settings.ssh_key and not Path(self.settings.ssh_key).expanduser().is_file():
-            raise GlobularError(f"ssh_key {self.settings.ssh_key} does not exist")
+        key = self._ssh_key()
+        if key and not Path(key).expanduser().is_file():
+            raise GlobularError(f"{self.key_setting} {key} does not exist")
         limit = self.settings.connect_timeout
 
         async def attempt() -> asyncssh.SSHClientConnection:
@@ -227,7 +235,7 @@ class SSHProvider(NodeProvider):
             try:
                 return await attempt()
             except asyncssh.HostKeyNotVerifiable:
-                if not self.settings.accept_new_host_keys or self._host_is_known(host):
+                if not self._accept_new_host_keys() or self._host_is_known(host):
                     raise
             await self._accept_host_key(host)
             return await attempt()
@@ -315,6 +323,10 @@ class SSHProvider(NodeProvider):
             )
             for name, host in zip(names, placed)
         ]
+        return await self._bring_up(nodes, on_ready)
+
+    async def _bring_up(self, nodes: list[NodeRecord], on_ready: Callable[[NodeRecord], None]) -> list[NodeRecord]:
+        """Connect to each node, make its folder, check its Python; ``on_ready`` each that works."""
 
         async def bring_up(node: NodeRecord) -> NodeRecord:
             host = self._host(node)

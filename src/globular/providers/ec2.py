@@ -1,0 +1,508 @@
+"""The ``ec2`` provider: nodes are EC2 instances (boto3), brought up over SSH.
+
+Credentials come from ``[aws info]`` when it has them, else from boto3's usual
+chain (environment, ``~/.aws``, instance role).  Each cluster gets one security
+group, ``@globular-<cluster>``, that lets in SSH from one CIDR (``permission``,
+default: this machine's public address) and lets the cluster's own instances
+reach each other; nothing else.  The controller and the notebook are reached
+through SSH.  Instances are tagged with the cluster, the node name and the role,
+so a cluster started on another machine can be found (:meth:`EC2Provider.discover`).
+
+After an instance is ``running`` it is reached exactly like an ``ssh`` provider
+host (the same bring-up), its host key accepted on first contact into a
+known_hosts file of the cluster's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field
+
+from globular.errors import BadInput, ConfigError, GlobularError, NodeError
+from globular.providers.ssh import SSHHost, SSHProvider
+from globular.spec import Settings
+from globular.state import NodeRecord
+
+TAG_CLUSTER = "globular:cluster"
+TAG_NODE = "globular:node"
+TAG_ROLE = "globular:role"
+LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+AWS_INFO_KEYS = (
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_region_name", "aws_endpoint_url", "aws_user_id",
+)
+
+
+def _check_cidr(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a CIDR (such as 203.0.113.7/32)") from None
+    if network.version != 4:
+        raise ValueError("only IPv4 CIDRs are supported")
+    return str(network)
+
+
+class EC2Settings(Settings):
+    aws_access_key_id: str | None = Field(default=None, description="default: boto3's chain (environment, ~/.aws, role)")
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+    aws_region_name: str = Field(default="us-east-1", description="the region of the instances")
+    aws_endpoint_url: str | None = Field(default=None, description="another EC2 endpoint (a private one, or moto for tests)")
+    aws_user_id: str | None = Field(default=None, description="StarCluster's; accepted and not used")
+    node_image_id: str = Field(description="the AMI of the nodes (a Linux with python3 and ipyparallel)")
+    node_instance_type: str = "t3.micro"
+    master_image_id: str | None = Field(default=None, description="default: node_image_id")
+    master_instance_type: str | None = Field(default=None, description="default: node_instance_type")
+    keyname: str = Field(description="the EC2 key pair; its [key NAME] section gives key_location")
+    key_location: str = Field(description="the private key of keyname (from [key NAME])")
+    subnet_id: str | None = Field(default=None, description="default: the default VPC's default subnet")
+    spot_bid: float | None = Field(default=None, gt=0, description="max price per hour (USD): spot instances")
+    permission: Annotated[str | None, AfterValidator(_check_cidr)] = Field(
+        default=None, description="CIDR allowed to SSH in (or a [permission NAME] with cidr_ip); default: your public address"
+    )
+    my_address_url: str = Field(default="https://checkip.amazonaws.com", description="where your public address is asked when permission is unset")
+    address: Literal["public", "private"] | None = Field(default=None, description="which address SSH uses; default: public if the instance has one")
+    user: str = Field(default="ubuntu", description="login name on the image")
+    python: str = Field(default="python3", description="Python on the image, with ipyparallel installed")
+    remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the instances")
+    cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: the instance's cores")
+    connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds one SSH attempt may take")
+    boot_timeout: float = Field(default=600.0, gt=0, description="seconds to wait for running and SSH")
+    poll_interval: float = Field(default=5.0, gt=0, le=60, description="seconds between state checks")
+
+
+def group_name(cluster: str) -> str:
+    return f"@globular-{cluster}"
+
+
+def _tags(resource: Mapping[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in resource.get("Tags") or []}
+
+
+def my_public_address(url: str, timeout: float = 5.0) -> str | None:
+    """This machine's public IPv4 address as ``url`` sees it, or None."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 (a fixed https URL from the config)
+            text = reply.read(64).decode().strip()
+        return str(ipaddress.IPv4Address(text))
+    except (OSError, ValueError):
+        return None
+
+
+class EC2Provider(SSHProvider):
+    name = "ec2"
+    Settings = EC2Settings  # type: ignore[assignment]
+    settings: EC2Settings  # type: ignore[assignment]
+    key_setting = "key_location"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._client = None
+
+    # -- config ------------------------------------------------------------------
+
+    @classmethod
+    def config_values(cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]) -> None:
+        """Take ``[aws info]``, ``[key NAME]`` and ``[permission NAME]`` into the cluster's values."""
+        section_of = sections.copy()
+        for key, value in (extra.get("aws info") or {}).items():
+            if key not in AWS_INFO_KEYS:
+                raise ConfigError(f"unknown setting (known: {', '.join(AWS_INFO_KEYS)})", file=None, section="aws info", key=key)
+            if key not in values:  # a template's own value wins
+                values[key] = value
+                sections[key] = "aws info"
+        keyname = values.get("keyname", "").strip()
+        if keyname and "key_location" not in values:
+            key_section = extra.get(f"key {keyname}")
+            if key_section is None:
+                raise ConfigError(f"names key {keyname!r} but there is no [key {keyname}] section with key_location",
+                                  file=None, section=section_of.get("keyname"), key="keyname")
+            unknown = set(key_section) - {"key_location"}
+            if unknown:
+                raise ConfigError("unknown setting (known: key_location)", file=None, section=f"key {keyname}", key=sorted(unknown)[0])
+            if "key_location" not in key_section:
+                raise ConfigError("missing key_location (the private key file)", file=None, section=f"key {keyname}")
+            values["key_location"] = key_section["key_location"]
+            sections["key_location"] = f"key {keyname}"
+        permission = values.get("permission", "").strip()
+        if permission and f"permission {permission}" in extra:
+            named = extra[f"permission {permission}"]
+            where = f"permission {permission}"
+            for key, value in named.items():
+                if key not in ("cidr_ip", "ip_protocol", "from_port", "to_port"):
+                    raise ConfigError("unknown setting (known: cidr_ip, ip_protocol, from_port, to_port)", file=None, section=where, key=key)
+                if key in ("from_port", "to_port") and value.strip() != "22" or key == "ip_protocol" and value.strip() != "tcp":
+                    raise ConfigError("globular opens SSH only (tcp port 22); the controller and notebook go through it",
+                                      file=None, section=where, key=key)
+            if "cidr_ip" not in named:
+                raise ConfigError("missing cidr_ip (who may SSH in)", file=None, section=where)
+            values["permission"] = named["cidr_ip"]
+            sections["permission"] = where
+
+    @classmethod
+    def default_cluster_size(cls, settings: Settings) -> int:
+        return 2
+
+    @classmethod
+    def size_problem(cls, settings: Settings, size: int) -> tuple[str, str] | None:
+        return None
+
+    @property
+    def region(self) -> str:
+        return self.settings.aws_region_name
+
+    # -- AWS -----------------------------------------------------------------------
+
+    def client(self):
+        if self._client is None:
+            import boto3  # only ec2 clusters pay for it
+
+            session = boto3.session.Session(
+                aws_access_key_id=self.settings.aws_access_key_id,
+                aws_secret_access_key=self.settings.aws_secret_access_key,
+                aws_session_token=self.settings.aws_session_token,
+                region_name=self.settings.aws_region_name,
+            )
+            from botocore.config import Config
+
+            limits = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 4, "mode": "standard"})
+            self._client = session.client("ec2", endpoint_url=self.settings.aws_endpoint_url, config=limits)
+        return self._client
+
+    async def call(self, operation: str, **kwargs) -> dict:
+        """One EC2 API call in a thread; AWS errors become one clear line."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        method = getattr(self.client(), operation)
+        try:
+            return await asyncio.to_thread(method, **kwargs)
+        except NoCredentialsError:
+            raise GlobularError(
+                "no AWS credentials: set aws_access_key_id and aws_secret_access_key in [aws info], "
+                "or configure boto3 (AWS_PROFILE, ~/.aws/credentials)"
+            ) from None
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise AWSError(operation, error.get("Code", "?"), error.get("Message", str(exc))) from None
+        except BotoCoreError as exc:
+            raise GlobularError(f"EC2 {operation}: {exc}") from None
+
+    async def instances(self, *, ids: list[str] | None = None, states: list[str] | None = LIVE_STATES) -> list[dict]:
+        """The cluster's instances (tag filter), or those of ``ids``."""
+        filters = [{"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster]}]
+        if states:
+            filters.append({"Name": "instance-state-name", "Values": states})
+        kwargs: dict[str, Any] = {"Filters": filters}
+        if ids:
+            kwargs["InstanceIds"] = ids
+        found = []
+        reply = await self.call("describe_instances", **kwargs)
+        while True:
+            for reservation in reply.get("Reservations", []):
+                found.extend(reservation.get("Instances", []))
+            token = reply.get("NextToken")
+            if not token:
+                return found
+            reply = await self.call("describe_instances", NextToken=token, **kwargs)
+
+    async def _vpc_of_subnet(self) -> str | None:
+        if self.settings.subnet_id:
+            reply = await self.call("describe_subnets", SubnetIds=[self.settings.subnet_id])
+            return reply["Subnets"][0]["VpcId"]
+        reply = await self.call("describe_vpcs", Filters=[{"Name": "is-default", "Values": ["true"]}])
+        vpcs = reply.get("Vpcs", [])
+        if not vpcs:
+            raise GlobularError(f"region {self.region} has no default VPC: set subnet_id")
+        return vpcs[0]["VpcId"]
+
+    async def find_group(self) -> dict | None:
+        reply = await self.call("describe_security_groups", Filters=[{"Name": "group-name", "Values": [group_name(self.cluster)]}])
+        groups = reply.get("SecurityGroups", [])
+        return groups[0] if groups else None
+
+    def _ssh_cidr(self) -> str:
+        if self.settings.permission:
+            return self.settings.permission
+        address = my_public_address(self.settings.my_address_url)
+        if address is None:
+            raise BadInput(
+                f"cannot tell this machine's public address (asked {self.settings.my_address_url}): "
+                "set permission = CIDR (who may SSH in, such as 203.0.113.7/32) in the cluster template"
+            )
+        return f"{address}/32"
+
+    async def ensure_group(self) -> str:
+        """The cluster's security group: SSH from one CIDR, everything between its own members."""
+        name = group_name(self.cluster)
+        group = await self.find_group()
+        if group is not None:
+            if _tags(group).get(TAG_CLUSTER) != self.cluster:
+                raise GlobularError(f"security group {name} ({group['GroupId']}) exists and is not globular's; delete or rename it")
+            return group["GroupId"]
+        cidr = self._ssh_cidr()
+        vpc = await self._vpc_of_subnet()
+        created = await self.call(
+            "create_security_group",
+            GroupName=name,
+            Description=f"globular cluster {self.cluster}: SSH from {cidr}, all traffic within the cluster",
+            VpcId=vpc,
+            TagSpecifications=[{"ResourceType": "security-group", "Tags": [{"Key": TAG_CLUSTER, "Value": self.cluster}]}],
+        )
+        group_id = created["GroupId"]
+        try:
+            await self.call(
+                "authorize_security_group_ingress",
+                GroupId=group_id,
+                IpPermissions=[
+                    {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": cidr, "Description": "ssh"}]},
+                    {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group_id, "Description": "within the cluster"}]},
+                ],
+            )
+        except BaseException:
+            await self.call("delete_security_group", GroupId=group_id)
+            raise
+        return group_id
+
+    async def delete_group(self, timeout: float = 300.0) -> None:
+        """Delete the cluster's group; AWS refuses while terminated instances still hold it, so retry."""
+        group = await self.find_group()
+        if group is None or _tags(group).get(TAG_CLUSTER) != self.cluster:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.call("delete_security_group", GroupId=group["GroupId"])
+                return
+            except AWSError as exc:
+                if exc.code != "DependencyViolation" or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(self.settings.poll_interval)
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def _known_hosts(self) -> Path:
+        return self.home / "ec2" / f"{self.cluster}-{self.region}.known_hosts"
+
+    def _ssh_key(self) -> str | None:
+        return self.settings.key_location
+
+    def _accept_new_host_keys(self) -> bool:
+        return True  # a new instance's key is new; the cluster's own known_hosts keeps it from then on
+
+    def _launch_args(self, names: list[str], group_id: str, master: bool) -> dict:
+        image = (self.settings.master_image_id if master else None) or self.settings.node_image_id
+        itype = (self.settings.master_instance_type if master else None) or self.settings.node_instance_type
+        tags = [{"Key": TAG_CLUSTER, "Value": self.cluster}]
+        args: dict[str, Any] = {
+            "ImageId": image,
+            "InstanceType": itype,
+            "KeyName": self.settings.keyname,
+            "MinCount": len(names),
+            "MaxCount": len(names),
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}],
+        }
+        if self.settings.subnet_id:
+            args["SubnetId"] = self.settings.subnet_id
+        args["SecurityGroupIds"] = [group_id]
+        if self.settings.spot_bid:
+            args["InstanceMarketOptions"] = {
+                "MarketType": "spot",
+                "SpotOptions": {"MaxPrice": f"{self.settings.spot_bid:.4f}", "SpotInstanceType": "one-time"},
+            }
+        return args
+
+    async def create_nodes(
+        self,
+        names: list[str],
+        on_ready: Callable[[NodeRecord], None],
+        *,
+        existing: list[NodeRecord] = (),  # type: ignore[assignment]
+        hosts: list[str] | None = None,
+    ) -> list[NodeRecord]:
+        if hosts:
+            raise BadInput("the ec2 provider makes its own instances: it takes no --host")
+        if not Path(self.settings.key_location).expanduser().is_file():
+            raise BadInput(f"key_location {self.settings.key_location} (the key of {self.settings.keyname}) does not exist")
+        group_id = await self.ensure_group()
+        launched: list[str] = []
+        handed: set[str] = set()
+
+        def ready(node: NodeRecord) -> None:
+            handed.add(node.data["instance_id"])
+            on_ready(node)
+
+        try:
+            nodes = await self._launch(names, group_id, launched)
+            await self._wait_running(nodes)
+            return await self._bring_up(nodes, ready)
+        except BaseException:
+            # the caller releases what it was handed; the rest is ours
+            await asyncio.shield(self._terminate_ids([i for i in launched if i not in handed]))
+            if not existing and not handed:
+                await asyncio.shield(self.release_cluster())
+            raise
+
+    async def _launch(self, names: list[str], group_id: str, launched: list[str]) -> list[NodeRecord]:
+        batches = [(names[:1], True), (names[1:], False)] if names[0] == "master" else [(names, False)]
+        nodes = []
+        for batch, master in batches:
+            if not batch:
+                continue
+            reply = await self.call("run_instances", **self._launch_args(batch, group_id, master))
+            ids = [i["InstanceId"] for i in reply["Instances"]]
+            launched.extend(ids)
+            for name, instance_id in zip(batch, ids):
+                await self.call("create_tags", Resources=[instance_id], Tags=[
+                    {"Key": TAG_NODE, "Value": name},
+                    {"Key": TAG_ROLE, "Value": "master" if name == "master" else "node"},
+                    {"Key": "Name", "Value": f"{self.cluster}-{name}"},
+                ])
+                nodes.append(NodeRecord(
+                    name=name, address="", workdir=self._node_dir(name), cores=1, python=self.settings.python,
+                    data={"instance_id": instance_id, "host": ""},
+                ))
+        return nodes
+
+    def _address_of(self, instance: dict) -> str | None:
+        public, private = instance.get("PublicIpAddress"), instance.get("PrivateIpAddress")
+        if self.settings.address == "private":
+            return private
+        if self.settings.address == "public":
+            return public
+        return public or private
+
+    async def _wait_running(self, nodes: list[NodeRecord]) -> None:
+        """Wait until every instance runs and has an address (bounded by boot_timeout)."""
+        waiting = {n.data["instance_id"]: n for n in nodes}
+        self.reporter.begin("ec2-running", "instances running", len(nodes))
+        deadline = time.monotonic() + self.settings.boot_timeout
+        states: dict[str, str] = {}
+        while waiting:
+            for instance in await self.instances(ids=list(waiting), states=None):
+                instance_id = instance["InstanceId"]
+                state = instance["State"]["Name"]
+                states[instance_id] = state
+                node = waiting.get(instance_id)
+                if node is None:
+                    continue
+                if state in ("shutting-down", "terminated", "stopping", "stopped"):
+                    reason = (instance.get("StateReason") or {}).get("Message", "")
+                    raise NodeError(node.name, f"instance {instance_id} is {state} ({reason or 'no reason given'})")
+                address = self._address_of(instance)
+                if state == "running" and address:
+                    host = SSHHost(host=address, user=self.settings.user)
+                    node.address, node.login, node.data["host"] = address, str(host), str(host)
+                    node.data["address"] = address
+                    del waiting[instance_id]
+                    self.reporter.advance("ec2-running")
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                late = ", ".join(f"{n.name} ({i}: {states.get(i, 'unknown')})" for i, n in waiting.items())
+                raise GlobularError(f"instances not running with an address after {self.settings.boot_timeout:g}s: {late}")
+            await asyncio.sleep(self.settings.poll_interval)
+        self.reporter.end("ec2-running")
+
+    async def connect(self, host: SSHHost):
+        """Like the ssh provider's, but a new instance's sshd may not answer yet: retry until boot_timeout."""
+        deadline = time.monotonic() + self.settings.boot_timeout
+        while True:
+            try:
+                return await super().connect(host)
+            except GlobularError as exc:
+                if "cannot reach" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(min(self.settings.poll_interval, 5.0))
+
+    async def _terminate_ids(self, ids: list[str], wait: bool = True) -> None:
+        if not ids:
+            return
+        await self.call("terminate_instances", InstanceIds=ids)
+        if not wait:
+            return
+        deadline = time.monotonic() + self.settings.boot_timeout
+        while True:
+            alive = [i for i in await self.instances(ids=ids, states=None) if i["State"]["Name"] != "terminated"]
+            if not alive or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(self.settings.poll_interval)
+
+    def _forget_host_keys(self, addresses: list[str]) -> None:
+        """A terminated instance's address may come back with another key: drop its line."""
+        path = self._known_hosts()
+        if not path.exists():
+            return
+        gone = set(addresses)
+        kept = [line for line in path.read_text().splitlines() if line.split(" ", 1)[0].strip("[]").split("]:")[0] not in gone]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+
+    async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
+        """Terminate the nodes' instances and wait until they are gone (no SSH needed)."""
+        for node in nodes:
+            runner = self._runners.pop(node.name, None)
+            if runner is not None:
+                await runner.close()
+        ids = [n.data["instance_id"] for n in nodes if n.data.get("instance_id")]
+        if ids:
+            self.reporter.begin("ec2-terminate", "instances terminating", len(ids))
+            await self._terminate_ids(ids)
+            self.reporter.end("ec2-terminate")
+        self._forget_host_keys([n.data.get("address") or n.address for n in nodes])
+
+    async def release_cluster(self) -> None:
+        """Every instance tagged with the cluster (even one no record knows), then the group."""
+        stray = [i["InstanceId"] for i in await self.instances()]
+        await self._terminate_ids(stray)
+        await self.delete_group()
+        self._known_hosts().unlink(missing_ok=True)
+
+    async def list_nodes(self, nodes: list[NodeRecord]) -> list[NodeRecord]:
+        alive = {i["InstanceId"] for i in await self.instances(states=["pending", "running"])}
+        return [n for n in nodes if n.data.get("instance_id") in alive]
+
+    def account(self) -> object | None:
+        return (self.settings.aws_endpoint_url, self.settings.aws_access_key_id)
+
+    async def discover(self) -> dict[str, list[NodeRecord]]:
+        """Every globular cluster in this region (any machine started it): name → its nodes, from tags."""
+        found: dict[str, list[NodeRecord]] = {}
+        reply = await self.call(
+            "describe_instances",
+            Filters=[{"Name": "tag-key", "Values": [TAG_CLUSTER]}, {"Name": "instance-state-name", "Values": LIVE_STATES}],
+        )
+        for reservation in reply.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                tags = _tags(instance)
+                cluster, name = tags.get(TAG_CLUSTER), tags.get(TAG_NODE)
+                if not cluster or not name:
+                    continue
+                address = self._address_of(instance) or ""
+                host = str(SSHHost(host=address, user=self.settings.user)) if address else ""
+                found.setdefault(cluster, []).append(NodeRecord(
+                    name=name, address=address, workdir=f"{self.settings.remote_dir}/{cluster}/{name}", cores=1,
+                    python=self.settings.python, login=host or None,
+                    data={"instance_id": instance["InstanceId"], "host": host, "address": address,
+                          "state": instance["State"]["Name"]},
+                ))
+        return found
+
+
+class AWSError(GlobularError):
+    """An EC2 API call refused: the operation, AWS's error code and message."""
+
+    def __init__(self, operation: str, code: str, message: str):
+        self.operation, self.code = operation, code
+        super().__init__(f"EC2 {operation}: {code}: {message}")

@@ -1,0 +1,300 @@
+"""The ec2 provider against moto's EC2 server (started here, on 127.0.0.1).
+
+moto stands in for the EC2 API only.  The instances it "launches" get addresses
+in a 198.18.0.0/24 subnet, handed out in order from .4; the test hosts
+(tests/testhosts.py, network namespaces running sshd) sit at exactly those
+addresses, so the SSH bring-up, the controller and the engines are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import testhosts
+from conftest import read_record, wait_until
+
+boto3 = pytest.importorskip("boto3")
+reason = testhosts.available()
+pytestmark = [pytest.mark.cluster, pytest.mark.skipif(reason is not None, reason=reason or "")]
+
+REGION = "us-east-1"
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    server = Path(sys.executable).with_name("moto_server")
+    if not server.exists():
+        pytest.skip("moto[server] is not installed")
+    port = _free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "wb")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(url), timeout=30), "moto_server did not start"
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    hosts = testhosts.HostNet(workdir=tmp_path_factory.mktemp("ec2hosts"), first=4)
+    hosts.up(4)  # 198.18.0.4-7: the first four addresses moto gives in the subnet
+    yield hosts
+    hosts.down()
+
+
+class Account:
+    """A fresh moto account with a VPC, a subnet in 198.18.0.0/24 and the test key pair."""
+
+    def __init__(self, url: str, key: Path):
+        urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
+        self.url = url
+        self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=url, **CREDENTIALS)
+        vpc = self.ec2.create_vpc(CidrBlock="198.18.0.0/24")["Vpc"]["VpcId"]
+        self.subnet = self.ec2.create_subnet(VpcId=vpc, CidrBlock="198.18.0.0/24")["Subnet"]["SubnetId"]
+        self.ec2.import_key_pair(KeyName="testkey", PublicKeyMaterial=Path(f"{key}.pub").read_bytes())
+        self.ami = self.ec2.describe_images()["Images"][0]["ImageId"]
+
+    def instances(self, *states: str) -> list[dict]:
+        filters = [{"Name": "instance-state-name", "Values": list(states)}] if states else []
+        return [i for r in self.ec2.describe_instances(Filters=filters)["Reservations"] for i in r["Instances"]]
+
+    def live(self) -> list[dict]:
+        return self.instances("pending", "running", "stopping", "stopped", "shutting-down")
+
+    def groups(self) -> dict[str, dict]:
+        return {g["GroupName"]: g for g in self.ec2.describe_security_groups()["SecurityGroups"]}
+
+    def snapshot(self) -> dict:
+        """What a cluster must leave as it found it."""
+        return {
+            "live": sorted(i["InstanceId"] for i in self.live()),
+            "groups": sorted((g["GroupId"], g["GroupName"]) for g in self.groups().values()),
+            "keys": sorted(k["KeyName"] for k in self.ec2.describe_key_pairs()["KeyPairs"]),
+            "vpcs": sorted(v["VpcId"] for v in self.ec2.describe_vpcs()["Vpcs"]),
+            "subnets": sorted(s["SubnetId"] for s in self.ec2.describe_subnets()["Subnets"]),
+        }
+
+
+@pytest.fixture
+def account(moto_url, net):
+    return Account(moto_url, net.key)
+
+
+def ec2_config(account: Account, net, tmp_path, *, cluster: str = "", plugins: str = "ipcluster", aws: str = "") -> str:
+    path = tmp_path / "config"
+    path.write_text(
+        "[global]\ndefault_template = cloud\n"
+        "[aws info]\n"
+        f"aws_access_key_id = testing\naws_secret_access_key = testing\n"
+        f"aws_region_name = {REGION}\naws_endpoint_url = {account.url}\n{aws}"
+        f"[key testkey]\nkey_location = {net.key}\n"
+        "[cluster cloud]\nprovider = ec2\nkeyname = testkey\n"
+        f"node_image_id = {account.ami}\nnode_instance_type = t3.micro\nsubnet_id = {account.subnet}\n"
+        "permission = 198.18.0.0/24\nuser = root\n"
+        f"python = {sys.executable}\nremote_dir = {tmp_path / 'hosts'}\n"
+        "cores_per_node = 1\npoll_interval = 0.2\nboot_timeout = 60\nconnect_timeout = 3\n"
+        f"plugins = {plugins}\n{cluster}"
+        "[plugin ipcluster]\nsetup_class = ipcluster\n"
+    )
+    return str(path)
+
+
+def tags(instance: dict) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+
+
+def portable(f):
+    """``f``, sent by value: the hosts cannot import the tests' modules."""
+    f.__module__ = "__main__"
+    return f
+
+
+def node_name() -> str:
+    import os
+
+    return os.environ["GLOBULAR_NODE"]
+
+
+@pytest.fixture
+def terminated(cli, home):
+    """Terminates, after the test, the clusters it names if the test left them."""
+    names: list[tuple[str, str]] = []
+    yield lambda name, config: names.append((name, config))
+    for name, config in names:
+        if (home / "clusters" / f"{name}.json").exists():
+            cli("-c", config, "terminate", "-y", name)
+
+
+def test_start_grow_shrink_terminate_leaves_the_account_as_found(account, net, cli, home, tmp_path, terminated):
+    from globular.client import connect
+
+    before = account.snapshot()
+    config = ec2_config(account, net, tmp_path)
+    terminated("sky", config)
+    started = cli("-c", config, "start", "-s", "2", "sky")
+    assert started.returncode == 0, started.output
+
+    # instances: tagged with cluster, node and role, at the subnet's addresses
+    running = {tags(i)["globular:node"]: i for i in account.instances("running")}
+    assert sorted(running) == ["master", "node001"]
+    assert {n: tags(i)["globular:role"] for n, i in running.items()} == {"master": "master", "node001": "node"}
+    assert all(tags(i)["globular:cluster"] == "sky" and tags(i)["Name"] == f"sky-{n}" for n, i in running.items())
+    assert sorted(i["PrivateIpAddress"] for i in running.values()) == ["198.18.0.4", "198.18.0.5"]
+    assert all(i["KeyName"] == "testkey" and i["SubnetId"] == account.subnet for i in running.values())
+
+    # one group, SSH from the configured CIDR and the cluster to itself: nothing else
+    group = account.groups()["@globular-sky"]
+    assert all([g["GroupId"]] == [x["GroupId"] for x in i["SecurityGroups"]] for g in [group] for i in running.values())
+    rules = sorted(
+        (p["IpProtocol"], p.get("FromPort"), p.get("ToPort"),
+         tuple(r["CidrIp"] for r in p.get("IpRanges", [])), tuple(r["GroupId"] for r in p.get("UserIdGroupPairs", [])))
+        for p in group["IpPermissions"]
+    )
+    assert rules == sorted([("tcp", 22, 22, ("198.18.0.0/24",), ()), ("-1", None, None, (), (group["GroupId"],))])
+    assert not any(r["CidrIp"] == "0.0.0.0/0" for p in group["IpPermissions"] for r in p.get("IpRanges", []))
+
+    record = read_record(home, "sky")
+    assert record["region"] == REGION
+    conn_file = home / "ipcluster" / f"sky-{REGION}.json"
+    assert conn_file.exists() and (conn_file.stat().st_mode & 0o777) == 0o600
+    known = home / "ec2" / f"sky-{REGION}.known_hosts"
+    assert known.exists()
+
+    rc = connect("sky")
+    try:
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+        assert sorted(rc[:].apply_sync(portable(node_name))) == ["master", "node001"]
+
+        added = cli("-c", config, "addnode", "sky")
+        assert added.returncode == 0, added.output
+        assert sorted(tags(i)["globular:node"] for i in account.instances("running")) == ["master", "node001", "node002"]
+        assert wait_until(lambda: len(rc.ids) == 3, timeout=30)  # the connected client sees the new engine
+
+        removed = cli("-c", config, "removenode", "sky", "node001")
+        assert removed.returncode == 0, removed.output
+        assert sorted(tags(i)["globular:node"] for i in account.instances("running")) == ["master", "node002"]
+        gone = [i for i in account.instances("terminated") if tags(i)["globular:node"] == "node001"]
+        assert len(gone) == 1
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+        assert "@globular-sky" in account.groups()  # the group stays while the cluster lives
+    finally:
+        rc.close()
+
+    listed = cli("-c", config, "listclusters")
+    assert listed.returncode == 0 and "sky" in listed.stdout and REGION in listed.stdout
+    assert "running elsewhere" not in listed.stdout  # this machine has its record
+
+    stopped = cli("-c", config, "terminate", "-y", "sky")
+    assert stopped.returncode == 0, stopped.output
+    assert account.snapshot() == before
+    assert not known.exists() and not conn_file.exists()
+    assert not (home / "clusters" / "sky.json").exists()
+
+
+def test_a_cluster_started_elsewhere_is_listed_and_terminated_from_its_tags(account, net, cli, home, tmp_path):
+    before = account.snapshot()
+    config = ec2_config(account, net, tmp_path, plugins="", cluster="spot_bid = 0.05\n")
+    started = cli("-c", config, "start", "-s", "2", "far")
+    assert started.returncode == 0, started.output
+    instances = account.instances("running")
+    assert len(instances) == 2 and all(i.get("InstanceLifecycle") == "spot" for i in instances)
+
+    elsewhere = tmp_path / "other-machine"  # a second machine: same config, no record
+    env = {"GLOBULAR_HOME": str(elsewhere)}
+    listed = cli("-c", config, "listclusters", env=env)
+    assert listed.returncode == 0, listed.output
+    row = next(line for line in listed.stdout.splitlines() if "far" in line)
+    assert "running elsewhere" in row and "ec2" in row and REGION in row and " 2 " in row
+
+    stopped = cli("-c", config, "terminate", "-y", "far", env=env)
+    assert stopped.returncode == 0, stopped.output
+    assert account.snapshot() == before
+    assert not (elsewhere / "clusters" / "far.json").exists()
+    assert "No clusters" in cli("-c", config, "listclusters", env=env).stdout.replace("far", "")
+    # the first machine's record now names instances that are gone: its terminate still works
+    again = cli("-c", config, "terminate", "-y", "far")
+    assert again.returncode == 0, again.output
+    assert account.snapshot() == before
+
+
+def test_without_permission_and_no_public_address_it_asks_for_one_and_makes_nothing(account, net, cli, tmp_path):
+    before = account.snapshot()
+    config = ec2_config(account, net, tmp_path, plugins="")
+    text = Path(config).read_text().replace("permission = 198.18.0.0/24\n", "my_address_url = http://127.0.0.1:9/\n")
+    Path(config).write_text(text)
+    result = cli("-c", config, "start", "-s", "1", "closed")
+    assert result.returncode == 2, result.output
+    assert "permission" in result.stderr and "cannot tell this machine's public address" in result.stderr
+    assert account.snapshot() == before
+
+
+def test_a_node_that_never_answers_ssh_fails_the_start_and_everything_is_released(account, net, cli, home, tmp_path):
+    before = account.snapshot()
+    config = ec2_config(account, net, tmp_path, cluster="", plugins="ipcluster")
+    Path(config).write_text(Path(config).read_text().replace("boot_timeout = 60", "boot_timeout = 6"))
+    # five instances: the fifth gets 198.18.0.8, where no host answers
+    result = cli("-c", config, "start", "-s", "5", "half")
+    assert result.returncode == 1, result.output
+    assert "node004" in result.stderr and "198.18.0.8" in result.stderr
+    assert account.snapshot() == before
+    assert not (home / "clusters" / "half.json").exists()
+
+
+def test_ec2_config_sections_are_checked_with_file_section_and_key(tmp_path):
+    from globular.config import Config
+    from globular.errors import ConfigError
+
+    base = (
+        "[cluster c]\nprovider = ec2\nkeyname = k\nnode_image_id = ami-1\npermission = 203.0.113.7/32\n"
+    )
+    spec = Config.from_text(base + "[key k]\nkey_location = ~/.ssh/k.pem\n[aws info]\naws_region_name = eu-west-1\n",
+                            file="cfg").cluster_spec("c")
+    assert spec.provider_settings["key_location"] == "~/.ssh/k.pem"
+    assert spec.provider_settings["aws_region_name"] == "eu-west-1"
+
+    cases = {
+        base: ("cluster c", "keyname", "no [key k] section"),
+        base + "[key k]\nkey_location = x\n[aws info]\naws_secret = 1\n": ("aws info", "aws_secret", "unknown setting"),
+        base + "[key k]\nkey_file = x\n": ("key k", "key_file", "unknown setting"),
+        base.replace("203.0.113.7/32", "wide") + "[key k]\nkey_location = x\n[permission wide]\ncidr_ip = 0.0.0.0/0\nfrom_port = 1000\n":
+            ("permission wide", "from_port", "SSH only"),
+        base.replace("203.0.113.7/32", "10.0.0.300/8") + "[key k]\nkey_location = x\n": ("cluster c", "permission", "not a CIDR"),
+        base.replace("node_image_id = ami-1\n", "") + "[key k]\nkey_location = x\n": ("cluster c", "node_image_id", "required"),
+    }
+    for text, (section, key, message) in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            Config.from_text(text, file="cfg").cluster_spec("c")
+        err = caught.value
+        assert (err.section, err.key) == (section, key), str(err)
+        assert message in str(err) and str(err).startswith("cfg"), str(err)
