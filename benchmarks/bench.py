@@ -82,6 +82,17 @@ class Globular:
         rc.close()
         return self.cmd("terminate", "-y", "b")
 
+    def stop_from_python(self, rc: ipp.Client) -> float:
+        """``globular.cluster.terminate`` in this process: like for like with ``Cluster.stop_cluster_sync``."""
+        import asyncio
+
+        from globular import cluster
+
+        rc.close()
+        started = time.perf_counter()
+        asyncio.run(cluster.terminate("b", home=self.home))
+        return time.perf_counter() - started
+
 
 class Plain:
     """``ipp.Cluster`` with its defaults (the packer set where a row asks for one)."""
@@ -171,22 +182,41 @@ def main() -> int:
         figures.setdefault(row, {"globular": [], "plain": []})[system].append(value)
 
     began = time.perf_counter()
+    # an editable install has no bytecode (and PYTHONDONTWRITEBYTECODE keeps it so): compile it once,
+    # as any regular install does, so that the command's start-up is measured as users get it
+    import compileall
+
+    import globular
+
+    compileall.compile_dir(Path(globular.__file__).parent, quiet=1)
     with tempfile.TemporaryDirectory(prefix="globular-bench-") as tmp:
         glob = Globular(Path(tmp))
         for rep in range(args.repeats):
             print(f"round {rep + 1}/{args.repeats}", file=sys.stderr)
-            for system in ("globular", "plain"):
-                runner = glob if system == "globular" else Plain()
-                t, rc = runner.start(1, 2) if system == "globular" else runner.start(2)
+            # who goes first alternates from round to round; the work figures are taken
+            # with both clusters up, alternating, so that drift of this machine hits both alike
+            order = ("globular", "plain") if rep % 2 == 0 else ("plain", "globular")
+            runners = {"globular": glob, "plain": Plain()}
+            clients = {}
+            for system in order:
+                runner = runners[system]
+                t, clients[system] = runner.start(1, 2) if system == "globular" else runner.start(2)
                 add("start 1 node x 2 engines (s)", system, t)
-                for name, value in work_figures(rc).items():
+            for system in order + tuple(reversed(order)):
+                for name, value in work_figures(clients[system]).items():
                     add(name, system, value)
-                add("restart all engines (s)", system, runner.restart(rc, 2))
-                add("addnode until new engines work (s)", system, runner.addnode(rc, 2))
-                add("terminate (s)", system, runner.stop(rc))
+            for system in order:
+                add("restart all engines (s)", system, runners[system].restart(clients[system], 2))
+            for system in order:
+                add("addnode until new engines work (s)", system, runners[system].addnode(clients[system], 2))
+            for system in order:
+                add("terminate (s)", system, runners[system].stop(clients[system]))
+            for system in order:
+                runner = runners[system]
                 t, rc = runner.start(3, 1) if system == "globular" else runner.start(3)
                 add("start 3 nodes x 1 engine (s)", system, t)
-                runner.stop(rc)
+                stop = runner.stop_from_python if system == "globular" else runner.stop
+                add("terminate 3 nodes, from Python (s)", system, stop(rc))
                 # without the per-engine nanny process (no Client.send_signal); plain keeps its defaults
                 t, rc = runner.start(1, 2, extra="engine_nanny = False\n") if system == "globular" else runner.start(2)
                 add("start 1 node x 2 engines, engine_nanny = False (s)", system, t)

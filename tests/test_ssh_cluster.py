@@ -259,6 +259,44 @@ def test_unreachable_host_fails_start_in_bounded_time_and_cleans_the_others(net,
     assert not (home / "clusters" / "bad.json").exists()
 
 
+def test_a_node_that_dies_during_start_fails_it_and_terminate_cleans_up_after(net, cli, home, tmp_path):
+    """node002's network goes down a second after its engine starts (the host is gone
+    as far as anyone can tell): start fails naming it, within keepalive time; the
+    processes it cannot reach stay recorded, and once the host is back `terminate`
+    stops every one of them."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = ipyparallel.engine ] && [ "$GLOBULAR_NODE" = node002 ]; then\n'
+        "  sleep 1; ip link set eth0 down; exec sleep 300\n"
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    config = ssh_config(net, tmp_path, python=str(wrapper), ipcluster="engine_timeout = 120\n")
+    victim = net.hosts[2]
+    started = time.monotonic()
+    try:
+        result = cli("-c", config, "start", "-s", "3", "dies", timeout=240)
+        elapsed = time.monotonic() - started
+        assert result.returncode == 1, result.output
+        assert "node002" in result.stderr, result.stderr
+        assert elapsed < 90, elapsed  # keepalive: 3 x connect_timeout (3 s), then the cleanup's tries
+        record = read_record(home, "dies")  # kept: node002's processes could not be stopped
+        assert record["status"] == "failed"
+        assert "globular terminate dies" in result.stderr
+        stranded = [n for n in record["nodes"] if n["name"] == "node002"][0]["processes"]
+        assert stranded, record
+        listing = cli("-c", config, "listclusters")
+        assert "dies" in listing.stdout and "failed" in listing.stdout
+    finally:
+        testhosts.sh("ip", "-n", victim.netns, "link", "set", "eth0", "up")
+    stopped = cli("-c", config, "terminate", "-y", "dies")
+    assert stopped.returncode == 0, stopped.output
+    assert not remote_processes(net, tmp_path / "hosts")
+    assert not (home / "clusters" / "dies.json").exists()
+
+
 def test_a_host_without_the_python_named_fails_with_the_host_named(net, cli, home, tmp_path):
     config = ssh_config(net, tmp_path, python="/nonexistent/python3")
     result = cli("-c", config, "start", "nopy")

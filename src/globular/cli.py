@@ -199,24 +199,35 @@ def listclusters(ctx: click.Context) -> None:
     if not records and not problems and not found:
         console.print("No clusters.")
     if records or found:
-        table = Table("name", "status", "provider", "region", "nodes", "engines", "template", "up")
+        from globular import health
+
+        checked = run(health.check_all(records, globular_home())) if records else {}
+        table = Table("name", "status", "provider", "region", "nodes", "engines", "template", "up", "health")
         now = time.time()
         for record in records:
-            engines = (record.plugin_data.get("ipcluster") or {}).get("engines", "-")
+            expected = (record.plugin_data.get("ipcluster") or {}).get("engines")
+            state = checked[record.name]
+            if expected is None:
+                engines = "-"
+            elif state.engines_alive is None:
+                engines = f"?/{expected}"
+            else:
+                engines = f"{state.engines_alive}/{expected}"
             table.add_row(
                 record.name,
                 record.status,
                 record.spec.provider,
                 record.region,
                 str(len(record.nodes)),
-                str(engines),
+                engines,
                 record.spec.template,
                 age(now - record.created),
+                state.condition if state.ok else f"[yellow]{escape(state.condition)}[/]",
             )
         for other in found:
             table.add_row(
                 other.name, "running elsewhere", other.spec.provider, other.region, str(len(other.nodes)), "-",
-                other.spec.template, "-",
+                other.spec.template, "-", "not checked (no local record)",
             )
         console.print(table)
     for problem in problems:

@@ -95,8 +95,9 @@ def _wait_gone(procs, timeout):
 
 
 def _descendants(procs):
-    """Children (and theirs) of ``procs`` that left their process group, such as
-    ipyparallel's engine nanny (it starts a session of its own)."""
+    """Processes that stopping ``procs`` must stop too: children (and theirs) that left the
+    process group, such as ipyparallel's engine nanny (a session of its own), and what is
+    left of the group of a leader that died (SIGKILL)."""
     parents = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -109,7 +110,15 @@ def _descendants(procs):
         fields = data[data.rindex(")") + 2 :].split()
         parents.setdefault(int(fields[1]), []).append({"pid": int(entry), "start": int(fields[19]), "pgrp": int(fields[2])})
     found, todo = [], [p["pid"] for p in procs if _alive(p)]
-    groups = set(todo)
+    groups = {p["pid"] for p in procs}
+    # a dead leader's group lives on in its children (the controller's forked schedulers);
+    # the kernel never hands out a pid still in use as a group id, so these are ours
+    dead = groups - set(todo)
+    for members in parents.values():
+        for child in members:
+            if child["pgrp"] in dead and child["pid"] not in dead:
+                found.append({"pid": child["pid"], "start": child["start"]})
+                todo.append(child["pid"])
     while todo:
         for child in parents.get(todo.pop(), []):
             todo.append(child["pid"])
@@ -257,7 +266,26 @@ def free_ports(req):
             s.close()
 
 
+def children(req):
+    """How many live children each process of ``req["procs"]`` has (a supervisor's engines)."""
+    counts = {p["pid"]: 0 for p in req["procs"] if _alive(p)}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = _stat(entry)
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(")") + 2 :].split()[1])
+        if ppid in counts and st is not None and st[0] not in ("Z", "X"):
+            counts[ppid] += 1
+    return [counts.get(p["pid"], 0) for p in req["procs"]]
+
+
 VERBS = {
+    "children": children,
     "prepare": prepare,
     "free_ports": free_ports,
     "remove_dir": remove_dir,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
+from globular import supervisor
 from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
 from globular.paths import connection_file_path, write_private
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 CONTROLLER = "ipcontroller"
 ENGINE = "ipengine"
+SUPERVISOR = "engine-supervisor"  # restart_dead_engines: keeps a node's engines running
 DATA_KEY = "ipcluster"  # where IPCluster keeps its part of the state record
 
 PACKERS = {
@@ -105,6 +107,9 @@ class IPClusterSettings(Settings):
     )
     engine_nanny: bool = Field(
         default=True, description="a nanny process per engine: needed to interrupt one engine (Client.send_signal); False starts engines faster"
+    )
+    restart_dead_engines: bool = Field(
+        default=False, description="a supervisor on each node restarts engines that die (they rejoin with new ids)"
     )
     engine_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for engines to register")
     controller_interface: Annotated[str | None, AfterValidator(_check_interface)] = Field(
@@ -203,6 +208,7 @@ async def require_modules(cluster: Cluster, nodes: list[NodeRecord], settings: I
 
 # -- engines -------------------------------------------------------------------
 
+SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
 DEATH_WINDOW_MS = 5000  # the controller drops an engine silent for this long
 ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
 
@@ -223,9 +229,14 @@ def claim_engine_ids(cluster: Cluster, node: NodeRecord, count: int, floor: int 
 
 
 async def start_engines(
-    cluster: Cluster, node: NodeRecord, count: int, engine_info: dict[str, Any], *, nanny: bool, floor: int = 0
+    cluster: Cluster, node: NodeRecord, count: int, engine_info: dict[str, Any], *,
+    nanny: bool, supervise: bool = False, floor: int = 0,
 ) -> dict[int, str]:
-    """Write the engine connection file (0600) on ``node`` and start ``count`` engines: id → node."""
+    """Write the engine connection file (0600) on ``node`` and start ``count`` engines: id → node.
+
+    With ``supervise``, one supervisor process starts them and restarts any that dies
+    (the record tracks the supervisor; its engines are its children, stopped with it).
+    """
     if count <= 0:
         return {}
     runner = cluster.runner(node)
@@ -238,7 +249,7 @@ async def start_engines(
         "OMP_NUM_THREADS": "1",
     }
     ids = claim_engine_ids(cluster, node, count, floor)
-    specs = [
+    engines = [
         ProcessSpec(
             argv=[
                 node.python, "-m", "ipyparallel.engine", f"--file={info_path}",
@@ -252,12 +263,25 @@ async def start_engines(
         )
         for engine_id in ids
     ]
-    cluster.track(node, await runner.spawn(specs))
+    if supervise:
+        request = f"{node.workdir}/run/engines-{ids[0]}.json"
+        plan = {"engines": [{"argv": e.argv, "log": e.log} for e in engines], "restart_id_arg": "--IPEngine.id="}
+        await runner.write_file(request, json.dumps(plan).encode(), 0o600)
+        engines = [ProcessSpec(
+            argv=[node.python, "-c", SUPERVISOR_SOURCE, request],
+            log=f"{node.workdir}/logs/supervisor-{ids[0]}.log", role=SUPERVISOR, env=env, cwd=node.workdir,
+        )]
+    cluster.track(node, await runner.spawn(engines))
     return {i: node.name for i in ids}
 
 
+def engine_processes(node: NodeRecord) -> list[ProcessRecord]:
+    """The processes that stand for ``node``'s engines: the engines, or their supervisors."""
+    return node.processes_with_role(ENGINE) + node.processes_with_role(SUPERVISOR)
+
+
 async def stop_engines(cluster: Cluster, node: NodeRecord) -> int:
-    engines = node.processes_with_role(ENGINE)
+    engines = engine_processes(node)
     await cluster.stop_processes(node, engines)
     return len(engines)
 
@@ -266,11 +290,12 @@ async def check_engines_alive(cluster: Cluster, nodes: list[NodeRecord]) -> None
     """Raise NodeError (with the engine's log) if an engine process has died."""
 
     async def check(node: NodeRecord) -> None:
-        engines = node.processes_with_role(ENGINE)
+        engines = engine_processes(node)
         for proc, alive in zip(engines, await cluster.runner(node).alive(engines)):
             if not alive:
                 log = await cluster.runner(node).tail(proc.log) if proc.log else ""
-                raise NodeError(node.name, f"engine (pid {proc.pid}) exited; its log ({proc.log}) ends:", log)
+                what = "engine" if proc.role == ENGINE else "engine supervisor"
+                raise NodeError(node.name, f"{what} (pid {proc.pid}) exited; its log ({proc.log}) ends:", log)
 
     await each_node(nodes, check)
 
@@ -403,7 +428,10 @@ class IPCluster(Plugin):
         cluster.reporter.begin("engine-start", "starting engines on nodes", len(cluster.nodes))
         started_ids = await each_node(
             cluster.nodes,
-            lambda node: start_engines(cluster, node, counts[node.name], engine_info, nanny=self.settings.engine_nanny),
+            lambda node: start_engines(
+                cluster, node, counts[node.name], engine_info,
+                nanny=settings.engine_nanny, supervise=settings.restart_dead_engines,
+            ),
             on_done=lambda node: cluster.reporter.advance("engine-start"),
         )
         cluster.reporter.end("engine-start")
@@ -557,7 +585,10 @@ class IPCluster(Plugin):
         client = await open_client(cluster)
         try:
             floor = max(client.ids, default=-1) + 1
-            wanted = await start_engines(cluster, node, count, data["engine_info"], nanny=self.settings.engine_nanny, floor=floor)
+            wanted = await start_engines(
+                cluster, node, count, data["engine_info"],
+                nanny=self.settings.engine_nanny, supervise=self.settings.restart_dead_engines, floor=floor,
+            )
             fresh = await wait_for_engines(
                 cluster, client, wanted=wanted, nodes=[node], timeout=self.settings.engine_timeout,
                 description=f"engines of {node.name} registered",
@@ -587,7 +618,7 @@ async def stop_ipcluster(cluster: Cluster) -> int:
     await stop_notebook(cluster)
 
     async def stop_node(node: NodeRecord) -> int:  # engines and controller together: one round trip a node
-        engines = node.processes_with_role(ENGINE)
+        engines = engine_processes(node)
         await cluster.stop_processes(node, engines + node.processes_with_role(CONTROLLER))
         return len(engines)
 
@@ -617,7 +648,10 @@ class IPClusterRestartEngines(Plugin):
 
             async def restart(node: NodeRecord) -> None:
                 await retire_engines(cluster, client, [node])
-                wanted.update(await start_engines(cluster, node, counts[node.name], data["engine_info"], nanny=settings.engine_nanny, floor=floor))
+                wanted.update(await start_engines(
+                    cluster, node, counts[node.name], data["engine_info"],
+                    nanny=settings.engine_nanny, supervise=settings.restart_dead_engines, floor=floor,
+                ))
 
             await each_node(cluster.nodes, restart, on_done=lambda node: cluster.reporter.advance("restart"))
             cluster.reporter.end("restart")

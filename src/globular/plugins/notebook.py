@@ -28,9 +28,9 @@ from globular.errors import GlobularError, NodeError
 from globular.paths import write_private
 from globular.providers.base import ProcessSpec
 from globular.state import NodeRecord
-from globular.tls import CertPair, kept_certificate, load_certificate
 
 if TYPE_CHECKING:
+    from globular.tls import CertPair
     from globular.cluster import Cluster
     from globular.plugins.ipcluster import IPClusterSettings
 
@@ -57,6 +57,8 @@ def tls_folder(home: Path, name: str, region: str) -> Path:
 
 
 def notebook_certificate(cluster: Cluster, settings: IPClusterSettings, address: str) -> CertPair:
+    from globular.tls import kept_certificate, load_certificate  # cryptography loads only when a notebook is wanted
+
     """The certificate the server will use: the user's, or the cluster's kept self-signed one."""
     if settings.notebook_certfile or settings.notebook_keyfile:
         if not (settings.notebook_certfile and settings.notebook_keyfile):

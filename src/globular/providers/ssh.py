@@ -211,7 +211,11 @@ class SSHProvider(NodeProvider):
         return self.settings.accept_new_host_keys
 
     def _options(self, host: SSHHost) -> dict:
-        options: dict = {"port": host.port, "connect_timeout": self.settings.connect_timeout, "keepalive_interval": 30}
+        # a host that stops answering is noticed after 3 missed keepalives: 3 x connect_timeout
+        options: dict = {
+            "port": host.port, "connect_timeout": self.settings.connect_timeout,
+            "keepalive_interval": self.settings.connect_timeout, "keepalive_count_max": 3,
+        }
         user = host.user or self.settings.user
         if user:
             options["username"] = user

@@ -1,0 +1,142 @@
+"""The engine supervisor: one process per node that keeps its engines running.
+
+Started (``restart_dead_engines = True``) as ``python -c <this source> REQUEST``
+where REQUEST is a JSON file (0600) naming the engines to run::
+
+    {"engines": [{"argv": [...], "log": "..."}], "restart_id_arg": "--IPEngine.id="}
+
+Standard library only, like :mod:`globular.nodeproc`.  Each engine runs in a
+session of its own, as a child of the supervisor; when one exits, it is started
+again (without the id it first asked for: the controller gives it a fresh one),
+after a back-off that grows while it keeps dying at once (1 s, 2 s, ... 30 s).
+On SIGTERM the supervisor stops restarting, SIGTERMs every engine's process
+group, waits up to 10 s, SIGKILLs what is left and exits.  It writes the pid
+and start time of each engine it runs to ``<REQUEST>.pids`` so that a status
+check can count them.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+QUICK_DEATH = 10.0  # s: an engine that dies sooner is restarted after a growing pause
+MAX_PAUSE = 30.0
+
+
+def log(message):
+    sys.stdout.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [supervisor] {message}\n")
+    sys.stdout.flush()
+
+
+class Slot:
+    def __init__(self, spec, id_arg):
+        self.argv = list(spec["argv"])
+        self.log = spec["log"]
+        self.id_arg = id_arg
+        self.proc = None
+        self.started = 0.0
+        self.failures = 0
+        self.restarts = 0
+        self.due = 0.0
+
+    def start(self):
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, umask=0o077,
+            )
+        self.started = time.monotonic()
+
+    def exited(self):
+        return self.proc is not None and self.proc.poll() is not None
+
+    def plan_restart(self):
+        code = self.proc.returncode
+        lived = time.monotonic() - self.started
+        self.failures = self.failures + 1 if lived < QUICK_DEATH else 0
+        pause = min(MAX_PAUSE, 2 ** (self.failures - 1)) if self.failures else 0.0
+        self.restarts += 1
+        log(f"engine pid {self.proc.pid} exited with {code} after {lived:.1f}s; restart #{self.restarts} in {pause:g}s")
+        # the first id was claimed by globular; a new engine asks the controller for a fresh one
+        self.argv = [a for a in self.argv if not a.startswith(self.id_arg)]
+        self.proc = None
+        self.due = time.monotonic() + pause
+
+
+def _start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+        return int(data[data.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def write_pids(path, slots):
+    running = [{"pid": s.proc.pid, "start": _start_time(s.proc.pid)} for s in slots if s.proc is not None and not s.exited()]
+    tmp = f"{path}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump({"engines": running, "restarts": sum(s.restarts for s in slots)}, f)
+    os.replace(tmp, path)
+
+
+def stop_all(slots, timeout=10.0):
+    live = [s.proc for s in slots if s.proc is not None and s.proc.poll() is None]
+    for proc in live:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in live) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for proc in live:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+
+
+def main(argv):
+    path = argv[1]
+    with open(path) as f:
+        request = json.load(f)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    slots = [Slot(spec, request.get("restart_id_arg", "--IPEngine.id=")) for spec in request["engines"]]
+    for slot in slots:
+        slot.start()
+    log(f"started {len(slots)} engines: pids {[s.proc.pid for s in slots]}")
+    pids_file = f"{path}.pids"
+    write_pids(pids_file, slots)
+    while not stopping:
+        changed = False
+        for slot in slots:
+            if stopping:
+                break
+            if slot.proc is not None and slot.exited():
+                slot.plan_restart()
+                changed = True
+            if slot.proc is None and time.monotonic() >= slot.due:
+                slot.start()
+                log(f"engine restarted: pid {slot.proc.pid}")
+                changed = True
+        if changed:
+            write_pids(pids_file, slots)
+        time.sleep(0.2)
+    log("stopping")
+    stop_all(slots)
+    try:
+        os.unlink(pids_file)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main(sys.argv)

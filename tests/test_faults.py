@@ -1,0 +1,163 @@
+"""Faults on a real local cluster: engines and the controller killed, globular killed
+mid-start, and the engine watchdog (``restart_dead_engines``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import gone, read_record, recorded_pids, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+def portable(f):
+    """``f``, sent by value: the engines cannot import the tests' modules."""
+    f.__module__ = "__main__"
+    return f
+
+
+@portable
+def crash_once(i: int, marker: str) -> int:
+    """Task 3 kills its engine the first time it runs; every task returns i*i."""
+    import os
+    import time
+
+    if i == 3 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    time.sleep(0.05)
+    return i * i
+
+
+@portable
+def slow_square(x: int) -> int:
+    import time
+
+    time.sleep(2)
+    return x * x
+
+
+def config_text(ipcluster: str = "", python: str | None = None) -> str:
+    return (
+        "[global]\ndefault_template = t\n"
+        f"[cluster t]\ncluster_size = 1\ncores_per_node = 2\n{f'python = {python}' if python else ''}\nplugins = ipcluster\n"
+        f"[plugin ipcluster]\nsetup_class = ipcluster\nmaster_engines = 2\n{ipcluster}"
+    )
+
+
+def row(listing: str, name: str) -> str:
+    return next(line for line in listing.splitlines() if line.strip().startswith(name) or f" {name} " in line)
+
+
+def test_watchdog_restarts_a_dead_engine_and_retried_tasks_are_not_lost(cli, home, tmp_path, write_config):
+    from globular.client import connect
+
+    config = str(write_config(config_text("restart_dead_engines = True\n")))
+    started = cli("-c", config, "start", "wd")
+    assert started.returncode == 0, started.output
+    record = read_record(home, "wd")
+    assert len(recorded_pids(record, "engine-supervisor")) == 1 and not recorded_pids(record, "ipengine")
+    rc = connect("wd")
+    try:
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+        first = set(rc.ids)
+        view = rc.load_balanced_view()
+        view.retries = 3
+        marker = tmp_path / "crashed"
+        results = [view.apply_async(crash_once, i, str(marker)) for i in range(12)]
+        assert [r.get(60) for r in results] == [i * i for i in range(12)]
+        assert marker.exists()  # an engine really died under task 3
+        # the engine count comes back without anyone doing anything: a new engine, a new id
+        assert wait_until(lambda: len(rc.ids) == 2 and set(rc.ids) != first, timeout=60), rc.ids
+        assert rc[:].apply_sync(portable(lambda: 1)) == [1, 1]
+    finally:
+        rc.close()
+    supervisor_log = next((home / "local" / "wd" / "master" / "logs").glob("supervisor-*.log")).read_text()
+    assert "restart #1" in supervisor_log
+    listing = cli("-c", config, "listclusters")
+    assert listing.returncode == 0, listing.output
+    assert "2/2" in row(listing.stdout, "wd") and " ok" in row(listing.stdout, "wd")
+    stopped = cli("-c", config, "terminate", "-y", "wd")
+    assert stopped.returncode == 0, stopped.output
+    # the `home` fixture fails the test if an engine (or its nanny) outlived the supervisor
+
+
+def test_killed_engine_fails_a_running_map_and_listclusters_tells_the_truth(cli, home, write_config):
+    import ipyparallel as ipp
+
+    from globular.client import connect
+
+    config = str(write_config(config_text()))
+    assert cli("-c", config, "start", "hurt").returncode == 0
+    record = read_record(home, "hurt")
+    engines = recorded_pids(record, "ipengine")
+    assert len(engines) == 2
+    rc = connect("hurt")
+    try:
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+        running = rc[:].map_async(slow_square, range(4))
+        os.kill(engines[0], signal.SIGKILL)
+        # the map fails promptly (the nanny reports the death), it does not hang
+        with pytest.raises((ipp.error.CompositeError, ipp.error.EngineError)):
+            running.get(30)
+        assert wait_until(lambda: len(rc.ids) == 1, timeout=15)
+    finally:
+        rc.close()
+    listing = cli("-c", config, "listclusters").stdout
+    assert "1/2" in row(listing, "hurt") and "degraded: 1 of 2 ipengine dead" in row(listing, "hurt")
+
+    os.kill(recorded_pids(record, "ipcontroller")[0], signal.SIGKILL)
+    listing = cli("-c", config, "listclusters").stdout
+    assert "ipcontroller down" in row(listing, "hurt")
+
+    stopped = cli("-c", config, "terminate", "-y", "hurt")
+    assert stopped.returncode == 0, stopped.output
+    assert all(gone(pid) for pid in recorded_pids(record))
+    assert not (home / "clusters" / "hurt.json").exists()
+
+
+def test_globular_killed_mid_start_leaves_a_readable_record_that_terminate_cleans(cli, home, tmp_path, write_config):
+    wrapper = tmp_path / "python"  # engines that never register: start waits for them
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = ipyparallel.engine ]; then exec sleep 300; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    config = str(write_config(config_text("engine_timeout = 300\n", python=str(wrapper))))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "globular", "-c", config, "start", "killed"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+    try:
+        def engines_recorded():
+            try:
+                return len(recorded_pids(read_record(home, "killed"), "ipengine")) == 2
+            except (OSError, ValueError):
+                return False
+
+        assert wait_until(engines_recorded, timeout=60)
+        proc.kill()  # SIGKILL: no cleanup can run
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    record = read_record(home, "killed")  # still readable JSON
+    assert record["status"] == "starting"
+    pids = recorded_pids(record)
+    assert pids and not any(gone(p) for p in pids)
+    listing = cli("-c", config, "listclusters")
+    assert listing.returncode == 0, listing.output
+    line = row(listing.stdout, "killed")
+    assert "starting" in line and f"interrupted: its globular process (pid {proc.pid}) is gone" in listing.stdout
+
+    stopped = cli("-c", config, "terminate", "-y", "killed")
+    assert stopped.returncode == 0, stopped.output
+    assert all(gone(p) for p in pids)
+    assert not (home / "clusters" / "killed.json").exists()
+    assert "No clusters" in cli("-c", config, "listclusters").stdout
