@@ -306,6 +306,66 @@ def test_a_host_without_the_python_named_fails_with_the_host_named(net, cli, hom
     assert not (home / "clusters" / "nopy.json").exists()
 
 
+def test_preflight_names_each_node_that_cannot_run_engines_and_starts_nothing(net, cli, home, tmp_path):
+    """node001's Python has ipyparallel 7.1.0 (a fake, first on its path); node002's lacks
+    msgpack (packer = msgpack). `check` and `start` say so, one line a node; nothing runs."""
+    fake = tmp_path / "fake-site"
+    (fake / "ipyparallel").mkdir(parents=True)
+    (fake / "ipyparallel" / "__init__.py").write_text("__version__ = '7.1.0'\n")
+    (fake / "ipyparallel-7.1.0.dist-info").mkdir()
+    (fake / "ipyparallel-7.1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ipyparallel\nVersion: 7.1.0\n")
+    (fake / "ipyparallel-7.1.0.dist-info" / "RECORD").write_text("")
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "msgpack.py").write_text("raise ImportError('No module named msgpack (test shadow)')\n")
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "me=$(ip -4 -o addr show dev eth0 2>/dev/null)\n"
+        f'case "$me" in *{net.hosts[1].address}/*) export PYTHONPATH={fake} ;; *{net.hosts[2].address}/*) export PYTHONPATH={shadow} ;; esac\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    config = ssh_config(net, tmp_path, python=str(wrapper), ipcluster="packer = msgpack\n")
+    checked = cli("-c", config, "check", "pre", "--output", "json")
+    assert checked.returncode == 1, checked.output
+    checks = {c["node"]: c for c in json.loads(checked.stdout)}
+    assert checks["master"]["ok"] and checks["master"]["controller_reachable"] is True
+    assert checks["node001"]["modules"]["ipyparallel"] == "7.1.0"
+    assert any("ipyparallel 7.1.0 there" in p and "major versions differ" in p for p in checks["node001"]["problems"])
+    assert any("packer = msgpack needs the msgpack package" in p for p in checks["node002"]["problems"])
+    assert not (home / "clusters" / "pre.json").exists()
+
+    result = cli("-c", config, "start", "pre")
+    assert result.returncode == 1, result.output
+    assert "preflight failed, nothing was started" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("node001:", "node002:", "master:"))]
+    assert [line.split(":")[0] for line in lines] == ["node001", "node002"], result.stderr
+    assert not remote_processes(net, tmp_path / "hosts")
+    assert not (home / "clusters" / "pre.json").exists()
+
+
+def test_preflight_finds_a_controller_address_the_nodes_cannot_reach(net, cli, home, tmp_path):
+    config = ssh_config(net, tmp_path, ipcluster="controller_interface = 127.0.0.1\n")
+    result = cli("-c", config, "start", "-s", "2", "lo")
+    assert result.returncode == 1, result.output
+    assert "node001: cannot reach the controller's address 127.0.0.1:" in result.stderr
+    assert "master:" not in result.stderr  # the master reaches its own loopback
+    assert not remote_processes(net, tmp_path / "hosts")
+    assert not (home / "clusters" / "lo.json").exists()
+
+
+def test_a_host_whose_python_lacks_ipyparallel_is_named(net, cli, home, tmp_path):
+    bare = tmp_path / "bare-python"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # -S: no site-packages
+    bare.chmod(0o755)
+    config = ssh_config(net, tmp_path, python=str(bare))
+    result = cli("-c", config, "start", "bare")
+    assert result.returncode == 1, result.output
+    assert "ipyparallel is not installed" in result.stderr and "master" in result.stderr
+    assert not remote_processes(net, tmp_path / "hosts")
+
+
 def provider(net, tmp_path, **settings):
     from globular.providers.ssh import SSHProvider
     from globular.spec import ClusterSpec

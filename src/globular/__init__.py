@@ -1,7 +1,19 @@
-"""globular: an interactive IPython-parallel cluster on a set of machines, in one command."""
+"""globular: an interactive IPython-parallel cluster on a set of machines, in one command.
+
+``globular.Cluster`` and ``globular.connect`` are the Python API (see globular.api).
+"""
 
 from globular.errors import GlobularError
 
 __version__ = "0.1.0"
 
-__all__ = ["GlobularError", "__version__"]
+__all__ = ["Cluster", "GlobularError", "__version__", "connect"]
+
+
+def __getattr__(name: str):
+    # loaded on first use, so that `import globular` (and the CLI) stay quick
+    if name in ("Cluster", "connect"):
+        from globular import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'globular' has no attribute {name!r}")

@@ -7,6 +7,7 @@ Exit codes are decided here, in :func:`main`: 0 success, 1 an operation failed,
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from globular.config import Config
 from globular.errors import ClusterNotFound, GlobularError
 from globular.paths import globular_home
 from globular.plugins.base import PluginReport
+from globular.reporting import NODE_STEPS
 from globular.state import StateStore
 
 console = Console(highlight=False, soft_wrap=True)
@@ -41,6 +43,7 @@ class RichReporter:
             console=target,
         )
         self.tasks: dict[str, int] = {}
+        self.node_steps: dict[str, dict[str, float]] = {}
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -65,6 +68,20 @@ class RichReporter:
 
     def note(self, message: str) -> None:
         self.progress.console.print(message)
+
+    def node_step(self, node: str, step: str, seconds: float) -> None:
+        """One line per node: the steps it reached, with the time each took."""
+        done = self.node_steps.setdefault(node, {})
+        done[step] = seconds
+        text = "  ".join(f"{name} {took:.1f}s" for name, took in done.items())
+        key = f"node:{node}"
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task("", total=len(NODE_STEPS))
+        total = len(NODE_STEPS)
+        self.progress.update(
+            self.tasks[key], description=f"[dim]{node:<9}[/] {text}",
+            completed=total if step == "registered" else min(len(done), total - 1),
+        )
 
 
 def run(coro):
@@ -157,11 +174,20 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
     with RichReporter(console) as reporter:
         result = run(cluster.start(name, spec, reporter=reporter))
     record = result.record
+    render_warnings(result.checks)
     console.print(
         f"\n[green]Cluster {name} is running[/]: {len(record.nodes)} nodes, started in {result.elapsed:.1f} s"
     )
     for report in result.reports:
         render_report(report)
+
+
+def _idle_column(state, now: float) -> str:
+    if state.idle_shutdown_at:
+        return "done " + time.strftime("%H:%M", time.localtime(state.idle_shutdown_at))
+    if state.idle_deadline:
+        return f"in {age(max(0.0, state.idle_deadline - now))} ({time.strftime('%H:%M', time.localtime(state.idle_deadline))})"
+    return "-"
 
 
 def _specs_with_accounts(ctx: click.Context) -> list:
@@ -202,7 +228,7 @@ def listclusters(ctx: click.Context) -> None:
         from globular import health
 
         checked = run(health.check_all(records, globular_home())) if records else {}
-        table = Table("name", "status", "provider", "region", "nodes", "engines", "template", "up", "health")
+        table = Table("name", "status", "provider", "region", "nodes", "engines", "template", "up", "idle shutdown", "health")
         now = time.time()
         for record in records:
             expected = (record.plugin_data.get("ipcluster") or {}).get("engines")
@@ -222,12 +248,13 @@ def listclusters(ctx: click.Context) -> None:
                 engines,
                 record.spec.template,
                 age(now - record.created),
+                _idle_column(state, now),
                 state.condition if state.ok else f"[yellow]{escape(state.condition)}[/]",
             )
         for other in found:
             table.add_row(
                 other.name, "running elsewhere", other.spec.provider, other.region, str(len(other.nodes)), "-",
-                other.spec.template, "-", "not checked (no local record)",
+                other.spec.template, "-", "-", "not checked (no local record)",
             )
         console.print(table)
     for problem in problems:
@@ -268,6 +295,82 @@ def terminate(ctx: click.Context, yes: bool, name: str) -> None:
         + (f" ({result.processes_killed} needed SIGKILL)" if result.processes_killed else "")
         + f" in {result.elapsed:.1f} s"
     )
+
+
+def render_warnings(checks) -> None:
+    for check in checks:
+        for warning in check.warnings:
+            err_console.print(f"[yellow]warning:[/] {escape(check.node)}: {escape(warning)}")
+
+
+@cli.command()
+@click.option("-s", "--cluster-size", type=click.IntRange(min=1), help="Nodes to check when NAME is not running.")
+@click.option("-c", "--cluster-template", "template", help="[cluster TEMPLATE] to check when NAME is not running.")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.argument("name")
+@click.pass_context
+def check(ctx: click.Context, cluster_size: int | None, template: str | None, output: str, name: str) -> None:
+    """Run the preflight checks alone, on every node at once.
+
+    On running cluster NAME: its nodes.  Otherwise the template's nodes are
+    brought up (local, ssh), checked and released.  Each node: SSH answers, its
+    Python runs (same major.minor as here), ipyparallel is installed in a
+    compatible version (msgpack, jupyterlab when the settings need them), free
+    cores, and the controller's address is reachable from it.  Exit code 1 if
+    a node cannot run its engines.
+    """
+    spec = None
+    if not StateStore(globular_home()).exists(name):
+        spec = load_config(ctx).cluster_spec(template, cluster_size)
+    with RichReporter(err_console if output == "json" else console) as reporter:
+        checks = run(cluster.check(name, spec, reporter=reporter))
+    if output == "json":
+        click.echo(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        table = Table("node", "address", "python", "ipyparallel", "cores", "load", "controller reachable", "result")
+        for c in checks:
+            reach = {True: "yes", False: "[red]no[/]", None: "-"}[c.controller_reachable]
+            result = "[green]ok[/]" if c.ok else f"[red]{escape('; '.join(c.problems))}[/]"
+            table.add_row(c.node, c.address, c.python or "-", c.modules.get("ipyparallel") or "-",
+                          str(c.cpus or "-"), str(c.load if c.load is not None else "-"), reach, result)
+        console.print(table)
+        render_warnings(checks)
+    ctx.exit(0 if all(c.ok for c in checks) else 1)
+
+
+@cli.command()
+@click.option("--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.argument("name")
+@click.pass_context
+def status(ctx: click.Context, output: str, name: str) -> None:
+    """Per-node status of cluster NAME, asked of the nodes and the controller.
+
+    For each node: the step its bring-up reached (provision, ssh, setup,
+    engines, registered) with the time each took, engines running / registered
+    / expected, load, time in the cluster, and what is wrong if anything is.
+    Exit code 1 when something is wrong.
+    """
+    from globular.status import cluster_status
+
+    record = StateStore(globular_home()).get(name)
+    report = run(cluster_status(record, globular_home()))
+    if output == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        ctx.exit(0 if report.ok else 1)
+    console.print(
+        f"Cluster [bold]{name}[/]: {report.status}, provider {report.provider} ({report.region}), controller {report.controller}"
+    )
+    table = Table("node", "address", "state", "steps", "engines run/reg/exp", "load", "up", "problem")
+    for n in report.nodes:
+        steps = " ".join(f"{k} {v:.1f}s" for k, v in n.steps.items())
+        engines = f"{'?' if n.engines_running is None else n.engines_running}/" \
+                  f"{'?' if n.engines_registered is None else n.engines_registered}/{n.engines_expected}"
+        table.add_row(n.name, n.address, n.state if not n.problem else f"[red]{n.state}[/]", steps, engines,
+                      "-" if n.load is None else str(n.load), age(n.uptime), escape(n.problem or ""))
+    console.print(table)
+    for problem in report.problems:
+        err_console.print(f"[red]problem:[/] {escape(problem)}")
+    ctx.exit(0 if report.ok else 1)
 
 
 @cli.command()

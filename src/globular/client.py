@@ -125,19 +125,22 @@ def node_shell(
         argv = [shell] if command is None else ["/bin/sh", "-c", command]
         env = dict(os.environ, IPYTHONDIR=f"{node.workdir}/.ipython", GLOBULAR_NODE=node.name, GLOBULAR_CLUSTER=name)
         return NodeShell(argv, cwd=node.workdir, env=env)
-    return NodeShell(_ssh_argv(record, node, user, command))
+    return NodeShell(_ssh_argv(record, node, user, command, home or globular_home()))
 
 
-def _ssh_argv(record: ClusterRecord, node: NodeRecord, user: str | None, command: str | None) -> list[str]:
-    settings = record.spec.provider_settings
+def _ssh_argv(record: ClusterRecord, node: NodeRecord, user: str | None, command: str | None, home: Path) -> list[str]:
+    provider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
     login_user, _, rest = node.login.rpartition("@")  # type: ignore[union-attr]
     host, _, port = rest.rpartition(":")
-    argv = ["ssh", "-p", port]
-    if settings.get("ssh_key"):
-        argv += ["-i", str(Path(settings["ssh_key"]).expanduser())]
-    if settings.get("known_hosts"):
-        argv += ["-o", f"UserKnownHostsFile={Path(settings['known_hosts']).expanduser()}"]
-    argv += ["-o", "StrictHostKeyChecking=" + ("accept-new" if settings.get("accept_new_host_keys") else "yes")]
+    argv = ["ssh", "-p", port or "22"]
+    key = getattr(provider, "_ssh_key", lambda: None)()
+    if key:
+        argv += ["-i", str(Path(key).expanduser())]
+    known = getattr(provider, "_known_hosts", lambda: None)()
+    if known:
+        argv += ["-o", f"UserKnownHostsFile={known}"]
+    accept = getattr(provider, "_accept_new_host_keys", lambda: False)()
+    argv += ["-o", "StrictHostKeyChecking=" + ("accept-new" if accept else "yes")]
     argv.append(f"{user or login_user}@{host}")
     if command is not None:
         argv += ["--", f"cd {shlex.quote(node.workdir)} 2>/dev/null; {command}"]

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from globular.errors import GlobularError, NodeFailures, PluginFailed, StartFailed
+from globular.errors import ClusterNotFound, GlobularError, NodeFailures, PluginFailed, StartFailed
 from globular.fanout import each_node
 from globular.paths import globular_home
 from globular.plugins.base import Plugin, PluginReport
+from globular.preflight import NodeCheck, PreflightFailed
 from globular.providers.base import NodeProvider, Runner, StopResult
 from globular.registry import RegistryError, provider_class, resolve_plugin
 from globular.reporting import NullReporter, Reporter
@@ -27,6 +28,7 @@ class StartResult:
     record: ClusterRecord
     elapsed: float
     reports: list[PluginReport] = field(default_factory=list)
+    checks: list[NodeCheck] = field(default_factory=list)  # preflight, with its warnings
 
 
 @dataclass
@@ -45,6 +47,7 @@ class NodesResult:
     nodes: list[str]
     elapsed: float
     reports: list[PluginReport] = field(default_factory=list)
+    checks: list[NodeCheck] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class Cluster:
         self.reporter = reporter
         self.provider: NodeProvider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
         self.provider.reporter = reporter
+        self.provider.on_step = self.node_step
         self.stopped = StopResult(0, 0, [])  # totals of every stop_processes call
 
     @property
@@ -130,6 +134,15 @@ class Cluster:
         node.processes = [p for p in node.processes if (p.pid, p.start) not in gone]
         self.save()
 
+    def node_step(self, node: NodeRecord, step: str) -> None:
+        """``node`` reached ``step``: recorded (``globular status`` shows it) and reported live."""
+        now = time.time()
+        previous = max([node.created, *(t for s, t in node.steps.items() if s != step)])
+        node.steps[step] = now
+        node_step = getattr(self.reporter, "node_step", None)
+        if node_step is not None:
+            node_step(node.name, step, max(0.0, now - previous))
+
     def plugin_data(self, key: str) -> dict:
         """A plugin's own part of the state record (saved with :meth:`save`)."""
         return self.record.plugin_data.setdefault(key, {})
@@ -163,6 +176,18 @@ class Cluster:
         """Stop every process still recorded on ``nodes`` (by pid), then release the nodes."""
         await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))
         await self.provider.terminate_nodes(nodes)
+
+    async def preflight(self, plugins: list[Plugin], nodes: list[NodeRecord]) -> list[NodeCheck]:
+        """Every plugin's checks of ``nodes``, merged per node (see :mod:`globular.preflight`)."""
+        merged: dict[str, NodeCheck] = {}
+        for plugin in plugins:
+            for check in await plugin.preflight(self, nodes):
+                if check.node not in merged:
+                    merged[check.node] = check
+                else:
+                    merged[check.node].problems += check.problems
+                    merged[check.node].warnings += check.warnings
+        return [merged[n.name] for n in nodes if n.name in merged]
 
     async def _run_hooks(self, plugins: list[Plugin], hook: str, *args) -> list[PluginReport]:
         """Run ``hook`` of each plugin in order; the first failure stops the rest."""
@@ -273,16 +298,20 @@ async def start(
             def ready(node: NodeRecord) -> None:
                 record.nodes.append(node)
                 record.nodes.sort(key=node_order)
+                cluster.node_step(node, "setup")
                 cluster.save()
                 reporter.advance("nodes")
 
             await cluster.provider.create_nodes(names, ready)
             reporter.end("nodes")
+            checks = await cluster.preflight(plugins, record.nodes)
+            if any(not c.ok for c in checks):
+                raise PreflightFailed(checks)
             reports = await cluster._run_hooks(plugins, "run")
             record.status = "running"
             cluster.save()
             await cluster.close()
-            return StartResult(record=record, elapsed=time.monotonic() - started, reports=reports)
+            return StartResult(record=record, elapsed=time.monotonic() - started, reports=reports, checks=checks)
         except BaseException as exc:
             try:
                 await cluster.teardown(plugins)
@@ -325,6 +354,7 @@ async def add_nodes(
         def ready(node: NodeRecord) -> None:
             cluster.record.nodes.append(node)
             cluster.record.nodes.sort(key=node_order)
+            cluster.node_step(node, "setup")
             added.append(node)
             cluster.save()
             reporter.advance("nodes")
@@ -333,6 +363,9 @@ async def add_nodes(
             reporter.begin("nodes", f"new nodes ({cluster.record.spec.provider})", count)
             await cluster.provider.create_nodes(names, ready, existing=list(cluster.nodes), hosts=hosts)
             reporter.end("nodes")
+            checks = await cluster.preflight(plugins, added)
+            if any(not c.ok for c in checks):
+                raise PreflightFailed(checks)
             results = await each_node(added, lambda node: cluster._run_hooks(plugins, "on_add_node", node))
         except BaseException:
             await cluster.release(added, plugins)
@@ -340,7 +373,7 @@ async def add_nodes(
         finally:
             await cluster.close()
         reports = [r for node in added for r in results[node.name]]
-        return NodesResult(cluster.record, [n.name for n in added], time.monotonic() - started, reports)
+        return NodesResult(cluster.record, [n.name for n in added], time.monotonic() - started, reports, checks)
 
 
 async def remove_node(
@@ -360,6 +393,55 @@ async def remove_node(
         finally:
             await cluster.close()
         return NodesResult(cluster.record, [node_name], time.monotonic() - started)
+
+
+async def check(
+    name: str, spec: ClusterSpec | None = None, *, home: Path | None = None, reporter: Reporter | None = None
+) -> list[NodeCheck]:
+    """Preflight alone.  On running cluster ``name``: its nodes.  Otherwise ``spec``'s nodes
+    are brought up, checked and released again (providers that rent machines refuse)."""
+    home, store, reporter = _context(home, reporter)
+    try:
+        record = store.get(name)
+    except ClusterNotFound:
+        record = None
+    if record is not None:
+        with store.operation(name):
+            cluster = Cluster(record, home=home, store=store, reporter=reporter)
+            try:
+                return await cluster.preflight(cluster.plugins(), cluster.nodes)
+            finally:
+                await cluster.close()
+    if spec is None:
+        raise ClusterNotFound(name)
+    provider_cls = provider_class(spec.provider)
+    if provider_cls.rents_machines:
+        raise GlobularError(
+            f"cluster {name!r} is not running, and checking a {spec.provider} template would rent machines: "
+            "`start` runs the same checks before anything starts"
+        )
+    check_cluster_name(name)
+    plugins = [load_plugin(p) for p in spec.plugins]
+    with store.operation(name):
+        provider = provider_class(spec.provider)(spec, cluster=name, home=home)
+        record = ClusterRecord(name=name, region=provider.region, spec=spec)
+        store.create(record)
+        cluster = Cluster(record, home=home, store=store, reporter=reporter)
+        try:
+            reporter.begin("nodes", f"nodes ({spec.provider})", spec.cluster_size)
+
+            def ready(node: NodeRecord) -> None:
+                record.nodes.append(node)
+                record.nodes.sort(key=node_order)
+                cluster.node_step(node, "setup")
+                cluster.save()
+                reporter.advance("nodes")
+
+            await cluster.provider.create_nodes(node_names(spec.cluster_size), ready)
+            reporter.end("nodes")
+            return await cluster.preflight(plugins, record.nodes)
+        finally:
+            await cluster.teardown([])
 
 
 @dataclass
@@ -445,6 +527,7 @@ async def run_plugin(
 
 __all__ = [
     "Cluster",
+    "check",
     "FoundCluster",
     "adopt",
     "discover",

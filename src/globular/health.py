@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from globular.errors import GlobularError
-from globular.plugins.ipcluster import ENGINE, SUPERVISOR
+from globular.plugins.ipcluster import DATA_KEY, ENGINE, SUPERVISOR, idle_state_file
 from globular.registry import RegistryError, provider_class
 from globular.state import ClusterRecord, NodeRecord
 
@@ -30,6 +31,8 @@ class Health:
     alive: Counter = field(default_factory=Counter)  # role -> processes alive
     recorded: Counter = field(default_factory=Counter)  # role -> processes recorded
     engines_alive: int | None = None  # engine processes running now (supervised ones included)
+    idle_deadline: float | None = None  # idle_shutdown: when it will stop the cluster (epoch s)
+    idle_shutdown_at: float | None = None  # ... or when it did
 
     @property
     def ok(self) -> bool:
@@ -66,10 +69,15 @@ async def check(record: ClusterRecord, home: Path) -> Health:
     except RegistryError as exc:
         health.condition = f"unknown: {exc}"
         return health
+    idle = None
     try:
-        results = await asyncio.wait_for(
-            asyncio.gather(*(_node_status(provider, n) for n in record.nodes), return_exceptions=True), CHECK_TIMEOUT
-        )
+        asks = [_node_status(provider, n) for n in record.nodes]
+        if (record.plugin_data.get(DATA_KEY) or {}).get("idle_shutdown"):
+            master = record.master
+            asks.append(provider.runner(master)._nodeproc("read_json", {"path": idle_state_file(master)}))
+        results = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), CHECK_TIMEOUT)
+        if len(results) > len(record.nodes):
+            idle, results = results[-1], results[: len(record.nodes)]
     except asyncio.TimeoutError:
         health.condition = f"unknown: nodes did not answer within {CHECK_TIMEOUT:g}s"
         return health
@@ -88,6 +96,13 @@ async def check(record: ClusterRecord, home: Path) -> Health:
             engines += int(up) if proc.role == ENGINE else 0
         engines += sum(children)
     health.engines_alive = engines
+    if isinstance(idle, dict):
+        health.idle_deadline = idle.get("deadline")
+        health.idle_shutdown_at = idle.get("shutdown")
+        if health.idle_shutdown_at and health.ok:
+            stamp = time.strftime("%H:%M:%S", time.localtime(health.idle_shutdown_at))
+            health.condition = f"idle shutdown at {stamp}: `globular terminate {record.name}` releases the nodes"
+            return health
     if not health.ok:
         return health
     if unreachable:

@@ -284,7 +284,87 @@ def children(req):
     return [counts.get(p["pid"], 0) for p in req["procs"]]
 
 
+def facts(req):
+    """What preflight needs to know of this node: Python, cores, load, uptime, and the
+    version of each module of ``req["modules"]`` (read from its metadata: no import)."""
+    import importlib
+    import importlib.metadata
+    import importlib.util
+
+    found = {}
+    for name in req.get("modules", []):
+        try:
+            if name in req.get("load", []):
+                importlib.import_module(name)
+            elif importlib.util.find_spec(name) is None:
+                found[name] = {"error": "not installed"}
+                continue
+            found[name] = {"version": importlib.metadata.version(name)}
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = {"version": None}
+        except Exception as exc:  # a broken install
+            found[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError):
+        uptime = None
+    return {
+        "alive": [_alive(p) for p in req.get("procs", [])],
+        "children": children({"procs": req.get("parents", [])}) if req.get("parents") else [],
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "executable": sys.executable,
+        "cpus": os.cpu_count() or 1,
+        "load": list(os.getloadavg()),
+        "uptime": uptime,
+        "modules": found,
+    }
+
+
+def listen(req):
+    """Accept TCP connections on ``ip:port`` for ``seconds`` (preflight's stand-in controller)."""
+    import socket
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((req["ip"], int(req["port"])))
+    server.listen(64)
+    server.settimeout(0.2)
+    deadline = time.monotonic() + float(req.get("seconds", 30))
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = server.accept()
+            conn.close()
+        except OSError:
+            continue
+    return True
+
+
+def connect(req):
+    """Can this node open a TCP connection to ``host:port``?"""
+    import socket
+
+    try:
+        with socket.create_connection((req["host"], int(req["port"])), timeout=float(req.get("timeout", 5))):
+            return {"ok": True}
+    except OSError as exc:
+        return {"ok": False, "error": exc.strerror or str(exc)}
+
+
+def read_json(req):
+    """The JSON file ``req["path"]``, or None."""
+    try:
+        with open(req["path"]) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 VERBS = {
+    "read_json": read_json,
+    "facts": facts,
+    "listen": listen,
+    "connect": connect,
     "children": children,
     "prepare": prepare,
     "free_ports": free_ports,
@@ -301,7 +381,8 @@ VERBS = {
 
 
 def main(argv):
-    request = json.loads(sys.stdin.read() or "{}")
+    # a detached process (spawn) has no stdin: its request, never a secret, is the argument
+    request = json.loads(argv[2]) if len(argv) > 2 else json.loads(sys.stdin.read() or "{}")
     json.dump(VERBS[argv[1]](request), sys.stdout)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+NODE_STEPS = ("provision", "ssh", "setup", "engines", "registered")
+
 
 class Reporter(Protocol):
     def begin(self, key: str, description: str, total: int) -> None:
@@ -25,6 +27,9 @@ class Reporter(Protocol):
     def note(self, message: str) -> None:
         """Something the user should read, once."""
 
+    def node_step(self, node: str, step: str, seconds: float) -> None:
+        """``node`` reached ``step`` (provision, ssh, setup, engines, registered), ``seconds`` after the previous one."""
+
 
 class NullReporter:
     def begin(self, key: str, description: str, total: int) -> None:
@@ -40,4 +45,7 @@ class NullReporter:
         pass
 
     def note(self, message: str) -> None:
+        pass
+
+    def node_step(self, node: str, step: str, seconds: float) -> None:
         pass

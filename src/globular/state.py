@@ -47,6 +47,8 @@ class NodeRecord(BaseModel):
     python: str
     login: str | None = None  # "user@host:port" where ssh reaches the node; None for local nodes
     data: dict[str, Any] = Field(default_factory=dict)  # provider's own fields
+    created: float = Field(default_factory=time.time)  # when its bring-up began
+    steps: dict[str, float] = Field(default_factory=dict)  # step (ssh, setup, engines, registered) -> when it was reached
     processes: list[ProcessRecord] = Field(default_factory=list)
 
     @property

@@ -15,6 +15,7 @@ from globular.spec import PluginSpec, Settings
 
 if TYPE_CHECKING:
     from globular.cluster import Cluster
+    from globular.preflight import NodeCheck
     from globular.state import NodeRecord
 
 
@@ -49,6 +50,11 @@ class Plugin:
         """``spec`` with secret settings replaced, for the state record."""
         hidden = {k: "(not kept)" for k in cls.secret_settings if spec.settings.get(k) is not None}
         return spec.model_copy(update={"settings": {**spec.settings, **hidden}}) if hidden else spec
+
+    async def preflight(self, cluster: Cluster, nodes: list[NodeRecord]) -> list[NodeCheck]:
+        """Before anything starts on ``nodes``: can they run what this plugin starts?
+        One :class:`~globular.preflight.NodeCheck` per node (none: nothing to check)."""
+        return []
 
     async def run(self, cluster: Cluster) -> PluginReport | None:
         """The cluster's nodes are up (at start, or on ``runplugin``)."""

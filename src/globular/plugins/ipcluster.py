@@ -13,19 +13,21 @@ import asyncio
 import importlib
 import json
 import math
+import re
 import secrets
 import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
-from globular import supervisor
+from globular import idlewatch, supervisor
 from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
 from globular.paths import connection_file_path, write_private
 from globular.plugins.base import Plugin, PluginReport
+from globular.preflight import NodeCheck, Requirement, run_preflight
 from globular.plugins.notebook import NotebookInfo, notebook_certificate, start_notebook, stop_notebook
 from globular.providers.base import ProcessSpec, Runner
 from globular.state import NodeRecord, ProcessRecord
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 CONTROLLER = "ipcontroller"
 ENGINE = "ipengine"
 SUPERVISOR = "engine-supervisor"  # restart_dead_engines: keeps a node's engines running
+IDLE_WATCHER = "idle-watcher"  # idle_shutdown
 DATA_KEY = "ipcluster"  # where IPCluster keeps its part of the state record
 
 PACKERS = {
@@ -93,6 +96,23 @@ def _is_address(text: str) -> bool:
     return True
 
 
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """``30m``, ``2h``, ``1h30m``, ``90s`` (a bare number is minutes) -> seconds."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text) * 60
+    match = _DURATION.match(text)
+    if not text or not match or not any(match.groups()):
+        raise ValueError(f"{value!r} is not a duration (such as 30m, 2h, 1h30m, 90s)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 class IPClusterSettings(Settings):
     enable_notebook: bool = Field(default=False, description="JupyterLab on the master, HTTPS and password only")
     notebook_passwd: str | None = Field(default=None, description="default: a random one, shown once by start")
@@ -110,6 +130,9 @@ class IPClusterSettings(Settings):
     )
     restart_dead_engines: bool = Field(
         default=False, description="a supervisor on each node restarts engines that die (they rejoin with new ids)"
+    )
+    idle_shutdown: Annotated[float | None, BeforeValidator(parse_duration)] = Field(
+        default=None, gt=0, description="30m, 2h: when no task ran for that long, stop engines and controller (and release rented machines)"
     )
     engine_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for engines to register")
     controller_interface: Annotated[str | None, AfterValidator(_check_interface)] = Field(
@@ -187,28 +210,10 @@ async def open_client(cluster: Cluster, timeout: float = 10.0) -> Client:
 PACKER_MODULES = {"msgpack": "msgpack"}
 
 
-async def require_modules(cluster: Cluster, nodes: list[NodeRecord], settings: IPClusterSettings) -> None:
-    """Fail, naming each node, if a node's Python lacks a module the settings need (msgpack)."""
-    needed = [m for m in [PACKER_MODULES.get(settings.packer)] if m]
-    if not needed:
-        return
-
-    async def check(node: NodeRecord) -> None:
-        missing = await cluster.runner(node)._nodeproc("modules", {"modules": needed})
-        if missing:
-            name, why = next(iter(missing.items()))
-            raise NodeError(
-                node.name,
-                f"packer = {settings.packer} needs the {name} package, which {node.python} cannot import ({why}); "
-                f"install it on every node (pip install {name})",
-            )
-
-    await each_node(nodes, check)
-
-
 # -- engines -------------------------------------------------------------------
 
 SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
+IDLEWATCH_SOURCE = Path(idlewatch.__file__).read_text()
 DEATH_WINDOW_MS = 5000  # the controller drops an engine silent for this long
 ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
 
@@ -272,6 +277,7 @@ async def start_engines(
             log=f"{node.workdir}/logs/supervisor-{ids[0]}.log", role=SUPERVISOR, env=env, cwd=node.workdir,
         )]
     cluster.track(node, await runner.spawn(engines))
+    cluster.node_step(node, "engines")
     return {i: node.name for i in ids}
 
 
@@ -300,16 +306,20 @@ async def check_engines_alive(cluster: Cluster, nodes: list[NodeRecord]) -> None
     await each_node(nodes, check)
 
 
-def _engine_node() -> str:
+def engine_node() -> str:
+    """Run on an engine: the node it runs on."""
     import os
 
     return os.environ.get("GLOBULAR_NODE", "?")
 
 
+engine_node.__module__ = "__main__"  # sent by value: nodes need not have globular installed
+
+
 async def ask_engine_nodes(client: Client, ids: set[int]) -> dict[int, str]:
     """Which node each engine of ``ids`` runs on, asked of the engines themselves."""
     targets = sorted(ids)
-    result = client[targets].apply_async(_engine_node)
+    result = client[targets].apply_async(engine_node)
     return dict(zip(targets, await asyncio.to_thread(result.get, 30)))
 
 
@@ -338,6 +348,7 @@ async def wait_for_engines(
     reporter = cluster.reporter
     reporter.begin(key, description, len(wanted))
     unknown = {i for i in client.ids if str(i) not in mapping}  # foreign engines, there before us
+    registered: set[str] = set()
     deadline = time.monotonic() + timeout
     next_check = time.monotonic() + 1.0
     while True:
@@ -349,6 +360,12 @@ async def wait_for_engines(
         mine = {i for i in ids if mapping.get(str(i)) in need}
         have = Counter(mapping[str(i)] for i in mine)
         done = sum(min(have[n], count) for n, count in need.items())
+        for name, count in need.items():
+            if have[name] >= count and name not in registered:
+                registered.add(name)
+                node = next((n for n in cluster.nodes if n.name == name), None)
+                if node is not None:
+                    cluster.node_step(node, "registered")
         reporter.set(key, done)
         if done >= len(wanted) and not ids & gone:
             reporter.end(key)
@@ -400,6 +417,46 @@ async def retire_engines(cluster: Cluster, client: Client, nodes: list[NodeRecor
     return ids
 
 
+# -- idle shutdown -------------------------------------------------------------
+
+
+def idle_state_file(master: NodeRecord) -> str:
+    return f"{master.workdir}/run/idle.json"
+
+
+async def start_idle_watchers(cluster: Cluster, settings: IPClusterSettings, nodes: list[NodeRecord]) -> None:
+    """The master's watcher (asks the controller, shuts it down when idle); on providers that
+    rent machines, a watcher on every other node that powers it off once the controller is gone."""
+    data = cluster.plugin_data(DATA_KEY)
+    info = data["engine_info"]
+    rents = cluster.provider.rents_machines
+    env = {"GLOBULAR_CLUSTER": cluster.name, "IPYTHONDIR": ""}
+
+    async def start(node: NodeRecord) -> None:
+        if node.is_master:
+            request = {
+                "mode": "master", "idle": settings.idle_shutdown, "release": rents,
+                "connection_file": f"{profile_dir(node)}/security/ipcontroller-client.json",
+                "state_file": idle_state_file(node),
+            }
+        elif rents:
+            request = {"mode": "node", "controller": info["location"], "port": info["registration"], "grace": 120}
+        else:
+            return
+        runner = cluster.runner(node)
+        path = f"{node.workdir}/run/idle-watch.json"
+        await runner.write_file(path, json.dumps(request).encode(), 0o600)
+        spec = ProcessSpec(
+            argv=[node.python, "-c", IDLEWATCH_SOURCE, path], log=f"{node.workdir}/logs/idle-watch.log",
+            role=IDLE_WATCHER, env={**env, "IPYTHONDIR": ipython_dir(node), "GLOBULAR_NODE": node.name}, cwd=node.workdir,
+        )
+        cluster.track(node, await runner.spawn([spec]))
+
+    await each_node(nodes, start)
+    data["idle_shutdown"] = settings.idle_shutdown
+    cluster.save()
+
+
 # -- the plugins ---------------------------------------------------------------
 
 
@@ -416,7 +473,6 @@ class IPCluster(Plugin):
         client_import = asyncio.create_task(asyncio.to_thread(importlib.import_module, "ipyparallel"))
         master = cluster.master
         settings = self.settings
-        await require_modules(cluster, cluster.nodes, settings)
         # a certificate that cannot be had fails the start before anything runs
         cert = notebook_certificate(cluster, settings, master.address) if settings.enable_notebook else None
         controller, engine_info = await self._launch_controller(cluster, master)
@@ -450,10 +506,30 @@ class IPCluster(Plugin):
             await wait_for_engines(cluster, client, wanted=wanted, nodes=cluster.nodes, timeout=settings.engine_timeout)
         finally:
             client.close()
+        if settings.idle_shutdown:
+            await start_idle_watchers(cluster, settings, cluster.nodes)
         notebook = None
         if cert is not None:
             notebook = await start_notebook(cluster, settings, master, ipython_dir(master), cert)
         return self._report(cluster, local_file, total, time.monotonic() - started, notebook)
+
+    async def preflight(self, cluster: Cluster, nodes: list[NodeRecord]) -> list[NodeCheck]:
+        """Can each node run its engines? Python, ipyparallel's version, the packer's module,
+        jupyterlab on the master for the notebook, free cores, the controller's address."""
+        settings = self.settings
+        modules = [Requirement("ipyparallel", compare=True)]
+        packer_module = PACKER_MODULES.get(settings.packer)
+        if packer_module:
+            modules.append(Requirement(packer_module, load=True, need=f"packer = {settings.packer}"))
+        master_modules = [Requirement("jupyterlab", need="enable_notebook")] if settings.enable_notebook else []
+        master = cluster.master
+        running = (cluster.record.plugin_data.get(DATA_KEY) or {}).get("engine_info") or {}
+        ip = running.get("location") or await self._controller_ip(cluster, master)
+        ports = list(port_range(settings.controller_ports)) if settings.controller_ports else None
+        return await run_preflight(
+            cluster, nodes, modules=modules, master_modules=master_modules,
+            engines={n.name: engines_for(n, settings) for n in nodes}, controller_ip=ip, port_candidates=ports,
+        )
 
     async def _controller_ip(self, cluster: Cluster, master: NodeRecord) -> str:
         """Where the controller listens: ``controller_interface`` (a name or an address), else the master's address."""
@@ -580,7 +656,6 @@ class IPCluster(Plugin):
 
     async def on_add_node(self, cluster: Cluster, node: NodeRecord) -> PluginReport | None:
         data = running_data(cluster)
-        await require_modules(cluster, [node], self.settings)
         count = engines_for(node, self.settings)
         client = await open_client(cluster)
         try:
@@ -595,6 +670,8 @@ class IPCluster(Plugin):
             )
         finally:
             client.close()
+        if self.settings.idle_shutdown:
+            await start_idle_watchers(cluster, self.settings, [node])
         return PluginReport(plugin=self.name, summary=[(node.name, f"{count} engines registered")], data={"ids": sorted(fresh)})
 
     async def on_remove_node(self, cluster: Cluster, node: NodeRecord) -> None:
@@ -619,7 +696,8 @@ async def stop_ipcluster(cluster: Cluster) -> int:
 
     async def stop_node(node: NodeRecord) -> int:  # engines and controller together: one round trip a node
         engines = engine_processes(node)
-        await cluster.stop_processes(node, engines + node.processes_with_role(CONTROLLER))
+        watchers = node.processes_with_role(IDLE_WATCHER)
+        await cluster.stop_processes(node, watchers + engines + node.processes_with_role(CONTROLLER))
         return len(engines)
 
     counts = await each_node(cluster.nodes, stop_node)

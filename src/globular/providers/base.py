@@ -148,6 +148,7 @@ class NodeProvider(ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type[Settings]] = Settings
+    rents_machines: ClassVar[bool] = False  # nodes cost money while they exist (ec2)
 
     def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
         self.spec = spec
@@ -156,6 +157,7 @@ class NodeProvider(ABC):
         self.home = home
         self._runners: dict[str, Runner] = {}
         self.reporter: Reporter = NullReporter()  # the operation's progress; set by the cluster
+        self.on_step: Callable[[NodeRecord, str], None] = lambda node, step: None  # a node reached a step
 
     @classmethod
     def config_values(cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]) -> None:

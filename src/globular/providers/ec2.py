@@ -104,6 +104,7 @@ class EC2Provider(SSHProvider):
     Settings = EC2Settings  # type: ignore[assignment]
     settings: EC2Settings  # type: ignore[assignment]
     key_setting = "key_location"
+    rents_machines = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -310,6 +311,8 @@ class EC2Provider(SSHProvider):
             "MinCount": len(names),
             "MaxCount": len(names),
             "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}],
+            # a node that powers itself off (idle_shutdown) is gone, not stopped and still billed for its disk
+            "InstanceInitiatedShutdownBehavior": "terminate",
         }
         if self.settings.subnet_id:
             args["SubnetId"] = self.settings.subnet_id
@@ -403,6 +406,7 @@ class EC2Provider(SSHProvider):
                     host = SSHHost(host=address, user=self.settings.user)
                     node.address, node.login, node.data["host"] = address, str(host), str(host)
                     node.data["address"] = address
+                    self.on_step(node, "provision")
                     del waiting[instance_id]
                     self.reporter.advance("ec2-running")
             if not waiting:

@@ -95,6 +95,7 @@ class LocalProvider(NodeProvider):
                 name=name, address="127.0.0.1", workdir=str(workdir), cores=self.cores_per_node(), python=python
             )
             nodes.append(node)
+            self.on_step(node, "provision")
             on_ready(node)
         return nodes
 

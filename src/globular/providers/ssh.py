@@ -337,6 +337,7 @@ class SSHProvider(NodeProvider):
             runner = self.runner(node)
             try:
                 conn = await runner.connection()  # type: ignore[attr-defined]
+                self.on_step(node, "ssh")
                 node.address = conn.get_extra_info("peername")[0]
                 node.login = f"{conn.get_extra_info('username')}@{host.host}:{host.port}"
                 try:

@@ -1,0 +1,137 @@
+"""globular from Python: ``globular.Cluster`` and ``globular.connect``.
+
+    import globular
+    cluster = globular.Cluster.start("iptest", size=3)      # like `globular start -s 3 iptest`
+    rc = cluster.connect()                                  # a ready ipyparallel.Client
+    rc[:].map_sync(lambda x: x**30, range(8))
+    cluster.add_nodes(2); cluster.remove_node("node002"); cluster.restart_engines()
+    cluster.terminate()
+
+    rc = globular.connect("iptest")   # from any process or notebook on the machine that started it
+
+The methods block until done and work inside a running event loop too (Jupyter):
+there they run on a thread of their own.  Progress goes to ``reporter`` (a
+:class:`globular.reporting.Reporter`), silent by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from globular import cluster as operations
+from globular.client import connect as _connect
+from globular.paths import globular_home
+from globular.state import ClusterRecord, StateStore
+
+if TYPE_CHECKING:
+    from ipyparallel import Client
+
+    from globular.preflight import NodeCheck
+    from globular.reporting import Reporter
+    from globular.status import ClusterStatusReport
+
+
+def _run(coro) -> Any:
+    """Run ``coro`` to the end, whether or not this thread already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    outcome: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            outcome["value"] = asyncio.run(coro)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=worker, name="globular-operation")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def connect(name: str, *, home: Path | None = None, timeout: float = 10.0) -> Client:
+    """A ready ``ipyparallel.Client`` for running cluster ``name`` (through SSH when the
+    master is remote: globular's own connection, with the cluster's key and known_hosts)."""
+    return _connect(name, home=home, timeout=timeout)
+
+
+class Cluster:
+    """A running cluster, by name: what ``globular`` does from the command line, from Python."""
+
+    def __init__(self, name: str, *, home: Path | None = None, reporter: Reporter | None = None):
+        self.name = name
+        self.home = Path(home) if home else globular_home()
+        self.reporter = reporter
+        self.record  # noqa: B018 - fails now (ClusterNotFound) if there is no such cluster
+
+    def __repr__(self) -> str:
+        record = self.record
+        return f"<globular.Cluster {self.name!r} {record.status}, {len(record.nodes)} nodes, {record.spec.provider}>"
+
+    @classmethod
+    def start(
+        cls,
+        name: str,
+        template: str | None = None,
+        *,
+        size: int | None = None,
+        config: str | Path | None = None,
+        home: Path | None = None,
+        reporter: Reporter | None = None,
+    ) -> Cluster:
+        """Start cluster ``name`` from ``template`` of ``config`` (default: as the CLI finds them)."""
+        from globular.config import Config
+
+        spec = Config.load(config).cluster_spec(template, size)
+        _run(operations.start(name, spec, home=home, reporter=reporter))
+        return cls(name, home=home, reporter=reporter)
+
+    @classmethod
+    def list(cls, *, home: Path | None = None) -> list[Cluster]:
+        records, _ = StateStore(Path(home) if home else globular_home()).list()
+        return [cls(r.name, home=home) for r in records]
+
+    @property
+    def record(self) -> ClusterRecord:
+        """The state record, read now."""
+        return StateStore(self.home).get(self.name)
+
+    @property
+    def nodes(self) -> list[str]:
+        return [n.name for n in self.record.nodes]
+
+    def connect(self, timeout: float = 10.0) -> Client:
+        return _connect(self.name, home=self.home, timeout=timeout)
+
+    def add_nodes(self, count: int = 1, *, hosts: list[str] | None = None) -> list[str]:
+        """Add nodes; their engines join the running controller.  Returns the new nodes' names."""
+        result = _run(operations.add_nodes(self.name, count, hosts=hosts, home=self.home, reporter=self.reporter))
+        return result.nodes
+
+    def remove_node(self, node: str) -> None:
+        _run(operations.remove_node(self.name, node, home=self.home, reporter=self.reporter))
+
+    def restart_engines(self) -> None:
+        """Kill every engine and start new ones against the same controller (ipclusterrestart)."""
+        from globular.config import Config
+
+        spec = Config.builtin().plugin_spec("ipclusterrestart", builtin_fallback=True)
+        _run(operations.run_plugin(self.name, spec, home=self.home, reporter=self.reporter))
+
+    def status(self) -> ClusterStatusReport:
+        from globular.status import cluster_status
+
+        return _run(cluster_status(self.record, self.home))
+
+    def check(self) -> list[NodeCheck]:
+        return _run(operations.check(self.name, home=self.home, reporter=self.reporter))
+
+    def terminate(self) -> None:
+        _run(operations.terminate(self.name, home=self.home, reporter=self.reporter))

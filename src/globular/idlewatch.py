@@ -1,0 +1,108 @@
+"""Idle shutdown (``idle_shutdown = 30m``), run on the nodes as ``python -c <this source> REQUEST``.
+
+On the master (``mode = "master"``) it asks the controller, every few seconds,
+whether any task is queued or running and how many have completed; when nothing
+has run for ``idle`` seconds it shuts the engines and the controller down through
+the controller (``Client.shutdown(hub=True)``) and writes what it did to the
+state file.  The state file (``deadline``, ``last_activity``, ``shutdown``) is
+what ``listclusters`` shows.
+
+On every other node of a provider that rents machines (``mode = "node"``) it
+only watches the controller's address: once the controller has been gone for
+``grace`` seconds, the node powers itself off (instances are launched to
+terminate on shutdown).  The master does the same after its shutdown.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+def write_state(path, state):
+    tmp = f"{path}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+def power_off():
+    for argv in (["sudo", "-n", "shutdown", "-h", "now"], ["shutdown", "-h", "now"], ["poweroff"]):
+        try:
+            if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0:
+                return True
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return False
+
+
+def reachable(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def watch_master(req):
+    from ipyparallel import Client
+
+    idle = float(req["idle"])
+    client = Client(req["connection_file"], timeout=30)
+    last_activity = time.time()
+    completed = None
+    state = {"idle": idle, "last_activity": last_activity, "deadline": last_activity + idle, "shutdown": None}
+    write_state(req["state_file"], state)
+    while True:
+        status = client.queue_status()
+        engines = {k: v for k, v in status.items() if k != "unassigned"}
+        busy = status.get("unassigned", 0) > 0 or any(v.get("queue") or v.get("tasks") for v in engines.values())
+        done = sum(v.get("completed", 0) for v in engines.values())
+        now = time.time()
+        if busy or done != completed:
+            last_activity = now
+        completed = done
+        state.update(last_activity=last_activity, deadline=last_activity + idle)
+        write_state(req["state_file"], state)
+        if now >= last_activity + idle:
+            break
+        time.sleep(max(0.2, min(5.0, idle / 20)))
+    print(f"idle for {idle:g}s: shutting down the engines and the controller", flush=True)
+    state["shutdown"] = time.time()
+    write_state(req["state_file"], state)
+    try:
+        client.shutdown(targets="all", hub=True, block=False)
+    finally:
+        client.close()
+    if req.get("release"):
+        time.sleep(5)
+        print("releasing this machine", flush=True)
+        power_off()
+
+
+def watch_node(req):
+    grace = float(req.get("grace", 120))
+    host, port = req["controller"], int(req["port"])
+    gone_since = None
+    while True:
+        if reachable(host, port):
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= grace:
+            print(f"the controller at {host}:{port} has been gone for {grace:g}s: releasing this machine", flush=True)
+            power_off()
+            return
+        time.sleep(10)
+
+
+def main(argv):
+    with open(argv[1]) as f:
+        req = json.load(f)
+    (watch_master if req["mode"] == "master" else watch_node)(req)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,192 @@
+"""Preflight: before any engine starts, ask every node (at once, bounded) whether it can run one.
+
+Per node: its Python runs and is the same major.minor as here (functions travel by
+value), ipyparallel is installed with a version compatible with the local one,
+the modules the settings need are there (msgpack for ``packer = msgpack``,
+jupyterlab on the master for the notebook), how many cores are free, and whether
+the node can open a connection to the controller's address (a stand-in listener
+on the master, on a port the controller could use).  Problems fail the check;
+warnings (a different minor version, more engines than free cores) do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import ipaddress
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from globular.errors import GlobularError
+from globular.providers.base import NODEPROC_SOURCE, ProcessSpec
+from globular.state import NodeRecord
+
+if TYPE_CHECKING:
+    from globular.cluster import Cluster
+
+CHECK_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A module the nodes need: ``compare`` its version with ours; ``load`` it for real
+    (cheap modules: a broken install shows), else read its metadata only; ``need``
+    says who needs it, for the message."""
+
+    module: str
+    compare: bool = False
+    load: bool = False
+    need: str = ""
+
+
+@dataclass
+class NodeCheck:
+    node: str
+    address: str
+    python: str | None = None
+    modules: dict[str, str | None] = field(default_factory=dict)  # name -> version (None: missing)
+    cpus: int | None = None
+    load: float | None = None
+    engines: int = 0
+    controller_reachable: bool | None = None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+class PreflightFailed(GlobularError):
+    """One line per node that cannot run its engines; nothing was started."""
+
+    def __init__(self, checks: list[NodeCheck]):
+        self.checks = checks
+        lines = [f"{c.node}: {'; '.join(c.problems)}" for c in checks if c.problems]
+        super().__init__("preflight failed, nothing was started:\n" + "\n".join(lines))
+
+
+def local_version(module: str) -> str | None:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _major_minor(version: str | None) -> tuple[int, ...]:
+    parts = []
+    for piece in (version or "").split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def judge(check: NodeCheck, facts: dict[str, Any], wanted: list[Requirement]) -> None:
+    """Fill ``check`` from the node's ``facts``."""
+    here = ".".join(map(str, sys.version_info[:2]))
+    check.python = facts["python"]
+    there = ".".join(facts["python"].split(".")[:2])
+    if there != here:
+        check.problems.append(
+            f"Python {facts['python']} at {facts['executable']}, {here} here: functions sent from here would not run there"
+        )
+    for req in wanted:
+        found = facts["modules"].get(req.module, {})
+        if "error" in found:
+            check.modules[req.module] = None
+            check.problems.append(
+                f"{req.need + ' needs the ' + req.module + ' package, which' if req.need else req.module + ' is not usable:'} "
+                f"{facts['executable']} cannot import ({found['error']}); install it on every node (pip install {req.module})"
+            )
+            continue
+        version = found.get("version")
+        check.modules[req.module] = version
+        ours = local_version(req.module)
+        if not req.compare or not version or not ours:
+            continue
+        if _major_minor(version)[:1] != _major_minor(ours)[:1]:
+            check.problems.append(f"{req.module} {version} there, {ours} here: major versions differ (install {ours} there)")
+        elif _major_minor(version) != _major_minor(ours):
+            check.warnings.append(f"{req.module} {version} there, {ours} here")
+    check.cpus = facts["cpus"]
+    check.load = round(facts["load"][0], 2)
+    free = max(0, facts["cpus"] - round(facts["load"][0]))
+    if check.engines > free:
+        check.warnings.append(f"{check.engines} engines for {free} free cores (load {check.load} on {facts['cpus']})")
+
+
+async def run_preflight(
+    cluster: Cluster,
+    nodes: list[NodeRecord],
+    *,
+    modules: list[Requirement],
+    master_modules: list[Requirement],
+    engines: dict[str, int],
+    controller_ip: str | None,
+    port_candidates: list[int] | None,
+    timeout: float = CHECK_TIMEOUT,
+) -> list[NodeCheck]:
+    """Check ``nodes``; returns a NodeCheck per node (raise nothing: the caller decides)."""
+    master = cluster.master
+    checks = {n.name: NodeCheck(node=n.name, address=n.address, engines=engines.get(n.name, 0)) for n in nodes}
+    cluster.reporter.begin("preflight", "preflight checks (nodes)", len(nodes))
+    listener = None
+    port = None
+    try:
+        # every node on the master's own machine (local provider) and a loopback controller: nothing to learn
+        same_machine = ipaddress.ip_address(controller_ip).is_loopback and all(
+            n.address == master.address and n.login == master.login for n in nodes
+        ) if controller_ip else True
+        if controller_ip is not None and not same_machine:
+            runner = cluster.runner(master)
+            free = await runner._nodeproc("free_ports", {"ip": controller_ip, "ports": port_candidates, "count": 1})
+            if not free:
+                for check in checks.values():
+                    check.problems.append(f"no free port on the master's {controller_ip} for the controller")
+            else:
+                port = free[0]
+                request = {"ip": controller_ip, "port": port, "seconds": timeout + 5}
+                listener = await runner.spawn([ProcessSpec(
+                    argv=[master.python, "-c", NODEPROC_SOURCE, "listen", json.dumps(request)],
+                    log=f"{master.workdir}/logs/preflight-listener.log", role="preflight-listener", cwd=master.workdir,
+                )])
+                cluster.track(master, listener)
+
+        async def one(node: NodeRecord) -> None:
+            check = checks[node.name]
+            wanted = modules + (master_modules if node.is_master else [])
+            runner = cluster.runner(node)
+            request = {"modules": [r.module for r in wanted], "load": [r.module for r in wanted if r.load]}
+            try:
+                facts = await runner._nodeproc("facts", request, timeout=timeout)
+            except GlobularError as exc:
+                check.problems.append(str(exc).removeprefix(f"{node.name}: "))
+                return
+            judge(check, facts, wanted)
+            if port is not None:
+                reply = {}
+                for _ in range(20):  # the listener may still be starting
+                    reply = await runner._nodeproc("connect", {"host": controller_ip, "port": port, "timeout": 3}, timeout=timeout)
+                    if reply["ok"] or reply.get("error") not in ("Connection refused", None):
+                        break
+                    await asyncio.sleep(0.1)
+                check.controller_reachable = reply["ok"]
+                if not reply["ok"]:
+                    check.problems.append(f"cannot reach the controller's address {controller_ip}:{port} ({reply.get('error')})")
+            cluster.reporter.advance("preflight")
+
+        await asyncio.wait_for(asyncio.gather(*(one(n) for n in nodes)), timeout + 10)
+    except asyncio.TimeoutError:
+        for check in checks.values():
+            if check.python is None and not check.problems:
+                check.problems.append(f"no answer within {timeout:g}s")
+    finally:
+        if listener:
+            await cluster.stop_processes(master, listener)
+        cluster.reporter.end("preflight")
+    return [checks[n.name] for n in nodes]
