@@ -143,6 +143,15 @@ class Cluster:
         if node_step is not None:
             node_step(node.name, step, max(0.0, now - previous))
 
+    def node_ready(self, node: NodeRecord) -> None:
+        """The provider made ``node`` usable: it joins the record (saved at once, so that
+        whatever happens next, terminate knows it) and the "nodes" progress step."""
+        self.record.nodes.append(node)
+        self.record.nodes.sort(key=node_order)
+        self.node_step(node, "setup")
+        self.save()
+        self.reporter.advance("nodes")
+
     def plugin_data(self, key: str) -> dict:
         """A plugin's own part of the state record (saved with :meth:`save`)."""
         return self.record.plugin_data.setdefault(key, {})
@@ -295,14 +304,7 @@ async def start(
             names = node_names(spec.cluster_size)
             reporter.begin("nodes", f"nodes ({spec.provider})", len(names))
 
-            def ready(node: NodeRecord) -> None:
-                record.nodes.append(node)
-                record.nodes.sort(key=node_order)
-                cluster.node_step(node, "setup")
-                cluster.save()
-                reporter.advance("nodes")
-
-            await cluster.provider.create_nodes(names, ready)
+            await cluster.provider.create_nodes(names, cluster.node_ready)
             reporter.end("nodes")
             checks = await cluster.preflight(plugins, record.nodes)
             if any(not c.ok for c in checks):
@@ -352,12 +354,8 @@ async def add_nodes(
         added: list[NodeRecord] = []
 
         def ready(node: NodeRecord) -> None:
-            cluster.record.nodes.append(node)
-            cluster.record.nodes.sort(key=node_order)
-            cluster.node_step(node, "setup")
             added.append(node)
-            cluster.save()
-            reporter.advance("nodes")
+            cluster.node_ready(node)
 
         try:
             reporter.begin("nodes", f"new nodes ({cluster.record.spec.provider})", count)
@@ -430,14 +428,7 @@ async def check(
         try:
             reporter.begin("nodes", f"nodes ({spec.provider})", spec.cluster_size)
 
-            def ready(node: NodeRecord) -> None:
-                record.nodes.append(node)
-                record.nodes.sort(key=node_order)
-                cluster.node_step(node, "setup")
-                cluster.save()
-                reporter.advance("nodes")
-
-            await cluster.provider.create_nodes(node_names(spec.cluster_size), ready)
+            await cluster.provider.create_nodes(node_names(spec.cluster_size), cluster.node_ready)
             reporter.end("nodes")
             return await cluster.preflight(plugins, record.nodes)
         finally:

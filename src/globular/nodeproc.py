@@ -19,6 +19,10 @@ import sys
 import time
 
 
+class Refused(Exception):
+    """A request that cannot be carried out: exit status 3, the message on stderr."""
+
+
 def _stat(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -72,8 +76,7 @@ def spawn(req):
     except OSError as exc:
         for proc in started:
             _signal(proc, signal.SIGKILL)
-        sys.stderr.write(f"cannot start {spec['argv'][0]!r}: {exc.strerror or exc}\n")
-        sys.exit(3)
+        raise Refused(f"cannot start {spec['argv'][0]!r}: {exc.strerror or exc}") from None
     return started
 
 
@@ -214,8 +217,7 @@ def remove_dir(req):
     root = os.path.realpath(os.path.expanduser(req["root"]))
     path = os.path.realpath(req["path"])
     if os.path.commonpath([root, path]) != root or path == root:
-        sys.stderr.write(f"refusing to remove {path}: not inside {root}\n")
-        sys.exit(3)
+        raise Refused(f"refusing to remove {path}: not inside {root}")
     shutil.rmtree(path, ignore_errors=True)
     parent = os.path.dirname(path)
     if parent != root:
@@ -380,10 +382,22 @@ VERBS = {
 }
 
 
+# verbs whose answer does not depend on the Python that runs them (the local provider
+# runs these in globular's own process instead of starting an interpreter for each)
+ANY_PYTHON = frozenset(
+    {"free_ports", "remove_dir", "addresses", "spawn", "alive", "signal", "stop", "wait_files", "tail", "children",
+     "read_json", "connect"}
+)
+
+
 def main(argv):
     # a detached process (spawn) has no stdin: its request, never a secret, is the argument
     request = json.loads(argv[2]) if len(argv) > 2 else json.loads(sys.stdin.read() or "{}")
-    json.dump(VERBS[argv[1]](request), sys.stdout)
+    try:
+        json.dump(VERBS[argv[1]](request), sys.stdout)
+    except Refused as exc:
+        sys.stderr.write(f"{exc}\n")
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -115,9 +115,10 @@ def judge(check: NodeCheck, facts: dict[str, Any], wanted: list[Requirement]) ->
             check.warnings.append(f"{req.module} {version} there, {ours} here")
     check.cpus = facts["cpus"]
     check.load = round(facts["load"][0], 2)
-    free = max(0, facts["cpus"] - round(facts["load"][0]))
-    if check.engines > free:
-        check.warnings.append(f"{check.engines} engines for {free} free cores (load {check.load} on {facts['cpus']})")
+    if check.engines > facts["cpus"]:
+        check.warnings.append(f"{check.engines} engines for {facts['cpus']} cores: they will share them")
+    elif facts["load"][0] >= facts["cpus"] and check.engines:
+        check.warnings.append(f"the node is busy (load {check.load} on {facts['cpus']} cores): engines will share it")
 
 
 async def run_preflight(

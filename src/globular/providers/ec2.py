@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from globular.errors import BadInput, ConfigError, GlobularError, NodeError
+from globular.providers.base import NodeProvider
 from globular.providers.ssh import SSHHost, SSHProvider
 from globular.spec import Settings
 from globular.state import NodeRecord
@@ -150,13 +151,9 @@ class EC2Provider(SSHProvider):
             values["permission"] = named["cidr_ip"]
             sections["permission"] = where
 
-    @classmethod
-    def default_cluster_size(cls, settings: Settings) -> int:
-        return 2
-
-    @classmethod
-    def size_problem(cls, settings: Settings, size: int) -> tuple[str, str] | None:
-        return None
+    # instances are made to order: the ssh provider's limits (its host list) do not apply
+    default_cluster_size = NodeProvider.default_cluster_size
+    size_problem = NodeProvider.size_problem
 
     @property
     def region(self) -> str:

@@ -7,14 +7,17 @@ a folder under ``~/.globular/local/<cluster>/<node>``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
+from globular import nodeproc
 from globular.errors import BadInput, CommandError
 from globular.paths import private_dir, write_private
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
@@ -53,6 +56,20 @@ class LocalRunner(Runner):
         if check and result.returncode != 0:
             raise CommandError(self.node.name, display(argv), result.returncode, result.stderr, result.stdout)
         return result
+
+    async def _nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+        """The node is this machine: a verb that any Python answers alike runs here, in a
+        thread, instead of in an interpreter started for it (the same code, the same JSON)."""
+        if verb not in nodeproc.ANY_PYTHON and os.path.realpath(self.node.python) != os.path.realpath(sys.executable):
+            return await super()._nodeproc(verb, request, timeout)
+        call = nodeproc.VERBS[verb]
+        try:
+            reply = await asyncio.wait_for(asyncio.to_thread(call, json.loads(json.dumps(request))), timeout)
+        except nodeproc.Refused as exc:
+            raise CommandError(self.node.name, f"globular.nodeproc {verb}", 3, str(exc)) from None
+        except asyncio.TimeoutError:
+            raise CommandError(self.node.name, f"globular.nodeproc {verb}", None, f"no answer within {timeout:g}s") from None
+        return json.loads(json.dumps(reply))
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         target = Path(self.node.workdir, path)
