@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 import testhosts
+from conftest import wait_until
 
 reason = testhosts.available()
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
@@ -36,8 +37,18 @@ def test_hosts_up_reachable_distinct_and_gone_after_down(tmp_path):
         assert refused.returncode == 255 and "Permission denied" in refused.stderr
         pids = [h.sshd_pid for h in net.hosts]
         names = {h.netns for h in net.hosts}
+        # a process left behind in a host (a session whose client vanished, say) goes with it
+        stray = subprocess.Popen(["ip", "netns", "exec", net.hosts[1].netns, "sleep", "300"], start_new_session=True)
+
+        def inside() -> bool:
+            out = subprocess.run(["ip", "netns", "pids", net.hosts[1].netns], capture_output=True, text=True).stdout
+            return str(stray.pid) in out.split()
+
+        assert wait_until(inside, timeout=10)
     finally:
         net.down()
+    stray.wait(10)  # a `sleep 300` that ends within 10 s was killed (down() reaps it, so no status is left)
+    assert subprocess.run(["kill", "-0", str(stray.pid)], capture_output=True).returncode != 0
     assert not names & netns_names()
     bridge = subprocess.run(["ip", "link", "show", net.bridge], capture_output=True, text=True)
     assert bridge.returncode != 0

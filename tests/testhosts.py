@@ -120,6 +120,8 @@ class HostNet:
             f"AuthorizedKeysFile {self.workdir / 'authorized_keys'}\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "UsePAM no\nStrictModes no\nPidFile none\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
+            # a client that vanished (its host's link cut) must not leave a session behind
+            "ClientAliveInterval 5\nClientAliveCountMax 2\n"
         )
         log = open(self.workdir / f"sshd_{host.name}.log", "ab")
         proc = subprocess.Popen(
@@ -161,6 +163,16 @@ class HostNet:
         for host in self.hosts:
             if host.sshd_pid:
                 _wait_gone(host.sshd_pid)
+            # whatever else still runs in the namespace (an sshd session of a client that
+            # vanished, say) would keep it alive after `ip netns del`: stop it by pid
+            left = sh("ip", "netns", "pids", host.netns, check=False).stdout.split()
+            for pid in map(int, left):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            for pid in map(int, left):
+                _wait_gone(pid)
             sh("ip", "netns", "del", host.netns, check=False)
         sh("ip", "link", "del", self.bridge, check=False)
         self.hosts = []
