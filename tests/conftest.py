@@ -119,3 +119,15 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return predicate()
+
+
+def never_registering_python(folder: Path) -> Path:
+    """A ``python`` for the nodes whose engines never register (they sleep): a start waits on them."""
+    wrapper = folder / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = ipyparallel.engine ]; then exec sleep 300; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper

@@ -8,14 +8,11 @@ addresses, so the SSH bring-up, the controller and the engines are real.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import gone, read_record, recorded_pids, wait_until
+from conftest import never_registering_python, gone, read_record, recorded_pids, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -122,13 +122,7 @@ def test_killed_engine_fails_a_running_map_and_listclusters_tells_the_truth(cli,
 
 
 def test_globular_killed_mid_start_leaves_a_readable_record_that_terminate_cleans(cli, home, tmp_path, write_config):
-    wrapper = tmp_path / "python"  # engines that never register: start waits for them
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$2" = ipyparallel.engine ]; then exec sleep 300; fi\n'
-        f'exec {sys.executable} "$@"\n'
-    )
-    wrapper.chmod(0o755)
+    wrapper = never_registering_python(tmp_path)  # start waits for engines that never register
     config = str(write_config(config_text("engine_timeout = 300\n", python=str(wrapper))))
     proc = subprocess.Popen(
         [sys.executable, "-m", "globular", "-c", config, "start", "killed"],

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import gone, read_record, recorded_pids, wait_until
+from conftest import never_registering_python, gone, read_record, recorded_pids, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -154,13 +154,7 @@ def test_interrupted_start_leaves_nothing(home, tmp_path, write_config, signum):
     import signal
     import subprocess
 
-    wrapper = tmp_path / "python"  # engines that never register: start is stuck waiting for them
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$2" = ipyparallel.engine ]; then exec sleep 300; fi\n'
-        f'exec {sys.executable} "$@"\n'
-    )
-    wrapper.chmod(0o755)
+    wrapper = never_registering_python(tmp_path)  # start waits for engines that never register
     config = write_config(
         f"[cluster t]\ncluster_size = 2\npython = {wrapper}\nplugins = ipcluster\n"
         "[plugin ipcluster]\nsetup_class = ipcluster\nengine_timeout = 300\n"

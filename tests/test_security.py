@@ -4,7 +4,6 @@ runs nothing, and the controller cannot be reached from another network."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import stat

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from globular.errors import GlobularError
-from globular.plugins.ipcluster import DATA_KEY, ENGINE, SUPERVISOR, idle_state_file
+from globular.plugins.idle import idle_state_file
+from globular.plugins.roles import DATA_KEY, ENGINE, SUPERVISOR
 from globular.registry import RegistryError, provider_class
 from globular.state import ClusterRecord, NodeRecord
 
@@ -49,12 +50,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-async def _node_status(provider, node: NodeRecord) -> tuple[list[bool], list[int]]:
-    runner = provider.runner(node)
-    alive = await runner.alive(node.processes)
-    supervisors = [p for p in node.processes if p.role == SUPERVISOR]
-    children = await runner._nodeproc("children", {"procs": [p.model_dump() for p in supervisors]}) if supervisors else []
-    return alive, children
+async def ask_node(provider, node: NodeRecord, timeout: float = CHECK_TIMEOUT) -> dict:
+    """One round trip: which of ``node``'s recorded processes are alive, how many engines each
+    supervisor runs, and the node's load and uptime (nodeproc ``facts``)."""
+    supervisors = [p.model_dump() for p in node.processes if p.role == SUPERVISOR]
+    request = {"procs": [p.model_dump() for p in node.processes], "parents": supervisors}
+    return await provider.runner(node)._nodeproc("facts", request, timeout=timeout)
 
 
 async def check(record: ClusterRecord, home: Path) -> Health:
@@ -71,7 +72,7 @@ async def check(record: ClusterRecord, home: Path) -> Health:
         return health
     idle = None
     try:
-        asks = [_node_status(provider, n) for n in record.nodes]
+        asks = [ask_node(provider, n) for n in record.nodes]
         if (record.plugin_data.get(DATA_KEY) or {}).get("idle_shutdown"):
             master = record.master
             asks.append(provider.runner(master)._nodeproc("read_json", {"path": idle_state_file(master)}))
@@ -89,7 +90,7 @@ async def check(record: ClusterRecord, home: Path) -> Health:
         if isinstance(result, BaseException):
             unreachable.append(f"{node.name} ({result})" if isinstance(result, GlobularError) else node.name)
             continue
-        alive, children = result
+        alive, children = result["alive"], result["children"]
         for proc, up in zip(node.processes, alive):
             health.recorded[proc.role] += 1
             health.alive[proc.role] += int(up)

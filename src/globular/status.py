@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from globular.errors import GlobularError
-from globular.plugins.ipcluster import (
-    CONTROLLER, DATA_KEY, ENGINE, SUPERVISOR, IPCluster, IPClusterSettings, engine_node, engines_for,
-)
+from globular.health import ask_node
+from globular.plugins.engines import engine_node
+from globular.plugins.ipcluster import IPCluster, IPClusterSettings, engines_for
+from globular.plugins.roles import CONTROLLER, DATA_KEY, ENGINE
 from globular.registry import provider_class
 from globular.reporting import NODE_STEPS
 from globular.state import ClusterRecord, NodeRecord
@@ -73,12 +74,6 @@ def step_times(node: NodeRecord) -> dict[str, float]:
     return times
 
 
-async def _ask_node(provider, node: NodeRecord) -> dict:
-    supervisors = [p.model_dump() for p in node.processes if p.role == SUPERVISOR]
-    request = {"procs": [p.model_dump() for p in node.processes], "parents": supervisors}
-    return await provider.runner(node)._nodeproc("facts", request, timeout=ASK_TIMEOUT)
-
-
 def _registered(record: ClusterRecord, home: Path) -> dict[str, int] | None:
     """Registered engines per node, from the controller (None: it does not answer)."""
     from globular.client import connect
@@ -112,7 +107,7 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
     provider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
     try:
         answers = await asyncio.gather(
-            *(asyncio.wait_for(_ask_node(provider, n), ASK_TIMEOUT + 5) for n in record.nodes), return_exceptions=True
+            *(asyncio.wait_for(ask_node(provider, n, ASK_TIMEOUT), ASK_TIMEOUT + 5) for n in record.nodes), return_exceptions=True
         )
     finally:
         await provider.close()

@@ -1,0 +1,225 @@
+"""IPCluster's engines: started (alone or under a supervisor), waited for until they
+register, identified by node, retired and stopped by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from globular import supervisor
+from globular.errors import GlobularError, NodeError
+from globular.fanout import each_node
+from globular.plugins.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
+from globular.providers.base import ProcessSpec
+from globular.state import NodeRecord, ProcessRecord
+
+if TYPE_CHECKING:
+    from ipyparallel import Client
+
+    from globular.cluster import Cluster
+
+SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
+ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
+
+
+def claim_engine_ids(cluster: Cluster, node: NodeRecord, count: int, floor: int = 0) -> list[int]:
+    """The next ``count`` engine ids, recorded as ``node``'s.
+
+    Each engine asks the controller for its id, so the record knows which node
+    an id runs on without asking the engine.  ``floor``: ids below it are taken.
+    """
+    data = cluster.plugin_data(DATA_KEY)
+    first = max(data.get("next_engine_id", 0), floor)
+    data["next_engine_id"] = first + count
+    mapping = data.setdefault("engine_ids", {})
+    ids = list(range(first, first + count))
+    mapping.update({str(i): node.name for i in ids})
+    return ids
+
+
+async def start_engines(
+    cluster: Cluster, node: NodeRecord, count: int, engine_info: dict[str, Any], *,
+    nanny: bool, supervise: bool = False, floor: int = 0,
+) -> dict[int, str]:
+    """Write the engine connection file (0600) on ``node`` and start ``count`` engines: id → node.
+
+    With ``supervise``, one supervisor process starts them and restarts any that dies
+    (the record tracks the supervisor; its engines are its children, stopped with it).
+    """
+    if count <= 0:
+        return {}
+    runner = cluster.runner(node)
+    info_path = f"{node.workdir}/security/ipcontroller-engine.json"
+    await runner.write_file(info_path, json.dumps(engine_info).encode(), 0o600)
+    env = {
+        "GLOBULAR_CLUSTER": cluster.name,
+        "GLOBULAR_NODE": node.name,
+        "IPYTHONDIR": ipython_dir(node),
+        "OMP_NUM_THREADS": "1",
+    }
+    ids = claim_engine_ids(cluster, node, count, floor)
+    engines = [
+        ProcessSpec(
+            argv=[
+                node.python, "-m", "ipyparallel.engine", f"--file={info_path}",
+                f"--IPEngine.id={engine_id}", f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
+                f"--IPEngine.enable_nanny={nanny}",
+            ],
+            log=f"{node.workdir}/logs/engine-{engine_id}.log",
+            role=ENGINE,
+            env=env,
+            cwd=node.workdir,
+        )
+        for engine_id in ids
+    ]
+    if supervise:
+        request = f"{node.workdir}/run/engines-{ids[0]}.json"
+        plan = {"engines": [{"argv": e.argv, "log": e.log} for e in engines], "restart_id_arg": "--IPEngine.id="}
+        await runner.write_file(request, json.dumps(plan).encode(), 0o600)
+        engines = [ProcessSpec(
+            argv=[node.python, "-c", SUPERVISOR_SOURCE, request],
+            log=f"{node.workdir}/logs/supervisor-{ids[0]}.log", role=SUPERVISOR, env=env, cwd=node.workdir,
+        )]
+    cluster.track(node, await runner.spawn(engines))
+    cluster.node_step(node, "engines")
+    return {i: node.name for i in ids}
+
+
+def engine_processes(node: NodeRecord) -> list[ProcessRecord]:
+    """The processes that stand for ``node``'s engines: the engines, or their supervisors."""
+    return node.processes_with_role(ENGINE) + node.processes_with_role(SUPERVISOR)
+
+
+async def stop_engines(cluster: Cluster, node: NodeRecord) -> int:
+    engines = engine_processes(node)
+    await cluster.stop_processes(node, engines)
+    return len(engines)
+
+
+async def check_engines_alive(cluster: Cluster, nodes: list[NodeRecord]) -> None:
+    """Raise NodeError (with the engine's log) if an engine process has died."""
+
+    async def check(node: NodeRecord) -> None:
+        engines = engine_processes(node)
+        for proc, alive in zip(engines, await cluster.runner(node).alive(engines)):
+            if not alive:
+                log = await cluster.runner(node).tail(proc.log) if proc.log else ""
+                what = "engine" if proc.role == ENGINE else "engine supervisor"
+                raise NodeError(node.name, f"{what} (pid {proc.pid}) exited; its log ({proc.log}) ends:", log)
+
+    await each_node(nodes, check)
+
+
+def engine_node() -> str:
+    """Run on an engine: the node it runs on."""
+    import os
+
+    return os.environ.get("GLOBULAR_NODE", "?")
+
+
+engine_node.__module__ = "__main__"  # sent by value: nodes need not have globular installed
+
+
+async def ask_engine_nodes(client: Client, ids: set[int]) -> dict[int, str]:
+    """Which node each engine of ``ids`` runs on, asked of the engines themselves."""
+    targets = sorted(ids)
+    result = client[targets].apply_async(engine_node)
+    return dict(zip(targets, await asyncio.to_thread(result.get, 30)))
+
+
+async def wait_for_engines(
+    cluster: Cluster,
+    client: Client,
+    *,
+    wanted: dict[int, str],
+    gone: set[int] = frozenset(),  # type: ignore[assignment]
+    nodes: list[NodeRecord],
+    timeout: float,
+    key: str = "engines",
+    description: str = "engines registered",
+) -> set[int]:
+    """Wait until the engines of ``wanted`` (id → node) registered and every id in ``gone`` left.
+
+    An engine registers under the id it asked for; if the controller gave it
+    another one (a foreign engine held it), the unknown id is identified by
+    asking the engine.  Checks every second that the engine processes on
+    ``nodes`` are alive, so a crashing engine fails at once with its log, not
+    at the timeout.  Returns the ids now registered for the nodes of ``wanted``.
+    """
+    data = cluster.plugin_data(DATA_KEY)
+    mapping: dict[str, str] = data.setdefault("engine_ids", {})
+    need = Counter(wanted.values())
+    reporter = cluster.reporter
+    reporter.begin(key, description, len(wanted))
+    unknown = {i for i in client.ids if str(i) not in mapping}  # foreign engines, there before us
+    registered: set[str] = set()
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 1.0
+    while True:
+        ids = set(client.ids)
+        strays = {i for i in ids - unknown if str(i) not in mapping}
+        if strays:
+            unknown |= strays
+            mapping.update({str(i): n for i, n in (await ask_engine_nodes(client, strays)).items() if n in need})
+        mine = {i for i in ids if mapping.get(str(i)) in need}
+        have = Counter(mapping[str(i)] for i in mine)
+        done = sum(min(have[n], count) for n, count in need.items())
+        for name, count in need.items():
+            if have[name] >= count and name not in registered:
+                registered.add(name)
+                node = next((n for n in cluster.nodes if n.name == name), None)
+                if node is not None:
+                    cluster.node_step(node, "registered")
+        reporter.set(key, done)
+        if done >= len(wanted) and not ids & gone:
+            reporter.end(key)
+            # ids asked for but given to nobody (the controller chose others) are dropped
+            for engine_id, node in list(mapping.items()):
+                if node in need and int(engine_id) not in ids:
+                    del mapping[engine_id]
+            data["engines"] = len(mapping)
+            cluster.save()
+            return mine
+        now = time.monotonic()
+        if now >= deadline:
+            short = ", ".join(f"{n} {have[n]} of {c}" for n, c in sorted(need.items()) if have[n] < c)
+            raise GlobularError(
+                f"only {done} of {len(wanted)} engines registered within {timeout:g}s ({short}; "
+                f"engine logs are in <node workdir>/logs)"
+                if done < len(wanted)
+                else f"engines {sorted(ids & gone)} did not leave within {timeout:g}s"
+            )
+        if now >= next_check:
+            await check_engines_alive(cluster, nodes)
+            next_check = now + 1.0
+        await asyncio.sleep(0.05)
+
+
+def engine_ids_on(cluster: Cluster, nodes: list[NodeRecord]) -> set[int]:
+    names = {n.name for n in nodes}
+    mapping = cluster.plugin_data(DATA_KEY).get("engine_ids", {})
+    return {int(i) for i, node in mapping.items() if node in names}
+
+
+async def retire_engines(cluster: Cluster, client: Client, nodes: list[NodeRecord]) -> set[int]:
+    """Ask the controller to shut down the engines of ``nodes`` (so they unregister
+    at once), then stop their processes by pid whatever they did."""
+    recorded = engine_ids_on(cluster, nodes)
+    ids = recorded & set(client.ids)
+    if ids:
+        try:
+            client.shutdown(targets=sorted(ids), block=False)
+        except Exception:  # a controller that cannot relay it: the pids are stopped anyway
+            pass
+    await each_node(nodes, lambda node: stop_engines(cluster, node))
+    data = cluster.plugin_data(DATA_KEY)
+    mapping = data.setdefault("engine_ids", {})
+    for engine_id in recorded:
+        mapping.pop(str(engine_id), None)
+    data["engines"] = len(mapping)
+    cluster.save()
+    return ids

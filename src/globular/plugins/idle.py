@@ -1,0 +1,56 @@
+"""IPCluster's idle shutdown: the watchers (globular/idlewatch.py) started on the nodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from globular import idlewatch
+from globular.fanout import each_node
+from globular.plugins.roles import DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
+from globular.providers.base import ProcessSpec
+from globular.state import NodeRecord
+
+if TYPE_CHECKING:
+    from globular.cluster import Cluster
+    from globular.plugins.ipcluster import IPClusterSettings
+
+IDLEWATCH_SOURCE = Path(idlewatch.__file__).read_text()
+
+
+def idle_state_file(master: NodeRecord) -> str:
+    return f"{master.workdir}/run/idle.json"
+
+
+async def start_idle_watchers(cluster: Cluster, settings: IPClusterSettings, nodes: list[NodeRecord]) -> None:
+    """The master's watcher (asks the controller, shuts it down when idle); on providers that
+    rent machines, a watcher on every other node that powers it off once the controller is gone."""
+    data = cluster.plugin_data(DATA_KEY)
+    info = data["engine_info"]
+    rents = cluster.provider.rents_machines
+    env = {"GLOBULAR_CLUSTER": cluster.name, "IPYTHONDIR": ""}
+
+    async def start(node: NodeRecord) -> None:
+        if node.is_master:
+            request = {
+                "mode": "master", "idle": settings.idle_shutdown, "release": rents,
+                "connection_file": f"{profile_dir(node)}/security/ipcontroller-client.json",
+                "state_file": idle_state_file(node),
+            }
+        elif rents:
+            request = {"mode": "node", "controller": info["location"], "port": info["registration"], "grace": 120}
+        else:
+            return
+        runner = cluster.runner(node)
+        path = f"{node.workdir}/run/idle-watch.json"
+        await runner.write_file(path, json.dumps(request).encode(), 0o600)
+        spec = ProcessSpec(
+            argv=[node.python, "-c", IDLEWATCH_SOURCE, path], log=f"{node.workdir}/logs/idle-watch.log",
+            role=IDLE_WATCHER, env={**env, "IPYTHONDIR": ipython_dir(node), "GLOBULAR_NODE": node.name}, cwd=node.workdir,
+        )
+        cluster.track(node, await runner.spawn([spec]))
+
+    await each_node(nodes, start)
+    data["idle_shutdown"] = settings.idle_shutdown
+    cluster.save()

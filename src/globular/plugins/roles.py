@@ -1,0 +1,19 @@
+"""Where IPCluster's things are: process roles, its part of the state record, a node's IPython folders."""
+
+from __future__ import annotations
+
+from globular.state import NodeRecord
+
+CONTROLLER = "ipcontroller"
+ENGINE = "ipengine"
+SUPERVISOR = "engine-supervisor"  # restart_dead_engines: keeps a node's engines running
+IDLE_WATCHER = "idle-watcher"  # idle_shutdown
+DATA_KEY = "ipcluster"  # where IPCluster keeps its part of the state record
+
+
+def ipython_dir(node: NodeRecord) -> str:
+    return f"{node.workdir}/.ipython"
+
+
+def profile_dir(node: NodeRecord) -> str:
+    return f"{ipython_dir(node)}/profile_default"
