@@ -147,7 +147,10 @@ def cli(ctx: click.Context, config: str | None) -> None:
     \b
     globular start -s 3 mycluster        start a 3-node cluster
     globular shell --ipcluster=mycluster IPython with `ipclient` and `ipview`
-    globular listclusters                what is running
+    globular listclusters                what is running, and is it healthy
+    globular status mycluster            per node: steps, engines, load, problems
+    globular check mycluster             the preflight checks alone
+    globular addnode mycluster           more nodes; their engines join
     globular terminate mycluster         stop everything and forget it
     """
     ctx.obj = {"config": config}
