@@ -158,11 +158,28 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
     outward.remove(("198.18.0.11", notebook_port))
     assert outward and all(a == "198.18.0.11" and 20100 <= p <= 20140 for a, p in outward), listening.stdout
 
+    status = cli("status", "lab", "--output", "json")  # asked of the hosts and the controller, over ssh
+    assert status.returncode == 0, status.output
+    report = json.loads(status.stdout)
+    assert report["ok"] and report["controller"] == "up"
+    assert [(n["name"], n["state"], n["engines_registered"]) for n in report["nodes"]] == [
+        ("master", "registered", 1), ("node001", "registered", 1), ("node002", "registered", 1),
+    ]
+    assert all("ssh" in n["steps"] for n in report["nodes"])
+
     client = connect("lab")  # tunnels over globular's own ssh connection
     try:
         assert len(client.ids) == 3
         assert engine_addresses(client[:]) == ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
         assert client[:].map_sync(portable(lambda x: x**30), range(16)) == [x**30 for x in range(16)]
+
+        from IPython.core.interactiveshell import InteractiveShell
+
+        shell = InteractiveShell.instance()
+        client[:].activate()  # %px on this shell, through the tunnel globular.connect holds
+        shell.run_cell("%px import socket; probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)", store_history=False).raise_error()
+        shell.run_cell("%px probe.connect(('198.18.0.1', 9)); here = probe.getsockname()[0]", store_history=False).raise_error()
+        assert sorted(client[:]["here"]) == ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
 
         shown = cli("sshmaster", "lab", "echo $SSH_CONNECTION; pwd")
         assert shown.returncode == 0, shown.output
