@@ -194,7 +194,7 @@ def _idle_column(state, now: float) -> str:
 
 
 def _specs_with_accounts(ctx: click.Context) -> list:
-    """The config's templates that can be searched for clusters started elsewhere (ec2)."""
+    """The config's templates, whose accounts (ec2) may hold clusters started elsewhere."""
     try:
         config = load_config(ctx)
     except GlobularError:
@@ -205,7 +205,7 @@ def _specs_with_accounts(ctx: click.Context) -> list:
             specs.append(config.cluster_spec(template))
         except GlobularError:  # a broken template is reported by the commands that use it
             continue
-    return [s for s in specs if s.provider not in ("local", "ssh")]
+    return specs  # cluster.discover asks only the providers that have an account to search
 
 
 def _found_elsewhere(ctx: click.Context) -> tuple[list, list[str]]:

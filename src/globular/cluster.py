@@ -198,6 +198,13 @@ class Cluster:
                     merged[check.node].warnings += check.warnings
         return [merged[n.name] for n in nodes if n.name in merged]
 
+    async def require_preflight(self, plugins: list[Plugin], nodes: list[NodeRecord]) -> list[NodeCheck]:
+        """:meth:`preflight`, raising :class:`PreflightFailed` (one line a node) if any node fails."""
+        checks = await self.preflight(plugins, nodes)
+        if any(not c.ok for c in checks):
+            raise PreflightFailed(checks)
+        return checks
+
     async def _run_hooks(self, plugins: list[Plugin], hook: str, *args) -> list[PluginReport]:
         """Run ``hook`` of each plugin in order; the first failure stops the rest."""
         reports = []
@@ -306,9 +313,7 @@ async def start(
 
             await cluster.provider.create_nodes(names, cluster.node_ready)
             reporter.end("nodes")
-            checks = await cluster.preflight(plugins, record.nodes)
-            if any(not c.ok for c in checks):
-                raise PreflightFailed(checks)
+            checks = await cluster.require_preflight(plugins, record.nodes)
             reports = await cluster._run_hooks(plugins, "run")
             record.status = "running"
             cluster.save()
@@ -361,9 +366,7 @@ async def add_nodes(
             reporter.begin("nodes", f"new nodes ({cluster.record.spec.provider})", count)
             await cluster.provider.create_nodes(names, ready, existing=list(cluster.nodes), hosts=hosts)
             reporter.end("nodes")
-            checks = await cluster.preflight(plugins, added)
-            if any(not c.ok for c in checks):
-                raise PreflightFailed(checks)
+            checks = await cluster.require_preflight(plugins, added)
             results = await each_node(added, lambda node: cluster._run_hooks(plugins, "on_add_node", node))
         except BaseException:
             await cluster.release(added, plugins)
@@ -421,13 +424,12 @@ async def check(
     check_cluster_name(name)
     plugins = [load_plugin(p) for p in spec.plugins]
     with store.operation(name):
-        provider = provider_class(spec.provider)(spec, cluster=name, home=home)
-        record = ClusterRecord(name=name, region=provider.region, spec=spec)
+        region = provider_cls(spec, cluster=name, home=home).region
+        record = ClusterRecord(name=name, region=region, spec=spec)
         store.create(record)
         cluster = Cluster(record, home=home, store=store, reporter=reporter)
         try:
             reporter.begin("nodes", f"nodes ({spec.provider})", spec.cluster_size)
-
             await cluster.provider.create_nodes(node_names(spec.cluster_size), cluster.node_ready)
             reporter.end("nodes")
             return await cluster.preflight(plugins, record.nodes)
@@ -457,8 +459,9 @@ async def discover(specs: list[ClusterSpec], *, home: Path | None = None) -> lis
     found: dict[str, FoundCluster] = {}
     for spec in specs:
         provider = provider_class(spec.provider)(spec, cluster="", home=home)
-        account = (spec.provider, provider.region, provider.account())
-        if provider.account() is None or account in asked:
+        owner = provider.account()
+        account = (spec.provider, provider.region, owner)
+        if owner is None or account in asked:
             continue
         asked.add(account)
         try:

@@ -139,11 +139,12 @@ async def run_preflight(
     listener = None
     port = None
     try:
-        # every node on the master's own machine (local provider) and a loopback controller: nothing to learn
-        same_machine = ipaddress.ip_address(controller_ip).is_loopback and all(
-            n.address == master.address and n.login == master.login for n in nodes
-        ) if controller_ip else True
-        if controller_ip is not None and not same_machine:
+        # a loopback controller with every node on the master's own machine (local provider): nothing to learn
+        probe = controller_ip is not None and not (
+            ipaddress.ip_address(controller_ip).is_loopback
+            and all(n.address == master.address and n.login == master.login for n in nodes)
+        )
+        if probe:
             runner = cluster.runner(master)
             free = await runner._nodeproc("free_ports", {"ip": controller_ip, "ports": port_candidates, "count": 1})
             if not free:

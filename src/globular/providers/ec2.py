@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from globular.errors import BadInput, ConfigError, GlobularError, NodeError
+from globular.paths import write_private
 from globular.providers.base import NodeProvider
 from globular.providers.ssh import SSHHost, SSHProvider
 from globular.spec import Settings
@@ -195,9 +195,13 @@ class EC2Provider(SSHProvider):
         except BotoCoreError as exc:
             raise GlobularError(f"EC2 {operation}: {exc}") from None
 
-    async def instances(self, *, ids: list[str] | None = None, states: list[str] | None = LIVE_STATES) -> list[dict]:
-        """The cluster's instances (tag filter), or those of ``ids``."""
-        filters = [{"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster]}]
+    async def instances(
+        self, *, ids: list[str] | None = None, states: list[str] | None = LIVE_STATES, any_cluster: bool = False
+    ) -> list[dict]:
+        """The cluster's instances (tag filter), or those of ``ids``; with ``any_cluster``,
+        every instance that carries a cluster tag (every page of the answer)."""
+        tag = {"Name": "tag-key", "Values": [TAG_CLUSTER]} if any_cluster else {"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster]}
+        filters = [tag]
         if states:
             filters.append({"Name": "instance-state-name", "Values": states})
         kwargs: dict[str, Any] = {"Filters": filters}
@@ -445,10 +449,7 @@ class EC2Provider(SSHProvider):
             return
         gone = set(addresses)
         kept = [line for line in path.read_text().splitlines() if line.split(" ", 1)[0].strip("[]").split("]:")[0] not in gone]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
+        write_private(path, "".join(f"{line}\n" for line in kept).encode())
 
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
         """Terminate the nodes' instances and wait until they are gone (no SSH needed)."""
@@ -480,24 +481,19 @@ class EC2Provider(SSHProvider):
     async def discover(self) -> dict[str, list[NodeRecord]]:
         """Every globular cluster in this region (any machine started it): name → its nodes, from tags."""
         found: dict[str, list[NodeRecord]] = {}
-        reply = await self.call(
-            "describe_instances",
-            Filters=[{"Name": "tag-key", "Values": [TAG_CLUSTER]}, {"Name": "instance-state-name", "Values": LIVE_STATES}],
-        )
-        for reservation in reply.get("Reservations", []):
-            for instance in reservation.get("Instances", []):
-                tags = _tags(instance)
-                cluster, name = tags.get(TAG_CLUSTER), tags.get(TAG_NODE)
-                if not cluster or not name:
-                    continue
-                address = self._address_of(instance) or ""
-                host = str(SSHHost(host=address, user=self.settings.user)) if address else ""
-                found.setdefault(cluster, []).append(NodeRecord(
-                    name=name, address=address, workdir=f"{self.settings.remote_dir}/{cluster}/{name}", cores=1,
-                    python=self.settings.python, login=host or None,
-                    data={"instance_id": instance["InstanceId"], "host": host, "address": address,
-                          "state": instance["State"]["Name"]},
-                ))
+        for instance in await self.instances(any_cluster=True):
+            tags = _tags(instance)
+            cluster, name = tags.get(TAG_CLUSTER), tags.get(TAG_NODE)
+            if not cluster or not name:
+                continue
+            address = self._address_of(instance) or ""
+            host = str(SSHHost(host=address, user=self.settings.user)) if address else ""
+            found.setdefault(cluster, []).append(NodeRecord(
+                name=name, address=address, workdir=f"{self.settings.remote_dir}/{cluster}/{name}", cores=1,
+                python=self.settings.python, login=host or None,
+                data={"instance_id": instance["InstanceId"], "host": host, "address": address,
+                      "state": instance["State"]["Name"]},
+            ))
         return found
 
 
