@@ -131,3 +131,57 @@ def never_registering_python(folder: Path) -> Path:
     )
     wrapper.chmod(0o755)
     return wrapper
+
+
+def _python_of_version(path: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([path, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return None
+    return tuple(map(int, out.stdout.split())) if out.returncode == 0 else None  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory) -> str:
+    """A Python like a stranger's host has: this major.minor, the standard library and nothing
+    else (a venv made --without-pip from Debian's /usr/bin/python3 where it is this version)."""
+    base = "/usr/bin/python3"
+    if _python_of_version(base) != tuple(sys.version_info[:2]):
+        base = getattr(sys, "_base_executable", sys.executable)
+    folder = tmp_path_factory.mktemp("bare") / "python"
+    subprocess.run([base, "-m", "venv", "--without-pip", str(folder)], check=True, capture_output=True)
+    python = str(folder / "bin" / "python")
+    for module in ("ipyparallel", "zmq", "msgpack", "pip"):
+        probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True)
+        assert probe.returncode != 0, f"the bare python {python} can import {module}"
+    return python
+
+
+def other_python() -> str | None:
+    """A Python of another major.minor than this one, if this machine has one."""
+    import glob
+
+    here = tuple(sys.version_info[:2])
+    for path in sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python3")) + sorted(glob.glob("/usr/bin/python3.[0-9]*")):
+        if path.endswith("-config"):
+            continue
+        version = _python_of_version(path)
+        if version and version != here and version[0] == 3:
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def env_cache(tmp_path_factory) -> Path:
+    """Node environments and wheelhouses shared by the tests that do not test building them
+    (each build takes seconds; they are the same for every such test)."""
+    return tmp_path_factory.mktemp("env-cache")
+
+
+def share_env_cache(cache: Path, home: Path, remote_dir: Path) -> None:
+    """Point a test's ``<remote_dir>/envs`` and ``~/.globular/wheels`` at the shared cache."""
+    for link, target in ((remote_dir / "envs", cache / "envs"), (home / "wheels", cache / "wheels")):
+        target.mkdir(parents=True, exist_ok=True)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(target)

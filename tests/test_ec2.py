@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import testhosts
-from conftest import read_record, wait_until
+from conftest import read_record, share_env_cache, wait_until
 
 boto3 = pytest.importorskip("boto3")
 reason = testhosts.available()
@@ -63,9 +63,11 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory):
+def net(tmp_path_factory, bare_python, env_cache):
     hosts = testhosts.HostNet(workdir=tmp_path_factory.mktemp("ec2hosts"), first=4)
     hosts.up(4)  # 198.18.0.4-7: the first four addresses moto gives in the subnet
+    hosts.python = bare_python  # type: ignore[attr-defined]  # a stock image: Python, nothing else
+    hosts.env_cache = env_cache  # type: ignore[attr-defined]
     yield hosts
     hosts.down()
 
@@ -109,6 +111,9 @@ def account(moto_url, net):
 
 
 def ec2_config(account: Account, net, tmp_path, *, cluster: str = "", plugins: str = "ipcluster", aws: str = "") -> str:
+    """A config for ``cloud``; the instances' Python is bare, and their environment (built by
+    globular) is shared with the other tests, as an AMI's would be after its first start."""
+    share_env_cache(net.env_cache, tmp_path / "globular-home", tmp_path / "hosts")
     path = tmp_path / "config"
     path.write_text(
         "[global]\ndefault_template = cloud\n"
@@ -119,7 +124,7 @@ def ec2_config(account: Account, net, tmp_path, *, cluster: str = "", plugins: s
         "[cluster cloud]\nprovider = ec2\nkeyname = testkey\n"
         f"node_image_id = {account.ami}\nnode_instance_type = t3.micro\nsubnet_id = {account.subnet}\n"
         "permission = 198.18.0.0/24\nuser = root\n"
-        f"python = {sys.executable}\nremote_dir = {tmp_path / 'hosts'}\n"
+        f"python = {net.python}\nremote_dir = {tmp_path / 'hosts'}\n"
         "cores_per_node = 1\npoll_interval = 0.2\nboot_timeout = 60\nconnect_timeout = 3\n"
         f"plugins = {plugins}\n{cluster}"
         "[plugin ipcluster]\nsetup_class = ipcluster\n"

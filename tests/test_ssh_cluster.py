@@ -1,8 +1,10 @@
 """The ssh provider on real hosts: network namespaces with their own sshd (tests/testhosts.py).
 
-The hosts share this machine's file system, so their Python is the one running
-the tests, and each test's node folders live under its tmp_path (the leak check
-in conftest finds any process left running there).
+The hosts run a bare Python (the ``bare_python`` fixture: the standard library
+only), so globular builds each node's environment, as on a stranger's machine;
+the tests that are not about building it share one (``share_env_cache``).  The
+hosts share this machine's file system, and each test's node folders live under
+its tmp_path (the leak check in conftest finds any process left running there).
 """
 
 from __future__ import annotations
@@ -20,24 +22,32 @@ import psutil
 import pytest
 
 import testhosts
-from conftest import read_record, recorded_pids, wait_until
+from conftest import read_record, recorded_pids, share_env_cache, wait_until
 
 reason = testhosts.available()
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(reason is not None, reason=reason or "")]
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory):
+def net(tmp_path_factory, bare_python, env_cache):
     hosts = testhosts.HostNet(workdir=tmp_path_factory.mktemp("hostnet"))
     hosts.up(4)
+    hosts.python = bare_python  # type: ignore[attr-defined]
+    hosts.env_cache = env_cache  # type: ignore[attr-defined]
     yield hosts
     hosts.down()
 
 
 def ssh_config(
-    net, tmp_path, *, hosts: str | None = None, python: str = sys.executable, extra: str = "", ipcluster: str = ""
+    net, tmp_path, *, hosts: str | None = None, python: str | None = None, extra: str = "", ipcluster: str = "",
+    shared_env: bool = True,
 ) -> str:
+    """A config for ``lab`` on the test hosts, with their bare Python; ``shared_env``: the
+    environment (and wheelhouse) is the one the other tests use, built once."""
     hosts = hosts or ", ".join(f"root@{h.address}" for h in net.hosts[:3])
+    python = python or net.python
+    if shared_env:
+        share_env_cache(net.env_cache, tmp_path / "globular-home", tmp_path / "hosts")
     path = tmp_path / "config"
     path.write_text(
         "[global]\ndefault_template = lab\n"
@@ -166,12 +176,27 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
         ("master", "registered", 1), ("node001", "registered", 1), ("node002", "registered", 1),
     ]
     assert all("ssh" in n["steps"] for n in report["nodes"])
+    assert all("env" in n["steps"] or "env cached" in n["steps"] for n in report["nodes"]), report["nodes"]
 
     client = connect("lab")  # tunnels over globular's own ssh connection
     try:
         assert len(client.ids) == 3
         assert engine_addresses(client[:]) == ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
         assert client[:].map_sync(portable(lambda x: x**30), range(16)) == [x**30 for x in range(16)]
+        # the hosts' Python is bare: the engines run from the environment globular built
+        import ipyparallel
+
+        def environment() -> tuple[str, str, str]:
+            import sys
+
+            import ipyparallel
+
+            return sys.prefix, sys.base_prefix, ipyparallel.__version__
+
+        envs = os.path.realpath(net.env_cache / "envs")
+        for prefix, base_prefix, version in client[:].apply_sync(portable(environment)):
+            assert os.path.realpath(prefix).startswith(envs + "/"), (prefix, envs)
+            assert prefix != base_prefix and version == ipyparallel.__version__
 
         from IPython.core.interactiveshell import InteractiveShell
 
@@ -290,7 +315,7 @@ def test_a_node_that_dies_during_start_fails_it_and_terminate_cleans_up_after(ne
         f'exec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)
-    config = ssh_config(net, tmp_path, python=str(wrapper), ipcluster="engine_timeout = 120\n")
+    config = ssh_config(net, tmp_path, python=str(wrapper), extra="environment = system\n", ipcluster="engine_timeout = 120\n")
     victim = net.hosts[2]
     started = time.monotonic()
     try:
@@ -343,7 +368,7 @@ def test_preflight_names_each_node_that_cannot_run_engines_and_starts_nothing(ne
         f'exec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)
-    config = ssh_config(net, tmp_path, python=str(wrapper), ipcluster="packer = msgpack\n")
+    config = ssh_config(net, tmp_path, python=str(wrapper), extra="environment = system\n", ipcluster="packer = msgpack\n")
     checked = cli("-c", config, "check", "pre", "--output", "json")
     assert checked.returncode == 1, checked.output
     checks = {c["node"]: c for c in json.loads(checked.stdout)}
@@ -372,14 +397,12 @@ def test_preflight_finds_a_controller_address_the_nodes_cannot_reach(net, cli, h
     assert not (home / "clusters" / "lo.json").exists()
 
 
-def test_a_host_whose_python_lacks_ipyparallel_is_named(net, cli, home, tmp_path):
-    bare = tmp_path / "bare-python"
-    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # -S: no site-packages
-    bare.chmod(0o755)
-    config = ssh_config(net, tmp_path, python=str(bare))
+def test_with_environment_system_a_host_whose_python_lacks_ipyparallel_is_named(net, cli, home, tmp_path):
+    config = ssh_config(net, tmp_path, extra="environment = system\n")  # the bare Python, used as it is
     result = cli("-c", config, "start", "bare")
     assert result.returncode == 1, result.output
     assert "ipyparallel is not installed" in result.stderr and "master" in result.stderr
+    assert "drop environment = system" in result.stderr
     assert not remote_processes(net, tmp_path / "hosts")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import sys
 import time
@@ -152,6 +153,7 @@ def cli(ctx: click.Context, config: str | None) -> None:
     globular check mycluster             the preflight checks alone
     globular addnode mycluster           more nodes; their engines join
     globular terminate mycluster         stop everything and forget it
+    globular env prune -c mytemplate     remove the node environments from its hosts
     """
     ctx.obj = {"config": config}
 
@@ -300,6 +302,33 @@ def terminate(ctx: click.Context, yes: bool, name: str) -> None:
     )
 
 
+@cli.group()
+def env() -> None:
+    """Node environments: the venvs globular builds on the hosts (environment = managed)."""
+
+
+@env.command("prune")
+@click.option("-c", "--cluster-template", "template", help="[cluster TEMPLATE] whose hosts to clean (default: default_template).")
+@click.option("--wheels", is_flag=True, help="Also empty this machine's wheelhouse cache (~/.globular/wheels).")
+@click.pass_context
+def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
+    """Remove the node environments from the hosts of a template.
+
+    Environments that a running cluster of this machine uses are kept.  The next
+    start builds what it needs again (from the wheelhouse cache here, offline).
+    """
+    spec = load_config(ctx).cluster_spec(template)
+    with RichReporter(console) as reporter:
+        removed = run(cluster.prune_environments(spec, reporter=reporter))
+    for node, names in removed.items():
+        console.print(f"{node}: {len(names)} environment{'s' if len(names) != 1 else ''} removed" + (f" ({', '.join(names)})" if names else ""))
+    if wheels:
+        cache = globular_home() / "wheels"
+        count = sum(1 for p in cache.iterdir() if not p.name.startswith(".")) if cache.is_dir() else 0
+        shutil.rmtree(cache, ignore_errors=True)
+        console.print(f"this machine: {count} wheelhouse{'s' if count != 1 else ''} removed from {cache}")
+
+
 def render_warnings(checks) -> None:
     for check in checks:
         for warning in check.warnings:
@@ -317,9 +346,11 @@ def check(ctx: click.Context, cluster_size: int | None, template: str | None, ou
 
     On running cluster NAME: its nodes.  Otherwise the template's nodes are
     brought up (local, ssh), checked and released.  Each node: SSH answers, its
-    Python runs (same major.minor as here), ipyparallel is installed in a
-    compatible version (msgpack, jupyterlab when the settings need them), free
-    cores, and the controller's address is reachable from it.  Exit code 1 if
+    Python runs (same major.minor as here), its environment can be built
+    (environment = managed: built now, so that start finds it cached) or
+    ipyparallel is installed in a compatible version (environment = system;
+    msgpack, jupyterlab when the settings need them), free cores, and the
+    controller's address is reachable from it.  Exit code 1 if
     a node cannot run its engines.
     """
     spec = None

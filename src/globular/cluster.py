@@ -1,5 +1,8 @@
 """A running cluster: its record, its provider, its plugins, and what can be done to it.
 
+(Longer than most modules: every operation on a cluster lives here, beside the
+context they share, so that each reads top to bottom.)
+
 Every operation holds the cluster's operation lock, keeps the state record up
 to date as it goes (a process is recorded as soon as it is started), and
 returns data; rendering is the caller's business.
@@ -11,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from globular import environment
 from globular.errors import ClusterNotFound, GlobularError, NodeFailures, PluginFailed, StartFailed
 from globular.fanout import each_node
 from globular.paths import globular_home
@@ -18,7 +22,7 @@ from globular.plugins.base import Plugin, PluginReport
 from globular.preflight import NodeCheck, PreflightFailed
 from globular.providers.base import NodeProvider, Runner, StopResult
 from globular.registry import RegistryError, provider_class, resolve_plugin
-from globular.reporting import NullReporter, Reporter
+from globular.reporting import NullReporter, Reporter, step_label
 from globular.spec import ClusterSpec, PluginSpec
 from globular.state import ClusterRecord, NodeRecord, ProcessRecord, StateStore, check_cluster_name
 
@@ -141,7 +145,7 @@ class Cluster:
         node.steps[step] = now
         node_step = getattr(self.reporter, "node_step", None)
         if node_step is not None:
-            node_step(node.name, step, max(0.0, now - previous))
+            node_step(node.name, step_label(node, step), max(0.0, now - previous))
 
     def node_ready(self, node: NodeRecord) -> None:
         """The provider made ``node`` usable: it joins the record (saved at once, so that
@@ -197,6 +201,11 @@ class Cluster:
                     merged[check.node].problems += check.problems
                     merged[check.node].warnings += check.warnings
         return [merged[n.name] for n in nodes if n.name in merged]
+
+    async def prepare_environments(self, plugins: list[Plugin], nodes: list[NodeRecord]) -> None:
+        """Build (or find cached) each node's Python environment (:mod:`globular.environment`);
+        afterwards every process on the nodes runs from it."""
+        await environment.prepare(self, plugins, nodes)
 
     async def require_preflight(self, plugins: list[Plugin], nodes: list[NodeRecord]) -> list[NodeCheck]:
         """:meth:`preflight`, raising :class:`PreflightFailed` (one line a node) if any node fails."""
@@ -313,6 +322,7 @@ async def start(
 
             await cluster.provider.create_nodes(names, cluster.node_ready)
             reporter.end("nodes")
+            await cluster.prepare_environments(plugins, record.nodes)
             checks = await cluster.require_preflight(plugins, record.nodes)
             reports = await cluster._run_hooks(plugins, "run")
             record.status = "running"
@@ -366,6 +376,7 @@ async def add_nodes(
             reporter.begin("nodes", f"new nodes ({cluster.record.spec.provider})", count)
             await cluster.provider.create_nodes(names, ready, existing=list(cluster.nodes), hosts=hosts)
             reporter.end("nodes")
+            await cluster.prepare_environments(plugins, added)
             checks = await cluster.require_preflight(plugins, added)
             results = await each_node(added, lambda node: cluster._run_hooks(plugins, "on_add_node", node))
         except BaseException:
@@ -421,10 +432,26 @@ async def check(
             f"cluster {name!r} is not running, and checking a {spec.provider} template would rent machines: "
             "`start` runs the same checks before anything starts"
         )
-    check_cluster_name(name)
     plugins = [load_plugin(p) for p in spec.plugins]
+
+    async def work(cluster: Cluster) -> list[NodeCheck]:
+        try:
+            await cluster.prepare_environments(plugins, cluster.nodes)
+        except NodeFailures as exc:  # a node whose environment cannot be made: its check says why
+            return [
+                NodeCheck(node=n.name, address=n.address, problems=[str(exc.failures[n.name]).removeprefix(f"{n.name}: ")])
+                for n in cluster.nodes if n.name in exc.failures
+            ]
+        return await cluster.preflight(plugins, cluster.nodes)
+
+    return await _on_template_nodes(name, spec, home, store, reporter, work)
+
+
+async def _on_template_nodes(name: str, spec: ClusterSpec, home: Path, store: StateStore, reporter: Reporter, work):
+    """Bring up ``spec``'s nodes under a record named ``name``, run ``work(cluster)``, release them."""
+    check_cluster_name(name)
     with store.operation(name):
-        region = provider_cls(spec, cluster=name, home=home).region
+        region = provider_class(spec.provider)(spec, cluster=name, home=home).region
         record = ClusterRecord(name=name, region=region, spec=spec)
         store.create(record)
         cluster = Cluster(record, home=home, store=store, reporter=reporter)
@@ -432,9 +459,26 @@ async def check(
             reporter.begin("nodes", f"nodes ({spec.provider})", spec.cluster_size)
             await cluster.provider.create_nodes(node_names(spec.cluster_size), cluster.node_ready)
             reporter.end("nodes")
-            return await cluster.preflight(plugins, record.nodes)
+            return await work(cluster)
         finally:
             await cluster.teardown([])
+
+
+async def prune_environments(
+    spec: ClusterSpec, *, home: Path | None = None, reporter: Reporter | None = None
+) -> dict[str, list[str]]:
+    """Remove the node environments (:mod:`globular.environment`) from the hosts of template
+    ``spec``, except those a running cluster of this machine uses; node -> what was removed."""
+    home, store, reporter = _context(home, reporter)
+    if provider_class(spec.provider).rents_machines:
+        raise GlobularError(f"{spec.provider} nodes are released with their disks: there is nothing to prune")
+    in_use = {n.data["env"]["name"] for r in store.list()[0] for n in r.nodes if n.data.get("env")}
+    spec = spec.model_copy(update={"plugins": []})
+
+    async def work(cluster: Cluster) -> dict[str, list[str]]:
+        return await environment.prune(cluster, in_use)
+
+    return await _on_template_nodes(f"prune-{spec.template}"[:63], spec, home, store, reporter, work)
 
 
 @dataclass

@@ -13,12 +13,22 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import Field
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field
 
 from globular.errors import ConfigError
 from globular.paths import default_config_path
 from globular.registry import RegistryError, plugin_names, provider_class, resolve_plugin
-from globular.spec import ClusterSpec, CommaList, PluginSpec, Settings, validate_settings
+from globular.spec import (
+    ClusterSpec,
+    CommaList,
+    EnvironmentSpec,
+    PluginSpec,
+    Settings,
+    check_requirements,
+    validate_settings,
+)
 
 BUILTIN_CONFIG = """\
 [global]
@@ -56,6 +66,14 @@ class ClusterSettings(Settings):
     cluster_size: int | None = Field(default=None, ge=1, description="default: the provider's (local: 2, ssh: every host)")
     provider: str = "local"
     plugins: CommaList = Field(default_factory=list)
+    environment: Literal["managed", "system"] | None = Field(
+        default=None, description="managed: globular builds each node's Python environment; system: the hosts' Python has everything"
+    )
+    packages: Annotated[CommaList, AfterValidator(check_requirements)] = Field(
+        default_factory=list, description="requirements installed on every node: numpy>=2, scipy"
+    )
+    requirements: str | None = Field(default=None, description="a requirements file (relative to the config file) for every node")
+    wheelhouse: str | None = Field(default=None, description="a folder of wheels used instead of the package index (air-gapped)")
 
 
 _HEADER = re.compile(r"^\s*\[(?P<name>[^\]]+)\]")
@@ -266,6 +284,7 @@ class Config:
         plugins = [
             self.plugin_spec(name, referenced_from=sections.get("plugins", section)) for name in common.plugins
         ]
+        environment = self._environment(common, sections, section, provider_cls.default_environment, plugins)
         size = cluster_size or common.cluster_size or provider_cls.default_cluster_size(provider_settings)
         problem = provider_cls.size_problem(provider_settings, size)
         if problem:
@@ -278,6 +297,47 @@ class Config:
             provider=common.provider,
             provider_settings=provider_settings.model_dump(mode="json"),
             plugins=plugins,
+            environment=environment,
+        )
+
+    def _environment(
+        self, common: ClusterSettings, sections: dict[str, str], section: str, default: str, plugins: list[PluginSpec]
+    ) -> EnvironmentSpec:
+        """The ``[cluster]`` section's environment keys, with paths made absolute and checked."""
+        base = Path(self.file).parent if self.file else Path.cwd()
+
+        def path(key: str, value: str | None, want_dir: bool) -> str | None:
+            if value is None:
+                return None
+            found = (base / Path(value).expanduser()).resolve()
+            if not (found.is_dir() if want_dir else found.is_file()):
+                what = "folder" if want_dir else "file"
+                raise self.error(f"{what} {str(found)!r} does not exist", sections.get(key, section), key)
+            return str(found)
+
+        mode = common.environment or default
+        if mode == "system":
+            for key in ("packages", "requirements", "wheelhouse"):
+                if getattr(common, key):
+                    raise self.error(
+                        f"{key} go into the node environment globular makes, but this template has environment = system"
+                        f"{'' if common.environment else f' (the default of provider {common.provider!r})'}: "
+                        "set environment = managed, or install them on the hosts yourself",
+                        sections.get(key, section), key,
+                    )
+            for plugin in plugins:
+                _, cls = resolve_plugin(plugin.setup_class)
+                if cls.needs_managed_environment:
+                    raise self.error(
+                        f"plugin {plugin.name!r} installs packages into the node environment globular makes, but this "
+                        f"template has environment = system: set environment = managed in [{section}]",
+                        f"plugin {plugin.name}", "setup_class",
+                    )
+        return EnvironmentSpec(
+            mode=common.environment,
+            packages=list(common.packages),
+            requirements=path("requirements", common.requirements, want_dir=False),
+            wheelhouse=path("wheelhouse", common.wheelhouse, want_dir=True),
         )
 
     def plugin_spec(self, name: str, *, referenced_from: str | None = None, builtin_fallback: bool = False) -> PluginSpec:

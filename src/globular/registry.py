@@ -22,6 +22,15 @@ STARCLUSTER_ALIASES = {
     "starcluster.plugins.ipcluster.IPCluster": "ipcluster",
     "starcluster.plugins.ipcluster.IPClusterRestartEngines": "ipclusterrestart",
     "starcluster.plugins.ipcluster.IPClusterStop": "ipclusterstop",
+    "starcluster.plugins.pypkginstaller.PyPkgInstaller": "pypkginstaller",
+}
+
+# StarCluster plugins globular does not carry, and what to do instead.
+UNSUPPORTED = {
+    "starcluster.plugins.pkginstaller.PackageInstaller": (
+        "StarCluster's pkginstaller (apt packages) is not supported: globular installs Python packages only "
+        "(packages = ... in [cluster], or the pypkginstaller plugin); install system packages on the hosts yourself"
+    ),
 }
 
 
@@ -80,6 +89,8 @@ def resolve_plugin(setup_class: str) -> tuple[str, type[Plugin]]:
     """
     from globular.plugins.base import Plugin
 
+    if setup_class in UNSUPPORTED:
+        raise RegistryError(UNSUPPORTED[setup_class])
     targets = _group(PLUGIN_GROUP)
     name = STARCLUSTER_ALIASES.get(setup_class, setup_class)
     if name in targets:

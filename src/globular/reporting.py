@@ -6,9 +6,19 @@ The CLI passes a reporter that draws rich progress bars; library users get
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-NODE_STEPS = ("provision", "ssh", "setup", "engines", "registered")
+if TYPE_CHECKING:
+    from globular.state import NodeRecord
+
+NODE_STEPS = ("provision", "ssh", "setup", "env", "engines", "registered")
+
+
+def step_label(node: NodeRecord, step: str) -> str:
+    """How a step reads in a node's line: ``env cached`` when its environment was there already."""
+    if step == "env" and node.data.get("env", {}).get("cached"):
+        return "env cached"
+    return step
 
 
 class Reporter(Protocol):
@@ -28,7 +38,7 @@ class Reporter(Protocol):
         """Something the user should read, once."""
 
     def node_step(self, node: str, step: str, seconds: float) -> None:
-        """``node`` reached ``step`` (provision, ssh, setup, engines, registered), ``seconds`` after the previous one."""
+        """``node`` reached ``step`` (provision, ssh, setup, env, engines, registered), ``seconds`` after the previous one."""
 
 
 class NullReporter:

@@ -7,7 +7,7 @@ commands (``addnode``, ``runplugin``) use the settings the cluster started with.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -24,6 +24,18 @@ def split_commas(value: Any) -> Any:
 CommaList = Annotated[list[str], BeforeValidator(split_commas)]
 
 
+def check_requirements(values: list[str]) -> list[str]:
+    """Each value must be a pip requirement (``numpy``, ``numpy>=2``, ``scipy==1.14.1``)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for value in values:
+        try:
+            Requirement(value)
+        except InvalidRequirement as exc:
+            raise ValueError(f"{value!r} is not a package requirement such as numpy or numpy>=2 ({str(exc).splitlines()[0]})") from None
+    return values
+
+
 class Settings(BaseModel):
     """Base of every typed settings block: unknown keys are errors."""
 
@@ -38,6 +50,15 @@ class PluginSpec(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class EnvironmentSpec(BaseModel):
+    """The Python environment of the nodes (see :mod:`globular.environment`)."""
+
+    mode: Literal["managed", "system"] | None = None  # None: the provider's default
+    packages: list[str] = Field(default_factory=list)  # the [cluster] section's ``packages``
+    requirements: str | None = None  # absolute path of a requirements file
+    wheelhouse: str | None = None  # absolute path of a folder of wheels (no index)
+
+
 class ClusterSpec(BaseModel):
     """One ``[cluster NAME]`` template with ``extends`` resolved and values validated."""
 
@@ -47,6 +68,7 @@ class ClusterSpec(BaseModel):
     provider: str
     provider_settings: dict[str, Any] = Field(default_factory=dict)
     plugins: list[PluginSpec] = Field(default_factory=list)
+    environment: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
 
 
 def validate_settings(

@@ -20,7 +20,7 @@ from globular.plugins.engines import engine_node
 from globular.plugins.ipcluster import IPCluster, IPClusterSettings, engines_for
 from globular.plugins.roles import CONTROLLER, DATA_KEY, ENGINE
 from globular.registry import provider_class
-from globular.reporting import NODE_STEPS
+from globular.reporting import NODE_STEPS, step_label
 from globular.state import ClusterRecord, NodeRecord
 
 ASK_TIMEOUT = 10.0
@@ -69,7 +69,7 @@ def step_times(node: NodeRecord) -> dict[str, float]:
     times, previous = {}, node.created
     for step in NODE_STEPS:
         if step in node.steps:
-            times[step] = round(max(0.0, node.steps[step] - previous), 2)
+            times[step_label(node, step)] = round(max(0.0, node.steps[step] - previous), 2)
             previous = node.steps[step]
     return times
 
@@ -116,7 +116,7 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
     for node, answer in zip(record.nodes, answers):
         expected = engines_for(node, settings) if settings else 0
         steps = step_times(node)
-        reached = [s for s in NODE_STEPS if s in steps]
+        reached = [s for s in NODE_STEPS if s in node.steps]
         state = reached[-1] if reached else "provision"
         status = NodeStatus(node.name, node.address, state, steps, None, None, expected, None, round(now - node.created, 1))
         if isinstance(answer, BaseException):

@@ -36,6 +36,8 @@ class Plugin:
     Settings: ClassVar[type[Settings]] = Settings
     # settings kept out of the state record (passwords): the plugin gets them at start only
     secret_settings: ClassVar[frozenset[str]] = frozenset()
+    # the plugin only works where globular makes the node environment (it installs packages)
+    needs_managed_environment: ClassVar[bool] = False
 
     def __init__(self, name: str, settings: Settings):
         self.name = name
@@ -50,6 +52,11 @@ class Plugin:
         """``spec`` with secret settings replaced, for the state record."""
         hidden = {k: "(not kept)" for k in cls.secret_settings if spec.settings.get(k) is not None}
         return spec.model_copy(update={"settings": {**spec.settings, **hidden}}) if hidden else spec
+
+    def node_packages(self, node: NodeRecord) -> list[str]:
+        """Requirements (``name``, ``name==1.2``, ``name>=2``) this plugin needs in ``node``'s
+        Python environment; globular installs them where it manages the environment."""
+        return []
 
     async def preflight(self, cluster: Cluster, nodes: list[NodeRecord]) -> list[NodeCheck]:
         """Before anything starts on ``nodes``: can they run what this plugin starts?

@@ -195,8 +195,24 @@ async def wait_for_engines(
             )
         if now >= next_check:
             await check_engines_alive(cluster, nodes)
+            if done < len(wanted):
+                await asyncio.to_thread(refresh_engine_list, client)
             next_check = now + 1.0
         await asyncio.sleep(0.05)
+
+
+def refresh_engine_list(client: Client) -> None:
+    """Ask the controller again which engines it has.
+
+    ipyparallel's Client asks once (``connection_request``, in ``_connect``) and then
+    learns of new engines only from notifications; an engine whose registration is
+    announced between that answer and the notification socket's connection is never
+    seen.  Asking again (the same request) closes that gap.
+    """
+    reply = client._send_recv(client._query_stream, "connection_request")
+    content = reply["content"]
+    if content.get("status") == "ok":
+        client._update_engines(dict(content["engines"]))
 
 
 def engine_ids_on(cluster: Cluster, nodes: list[NodeRecord]) -> set[int]:

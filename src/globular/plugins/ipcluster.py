@@ -28,7 +28,7 @@ from globular.plugins.base import Plugin, PluginReport
 from globular.plugins.engines import engine_processes, retire_engines, start_engines, wait_for_engines
 from globular.plugins.idle import start_idle_watchers
 from globular.plugins.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
-from globular.preflight import NodeCheck, Requirement, run_preflight
+from globular.preflight import NodeCheck, Requirement, local_version, run_preflight
 from globular.plugins.notebook import NotebookInfo, notebook_certificate, start_notebook, stop_notebook
 from globular.providers.base import ProcessSpec, Runner
 from globular.state import NodeRecord, ProcessRecord
@@ -254,6 +254,16 @@ class IPCluster(Plugin):
         if cert is not None:
             notebook = await start_notebook(cluster, settings, master, ipython_dir(master), cert)
         return self._report(cluster, local_file, total, time.monotonic() - started, notebook)
+
+    def node_packages(self, node: NodeRecord) -> list[str]:
+        """ipyparallel at exactly this machine's version; the packer's module; JupyterLab on the
+        master for the notebook (each at this machine's version when it is installed here)."""
+        modules = ["ipyparallel"]
+        if PACKER_MODULES.get(self.settings.packer):
+            modules.append(PACKER_MODULES[self.settings.packer])
+        if node.is_master and self.settings.enable_notebook:
+            modules.append("jupyterlab")
+        return [f"{m}=={local_version(m)}" if local_version(m) else m for m in modules]
 
     async def preflight(self, cluster: Cluster, nodes: list[NodeRecord]) -> list[NodeCheck]:
         """Can each node run its engines? Python, ipyparallel's version, the packer's module,

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from globular import nodeproc
+from globular import nodeenv, nodeproc
 from globular.errors import CommandError, NodeError
 from globular.reporting import NullReporter, Reporter
 from globular.spec import ClusterSpec, Settings
 from globular.state import NodeRecord, ProcessRecord
 
 NODEPROC_SOURCE = Path(nodeproc.__file__).read_text()
+NODEENV_SOURCE = Path(nodeenv.__file__).read_text()
+# scripts sent to the nodes as ``python -c SOURCE``: shown by module name in messages
+NODE_SCRIPTS = {NODEPROC_SOURCE: "globular.nodeproc", NODEENV_SOURCE: "globular.nodeenv"}
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,8 @@ class StopResult:
 
 def display(argv: list[str]) -> str:
     """A command for messages; the process-control script is shown by name."""
-    if len(argv) >= 3 and argv[1] == "-c" and argv[2] == NODEPROC_SOURCE:
-        argv = [argv[0], "-m", "globular.nodeproc", *argv[3:]]
+    if len(argv) >= 3 and argv[1] == "-c" and argv[2] in NODE_SCRIPTS:
+        argv = [argv[0], "-m", NODE_SCRIPTS[argv[2]], *argv[3:]]
     return shlex.join(argv)
 
 
@@ -149,6 +152,9 @@ class NodeProvider(ABC):
     name: ClassVar[str]
     Settings: ClassVar[type[Settings]] = Settings
     rents_machines: ClassVar[bool] = False  # nodes cost money while they exist (ec2)
+    # "managed": globular builds each node's Python environment (globular.environment);
+    # "system": the node's Python must have everything already
+    default_environment: ClassVar[str] = "system"
 
     def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
         self.spec = spec
@@ -174,6 +180,10 @@ class NodeProvider(ABC):
     def size_problem(cls, settings: Settings, size: int) -> tuple[str, str] | None:
         """``(key, message)`` if ``size`` nodes cannot be made with ``settings``."""
         return None
+
+    def envs_dir(self) -> str:
+        """Where node environments live on the nodes (``~`` is the node user's home)."""
+        return str(self.home / "envs")
 
     @property
     @abstractmethod

@@ -60,7 +60,7 @@ class EC2Settings(Settings):
     aws_region_name: str = Field(default="us-east-1", description="the region of the instances")
     aws_endpoint_url: str | None = Field(default=None, description="another EC2 endpoint (a private one, or moto for tests)")
     aws_user_id: str | None = Field(default=None, description="StarCluster's; accepted and not used")
-    node_image_id: str = Field(description="the AMI of the nodes (a Linux with python3 and ipyparallel)")
+    node_image_id: str = Field(description="the AMI of the nodes (a Linux with python3 of the same major.minor as here)")
     node_instance_type: str = "t3.micro"
     master_image_id: str | None = Field(default=None, description="default: node_image_id")
     master_instance_type: str | None = Field(default=None, description="default: node_instance_type")
@@ -74,7 +74,7 @@ class EC2Settings(Settings):
     my_address_url: str = Field(default="https://checkip.amazonaws.com", description="where your public address is asked when permission is unset")
     address: Literal["public", "private"] | None = Field(default=None, description="which address SSH uses; default: public if the instance has one")
     user: str = Field(default="ubuntu", description="login name on the image")
-    python: str = Field(default="python3", description="Python on the image, with ipyparallel installed")
+    python: str = Field(default="python3", description="the image's Python (same major.minor as here); globular makes its environment from it")
     remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the instances")
     cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: the instance's cores")
     connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds one SSH attempt may take")

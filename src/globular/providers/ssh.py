@@ -7,8 +7,10 @@ against ``known_hosts`` (``~/.ssh/known_hosts`` unless set), and a host not in i
 is refused unless ``accept_new_host_keys`` is on.  A changed key is always refused.
 
 On each host a node is a folder ``<remote_dir>/<cluster>/<node>`` (0700) and the
-processes started in it; nothing is installed, and nothing but the folder is
-written.  Data (files, process requests) travels on stdin, never on a command line.
+processes started in it.  The hosts need only Python (the same major.minor as
+here) and sshd: globular builds the node environment in ``<remote_dir>/envs``
+(see :mod:`globular.environment`) unless ``environment = system``.  Data (files,
+wheels, process requests) travels on stdin, never on a command line.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class SSHSettings(Settings):
     ssh_key: str | None = Field(default=None, description="private key file; the agent and ~/.ssh/config's keys are also tried")
     known_hosts: str | None = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")
     accept_new_host_keys: bool = Field(default=False, description="add unknown host keys to known_hosts (never a changed one)")
-    python: str = Field(default="python3", description="Python on the hosts, with ipyparallel installed")
+    python: str = Field(default="python3", description="the hosts' Python (same major.minor as here); globular makes its environment from it")
     remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the hosts")
     cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: the host's cores")
     connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds to wait for a host to answer")
@@ -181,9 +183,14 @@ class SSHProvider(NodeProvider):
     settings: SSHSettings
     key_setting = "ssh_key"  # the setting that names the private key, for messages
 
+    default_environment = "managed"
+
     @property
     def region(self) -> str:
         return "ssh"
+
+    def envs_dir(self) -> str:
+        return posixpath.join(self.settings.remote_dir, "envs")
 
     @classmethod
     def default_cluster_size(cls, settings: SSHSettings) -> int:
@@ -340,14 +347,20 @@ class SSHProvider(NodeProvider):
                 self.on_step(node, "ssh")
                 node.address = conn.get_extra_info("peername")[0]
                 node.login = f"{conn.get_extra_info('username')}@{host.host}:{host.port}"
+                # with a managed environment the host's Python needs nothing but itself
+                system = (self.spec.environment.mode or self.default_environment) == "system"
                 try:
-                    facts = await runner._nodeproc("prepare", {"dir": node.workdir, "modules": ["ipyparallel"]})
+                    facts = await runner._nodeproc("prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []})
                 except CommandError as exc:
                     raise NodeError(node.name, f"{host}: cannot run {self.settings.python} ({exc.stderr.strip() or exc})") from None
                 node.workdir = facts["workdir"]
                 if facts["missing"]:
                     await self._remove_dir(node)
-                    raise NodeError(node.name, f"{host}: ipyparallel is not installed for {facts['python']} (python = {self.settings.python})")
+                    raise NodeError(
+                        node.name,
+                        f"{host}: ipyparallel is not installed for {facts['python']} (python = {self.settings.python}); "
+                        "install it there, or drop environment = system and globular installs it",
+                    )
                 node.cores = self.settings.cores_per_node or facts["cpus"]
             except BaseException:
                 self._runners.pop(node.name, None)

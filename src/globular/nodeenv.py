@@ -1,0 +1,260 @@
+"""Node environments, on the node: describe its Python, build a venv from shipped wheels, prune.
+
+Runs on the node as ``python -c <this source> VERB REQUEST-JSON`` with the host's
+own Python, so it uses the standard library only.  ``build`` reads a tar stream of
+wheels on stdin (its request is the argument: it holds no secret).
+
+An environment is ``<root>/<name>``: a symbolic link to the folder
+``<root>/<name>-<token>`` in which it was built.  The link is made (atomically,
+by rename) only once the venv is complete, so a build that was interrupted — a
+killed process, a host that dropped — leaves a folder nothing trusts; the next
+build of the same name removes it.  Builds of one name take an exclusive lock
+(``<root>/.<name>.lock``): a second writer waits, then finds the first one's work.
+The folder is never renamed, so the scripts pip writes keep working paths.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+MARKER = "globular-env.json"
+
+
+class Refused(Exception):
+    """The request cannot be carried out: exit status 3, the message on stderr."""
+
+
+def _root(req):
+    return os.path.realpath(os.path.expanduser(req["root"]))
+
+
+def _ready(root, name):
+    link = os.path.join(root, name)
+    return os.path.islink(link) and os.path.isfile(os.path.join(link, MARKER))
+
+
+def _free_bytes(path):
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _libc():
+    """("glibc", "2.36"), ("musl", "1.2"), or (None, None)."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        return "glibc", version
+    except (AttributeError, OSError, ValueError):
+        pass
+    import glob
+    import re
+
+    for path in glob.glob("/lib/ld-musl-*.so.1"):
+        out = subprocess.run([path], capture_output=True, text=True).stderr
+        found = re.search(r"Version (\d+)\.(\d+)", out)
+        if found:
+            return "musl", f"{found[1]}.{found[2]}"
+    return None, None
+
+
+def probe(req):
+    """What building an environment here needs to know: the Python, its platform,
+    whether it has ``venv``, the free space under ``root``, the environments ready there."""
+    import importlib.util
+    import platform
+    import sysconfig
+
+    root = _root(req)
+    impl = sys.implementation.name
+    nodot = f"{sys.version_info[0]}{sys.version_info[1]}"
+    if impl == "cpython":
+        abi = f"cp{nodot}{getattr(sys, 'abiflags', '')}"
+    else:
+        abi = (sysconfig.get_config_var("SOABI") or "none").split("-")[0].replace(".", "_")
+    libc, libc_version = _libc()
+    ready = []
+    if os.path.isdir(root):
+        ready = sorted(n for n in os.listdir(root) if not n.startswith(".") and _ready(root, n))
+    return {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "executable": sys.executable,
+        "implementation": {"cpython": "cp", "pypy": "pp"}.get(impl, impl),
+        "nodot": nodot,
+        "abi": abi,
+        "system": sys.platform,
+        "machine": platform.machine(),
+        "platform": sysconfig.get_platform(),
+        "libc": libc,
+        "libc_version": libc_version,
+        "venv": importlib.util.find_spec("venv") is not None,
+        "root": root,
+        "free": _free_bytes(root),
+        "ready": ready,
+        "cpus": os.cpu_count() or 1,
+    }
+
+
+def _die_with_parent():
+    """Linux: end this process when the one that started it (sshd's session) goes."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _receive_wheels(stream, folder):
+    """Unpack the tar stream of wheels into ``folder``: plain files with plain names only."""
+    import tarfile
+
+    os.makedirs(folder, mode=0o700)
+    names = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            name = member.name
+            if not member.isreg() or "/" in name or name.startswith(".") or not name.endswith(".whl"):
+                raise Refused(f"refusing {name!r} in the wheel stream: wheels only")
+            source = tar.extractfile(member)
+            with open(os.path.join(folder, name), "wb") as out:
+                shutil.copyfileobj(source, out)
+            names.append(name)
+    return sorted(names)
+
+
+def _tail(path, lines=15):
+    try:
+        with open(path, errors="replace") as f:
+            return "\n".join(f.read().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def build(req):
+    """Build environment ``req["name"]`` under ``req["root"]`` from the wheels on stdin."""
+    import fcntl
+    import secrets
+
+    _die_with_parent()
+    started = time.monotonic()
+    root, name = _root(req), req["name"]
+    if "/" in name or name.startswith("."):
+        raise Refused(f"bad environment name {name!r}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    token = secrets.token_hex(4)
+    wheels = os.path.join(root, f".{name}-{token}.wheels")
+    target = os.path.join(root, f"{name}-{token}")
+    try:
+        with open(os.path.join(root, f".{name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second writer waits here, then finds the first one's work
+            link = os.path.join(root, name)
+            if _ready(root, name):
+                while sys.stdin.buffer.read(1 << 20):  # the wheels are not needed
+                    pass
+                return {"cached": True, "python": os.path.join(link, "bin", "python"), "seconds": time.monotonic() - started}
+            current = os.readlink(link) if os.path.islink(link) else None
+            for entry in os.listdir(root):  # what an interrupted build left (we hold the lock)
+                if entry.startswith((f"{name}-", f".{name}-")) and entry != current:
+                    path = os.path.join(root, entry)
+                    if os.path.islink(path) or not os.path.isdir(path):
+                        os.unlink(path)
+                    else:
+                        shutil.rmtree(path, ignore_errors=True)
+            received = _receive_wheels(sys.stdin.buffer, wheels)
+            log = os.path.join(root, f".{name}-{token}.log")
+            with open(log, "w") as out:
+                made = subprocess.run(
+                    [sys.executable, "-m", "venv", "--without-pip", target], stdout=out, stderr=subprocess.STDOUT
+                )
+            if made.returncode != 0:
+                raise Refused(f"`{sys.executable} -m venv --without-pip {target}` failed:\n{_tail(log)}")
+            pip = [w for w in received if w.startswith("pip-")]
+            if not pip:
+                raise Refused("no pip wheel in the wheel stream")
+            python = os.path.join(target, "bin", "python")
+            argv = [
+                python, os.path.join(wheels, pip[0], "pip"), "install", "--isolated", "--no-index", "--no-deps",
+                "--no-cache-dir", "--disable-pip-version-check", "--no-warn-script-location", "--quiet",
+                *(os.path.join(wheels, w) for w in received),
+            ]
+            with open(log, "a") as out:
+                installed = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            if installed.returncode != 0:
+                raise Refused(f"pip install into {target} failed:\n{_tail(log)}")
+            marker = {"name": name, "wheels": received, "base_python": sys.executable, "built": time.time()}
+            with open(os.path.join(target, MARKER), "w") as f:
+                json.dump(marker, f, indent=1)
+            staged = os.path.join(root, f".{name}-{token}.link")
+            os.symlink(os.path.basename(target), staged)
+            os.replace(staged, link)  # the environment exists from here on
+            os.unlink(log)
+            if current and current != os.path.basename(target):
+                shutil.rmtree(os.path.join(root, current), ignore_errors=True)
+            return {"cached": False, "python": os.path.join(link, "bin", "python"), "seconds": time.monotonic() - started}
+    except BaseException:
+        if not _ready_target(root, name, target):
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(wheels, ignore_errors=True)
+
+
+def _ready_target(root, name, target):
+    link = os.path.join(root, name)
+    return os.path.islink(link) and os.readlink(link) == os.path.basename(target)
+
+
+def prune(req):
+    """Remove every environment under ``root`` but those named in ``keep``; what was removed."""
+    import fcntl
+
+    root = _root(req)
+    keep = set(req.get("keep", []))
+    removed = []
+    if not os.path.isdir(root):
+        return {"removed": removed, "root": root}
+    import re
+
+    names = {e.lstrip(".").split("-")[0].split(".")[0] for e in os.listdir(root)}
+    for name in sorted(n for n in names - keep if re.fullmatch(r"[0-9a-f]{20}", n)):
+        lock_path = os.path.join(root, f".{name}.lock")
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # being built right now: leave it
+            for entry in os.listdir(root):
+                if entry == name or entry.startswith(f"{name}-") or entry.startswith(f".{name}-"):
+                    path = os.path.join(root, entry)
+                    if os.path.islink(path):
+                        os.unlink(path)
+                    else:
+                        shutil.rmtree(path, ignore_errors=True)
+            os.unlink(lock_path)
+        removed.append(name)
+    try:
+        os.rmdir(root)
+    except OSError:
+        pass
+    return {"removed": removed, "root": root}
+
+
+VERBS = {"probe": probe, "build": build, "prune": prune}
+
+
+def main(argv):
+    request = json.loads(argv[2]) if len(argv) > 2 else {}
+    try:
+        json.dump(VERBS[argv[1]](request), sys.stdout)
+    except Refused as exc:
+        sys.stderr.write(f"{exc}\n")
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
