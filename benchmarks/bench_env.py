@@ -13,7 +13,7 @@ every round (the wheelhouse on this machine is warm, as after a first start):
 - start N bare hosts again: the environment is cached;
 - start N hosts with ``environment = system`` whose Python is this machine's
   venv (ipyparallel installed): the baseline, nothing to build;
-- start 1 bare host, first time: what one build costs.
+- start 1 bare host, first time, and 1 host with ``environment = system``: what one build costs.
 
 The test hosts share this machine's file system, so on N hosts one node builds
 and the others wait on its lock and find it made (as hosts sharing an NFS home
@@ -101,23 +101,26 @@ def main() -> None:
         runner.start(1, environment="managed", remote_dir=root / "warmup")  # the wheelhouse, once
         n = args.hosts
         names = (f"start {n} bare hosts, environment built (s)", f"start {n} bare hosts, environment cached (s)",
-                 f"start {n} hosts, environment = system (s)", "start 1 bare host, environment built (s)")
+                 f"start {n} hosts, environment = system (s)", "start 1 bare host, environment built (s)",
+                 "start 1 host, environment = system (s)")
         for round_ in range(args.repeats):
             fresh = root / f"r{round_}"
             rows.setdefault(names[0], []).append(runner.start(n, environment="managed", remote_dir=fresh))
             rows.setdefault(names[1], []).append(runner.start(n, environment="managed", remote_dir=fresh))
             rows.setdefault(names[2], []).append(runner.start(n, environment="system", remote_dir=root / "system"))
             rows.setdefault(names[3], []).append(runner.start(1, environment="managed", remote_dir=root / f"one{round_}"))
+            rows.setdefault(names[4], []).append(runner.start(1, environment="system", remote_dir=root / "system"))
             print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(f"{rows[k][-1]:.2f}" for k in names), flush=True)
     finally:
         net.down()
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    system = med[names[2]]
+    baseline = {names[0]: names[2], names[1]: names[2], names[2]: names[2], names[3]: names[4], names[4]: names[4]}
     print(f"\n{'figure (median)':<52}{'seconds':>10}{'vs system':>11}")
     for name in names:
-        print(f"{name:<52}{med[name]:>10.2f}{med[name] - system:>+10.2f}s")
-    print(f"(cold start on {n} hosts / on 1 host: {med[names[0]] / med[names[3]]:.2f}; "
+        print(f"{name:<52}{med[name]:>10.2f}{med[name] - med[baseline[name]]:>+10.2f}s")
+    cold_n, cold_1 = med[names[0]] - med[names[2]], med[names[3]] - med[names[4]]
+    print(f"(building the environment costs {cold_n:.2f} s on {n} hosts, {cold_1:.2f} s on 1: ratio {cold_n / cold_1:.2f}; "
           f"{time.perf_counter() - began:.0f} s in all; samples in {args.json})")
     args.json.write_text(json.dumps({"samples": rows, "medians": med}, indent=1))
 

@@ -18,11 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-
 import testhosts
-from conftest import other_python, read_record, wait_until
+from conftest import other_python, wait_until
+
 from globular.config import Config
-from globular.environment import Target, Wanted, digest, explain_pip_failure, probe_problems, target_platforms
+from globular.environment import (
+    Target,
+    Wanted,
+    digest,
+    explain_pip_failure,
+    probe_problems,
+    target_platforms,
+)
 from globular.errors import ConfigError
 
 # -- pure logic ----------------------------------------------------------------------
@@ -298,7 +305,7 @@ def test_a_host_with_another_python_is_named_before_anything_is_built(net, cli, 
     result = cli("-c", config, "start", "otherpy", timeout=120)
     assert result.returncode == 1, result.output
     here = f"{sys.version_info[0]}.{sys.version_info[1]} here"
-    assert f"master: Python" in result.stderr and here in result.stderr and "node001: Python" in result.stderr
+    assert "master: Python" in result.stderr and here in result.stderr and "node001: Python" in result.stderr
     assert "functions sent from here would not run there" in result.stderr
     assert not (home / "clusters" / "otherpy.json").exists()
     checked = cli("-c", config, "check", "otherpy", "--output", "json", timeout=120)
@@ -316,8 +323,12 @@ def test_an_interrupted_build_is_never_trusted(net, cli, home, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
     proc = subprocess.Popen([sys.executable, "-m", "globular", "-c", config, "start", "cut"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    def partial() -> list[Path]:
+        if not root.is_dir():
+            return []
+        return [p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and not p.is_symlink()]
+
     try:
-        partial = lambda: [p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and not p.is_symlink()] if root.is_dir() else []
         assert wait_until(lambda: any((p / "bin" / "python").exists() for p in partial()), timeout=120), "no build began"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -360,6 +371,29 @@ def test_two_clusters_started_at_once_on_the_same_hosts_build_one_environment(ne
 
 @hosts_needed
 @pytest.mark.cluster
+def test_a_python_without_ensurepip_still_gets_its_environment(net, cli, home, tmp_path):
+    """Debian/Ubuntu without python3-venv: `venv` works, `ensurepip` does not. globular
+    never needs it (venv --without-pip, then pip from its own wheel)."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "ensurepip.py").write_text("raise ImportError('No module named ensurepip (test: no python3-venv)')\n")
+    wrapper = tmp_path / "python3"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={shadow} exec {net.python} \"$@\"\n")
+    wrapper.chmod(0o755)
+    assert subprocess.run([str(wrapper), "-c", "import ensurepip"], capture_output=True).returncode != 0
+    config = env_config(net, tmp_path, hosts=1, python=str(wrapper))
+    result = cli("-c", config, "start", "noensurepip", timeout=600)
+    try:
+        assert result.returncode == 0, result.output
+        assert len(environments(tmp_path / "hosts" / "envs")) == 1
+        assert cli("terminate", "-y", "noensurepip").returncode == 0
+    finally:
+        if (home / "clusters" / "noensurepip.json").exists():
+            cli("terminate", "-y", "noensurepip")
+
+
+@hosts_needed
+@pytest.mark.cluster
 def test_too_little_disk_on_a_host_is_named(net, cli, home, tmp_path):
     """A 6 MB file system under remote_dir on the hosts (mounted in each host's own mount
     namespace, where its sshd runs): the environment would need far more."""
@@ -381,3 +415,46 @@ def test_too_little_disk_on_a_host_is_named(net, cli, home, tmp_path):
     finally:
         for host in hosts:
             subprocess.run(["nsenter", "-t", str(host.sshd_pid), "-m", "umount", str(small)], check=False)
+
+
+# -- the builder on its own (this machine, no hosts) -------------------------------------------
+
+
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python, installer):
+    """globular.nodeenv's build, run as on a node: a tar stream of wheels on stdin, a venv
+    made from a bare Python.  With uv's wheel named as the installer uv installs (and is not
+    itself installed); without it, pip from its own wheel."""
+    import io
+    import tarfile
+
+    from globular.environment import Target, resolve, target_platforms
+    from globular.providers.base import NODEENV_SOURCE
+
+    probe = subprocess.run([bare_python, "-c", NODEENV_SOURCE, "probe", json.dumps({"root": str(tmp_path / "envs")})],
+                           capture_output=True, text=True, check=True)
+    facts = json.loads(probe.stdout)
+    assert target_platforms(facts)[-1].startswith("linux_") and facts["venv"] and facts["ready"] == []
+    house = resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
+    assert house.installer.get("wheel", "").startswith("uv-") and not house.installer["install"]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in house.wheels:
+            if installer == "uv" or not name.startswith("uv-"):
+                tar.add(house.path / name, arcname=name)
+    request = {"root": str(tmp_path / "envs"), "name": "0123456789abcdef0123",
+               "installer": house.installer if installer == "uv" else {}}
+    built = subprocess.run([bare_python, "-c", NODEENV_SOURCE, "build", json.dumps(request)], input=buffer.getvalue(),
+                           capture_output=True)
+    assert built.returncode == 0, built.stderr.decode()
+    reply = json.loads(built.stdout)
+    assert reply["cached"] is False and reply["python"].endswith("/0123456789abcdef0123/bin/python")
+    listed = subprocess.run([reply["python"], "-c", "import toolz, importlib.util as u; print(u.find_spec('uv') is None)"],
+                            capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.strip() == "True", listed.stderr
+    again = subprocess.run([bare_python, "-c", NODEENV_SOURCE, "build", json.dumps(request)], input=buffer.getvalue(),
+                           capture_output=True)
+    assert json.loads(again.stdout)["cached"] is True
+    assert sorted(p.name for p in (tmp_path / "envs").iterdir() if not p.name.startswith(".")) == [
+        "0123456789abcdef0123", os.readlink(tmp_path / "envs" / "0123456789abcdef0123")
+    ]

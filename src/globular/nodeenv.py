@@ -21,6 +21,7 @@ import sys
 import time
 
 MARKER = "globular-env.json"
+STALE_SECONDS = 3600  # a wheel folder this old belongs to no running build
 
 
 class Refused(Exception):
@@ -139,8 +140,10 @@ def build(req):
     """Build environment ``req["name"]`` under ``req["root"]`` from the wheels on stdin."""
     import fcntl
     import secrets
+    import signal
 
     _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the clean-up below runs
     started = time.monotonic()
     root, name = _root(req), req["name"]
     if "/" in name or name.startswith("."):
@@ -150,22 +153,22 @@ def build(req):
     wheels = os.path.join(root, f".{name}-{token}.wheels")
     target = os.path.join(root, f"{name}-{token}")
     try:
+        # the wheels are received before the lock, so that every node's transfer runs at once
+        received = _receive_wheels(sys.stdin.buffer, wheels)
         with open(os.path.join(root, f".{name}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a second writer waits here, then finds the first one's work
             link = os.path.join(root, name)
             if _ready(root, name):
-                while sys.stdin.buffer.read(1 << 20):  # the wheels are not needed
-                    pass
                 return {"cached": True, "python": os.path.join(link, "bin", "python"), "seconds": time.monotonic() - started}
             current = os.readlink(link) if os.path.islink(link) else None
-            for entry in os.listdir(root):  # what an interrupted build left (we hold the lock)
-                if entry.startswith((f"{name}-", f".{name}-")) and entry != current:
-                    path = os.path.join(root, entry)
-                    if os.path.islink(path) or not os.path.isdir(path):
-                        os.unlink(path)
-                    else:
-                        shutil.rmtree(path, ignore_errors=True)
-            received = _receive_wheels(sys.stdin.buffer, wheels)
+            for entry in os.listdir(root):  # what an interrupted build left
+                path = os.path.join(root, entry)
+                if entry.startswith(f"{name}-") and entry != current:
+                    shutil.rmtree(path, ignore_errors=True)  # venv folders are made under the lock: none is in use
+                elif entry.startswith(f".{name}-") and token not in entry:
+                    # wheels are received outside the lock: only old ones are surely abandoned
+                    if time.time() - os.lstat(path).st_mtime > STALE_SECONDS:
+                        _remove(path)
             log = os.path.join(root, f".{name}-{token}.log")
             with open(log, "w") as out:
                 made = subprocess.run(
@@ -173,19 +176,8 @@ def build(req):
                 )
             if made.returncode != 0:
                 raise Refused(f"`{sys.executable} -m venv --without-pip {target}` failed:\n{_tail(log)}")
-            pip = [w for w in received if w.startswith("pip-")]
-            if not pip:
-                raise Refused("no pip wheel in the wheel stream")
             python = os.path.join(target, "bin", "python")
-            argv = [
-                python, os.path.join(wheels, pip[0], "pip"), "install", "--isolated", "--no-index", "--no-deps",
-                "--no-cache-dir", "--disable-pip-version-check", "--no-warn-script-location", "--quiet",
-                *(os.path.join(wheels, w) for w in received),
-            ]
-            with open(log, "a") as out:
-                installed = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            if installed.returncode != 0:
-                raise Refused(f"pip install into {target} failed:\n{_tail(log)}")
+            _install(python, wheels, received, req.get("installer") or {}, log)
             marker = {"name": name, "wheels": received, "base_python": sys.executable, "built": time.time()}
             with open(os.path.join(target, MARKER), "w") as f:
                 json.dump(marker, f, indent=1)
@@ -202,6 +194,57 @@ def build(req):
         raise
     finally:
         shutil.rmtree(wheels, ignore_errors=True)
+
+
+def _uv_binary(wheels, name):
+    """The uv binary out of uv's wheel ``name`` (None if it holds none)."""
+    import zipfile
+
+    with zipfile.ZipFile(os.path.join(wheels, name)) as wheel:
+        member = next((m for m in wheel.namelist() if m.endswith(".data/scripts/uv")), None)
+        if member is None:
+            return None
+        path = os.path.join(wheels, "uv")
+        with wheel.open(member) as src, open(path, "wb") as out:
+            shutil.copyfileobj(src, out)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _install(python, wheels, received, installer, log):
+    """Install the wheels into the venv of ``python``, offline: with uv when ``installer`` names
+    its wheel (several times faster; that wheel is installed only if ``installer["install"]``),
+    else — or if uv cannot run here — with pip, run from its own wheel."""
+    name = installer.get("wheel") if installer.get("wheel") in received else None
+    uv = _uv_binary(wheels, name) if name else None
+    packages = [os.path.join(wheels, w) for w in received if w != name or installer.get("install")]
+    if uv:
+        argv = [uv, "pip", "install", "--python", python, "--offline", "--no-index", "--no-deps", "--no-cache",
+                "--no-config", "--compile-bytecode", "--quiet", *packages]
+        with open(log, "a") as out:
+            try:
+                if subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode == 0:
+                    return
+            except OSError as exc:  # a binary this host cannot run
+                out.write(f"uv cannot run here ({exc}): installing with pip\n")
+    pip = [w for w in received if w.startswith("pip-")]
+    if not pip:
+        raise Refused("no pip wheel in the wheel stream")
+    argv = [
+        python, os.path.join(wheels, pip[0], "pip"), "install", "--isolated", "--no-index", "--no-deps",
+        "--no-cache-dir", "--disable-pip-version-check", "--no-warn-script-location", "--quiet", *packages,
+    ]
+    with open(log, "a") as out:
+        installed = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if installed.returncode != 0:
+        raise Refused(f"installing into {os.path.dirname(os.path.dirname(python))} failed:\n{_tail(log)}")
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.unlink(path)
 
 
 def _ready_target(root, name, target):
