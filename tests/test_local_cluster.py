@@ -182,3 +182,34 @@ def test_interrupted_start_leaves_nothing(home, tmp_path, write_config, signum):
     assert all(gone(pid) for pid in pids)
     assert not (home / "clusters" / "intr.json").exists()
     assert not (home / "local" / "intr").exists()
+
+
+def test_an_engine_whose_registration_notice_the_client_missed_is_still_found(cli, home, write_config, monkeypatch):
+    """ipyparallel's Client learns of new engines from notifications only; one announced
+    before its notification socket is connected is never seen (issue 16's failed starts at
+    16+ hosts).  Here every registration notice is dropped: addnode must still find its
+    engine by asking the controller again, not wait until engine_timeout and tear it down."""
+    import asyncio
+
+    import globular.plugins.ipcluster as ipcluster
+    from globular import cluster
+
+    config = write_config(
+        "[global]\ndefault_template = t\n[cluster t]\nprovider = local\ncores_per_node = 1\nplugins = ipcluster\n"
+        "[plugin ipcluster]\nsetup_class = ipcluster\nengine_timeout = 20\n"
+    )
+    assert cli("-c", str(config), "start", "-s", "1", "deaf").returncode == 0
+    real = ipcluster.open_client
+
+    async def deaf_client(*args, **kwargs):
+        client = await real(*args, **kwargs)
+        client._notification_handlers["registration_notification"] = lambda msg: None  # the notice is lost
+        return client
+
+    monkeypatch.setattr(ipcluster, "open_client", deaf_client)
+    try:
+        added = asyncio.run(asyncio.wait_for(cluster.add_nodes("deaf", 1, home=home), 60))
+        assert added.nodes == ["node001"]
+        assert added.reports[0].data["ids"], added.reports
+    finally:
+        cli("terminate", "-y", "deaf")
