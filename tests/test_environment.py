@@ -417,6 +417,41 @@ def test_too_little_disk_on_a_host_is_named(net, cli, home, tmp_path):
             subprocess.run(["nsenter", "-t", str(host.sshd_pid), "-m", "umount", str(small)], check=False)
 
 
+@hosts_needed
+@pytest.mark.cluster
+def test_a_wheelhouse_folder_replaces_the_index(net, cli, home, tmp_path):
+    """wheelhouse = DIR (air-gapped sites): pip resolves from DIR alone; a package that is not
+    in it is named with the folder, whatever the index has."""
+    from globular.environment import Target, resolve
+    from globular.providers.base import NODEENV_SOURCE
+
+    probe = subprocess.run([net.python, "-c", NODEENV_SOURCE, "probe", json.dumps({"root": str(tmp_path / "x")})],
+                           capture_output=True, text=True, check=True)
+    import ipyparallel
+
+    filled = resolve(wanted(("pip", "globular"), (f"ipyparallel=={ipyparallel.__version__}", "ipcluster"), ("toolz", "test")),
+                     Target.from_probe(json.loads(probe.stdout)), tmp_path / "fill")
+    folder = tmp_path / "wheels-offline"
+    folder.mkdir()
+    for name in filled.wheels:
+        (folder / name).write_bytes((filled.path / name).read_bytes())
+    # an index that cannot answer: with wheelhouse set, pip must not ask it
+    offline = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "http://127.0.0.1:9/simple"}
+    config = env_config(net, tmp_path, hosts=1, cluster=f"packages = toolz\nwheelhouse = {folder}\n")
+    result = cli("-c", config, "start", "airgap", timeout=300, env=offline)
+    try:
+        assert result.returncode == 0, result.output
+        assert cli("terminate", "-y", "airgap").returncode == 0
+    finally:
+        if (home / "clusters" / "airgap.json").exists():
+            cli("terminate", "-y", "airgap")
+    config = env_config(net, tmp_path, hosts=1, cluster=f"packages = toolz, msgpack\nwheelhouse = {folder}\n")
+    missing = cli("-c", config, "start", "airgap", timeout=300, env=offline)
+    assert missing.returncode == 2, missing.output
+    assert f"no wheel of msgpack in wheelhouse = {folder}" in missing.stderr
+    assert "(asked for by [cluster lab] packages)" in missing.stderr
+
+
 # -- the builder on its own (this machine, no hosts) -------------------------------------------
 
 
@@ -458,3 +493,13 @@ def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python
     assert sorted(p.name for p in (tmp_path / "envs").iterdir() if not p.name.startswith(".")) == [
         "0123456789abcdef0123", os.readlink(tmp_path / "envs" / "0123456789abcdef0123")
     ]
+
+
+def test_a_node_line_says_when_its_environment_was_cached():
+    from globular.reporting import step_label
+    from globular.state import NodeRecord
+
+    node = NodeRecord(name="node001", address="a", workdir="/w", cores=1, python="python3")
+    assert step_label(node, "env") == "env"
+    node.data["env"] = {"cached": True}
+    assert step_label(node, "env") == "env cached" and step_label(node, "engines") == "engines"

@@ -166,7 +166,11 @@ def cli(ctx: click.Context, config: str | None) -> None:
 def start(ctx: click.Context, cluster_size: int | None, template: str | None, name: str) -> None:
     """Start cluster NAME: provision nodes, then run the template's plugins.
 
-    With the ipcluster plugin this starts an IPython-parallel controller on the
+    On other machines (ssh, ec2) each node first gets its Python environment:
+    ipyparallel at this machine's version and the template's packages, in a
+    venv globular builds on the host from wheels resolved here (cached: a
+    second start installs nothing; environment = system turns it off).  With
+    the ipcluster plugin this starts an IPython-parallel controller on the
     master and one engine per core on every node, and writes the client
     connection file to ~/.globular/ipcluster/NAME-REGION.json.  If anything
     fails, everything already started is stopped again.

@@ -224,6 +224,9 @@ def explain_pip_failure(stderr: str, wanted: Wanted, target: Target, exists: Any
             name = _project(req)
             who = origins.get(name) or "a dependency"
             if versions == "none":
+                if wanted.wheelhouse:
+                    return (f"no wheel of {req} in wheelhouse = {wanted.wheelhouse} for the nodes' {target.describe()} "
+                            f"(asked for by {who}); add one: pip download --only-binary=:all: -d {wanted.wheelhouse} ...")
                 if exists is not None and not exists(name):
                     return f"no package named {name!r} on the package index (asked for by {who})"
                 return (f"no wheel of {req} for the nodes' {target.describe()} (asked for by {who}); the nodes do not "
