@@ -279,3 +279,16 @@ def test_ssh_and_controller_settings_errors_name_the_key(kwargs, key, fragment):
     assert err.key == key, str(err)
     assert fragment in str(err)
     assert "/cfg/config:" in str(err)
+
+
+def test_encryption_is_curve_where_nodes_are_other_machines_unless_set():
+    from globular.plugins.ipcluster import IPClusterSettings, encryption_of
+
+    assert encryption_of(IPClusterSettings(), remote_nodes=True) == "curve"
+    assert encryption_of(IPClusterSettings(), remote_nodes=False) == "none"
+    assert encryption_of(IPClusterSettings(encryption="none"), remote_nodes=True) == "none"
+    assert encryption_of(IPClusterSettings(encryption="curve"), remote_nodes=False) == "curve"
+    text = "[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\nencryption = tls\n"
+    with pytest.raises(ConfigError) as bad:
+        Config.from_text(text, file="c.ini").cluster_spec("a")
+    assert str(bad.value).startswith("c.ini:5 [plugin ipcluster] encryption: Input should be 'curve' or 'none'")

@@ -57,7 +57,7 @@ def row(listing: str, name: str) -> str:
 def test_watchdog_restarts_a_dead_engine_and_retried_tasks_are_not_lost(cli, home, tmp_path, write_config):
     from globular.client import connect
 
-    config = str(write_config(config_text("restart_dead_engines = True\n")))
+    config = str(write_config(config_text("restart_dead_engines = True\nencryption = curve\n")))  # with curve on
     started = cli("-c", config, "start", "wd")
     assert started.returncode == 0, started.output
     record = read_record(home, "wd")

@@ -119,7 +119,7 @@ def test_python_api_and_px_magics_through_globular_connect(home, tmp_path, write
 def test_idle_shutdown_stops_the_cluster_when_no_task_ran_and_listclusters_shows_the_deadline(cli, home, write_config):
     from globular.client import connect
 
-    config = str(write_config(CONFIG.format(extra="idle_shutdown = 6s\n")))
+    config = str(write_config(CONFIG.format(extra="idle_shutdown = 6s\nencryption = curve\n")))  # with curve on
     assert cli("-c", config, "start", "idle").returncode == 0
     try:
         listing = cli("-c", config, "listclusters").stdout

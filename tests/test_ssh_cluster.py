@@ -239,12 +239,6 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
 
     check_notebook_forward(home, tmp_path)
 
-    laptop = run_laptop_client(net, tmp_path, local_file)
-    assert laptop.returncode == 0, laptop.stderr
-    seen = json.loads(laptop.stdout.strip().splitlines()[-1])
-    assert seen["ssh"] is True and len(seen["ids"]) == 3
-    assert seen["squares"] == [x * x for x in range(10)]
-
     pids = recorded_pids(read_record(home, "lab"))
     done = cli("terminate", "-y", "lab")
     assert done.returncode == 0, done.output
@@ -283,9 +277,37 @@ def check_notebook_forward(home, tmp_path) -> None:
         assert user.request("GET", "/api/contents")[0] == 403
         assert user.login(saved["password"])[0] == 302
         assert user.request("GET", "/api/contents")[0] == 200
+        # a kernel on the master: Client() with no argument reaches the (encrypted) controller
+        status, _, body = user.request("POST", "/api/contents", {"type": "notebook"})
+        assert status == 201, body
+        path = json.loads(body)["path"]
+        status, _, body = user.request("POST", "/api/sessions", {"path": path, "type": "notebook", "kernel": {"name": "python3"}})
+        assert status == 201, body
+        code = "from ipyparallel import Client\nrc = Client()\nprint(len(rc.ids), rc[:].apply_sync(lambda: 7))\n"
+        assert user.execute(json.loads(body)["kernel"]["id"], code).strip() == "3 [7, 7, 7]"
     finally:
         forward.send_signal(signal.SIGINT)
         assert forward.wait(20) == 0
+
+
+def test_a_laptop_client_through_ipyparallels_own_ssh_tunnel(net, cli, home, tmp_path):
+    """``Client(path, sshkey=...)``: ipyparallel tunnels each socket with ssh itself.  Its tunnel
+    does not give the tunnelled sockets the CURVE keys (ipyparallel's Client._connect), so this
+    path needs encryption = none (README, "Connecting from your laptop")."""
+    config = ssh_config(net, tmp_path, hosts=", ".join(f"root@{h.address}" for h in net.hosts[:2]),
+                        ipcluster="encryption = none\n")
+    started = cli("-c", config, "start", "lab")
+    try:
+        assert started.returncode == 0, started.output
+        laptop = run_laptop_client(net, tmp_path, home / "ipcluster" / "lab-ssh.json")
+        assert laptop.returncode == 0, laptop.stderr
+        seen = json.loads(laptop.stdout.strip().splitlines()[-1])
+        assert seen["ssh"] is True and len(seen["ids"]) == 2
+        assert seen["squares"] == [x * x for x in range(10)]
+        assert cli("terminate", "-y", "lab").returncode == 0
+    finally:
+        if (home / "clusters" / "lab.json").exists():
+            cli("terminate", "-y", "lab")
 
 
 def test_unreachable_host_fails_start_in_bounded_time_and_cleans_the_others(net, cli, home, tmp_path):

@@ -397,6 +397,7 @@ def status(ctx: click.Context, output: str, name: str) -> None:
         ctx.exit(0 if report.ok else 1)
     console.print(
         f"Cluster [bold]{name}[/]: {report.status}, provider {report.provider} ({report.region}), controller {report.controller}"
+        + {"curve": ", traffic encrypted (CurveZMQ)", "none": ", traffic not encrypted", None: ""}[report.encryption]
     )
     table = Table("node", "address", "state", "steps", "engines run/reg/exp", "load", "up", "problem")
     for n in report.nodes:

@@ -306,6 +306,14 @@ def facts(req):
             found[name] = {"version": None}
         except Exception as exc:  # a broken install
             found[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    curve = None
+    if req.get("curve"):  # can this Python's pyzmq encrypt (CurveZMQ)?
+        try:
+            import zmq
+
+            curve = bool(zmq.has("curve"))
+        except Exception as exc:
+            curve = f"{type(exc).__name__}: {exc}"
     try:
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
@@ -320,6 +328,7 @@ def facts(req):
         "load": list(os.getloadavg()),
         "uptime": uptime,
         "modules": found,
+        "curve": curve,
     }
 
 

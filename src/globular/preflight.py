@@ -130,6 +130,7 @@ async def run_preflight(
     engines: dict[str, int],
     controller_ip: str | None,
     port_candidates: list[int] | None,
+    curve: bool = False,
     timeout: float = CHECK_TIMEOUT,
 ) -> list[NodeCheck]:
     """Check ``nodes``; returns a NodeCheck per node (raise nothing: the caller decides)."""
@@ -163,13 +164,19 @@ async def run_preflight(
             check = checks[node.name]
             wanted = modules + (master_modules if node.is_master else [])
             runner = cluster.runner(node)
-            request = {"modules": [r.module for r in wanted], "load": [r.module for r in wanted if r.load]}
+            request = {"modules": [r.module for r in wanted], "load": [r.module for r in wanted if r.load], "curve": curve}
             try:
                 facts = await runner._nodeproc("facts", request, timeout=timeout)
             except GlobularError as exc:
                 check.problems.append(str(exc).removeprefix(f"{node.name}: "))
                 return
             judge(check, facts, wanted)
+            if curve and facts.get("curve") is not True:
+                why = facts.get("curve") or "zmq.has('curve') is False: its libzmq was built without CURVE"
+                check.problems.append(
+                    f"encryption = curve needs pyzmq with CURVE support, which {facts['executable']} lacks ({why}); "
+                    "install pyzmq's wheel there (pip install pyzmq), or set encryption = none"
+                )
             if port is not None:
                 reply = {}
                 for _ in range(20):  # the listener may still be starting

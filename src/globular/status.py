@@ -48,6 +48,7 @@ class ClusterStatusReport:
     region: str
     controller: str  # "up", "down", "unknown"
     nodes: list[NodeStatus] = field(default_factory=list)
+    encryption: str | None = None  # "curve" (CurveZMQ), "none", or None: no controller recorded
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -103,6 +104,7 @@ def _registered(record: ClusterRecord, home: Path) -> dict[str, int] | None:
 
 async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusReport:
     report = ClusterStatusReport(record.name, record.status, record.spec.provider, record.region, "unknown")
+    report.encryption = (record.plugin_data.get(DATA_KEY) or {}).get("encryption")
     settings = _settings(record)
     provider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
     try:

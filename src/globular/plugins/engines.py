@@ -195,24 +195,37 @@ async def wait_for_engines(
             )
         if now >= next_check:
             await check_engines_alive(cluster, nodes)
-            if done < len(wanted):
-                await asyncio.to_thread(refresh_engine_list, client)
+            if done < len(wanted) or ids & gone:
+                await asyncio.to_thread(refresh_engine_list, client, set(wanted), set(gone))
             next_check = now + 1.0
         await asyncio.sleep(0.05)
 
 
-def refresh_engine_list(client: Client) -> None:
-    """Ask the controller again which engines it has.
+def refresh_engine_list(client: Client, expected: set[int], gone: set[int]) -> None:
+    """Ask the controller again which engines it has; tell the client of those of ``expected``
+    it missed, and of those of ``gone`` that left without it hearing.
 
     ipyparallel's Client asks once (``connection_request``, in ``_connect``) and then
-    learns of new engines only from notifications; an engine whose registration is
-    announced between that answer and the notification socket's connection is never
-    seen.  Asking again (the same request) closes that gap.
+    follows the controller's notifications; one published before its notification
+    socket has connected (a fresh client, a slow CURVE handshake) is lost, so an engine
+    that registered is never seen, or one that left is never dropped.  Asking again
+    (the same request) closes the gap.  The answer and the notifications travel on
+    different sockets, so only ids we wait for are added (an engine that has just
+    left may still be in an answer sent before it left), and only ids that must go
+    are dropped (no id comes back once it has left).  The changes are made on the
+    client's own IO thread, where its notification handlers run.
     """
     reply = client._send_recv(client._query_stream, "connection_request")
     content = reply["content"]
-    if content.get("status") == "ok":
-        client._update_engines(dict(content["engines"]))
+    if content.get("status") != "ok":
+        return
+    there = {int(k): v for k, v in content["engines"].items()}
+    known = set(client.ids)
+    missed = {k: v for k, v in there.items() if k in expected and k not in known}
+    if missed:
+        client._io_loop.add_callback(client._update_engines, missed)
+    for engine_id in sorted((gone & known) - set(there)):
+        client._io_loop.add_callback(client._unregister_engine, {"content": {"id": engine_id}})
 
 
 def engine_ids_on(cluster: Cluster, nodes: list[NodeRecord]) -> set[int]:

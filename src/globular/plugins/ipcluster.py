@@ -138,11 +138,21 @@ class IPClusterSettings(Settings):
     controller_ports: Annotated[str | None, AfterValidator(_check_ports)] = Field(
         default=None, description="FIRST-LAST: the ports the controller may use; default: random free ports"
     )
+    encryption: Literal["curve", "none"] | None = Field(
+        default=None,
+        description="curve: CurveZMQ encrypts all traffic between clients, controller and engines; "
+        "default: curve where nodes are other machines (ssh, ec2), none on the local provider (loopback)",
+    )
 
 
 def heartbeat_misses(period_ms: int) -> int:
     """Missed beats before the controller drops an engine: about 5 s, and at least ipyparallel's 10."""
     return max(10, math.ceil(DEATH_WINDOW_MS / period_ms))
+
+
+def encryption_of(settings: IPClusterSettings, remote_nodes: bool) -> str:
+    """``curve`` or ``none``: the setting, else curve where the nodes are other machines."""
+    return settings.encryption or ("curve" if remote_nodes else "none")
 
 
 def engines_for(node: NodeRecord, settings: IPClusterSettings) -> int:
@@ -238,7 +248,10 @@ class IPCluster(Plugin):
         local_file = connection_file_path(cluster.home, cluster.name, cluster.record.region)
         write_private(local_file, json.dumps(client_info, indent=2).encode())
         data = cluster.plugin_data(DATA_KEY)
-        data.update(connection_file=str(local_file), engine_info=engine_info, packer=settings.packer)
+        data.update(
+            connection_file=str(local_file), engine_info=engine_info, packer=settings.packer,
+            encryption=self.encryption(cluster),
+        )
         cluster.save()
 
         await client_import
@@ -279,9 +292,12 @@ class IPCluster(Plugin):
         ip = running.get("location") or await self._controller_ip(cluster, master)
         ports = list(port_range(settings.controller_ports)) if settings.controller_ports else None
         return await run_preflight(
-            cluster, nodes, modules=modules, master_modules=master_modules,
+            cluster, nodes, modules=modules, master_modules=master_modules, curve=self.encryption(cluster) == "curve",
             engines={n.name: engines_for(n, settings) for n in nodes}, controller_ip=ip, port_candidates=ports,
         )
+
+    def encryption(self, cluster: Cluster) -> str:
+        return encryption_of(self.settings, cluster.provider.remote_nodes)
 
     async def _controller_ip(self, cluster: Cluster, master: NodeRecord) -> str:
         """Where the controller listens: ``controller_interface`` (a name or an address), else the master's address."""
@@ -309,6 +325,26 @@ class IPCluster(Plugin):
         keyfile = f"{security}/globular-session.key"
         key = secrets.token_hex(32)
         await runner.write_file(keyfile, key.encode(), 0o600)
+        # CurveZMQ: the controller's key pair, made here for each start like the session key; the
+        # secret half reaches the controller in its profile's config file (0600), never in argv or
+        # the environment.  The session key stays too (ipyparallel drops it under curve otherwise):
+        # clients and engines must both sign and know the server key.
+        config_file = f"{profile_dir(master)}/ipcontroller_config.py"
+        server_key = None
+        if self.encryption(cluster) == "curve":
+            import zmq
+
+            public, secret = zmq.curve_keypair()
+            server_key = public.decode("ascii")
+            config = (
+                f"c.IPController.curve_publickey = {public!r}\n"
+                f"c.IPController.curve_secretkey = {secret!r}\n"
+                "c.IPController.enable_curve = True\n"
+                f"c.Session.key = {key.encode()!r}\n"
+            )
+            await runner.write_file(config_file, config.encode(), 0o600)
+        else:
+            await runner.run(["rm", "-f", config_file])
         pack, unpack = PACKERS[self.settings.packer]
         argv = [
             master.python,
@@ -343,6 +379,7 @@ class IPCluster(Plugin):
             "pack": pack,
             "unpack": unpack,
             "ssh": "",
+            "curve_serverkey": server_key,
         }
         return procs, engine_info
 
@@ -354,7 +391,7 @@ class IPCluster(Plugin):
         files = [f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"]
         found = await cluster.runner(master).wait_files(files, watch=procs, timeout=60)
         client_info, engine_info = found[files[0]], found[files[1]]
-        for key in ("key", "signature_scheme", "pack", "unpack", *ENGINE_PORT_KEYS, "broadcast"):
+        for key in ("key", "signature_scheme", "pack", "unpack", "curve_serverkey", *ENGINE_PORT_KEYS, "broadcast"):
             if engine_info.get(key) != expected[key]:
                 raise NodeError(master.name, f"the controller did not take the {key} it was given; this ipyparallel is not supported")
         self._check_ports(master, client_info, engine_info)
@@ -377,9 +414,14 @@ class IPCluster(Plugin):
     ) -> PluginReport:
         client_line = f"Client({str(local_file)!r})"
         warnings = []
+        traffic = {
+            "curve": "encrypted (CurveZMQ) and signed",
+            "none": "signed, not encrypted" + ("" if cluster.provider.remote_nodes else " (loopback only)"),
+        }[self.encryption(cluster)]
         summary = [
             ("engines", f"{engines} on {len(cluster.nodes)} nodes"),
             ("controller", f"{cluster.master.name} ({cluster.master.address})"),
+            ("traffic", traffic),
             ("connection file", str(local_file)),
         ]
         if notebook is not None:

@@ -155,6 +155,8 @@ class NodeProvider(ABC):
     # "managed": globular builds each node's Python environment (globular.environment);
     # "system": the node's Python must have everything already
     default_environment: ClassVar[str] = "system"
+    # the nodes are other machines, reached over a network (traffic between them is encrypted by default)
+    remote_nodes: ClassVar[bool] = False
 
     def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
         self.spec = spec

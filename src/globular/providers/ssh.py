@@ -184,6 +184,7 @@ class SSHProvider(NodeProvider):
     key_setting = "ssh_key"  # the setting that names the private key, for messages
 
     default_environment = "managed"
+    remote_nodes = True
 
     @property
     def region(self) -> str:
