@@ -51,25 +51,30 @@ def main() -> int:
             order = SYSTEMS[rep % 3:] + SYSTEMS[: rep % 3]
             runners = {"curve": Globular(Path(tmp) / f"curve{rep}"), "none": Globular(Path(tmp) / f"none{rep}"), "plain": Plain()}
             clients = {}
-            for system in order:
-                runner = runners[system]
-                if system == "plain":
-                    t, clients[system] = runner.start(2)
-                else:
-                    (Path(tmp) / f"{system}{rep}").mkdir()
-                    t, clients[system] = runner.start(1, 2, extra=f"encryption = {system}\n")
-                add("start 1 node x 2 engines (s)", system, t)
-            for system in order + tuple(reversed(order)):
-                for name, value in work_figures(clients[system]).items():
-                    add(name, system, value)
-            for size, label, samples in ((1 << 20, "1 MB", 5), (100 << 20, "100 MB", 2)):
+            try:
                 for system in order:
-                    push_pull(clients[system], size)  # warm
-                for _ in range(samples):
+                    runner = runners[system]
+                    if system == "plain":
+                        t, clients[system] = runner.start(2)
+                    else:
+                        (Path(tmp) / f"{system}{rep}").mkdir()
+                        t, clients[system] = runner.start(1, 2, extra=f"encryption = {system}\n")
+                    add("start 1 node x 2 engines (s)", system, t)
+                for system in order + tuple(reversed(order)):
+                    for name, value in work_figures(clients[system]).items():
+                        add(name, system, value)
+                for size, label, samples in ((1 << 20, "1 MB", 5), (100 << 20, "100 MB", 2)):
                     for system in order:
-                        add(f"push+pull {label} to 2 engines (s)", system, push_pull(clients[system], size))
-            for system in order:
-                runners[system].stop(clients[system])
+                        push_pull(clients[system], size)  # warm
+                    for _ in range(samples):
+                        for system in order:
+                            add(f"push+pull {label} to 2 engines (s)", system, push_pull(clients[system], size))
+            finally:  # whatever failed, nothing is left running
+                for system, rc in clients.items():
+                    try:
+                        runners[system].stop(rc)
+                    except Exception as exc:
+                        print(f"stopping {system}: {exc}", file=sys.stderr)
 
     rows = []
     for row, values in figures.items():
