@@ -472,6 +472,8 @@ def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python
     assert target_platforms(facts)[-1].startswith("linux_") and facts["venv"] and facts["ready"] == []
     house = resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
     assert house.installer.get("wheel", "").startswith("uv-") and not house.installer["install"]
+    cached = resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
+    assert (cached.path, cached.wheels, cached.installer) == (house.path, house.wheels, house.installer)  # from the cache
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name in house.wheels:

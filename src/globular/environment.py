@@ -182,7 +182,6 @@ class Wheelhouse:
     wheels: list[str]
     size: int
     installer: dict[str, Any] = field(default_factory=dict)  # uv's wheel, which installs the rest
-    cached: bool = False
     _tar: bytes | None = field(default=None, repr=False)
 
     def tar(self) -> bytes:
@@ -261,7 +260,7 @@ def resolve(wanted: Wanted, target: Target, cache: Path) -> Wheelhouse:
         manifest = final / "manifest.json"
         if manifest.is_file():
             data = json.loads(manifest.read_text())
-            return Wheelhouse(key, final, data["wheels"], data["size"], cached=True)
+            return Wheelhouse(key, final, data["wheels"], data["size"], data.get("installer", {}))
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
         try:
             argv = _pip(
@@ -365,7 +364,8 @@ async def prepare(cluster: Cluster, plugins: list[Plugin], nodes: list[NodeRecor
         # one wheelhouse per distinct (packages, target), made at once
         wants = {n.name: wanted_for(spec, plugins, n) for n in nodes}
         targets = {n.name: Target.from_probe(probes[n.name]) for n in nodes}
-        names = {n.name: env_name(digest(wants[n.name], targets[n.name]), probes[n.name]["executable"]) for n in nodes}
+        digests = {key: digest(*key) for key in {(wants[n.name], targets[n.name]) for n in nodes}}  # one read of a requirements file each
+        names = {n.name: env_name(digests[(wants[n.name], targets[n.name])], probes[n.name]["executable"]) for n in nodes}
         needed = {(wants[n.name], targets[n.name]) for n in nodes if names[n.name] not in probes[n.name]["ready"]}
         cache = cluster.home / "wheels"
         if needed:
