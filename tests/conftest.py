@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +178,34 @@ def env_cache(tmp_path_factory) -> Path:
     """Node environments and wheelhouses shared by the tests that do not test building them
     (each build takes seconds; they are the same for every such test)."""
     return tmp_path_factory.mktemp("env-cache")
+
+
+@contextmanager
+def bare_hosts(workdir: Path, count: int, python: str, env_cache: Path | None = None, first: int = 11) -> Iterator:
+    """``count`` netns test hosts (tests/testhosts.py) whose ``python`` is a bare one, with the
+    shared environment cache at hand (``share_env_cache``); all removed on exit."""
+    import testhosts
+
+    hosts = testhosts.HostNet(workdir=workdir, first=first)
+    hosts.up(count)
+    hosts.python = python  # type: ignore[attr-defined]
+    hosts.env_cache = env_cache  # type: ignore[attr-defined]
+    try:
+        yield hosts
+    finally:
+        hosts.down()
+
+
+def shadowing_python(folder: Path, python: str, module: str, source: str) -> Path:
+    """A ``python`` for the nodes: ``python`` with module ``module`` replaced by ``source``
+    (first on its path), like a host whose install lacks or breaks that module."""
+    shadow = folder / "shadow"
+    shadow.mkdir(parents=True, exist_ok=True)
+    (shadow / f"{module}.py").write_text(source)
+    wrapper = folder / f"python-shadowing-{module}"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={shadow} exec {python} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 def share_env_cache(cache: Path, home: Path, remote_dir: Path) -> None:

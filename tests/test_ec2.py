@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import testhosts
-from conftest import read_record, share_env_cache, wait_until
+from conftest import bare_hosts, read_record, share_env_cache, wait_until
 
 boto3 = pytest.importorskip("boto3")
 reason = testhosts.available()
@@ -64,12 +64,9 @@ def _answers(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory, bare_python, env_cache):
-    hosts = testhosts.HostNet(workdir=tmp_path_factory.mktemp("ec2hosts"), first=4)
-    hosts.up(4)  # 198.18.0.4-7: the first four addresses moto gives in the subnet
-    hosts.python = bare_python  # type: ignore[attr-defined]  # a stock image: Python, nothing else
-    hosts.env_cache = env_cache  # type: ignore[attr-defined]
-    yield hosts
-    hosts.down()
+    # 198.18.0.4-7: the first four addresses moto gives in the subnet; a stock image: Python, nothing else
+    with bare_hosts(tmp_path_factory.mktemp("ec2hosts"), 4, bare_python, env_cache, first=4) as hosts:
+        yield hosts
 
 
 class Account:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import testhosts
-from conftest import share_env_cache
+from conftest import bare_hosts, share_env_cache
 
 reason = testhosts.available()
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(reason is not None, reason=reason or "")]
@@ -30,12 +30,8 @@ ETH_P_ALL = 0x0003
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory, bare_python, env_cache):
-    hosts = testhosts.HostNet(workdir=tmp_path_factory.mktemp("curvehosts"))
-    hosts.up(2)
-    hosts.python = bare_python  # type: ignore[attr-defined]
-    hosts.env_cache = env_cache  # type: ignore[attr-defined]
-    yield hosts
-    hosts.down()
+    with bare_hosts(tmp_path_factory.mktemp("curvehosts"), 2, bare_python, env_cache) as hosts:
+        yield hosts
 
 
 def config(net, tmp_path, *, python: str | None = None, cluster: str = "", ipcluster: str = "") -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import testhosts
-from conftest import other_python, wait_until
+from conftest import bare_hosts, other_python, shadowing_python, wait_until
 
 from globular.config import Config
 from globular.environment import (
@@ -176,11 +176,8 @@ hosts_needed = pytest.mark.skipif(reason is not None, reason=reason or "")
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory, bare_python):
-    hosts = testhosts.HostNet(workdir=tmp_path_factory.mktemp("envhosts"))
-    hosts.up(3)
-    hosts.python = bare_python  # type: ignore[attr-defined]
-    yield hosts
-    hosts.down()
+    with bare_hosts(tmp_path_factory.mktemp("envhosts"), 3, bare_python) as hosts:
+        yield hosts
 
 
 def env_config(net, tmp_path, *, hosts: int = 3, python: str | None = None, cluster: str = "",
@@ -374,12 +371,7 @@ def test_two_clusters_started_at_once_on_the_same_hosts_build_one_environment(ne
 def test_a_python_without_ensurepip_still_gets_its_environment(net, cli, home, tmp_path):
     """Debian/Ubuntu without python3-venv: `venv` works, `ensurepip` does not. globular
     never needs it (venv --without-pip, then pip from its own wheel)."""
-    shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    (shadow / "ensurepip.py").write_text("raise ImportError('No module named ensurepip (test: no python3-venv)')\n")
-    wrapper = tmp_path / "python3"
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={shadow} exec {net.python} \"$@\"\n")
-    wrapper.chmod(0o755)
+    wrapper = shadowing_python(tmp_path, net.python, "ensurepip", "raise ImportError('No module named ensurepip (test: no python3-venv)')\n")
     assert subprocess.run([str(wrapper), "-c", "import ensurepip"], capture_output=True).returncode != 0
     config = env_config(net, tmp_path, hosts=1, python=str(wrapper))
     result = cli("-c", config, "start", "noensurepip", timeout=600)

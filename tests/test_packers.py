@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import shadowing_python
+
 pytestmark = pytest.mark.cluster
 
 CONFIG = (
@@ -47,12 +49,7 @@ def test_every_packer_works_and_the_client_picks_it_up(cli, home, write_config, 
 
 
 def test_msgpack_missing_on_a_node_is_named_and_nothing_starts(cli, home, write_config, tmp_path):
-    shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    (shadow / "msgpack.py").write_text("raise ImportError('No module named msgpack (test shadow)')\n")
-    wrapper = tmp_path / "python"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={shadow} exec {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
+    wrapper = shadowing_python(tmp_path, sys.executable, "msgpack", "raise ImportError('No module named msgpack (test shadow)')\n")
     config = str(write_config(CONFIG.format(python=f"python = {wrapper}\n", packer="msgpack")))
     result = cli("-c", config, "start", "nomp")
     assert result.returncode == 1

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 import testhosts
-from conftest import read_record, recorded_pids, share_env_cache, wait_until
+from conftest import bare_hosts, read_record, recorded_pids, share_env_cache, wait_until
 
 reason = testhosts.available()
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(reason is not None, reason=reason or "")]
@@ -30,12 +30,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.skipif(reason is not None, reason
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory, bare_python, env_cache):
-    hosts = testhosts.HostNet(workdir=tmp_path_factory.mktemp("hostnet"))
-    hosts.up(4)
-    hosts.python = bare_python  # type: ignore[attr-defined]
-    hosts.env_cache = env_cache  # type: ignore[attr-defined]
-    yield hosts
-    hosts.down()
+    with bare_hosts(tmp_path_factory.mktemp("hostnet"), 4, bare_python, env_cache) as hosts:
+        yield hosts
 
 
 def ssh_config(

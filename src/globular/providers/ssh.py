@@ -29,6 +29,7 @@ from typing import Annotated
 import asyncssh
 from pydantic import AfterValidator, Field
 
+from globular.environment import environment_mode
 from globular.errors import BadInput, CommandError, GlobularError, NodeError
 from globular.fanout import each_node
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
@@ -349,7 +350,7 @@ class SSHProvider(NodeProvider):
                 node.address = conn.get_extra_info("peername")[0]
                 node.login = f"{conn.get_extra_info('username')}@{host.host}:{host.port}"
                 # with a managed environment the host's Python needs nothing but itself
-                system = (self.spec.environment.mode or self.default_environment) == "system"
+                system = environment_mode(self.spec, self.default_environment) == "system"
                 try:
                     facts = await runner._nodeproc("prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []})
                 except CommandError as exc:
