@@ -52,8 +52,12 @@ class Globular:
 
     def cmd(self, *args: str) -> float:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "globular", "-c", str(self.config), *args],
-                              capture_output=True, text=True, env=self.env)
+        done = subprocess.run(
+            [sys.executable, "-m", "globular", "-c", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"globular {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
         return time.perf_counter() - started
@@ -241,8 +245,18 @@ def main() -> int:
         ratio = g / p
         better = ratio >= 1 if higher_is_better else ratio <= 1
         rows.append({"row": row, "globular": g, "plain": p, "ratio": ratio, "globular_better_or_equal": better})
-    Path(args.json).write_text(json.dumps({"repeats": args.repeats, "cpus": os.cpu_count(), "rows": rows,
-                                           "samples": figures, "seconds": time.perf_counter() - began}, indent=2))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "repeats": args.repeats,
+                "cpus": os.cpu_count(),
+                "rows": rows,
+                "samples": figures,
+                "seconds": time.perf_counter() - began,
+            },
+            indent=2,
+        )
+    )
     width = max(len(r["row"]) for r in rows)
     print(f"{'figure (median)':<{width}}  {'globular':>10}  {'plain ipp':>10}  {'ratio':>6}")
     for r in rows:

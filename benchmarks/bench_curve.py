@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
-from bench import Globular, Plain, push_pull, work_figures  # noqa: E402
+import bench
+from bench import Globular, Plain, push_pull, work_figures
 
 
 def noop(x=None):
@@ -48,8 +48,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="globular-bench-curve-") as tmp:
         for rep in range(args.repeats):
             print(f"round {rep + 1}/{args.repeats}", file=sys.stderr)
-            order = SYSTEMS[rep % 3:] + SYSTEMS[: rep % 3]
-            runners = {"curve": Globular(Path(tmp) / f"curve{rep}"), "none": Globular(Path(tmp) / f"none{rep}"), "plain": Plain()}
+            order = SYSTEMS[rep % 3 :] + SYSTEMS[: rep % 3]
+            runners = {
+                "curve": Globular(Path(tmp) / f"curve{rep}"),
+                "none": Globular(Path(tmp) / f"none{rep}"),
+                "plain": Plain(),
+            }
             clients = {}
             try:
                 for system in order:
@@ -79,15 +83,27 @@ def main() -> int:
     rows = []
     for row, values in figures.items():
         med = {s: statistics.median(values[s]) for s in SYSTEMS}
-        rows.append({"row": row, **med, "curve/none": med["curve"] / med["none"], "curve/plain": med["curve"] / med["plain"]})
-    Path(args.json).write_text(json.dumps({"repeats": args.repeats, "rows": rows, "samples": figures,
-                                           "seconds": time.perf_counter() - began}, indent=2))
+        rows.append(
+            {"row": row, **med, "curve/none": med["curve"] / med["none"], "curve/plain": med["curve"] / med["plain"]}
+        )
+    Path(args.json).write_text(
+        json.dumps(
+            {"repeats": args.repeats, "rows": rows, "samples": figures, "seconds": time.perf_counter() - began},
+            indent=2,
+        )
+    )
     width = max(len(r["row"]) for r in rows)
-    print(f"{'figure (median)':<{width}}  {'curve':>10}  {'none':>10}  {'plain ipp':>10}  {'curve/none':>10}  {'curve/plain':>11}")
+    print(
+        f"{'figure (median)':<{width}}  {'curve':>10}  {'none':>10}  {'plain ipp':>10}  {'curve/none':>10}  {'curve/plain':>11}"
+    )
     for r in rows:
-        print(f"{r['row']:<{width}}  {r['curve']:>10.3f}  {r['none']:>10.3f}  {r['plain']:>10.3f}  "
-              f"{r['curve/none']:>10.2f}  {r['curve/plain']:>11.2f}")
-    print(f"(times: below 1 is better; rates: above 1; {time.perf_counter() - began:.0f} s in all; samples in {args.json})")
+        print(
+            f"{r['row']:<{width}}  {r['curve']:>10.3f}  {r['none']:>10.3f}  {r['plain']:>10.3f}  "
+            f"{r['curve/none']:>10.2f}  {r['curve/plain']:>11.2f}"
+        )
+    print(
+        f"(times: below 1 is better; rates: above 1; {time.perf_counter() - began:.0f} s in all; samples in {args.json})"
+    )
     return 0
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import testhosts  # noqa: E402
+import testhosts
 
 CONFIG = """\
 [global]
@@ -72,15 +72,27 @@ class Runner:
     def start(self, hosts: int, *, environment: str, remote_dir: Path) -> float:
         config = self.root / "config"
         python = self.bare if environment == "managed" else sys.executable
-        config.write_text(CONFIG.format(
-            hosts=", ".join(f"root@{h.address}" for h in self.net.hosts[:hosts]), key=self.net.key,
-            known_hosts=self.net.known_hosts, python=python, remote_dir=remote_dir, environment=environment,
-        ))
+        config.write_text(
+            CONFIG.format(
+                hosts=", ".join(f"root@{h.address}" for h in self.net.hosts[:hosts]),
+                key=self.net.key,
+                known_hosts=self.net.known_hosts,
+                python=python,
+                remote_dir=remote_dir,
+                environment=environment,
+            )
+        )
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "globular", "-c", str(config), "start", "b"],
-                              capture_output=True, text=True, env=self.env)
+        done = subprocess.run(
+            [sys.executable, "-m", "globular", "-c", str(config), "start", "b"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+        )
         elapsed = time.perf_counter() - started
-        stop = subprocess.run([sys.executable, "-m", "globular", "terminate", "-y", "b"], capture_output=True, text=True, env=self.env)
+        stop = subprocess.run(
+            [sys.executable, "-m", "globular", "terminate", "-y", "b"], capture_output=True, text=True, env=self.env
+        )
         if done.returncode != 0 or stop.returncode != 0:
             raise RuntimeError(f"start/terminate failed:\n{done.stdout}{done.stderr}{stop.stdout}{stop.stderr}")
         return elapsed
@@ -100,15 +112,21 @@ def main() -> None:
         runner = Runner(root, net, bare_python(root / "bare"))
         runner.start(1, environment="managed", remote_dir=root / "warmup")  # the wheelhouse, once
         n = args.hosts
-        names = (f"start {n} bare hosts, environment built (s)", f"start {n} bare hosts, environment cached (s)",
-                 f"start {n} hosts, environment = system (s)", "start 1 bare host, environment built (s)",
-                 "start 1 host, environment = system (s)")
+        names = (
+            f"start {n} bare hosts, environment built (s)",
+            f"start {n} bare hosts, environment cached (s)",
+            f"start {n} hosts, environment = system (s)",
+            "start 1 bare host, environment built (s)",
+            "start 1 host, environment = system (s)",
+        )
         for round_ in range(args.repeats):
             fresh = root / f"r{round_}"
             rows.setdefault(names[0], []).append(runner.start(n, environment="managed", remote_dir=fresh))
             rows.setdefault(names[1], []).append(runner.start(n, environment="managed", remote_dir=fresh))
             rows.setdefault(names[2], []).append(runner.start(n, environment="system", remote_dir=root / "system"))
-            rows.setdefault(names[3], []).append(runner.start(1, environment="managed", remote_dir=root / f"one{round_}"))
+            rows.setdefault(names[3], []).append(
+                runner.start(1, environment="managed", remote_dir=root / f"one{round_}")
+            )
             rows.setdefault(names[4], []).append(runner.start(1, environment="system", remote_dir=root / "system"))
             print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(f"{rows[k][-1]:.2f}" for k in names), flush=True)
     finally:
@@ -120,8 +138,10 @@ def main() -> None:
     for name in names:
         print(f"{name:<52}{med[name]:>10.2f}{med[name] - med[baseline[name]]:>+10.2f}s")
     cold_n, cold_1 = med[names[0]] - med[names[2]], med[names[3]] - med[names[4]]
-    print(f"(building the environment costs {cold_n:.2f} s on {n} hosts, {cold_1:.2f} s on 1: ratio {cold_n / cold_1:.2f}; "
-          f"{time.perf_counter() - began:.0f} s in all; samples in {args.json})")
+    print(
+        f"(building the environment costs {cold_n:.2f} s on {n} hosts, {cold_1:.2f} s on 1: ratio {cold_n / cold_1:.2f}; "
+        f"{time.perf_counter() - began:.0f} s in all; samples in {args.json})"
+    )
     args.json.write_text(json.dumps({"samples": rows, "medians": med}, indent=1))
 
 

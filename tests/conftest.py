@@ -127,9 +127,7 @@ def never_registering_python(folder: Path) -> Path:
     """A ``python`` for the nodes whose engines never register (they sleep): a start waits on them."""
     wrapper = folder / "python"
     wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$2" = ipyparallel.engine ]; then exec sleep 300; fi\n'
-        f'exec {sys.executable} "$@"\n'
+        f'#!/bin/sh\nif [ "$2" = ipyparallel.engine ]; then exec sleep 300; fi\nexec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)
     return wrapper
@@ -137,7 +135,9 @@ def never_registering_python(folder: Path) -> Path:
 
 def _python_of_version(path: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run([path, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [path, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True, timeout=30
+        )
     except OSError:
         return None
     return tuple(map(int, out.stdout.split())) if out.returncode == 0 else None  # type: ignore[return-value]
@@ -164,7 +164,9 @@ def other_python() -> str | None:
     import glob
 
     here = tuple(sys.version_info[:2])
-    for path in sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python3")) + sorted(glob.glob("/usr/bin/python3.[0-9]*")):
+    for path in sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python3")) + sorted(
+        glob.glob("/usr/bin/python3.[0-9]*")
+    ):
         if path.endswith("-config"):
             continue
         version = _python_of_version(path)

@@ -76,17 +76,74 @@ def test_any_bytes_give_a_config_or_a_config_error(data):
 
 
 SECTIONS = st.sampled_from(
-    ["global", "cluster a", "cluster b", "plugin ipcluster", "plugin p", "aws info", "key k", "permission ssh",
-     "cluster", "volume v", "plugin", "cluster a b"]
+    [
+        "global",
+        "cluster a",
+        "cluster b",
+        "plugin ipcluster",
+        "plugin p",
+        "aws info",
+        "key k",
+        "permission ssh",
+        "cluster",
+        "volume v",
+        "plugin",
+        "cluster a b",
+    ]
 )
 KEYS = st.sampled_from(
-    ["default_template", "extends", "cluster_size", "provider", "plugins", "setup_class", "packer", "node_hosts",
-     "cores_per_node", "python", "keyname", "key_location", "node_image_id", "permission", "enable_notebook",
-     "master_engines", "heartbeat_period", "controller_ports", "aws_region_name", "cidr_ip", "nonsense"]
+    [
+        "default_template",
+        "extends",
+        "cluster_size",
+        "provider",
+        "plugins",
+        "setup_class",
+        "packer",
+        "node_hosts",
+        "cores_per_node",
+        "python",
+        "keyname",
+        "key_location",
+        "node_image_id",
+        "permission",
+        "enable_notebook",
+        "master_engines",
+        "heartbeat_period",
+        "controller_ports",
+        "aws_region_name",
+        "cidr_ip",
+        "nonsense",
+    ]
 )
 VALUES = st.one_of(
-    st.sampled_from(["a", "b", "ipcluster", "local", "ssh", "ec2", "0", "1", "-3", "true", "maybe", "json", "yaml",
-                     "a, b", "p", "host1, host1", "root@[::1]:22", "20000-20100", "1-2", "ami-1", "k", "1.5", ""]),
+    st.sampled_from(
+        [
+            "a",
+            "b",
+            "ipcluster",
+            "local",
+            "ssh",
+            "ec2",
+            "0",
+            "1",
+            "-3",
+            "true",
+            "maybe",
+            "json",
+            "yaml",
+            "a, b",
+            "p",
+            "host1, host1",
+            "root@[::1]:22",
+            "20000-20100",
+            "1-2",
+            "ami-1",
+            "k",
+            "1.5",
+            "",
+        ]
+    ),
     st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=20),
 )
 
@@ -94,7 +151,5 @@ VALUES = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(SECTIONS, st.lists(st.tuples(KEYS, VALUES), max_size=6)), max_size=6))
 def test_config_shaped_text_gives_a_spec_or_a_config_error(sections):
-    text = "".join(
-        f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in items) for name, items in sections
-    )
+    text = "".join(f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in items) for name, items in sections)
     _load_every_template(text)

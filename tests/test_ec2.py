@@ -42,8 +42,9 @@ def moto_url():
         pytest.skip("moto[server] is not installed")
     port = _free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "wb")
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _answers(url), timeout=30), "moto_server did not start"
@@ -176,8 +177,13 @@ def test_start_grow_shrink_terminate_leaves_the_account_as_found(account, net, c
     group = account.groups()["@globular-sky"]
     assert all([g["GroupId"]] == [x["GroupId"] for x in i["SecurityGroups"]] for g in [group] for i in running.values())
     rules = sorted(
-        (p["IpProtocol"], p.get("FromPort"), p.get("ToPort"),
-         tuple(r["CidrIp"] for r in p.get("IpRanges", [])), tuple(r["GroupId"] for r in p.get("UserIdGroupPairs", [])))
+        (
+            p["IpProtocol"],
+            p.get("FromPort"),
+            p.get("ToPort"),
+            tuple(r["CidrIp"] for r in p.get("IpRanges", [])),
+            tuple(r["GroupId"] for r in p.get("UserIdGroupPairs", [])),
+        )
         for p in group["IpPermissions"]
     )
     assert rules == sorted([("tcp", 22, 22, ("198.18.0.0/24",), ()), ("-1", None, None, (), (group["GroupId"],))])
@@ -197,7 +203,11 @@ def test_start_grow_shrink_terminate_leaves_the_account_as_found(account, net, c
 
         added = cli("-c", config, "addnode", "sky")
         assert added.returncode == 0, added.output
-        assert sorted(tags(i)["globular:node"] for i in account.instances("running")) == ["master", "node001", "node002"]
+        assert sorted(tags(i)["globular:node"] for i in account.instances("running")) == [
+            "master",
+            "node001",
+            "node002",
+        ]
         assert wait_until(lambda: len(rc.ids) == 3, timeout=30)  # the connected client sees the new engine
 
         removed = cli("-c", config, "removenode", "sky", "node001")
@@ -274,11 +284,10 @@ def test_ec2_config_sections_are_checked_with_file_section_and_key(tmp_path):
     from globular.config import Config
     from globular.errors import ConfigError
 
-    base = (
-        "[cluster c]\nprovider = ec2\nkeyname = k\nnode_image_id = ami-1\npermission = 203.0.113.7/32\n"
-    )
-    spec = Config.from_text(base + "[key k]\nkey_location = ~/.ssh/k.pem\n[aws info]\naws_region_name = eu-west-1\n",
-                            file="cfg").cluster_spec("c")
+    base = "[cluster c]\nprovider = ec2\nkeyname = k\nnode_image_id = ami-1\npermission = 203.0.113.7/32\n"
+    spec = Config.from_text(
+        base + "[key k]\nkey_location = ~/.ssh/k.pem\n[aws info]\naws_region_name = eu-west-1\n", file="cfg"
+    ).cluster_spec("c")
     assert spec.provider_settings["key_location"] == "~/.ssh/k.pem"
     assert spec.provider_settings["aws_region_name"] == "eu-west-1"
 
@@ -286,10 +295,22 @@ def test_ec2_config_sections_are_checked_with_file_section_and_key(tmp_path):
         base: ("cluster c", "keyname", "no [key k] section"),
         base + "[key k]\nkey_location = x\n[aws info]\naws_secret = 1\n": ("aws info", "aws_secret", "unknown setting"),
         base + "[key k]\nkey_file = x\n": ("key k", "key_file", "unknown setting"),
-        base.replace("203.0.113.7/32", "wide") + "[key k]\nkey_location = x\n[permission wide]\ncidr_ip = 0.0.0.0/0\nfrom_port = 1000\n":
-            ("permission wide", "from_port", "SSH only"),
-        base.replace("203.0.113.7/32", "10.0.0.300/8") + "[key k]\nkey_location = x\n": ("cluster c", "permission", "not a CIDR"),
-        base.replace("node_image_id = ami-1\n", "") + "[key k]\nkey_location = x\n": ("cluster c", "node_image_id", "required"),
+        base.replace("203.0.113.7/32", "wide")
+        + "[key k]\nkey_location = x\n[permission wide]\ncidr_ip = 0.0.0.0/0\nfrom_port = 1000\n": (
+            "permission wide",
+            "from_port",
+            "SSH only",
+        ),
+        base.replace("203.0.113.7/32", "10.0.0.300/8") + "[key k]\nkey_location = x\n": (
+            "cluster c",
+            "permission",
+            "not a CIDR",
+        ),
+        base.replace("node_image_id = ami-1\n", "") + "[key k]\nkey_location = x\n": (
+            "cluster c",
+            "node_image_id",
+            "required",
+        ),
     }
     for text, (section, key, message) in cases.items():
         with pytest.raises(ConfigError) as caught:

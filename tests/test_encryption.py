@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 import testhosts
 from conftest import bare_hosts, share_env_cache
 

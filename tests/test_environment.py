@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 import testhosts
 from conftest import bare_hosts, other_python, shadowing_python, wait_until
-
 from globular.config import Config
 from globular.environment import (
     Target,
@@ -50,7 +50,9 @@ def test_platforms_of_a_glibc_host_list_every_manylinux_level_it_admits():
 def test_platforms_of_musl_and_other_systems():
     musl = target_platforms({**LINUX, "libc": "musl", "libc_version": "1.2"})
     assert musl == ["musllinux_1_2_x86_64", "musllinux_1_1_x86_64", "musllinux_1_0_x86_64", "linux_x86_64"]
-    assert target_platforms({"system": "darwin", "machine": "arm64", "platform": "macosx-11.0-arm64"}) == ["macosx_11_0_arm64"]
+    assert target_platforms({"system": "darwin", "machine": "arm64", "platform": "macosx-11.0-arm64"}) == [
+        "macosx_11_0_arm64"
+    ]
 
 
 def test_probe_problems_name_the_python_and_the_fix():
@@ -103,7 +105,9 @@ def test_pip_failures_become_one_line_naming_package_origin_and_platform():
     no_wheel = explain_pip_failure(missing, w, TARGET, exists=lambda name: True)
     assert "no wheel of nosuch-pkg for the nodes' CPython 3.11 on manylinux_2_36_x86_64" in no_wheel
     assert "wheelhouse = DIR" in no_wheel
-    versions = "ERROR: Could not find a version that satisfies the requirement nosuch_pkg==0.1 (from versions: 1.0, 2.0)\n"
+    versions = (
+        "ERROR: Could not find a version that satisfies the requirement nosuch_pkg==0.1 (from versions: 1.0, 2.0)\n"
+    )
     assert "no version of 'nosuch-pkg' satisfies 'nosuch_pkg==0.1'" in explain_pip_failure(versions, w, TARGET)
 
 
@@ -116,17 +120,26 @@ def cluster_config(tmp_path: Path, body: str) -> Config:
 def test_environment_settings_are_checked_with_file_line_section_and_key(tmp_path):
     base = "[cluster lab]\nprovider = local\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\n"
     with pytest.raises(ConfigError) as missing:
-        cluster_config(tmp_path, base + "[cluster req]\nextends = lab\nenvironment = managed\nrequirements = nope.txt\n").cluster_spec("req")
-    assert str(missing.value) == f"{tmp_path / 'config'}:9 [cluster req] requirements: file {str(tmp_path / 'nope.txt')!r} does not exist"
+        cluster_config(
+            tmp_path, base + "[cluster req]\nextends = lab\nenvironment = managed\nrequirements = nope.txt\n"
+        ).cluster_spec("req")
+    assert (
+        str(missing.value)
+        == f"{tmp_path / 'config'}:9 [cluster req] requirements: file {str(tmp_path / 'nope.txt')!r} does not exist"
+    )
     with pytest.raises(ConfigError) as system:
         cluster_config(tmp_path, base + "[cluster pk]\nextends = lab\npackages = numpy\n").cluster_spec("pk")
     assert "[cluster pk] packages: packages go into the node environment" in str(system.value)
     assert "the default of provider 'local'" in str(system.value)
     with pytest.raises(ConfigError) as bad:
-        cluster_config(tmp_path, base + "[cluster b]\nextends = lab\nenvironment = managed\npackages = numpy>>2\n").cluster_spec("b")
+        cluster_config(
+            tmp_path, base + "[cluster b]\nextends = lab\nenvironment = managed\npackages = numpy>>2\n"
+        ).cluster_spec("b")
     assert ":9 [cluster b] packages: " in str(bad.value) and "'numpy>>2' is not a package requirement" in str(bad.value)
     (tmp_path / "reqs.txt").write_text("toolz\n")
-    spec = cluster_config(tmp_path, base + "[cluster ok]\nextends = lab\nenvironment = managed\nrequirements = reqs.txt\n").cluster_spec("ok")
+    spec = cluster_config(
+        tmp_path, base + "[cluster ok]\nextends = lab\nenvironment = managed\nrequirements = reqs.txt\n"
+    ).cluster_spec("ok")
     assert spec.environment.requirements == str(tmp_path / "reqs.txt") and spec.environment.mode == "managed"
 
 
@@ -180,8 +193,16 @@ def net(tmp_path_factory, bare_python):
         yield hosts
 
 
-def env_config(net, tmp_path, *, hosts: int = 3, python: str | None = None, cluster: str = "",
-               ipcluster: str = "", remote_dir: Path | None = None) -> str:
+def env_config(
+    net,
+    tmp_path,
+    *,
+    hosts: int = 3,
+    python: str | None = None,
+    cluster: str = "",
+    ipcluster: str = "",
+    remote_dir: Path | None = None,
+) -> str:
     path = tmp_path / "config"
     path.write_text(
         "[global]\ndefault_template = lab\n[cluster lab]\nprovider = ssh\n"
@@ -279,7 +300,10 @@ def test_packages_that_cannot_be_had_are_named_and_nothing_is_left(net, cli, hom
     config = env_config(net, tmp_path, hosts=2, cluster="packages = globular-no-such-package-zq9\n")
     result = cli("-c", config, "start", "nosuch", timeout=300)
     assert result.returncode == 2, result.output
-    assert "no package named 'globular-no-such-package-zq9' on the package index (asked for by [cluster lab] packages)" in result.stderr
+    assert (
+        "no package named 'globular-no-such-package-zq9' on the package index (asked for by [cluster lab] packages)"
+        in result.stderr
+    )
     assert not (home / "clusters" / "nosuch.json").exists()
 
     config = env_config(net, tmp_path, hosts=2, cluster="packages = traitlets<5\n")  # ipyparallel needs traitlets>=5
@@ -318,15 +342,23 @@ def test_an_interrupted_build_is_never_trusted(net, cli, home, tmp_path):
     config = env_config(net, tmp_path, hosts=1)
     root = tmp_path / "hosts" / "envs"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
-    proc = subprocess.Popen([sys.executable, "-m", "globular", "-c", config, "start", "cut"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "globular", "-c", config, "start", "cut"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
     def partial() -> list[Path]:
         if not root.is_dir():
             return []
         return [p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and not p.is_symlink()]
 
     try:
-        assert wait_until(lambda: any((p / "bin" / "python").exists() for p in partial()), timeout=120), "no build began"
+        assert wait_until(lambda: any((p / "bin" / "python").exists() for p in partial()), timeout=120), (
+            "no build began"
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -348,8 +380,13 @@ def test_two_clusters_started_at_once_on_the_same_hosts_build_one_environment(ne
     config = env_config(net, tmp_path, hosts=2)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), COLUMNS="200")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "globular", "-c", config, "start", name], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "globular", "-c", config, "start", name],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name in ("twin1", "twin2")
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -358,8 +395,13 @@ def test_two_clusters_started_at_once_on_the_same_hosts_build_one_environment(ne
         built = [line for out, _ in outputs for line in step_lines(out).values() if "env cached" not in line]
         assert len(built) == 1, outputs  # one writer; the three others waited and found it made
         assert len(environments(tmp_path / "hosts" / "envs")) == 1
-        assert not [p for p in (tmp_path / "hosts" / "envs").iterdir() if not p.name.startswith(".") and not p.is_symlink()
-                    and p.resolve() not in environments(tmp_path / "hosts" / "envs").values()]
+        assert not [
+            p
+            for p in (tmp_path / "hosts" / "envs").iterdir()
+            if not p.name.startswith(".")
+            and not p.is_symlink()
+            and p.resolve() not in environments(tmp_path / "hosts" / "envs").values()
+        ]
     finally:
         for name in ("twin1", "twin2"):
             if (home / "clusters" / f"{name}.json").exists():
@@ -371,7 +413,9 @@ def test_two_clusters_started_at_once_on_the_same_hosts_build_one_environment(ne
 def test_a_python_without_ensurepip_still_gets_its_environment(net, cli, home, tmp_path):
     """Debian/Ubuntu without python3-venv: `venv` works, `ensurepip` does not. globular
     never needs it (venv --without-pip, then pip from its own wheel)."""
-    wrapper = shadowing_python(tmp_path, net.python, "ensurepip", "raise ImportError('No module named ensurepip (test: no python3-venv)')\n")
+    wrapper = shadowing_python(
+        tmp_path, net.python, "ensurepip", "raise ImportError('No module named ensurepip (test: no python3-venv)')\n"
+    )
     assert subprocess.run([str(wrapper), "-c", "import ensurepip"], capture_output=True).returncode != 0
     config = env_config(net, tmp_path, hosts=1, python=str(wrapper))
     result = cli("-c", config, "start", "noensurepip", timeout=600)
@@ -393,14 +437,19 @@ def test_too_little_disk_on_a_host_is_named(net, cli, home, tmp_path):
     small.mkdir()
     hosts = net.hosts[:2]
     for host in hosts:
-        subprocess.run(["nsenter", "-t", str(host.sshd_pid), "-m", "mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
+        subprocess.run(
+            ["nsenter", "-t", str(host.sshd_pid), "-m", "mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)],
+            check=True,
+        )
     try:
         config = env_config(net, tmp_path, hosts=2, remote_dir=small)
         result = cli("-c", config, "start", "tiny", timeout=300)
         if result.returncode == 0:
             cli("terminate", "-y", "tiny")
         assert result.returncode == 1, result.output
-        assert re.search(r"master: only \d+ MB free under \S+; its environment needs about \d+ MB", result.stderr), result.stderr
+        assert re.search(r"master: only \d+ MB free under \S+; its environment needs about \d+ MB", result.stderr), (
+            result.stderr
+        )
         assert not (home / "clusters" / "tiny.json").exists()
         listed = net.ssh(hosts[0], f"find {small} -type f")
         assert listed.returncode == 0 and not listed.stdout.strip(), listed.stdout
@@ -417,12 +466,19 @@ def test_a_wheelhouse_folder_replaces_the_index(net, cli, home, tmp_path):
     from globular.environment import Target, resolve
     from globular.providers.base import NODEENV_SOURCE
 
-    probe = subprocess.run([net.python, "-c", NODEENV_SOURCE, "probe", json.dumps({"root": str(tmp_path / "x")})],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [net.python, "-c", NODEENV_SOURCE, "probe", json.dumps({"root": str(tmp_path / "x")})],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     import ipyparallel
 
-    filled = resolve(wanted(("pip", "globular"), (f"ipyparallel=={ipyparallel.__version__}", "ipcluster"), ("toolz", "test")),
-                     Target.from_probe(json.loads(probe.stdout)), tmp_path / "fill")
+    filled = resolve(
+        wanted(("pip", "globular"), (f"ipyparallel=={ipyparallel.__version__}", "ipcluster"), ("toolz", "test")),
+        Target.from_probe(json.loads(probe.stdout)),
+        tmp_path / "fill",
+    )
     folder = tmp_path / "wheels-offline"
     folder.mkdir()
     for name in filled.wheels:
@@ -458,34 +514,51 @@ def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python
     from globular.environment import Target, resolve, target_platforms
     from globular.providers.base import NODEENV_SOURCE
 
-    probe = subprocess.run([bare_python, "-c", NODEENV_SOURCE, "probe", json.dumps({"root": str(tmp_path / "envs")})],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [bare_python, "-c", NODEENV_SOURCE, "probe", json.dumps({"root": str(tmp_path / "envs")})],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     facts = json.loads(probe.stdout)
     assert target_platforms(facts)[-1].startswith("linux_") and facts["venv"] and facts["ready"] == []
     house = resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
     assert house.installer.get("wheel", "").startswith("uv-") and not house.installer["install"]
     cached = resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
-    assert (cached.path, cached.wheels, cached.installer) == (house.path, house.wheels, house.installer)  # from the cache
+    assert (cached.path, cached.wheels, cached.installer) == (
+        house.path,
+        house.wheels,
+        house.installer,
+    )  # from the cache
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name in house.wheels:
             if installer == "uv" or not name.startswith("uv-"):
                 tar.add(house.path / name, arcname=name)
-    request = {"root": str(tmp_path / "envs"), "name": "0123456789abcdef0123",
-               "installer": house.installer if installer == "uv" else {}}
-    built = subprocess.run([bare_python, "-c", NODEENV_SOURCE, "build", json.dumps(request)], input=buffer.getvalue(),
-                           capture_output=True)
+    request = {
+        "root": str(tmp_path / "envs"),
+        "name": "0123456789abcdef0123",
+        "installer": house.installer if installer == "uv" else {},
+    }
+    built = subprocess.run(
+        [bare_python, "-c", NODEENV_SOURCE, "build", json.dumps(request)], input=buffer.getvalue(), capture_output=True
+    )
     assert built.returncode == 0, built.stderr.decode()
     reply = json.loads(built.stdout)
     assert reply["cached"] is False and reply["python"].endswith("/0123456789abcdef0123/bin/python")
-    listed = subprocess.run([reply["python"], "-c", "import toolz, importlib.util as u; print(u.find_spec('uv') is None)"],
-                            capture_output=True, text=True)
+    listed = subprocess.run(
+        [reply["python"], "-c", "import toolz, importlib.util as u; print(u.find_spec('uv') is None)"],
+        capture_output=True,
+        text=True,
+    )
     assert listed.returncode == 0 and listed.stdout.strip() == "True", listed.stderr
-    again = subprocess.run([bare_python, "-c", NODEENV_SOURCE, "build", json.dumps(request)], input=buffer.getvalue(),
-                           capture_output=True)
+    again = subprocess.run(
+        [bare_python, "-c", NODEENV_SOURCE, "build", json.dumps(request)], input=buffer.getvalue(), capture_output=True
+    )
     assert json.loads(again.stdout)["cached"] is True
     assert sorted(p.name for p in (tmp_path / "envs").iterdir() if not p.name.startswith(".")) == [
-        "0123456789abcdef0123", os.readlink(tmp_path / "envs" / "0123456789abcdef0123")
+        "0123456789abcdef0123",
+        os.readlink(tmp_path / "envs" / "0123456789abcdef0123"),
     ]
 
 

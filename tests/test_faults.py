@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import never_registering_python, gone, read_record, recorded_pids, wait_until
+from conftest import gone, never_registering_python, read_record, recorded_pids, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -126,9 +126,12 @@ def test_globular_killed_mid_start_leaves_a_readable_record_that_terminate_clean
     config = str(write_config(config_text("engine_timeout = 300\n", python=str(wrapper))))
     proc = subprocess.Popen(
         [sys.executable, "-m", "globular", "-c", config, "start", "killed"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
     )
     try:
+
         def engines_recorded():
             try:
                 return len(recorded_pids(read_record(home, "killed"), "ipengine")) == 2

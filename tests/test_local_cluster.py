@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import never_registering_python, gone, read_record, recorded_pids, wait_until
+from conftest import gone, never_registering_python, read_record, recorded_pids, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -50,11 +50,17 @@ def test_start_map_terminate_leaves_nothing(cli, home):
     shell = cli("shell", "--ipcluster=demo", "-c", MAP)
     assert shell.returncode == 0, shell.output
     assert shell.stdout.strip() == str(SEED)
-    nodes = cli("shell", "--ipcluster=demo", "-c",
-                "import os; print(sorted(set(ipview.apply_sync(lambda: __import__('os').environ['GLOBULAR_NODE']))))")
+    nodes = cli(
+        "shell",
+        "--ipcluster=demo",
+        "-c",
+        "import os; print(sorted(set(ipview.apply_sync(lambda: __import__('os').environ['GLOBULAR_NODE']))))",
+    )
     assert nodes.stdout.strip() == "['master', 'node001', 'node002']"
 
-    interactive = cli("shell", "--ipcluster=demo", input="print('engines:', len(ipclient.ids), type(ipview).__name__)\nexit\n")
+    interactive = cli(
+        "shell", "--ipcluster=demo", input="print('engines:', len(ipclient.ids), type(ipview).__name__)\nexit\n"
+    )
     assert interactive.returncode == 0, interactive.output
     assert f"engines: {len(engines)} DirectView" in interactive.stdout
 
@@ -151,7 +157,6 @@ def test_controller_that_dies_is_reported_with_its_log(cli, home, tmp_path, writ
 def test_interrupted_start_leaves_nothing(home, tmp_path, write_config, signum):
     """Ctrl-C or SIGTERM while engines register: everything started is stopped."""
     import os
-    import signal
     import subprocess
 
     wrapper = never_registering_python(tmp_path)  # start waits for engines that never register
@@ -161,9 +166,13 @@ def test_interrupted_start_leaves_nothing(home, tmp_path, write_config, signum):
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "globular", "-c", str(config), "start", "-c", "t", "intr"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
+
         def engines_recorded():
             try:
                 return len(recorded_pids(read_record(home, "intr"), "ipengine")) == 2
@@ -191,8 +200,8 @@ def test_an_engine_whose_registration_notice_the_client_missed_is_still_found(cl
     engine by asking the controller again, not wait until engine_timeout and tear it down."""
     import asyncio
 
-    import globular.plugins.ipcluster as ipcluster
     from globular import cluster
+    from globular.plugins import ipcluster
 
     config = write_config(
         "[global]\ndefault_template = t\n[cluster t]\nprovider = local\ncores_per_node = 1\nplugins = ipcluster\n"

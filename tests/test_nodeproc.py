@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
+from conftest import gone
 from globular.errors import CommandError, NodeError
 from globular.providers.base import ProcessSpec
 from globular.providers.local import LocalRunner
 from globular.state import NodeRecord
-
-from conftest import gone
 
 
 @pytest.fixture

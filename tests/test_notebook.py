@@ -21,12 +21,14 @@ CONFIG = (
     "[cluster t]\ncluster_size = 2\ncores_per_node = 1\nplugins = ipcluster\n"
     "[plugin ipcluster]\nsetup_class = ipcluster\nenable_notebook = true\n{extra}"
 )
-MAP = "from ipyparallel import Client\nrc = Client()\nprint(sorted(rc.ids), rc[:].map_sync(lambda x: x**30, range(8)))\n"
+MAP = (
+    "from ipyparallel import Client\nrc = Client()\nprint(sorted(rc.ids), rc[:].map_sync(lambda x: x**30, range(8)))\n"
+)
 
 
 def summary_value(stdout: str, label: str) -> str:
     line = next(line for line in stdout.splitlines() if line.startswith(label + " "))
-    return line[len(label):].strip()
+    return line[len(label) :].strip()
 
 
 def served_certificate(port: int) -> bytes:
@@ -45,7 +47,9 @@ def test_notebook_https_password_kernel_map_and_stop(cli, home, write_config, tm
     taken.listen()
     port_wanted = taken.getsockname()[1]
     notebooks = tmp_path / "work" / "notebooks"
-    config = str(write_config(CONFIG.format(extra=f"notebook_directory = {notebooks}\nnotebook_port = {port_wanted}\n")))
+    config = str(
+        write_config(CONFIG.format(extra=f"notebook_directory = {notebooks}\nnotebook_port = {port_wanted}\n"))
+    )
     try:
         started = cli("-c", config, "start", "nb")
     finally:
@@ -106,7 +110,9 @@ def test_notebook_https_password_kernel_map_and_stop(cli, home, write_config, tm
     assert status == 201, body
     path = json.loads(body)["path"]
     assert (notebooks / path).exists()
-    status, _, body = user.request("POST", "/api/sessions", {"path": path, "type": "notebook", "kernel": {"name": "python3"}})
+    status, _, body = user.request(
+        "POST", "/api/sessions", {"path": path, "type": "notebook", "kernel": {"name": "python3"}}
+    )
     assert status == 201, body
     kernel = json.loads(body)["kernel"]["id"]
     printed = user.execute(kernel, MAP)
@@ -154,9 +160,11 @@ def test_certificate_is_kept_across_starts_and_terminate_stops_the_server(cli, h
 
 
 def test_missing_certificate_fails_start_before_anything_runs(cli, home, write_config, tmp_path):
-    config = str(write_config(CONFIG.format(
-        extra=f"notebook_certfile = {tmp_path}/nope.pem\nnotebook_keyfile = {tmp_path}/nope.key\n"
-    )))
+    config = str(
+        write_config(
+            CONFIG.format(extra=f"notebook_certfile = {tmp_path}/nope.pem\nnotebook_keyfile = {tmp_path}/nope.key\n")
+        )
+    )
     result = cli("-c", config, "start", "nb3")
     assert result.returncode == 1
     assert f"notebook_certfile {tmp_path}/nope.pem: no such file" in result.stderr

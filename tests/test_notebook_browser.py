@@ -53,7 +53,9 @@ def test_log_in_open_a_notebook_and_read_the_engine_ids(cli, home, write_config,
                     page.wait_for_url(re.compile(r"/lab"))
                     page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
                     # run the cell only once the kernel is up, or Lab skips it
-                    expect(page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle"))).to_be_visible(timeout=90_000)
+                    expect(page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle"))).to_be_visible(
+                        timeout=90_000
+                    )
                     editor = page.locator(".jp-NotebookPanel .jp-Cell .cm-content").first
                     editor.click()
                     editor.type("from ipyparallel import Client; Client().ids")

@@ -42,7 +42,9 @@ def test_status_explains_a_half_broken_cluster(cli, home, write_config):
     started = cli("-c", config, "start", "half")
     assert started.returncode == 0, started.output
     # the live per-node steps, shown while start ran
-    steps = [line for line in started.stdout.splitlines() if "node001" in line and "engines" in line and "registered" in line]
+    steps = [
+        line for line in started.stdout.splitlines() if "node001" in line and "engines" in line and "registered" in line
+    ]
     assert steps, started.stdout
     try:
         healthy = cli("status", "half", "--output", "json")

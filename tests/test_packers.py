@@ -49,7 +49,9 @@ def test_every_packer_works_and_the_client_picks_it_up(cli, home, write_config, 
 
 
 def test_msgpack_missing_on_a_node_is_named_and_nothing_starts(cli, home, write_config, tmp_path):
-    wrapper = shadowing_python(tmp_path, sys.executable, "msgpack", "raise ImportError('No module named msgpack (test shadow)')\n")
+    wrapper = shadowing_python(
+        tmp_path, sys.executable, "msgpack", "raise ImportError('No module named msgpack (test shadow)')\n"
+    )
     config = str(write_config(CONFIG.format(python=f"python = {wrapper}\n", packer="msgpack")))
     result = cli("-c", config, "start", "nomp")
     assert result.returncode == 1

@@ -58,7 +58,9 @@ def test_private_files_and_no_secret_on_a_command_line_or_in_a_log(cli, home, wr
 
         master = Path(record["nodes"][0]["workdir"])
         private = [
-            home / "clusters" / "sec.json", conn, notebook,
+            home / "clusters" / "sec.json",
+            conn,
+            notebook,
             master / ".ipython" / "profile_default" / "security" / "globular-session.key",
             master / ".ipython" / "profile_default" / "security" / "ipcontroller-client.json",
             master / ".ipython" / "profile_default" / "security" / "ipcontroller-engine.json",
@@ -140,8 +142,12 @@ def test_the_controller_is_not_reachable_from_another_network(cli, home, write_c
             "    out.append(s.connect_ex(('198.18.0.249', port)) == 0); s.close()\n"
             "print(json.dumps(out))\n"
         )
-        done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe, *map(str, ports)],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", probe, *map(str, ports)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         reached = json.loads(done.stdout)
         assert reached[0] is True  # the outside host does reach this machine

@@ -53,7 +53,11 @@ def aborted_in_logs(home, live: set[int]) -> tuple[list[str], list[str]]:
     retired engine exits) and lose nothing; the former would."""
     fatal, stopping = [], []
     for log in (home / "local").glob("*/*/logs/*.log"):
-        lines = [f"{log.name}: {line}" for line in log.read_text(errors="replace").splitlines() if any(a in line for a in ABORTS)]
+        lines = [
+            f"{log.name}: {line}"
+            for line in log.read_text(errors="replace").splitlines()
+            if any(a in line for a in ABORTS)
+        ]
         engine = log.stem.removeprefix("engine-")
         (stopping if engine.isdigit() and int(engine) not in live else fatal).extend(lines)
     return fatal, stopping
@@ -101,5 +105,7 @@ def test_cycles_leak_no_process_fd_or_namespace(home, tmp_path, encryption):
             baseline = fds()  # after the first cycle: libraries' one-time files are open by then
         else:
             assert fds() <= baseline + 2, (cycles, fds(), baseline)
-    print(f"{encryption}: {cycles} cycles, {fds()} fds (baseline {baseline}), "
-          f"{aborts_while_stopping} libzmq aborts in engines being stopped")
+    print(
+        f"{encryption}: {cycles} cycles, {fds()} fds (baseline {baseline}), "
+        f"{aborts_while_stopping} libzmq aborts in engines being stopped"
+    )

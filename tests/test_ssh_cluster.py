@@ -35,7 +35,13 @@ def net(tmp_path_factory, bare_python, env_cache):
 
 
 def ssh_config(
-    net, tmp_path, *, hosts: str | None = None, python: str | None = None, extra: str = "", ipcluster: str = "",
+    net,
+    tmp_path,
+    *,
+    hosts: str | None = None,
+    python: str | None = None,
+    extra: str = "",
+    ipcluster: str = "",
     shared_env: bool = True,
 ) -> str:
     """A config for ``lab`` on the test hosts, with their bare Python; ``shared_env``: the
@@ -82,7 +88,9 @@ def remote_processes(net, folder) -> list[str]:
     for host in net.hosts:
         out = net.ssh(host, "ps -eo pid,args")
         assert out.returncode == 0, out.stderr
-        found += [f"{host.name}: {line}" for line in out.stdout.splitlines() if str(folder) in line and "ps -eo" not in line]
+        found += [
+            f"{host.name}: {line}" for line in out.stdout.splitlines() if str(folder) in line and "ps -eo" not in line
+        ]
     return found
 
 
@@ -109,9 +117,21 @@ def run_laptop_client(net, tmp_path, connection_file) -> subprocess.CompletedPro
     env = dict(os.environ, GLOBULAR_LAPTOP_TEST=str(tmp_path))
     try:
         return subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             f"mount --bind {config} /etc/ssh/ssh_config && exec {sys.executable} -c \"$0\"", code],
-            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f'mount --bind {config} /etc/ssh/ssh_config && exec {sys.executable} -c "$0"',
+                code,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
         )
     finally:  # the tunnel's `ssh -f` processes outlive the client by design: stop them by pid
         for proc in psutil.process_iter(["pid"]):
@@ -123,10 +143,11 @@ def run_laptop_client(net, tmp_path, connection_file) -> subprocess.CompletedPro
 
 
 def test_three_host_cluster_grows_shrinks_restarts_and_leaves_nothing(net, cli, home, tmp_path):
-    from globular.client import connect
 
     config = ssh_config(
-        net, tmp_path, hosts=", ".join(f"root@{h.address}" for h in net.hosts[:3]),
+        net,
+        tmp_path,
+        hosts=", ".join(f"root@{h.address}" for h in net.hosts[:3]),
         ipcluster="controller_interface = eth0\ncontroller_ports = 20100-20140\nenable_notebook = true\n",
     )
     started = cli("-c", config, "start", "lab")
@@ -141,10 +162,11 @@ def test_three_host_cluster_grows_shrinks_restarts_and_leaves_nothing(net, cli, 
 def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
     from globular.client import connect
 
-
     record = read_record(home, "lab")
     assert [(n["name"], n["address"]) for n in record["nodes"]] == [
-        ("master", "198.18.0.11"), ("node001", "198.18.0.12"), ("node002", "198.18.0.13"),
+        ("master", "198.18.0.11"),
+        ("node001", "198.18.0.12"),
+        ("node002", "198.18.0.13"),
     ]
     local_file = home / "ipcluster" / "lab-ssh.json"
     info = json.loads(local_file.read_text())
@@ -169,7 +191,9 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
     report = json.loads(status.stdout)
     assert report["ok"] and report["controller"] == "up"
     assert [(n["name"], n["state"], n["engines_registered"]) for n in report["nodes"]] == [
-        ("master", "registered", 1), ("node001", "registered", 1), ("node002", "registered", 1),
+        ("master", "registered", 1),
+        ("node001", "registered", 1),
+        ("node002", "registered", 1),
     ]
     assert all("ssh" in n["steps"] for n in report["nodes"])
     assert all("env" in n["steps"] or "env cached" in n["steps"] for n in report["nodes"]), report["nodes"]
@@ -198,8 +222,12 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
 
         shell = InteractiveShell.instance()
         client[:].activate()  # %px on this shell, through the tunnel globular.connect holds
-        shell.run_cell("%px import socket; probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)", store_history=False).raise_error()
-        shell.run_cell("%px probe.connect(('198.18.0.1', 9)); here = probe.getsockname()[0]", store_history=False).raise_error()
+        shell.run_cell(
+            "%px import socket; probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)", store_history=False
+        ).raise_error()
+        shell.run_cell(
+            "%px probe.connect(('198.18.0.1', 9)); here = probe.getsockname()[0]", store_history=False
+        ).raise_error()
         assert sorted(client[:]["here"]) == ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
 
         shown = cli("sshmaster", "lab", "echo $SSH_CONNECTION; pwd")
@@ -259,7 +287,10 @@ def check_notebook_forward(home, tmp_path) -> None:
         port = s.getsockname()[1]
     forward = subprocess.Popen(
         [sys.executable, "-m", "globular", "notebook", "--forward", "--port", str(port), "lab"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, COLUMNS="200"),
     )
     try:
         lines = []
@@ -277,7 +308,9 @@ def check_notebook_forward(home, tmp_path) -> None:
         status, _, body = user.request("POST", "/api/contents", {"type": "notebook"})
         assert status == 201, body
         path = json.loads(body)["path"]
-        status, _, body = user.request("POST", "/api/sessions", {"path": path, "type": "notebook", "kernel": {"name": "python3"}})
+        status, _, body = user.request(
+            "POST", "/api/sessions", {"path": path, "type": "notebook", "kernel": {"name": "python3"}}
+        )
         assert status == 201, body
         code = "from ipyparallel import Client\nrc = Client()\nprint(len(rc.ids), rc[:].apply_sync(lambda: 7))\n"
         assert user.execute(json.loads(body)["kernel"]["id"], code).strip() == "3 [7, 7, 7]"
@@ -290,8 +323,9 @@ def test_a_laptop_client_through_ipyparallels_own_ssh_tunnel(net, cli, home, tmp
     """``Client(path, sshkey=...)``: ipyparallel tunnels each socket with ssh itself.  Its tunnel
     does not give the tunnelled sockets the CURVE keys (ipyparallel's Client._connect), so this
     path needs encryption = none (README, "Connecting from your laptop")."""
-    config = ssh_config(net, tmp_path, hosts=", ".join(f"root@{h.address}" for h in net.hosts[:2]),
-                        ipcluster="encryption = none\n")
+    config = ssh_config(
+        net, tmp_path, hosts=", ".join(f"root@{h.address}" for h in net.hosts[:2]), ipcluster="encryption = none\n"
+    )
     started = cli("-c", config, "start", "lab")
     try:
         assert started.returncode == 0, started.output
@@ -307,7 +341,9 @@ def test_a_laptop_client_through_ipyparallels_own_ssh_tunnel(net, cli, home, tmp
 
 
 def test_unreachable_host_fails_start_in_bounded_time_and_cleans_the_others(net, cli, home, tmp_path):
-    config = ssh_config(net, tmp_path, hosts=f"root@{net.hosts[0].address}, root@198.18.0.99, root@{net.hosts[1].address}")
+    config = ssh_config(
+        net, tmp_path, hosts=f"root@{net.hosts[0].address}, root@198.18.0.99, root@{net.hosts[1].address}"
+    )
     started = time.monotonic()
     result = cli("-c", config, "start", "bad")
     elapsed = time.monotonic() - started
@@ -333,7 +369,9 @@ def test_a_node_that_dies_during_start_fails_it_and_terminate_cleans_up_after(ne
         f'exec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)
-    config = ssh_config(net, tmp_path, python=str(wrapper), extra="environment = system\n", ipcluster="engine_timeout = 120\n")
+    config = ssh_config(
+        net, tmp_path, python=str(wrapper), extra="environment = system\n", ipcluster="engine_timeout = 120\n"
+    )
     victim = net.hosts[2]
     started = time.monotonic()
     try:
@@ -373,7 +411,9 @@ def test_preflight_names_each_node_that_cannot_run_engines_and_starts_nothing(ne
     (fake / "ipyparallel").mkdir(parents=True)
     (fake / "ipyparallel" / "__init__.py").write_text("__version__ = '7.1.0'\n")
     (fake / "ipyparallel-7.1.0.dist-info").mkdir()
-    (fake / "ipyparallel-7.1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ipyparallel\nVersion: 7.1.0\n")
+    (fake / "ipyparallel-7.1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: ipyparallel\nVersion: 7.1.0\n"
+    )
     (fake / "ipyparallel-7.1.0.dist-info" / "RECORD").write_text("")
     shadow = tmp_path / "shadow"
     shadow.mkdir()
@@ -386,7 +426,9 @@ def test_preflight_names_each_node_that_cannot_run_engines_and_starts_nothing(ne
         f'exec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)
-    config = ssh_config(net, tmp_path, python=str(wrapper), extra="environment = system\n", ipcluster="packer = msgpack\n")
+    config = ssh_config(
+        net, tmp_path, python=str(wrapper), extra="environment = system\n", ipcluster="packer = msgpack\n"
+    )
     checked = cli("-c", config, "check", "pre", "--output", "json")
     assert checked.returncode == 1, checked.output
     checks = {c["node"]: c for c in json.loads(checked.stdout)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import stat
 import threading
 
@@ -64,7 +63,9 @@ def test_unknown_version_and_garbage_are_reported_not_crashing(tmp_path):
 def _increment(home: str, count: int) -> None:
     store = StateStore(__import__("pathlib").Path(home))
     for _ in range(count):
-        store.update("shared", lambda r: r.plugin_data.setdefault("n", {}).__setitem__("v", r.plugin_data["n"].get("v", 0) + 1))
+        store.update(
+            "shared", lambda r: r.plugin_data.setdefault("n", {}).__setitem__("v", r.plugin_data["n"].get("v", 0) + 1)
+        )
 
 
 def test_concurrent_writers_in_processes_lose_no_update(tmp_path):

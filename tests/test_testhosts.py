@@ -29,7 +29,9 @@ def test_hosts_up_reachable_distinct_and_gone_after_down(tmp_path):
             assert result.returncode == 0, result.stderr
             assert f"inet {host.address}/24" in result.stdout
         # hosts reach each other over the bridge
-        hop = net.ssh(net.hosts[0], f"python3 -c \"import socket; socket.create_connection(('{net.hosts[2].address}', 22), 3)\"")
+        hop = net.ssh(
+            net.hosts[0], f"python3 -c \"import socket; socket.create_connection(('{net.hosts[2].address}', 22), 3)\""
+        )
         assert hop.returncode == 0, hop.stderr
         # a key the hosts do not know is refused
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)

@@ -79,7 +79,9 @@ class HostNet:
             raise RuntimeError(reason)
         in_use = sh("ip", "-o", "-4", "addr", "show", "to", f"{SUBNET}.0/24", check=False).stdout.split()
         if in_use:
-            raise RuntimeError(f"{SUBNET}.0/24 is already in use on {in_use[1]} (other test hosts? `testhosts.py down DIR`)")
+            raise RuntimeError(
+                f"{SUBNET}.0/24 is already in use on {in_use[1]} (other test hosts? `testhosts.py down DIR`)"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         try:
@@ -126,7 +128,10 @@ class HostNet:
         log = open(self.workdir / f"sshd_{host.name}.log", "ab")
         proc = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, SSHD, "-D", "-e", "-f", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
         host.sshd_pid = proc.pid
@@ -142,14 +147,32 @@ class HostNet:
     @classmethod
     def load(cls, workdir: Path) -> HostNet:
         data = json.loads((workdir / "hosts.json").read_text())
-        return cls(workdir=workdir, tag=data["tag"], first=data.get("first", 11), hosts=[Host(**h) for h in data["hosts"]])
+        return cls(
+            workdir=workdir, tag=data["tag"], first=data.get("first", 11), hosts=[Host(**h) for h in data["hosts"]]
+        )
 
-    def ssh(self, host: Host, command: str, *, key: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+    def ssh(
+        self, host: Host, command: str, *, key: Path | None = None, timeout: float = 20
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["ssh", "-i", str(key or self.key), "-o", f"UserKnownHostsFile={self.known_hosts}",
-             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
-             f"root@{host.address}", command],
-            capture_output=True, text=True, timeout=timeout,
+            [
+                "ssh",
+                "-i",
+                str(key or self.key),
+                "-o",
+                f"UserKnownHostsFile={self.known_hosts}",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                f"root@{host.address}",
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def down(self) -> None:
@@ -214,8 +237,12 @@ def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[1] == "up":
         workdir = Path(argv[3] if len(argv) > 3 else "/tmp/globular-testhosts")
         net = HostNet(workdir=workdir).up(int(argv[2]))
-        print(json.dumps({"hosts": [h.address for h in net.hosts], "key": str(net.key),
-                          "known_hosts": str(net.known_hosts)}, indent=2))
+        print(
+            json.dumps(
+                {"hosts": [h.address for h in net.hosts], "key": str(net.key), "known_hosts": str(net.known_hosts)},
+                indent=2,
+            )
+        )
         return 0
     if len(argv) >= 2 and argv[1] == "down":
         HostNet.load(Path(argv[2] if len(argv) > 2 else "/tmp/globular-testhosts")).down()

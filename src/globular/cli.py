@@ -80,7 +80,8 @@ class RichReporter:
             self.tasks[key] = self.progress.add_task("", total=len(NODE_STEPS))
         total = len(NODE_STEPS)
         self.progress.update(
-            self.tasks[key], description=f"[dim]{node:<9}[/] {text}",
+            self.tasks[key],
+            description=f"[dim]{node:<9}[/] {text}",
             completed=total if step == "registered" else min(len(done), total - 1),
         )
 
@@ -237,7 +238,9 @@ def listclusters(ctx: click.Context) -> None:
         from globular import health
 
         checked = run(health.check_all(records, globular_home())) if records else {}
-        table = Table("name", "status", "provider", "region", "nodes", "engines", "template", "up", "idle shutdown", "health")
+        table = Table(
+            "name", "status", "provider", "region", "nodes", "engines", "template", "up", "idle shutdown", "health"
+        )
         now = time.time()
         for record in records:
             expected = (record.plugin_data.get("ipcluster") or {}).get("engines")
@@ -262,8 +265,16 @@ def listclusters(ctx: click.Context) -> None:
             )
         for other in found:
             table.add_row(
-                other.name, "running elsewhere", other.spec.provider, other.region, str(len(other.nodes)), "-",
-                other.spec.template, "-", "-", "not checked (no local record)",
+                other.name,
+                "running elsewhere",
+                other.spec.provider,
+                other.region,
+                str(len(other.nodes)),
+                "-",
+                other.spec.template,
+                "-",
+                "-",
+                "not checked (no local record)",
             )
         console.print(table)
     for problem in problems:
@@ -289,7 +300,10 @@ def terminate(ctx: click.Context, yes: bool, name: str) -> None:
         if found is None:
             raise
         if not yes:
-            click.confirm(f"Cluster {name} was started elsewhere ({len(found.nodes)} instances in {found.region}). Terminate it?", abort=True)
+            click.confirm(
+                f"Cluster {name} was started elsewhere ({len(found.nodes)} instances in {found.region}). Terminate it?",
+                abort=True,
+            )
         record = cluster.adopt(found)
         yes = True
     if not yes:
@@ -312,7 +326,9 @@ def env() -> None:
 
 
 @env.command("prune")
-@click.option("-c", "--cluster-template", "template", help="[cluster TEMPLATE] whose hosts to clean (default: default_template).")
+@click.option(
+    "-c", "--cluster-template", "template", help="[cluster TEMPLATE] whose hosts to clean (default: default_template)."
+)
 @click.option("--wheels", is_flag=True, help="Also empty this machine's wheelhouse cache (~/.globular/wheels).")
 @click.pass_context
 def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
@@ -325,7 +341,10 @@ def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
     with RichReporter(console) as reporter:
         removed = run(cluster.prune_environments(spec, reporter=reporter))
     for node, names in removed.items():
-        console.print(f"{node}: {len(names)} environment{'s' if len(names) != 1 else ''} removed" + (f" ({', '.join(names)})" if names else ""))
+        console.print(
+            f"{node}: {len(names)} environment{'s' if len(names) != 1 else ''} removed"
+            + (f" ({', '.join(names)})" if names else "")
+        )
     if wheels:
         cache = globular_home() / "wheels"
         count = sum(1 for p in cache.iterdir() if not p.name.startswith(".")) if cache.is_dir() else 0
@@ -369,8 +388,16 @@ def check(ctx: click.Context, cluster_size: int | None, template: str | None, ou
         for c in checks:
             reach = {True: "yes", False: "[red]no[/]", None: "-"}[c.controller_reachable]
             result = "[green]ok[/]" if c.ok else f"[red]{escape('; '.join(c.problems))}[/]"
-            table.add_row(c.node, c.address, c.python or "-", c.modules.get("ipyparallel") or "-",
-                          str(c.cpus or "-"), str(c.load if c.load is not None else "-"), reach, result)
+            table.add_row(
+                c.node,
+                c.address,
+                c.python or "-",
+                c.modules.get("ipyparallel") or "-",
+                str(c.cpus or "-"),
+                str(c.load if c.load is not None else "-"),
+                reach,
+                result,
+            )
         console.print(table)
         render_warnings(checks)
     ctx.exit(0 if all(c.ok for c in checks) else 1)
@@ -402,10 +429,20 @@ def status(ctx: click.Context, output: str, name: str) -> None:
     table = Table("node", "address", "state", "steps", "engines run/reg/exp", "load", "up", "problem")
     for n in report.nodes:
         steps = " ".join(f"{k} {v:.1f}s" for k, v in n.steps.items())
-        engines = f"{'?' if n.engines_running is None else n.engines_running}/" \
-                  f"{'?' if n.engines_registered is None else n.engines_registered}/{n.engines_expected}"
-        table.add_row(n.name, n.address, n.state if not n.problem else f"[red]{n.state}[/]", steps, engines,
-                      "-" if n.load is None else str(n.load), age(n.uptime), escape(n.problem or ""))
+        engines = (
+            f"{'?' if n.engines_running is None else n.engines_running}/"
+            f"{'?' if n.engines_registered is None else n.engines_registered}/{n.engines_expected}"
+        )
+        table.add_row(
+            n.name,
+            n.address,
+            n.state if not n.problem else f"[red]{n.state}[/]",
+            steps,
+            engines,
+            "-" if n.load is None else str(n.load),
+            age(n.uptime),
+            escape(n.problem or ""),
+        )
     console.print(table)
     for problem in report.problems:
         err_console.print(f"[red]problem:[/] {escape(problem)}")
@@ -413,9 +450,15 @@ def status(ctx: click.Context, output: str, name: str) -> None:
 
 
 @cli.command()
-@click.option("-n", "--num-nodes", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes to add.")
 @click.option(
-    "-H", "--host", "hosts", multiple=True, metavar="[USER@]HOST[:PORT]",
+    "-n", "--num-nodes", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Nodes to add."
+)
+@click.option(
+    "-H",
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="[USER@]HOST[:PORT]",
     help="ssh provider: the host to use (repeat for several); default: the next unused hosts of node_hosts.",
 )
 @click.argument("name")
@@ -474,7 +517,13 @@ def shell(name: str, code: str | None) -> None:
 
 @cli.command()
 @click.option("--forward", is_flag=True, help="Forward a port of this machine to it over ssh (until Ctrl-C).")
-@click.option("--port", "local_port", type=click.IntRange(0, 65535), default=0, help="Local port for --forward (default: a free one).")
+@click.option(
+    "--port",
+    "local_port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Local port for --forward (default: a free one).",
+)
 @click.argument("name")
 def notebook(forward: bool, local_port: int, name: str) -> None:
     """Show the URL and password of cluster NAME's notebook server.
@@ -494,6 +543,7 @@ def notebook(forward: bool, local_port: int, name: str) -> None:
     table.add_row("[bold]directory[/]", escape(info["directory"]))
     console.print(table)
     if forward:
+
         def ready(url: str) -> None:
             console.print(f"Forwarding [bold]{escape(url)}[/] to the master; Ctrl-C stops it.")
 
@@ -584,4 +634,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

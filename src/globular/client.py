@@ -109,7 +109,12 @@ class NodeShell:
 
 
 def node_shell(
-    name: str, node_name: str = "master", *, user: str | None = None, command: str | None = None, home: Path | None = None
+    name: str,
+    node_name: str = "master",
+    *,
+    user: str | None = None,
+    command: str | None = None,
+    home: Path | None = None,
 ) -> NodeShell:
     """The command that opens a shell on ``node_name`` of cluster ``name``, or runs ``command`` there.
 

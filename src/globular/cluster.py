@@ -439,8 +439,11 @@ async def check(
             await cluster.prepare_environments(plugins, cluster.nodes)
         except NodeFailures as exc:  # a node whose environment cannot be made: its check says why
             return [
-                NodeCheck(node=n.name, address=n.address, problems=[str(exc.failures[n.name]).removeprefix(f"{n.name}: ")])
-                for n in cluster.nodes if n.name in exc.failures
+                NodeCheck(
+                    node=n.name, address=n.address, problems=[str(exc.failures[n.name]).removeprefix(f"{n.name}: ")]
+                )
+                for n in cluster.nodes
+                if n.name in exc.failures
             ]
         return await cluster.preflight(plugins, cluster.nodes)
 
@@ -565,19 +568,19 @@ async def run_plugin(
 
 __all__ = [
     "Cluster",
-    "check",
     "FoundCluster",
-    "adopt",
-    "discover",
-    "NodesResult",
-    "add_nodes",
-    "remove_node",
     "NodeFailures",
+    "NodesResult",
     "PluginRunResult",
     "StartResult",
     "TerminateResult",
+    "add_nodes",
+    "adopt",
+    "check",
+    "discover",
     "node_names",
     "open_cluster",
+    "remove_node",
     "run_plugin",
     "start",
     "terminate",

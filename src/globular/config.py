@@ -12,7 +12,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
@@ -63,17 +62,24 @@ class ClusterSettings(Settings):
     """Keys every ``[cluster]`` section may have, whatever its provider."""
 
     extends: str | None = None
-    cluster_size: int | None = Field(default=None, ge=1, description="default: the provider's (local: 2, ssh: every host)")
+    cluster_size: int | None = Field(
+        default=None, ge=1, description="default: the provider's (local: 2, ssh: every host)"
+    )
     provider: str = "local"
     plugins: CommaList = Field(default_factory=list)
     environment: Literal["managed", "system"] | None = Field(
-        default=None, description="managed: globular builds each node's Python environment; system: the hosts' Python has everything"
+        default=None,
+        description="managed: globular builds each node's Python environment; system: the hosts' Python has everything",
     )
     packages: Annotated[CommaList, AfterValidator(check_requirements)] = Field(
         default_factory=list, description="requirements installed on every node: numpy>=2, scipy"
     )
-    requirements: str | None = Field(default=None, description="a requirements file (relative to the config file) for every node")
-    wheelhouse: str | None = Field(default=None, description="a folder of wheels used instead of the package index (air-gapped)")
+    requirements: str | None = Field(
+        default=None, description="a requirements file (relative to the config file) for every node"
+    )
+    wheelhouse: str | None = Field(
+        default=None, description="a folder of wheels used instead of the package index (air-gapped)"
+    )
 
 
 _HEADER = re.compile(r"^\s*\[(?P<name>[^\]]+)\]")
@@ -281,9 +287,7 @@ class Config:
             sections=sections,
             owner=f"provider {common.provider!r}",
         )
-        plugins = [
-            self.plugin_spec(name, referenced_from=sections.get("plugins", section)) for name in common.plugins
-        ]
+        plugins = [self.plugin_spec(name, referenced_from=sections.get("plugins", section)) for name in common.plugins]
         environment = self._environment(common, sections, section, provider_cls.default_environment, plugins)
         size = cluster_size or common.cluster_size or provider_cls.default_cluster_size(provider_settings)
         problem = provider_cls.size_problem(provider_settings, size)
@@ -323,7 +327,8 @@ class Config:
                         f"{key} go into the node environment globular makes, but this template has environment = system"
                         f"{'' if common.environment else f' (the default of provider {common.provider!r})'}: "
                         "set environment = managed, or install them on the hosts yourself",
-                        sections.get(key, section), key,
+                        sections.get(key, section),
+                        key,
                     )
             for plugin in plugins:
                 _, cls = resolve_plugin(plugin.setup_class)
@@ -331,7 +336,8 @@ class Config:
                     raise self.error(
                         f"plugin {plugin.name!r} installs packages into the node environment globular makes, but this "
                         f"template has environment = system: set environment = managed in [{section}]",
-                        f"plugin {plugin.name}", "setup_class",
+                        f"plugin {plugin.name}",
+                        "setup_class",
                     )
         return EnvironmentSpec(
             mode=common.environment,
@@ -340,7 +346,9 @@ class Config:
             wheelhouse=path("wheelhouse", common.wheelhouse, want_dir=True),
         )
 
-    def plugin_spec(self, name: str, *, referenced_from: str | None = None, builtin_fallback: bool = False) -> PluginSpec:
+    def plugin_spec(
+        self, name: str, *, referenced_from: str | None = None, builtin_fallback: bool = False
+    ) -> PluginSpec:
         """The ``[plugin NAME]`` section, resolved and validated.
 
         With ``builtin_fallback``, a built-in plugin name (``ipclusterrestart``)
@@ -355,7 +363,9 @@ class Config:
         elif builtin_fallback and name in plugin_names():
             raw, setup_class = {}, name
         else:
-            raise self.error(f"names plugin {name!r} but there is no [plugin {name}] section", referenced_from, "plugins")
+            raise self.error(
+                f"names plugin {name!r} but there is no [plugin {name}] section", referenced_from, "plugins"
+            )
         try:
             canonical, cls = resolve_plugin(setup_class.strip())
         except RegistryError as exc:
@@ -381,15 +391,14 @@ def _split_header(section: str) -> tuple[str, str]:
 
 def _syntax_error(exc: configparser.Error, file: str | None) -> ConfigError:
     if isinstance(exc, configparser.MissingSectionHeaderError):
-        return ConfigError(
-            f"text before the first [section] header: {exc.line.strip()!r}", file=file, line=exc.lineno
-        )
+        return ConfigError(f"text before the first [section] header: {exc.line.strip()!r}", file=file, line=exc.lineno)
     if isinstance(exc, configparser.DuplicateSectionError):
         return ConfigError("section appears twice", file=file, section=exc.section, line=exc.lineno)
     if isinstance(exc, configparser.DuplicateOptionError):
-        return ConfigError("key appears twice in the section", file=file, section=exc.section, key=exc.option, line=exc.lineno)
+        return ConfigError(
+            "key appears twice in the section", file=file, section=exc.section, key=exc.option, line=exc.lineno
+        )
     if isinstance(exc, configparser.ParsingError):
         lineno, line = exc.errors[0] if exc.errors else (None, "")
         return ConfigError(f"cannot parse line {line.strip()!r} (expected `key = value`)", file=file, line=lineno)
     return ConfigError(f"syntax error: {exc}", file=file)
-

@@ -90,8 +90,12 @@ class Target:
         return f"{impl} {self.python_version} on {self.platforms[0] if self.platforms else 'an unknown platform'}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"implementation": self.implementation, "python_version": self.python_version,
-                "abi": self.abi, "platforms": list(self.platforms)}
+        return {
+            "implementation": self.implementation,
+            "python_version": self.python_version,
+            "abi": self.abi,
+            "platforms": list(self.platforms),
+        }
 
 
 # manylinux's legacy names and the glibc they stand for (PEP 600)
@@ -117,7 +121,9 @@ def target_platforms(facts: dict[str, Any]) -> list[str]:
         if facts.get("libc") == "glibc" and major == "2" and minor.isdigit():
             glibc = int(minor)
             tags += [f"manylinux_2_{m}_{arch}" for m in range(glibc, 4, -1) if m >= 17 or arch in ("x86_64", "i686")]
-            tags += [f"{name}_{arch}" for name, needs in _LEGACY_MANYLINUX if glibc >= needs and arch in _LEGACY_ARCHES[name]]
+            tags += [
+                f"{name}_{arch}" for name, needs in _LEGACY_MANYLINUX if glibc >= needs and arch in _LEGACY_ARCHES[name]
+            ]
         elif facts.get("libc") == "musl" and major == "1" and minor.isdigit():
             tags += [f"musllinux_1_{m}_{arch}" for m in range(int(minor), -1, -1)]
         return [*tags, f"linux_{arch}"]
@@ -163,10 +169,16 @@ def wanted_for(spec: ClusterSpec, plugins: list[Plugin], node: NodeRecord) -> Wa
 def digest(wanted: Wanted, target: Target) -> str:
     """The name of a wheelhouse: what goes in, and for what Python."""
     requirements_text = Path(wanted.requirements_file).read_text() if wanted.requirements_file else None
-    blob = json.dumps({
-        "format": FORMAT, "requirements": list(wanted.requirements), "requirements_file": requirements_text,
-        "wheelhouse": wanted.wheelhouse, "target": target.as_dict(),
-    }, sort_keys=True)
+    blob = json.dumps(
+        {
+            "format": FORMAT,
+            "requirements": list(wanted.requirements),
+            "requirements_file": requirements_text,
+            "wheelhouse": wanted.wheelhouse,
+            "target": target.as_dict(),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -217,19 +229,25 @@ def explain_pip_failure(stderr: str, wanted: Wanted, target: Target, exists: Any
             causes.append(line)
         return "version conflict between the packages asked for: " + "; ".join(causes)
     for line in lines:
-        found = re.match(r"ERROR: Could not find a version that satisfies the requirement (\S+) \(from versions: (.*)\)", line)
+        found = re.match(
+            r"ERROR: Could not find a version that satisfies the requirement (\S+) \(from versions: (.*)\)", line
+        )
         if found:
             req, versions = found[1], found[2]
             name = _project(req)
             who = origins.get(name) or "a dependency"
             if versions == "none":
                 if wanted.wheelhouse:
-                    return (f"no wheel of {req} in wheelhouse = {wanted.wheelhouse} for the nodes' {target.describe()} "
-                            f"(asked for by {who}); add one: pip download --only-binary=:all: -d {wanted.wheelhouse} ...")
+                    return (
+                        f"no wheel of {req} in wheelhouse = {wanted.wheelhouse} for the nodes' {target.describe()} "
+                        f"(asked for by {who}); add one: pip download --only-binary=:all: -d {wanted.wheelhouse} ..."
+                    )
                 if exists is not None and not exists(name):
                     return f"no package named {name!r} on the package index (asked for by {who})"
-                return (f"no wheel of {req} for the nodes' {target.describe()} (asked for by {who}); the nodes do not "
-                        "build from source: choose a version that has one, or put a wheel in wheelhouse = DIR")
+                return (
+                    f"no wheel of {req} for the nodes' {target.describe()} (asked for by {who}); the nodes do not "
+                    "build from source: choose a version that has one, or put a wheel in wheelhouse = DIR"
+                )
             shown = versions if len(versions) < 120 else versions[:117] + "..."
             return f"no version of {name!r} satisfies {req!r} with a wheel for {target.describe()} (asked for by {who}; there are: {shown})"
     errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
@@ -264,9 +282,18 @@ def resolve(wanted: Wanted, target: Target, cache: Path) -> Wheelhouse:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
         try:
             argv = _pip(
-                "download", "--only-binary=:all:", "--progress-bar=off", "--dest", str(tmp),
-                "--implementation", target.implementation, "--python-version", target.python_version,
-                "--abi", target.abi, *(a for p in target.platforms for a in ("--platform", p)),
+                "download",
+                "--only-binary=:all:",
+                "--progress-bar=off",
+                "--dest",
+                str(tmp),
+                "--implementation",
+                target.implementation,
+                "--python-version",
+                target.python_version,
+                "--abi",
+                target.abi,
+                *(a for p in target.platforms for a in ("--platform", p)),
             )
             if wanted.wheelhouse:
                 argv += ["--no-index", "--find-links", wanted.wheelhouse]
@@ -283,16 +310,30 @@ def resolve(wanted: Wanted, target: Target, cache: Path) -> Wheelhouse:
                 if "No module named pip" in done.stderr:
                     raise GlobularError(f"preparing node environments needs pip here ({sys.executable} -m ensurepip)")
                 exists = None if wanted.wheelhouse else _index_has
-                raise PackageProblem("cannot make the node environment: " + explain_pip_failure(done.stdout + "\n" + done.stderr, wanted, target, exists))
+                raise PackageProblem(
+                    "cannot make the node environment: "
+                    + explain_pip_failure(done.stdout + "\n" + done.stderr, wanted, target, exists)
+                )
             installer = _download_uv(tmp, target, wanted)
             wheels = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".whl"))
             size = sum((tmp / w).stat().st_size for w in wheels)
-            (tmp / "manifest.json").write_text(json.dumps({
-                "wheels": wheels, "size": size, "requirements": list(wanted.requirements), "installer": installer,
-                "target": target.as_dict(), "made": time.time(),
-            }, indent=1))
+            (tmp / "manifest.json").write_text(
+                json.dumps(
+                    {
+                        "wheels": wheels,
+                        "size": size,
+                        "requirements": list(wanted.requirements),
+                        "installer": installer,
+                        "target": target.as_dict(),
+                        "made": time.time(),
+                    },
+                    indent=1,
+                )
+            )
             os.replace(tmp, final)
-            log.info("wheelhouse %s: %d wheels, %.1f MB in %.1fs", key, len(wheels), size / 2**20, time.monotonic() - started)
+            log.info(
+                "wheelhouse %s: %d wheels, %.1f MB in %.1fs", key, len(wheels), size / 2**20, time.monotonic() - started
+            )
             return Wheelhouse(key, final, wheels, size, installer)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -310,8 +351,16 @@ def _download_uv(folder: Path, target: Target, wanted: Wanted) -> dict[str, Any]
     if mine:
         return {"wheel": mine[0], "install": True}  # the user's own uv is in the set already
     argv = _pip(
-        "download", "--no-deps", "--only-binary=:all:", "--progress-bar=off", "--dest", str(folder),
-        "--implementation", target.implementation, "--python-version", target.python_version,
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--progress-bar=off",
+        "--dest",
+        str(folder),
+        "--implementation",
+        target.implementation,
+        "--python-version",
+        target.python_version,
         *(a for p in target.platforms for a in ("--platform", p)),
     )
     if wanted.wheelhouse:
@@ -331,13 +380,23 @@ def _nodeenv(python: str, verb: str, request: dict[str, Any]) -> list[str]:
     return [python, "-c", NODEENV_SOURCE, verb, json.dumps(request)]
 
 
-async def _call(cluster: Cluster, node: NodeRecord, python: str, verb: str, request: dict[str, Any],
-                *, input: bytes | None = None, timeout: float) -> Any:
+async def _call(
+    cluster: Cluster,
+    node: NodeRecord,
+    python: str,
+    verb: str,
+    request: dict[str, Any],
+    *,
+    input: bytes | None = None,
+    timeout: float,
+) -> Any:
     result = await cluster.runner(node).run(_nodeenv(python, verb, request), input=input, timeout=timeout)
     try:
         return json.loads(result.stdout)
     except ValueError:
-        raise CommandError(node.name, f"globular.nodeenv {verb}", result.returncode, result.stderr, result.stdout) from None
+        raise CommandError(
+            node.name, f"globular.nodeenv {verb}", result.returncode, result.stderr, result.stdout
+        ) from None
 
 
 def base_python(node: NodeRecord) -> str:
@@ -364,8 +423,12 @@ async def prepare(cluster: Cluster, plugins: list[Plugin], nodes: list[NodeRecor
         # one wheelhouse per distinct (packages, target), made at once
         wants = {n.name: wanted_for(spec, plugins, n) for n in nodes}
         targets = {n.name: Target.from_probe(probes[n.name]) for n in nodes}
-        digests = {key: digest(*key) for key in {(wants[n.name], targets[n.name]) for n in nodes}}  # one read of a requirements file each
-        names = {n.name: env_name(digests[(wants[n.name], targets[n.name])], probes[n.name]["executable"]) for n in nodes}
+        digests = {
+            key: digest(*key) for key in {(wants[n.name], targets[n.name]) for n in nodes}
+        }  # one read of a requirements file each
+        names = {
+            n.name: env_name(digests[(wants[n.name], targets[n.name])], probes[n.name]["executable"]) for n in nodes
+        }
         needed = {(wants[n.name], targets[n.name]) for n in nodes if names[n.name] not in probes[n.name]["ready"]}
         cache = cluster.home / "wheels"
         if needed:
@@ -391,19 +454,28 @@ async def prepare(cluster: Cluster, plugins: list[Plugin], nodes: list[NodeRecor
                 house = houses[(wants[node.name], targets[node.name])]
                 needs = house.size * SPACE_FACTOR + SPACE_MARGIN
                 if facts["free"] < needs:
-                    raise NodeError(node.name, f"only {facts['free'] / 2**20:.0f} MB free under {facts['root']}; "
-                                               f"its environment needs about {needs / 2**20:.0f} MB")
+                    raise NodeError(
+                        node.name,
+                        f"only {facts['free'] / 2**20:.0f} MB free under {facts['root']}; "
+                        f"its environment needs about {needs / 2**20:.0f} MB",
+                    )
                 try:
                     request = {"root": root, "name": name, "installer": house.installer}
-                    reply = await _call(cluster, node, facts["executable"], "build", request,
-                                        input=house.tar(), timeout=BUILD_TIMEOUT)
+                    reply = await _call(
+                        cluster, node, facts["executable"], "build", request, input=house.tar(), timeout=BUILD_TIMEOUT
+                    )
                 except CommandError as exc:
                     if exc.returncode is None or exc.returncode == 3:
                         raise NodeError(node.name, f"building its environment failed: {exc.stderr.strip()}") from None
                     raise
                 python, cached = reply["python"], reply["cached"]
             node.python = python
-            node.data["env"] = {"name": name, "base_python": facts["executable"], "cached": cached, "root": facts["root"]}
+            node.data["env"] = {
+                "name": name,
+                "base_python": facts["executable"],
+                "cached": cached,
+                "root": facts["root"],
+            }
             cluster.node_step(node, "env")
             reporter.advance("env")
             return {"name": name, "cached": cached, "seconds": round(time.monotonic() - started, 2)}
@@ -420,7 +492,9 @@ async def prune(cluster: Cluster, keep: set[str]) -> dict[str, list[str]]:
     root = cluster.provider.envs_dir()
 
     async def one(node: NodeRecord) -> list[str]:
-        reply = await _call(cluster, node, base_python(node), "prune", {"root": root, "keep": sorted(keep)}, timeout=120)
+        reply = await _call(
+            cluster, node, base_python(node), "prune", {"root": root, "keep": sorted(keep)}, timeout=120
+        )
         return reply["removed"]
 
     return await each_node(cluster.nodes, one)

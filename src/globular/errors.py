@@ -64,8 +64,7 @@ class ClusterExists(GlobularError):
     def __init__(self, name: str, status: str):
         self.name = name
         super().__init__(
-            f"a cluster named {name!r} already exists ({status}); "
-            f"use another name or `globular terminate {name}` first"
+            f"a cluster named {name!r} already exists ({status}); use another name or `globular terminate {name}` first"
         )
 
 

@@ -79,7 +79,7 @@ async def check(record: ClusterRecord, home: Path) -> Health:
         results = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), CHECK_TIMEOUT)
         if len(results) > len(record.nodes):
             idle, results = results[-1], results[: len(record.nodes)]
-    except asyncio.TimeoutError:
+    except TimeoutError:
         health.condition = f"unknown: nodes did not answer within {CHECK_TIMEOUT:g}s"
         return health
     finally:
@@ -110,7 +110,9 @@ async def check(record: ClusterRecord, home: Path) -> Health:
         health.condition = f"unknown: no answer from {', '.join(unreachable)}"
         return health
     dead = [
-        f"{role} down" if health.recorded[role] == 1 else f"{health.recorded[role] - health.alive[role]} of {health.recorded[role]} {role} dead"
+        f"{role} down"
+        if health.recorded[role] == 1
+        else f"{health.recorded[role] - health.alive[role]} of {health.recorded[role]} {role} dead"
         for role in sorted(health.recorded)
         if health.alive[role] < health.recorded[role]
     ]

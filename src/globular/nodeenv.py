@@ -159,7 +159,11 @@ def build(req):
             fcntl.flock(lock, fcntl.LOCK_EX)  # a second writer waits here, then finds the first one's work
             link = os.path.join(root, name)
             if _ready(root, name):
-                return {"cached": True, "python": os.path.join(link, "bin", "python"), "seconds": time.monotonic() - started}
+                return {
+                    "cached": True,
+                    "python": os.path.join(link, "bin", "python"),
+                    "seconds": time.monotonic() - started,
+                }
             current = os.readlink(link) if os.path.islink(link) else None
             for entry in os.listdir(root):  # what an interrupted build left
                 path = os.path.join(root, entry)
@@ -187,7 +191,11 @@ def build(req):
             os.unlink(log)
             if current and current != os.path.basename(target):
                 shutil.rmtree(os.path.join(root, current), ignore_errors=True)
-            return {"cached": False, "python": os.path.join(link, "bin", "python"), "seconds": time.monotonic() - started}
+            return {
+                "cached": False,
+                "python": os.path.join(link, "bin", "python"),
+                "seconds": time.monotonic() - started,
+            }
     except BaseException:
         if not _ready_target(root, name, target):
             shutil.rmtree(target, ignore_errors=True)
@@ -219,8 +227,21 @@ def _install(python, wheels, received, installer, log):
     uv = _uv_binary(wheels, name) if name else None
     packages = [os.path.join(wheels, w) for w in received if w != name or installer.get("install")]
     if uv:
-        argv = [uv, "pip", "install", "--python", python, "--offline", "--no-index", "--no-deps", "--no-cache",
-                "--no-config", "--compile-bytecode", "--quiet", *packages]
+        argv = [
+            uv,
+            "pip",
+            "install",
+            "--python",
+            python,
+            "--offline",
+            "--no-index",
+            "--no-deps",
+            "--no-cache",
+            "--no-config",
+            "--compile-bytecode",
+            "--quiet",
+            *packages,
+        ]
         with open(log, "a") as out:
             try:
                 if subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode == 0:
@@ -231,8 +252,17 @@ def _install(python, wheels, received, installer, log):
     if not pip:
         raise Refused("no pip wheel in the wheel stream")
     argv = [
-        python, os.path.join(wheels, pip[0], "pip"), "install", "--isolated", "--no-index", "--no-deps",
-        "--no-cache-dir", "--disable-pip-version-check", "--no-warn-script-location", "--quiet", *packages,
+        python,
+        os.path.join(wheels, pip[0], "pip"),
+        "install",
+        "--isolated",
+        "--no-index",
+        "--no-deps",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--no-warn-script-location",
+        "--quiet",
+        *packages,
     ]
     with open(log, "a") as out:
         installed = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -111,7 +111,9 @@ def _descendants(procs):
         except OSError:
             continue
         fields = data[data.rindex(")") + 2 :].split()
-        parents.setdefault(int(fields[1]), []).append({"pid": int(entry), "start": int(fields[19]), "pgrp": int(fields[2])})
+        parents.setdefault(int(fields[1]), []).append(
+            {"pid": int(entry), "start": int(fields[19]), "pgrp": int(fields[2])}
+        )
     found, todo = [], [p["pid"] for p in procs if _alive(p)]
     groups = {p["pid"] for p in procs}
     # a dead leader's group lives on in its children (the controller's forked schedulers);
@@ -394,8 +396,20 @@ VERBS = {
 # verbs whose answer does not depend on the Python that runs them (the local provider
 # runs these in globular's own process instead of starting an interpreter for each)
 ANY_PYTHON = frozenset(
-    {"free_ports", "remove_dir", "addresses", "spawn", "alive", "signal", "stop", "wait_files", "tail", "children",
-     "read_json", "connect"}
+    {
+        "free_ports",
+        "remove_dir",
+        "addresses",
+        "spawn",
+        "alive",
+        "signal",
+        "stop",
+        "wait_files",
+        "tail",
+        "children",
+        "read_json",
+        "connect",
+    }
 )
 
 

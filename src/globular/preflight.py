@@ -110,7 +110,9 @@ def judge(check: NodeCheck, facts: dict[str, Any], wanted: list[Requirement]) ->
         if not req.compare or not version or not ours:
             continue
         if _major_minor(version)[:1] != _major_minor(ours)[:1]:
-            check.problems.append(f"{req.module} {version} there, {ours} here: major versions differ (install {ours} there)")
+            check.problems.append(
+                f"{req.module} {version} there, {ours} here: major versions differ (install {ours} there)"
+            )
         elif _major_minor(version) != _major_minor(ours):
             check.warnings.append(f"{req.module} {version} there, {ours} here")
     check.cpus = facts["cpus"]
@@ -154,17 +156,27 @@ async def run_preflight(
             else:
                 port = free[0]
                 request = {"ip": controller_ip, "port": port, "seconds": timeout + 5}
-                listener = await runner.spawn([ProcessSpec(
-                    argv=[master.python, "-c", NODEPROC_SOURCE, "listen", json.dumps(request)],
-                    log=f"{master.workdir}/logs/preflight-listener.log", role="preflight-listener", cwd=master.workdir,
-                )])
+                listener = await runner.spawn(
+                    [
+                        ProcessSpec(
+                            argv=[master.python, "-c", NODEPROC_SOURCE, "listen", json.dumps(request)],
+                            log=f"{master.workdir}/logs/preflight-listener.log",
+                            role="preflight-listener",
+                            cwd=master.workdir,
+                        )
+                    ]
+                )
                 cluster.track(master, listener)
 
         async def one(node: NodeRecord) -> None:
             check = checks[node.name]
             wanted = modules + (master_modules if node.is_master else [])
             runner = cluster.runner(node)
-            request = {"modules": [r.module for r in wanted], "load": [r.module for r in wanted if r.load], "curve": curve}
+            request = {
+                "modules": [r.module for r in wanted],
+                "load": [r.module for r in wanted if r.load],
+                "curve": curve,
+            }
             try:
                 facts = await runner._nodeproc("facts", request, timeout=timeout)
             except GlobularError as exc:
@@ -180,17 +192,21 @@ async def run_preflight(
             if port is not None:
                 reply = {}
                 for _ in range(20):  # the listener may still be starting
-                    reply = await runner._nodeproc("connect", {"host": controller_ip, "port": port, "timeout": 3}, timeout=timeout)
+                    reply = await runner._nodeproc(
+                        "connect", {"host": controller_ip, "port": port, "timeout": 3}, timeout=timeout
+                    )
                     if reply["ok"] or reply.get("error") not in ("Connection refused", None):
                         break
                     await asyncio.sleep(0.1)
                 check.controller_reachable = reply["ok"]
                 if not reply["ok"]:
-                    check.problems.append(f"cannot reach the controller's address {controller_ip}:{port} ({reply.get('error')})")
+                    check.problems.append(
+                        f"cannot reach the controller's address {controller_ip}:{port} ({reply.get('error')})"
+                    )
             cluster.reporter.advance("preflight")
 
         await asyncio.wait_for(asyncio.gather(*(one(n) for n in nodes)), timeout + 10)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         for check in checks.values():
             if check.python is None and not check.problems:
                 check.problems.append(f"no answer within {timeout:g}s")

@@ -100,6 +100,8 @@ def resolve_plugin(setup_class: str) -> tuple[str, type[Plugin]]:
         target = dotted.get(setup_class, setup_class)
     cls = load_object(target)
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-        raise RegistryError(f"{setup_class!r} is not a globular plugin class (a subclass of globular.plugins.base.Plugin)")
+        raise RegistryError(
+            f"{setup_class!r} is not a globular plugin class (a subclass of globular.plugins.base.Plugin)"
+        )
     canonical = f"{cls.__module__}:{cls.__qualname__}"
     return canonical, cls

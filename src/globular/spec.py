@@ -32,7 +32,9 @@ def check_requirements(values: list[str]) -> list[str]:
         try:
             Requirement(value)
         except InvalidRequirement as exc:
-            raise ValueError(f"{value!r} is not a package requirement such as numpy or numpy>=2 ({str(exc).splitlines()[0]})") from None
+            raise ValueError(
+                f"{value!r} is not a package requirement such as numpy or numpy>=2 ({str(exc).splitlines()[0]})"
+            ) from None
     return values
 
 

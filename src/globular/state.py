@@ -48,7 +48,9 @@ class NodeRecord(BaseModel):
     login: str | None = None  # "user@host:port" where ssh reaches the node; None for local nodes
     data: dict[str, Any] = Field(default_factory=dict)  # provider's own fields
     created: float = Field(default_factory=time.time)  # when its bring-up began
-    steps: dict[str, float] = Field(default_factory=dict)  # step (ssh, setup, engines, registered) -> when it was reached
+    steps: dict[str, float] = Field(
+        default_factory=dict
+    )  # step (ssh, setup, engines, registered) -> when it was reached
     processes: list[ProcessRecord] = Field(default_factory=list)
 
     @property
@@ -145,9 +147,7 @@ class StateStore:
             raise StateError(f"state file {path} is unreadable: {exc}") from None
         version = raw.get("version") if isinstance(raw, dict) else None
         if version != STATE_VERSION:
-            raise StateError(
-                f"state file {path} has version {version!r}; this globular reads version {STATE_VERSION}"
-            )
+            raise StateError(f"state file {path} has version {version!r}; this globular reads version {STATE_VERSION}")
         try:
             return ClusterRecord.model_validate(raw)
         except ValidationError as exc:

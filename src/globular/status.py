@@ -109,7 +109,8 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
     provider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
     try:
         answers = await asyncio.gather(
-            *(asyncio.wait_for(ask_node(provider, n, ASK_TIMEOUT), ASK_TIMEOUT + 5) for n in record.nodes), return_exceptions=True
+            *(asyncio.wait_for(ask_node(provider, n, ASK_TIMEOUT), ASK_TIMEOUT + 5) for n in record.nodes),
+            return_exceptions=True,
         )
     finally:
         await provider.close()
@@ -120,30 +121,38 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
         steps = step_times(node)
         reached = [s for s in NODE_STEPS if s in node.steps]
         state = reached[-1] if reached else "provision"
-        status = NodeStatus(node.name, node.address, state, steps, None, None, expected, None, round(now - node.created, 1))
+        status = NodeStatus(
+            node.name, node.address, state, steps, None, None, expected, None, round(now - node.created, 1)
+        )
         if isinstance(answer, BaseException):
             status.state = "unreachable"
-            why = str(answer) if isinstance(answer, GlobularError) else (type(answer).__name__ if str(answer) == "" else str(answer))
+            why = (
+                str(answer)
+                if isinstance(answer, GlobularError)
+                else (type(answer).__name__ if str(answer) == "" else str(answer))
+            )
             status.problem = f"does not answer: {why}".strip()
             report.nodes.append(status)
             continue
         alive = dict(zip([(p.pid, p.start) for p in node.processes], answer["alive"]))
         status.load = round(answer["load"][0], 2)
-        running = sum(1 for p in node.processes if p.role == ENGINE and alive[(p.pid, p.start)]) + sum(answer["children"])
+        running = sum(1 for p in node.processes if p.role == ENGINE and alive[(p.pid, p.start)]) + sum(
+            answer["children"]
+        )
         status.engines_running = running
         if node.is_master:
             controllers = [p for p in node.processes if p.role == CONTROLLER]
             if controllers:
                 report.controller = "up" if all(alive[(p.pid, p.start)] for p in controllers) else "down"
                 if report.controller == "down":
-                    report.problems.append(f"the controller on {node.name} is not running (its log: {controllers[0].log})")
+                    report.problems.append(
+                        f"the controller on {node.name} is not running (its log: {controllers[0].log})"
+                    )
         if registered is not None:
             status.engines_registered = registered.get(node.name, 0)
         if expected and running < expected:
             status.state = "engines dead"
-            status.problem = (
-                f"{expected - running} of {expected} engines not running (killed or crashed: their logs are in {node.workdir}/logs)"
-            )
+            status.problem = f"{expected - running} of {expected} engines not running (killed or crashed: their logs are in {node.workdir}/logs)"
         elif expected and status.engines_registered is not None and status.engines_registered < expected:
             status.state = "engines"
             status.problem = f"{expected - status.engines_registered} of {expected} engines running but not registered"

@@ -45,8 +45,12 @@ class Slot:
     def start(self):
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, umask=0o077,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                umask=0o077,
             )
         self.started = time.monotonic()
 
@@ -76,7 +80,9 @@ def _start_time(pid):
 
 
 def write_pids(path, slots):
-    running = [{"pid": s.proc.pid, "start": _start_time(s.proc.pid)} for s in slots if s.proc is not None and not s.exited()]
+    running = [
+        {"pid": s.proc.pid, "start": _start_time(s.proc.pid)} for s in slots if s.proc is not None and not s.exited()
+    ]
     tmp = f"{path}.tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump({"engines": running, "restarts": sum(s.restarts for s in slots)}, f)

@@ -42,8 +42,10 @@ class CertPair:
 def make_certificate(host: str) -> CertPair:
     """A new self-signed certificate for ``host`` (an address or a name), and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "globular")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, host), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "globular")]
+    )
+    now = datetime.datetime.now(datetime.UTC)
     alt_names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     try:
         alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -63,7 +65,9 @@ def make_certificate(host: str) -> CertPair:
     )
     return CertPair(
         cert=cert.public_bytes(serialization.Encoding.PEM),
-        key=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        key=key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
     )
 
 
@@ -87,13 +91,17 @@ def kept_certificate(folder: Path, host: str) -> CertPair:
             cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
             cert = x509.load_pem_x509_certificate(cert_pem)
             key = serialization.load_pem_private_key(key_pem, password=None)
-            if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != (
-                cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            ) != (
+                cert.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
             ):
                 note = "its key does not belong to it"
             elif not _covers(cert, host):
                 note = f"it does not name {host}"
-            elif cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) < RENEW_BEFORE:
+            elif cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < RENEW_BEFORE:
                 note = "it expires within 30 days"
             else:
                 return CertPair(cert_pem, key_pem, reused=True)
@@ -106,7 +114,9 @@ def kept_certificate(folder: Path, host: str) -> CertPair:
     write_private(key_path, pair.key)
     write_private(cert_path, pair.cert)
     if note:
-        pair = CertPair(pair.cert, pair.key, reused=False, note=f"the kept certificate in {folder} was replaced: {note}")
+        pair = CertPair(
+            pair.cert, pair.key, reused=False, note=f"the kept certificate in {folder} was replaced: {note}"
+        )
     return pair
 
 

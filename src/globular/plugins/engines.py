@@ -42,8 +42,14 @@ def claim_engine_ids(cluster: Cluster, node: NodeRecord, count: int, floor: int 
 
 
 async def start_engines(
-    cluster: Cluster, node: NodeRecord, count: int, engine_info: dict[str, Any], *,
-    nanny: bool, supervise: bool = False, floor: int = 0,
+    cluster: Cluster,
+    node: NodeRecord,
+    count: int,
+    engine_info: dict[str, Any],
+    *,
+    nanny: bool,
+    supervise: bool = False,
+    floor: int = 0,
 ) -> dict[int, str]:
     """Write the engine connection file (0600) on ``node`` and start ``count`` engines: id → node.
 
@@ -65,8 +71,12 @@ async def start_engines(
     engines = [
         ProcessSpec(
             argv=[
-                node.python, "-m", "ipyparallel.engine", f"--file={info_path}",
-                f"--IPEngine.id={engine_id}", f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
+                node.python,
+                "-m",
+                "ipyparallel.engine",
+                f"--file={info_path}",
+                f"--IPEngine.id={engine_id}",
+                f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
                 f"--IPEngine.enable_nanny={nanny}",
             ],
             log=f"{node.workdir}/logs/engine-{engine_id}.log",
@@ -80,10 +90,15 @@ async def start_engines(
         request = f"{node.workdir}/run/engines-{ids[0]}.json"
         plan = {"engines": [{"argv": e.argv, "log": e.log} for e in engines], "restart_id_arg": "--IPEngine.id="}
         await runner.write_file(request, json.dumps(plan).encode(), 0o600)
-        engines = [ProcessSpec(
-            argv=[node.python, "-c", SUPERVISOR_SOURCE, request],
-            log=f"{node.workdir}/logs/supervisor-{ids[0]}.log", role=SUPERVISOR, env=env, cwd=node.workdir,
-        )]
+        engines = [
+            ProcessSpec(
+                argv=[node.python, "-c", SUPERVISOR_SOURCE, request],
+                log=f"{node.workdir}/logs/supervisor-{ids[0]}.log",
+                role=SUPERVISOR,
+                env=env,
+                cwd=node.workdir,
+            )
+        ]
     cluster.track(node, await runner.spawn(engines))
     cluster.node_step(node, "engines")
     return {i: node.name for i in ids}

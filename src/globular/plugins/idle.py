@@ -34,7 +34,9 @@ async def start_idle_watchers(cluster: Cluster, settings: IPClusterSettings, nod
     async def start(node: NodeRecord) -> None:
         if node.is_master:
             request = {
-                "mode": "master", "idle": settings.idle_shutdown, "release": rents,
+                "mode": "master",
+                "idle": settings.idle_shutdown,
+                "release": rents,
                 "connection_file": f"{profile_dir(node)}/security/ipcontroller-client.json",
                 "state_file": idle_state_file(node),
             }
@@ -46,8 +48,11 @@ async def start_idle_watchers(cluster: Cluster, settings: IPClusterSettings, nod
         path = f"{node.workdir}/run/idle-watch.json"
         await runner.write_file(path, json.dumps(request).encode(), 0o600)
         spec = ProcessSpec(
-            argv=[node.python, "-c", IDLEWATCH_SOURCE, path], log=f"{node.workdir}/logs/idle-watch.log",
-            role=IDLE_WATCHER, env={**env, "IPYTHONDIR": ipython_dir(node), "GLOBULAR_NODE": node.name}, cwd=node.workdir,
+            argv=[node.python, "-c", IDLEWATCH_SOURCE, path],
+            log=f"{node.workdir}/logs/idle-watch.log",
+            role=IDLE_WATCHER,
+            env={**env, "IPYTHONDIR": ipython_dir(node), "GLOBULAR_NODE": node.name},
+            cwd=node.workdir,
         )
         cluster.track(node, await runner.spawn([spec]))
 

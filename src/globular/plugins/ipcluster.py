@@ -27,12 +27,12 @@ from globular.paths import connection_file_path, write_private
 from globular.plugins.base import Plugin, PluginReport
 from globular.plugins.engines import engine_processes, retire_engines, start_engines, wait_for_engines
 from globular.plugins.idle import start_idle_watchers
+from globular.plugins.notebook import NotebookInfo, notebook_certificate, start_notebook, stop_notebook
 from globular.plugins.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
 from globular.preflight import NodeCheck, Requirement, local_version, run_preflight
-from globular.plugins.notebook import NotebookInfo, notebook_certificate, start_notebook, stop_notebook
 from globular.providers.base import ProcessSpec, Runner
-from globular.state import NodeRecord, ProcessRecord
 from globular.spec import Settings
+from globular.state import NodeRecord, ProcessRecord
 
 if TYPE_CHECKING:
     from ipyparallel import Client
@@ -115,25 +115,36 @@ class IPClusterSettings(Settings):
     notebook_passwd: str | None = Field(default=None, description="default: a random one, shown once by start")
     notebook_directory: str | None = Field(default=None, description="relative to home, or absolute; default: home")
     notebook_port: int = Field(default=8888, ge=1, le=65535, description="the next free one is taken if it is in use")
-    notebook_certfile: str | None = Field(default=None, description="your own certificate (PEM); default: a self-signed one")
+    notebook_certfile: str | None = Field(
+        default=None, description="your own certificate (PEM); default: a self-signed one"
+    )
     notebook_keyfile: str | None = Field(default=None, description="the key of notebook_certfile (PEM, unencrypted)")
     packer: Literal["json", "pickle", "msgpack"] = "json"
-    master_engines: int | None = Field(default=None, ge=0, description="engines on the master; default cores - 1 (at least 1)")
+    master_engines: int | None = Field(
+        default=None, ge=0, description="engines on the master; default cores - 1 (at least 1)"
+    )
     heartbeat_period: int = Field(
-        default=200, ge=50, le=60_000, description="controller heartbeat, ms; engines register on a beat, dead ones are noticed after 5 s or 10 beats"
+        default=200,
+        ge=50,
+        le=60_000,
+        description="controller heartbeat, ms; engines register on a beat, dead ones are noticed after 5 s or 10 beats",
     )
     engine_nanny: bool = Field(
-        default=True, description="a nanny process per engine: needed to interrupt one engine (Client.send_signal); False starts engines faster"
+        default=True,
+        description="a nanny process per engine: needed to interrupt one engine (Client.send_signal); False starts engines faster",
     )
     restart_dead_engines: bool = Field(
         default=False, description="a supervisor on each node restarts engines that die (they rejoin with new ids)"
     )
     idle_shutdown: Annotated[float | None, BeforeValidator(parse_duration)] = Field(
-        default=None, gt=0, description="30m, 2h: when no task ran for that long, stop engines and controller (and release rented machines)"
+        default=None,
+        gt=0,
+        description="30m, 2h: when no task ran for that long, stop engines and controller (and release rented machines)",
     )
     engine_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for engines to register")
     controller_interface: Annotated[str | None, AfterValidator(_check_interface)] = Field(
-        default=None, description="interface name (eth0) or address the controller listens on; default: the master's address"
+        default=None,
+        description="interface name (eth0) or address the controller listens on; default: the master's address",
     )
     controller_ports: Annotated[str | None, AfterValidator(_check_ports)] = Field(
         default=None, description="FIRST-LAST: the ports the controller may use; default: random free ports"
@@ -237,8 +248,12 @@ class IPCluster(Plugin):
         started_ids = await each_node(
             cluster.nodes,
             lambda node: start_engines(
-                cluster, node, counts[node.name], engine_info,
-                nanny=settings.engine_nanny, supervise=settings.restart_dead_engines,
+                cluster,
+                node,
+                counts[node.name],
+                engine_info,
+                nanny=settings.engine_nanny,
+                supervise=settings.restart_dead_engines,
             ),
             on_done=lambda node: cluster.reporter.advance("engine-start"),
         )
@@ -249,7 +264,9 @@ class IPCluster(Plugin):
         write_private(local_file, json.dumps(client_info, indent=2).encode())
         data = cluster.plugin_data(DATA_KEY)
         data.update(
-            connection_file=str(local_file), engine_info=engine_info, packer=settings.packer,
+            connection_file=str(local_file),
+            engine_info=engine_info,
+            packer=settings.packer,
             encryption=self.encryption(cluster),
         )
         cluster.save()
@@ -292,8 +309,14 @@ class IPCluster(Plugin):
         ip = running.get("location") or await self._controller_ip(cluster, master)
         ports = list(port_range(settings.controller_ports)) if settings.controller_ports else None
         return await run_preflight(
-            cluster, nodes, modules=modules, master_modules=master_modules, curve=self.encryption(cluster) == "curve",
-            engines={n.name: engines_for(n, settings) for n in nodes}, controller_ip=ip, port_candidates=ports,
+            cluster,
+            nodes,
+            modules=modules,
+            master_modules=master_modules,
+            curve=self.encryption(cluster) == "curve",
+            engines={n.name: engines_for(n, settings) for n in nodes},
+            controller_ip=ip,
+            port_candidates=ports,
         )
 
     def encryption(self, cluster: Cluster) -> str:
@@ -308,7 +331,10 @@ class IPCluster(Plugin):
             return wanted
         found = await cluster.runner(master)._nodeproc("addresses", {})
         if wanted not in found:
-            raise NodeError(master.name, f"controller_interface {wanted!r}: no such interface with an IPv4 address (has: {', '.join(sorted(found))})")
+            raise NodeError(
+                master.name,
+                f"controller_interface {wanted!r}: no such interface with an IPv4 address (has: {', '.join(sorted(found))})",
+            )
         return found[wanted]
 
     async def _launch_controller(self, cluster: Cluster, master: NodeRecord) -> tuple[list[ProcessRecord], dict]:
@@ -319,9 +345,13 @@ class IPCluster(Plugin):
         await runner.run(["rm", "-f", f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"])
         ip = await self._controller_ip(cluster, master)
         allowed = list(port_range(self.settings.controller_ports)) if self.settings.controller_ports else None
-        ports = await runner._nodeproc("free_ports", {"ip": ip, "ports": allowed, "count": len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES})
+        ports = await runner._nodeproc(
+            "free_ports", {"ip": ip, "ports": allowed, "count": len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES}
+        )
         if len(ports) < len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES:
-            raise NodeError(master.name, f"not enough free ports in controller_ports = {self.settings.controller_ports} on {ip}")
+            raise NodeError(
+                master.name, f"not enough free ports in controller_ports = {self.settings.controller_ports} on {ip}"
+            )
         keyfile = f"{security}/globular-session.key"
         key = secrets.token_hex(32)
         await runner.write_file(keyfile, key.encode(), 0o600)
@@ -365,7 +395,9 @@ class IPCluster(Plugin):
         if allowed:
             argv.append(f"--ports={','.join(str(p) for p in allowed if p not in ports)}")
         env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": cluster.name}
-        spec = ProcessSpec(argv=argv, log=f"{master.workdir}/logs/controller.log", role=CONTROLLER, env=env, cwd=master.workdir)
+        spec = ProcessSpec(
+            argv=argv, log=f"{master.workdir}/logs/controller.log", role=CONTROLLER, env=env, cwd=master.workdir
+        )
         cluster.reporter.begin("controller", "controller on master", 1)
         procs = await runner.spawn([spec])
         cluster.track(master, procs)
@@ -375,7 +407,7 @@ class IPCluster(Plugin):
             "interface": f"tcp://{ip}",
             "location": ip,
             **dict(zip(ENGINE_PORT_KEYS, ports)),
-            "broadcast": ports[len(ENGINE_PORT_KEYS):],
+            "broadcast": ports[len(ENGINE_PORT_KEYS) :],
             "pack": pack,
             "unpack": unpack,
             "ssh": "",
@@ -393,7 +425,10 @@ class IPCluster(Plugin):
         client_info, engine_info = found[files[0]], found[files[1]]
         for key in ("key", "signature_scheme", "pack", "unpack", "curve_serverkey", *ENGINE_PORT_KEYS, "broadcast"):
             if engine_info.get(key) != expected[key]:
-                raise NodeError(master.name, f"the controller did not take the {key} it was given; this ipyparallel is not supported")
+                raise NodeError(
+                    master.name,
+                    f"the controller did not take the {key} it was given; this ipyparallel is not supported",
+                )
         self._check_ports(master, client_info, engine_info)
         # Client(path) from this machine tunnels through ssh to the master by itself.
         client_info["ssh"] = master.login or ""
@@ -405,9 +440,15 @@ class IPCluster(Plugin):
         if not self.settings.controller_ports:
             return
         allowed = port_range(self.settings.controller_ports)
-        outside = sorted({info[k] for info in infos for k in PORT_KEYS + ("hb_ping", "hb_pong") if isinstance(info.get(k), int)} - set(allowed))
+        outside = sorted(
+            {info[k] for info in infos for k in PORT_KEYS + ("hb_ping", "hb_pong") if isinstance(info.get(k), int)}
+            - set(allowed)
+        )
         if outside:
-            raise NodeError(master.name, f"the controller took ports {outside} outside controller_ports = {self.settings.controller_ports}; widen the range")
+            raise NodeError(
+                master.name,
+                f"the controller took ports {outside} outside controller_ports = {self.settings.controller_ports}; widen the range",
+            )
 
     def _report(
         self, cluster: Cluster, local_file: Path, engines: int, elapsed: float, notebook: NotebookInfo | None
@@ -428,7 +469,10 @@ class IPCluster(Plugin):
             summary += [
                 ("notebook", notebook.url),
                 ("password", notebook.password or "the notebook_passwd of your config"),
-                ("certificate", f"self-signed, {notebook.fingerprint}" if not self.settings.notebook_certfile else "yours"),
+                (
+                    "certificate",
+                    f"self-signed, {notebook.fingerprint}" if not self.settings.notebook_certfile else "yours",
+                ),
             ]
             if cluster.master.login:
                 summary.append(("from here", f"globular notebook --forward {cluster.name}"))
@@ -455,18 +499,29 @@ class IPCluster(Plugin):
         try:
             floor = max(client.ids, default=-1) + 1
             wanted = await start_engines(
-                cluster, node, count, data["engine_info"],
-                nanny=self.settings.engine_nanny, supervise=self.settings.restart_dead_engines, floor=floor,
+                cluster,
+                node,
+                count,
+                data["engine_info"],
+                nanny=self.settings.engine_nanny,
+                supervise=self.settings.restart_dead_engines,
+                floor=floor,
             )
             fresh = await wait_for_engines(
-                cluster, client, wanted=wanted, nodes=[node], timeout=self.settings.engine_timeout,
+                cluster,
+                client,
+                wanted=wanted,
+                nodes=[node],
+                timeout=self.settings.engine_timeout,
                 description=f"engines of {node.name} registered",
             )
         finally:
             client.close()
         if self.settings.idle_shutdown:
             await start_idle_watchers(cluster, self.settings, [node])
-        return PluginReport(plugin=self.name, summary=[(node.name, f"{count} engines registered")], data={"ids": sorted(fresh)})
+        return PluginReport(
+            plugin=self.name, summary=[(node.name, f"{count} engines registered")], data={"ids": sorted(fresh)}
+        )
 
     async def on_remove_node(self, cluster: Cluster, node: NodeRecord) -> None:
         running_data(cluster)  # fails, saying so, when no controller runs
@@ -474,8 +529,14 @@ class IPCluster(Plugin):
         try:
             retired = await retire_engines(cluster, client, [node])
             await wait_for_engines(
-                cluster, client, wanted={}, gone=retired, nodes=[], timeout=self.settings.engine_timeout,
-                key="engines-leaving", description=f"engines of {node.name} leaving",
+                cluster,
+                client,
+                wanted={},
+                gone=retired,
+                nodes=[],
+                timeout=self.settings.engine_timeout,
+                key="engines-leaving",
+                description=f"engines of {node.name} leaving",
             )
         finally:
             client.close()
@@ -520,10 +581,17 @@ class IPClusterRestartEngines(Plugin):
 
             async def restart(node: NodeRecord) -> None:
                 await retire_engines(cluster, client, [node])
-                wanted.update(await start_engines(
-                    cluster, node, counts[node.name], data["engine_info"],
-                    nanny=settings.engine_nanny, supervise=settings.restart_dead_engines, floor=floor,
-                ))
+                wanted.update(
+                    await start_engines(
+                        cluster,
+                        node,
+                        counts[node.name],
+                        data["engine_info"],
+                        nanny=settings.engine_nanny,
+                        supervise=settings.restart_dead_engines,
+                        floor=floor,
+                    )
+                )
 
             await each_node(cluster.nodes, restart, on_done=lambda node: cluster.reporter.advance("restart"))
             cluster.reporter.end("restart")

@@ -30,9 +30,9 @@ from globular.providers.base import ProcessSpec
 from globular.state import NodeRecord
 
 if TYPE_CHECKING:
-    from globular.tls import CertPair
     from globular.cluster import Cluster
     from globular.plugins.ipcluster import IPClusterSettings
+    from globular.tls import CertPair
 
 NOTEBOOK = "notebook"  # process role
 
@@ -64,7 +64,9 @@ def notebook_certificate(cluster: Cluster, settings: IPClusterSettings, address:
         if not (settings.notebook_certfile and settings.notebook_keyfile):
             raise GlobularError("notebook_certfile and notebook_keyfile go together: set both, or neither")
         try:
-            return load_certificate(Path(settings.notebook_certfile).expanduser(), Path(settings.notebook_keyfile).expanduser())
+            return load_certificate(
+                Path(settings.notebook_certfile).expanduser(), Path(settings.notebook_keyfile).expanduser()
+            )
         except (OSError, ValueError) as exc:
             raise GlobularError(str(exc)) from None
     return kept_certificate(tls_folder(cluster.home, cluster.name, cluster.record.region), address)
@@ -85,9 +87,13 @@ async def start_notebook(
     from jupyter_server.auth.security import passwd
 
     runner = cluster.runner(master)
-    facts = await runner._nodeproc("prepare", {"dir": _home_relative(settings.notebook_directory), "modules": ["jupyterlab"]})
+    facts = await runner._nodeproc(
+        "prepare", {"dir": _home_relative(settings.notebook_directory), "modules": ["jupyterlab"]}
+    )
     if facts["missing"]:
-        raise NodeError(master.name, f"jupyterlab is not installed for {facts['python']}: enable_notebook needs it on the master")
+        raise NodeError(
+            master.name, f"jupyterlab is not installed for {facts['python']}: enable_notebook needs it on the master"
+        )
     directory = facts["workdir"]
 
     password = settings.notebook_passwd or secrets.token_urlsafe(12)
@@ -110,10 +116,16 @@ async def start_notebook(
             "allow_remote_access": True,
         },
         "IdentityProvider": {"token": ""},
-        "PasswordIdentityProvider": {"hashed_password": hashed, "password_required": True, "allow_password_change": False},
+        "PasswordIdentityProvider": {
+            "hashed_password": hashed,
+            "password_required": True,
+            "allow_password_change": False,
+        },
         "LabApp": {"check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
     }
-    await runner.write_file(f"{jupyter}/config/jupyter_server_config.json", json.dumps(config, indent=1).encode(), 0o600)
+    await runner.write_file(
+        f"{jupyter}/config/jupyter_server_config.json", json.dumps(config, indent=1).encode(), 0o600
+    )
     env = {
         "JUPYTER_CONFIG_DIR": f"{jupyter}/config",
         "JUPYTER_RUNTIME_DIR": f"{jupyter}/runtime",
@@ -141,10 +153,20 @@ async def start_notebook(
 
     url = f"https://{master.address}:{port}/"
     info = NotebookInfo(
-        url=url, port=port, directory=directory, password=None if settings.notebook_passwd else password,
-        fingerprint=cert.fingerprint, cert_note=cert.note,
+        url=url,
+        port=port,
+        directory=directory,
+        password=None if settings.notebook_passwd else password,
+        fingerprint=cert.fingerprint,
+        cert_note=cert.note,
     )
-    saved = {"url": url, "address": master.address, "port": port, "directory": directory, "fingerprint": cert.fingerprint}
+    saved = {
+        "url": url,
+        "address": master.address,
+        "port": port,
+        "directory": directory,
+        "fingerprint": cert.fingerprint,
+    }
     if info.password:
         saved["password"] = info.password
     write_private(notebook_file(cluster), json.dumps(saved, indent=2).encode())
@@ -164,7 +186,9 @@ def https_context(cert_pem: bytes | None) -> ssl.SSLContext:
     return ssl.create_default_context(cadata=cert_pem.decode())
 
 
-async def wait_https(cluster: Cluster, master: NodeRecord, port: int, cert_pem: bytes | None, log: str, timeout: float = 60) -> None:
+async def wait_https(
+    cluster: Cluster, master: NodeRecord, port: int, cert_pem: bytes | None, log: str, timeout: float = 60
+) -> None:
     """Wait until the server answers ``GET /api`` over HTTPS with its certificate."""
     host, local_port = await cluster.runner(master).forward_port(master.address, port)
     url = f"https://{host}:{local_port}/api"

@@ -95,7 +95,9 @@ class Runner(ABC):
         try:
             return json.loads(result.stdout)
         except ValueError:
-            raise CommandError(self.node.name, f"globular.nodeproc {verb}", result.returncode, result.stderr, result.stdout) from None
+            raise CommandError(
+                self.node.name, f"globular.nodeproc {verb}", result.returncode, result.stderr, result.stdout
+            ) from None
 
     async def spawn(self, specs: list[ProcessSpec]) -> list[ProcessRecord]:
         """Start detached processes; they outlive this runner and the globular process."""
@@ -103,9 +105,7 @@ class Runner(ABC):
             return []
         request = {"procs": [{"argv": s.argv, "log": s.log, "env": s.env, "cwd": s.cwd} for s in specs]}
         started = await self._nodeproc("spawn", request)
-        return [
-            ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log) for p, s in zip(started, specs)
-        ]
+        return [ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log) for p, s in zip(started, specs)]
 
     async def alive(self, procs: list[ProcessRecord]) -> list[bool]:
         if not procs:
@@ -168,7 +168,9 @@ class NodeProvider(ABC):
         self.on_step: Callable[[NodeRecord, str], None] = lambda node, step: None  # a node reached a step
 
     @classmethod
-    def config_values(cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]) -> None:
+    def config_values(
+        cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]
+    ) -> None:
         """Add to a template's ``values`` what the provider reads from other sections
         (ec2: ``[aws info]``, ``[key NAME]``), recording in ``sections`` where each came
         from; a problem is a :class:`ConfigError` naming its section and key."""

@@ -37,7 +37,12 @@ TAG_NODE = "globular:node"
 TAG_ROLE = "globular:role"
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 AWS_INFO_KEYS = (
-    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_region_name", "aws_endpoint_url", "aws_user_id",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "aws_region_name",
+    "aws_endpoint_url",
+    "aws_user_id",
 )
 
 
@@ -54,13 +59,19 @@ def _check_cidr(text: str | None) -> str | None:
 
 
 class EC2Settings(Settings):
-    aws_access_key_id: str | None = Field(default=None, description="default: boto3's chain (environment, ~/.aws, role)")
+    aws_access_key_id: str | None = Field(
+        default=None, description="default: boto3's chain (environment, ~/.aws, role)"
+    )
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
     aws_region_name: str = Field(default="us-east-1", description="the region of the instances")
-    aws_endpoint_url: str | None = Field(default=None, description="another EC2 endpoint (a private one, or moto for tests)")
+    aws_endpoint_url: str | None = Field(
+        default=None, description="another EC2 endpoint (a private one, or moto for tests)"
+    )
     aws_user_id: str | None = Field(default=None, description="StarCluster's; accepted and not used")
-    node_image_id: str = Field(description="the AMI of the nodes (a Linux with python3 of the same major.minor as here)")
+    node_image_id: str = Field(
+        description="the AMI of the nodes (a Linux with python3 of the same major.minor as here)"
+    )
     node_instance_type: str = "t3.micro"
     master_image_id: str | None = Field(default=None, description="default: node_image_id")
     master_instance_type: str | None = Field(default=None, description="default: node_instance_type")
@@ -69,14 +80,25 @@ class EC2Settings(Settings):
     subnet_id: str | None = Field(default=None, description="default: the default VPC's default subnet")
     spot_bid: float | None = Field(default=None, gt=0, description="max price per hour (USD): spot instances")
     permission: Annotated[str | None, AfterValidator(_check_cidr)] = Field(
-        default=None, description="CIDR allowed to SSH in (or a [permission NAME] with cidr_ip); default: your public address"
+        default=None,
+        description="CIDR allowed to SSH in (or a [permission NAME] with cidr_ip); default: your public address",
     )
-    my_address_url: str = Field(default="https://checkip.amazonaws.com", description="where your public address is asked when permission is unset")
-    address: Literal["public", "private"] | None = Field(default=None, description="which address SSH uses; default: public if the instance has one")
+    my_address_url: str = Field(
+        default="https://checkip.amazonaws.com",
+        description="where your public address is asked when permission is unset",
+    )
+    address: Literal["public", "private"] | None = Field(
+        default=None, description="which address SSH uses; default: public if the instance has one"
+    )
     user: str = Field(default="ubuntu", description="login name on the image")
-    python: str = Field(default="python3", description="the image's Python (same major.minor as here); globular makes its environment from it")
+    python: str = Field(
+        default="python3",
+        description="the image's Python (same major.minor as here); globular makes its environment from it",
+    )
     remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the instances")
-    cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: the instance's cores")
+    cores_per_node: int | None = Field(
+        default=None, ge=1, description="engines per node; default: the instance's cores"
+    )
     connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds one SSH attempt may take")
     boot_timeout: float = Field(default=600.0, gt=0, description="seconds to wait for running and SSH")
     poll_interval: float = Field(default=5.0, gt=0, le=60, description="seconds between state checks")
@@ -93,7 +115,7 @@ def _tags(resource: Mapping[str, Any]) -> dict[str, str]:
 def my_public_address(url: str, timeout: float = 5.0) -> str | None:
     """This machine's public IPv4 address as ``url`` sees it, or None."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 (a fixed https URL from the config)
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
             text = reply.read(64).decode().strip()
         return str(ipaddress.IPv4Address(text))
     except (OSError, ValueError):
@@ -114,12 +136,16 @@ class EC2Provider(SSHProvider):
     # -- config ------------------------------------------------------------------
 
     @classmethod
-    def config_values(cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]) -> None:
+    def config_values(
+        cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]
+    ) -> None:
         """Take ``[aws info]``, ``[key NAME]`` and ``[permission NAME]`` into the cluster's values."""
         section_of = sections.copy()
         for key, value in (extra.get("aws info") or {}).items():
             if key not in AWS_INFO_KEYS:
-                raise ConfigError(f"unknown setting (known: {', '.join(AWS_INFO_KEYS)})", file=None, section="aws info", key=key)
+                raise ConfigError(
+                    f"unknown setting (known: {', '.join(AWS_INFO_KEYS)})", file=None, section="aws info", key=key
+                )
             if key not in values:  # a template's own value wins
                 values[key] = value
                 sections[key] = "aws info"
@@ -127,11 +153,17 @@ class EC2Provider(SSHProvider):
         if keyname and "key_location" not in values:
             key_section = extra.get(f"key {keyname}")
             if key_section is None:
-                raise ConfigError(f"names key {keyname!r} but there is no [key {keyname}] section with key_location",
-                                  file=None, section=section_of.get("keyname"), key="keyname")
+                raise ConfigError(
+                    f"names key {keyname!r} but there is no [key {keyname}] section with key_location",
+                    file=None,
+                    section=section_of.get("keyname"),
+                    key="keyname",
+                )
             unknown = set(key_section) - {"key_location"}
             if unknown:
-                raise ConfigError("unknown setting (known: key_location)", file=None, section=f"key {keyname}", key=sorted(unknown)[0])
+                raise ConfigError(
+                    "unknown setting (known: key_location)", file=None, section=f"key {keyname}", key=sorted(unknown)[0]
+                )
             if "key_location" not in key_section:
                 raise ConfigError("missing key_location (the private key file)", file=None, section=f"key {keyname}")
             values["key_location"] = key_section["key_location"]
@@ -142,10 +174,21 @@ class EC2Provider(SSHProvider):
             where = f"permission {permission}"
             for key, value in named.items():
                 if key not in ("cidr_ip", "ip_protocol", "from_port", "to_port"):
-                    raise ConfigError("unknown setting (known: cidr_ip, ip_protocol, from_port, to_port)", file=None, section=where, key=key)
-                if key in ("from_port", "to_port") and value.strip() != "22" or key == "ip_protocol" and value.strip() != "tcp":
-                    raise ConfigError("globular opens SSH only (tcp port 22); the controller and notebook go through it",
-                                      file=None, section=where, key=key)
+                    raise ConfigError(
+                        "unknown setting (known: cidr_ip, ip_protocol, from_port, to_port)",
+                        file=None,
+                        section=where,
+                        key=key,
+                    )
+                if (key in ("from_port", "to_port") and value.strip() != "22") or (
+                    key == "ip_protocol" and value.strip() != "tcp"
+                ):
+                    raise ConfigError(
+                        "globular opens SSH only (tcp port 22); the controller and notebook go through it",
+                        file=None,
+                        section=where,
+                        key=key,
+                    )
             if "cidr_ip" not in named:
                 raise ConfigError("missing cidr_ip (who may SSH in)", file=None, section=where)
             values["permission"] = named["cidr_ip"]
@@ -200,7 +243,11 @@ class EC2Provider(SSHProvider):
     ) -> list[dict]:
         """The cluster's instances (tag filter), or those of ``ids``; with ``any_cluster``,
         every instance that carries a cluster tag (every page of the answer)."""
-        tag = {"Name": "tag-key", "Values": [TAG_CLUSTER]} if any_cluster else {"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster]}
+        tag = (
+            {"Name": "tag-key", "Values": [TAG_CLUSTER]}
+            if any_cluster
+            else {"Name": f"tag:{TAG_CLUSTER}", "Values": [self.cluster]}
+        )
         filters = [tag]
         if states:
             filters.append({"Name": "instance-state-name", "Values": states})
@@ -228,7 +275,9 @@ class EC2Provider(SSHProvider):
         return vpcs[0]["VpcId"]
 
     async def find_group(self) -> dict | None:
-        reply = await self.call("describe_security_groups", Filters=[{"Name": "group-name", "Values": [group_name(self.cluster)]}])
+        reply = await self.call(
+            "describe_security_groups", Filters=[{"Name": "group-name", "Values": [group_name(self.cluster)]}]
+        )
         groups = reply.get("SecurityGroups", [])
         return groups[0] if groups else None
 
@@ -249,7 +298,9 @@ class EC2Provider(SSHProvider):
         group = await self.find_group()
         if group is not None:
             if _tags(group).get(TAG_CLUSTER) != self.cluster:
-                raise GlobularError(f"security group {name} ({group['GroupId']}) exists and is not globular's; delete or rename it")
+                raise GlobularError(
+                    f"security group {name} ({group['GroupId']}) exists and is not globular's; delete or rename it"
+                )
             return group["GroupId"]
         cidr = self._ssh_cidr()
         vpc = await self._vpc_of_subnet()
@@ -258,7 +309,9 @@ class EC2Provider(SSHProvider):
             GroupName=name,
             Description=f"globular cluster {self.cluster}: SSH from {cidr}, all traffic within the cluster",
             VpcId=vpc,
-            TagSpecifications=[{"ResourceType": "security-group", "Tags": [{"Key": TAG_CLUSTER, "Value": self.cluster}]}],
+            TagSpecifications=[
+                {"ResourceType": "security-group", "Tags": [{"Key": TAG_CLUSTER, "Value": self.cluster}]}
+            ],
         )
         group_id = created["GroupId"]
         try:
@@ -266,8 +319,16 @@ class EC2Provider(SSHProvider):
                 "authorize_security_group_ingress",
                 GroupId=group_id,
                 IpPermissions=[
-                    {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": cidr, "Description": "ssh"}]},
-                    {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group_id, "Description": "within the cluster"}]},
+                    {
+                        "IpProtocol": "tcp",
+                        "FromPort": 22,
+                        "ToPort": 22,
+                        "IpRanges": [{"CidrIp": cidr, "Description": "ssh"}],
+                    },
+                    {
+                        "IpProtocol": "-1",
+                        "UserIdGroupPairs": [{"GroupId": group_id, "Description": "within the cluster"}],
+                    },
                 ],
             )
         except BaseException:
@@ -336,7 +397,9 @@ class EC2Provider(SSHProvider):
         if hosts:
             raise BadInput("the ec2 provider makes its own instances: it takes no --host")
         if not Path(self.settings.key_location).expanduser().is_file():
-            raise BadInput(f"key_location {self.settings.key_location} (the key of {self.settings.keyname}) does not exist")
+            raise BadInput(
+                f"key_location {self.settings.key_location} (the key of {self.settings.keyname}) does not exist"
+            )
         group_id = await self.ensure_group()
         launched: list[str] = []
         handed: set[str] = set()
@@ -366,15 +429,25 @@ class EC2Provider(SSHProvider):
             ids = [i["InstanceId"] for i in reply["Instances"]]
             launched.extend(ids)
             for name, instance_id in zip(batch, ids):
-                await self.call("create_tags", Resources=[instance_id], Tags=[
-                    {"Key": TAG_NODE, "Value": name},
-                    {"Key": TAG_ROLE, "Value": "master" if name == "master" else "node"},
-                    {"Key": "Name", "Value": f"{self.cluster}-{name}"},
-                ])
-                nodes.append(NodeRecord(
-                    name=name, address="", workdir=self._node_dir(name), cores=1, python=self.settings.python,
-                    data={"instance_id": instance_id, "host": ""},
-                ))
+                await self.call(
+                    "create_tags",
+                    Resources=[instance_id],
+                    Tags=[
+                        {"Key": TAG_NODE, "Value": name},
+                        {"Key": TAG_ROLE, "Value": "master" if name == "master" else "node"},
+                        {"Key": "Name", "Value": f"{self.cluster}-{name}"},
+                    ],
+                )
+                nodes.append(
+                    NodeRecord(
+                        name=name,
+                        address="",
+                        workdir=self._node_dir(name),
+                        cores=1,
+                        python=self.settings.python,
+                        data={"instance_id": instance_id, "host": ""},
+                    )
+                )
         return nodes
 
     def _address_of(self, instance: dict) -> str | None:
@@ -414,7 +487,9 @@ class EC2Provider(SSHProvider):
                 break
             if time.monotonic() > deadline:
                 late = ", ".join(f"{n.name} ({i}: {states.get(i, 'unknown')})" for i, n in waiting.items())
-                raise GlobularError(f"instances not running with an address after {self.settings.boot_timeout:g}s: {late}")
+                raise GlobularError(
+                    f"instances not running with an address after {self.settings.boot_timeout:g}s: {late}"
+                )
             await asyncio.sleep(self.settings.poll_interval)
         self.reporter.end("ec2-running")
 
@@ -448,7 +523,11 @@ class EC2Provider(SSHProvider):
         if not path.exists():
             return
         gone = set(addresses)
-        kept = [line for line in path.read_text().splitlines() if line.split(" ", 1)[0].strip("[]").split("]:")[0] not in gone]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.split(" ", 1)[0].strip("[]").split("]:")[0] not in gone
+        ]
         write_private(path, "".join(f"{line}\n" for line in kept).encode())
 
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
@@ -488,12 +567,22 @@ class EC2Provider(SSHProvider):
                 continue
             address = self._address_of(instance) or ""
             host = str(SSHHost(host=address, user=self.settings.user)) if address else ""
-            found.setdefault(cluster, []).append(NodeRecord(
-                name=name, address=address, workdir=f"{self.settings.remote_dir}/{cluster}/{name}", cores=1,
-                python=self.settings.python, login=host or None,
-                data={"instance_id": instance["InstanceId"], "host": host, "address": address,
-                      "state": instance["State"]["Name"]},
-            ))
+            found.setdefault(cluster, []).append(
+                NodeRecord(
+                    name=name,
+                    address=address,
+                    workdir=f"{self.settings.remote_dir}/{cluster}/{name}",
+                    cores=1,
+                    python=self.settings.python,
+                    login=host or None,
+                    data={
+                        "instance_id": instance["InstanceId"],
+                        "host": host,
+                        "address": address,
+                        "state": instance["State"]["Name"],
+                    },
+                )
+            )
         return found
 
 

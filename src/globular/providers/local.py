@@ -27,7 +27,9 @@ from globular.state import NodeRecord
 
 class LocalSettings(Settings):
     cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: cores / nodes")
-    python: str | None = Field(default=None, description="interpreter for controller and engines; default: globular's own")
+    python: str | None = Field(
+        default=None, description="interpreter for controller and engines; default: globular's own"
+    )
 
 
 class LocalRunner(Runner):
@@ -46,7 +48,7 @@ class LocalRunner(Runner):
             raise CommandError(self.node.name, display(argv), 127, exc.strerror or str(exc)) from None
         try:
             out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except (TimeoutError, asyncio.CancelledError) as exc:
             proc.kill()
             await proc.wait()
             if isinstance(exc, asyncio.CancelledError):
@@ -67,8 +69,10 @@ class LocalRunner(Runner):
             reply = await asyncio.wait_for(asyncio.to_thread(call, json.loads(json.dumps(request))), timeout)
         except nodeproc.Refused as exc:
             raise CommandError(self.node.name, f"globular.nodeproc {verb}", 3, str(exc)) from None
-        except asyncio.TimeoutError:
-            raise CommandError(self.node.name, f"globular.nodeproc {verb}", None, f"no answer within {timeout:g}s") from None
+        except TimeoutError:
+            raise CommandError(
+                self.node.name, f"globular.nodeproc {verb}", None, f"no answer within {timeout:g}s"
+            ) from None
         return json.loads(json.dumps(reply))
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:

@@ -90,10 +90,17 @@ class SSHSettings(Settings):
     )
     master_host: Annotated[str | None, AfterValidator(_check_host)] = None
     user: str | None = Field(default=None, description="login name; default: ~/.ssh/config's, else yours")
-    ssh_key: str | None = Field(default=None, description="private key file; the agent and ~/.ssh/config's keys are also tried")
+    ssh_key: str | None = Field(
+        default=None, description="private key file; the agent and ~/.ssh/config's keys are also tried"
+    )
     known_hosts: str | None = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")
-    accept_new_host_keys: bool = Field(default=False, description="add unknown host keys to known_hosts (never a changed one)")
-    python: str = Field(default="python3", description="the hosts' Python (same major.minor as here); globular makes its environment from it")
+    accept_new_host_keys: bool = Field(
+        default=False, description="add unknown host keys to known_hosts (never a changed one)"
+    )
+    python: str = Field(
+        default="python3",
+        description="the hosts' Python (same major.minor as here); globular makes its environment from it",
+    )
     remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the hosts")
     cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: the host's cores")
     connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds to wait for a host to answer")
@@ -132,14 +139,18 @@ class SSHRunner(Runner):
     ) -> CommandResult:
         return await self._run(self._command(argv), display(argv), input=input, timeout=timeout, check=check)
 
-    async def _run(self, command: str, shown: str, *, input: bytes | None, timeout: float | None, check: bool) -> CommandResult:
+    async def _run(
+        self, command: str, shown: str, *, input: bytes | None, timeout: float | None, check: bool
+    ) -> CommandResult:
         conn = await self.connection()
         try:
             done = await conn.run(command, input=input, encoding=None, timeout=timeout, check=False)
         except asyncssh.TimeoutError:
             raise CommandError(self.node.name, shown, None, f"no answer within {timeout:g}s") from None
         except (asyncssh.Error, OSError) as exc:
-            raise CommandError(self.node.name, shown, None, f"ssh connection to {self.node.login} lost: {exc}") from None
+            raise CommandError(
+                self.node.name, shown, None, f"ssh connection to {self.node.login} lost: {exc}"
+            ) from None
         returncode = done.exit_status if done.exit_status is not None else 255
         result = CommandResult(
             returncode, (done.stdout or b"").decode(errors="replace"), (done.stderr or b"").decode(errors="replace")
@@ -174,7 +185,7 @@ class SSHRunner(Runner):
             conn.close()
             try:
                 await asyncio.wait_for(conn.wait_closed(), 5)
-            except (asyncio.TimeoutError, OSError, asyncssh.Error):
+            except (TimeoutError, OSError, asyncssh.Error):
                 pass
 
 
@@ -222,8 +233,10 @@ class SSHProvider(NodeProvider):
     def _options(self, host: SSHHost) -> dict:
         # a host that stops answering is noticed after 3 missed keepalives: 3 x connect_timeout
         options: dict = {
-            "port": host.port, "connect_timeout": self.settings.connect_timeout,
-            "keepalive_interval": self.settings.connect_timeout, "keepalive_count_max": 3,
+            "port": host.port,
+            "connect_timeout": self.settings.connect_timeout,
+            "keepalive_interval": self.settings.connect_timeout,
+            "keepalive_count_max": 3,
         }
         user = host.user or self.settings.user
         if user:
@@ -261,7 +274,7 @@ class SSHProvider(NodeProvider):
             raise GlobularError(f"cannot trust {host}: {why} [{exc.reason}]") from None
         except asyncssh.PermissionDenied:
             raise GlobularError(f"{host} refused the login (check user, ssh_key and your agent)") from None
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise GlobularError(f"cannot reach {host}: no answer within {limit:g}s") from None
         except (OSError, asyncssh.Error) as exc:
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
@@ -331,8 +344,13 @@ class SSHProvider(NodeProvider):
         placed = self._place(names, list(existing), hosts)
         nodes = [
             NodeRecord(
-                name=name, address=host.host, workdir=self._node_dir(name), cores=1,
-                python=self.settings.python, login=str(host), data={"host": str(host)},
+                name=name,
+                address=host.host,
+                workdir=self._node_dir(name),
+                cores=1,
+                python=self.settings.python,
+                login=str(host),
+                data={"host": str(host)},
             )
             for name, host in zip(names, placed)
         ]
@@ -352,9 +370,13 @@ class SSHProvider(NodeProvider):
                 # with a managed environment the host's Python needs nothing but itself
                 system = environment_mode(self.spec, self.default_environment) == "system"
                 try:
-                    facts = await runner._nodeproc("prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []})
+                    facts = await runner._nodeproc(
+                        "prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []}
+                    )
                 except CommandError as exc:
-                    raise NodeError(node.name, f"{host}: cannot run {self.settings.python} ({exc.stderr.strip() or exc})") from None
+                    raise NodeError(
+                        node.name, f"{host}: cannot run {self.settings.python} ({exc.stderr.strip() or exc})"
+                    ) from None
                 node.workdir = facts["workdir"]
                 if facts["missing"]:
                     await self._remove_dir(node)
