@@ -87,10 +87,10 @@ class Globular:
         return self.cmd("terminate", "-y", "b")
 
     def stop_from_python(self, rc: ipp.Client) -> float:
-        """``globular.cluster.terminate`` in this process: like for like with ``Cluster.stop_cluster_sync``."""
+        """``globular.operations.terminate`` in this process: like for like with ``Cluster.stop_cluster_sync``."""
         import asyncio
 
-        from globular import cluster
+        from globular import operations as cluster
 
         rc.close()
         started = time.perf_counter()

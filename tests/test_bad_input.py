@@ -59,9 +59,13 @@ def _load_every_template(text: str) -> None:
     try:
         config = Config.from_text(text, file="fuzz.ini")
         for template in config.templates:
-            config.cluster_spec(template)
+            spec = config.cluster_spec(template)
+            assert spec.cluster_size >= 1 and spec.provider in ("local", "ssh", "ec2"), spec
     except ConfigError as exc:
-        assert str(exc).startswith("fuzz.ini"), str(exc)
+        message = str(exc)
+        assert message.startswith("fuzz.ini") and "\n" not in message, message  # one line, naming the file
+        if exc.key:
+            assert f"{exc.key}:" in message or f"{exc.key} " in message, message  # ... and the key
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -47,7 +47,7 @@ def test_builtin_default_when_no_config_file(tmp_path, monkeypatch):
     assert spec.provider == "local"
     assert spec.template == "local"
     assert [p.name for p in spec.plugins] == ["ipcluster"]
-    assert spec.plugins[0].setup_class == "globular.plugins.ipcluster:IPCluster"
+    assert spec.plugins[0].setup_class == "globular.plugins.ipcluster.plugin:IPCluster"
     assert spec.config_file is None
 
 
@@ -56,7 +56,7 @@ def test_starcluster_docs_block_works_as_is():
     assert spec.template == "smallcluster"
     assert spec.cluster_size == 2
     plugin = spec.plugins[0]
-    assert plugin.setup_class == "globular.plugins.ipcluster:IPCluster"
+    assert plugin.setup_class == "globular.plugins.ipcluster.plugin:IPCluster"
     assert plugin.settings["enable_notebook"] is True
     assert plugin.settings["packer"] == "pickle"
     assert plugin.settings["notebook_directory"] == "notebooks"
@@ -123,7 +123,7 @@ def test_plugin_settings_are_typed():
     base = "[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\n"
     exc = error_of(base + "packer = yaml\n", "a")
     assert (exc.section, exc.key) == ("plugin ipcluster", "packer")
-    assert "'json', 'pickle' or 'msgpack'" in str(exc)
+    assert "one of: json, pickle, msgpack" in str(exc)
     exc = error_of(base + "enable_notebook = perhaps\n", "a")
     assert exc.key == "enable_notebook"
     exc = error_of(base + "no_such_setting = 1\n", "a")
@@ -282,7 +282,7 @@ def test_ssh_and_controller_settings_errors_name_the_key(kwargs, key, fragment):
 
 
 def test_encryption_is_curve_where_nodes_are_other_machines_unless_set():
-    from globular.plugins.ipcluster import IPClusterSettings, encryption_of
+    from globular.plugins.ipcluster.settings import IPClusterSettings, encryption_of
 
     assert encryption_of(IPClusterSettings(), remote_nodes=True) == "curve"
     assert encryption_of(IPClusterSettings(), remote_nodes=False) == "none"

@@ -8,11 +8,6 @@ addresses, so the SSH bring-up, the controller and the engines are real.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -29,30 +24,19 @@ REGION = "us-east-1"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_url():
-    server = Path(sys.executable).with_name("moto_server")
-    if not server.exists():
-        pytest.skip("moto[server] is not installed")
-    port = _free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "wb")
-    proc = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
+    """moto's EC2 in a thread of this process, on a port the kernel picked (no pick-then-bind race)."""
+    server_module = pytest.importorskip("moto.moto_server.threaded_moto_server", reason="moto[server] is not installed")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
     try:
-        assert wait_until(lambda: _answers(url), timeout=30), "moto_server did not start"
+        assert wait_until(lambda: _answers(url), timeout=30), "moto's server did not answer"
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-        log.close()
+        server.stop()
 
 
 def _answers(url: str) -> bool:
@@ -157,7 +141,7 @@ def terminated(cli, home):
 
 
 def test_start_grow_shrink_terminate_leaves_the_account_as_found(account, net, cli, home, tmp_path, terminated):
-    from globular.client import connect
+    from globular import connect
 
     before = account.snapshot()
     config = ec2_config(account, net, tmp_path)

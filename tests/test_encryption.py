@@ -91,7 +91,7 @@ echo.__module__ = "__main__"  # sent by value
 
 @pytest.mark.parametrize("encryption", ["curve", "none"])
 def test_a_marker_crosses_the_network_only_without_encryption(net, cli, home, tmp_path, encryption):
-    from globular.client import connect
+    from globular import connect
 
     path = config(net, tmp_path, ipcluster="" if encryption == "curve" else "encryption = none\n")
     started = cli("-c", path, "start", "sniffed", timeout=600)

@@ -245,8 +245,8 @@ def test_bare_hosts_get_user_packages_and_a_second_start_installs_nothing(net, c
     config = env_config(net, tmp_path, cluster="packages = toolz, msgpack\n")
     first = cli("-c", config, "start", "lab", timeout=600)
     assert first.returncode == 0, first.output
-    lines = step_lines(first.stdout)
-    assert set(lines) == {"master", "node001", "node002"}, first.stdout
+    lines = step_lines(first.stderr)  # progress goes to stderr
+    assert set(lines) == {"master", "node001", "node002"}, first.output
     # the hosts share one file system: one node builds, the others wait for it and find it made
     assert any(re.search(r"env \d+\.\ds", line) and "env cached" not in line for line in lines.values()), lines
     envs = environments(tmp_path / "hosts" / "envs")
@@ -262,7 +262,7 @@ def test_bare_hosts_get_user_packages_and_a_second_start_installs_nothing(net, c
 
         return sys.prefix, toolz.__name__, msgpack.packb([1]).hex()
 
-    from globular.client import connect
+    from globular import connect
 
     client = connect("lab")
     try:
@@ -278,9 +278,9 @@ def test_bare_hosts_get_user_packages_and_a_second_start_installs_nothing(net, c
     second = cli("-c", config, "start", "lab", timeout=300)
     elapsed = time.monotonic() - started
     assert second.returncode == 0, second.output
-    lines = step_lines(second.stdout)
+    lines = step_lines(second.stderr)
     assert all("env cached" in line for line in lines.values()), lines
-    status = json.loads(cli("status", "lab", "--output", "json").stdout)
+    status = json.loads(cli("status", "lab", "--output", "json").stdout)["result"]
     assert all(n["steps"]["env cached"] < 1.0 for n in status["nodes"]), status["nodes"]
     assert ((folder / "bin" / "python").lstat().st_mtime_ns, folder.stat().st_mtime_ns) == built
     assert elapsed < 30, elapsed
@@ -330,7 +330,7 @@ def test_a_host_with_another_python_is_named_before_anything_is_built(net, cli, 
     assert "functions sent from here would not run there" in result.stderr
     assert not (home / "clusters" / "otherpy.json").exists()
     checked = cli("-c", config, "check", "otherpy", "--output", "json", timeout=120)
-    assert checked.returncode == 1 and all(not c["ok"] for c in json.loads(checked.stdout))
+    assert checked.returncode == 1 and all(not c["ok"] for c in json.loads(checked.stdout)["result"]["checks"])
 
 
 @hosts_needed
@@ -369,7 +369,7 @@ def test_an_interrupted_build_is_never_trusted(net, cli, home, tmp_path):
 
     again = cli("-c", config, "start", "cut", timeout=600)
     assert again.returncode == 0, again.output
-    assert "env cached" not in step_lines(again.stdout)["master"]
+    assert "env cached" not in step_lines(again.stderr)["master"]
     assert not half.exists() and len(environments(root)) == 1
     assert cli("terminate", "-y", "cut").returncode == 0
 
@@ -392,7 +392,7 @@ def test_two_clusters_started_at_once_on_the_same_hosts_build_one_environment(ne
     outputs = [p.communicate(timeout=600) for p in procs]
     try:
         assert [p.returncode for p in procs] == [0, 0], outputs
-        built = [line for out, _ in outputs for line in step_lines(out).values() if "env cached" not in line]
+        built = [line for _, err in outputs for line in step_lines(err).values() if "env cached" not in line]
         assert len(built) == 1, outputs  # one writer; the three others waited and found it made
         assert len(environments(tmp_path / "hosts" / "envs")) == 1
         assert not [

@@ -55,7 +55,7 @@ def row(listing: str, name: str) -> str:
 
 
 def test_watchdog_restarts_a_dead_engine_and_retried_tasks_are_not_lost(cli, home, tmp_path, write_config):
-    from globular.client import connect
+    from globular import connect
 
     config = str(write_config(config_text("restart_dead_engines = True\nencryption = curve\n")))  # with curve on
     started = cli("-c", config, "start", "wd")
@@ -90,7 +90,7 @@ def test_watchdog_restarts_a_dead_engine_and_retried_tasks_are_not_lost(cli, hom
 def test_killed_engine_fails_a_running_map_and_listclusters_tells_the_truth(cli, home, write_config):
     import ipyparallel as ipp
 
-    from globular.client import connect
+    from globular import connect
 
     config = str(write_config(config_text()))
     assert cli("-c", config, "start", "hurt").returncode == 0

@@ -35,15 +35,9 @@ def served_certificate(port: int) -> bytes:
     return ssl.get_server_certificate(("127.0.0.1", port)).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_notebook_https_password_kernel_map_and_stop(cli, home, write_config, tmp_path):
     taken = socket.socket()
-    taken.bind(("127.0.0.1", free_port()))  # the configured port is in use: the next free one is taken
+    taken.bind(("127.0.0.1", 0))  # the configured port is in use (ours, held open): the next free one is taken
     taken.listen()
     port_wanted = taken.getsockname()[1]
     notebooks = tmp_path / "work" / "notebooks"

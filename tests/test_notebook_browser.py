@@ -69,4 +69,5 @@ def test_log_in_open_a_notebook_and_read_the_engine_ids(cli, home, write_config,
             finally:
                 browser.close()
     finally:
-        assert cli("terminate", "-y", "web").returncode == 0
+        stopped = cli("terminate", "-y", "web")
+    assert stopped.returncode == 0, stopped.output

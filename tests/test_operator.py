@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ def test_check_alone_on_a_template_brings_up_checks_and_releases(cli, home, writ
     config = str(write_config(CONFIG.format(extra="")))
     result = cli("-c", config, "check", "pre", "--output", "json")
     assert result.returncode == 0, result.output
-    checks = json.loads(result.stdout)
+    checks = json.loads(result.stdout)["result"]["checks"]
     assert [c["node"] for c in checks] == ["master", "node001"]
     assert all(c["ok"] and c["modules"]["ipyparallel"] == ipyparallel.__version__ for c in checks)
     assert all(c["python"] == ".".join(map(str, sys.version_info[:3])) and c["cpus"] >= 1 for c in checks)
@@ -43,13 +44,13 @@ def test_status_explains_a_half_broken_cluster(cli, home, write_config):
     assert started.returncode == 0, started.output
     # the live per-node steps, shown while start ran
     steps = [
-        line for line in started.stdout.splitlines() if "node001" in line and "engines" in line and "registered" in line
+        line for line in started.stderr.splitlines() if "node001" in line and "engines" in line and "registered" in line
     ]
-    assert steps, started.stdout
+    assert steps, started.output
     try:
         healthy = cli("status", "half", "--output", "json")
         assert healthy.returncode == 0, healthy.output
-        report = json.loads(healthy.stdout)
+        report = json.loads(healthy.stdout)["result"]
         assert report["ok"] and report["controller"] == "up"
         for node in report["nodes"]:
             assert node["state"] == "registered", node
@@ -65,7 +66,7 @@ def test_status_explains_a_half_broken_cluster(cli, home, write_config):
 
         def broken():
             out = cli("status", "half", "--output", "json")
-            data = json.loads(out.stdout)
+            data = json.loads(out.stdout)["result"]
             node = next(n for n in data["nodes"] if n["name"] == "node001")
             return out.returncode == 1 and node["engines_registered"] == 0 and data
 
@@ -79,7 +80,8 @@ def test_status_explains_a_half_broken_cluster(cli, home, write_config):
         table = cli("status", "half")
         assert table.returncode == 1 and "engines dead" in table.stdout and "node001" in table.stdout
     finally:
-        assert cli("-c", config, "terminate", "-y", "half").returncode == 0
+        stopped = cli("-c", config, "terminate", "-y", "half")
+    assert stopped.returncode == 0, stopped.output
 
 
 def test_python_api_and_px_magics_through_globular_connect(home, tmp_path, write_config):
@@ -119,13 +121,15 @@ def test_python_api_and_px_magics_through_globular_connect(home, tmp_path, write
 
 
 def test_idle_shutdown_stops_the_cluster_when_no_task_ran_and_listclusters_shows_the_deadline(cli, home, write_config):
-    from globular.client import connect
+    from globular import connect
 
     config = str(write_config(CONFIG.format(extra="idle_shutdown = 6s\nencryption = curve\n")))  # with curve on
     assert cli("-c", config, "start", "idle").returncode == 0
     try:
         listing = cli("-c", config, "listclusters").stdout
-        assert "in " in listing and "idle shutdown" in listing
+        header = next(line for line in listing.splitlines() if "health" in line)
+        row = next(line for line in listing.splitlines() if line.split()[:1] == ["idle"])
+        assert "idle shutdown" in header and re.search(r" in \d+s \(\d\d:\d\d\) ", row), listing
         rc = connect("idle")
         try:
             for _ in range(4):  # work keeps it up past its first deadline
@@ -140,4 +144,5 @@ def test_idle_shutdown_stops_the_cluster_when_no_task_ran_and_listclusters_shows
         listing = cli("-c", config, "listclusters").stdout
         assert "idle shutdown at" in listing and "done" in listing
     finally:
-        assert cli("-c", config, "terminate", "-y", "idle").returncode == 0
+        stopped = cli("-c", config, "terminate", "-y", "idle")
+    assert stopped.returncode == 0, stopped.output

@@ -45,7 +45,8 @@ def test_every_packer_works_and_the_client_picks_it_up(cli, home, write_config, 
         finally:
             rc.close()
     finally:
-        assert cli("terminate", "-y", "pk").returncode == 0
+        stopped = cli("terminate", "-y", "pk")
+    assert stopped.returncode == 0, stopped.output
 
 
 def test_msgpack_missing_on_a_node_is_named_and_nothing_starts(cli, home, write_config, tmp_path):

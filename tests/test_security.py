@@ -79,7 +79,8 @@ def test_private_files_and_no_secret_on_a_command_line_or_in_a_log(cli, home, wr
             text = path.read_text(errors="replace")
             assert key not in text and password not in text, path
     finally:
-        assert cli("-c", config, "terminate", "-y", "sec").returncode == 0
+        stopped = cli("-c", config, "terminate", "-y", "sec")
+    assert stopped.returncode == 0, stopped.output
 
 
 def test_a_client_with_the_wrong_key_cannot_run_code(cli, home, tmp_path, write_config):
@@ -106,7 +107,8 @@ def test_a_client_with_the_wrong_key_cannot_run_code(cli, home, tmp_path, write_
         finally:
             rc.close()
     finally:
-        assert cli("-c", config, "terminate", "-y", "keyed").returncode == 0
+        stopped = cli("-c", config, "terminate", "-y", "keyed")
+    assert stopped.returncode == 0, stopped.output
 
 
 @pytest.mark.skipif(testhosts.available() is not None, reason=testhosts.available() or "")
@@ -134,7 +136,7 @@ def test_the_controller_is_not_reachable_from_another_network(cli, home, write_c
 
         control.bind(("0.0.0.0", 0))
         control.listen()
-        ports = [control.getsockname()[1]] + sorted(a.port for a in listening)
+        ports = [control.getsockname()[1], *sorted(a.port for a in listening)]
         probe = (
             "import socket, sys, json\nout = []\n"
             "for port in map(int, sys.argv[1:]):\n"
@@ -156,4 +158,5 @@ def test_the_controller_is_not_reachable_from_another_network(cli, home, write_c
         control.close()
         testhosts.sh("ip", "netns", "del", netns, check=False)
         testhosts.sh("ip", "link", "del", veth, check=False)
-        assert cli("-c", config, "terminate", "-y", "walled").returncode == 0
+        stopped = cli("-c", config, "terminate", "-y", "walled")
+    assert stopped.returncode == 0, stopped.output

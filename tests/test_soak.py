@@ -65,8 +65,8 @@ def aborted_in_logs(home, live: set[int]) -> tuple[list[str], list[str]]:
 
 @pytest.mark.parametrize("encryption", ["curve", "none"])
 def test_cycles_leak_no_process_fd_or_namespace(home, tmp_path, encryption):
-    from globular import cluster
-    from globular.client import connect
+    from globular import connect
+    from globular import operations as cluster
     from globular.config import Config
 
     minutes = float(os.environ.get("GLOBULAR_SOAK_MINUTES", "3"))
@@ -86,12 +86,12 @@ def test_cycles_leak_no_process_fd_or_namespace(home, tmp_path, encryption):
         asyncio.run(cluster.start(name, spec, home=home))
         rc = connect(name, home=home)
         try:
-            assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+            assert wait_until(lambda rc=rc: len(rc.ids) == 2, timeout=30)
             assert rc[:].map_async(square, range(10)).get(60) == [x * x for x in range(10)]
             asyncio.run(cluster.add_nodes(name, 1, home=home))
-            assert wait_until(lambda: len(rc.ids) == 3, timeout=30)
+            assert wait_until(lambda rc=rc: len(rc.ids) == 3, timeout=30)
             asyncio.run(cluster.run_plugin(name, restart, home=home))
-            assert wait_until(lambda: len(rc.ids) == 3, timeout=30)
+            assert wait_until(lambda rc=rc: len(rc.ids) == 3, timeout=30)
             assert rc.load_balanced_view().map_async(square, range(30)).get(60) == [x * x for x in range(30)]
             fatal, stopping = aborted_in_logs(home, set(rc.ids))
             assert not fatal, fatal

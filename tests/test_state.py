@@ -48,6 +48,23 @@ def test_record_is_private_versioned_and_leaves_no_temp_files(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_a_version_1_record_is_read_with_its_nodes_as_the_desired_set(tmp_path):
+    store = StateStore(tmp_path)
+    record = make_record("old")
+    record.nodes = [
+        NodeRecord(name=n, address="127.0.0.1", workdir="/tmp", cores=1, python="python3")
+        for n in ("master", "node001")
+    ]
+    raw = json.loads(record.model_dump_json())
+    raw["version"] = 1
+    del raw["desired"]
+    (tmp_path / "clusters").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "clusters" / "old.json").write_text(json.dumps(raw))
+    read = store.get("old")
+    assert read.version == STATE_VERSION == 2
+    assert read.desired == [n.name for n in record.nodes] and read.desired
+
+
 def test_unknown_version_and_garbage_are_reported_not_crashing(tmp_path):
     store = StateStore(tmp_path)
     store.create(make_record("good"))
@@ -61,14 +78,17 @@ def test_unknown_version_and_garbage_are_reported_not_crashing(tmp_path):
 
 
 def _increment(home: str, count: int) -> None:
+    """What every operation does: read, change and save the record while holding its operation lock."""
     store = StateStore(__import__("pathlib").Path(home))
     for _ in range(count):
-        store.update(
-            "shared", lambda r: r.plugin_data.setdefault("n", {}).__setitem__("v", r.plugin_data["n"].get("v", 0) + 1)
-        )
+        with store.operation("shared", timeout=60):
+            record = store.get("shared")
+            data = record.plugin_data.setdefault("n", {})
+            data["v"] = data.get("v", 0) + 1
+            store.save(record)
 
 
-def test_concurrent_writers_in_processes_lose_no_update(tmp_path):
+def test_operations_in_processes_lose_no_update(tmp_path):
     store = StateStore(tmp_path)
     store.create(make_record("shared"))
     ctx = multiprocessing.get_context("spawn")

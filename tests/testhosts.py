@@ -125,7 +125,7 @@ class HostNet:
             # a client that vanished (its host's link cut) must not leave a session behind
             "ClientAliveInterval 5\nClientAliveCountMax 2\n"
         )
-        log = open(self.workdir / f"sshd_{host.name}.log", "ab")
+        log = open(self.workdir / f"sshd_{host.name}.log", "ab")  # noqa: SIM115 - sshd's, until it stops
         proc = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, SSHD, "-D", "-e", "-f", str(config)],
             stdout=log,

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 __all__ = ["Cluster", "GlobularError", "__version__", "connect"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # loaded on first use, so that `import globular` (and the CLI) stay quick
     if name in ("Cluster", "connect"):
         from globular import api

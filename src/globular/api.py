@@ -16,50 +16,29 @@ there they run on a thread of their own.  Progress goes to ``reporter`` (a
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import builtins
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from globular import cluster as operations
-from globular.client import connect as _connect
+from globular import operations
+from globular.aio import run_sync as _run
 from globular.paths import globular_home
 from globular.state import ClusterRecord, StateStore
 
 if TYPE_CHECKING:
     from ipyparallel import Client
 
-    from globular.preflight import NodeCheck
+    from globular.plugins.base import NodeCheck
     from globular.reporting import Reporter
     from globular.status import ClusterStatusReport
-
-
-def _run(coro) -> Any:
-    """Run ``coro`` to the end, whether or not this thread already runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    outcome: dict[str, Any] = {}
-
-    def worker() -> None:
-        try:
-            outcome["value"] = asyncio.run(coro)
-        except BaseException as exc:  # handed to the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=worker, name="globular-operation")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 def connect(name: str, *, home: Path | None = None, timeout: float = 10.0) -> Client:
     """A ready ``ipyparallel.Client`` for running cluster ``name`` (through SSH when the
     master is remote: globular's own connection, with the cluster's key and known_hosts)."""
-    return _connect(name, home=home, timeout=timeout)
+    from globular.plugins.ipcluster.connect import connect as ipcluster_connect
+
+    return ipcluster_connect(name, home=home, timeout=timeout)
 
 
 class Cluster:
@@ -94,7 +73,7 @@ class Cluster:
         return cls(name, home=home, reporter=reporter)
 
     @classmethod
-    def list(cls, *, home: Path | None = None) -> list[Cluster]:
+    def list(cls, *, home: Path | None = None) -> builtins.list[Cluster]:
         records, _ = StateStore(Path(home) if home else globular_home()).list()
         return [cls(r.name, home=home) for r in records]
 
@@ -104,13 +83,13 @@ class Cluster:
         return StateStore(self.home).get(self.name)
 
     @property
-    def nodes(self) -> list[str]:
+    def nodes(self) -> builtins.list[str]:
         return [n.name for n in self.record.nodes]
 
     def connect(self, timeout: float = 10.0) -> Client:
-        return _connect(self.name, home=self.home, timeout=timeout)
+        return connect(self.name, home=self.home, timeout=timeout)
 
-    def add_nodes(self, count: int = 1, *, hosts: list[str] | None = None) -> list[str]:
+    def add_nodes(self, count: int = 1, *, hosts: builtins.list[str] | None = None) -> builtins.list[str]:
         """Add nodes; their engines join the running controller.  Returns the new nodes' names."""
         result = _run(operations.add_nodes(self.name, count, hosts=hosts, home=self.home, reporter=self.reporter))
         return result.nodes
@@ -130,7 +109,7 @@ class Cluster:
 
         return _run(cluster_status(self.record, self.home))
 
-    def check(self) -> list[NodeCheck]:
+    def check(self) -> builtins.list[NodeCheck]:
         return _run(operations.check(self.name, home=self.home, reporter=self.reporter))
 
     def terminate(self) -> None:

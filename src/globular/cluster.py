@@ -1,70 +1,36 @@
-"""A running cluster: its record, its provider, its plugins, and what can be done to it.
+"""A cluster being worked on: its record, its provider, and one reconcile that brings
+the nodes there are to the nodes the record wants.
 
-(Longer than most modules: every operation on a cluster lives here, beside the
-context they share, so that each reads top to bottom.)
-
-Every operation holds the cluster's operation lock, keeps the state record up
-to date as it goes (a process is recorded as soon as it is started), and
-returns data; rendering is the caller's business.
+:class:`ClusterContext` is what every operation (:mod:`globular.operations`) holds
+while it runs, and what plugins get as their
+:class:`~globular.plugins.base.PluginContext`.  The record keeps the desired node
+set (``desired``); ``start``, ``addnode``, ``removenode`` and ``terminate`` change
+it and call :meth:`ClusterContext.reconcile`, which makes the missing nodes and
+releases the extra ones, like dask's ``SpecCluster``.  A process is recorded as
+soon as it is started, so that terminate can always stop it by pid.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from globular import environment
-from globular.errors import ClusterNotFound, GlobularError, NodeFailures, PluginFailed, StartFailed
+from globular.errors import GlobularError, PluginFailed
 from globular.fanout import each_node
-from globular.paths import globular_home
-from globular.plugins.base import Plugin, PluginReport
-from globular.preflight import NodeCheck, PreflightFailed
+from globular.plugins.base import NodeCheck, Plugin, PluginReport, PreflightFailed
 from globular.providers.base import NodeProvider, Runner, StopResult
-from globular.registry import RegistryError, provider_class, resolve_plugin
-from globular.reporting import NullReporter, Reporter, step_label
-from globular.spec import ClusterSpec, PluginSpec
-from globular.state import ClusterRecord, NodeRecord, ProcessRecord, StateStore, check_cluster_name
+from globular.registry import RegistryError, make_provider, resolve_plugin
+from globular.reporting import Reporter, step_label
+from globular.spec import PluginSpec, Settings
+from globular.state import ClusterRecord, NodeRecord, ProcessRecord, StateStore
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class StartResult:
-    record: ClusterRecord
-    elapsed: float
-    reports: list[PluginReport] = field(default_factory=list)
-    checks: list[NodeCheck] = field(default_factory=list)  # preflight, with its warnings
-
-
-@dataclass
-class PluginRunResult:
-    record: ClusterRecord
-    plugin: str
-    elapsed: float
-    report: PluginReport | None
-
-
-@dataclass
-class NodesResult:
-    """What ``add_nodes`` / ``remove_node`` did."""
-
-    record: ClusterRecord
-    nodes: list[str]
-    elapsed: float
-    reports: list[PluginReport] = field(default_factory=list)
-    checks: list[NodeCheck] = field(default_factory=list)
-
-
-@dataclass
-class TerminateResult:
-    name: str
-    nodes: int
-    processes_stopped: int
-    processes_killed: int
-    elapsed: float
-    warnings: list[str] = field(default_factory=list)
-
-
-def node_names(count: int, existing: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+def node_names(count: int, existing: list[str] | tuple[str, ...] = ()) -> list[str]:
     """StarCluster's names: ``master``, then ``node001``, ``node002``, ... not yet used."""
     names: list[str] = []
     taken = set(existing)
@@ -92,22 +58,36 @@ def load_plugin(spec: PluginSpec) -> Plugin:
     return cls.from_spec(spec)
 
 
-class Cluster:
-    """A cluster known to the state store; the context plugins work in."""
+class ClusterContext:
+    """A cluster known to the state store, as an operation and its plugins see it."""
 
     def __init__(self, record: ClusterRecord, *, home: Path, store: StateStore, reporter: Reporter):
         self.record = record
-        self.home = home
         self.store = store
-        self.reporter = reporter
-        self.provider: NodeProvider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
+        self._home = home
+        self._reporter = reporter
+        self.provider: NodeProvider = make_provider(record.spec, cluster=record.name, home=home)
         self.provider.reporter = reporter
         self.provider.on_step = self.node_step
         self.stopped = StopResult(0, 0, [])  # totals of every stop_processes call
 
+    # -- the PluginContext ---------------------------------------------------
+
     @property
     def name(self) -> str:
         return self.record.name
+
+    @property
+    def region(self) -> str:
+        return self.record.region
+
+    @property
+    def home(self) -> Path:
+        return self._home
+
+    @property
+    def reporter(self) -> Reporter:
+        return self._reporter
 
     @property
     def nodes(self) -> list[NodeRecord]:
@@ -117,19 +97,21 @@ class Cluster:
     def master(self) -> NodeRecord:
         return self.record.master
 
+    @property
+    def remote_nodes(self) -> bool:
+        return self.provider.remote_nodes
+
+    @property
+    def rents_machines(self) -> bool:
+        return self.provider.rents_machines
+
     def runner(self, node: NodeRecord) -> Runner:
         return self.provider.runner(node)
-
-    async def close(self) -> None:
-        await self.provider.close()
-
-    # -- record keeping, for plugins ----------------------------------------
 
     def save(self) -> None:
         self.store.save(self.record)
 
     def track(self, node: NodeRecord, procs: list[ProcessRecord]) -> None:
-        """Record processes started on ``node`` (so terminate can always stop them)."""
         node.processes.extend(procs)
         self.save()
 
@@ -138,16 +120,47 @@ class Cluster:
         node.processes = [p for p in node.processes if (p.pid, p.start) not in gone]
         self.save()
 
+    async def stop_processes(self, node: NodeRecord, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
+        result = await self.runner(node).stop(procs, timeout=timeout)
+        self.untrack(node, procs)
+        self.stopped = StopResult(self.stopped.stopped + result.stopped, self.stopped.killed + result.killed, [])
+        return result
+
+    def plugin_data(self, key: str) -> dict[str, Any]:
+        return self.record.plugin_data.setdefault(key, {})
+
+    def settings_of(self, plugin: type[Plugin]) -> Settings | None:
+        for spec in self.record.spec.plugins:
+            try:
+                _, cls = resolve_plugin(spec.setup_class)
+            except RegistryError:
+                continue
+            if cls is plugin:
+                return cls.Settings.model_validate(spec.settings)
+        return None
+
     def node_step(self, node: NodeRecord, step: str) -> None:
-        """``node`` reached ``step``: recorded (``globular status`` shows it) and reported live."""
         now = time.time()
         previous = max([node.created, *(t for s, t in node.steps.items() if s != step)])
         node.steps[step] = now
+        log.debug("%s/%s: %s (%.2fs)", self.name, node.name, step, now - previous)
         node_step = getattr(self.reporter, "node_step", None)
         if node_step is not None:
             node_step(node.name, step_label(node, step), max(0.0, now - previous))
 
-    def node_ready(self, node: NodeRecord) -> None:
+    # -- the rest, for operations --------------------------------------------
+
+    def plugins(self) -> list[Plugin]:
+        return [load_plugin(spec) for spec in self.record.spec.plugins]
+
+    def require_running(self) -> None:
+        if self.record.status != "running":
+            raise GlobularError(f"cluster {self.name!r} is {self.record.status}, not running")
+
+    async def close(self) -> None:
+        await self.provider.close()
+
+    def _node_ready(self, node: NodeRecord) -> None:
         """The provider made ``node`` usable: it joins the record (saved at once, so that
         whatever happens next, terminate knows it) and the "nodes" progress step."""
         self.record.nodes.append(node)
@@ -156,42 +169,28 @@ class Cluster:
         self.save()
         self.reporter.advance("nodes")
 
-    def plugin_data(self, key: str) -> dict:
-        """A plugin's own part of the state record (saved with :meth:`save`)."""
-        return self.record.plugin_data.setdefault(key, {})
+    async def hook(self, plugin: Plugin, hook: str, *args: Any) -> PluginReport | None:
+        """Run one hook; any failure is a :class:`PluginFailed` that names the plugin."""
+        log.debug("%s: plugin %s: %s", self.name, plugin.name, hook)
+        try:
+            report: PluginReport | None = await getattr(plugin, hook)(self, *args)
+        except GlobularError as exc:
+            raise PluginFailed(plugin.name, hook, exc) from exc
+        except Exception as exc:  # a third-party plugin's bug: still name the plugin
+            raise PluginFailed(plugin.name, hook, GlobularError(f"{type(exc).__name__}: {exc}")) from exc
+        return report
 
-    def plugins(self) -> list[Plugin]:
-        return [load_plugin(spec) for spec in self.record.spec.plugins]
-
-    async def stop_processes(self, node: NodeRecord, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
-        result = await self.runner(node).stop(procs, timeout=timeout)
-        self.untrack(node, procs)
-        self.stopped = StopResult(self.stopped.stopped + result.stopped, self.stopped.killed + result.killed, [])
-        return result
-
-    async def stop_role(self, role: str) -> int:
-        """Stop every recorded process of ``role`` on every node (by pid); how many there were."""
-        stopped = 0
-        for node in self.nodes:
-            procs = node.processes_with_role(role)
-            if procs:
-                await self.stop_processes(node, procs)
-                stopped += len(procs)
-        return stopped
-
-    def require_running(self) -> None:
-        if self.record.status != "running":
-            raise GlobularError(f"cluster {self.name!r} is {self.record.status}, not running")
-
-    # -- operations ----------------------------------------------------------
-
-    async def _stop_and_release(self, nodes: list[NodeRecord]) -> None:
-        """Stop every process still recorded on ``nodes`` (by pid), then release the nodes."""
-        await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))
-        await self.provider.terminate_nodes(nodes)
+    async def run_hooks(self, plugins: list[Plugin], hook: str, *args: Any) -> list[PluginReport]:
+        """Run ``hook`` of each plugin in order; the first failure stops the rest."""
+        reports = []
+        for plugin in plugins:
+            report = await self.hook(plugin, hook, *args)
+            if report is not None:
+                reports.append(report)
+        return reports
 
     async def preflight(self, plugins: list[Plugin], nodes: list[NodeRecord]) -> list[NodeCheck]:
-        """Every plugin's checks of ``nodes``, merged per node (see :mod:`globular.preflight`)."""
+        """Every plugin's checks of ``nodes``, merged per node."""
         merged: dict[str, NodeCheck] = {}
         for plugin in plugins:
             for check in await plugin.preflight(self, nodes):
@@ -202,78 +201,109 @@ class Cluster:
                     merged[check.node].warnings += check.warnings
         return [merged[n.name] for n in nodes if n.name in merged]
 
-    async def prepare_environments(self, plugins: list[Plugin], nodes: list[NodeRecord]) -> None:
-        """Build (or find cached) each node's Python environment (:mod:`globular.environment`);
-        afterwards every process on the nodes runs from it."""
-        await environment.prepare(self, plugins, nodes)
-
-    async def require_preflight(self, plugins: list[Plugin], nodes: list[NodeRecord]) -> list[NodeCheck]:
-        """:meth:`preflight`, raising :class:`PreflightFailed` (one line a node) if any node fails."""
+    async def prepare(self, plugins: list[Plugin], nodes: list[NodeRecord]) -> list[NodeCheck]:
+        """Make ``nodes`` ready for the plugins: their Python environment (built, or found
+        cached: :mod:`globular.environment`), then the preflight; a node that fails it
+        raises :class:`PreflightFailed` (one line a node)."""
+        await environment.prepare(self, self.provider, plugins, nodes)
         checks = await self.preflight(plugins, nodes)
         if any(not c.ok for c in checks):
             raise PreflightFailed(checks)
         return checks
 
-    async def _run_hooks(self, plugins: list[Plugin], hook: str, *args) -> list[PluginReport]:
-        """Run ``hook`` of each plugin in order; the first failure stops the rest."""
-        reports = []
-        for plugin in plugins:
-            report = await self._hook(plugin, hook, *args)
-            if report is not None:
-                reports.append(report)
-        return reports
+    # -- the node set --------------------------------------------------------
+
+    async def reconcile(
+        self, plugins: list[Plugin], *, join: bool = False, prepare: bool = True, hosts: list[str] | None = None
+    ) -> tuple[list[NodeRecord], list[NodeCheck], list[PluginReport]]:
+        """Bring the nodes to ``record.desired``.
+
+        Nodes not desired leave (``on_remove_node`` of each plugin first, in reverse
+        order, when ``join``: the cluster runs).  Desired nodes that do not exist are
+        made by the provider (``hosts``: on these machines), then, with ``prepare``,
+        get their environment and preflight, and with ``join`` each plugin's
+        ``on_add_node``.  If making them fails, the new nodes are released and taken
+        out of ``desired`` again.  Returns the new nodes, their checks and reports.
+        """
+        wanted = set(self.record.desired)
+        extra = [n for n in self.nodes if n.name not in wanted]
+        if extra:
+            log.info("%s: releasing %s", self.name, ", ".join(n.name for n in extra))
+            await self.release(extra, plugins if join else [])
+        have = {n.name for n in self.nodes}
+        missing = [name for name in self.record.desired if name not in have]
+        if not missing:
+            return [], [], []
+        added: list[NodeRecord] = []
+
+        def ready(node: NodeRecord) -> None:
+            added.append(node)
+            self._node_ready(node)
+
+        log.info("%s: making %s", self.name, ", ".join(missing))
+        what = "new nodes" if self.nodes else "nodes"
+        self.reporter.begin("nodes", f"{what} ({self.record.spec.provider})", len(missing))
+        try:
+            await self.provider.create_nodes(missing, ready, existing=list(self.nodes), hosts=hosts)
+            self.reporter.end("nodes")
+            added.sort(key=node_order)  # ready in any order; reported in the record's
+            checks = await self.prepare(plugins, added) if prepare else []
+            reports: list[PluginReport] = []
+            if join:
+                results = await each_node(added, lambda node: self.run_hooks(plugins, "on_add_node", node))
+                reports = [r for node in added for r in results[node.name]]
+        except BaseException:
+            if join:  # a running cluster goes back to what it was; a start is undone by its caller
+                self.record.desired = [n for n in self.record.desired if n not in missing]
+                await self.release(added, plugins)
+            raise
+        return added, checks, reports
 
     async def release(self, nodes: list[NodeRecord], plugins: list[Plugin]) -> None:
         """Take ``nodes`` out of the cluster: ``on_remove_node`` in reverse plugin
-        order, stop whatever they still run, release them, drop them from the record.
-
-        Every step runs even if an earlier one failed; the first failure is raised.
-        """
+        order, stop whatever they still run (by pid), release them, drop them from
+        the record.  Every step runs even if an earlier one failed; the first
+        failure is raised (the nodes then stay in the record, for a later reconcile)."""
         errors: list[BaseException] = []
         for node in nodes:
             for plugin in reversed(plugins):
                 try:
-                    await self._hook(plugin, "on_remove_node", node)
+                    await self.hook(plugin, "on_remove_node", node)
                 except PluginFailed as exc:
                     errors.append(exc)
         try:
-            await self._stop_and_release(nodes)
-        except BaseException as exc:
+            await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))
+            await self.provider.terminate_nodes(nodes)
+        except BaseException as exc:  # noqa: BLE001 - collected; the first is raised below
             errors.append(exc)
         else:
             names = {n.name for n in nodes}
             self.record.nodes = [n for n in self.record.nodes if n.name not in names]
             self.save()
+        for later in errors[1:]:
+            log.warning("%s: releasing %s also failed: %s", self.name, ", ".join(n.name for n in nodes), later)
         if errors:
             raise errors[0]
 
-    async def _hook(self, plugin: Plugin, hook: str, *args) -> PluginReport | None:
-        try:
-            return await getattr(plugin, hook)(self, *args)
-        except GlobularError as exc:
-            raise PluginFailed(plugin.name, hook, exc) from exc
-        except Exception as exc:  # a third-party plugin's bug: still name the plugin
-            raise PluginFailed(plugin.name, hook, GlobularError(f"{type(exc).__name__}: {exc}")) from exc
+    async def teardown(self, plugins: list[Plugin]) -> list[str]:
+        """Undo everything: plugins' ``on_shutdown`` (reverse order), then an empty node set
+        (every recorded process stopped by pid, every node released), then the record.
 
-    async def teardown(self, plugins: list[Plugin]) -> TerminateResult:
-        """Undo everything: plugins' ``on_shutdown`` (reverse order), stop every
-        recorded process by pid, release the nodes, delete the record.
-
-        A plugin's failure does not stop the rest; a process that cannot be
-        stopped (or a node that cannot be released) keeps the record, marked
-        ``failed``, so that ``terminate`` can try again.
+        A plugin's failure does not stop the rest (it is returned as a warning); a
+        process that cannot be stopped (or a node that cannot be released) keeps the
+        record, marked ``failed``, so that ``terminate`` can try again.
         """
-        started = time.monotonic()
         self.record.status = "stopping"
         self.save()
         warnings: list[str] = []
         for plugin in reversed(plugins):
             try:
-                await self._hook(plugin, "on_shutdown")
+                await self.hook(plugin, "on_shutdown")
             except PluginFailed as exc:
                 warnings.append(str(exc))
+        self.record.desired = []
         try:
-            await self._stop_and_release(self.nodes)
+            await self.reconcile([])
             await self.provider.release_cluster()
         except BaseException as exc:
             self.record.status = "failed"
@@ -283,305 +313,4 @@ class Cluster:
         finally:
             await self.close()
         self.store.delete(self.name)
-        return TerminateResult(
-            name=self.name,
-            nodes=len(self.nodes),
-            processes_stopped=self.stopped.stopped,
-            processes_killed=self.stopped.killed,
-            elapsed=time.monotonic() - started,
-            warnings=warnings,
-        )
-
-
-def _context(home: Path | None, reporter: Reporter | None) -> tuple[Path, StateStore, Reporter]:
-    home = home or globular_home()
-    return home, StateStore(home), reporter or NullReporter()
-
-
-async def start(
-    name: str, spec: ClusterSpec, *, home: Path | None = None, reporter: Reporter | None = None
-) -> StartResult:
-    """Provision ``spec.cluster_size`` nodes and run the plugins on them.
-
-    On any failure (or interruption) everything made so far is undone and
-    :class:`StartFailed` says what failed and whether the cleanup worked.
-    """
-    home, store, reporter = _context(home, reporter)
-    check_cluster_name(name)
-    plugins = [load_plugin(p) for p in spec.plugins]  # fail before anything exists
-    started = time.monotonic()
-    with store.operation(name):
-        provider = provider_class(spec.provider)(spec, cluster=name, home=home)
-        kept = spec.model_copy(update={"plugins": [type(p).redacted(s) for p, s in zip(plugins, spec.plugins)]})
-        record = ClusterRecord(name=name, region=provider.region, spec=kept)
-        store.create(record)
-        cluster = Cluster(record, home=home, store=store, reporter=reporter)
-        try:
-            names = node_names(spec.cluster_size)
-            reporter.begin("nodes", f"nodes ({spec.provider})", len(names))
-
-            await cluster.provider.create_nodes(names, cluster.node_ready)
-            reporter.end("nodes")
-            await cluster.prepare_environments(plugins, record.nodes)
-            checks = await cluster.require_preflight(plugins, record.nodes)
-            reports = await cluster._run_hooks(plugins, "run")
-            record.status = "running"
-            cluster.save()
-            await cluster.close()
-            return StartResult(record=record, elapsed=time.monotonic() - started, reports=reports, checks=checks)
-        except BaseException as exc:
-            try:
-                await cluster.teardown(plugins)
-            except BaseException as cleanup_exc:
-                if not isinstance(exc, Exception):
-                    raise
-                raise StartFailed(name, exc, cleanup_exc) from exc
-            if not isinstance(exc, Exception):
-                raise
-            raise StartFailed(name, exc) from exc
-
-
-async def add_nodes(
-    name: str,
-    count: int = 1,
-    *,
-    hosts: list[str] | None = None,
-    home: Path | None = None,
-    reporter: Reporter | None = None,
-) -> NodesResult:
-    """Add ``count`` nodes to a running cluster and run the plugins' ``on_add_node`` on each.
-
-    ``hosts`` names the machines to use (ssh provider); by default the provider
-    picks (ssh: the next unused hosts of ``node_hosts``).  If anything fails, the
-    new nodes are removed again and the cluster is as it was.
-    """
-    if hosts:
-        count = len(hosts)
-    if count < 1:
-        raise GlobularError("the number of nodes to add must be at least 1")
-    home, store, reporter = _context(home, reporter)
-    started = time.monotonic()
-    with store.operation(name):
-        cluster = open_cluster(name, home=home, reporter=reporter)
-        cluster.require_running()
-        plugins = cluster.plugins()
-        names = node_names(count, [n.name for n in cluster.nodes])
-        added: list[NodeRecord] = []
-
-        def ready(node: NodeRecord) -> None:
-            added.append(node)
-            cluster.node_ready(node)
-
-        try:
-            reporter.begin("nodes", f"new nodes ({cluster.record.spec.provider})", count)
-            await cluster.provider.create_nodes(names, ready, existing=list(cluster.nodes), hosts=hosts)
-            reporter.end("nodes")
-            await cluster.prepare_environments(plugins, added)
-            checks = await cluster.require_preflight(plugins, added)
-            results = await each_node(added, lambda node: cluster._run_hooks(plugins, "on_add_node", node))
-        except BaseException:
-            await cluster.release(added, plugins)
-            raise
-        finally:
-            await cluster.close()
-        reports = [r for node in added for r in results[node.name]]
-        return NodesResult(cluster.record, [n.name for n in added], time.monotonic() - started, reports, checks)
-
-
-async def remove_node(
-    name: str, node_name: str, *, home: Path | None = None, reporter: Reporter | None = None
-) -> NodesResult:
-    """Run the plugins' ``on_remove_node`` (reverse order), stop the node's processes, release it."""
-    home, store, reporter = _context(home, reporter)
-    started = time.monotonic()
-    with store.operation(name):
-        cluster = open_cluster(name, home=home, reporter=reporter)
-        cluster.require_running()
-        node = cluster.record.node(node_name)
-        if node.is_master:
-            raise GlobularError("the master cannot be removed; use `globular terminate` to stop the whole cluster")
-        try:
-            await cluster.release([node], cluster.plugins())
-        finally:
-            await cluster.close()
-        return NodesResult(cluster.record, [node_name], time.monotonic() - started)
-
-
-async def check(
-    name: str, spec: ClusterSpec | None = None, *, home: Path | None = None, reporter: Reporter | None = None
-) -> list[NodeCheck]:
-    """Preflight alone.  On running cluster ``name``: its nodes.  Otherwise ``spec``'s nodes
-    are brought up, checked and released again (providers that rent machines refuse)."""
-    home, store, reporter = _context(home, reporter)
-    try:
-        record = store.get(name)
-    except ClusterNotFound:
-        record = None
-    if record is not None:
-        with store.operation(name):
-            cluster = Cluster(record, home=home, store=store, reporter=reporter)
-            try:
-                return await cluster.preflight(cluster.plugins(), cluster.nodes)
-            finally:
-                await cluster.close()
-    if spec is None:
-        raise ClusterNotFound(name)
-    provider_cls = provider_class(spec.provider)
-    if provider_cls.rents_machines:
-        raise GlobularError(
-            f"cluster {name!r} is not running, and checking a {spec.provider} template would rent machines: "
-            "`start` runs the same checks before anything starts"
-        )
-    plugins = [load_plugin(p) for p in spec.plugins]
-
-    async def work(cluster: Cluster) -> list[NodeCheck]:
-        try:
-            await cluster.prepare_environments(plugins, cluster.nodes)
-        except NodeFailures as exc:  # a node whose environment cannot be made: its check says why
-            return [
-                NodeCheck(
-                    node=n.name, address=n.address, problems=[str(exc.failures[n.name]).removeprefix(f"{n.name}: ")]
-                )
-                for n in cluster.nodes
-                if n.name in exc.failures
-            ]
-        return await cluster.preflight(plugins, cluster.nodes)
-
-    return await _on_template_nodes(name, spec, home, store, reporter, work)
-
-
-async def _on_template_nodes(name: str, spec: ClusterSpec, home: Path, store: StateStore, reporter: Reporter, work):
-    """Bring up ``spec``'s nodes under a record named ``name``, run ``work(cluster)``, release them."""
-    check_cluster_name(name)
-    with store.operation(name):
-        region = provider_class(spec.provider)(spec, cluster=name, home=home).region
-        record = ClusterRecord(name=name, region=region, spec=spec)
-        store.create(record)
-        cluster = Cluster(record, home=home, store=store, reporter=reporter)
-        try:
-            reporter.begin("nodes", f"nodes ({spec.provider})", spec.cluster_size)
-            await cluster.provider.create_nodes(node_names(spec.cluster_size), cluster.node_ready)
-            reporter.end("nodes")
-            return await work(cluster)
-        finally:
-            await cluster.teardown([])
-
-
-async def prune_environments(
-    spec: ClusterSpec, *, home: Path | None = None, reporter: Reporter | None = None
-) -> dict[str, list[str]]:
-    """Remove the node environments (:mod:`globular.environment`) from the hosts of template
-    ``spec``, except those a running cluster of this machine uses; node -> what was removed."""
-    home, store, reporter = _context(home, reporter)
-    if provider_class(spec.provider).rents_machines:
-        raise GlobularError(f"{spec.provider} nodes are released with their disks: there is nothing to prune")
-    in_use = {n.data["env"]["name"] for r in store.list()[0] for n in r.nodes if n.data.get("env")}
-    spec = spec.model_copy(update={"plugins": []})
-
-    async def work(cluster: Cluster) -> dict[str, list[str]]:
-        return await environment.prune(cluster, in_use)
-
-    return await _on_template_nodes(f"prune-{spec.template}"[:63], spec, home, store, reporter, work)
-
-
-@dataclass
-class FoundCluster:
-    """A cluster a provider's account holds that this machine has no record of."""
-
-    name: str
-    spec: ClusterSpec
-    region: str
-    nodes: list[NodeRecord]
-
-
-async def discover(specs: list[ClusterSpec], *, home: Path | None = None) -> list[FoundCluster]:
-    """Clusters started elsewhere (ec2: found by their tags) in the accounts ``specs`` use.
-
-    Each account (provider, region, credentials) is asked once; clusters this
-    machine has a record of are left out.
-    """
-    home, store, _ = _context(home, None)
-    known = {r.name for r in store.list()[0]}
-    asked: set = set()
-    found: dict[str, FoundCluster] = {}
-    for spec in specs:
-        provider = provider_class(spec.provider)(spec, cluster="", home=home)
-        owner = provider.account()
-        account = (spec.provider, provider.region, owner)
-        if owner is None or account in asked:
-            continue
-        asked.add(account)
-        try:
-            for name, nodes in (await provider.discover()).items():
-                if name not in known and name not in found:
-                    found[name] = FoundCluster(name, spec, provider.region, sorted(nodes, key=node_order))
-        finally:
-            await provider.close()
-    return sorted(found.values(), key=lambda f: f.name)
-
-
-def adopt(found: FoundCluster, *, home: Path | None = None) -> ClusterRecord:
-    """Record a cluster found elsewhere so that ``terminate`` (and ``listclusters``) can act on it."""
-    home, store, _ = _context(home, None)
-    record = ClusterRecord(name=found.name, region=found.region, spec=found.spec, nodes=found.nodes, status="running")
-    record.error = "adopted: started elsewhere, found by its tags"
-    store.create(record)
-    return record
-
-
-def open_cluster(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> Cluster:
-    home, store, reporter = _context(home, reporter)
-    return Cluster(store.get(name), home=home, store=store, reporter=reporter)
-
-
-async def terminate(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> TerminateResult:
-    """Stop every process of the cluster, release its nodes, forget it."""
-    home, store, reporter = _context(home, reporter)
-    with store.operation(name):
-        cluster = open_cluster(name, home=home, reporter=reporter)
-        plugins, warnings = [], []
-        for spec in cluster.record.spec.plugins:
-            try:
-                plugins.append(load_plugin(spec))
-            except GlobularError as exc:  # uninstalled plugin: its processes are still stopped by pid
-                warnings.append(str(exc))
-        result = await cluster.teardown(plugins)
-        result.warnings[:0] = warnings
-        return result
-
-
-async def run_plugin(
-    name: str, spec: PluginSpec, *, home: Path | None = None, reporter: Reporter | None = None
-) -> PluginRunResult:
-    """Run one plugin's ``run`` hook on a running cluster."""
-    home, store, reporter = _context(home, reporter)
-    plugin = load_plugin(spec)
-    started = time.monotonic()
-    with store.operation(name):
-        cluster = open_cluster(name, home=home, reporter=reporter)
-        try:
-            report = await cluster._hook(plugin, "run")
-        finally:
-            await cluster.close()
-        return PluginRunResult(cluster.record, spec.name, time.monotonic() - started, report)
-
-
-__all__ = [
-    "Cluster",
-    "FoundCluster",
-    "NodeFailures",
-    "NodesResult",
-    "PluginRunResult",
-    "StartResult",
-    "TerminateResult",
-    "add_nodes",
-    "adopt",
-    "check",
-    "discover",
-    "node_names",
-    "open_cluster",
-    "remove_node",
-    "run_plugin",
-    "start",
-    "terminate",
-]
+        return warnings

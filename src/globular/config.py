@@ -12,11 +12,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from globular.errors import ConfigError
+from globular.errors import ConfigError, GlobularError
 from globular.paths import default_config_path
 from globular.registry import RegistryError, plugin_names, provider_class, resolve_plugin
 from globular.spec import (
@@ -39,13 +39,13 @@ cluster_size = 2
 plugins = ipcluster
 
 [plugin ipcluster]
-setup_class = globular.plugins.ipcluster.IPCluster
+setup_class = ipcluster
 
 [plugin ipclusterrestart]
-setup_class = globular.plugins.ipcluster.IPClusterRestartEngines
+setup_class = ipclusterrestart
 
 [plugin ipclusterstop]
-setup_class = globular.plugins.ipcluster.IPClusterStop
+setup_class = ipclusterstop
 """
 
 # Section kinds globular reads; "aws info", "key" and "permission" belong to the
@@ -198,7 +198,7 @@ class Config:
         line = self.line_of(section, key) if section else None
         return ConfigError(message, file=self.file or "<built-in config>", section=section, key=key, line=line)
 
-    def _validate(self, model: type[Settings], raw: dict[str, str], **kwargs) -> Settings:
+    def _validate(self, model: type[Settings], raw: dict[str, str], **kwargs: Any) -> Settings:
         try:
             return validate_settings(model, raw, file=self.file or "<built-in config>", **kwargs)
         except ConfigError as exc:
@@ -250,6 +250,16 @@ class Config:
                 values[key] = value
                 sections[key] = f"cluster {name}"
         return values, sections
+
+    def loadable_specs(self) -> list[ClusterSpec]:
+        """The spec of every template that loads (a broken one is reported by the commands that use it)."""
+        specs = []
+        for template in self.templates:
+            try:
+                specs.append(self.cluster_spec(template))
+            except GlobularError:
+                continue
+        return specs
 
     def cluster_spec(self, template: str | None = None, cluster_size: int | None = None) -> ClusterSpec:
         """The validated spec of ``template`` (default: ``default_template``)."""

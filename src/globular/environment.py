@@ -1,5 +1,9 @@
 """Node environments: each node gets a venv with what the cluster needs, built offline.
 
+(Longer than most modules: the local half of one capability, read top to bottom —
+the node's target, the wheelhouse resolved for it, and shipping it; the node's
+half is :mod:`globular.nodeenv`.)
+
 With ``environment = managed`` (the default of providers whose nodes are other
 machines), globular
 
@@ -51,8 +55,8 @@ from globular.spec import ClusterSpec
 from globular.state import NodeRecord
 
 if TYPE_CHECKING:
-    from globular.cluster import Cluster
-    from globular.plugins.base import Plugin
+    from globular.plugins.base import Plugin, PluginContext
+    from globular.providers.base import NodeProvider
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +385,7 @@ def _nodeenv(python: str, verb: str, request: dict[str, Any]) -> list[str]:
 
 
 async def _call(
-    cluster: Cluster,
+    cluster: PluginContext,
     node: NodeRecord,
     python: str,
     verb: str,
@@ -404,13 +408,15 @@ def base_python(node: NodeRecord) -> str:
     return node.data.get("env", {}).get("base_python") or node.python
 
 
-async def prepare(cluster: Cluster, plugins: list[Plugin], nodes: list[NodeRecord]) -> dict[str, dict[str, Any]]:
+async def prepare(
+    cluster: PluginContext, provider: NodeProvider, plugins: list[Plugin], nodes: list[NodeRecord]
+) -> dict[str, dict[str, Any]]:
     """Give each of ``nodes`` its environment (see the module's doc); node name -> what was done."""
-    spec = cluster.record.spec
-    if environment_mode(spec, cluster.provider.default_environment) != "managed" or not nodes:
+    spec = provider.spec
+    if environment_mode(spec, provider.default_environment) != "managed" or not nodes:
         return {}
     reporter = cluster.reporter
-    root = cluster.provider.envs_dir()
+    root = provider.envs_dir()
     reporter.begin("env", "node environments", len(nodes))
     try:
         probes = await each_node(
@@ -487,14 +493,22 @@ async def prepare(cluster: Cluster, plugins: list[Plugin], nodes: list[NodeRecor
     return done
 
 
-async def prune(cluster: Cluster, keep: set[str]) -> dict[str, list[str]]:
+async def prune(cluster: PluginContext, provider: NodeProvider, keep: set[str]) -> dict[str, list[str]]:
     """Remove the environments on ``cluster``'s nodes but those named in ``keep``; node -> what went."""
-    root = cluster.provider.envs_dir()
+    root = provider.envs_dir()
 
     async def one(node: NodeRecord) -> list[str]:
         reply = await _call(
             cluster, node, base_python(node), "prune", {"root": root, "keep": sorted(keep)}, timeout=120
         )
-        return reply["removed"]
+        removed: list[str] = reply["removed"]
+        return removed
 
     return await each_node(cluster.nodes, one)
+
+
+def clear_wheel_cache(cache: Path) -> int:
+    """Empty this machine's wheelhouse cache (``~/.globular/wheels``); how many wheelhouses went."""
+    count = sum(1 for p in cache.iterdir() if not p.name.startswith(".")) if cache.is_dir() else 0
+    shutil.rmtree(cache, ignore_errors=True)
+    return count

@@ -85,16 +85,41 @@ def _tail(text: str, lines: int = 12) -> str:
 class CommandError(GlobularError):
     """A command on a node failed (like asyncssh's ProcessError)."""
 
+    def _status(self) -> str:
+        return "timed out" if self.returncode is None else f"exited with {self.returncode}"
+
     def __init__(self, node: str, command: str, returncode: int | None, stderr: str, stdout: str = ""):
         self.node = node
         self.command = command
         self.returncode = returncode
         self.stderr = stderr
         self.stdout = stdout
-        status = "timed out" if returncode is None else f"exited with {returncode}"
+        status = self._status()
         detail = _tail(stderr or stdout)
         msg = f"{node}: `{command}` {status}"
         super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class CommandTimeout(CommandError):
+    """A command on a node gave no answer in time (like asyncssh's TimeoutError)."""
+
+    def __init__(self, node: str, command: str, timeout: float | None):
+        self.timeout = timeout
+        super().__init__(node, command, None, f"no answer within {timeout:g}s" if timeout else "no answer")
+
+
+class ConnectionLost(CommandError):
+    """The connection to a node broke while a command ran: its outcome is unknown."""
+
+    def __init__(self, node: str, command: str, reason: str):
+        super().__init__(node, command, None, reason)
+
+    def _status(self) -> str:
+        return "lost its connection"
+
+
+class HostUnreachable(GlobularError):
+    """A host does not answer (refused, no route, no answer in time); the message names it."""
 
 
 class NodeError(GlobularError):
@@ -108,10 +133,12 @@ class NodeError(GlobularError):
 
 
 class NodeFailures(GlobularError):
-    """Work fanned out over nodes failed on some of them."""
+    """Work fanned out over nodes failed on some of them; like fabric's ``GroupException``,
+    it keeps what the others returned (``succeeded``) beside the failures."""
 
-    def __init__(self, failures: Mapping[str, BaseException]):
+    def __init__(self, failures: Mapping[str, BaseException], succeeded: Mapping[str, object] | None = None):
         self.failures = dict(failures)
+        self.succeeded = dict(succeeded or {})
         lines = []
         for node, exc in self.failures.items():
             text = str(exc) or type(exc).__name__

@@ -45,5 +45,5 @@ async def each_node(
         else:
             results[node.name] = outcome
     if failures:
-        raise NodeFailures(failures)
+        raise NodeFailures(failures, results)
     return results

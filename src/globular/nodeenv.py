@@ -13,12 +13,17 @@ build of the same name removes it.  Builds of one name take an exclusive lock
 The folder is never renamed, so the scripts pip writes keep working paths.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from typing import IO, Any
+
+Request = dict[str, Any]  # a verb's JSON request
 
 MARKER = "globular-env.json"
 STALE_SECONDS = 3600  # a wheel folder this old belongs to no running build
@@ -28,26 +33,26 @@ class Refused(Exception):
     """The request cannot be carried out: exit status 3, the message on stderr."""
 
 
-def _root(req):
-    return os.path.realpath(os.path.expanduser(req["root"]))
+def _root(req: Request) -> str:
+    return os.path.realpath(os.path.expanduser(str(req["root"])))
 
 
-def _ready(root, name):
+def _ready(root: str, name: str) -> bool:
     link = os.path.join(root, name)
     return os.path.islink(link) and os.path.isfile(os.path.join(link, MARKER))
 
 
-def _free_bytes(path):
+def _free_bytes(path: str) -> int:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
 
 
-def _libc():
+def _libc() -> tuple[str | None, str | None]:
     """("glibc", "2.36"), ("musl", "1.2"), or (None, None)."""
     try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").split()
         return "glibc", version
     except (AttributeError, OSError, ValueError):
         pass
@@ -62,7 +67,7 @@ def _libc():
     return None, None
 
 
-def probe(req):
+def probe(req: Request) -> dict[str, Any]:
     """What building an environment here needs to know: the Python, its platform,
     whether it has ``venv``, the free space under ``root``, the environments ready there."""
     import importlib.util
@@ -99,18 +104,18 @@ def probe(req):
     }
 
 
-def _die_with_parent():
+def _die_with_parent() -> None:
     """Linux: end this process when the one that started it (sshd's session) goes."""
     try:
         import ctypes
         import signal
 
         ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except Exception:
+    except Exception:  # noqa: BLE001 - not Linux, or no libc: the SIGTERM handler still cleans up
         pass
 
 
-def _receive_wheels(stream, folder):
+def _receive_wheels(stream: IO[bytes], folder: str) -> list[str]:
     """Unpack the tar stream of wheels into ``folder``: plain files with plain names only."""
     import tarfile
 
@@ -122,13 +127,14 @@ def _receive_wheels(stream, folder):
             if not member.isreg() or "/" in name or name.startswith(".") or not name.endswith(".whl"):
                 raise Refused(f"refusing {name!r} in the wheel stream: wheels only")
             source = tar.extractfile(member)
+            assert source is not None  # a regular file
             with open(os.path.join(folder, name), "wb") as out:
                 shutil.copyfileobj(source, out)
             names.append(name)
     return sorted(names)
 
 
-def _tail(path, lines=15):
+def _tail(path: str, lines: int = 15) -> str:
     try:
         with open(path, errors="replace") as f:
             return "\n".join(f.read().splitlines()[-lines:])
@@ -136,7 +142,7 @@ def _tail(path, lines=15):
         return ""
 
 
-def build(req):
+def build(req: Request) -> dict[str, Any]:
     """Build environment ``req["name"]`` under ``req["root"]`` from the wheels on stdin."""
     import fcntl
     import secrets
@@ -169,10 +175,13 @@ def build(req):
                 path = os.path.join(root, entry)
                 if entry.startswith(f"{name}-") and entry != current:
                     shutil.rmtree(path, ignore_errors=True)  # venv folders are made under the lock: none is in use
-                elif entry.startswith(f".{name}-") and token not in entry:
+                elif (
+                    entry.startswith(f".{name}-")
+                    and token not in entry
                     # wheels are received outside the lock: only old ones are surely abandoned
-                    if time.time() - os.lstat(path).st_mtime > STALE_SECONDS:
-                        _remove(path)
+                    and time.time() - os.lstat(path).st_mtime > STALE_SECONDS
+                ):
+                    _remove(path)
             log = os.path.join(root, f".{name}-{token}.log")
             with open(log, "w") as out:
                 made = subprocess.run(
@@ -204,7 +213,7 @@ def build(req):
         shutil.rmtree(wheels, ignore_errors=True)
 
 
-def _uv_binary(wheels, name):
+def _uv_binary(wheels: str, name: str) -> str | None:
     """The uv binary out of uv's wheel ``name`` (None if it holds none)."""
     import zipfile
 
@@ -219,10 +228,11 @@ def _uv_binary(wheels, name):
     return path
 
 
-def _install(python, wheels, received, installer, log):
+def _install(python: str, wheels: str, received: list[str], installer: dict[str, Any] | None, log: str) -> None:
     """Install the wheels into the venv of ``python``, offline: with uv when ``installer`` names
     its wheel (several times faster; that wheel is installed only if ``installer["install"]``),
     else — or if uv cannot run here — with pip, run from its own wheel."""
+    installer = installer or {}
     name = installer.get("wheel") if installer.get("wheel") in received else None
     uv = _uv_binary(wheels, name) if name else None
     packages = [os.path.join(wheels, w) for w in received if w != name or installer.get("install")]
@@ -270,25 +280,25 @@ def _install(python, wheels, received, installer, log):
         raise Refused(f"installing into {os.path.dirname(os.path.dirname(python))} failed:\n{_tail(log)}")
 
 
-def _remove(path):
+def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
         os.unlink(path)
 
 
-def _ready_target(root, name, target):
+def _ready_target(root: str, name: str, target: str) -> bool:
     link = os.path.join(root, name)
     return os.path.islink(link) and os.readlink(link) == os.path.basename(target)
 
 
-def prune(req):
+def prune(req: Request) -> dict[str, Any]:
     """Remove every environment under ``root`` but those named in ``keep``; what was removed."""
     import fcntl
 
     root = _root(req)
     keep = set(req.get("keep", []))
-    removed = []
+    removed: list[str] = []
     if not os.path.isdir(root):
         return {"removed": removed, "root": root}
     import re
@@ -302,7 +312,7 @@ def prune(req):
             except OSError:
                 continue  # being built right now: leave it
             for entry in os.listdir(root):
-                if entry == name or entry.startswith(f"{name}-") or entry.startswith(f".{name}-"):
+                if entry == name or entry.startswith((f"{name}-", f".{name}-")):
                     path = os.path.join(root, entry)
                     if os.path.islink(path):
                         os.unlink(path)
@@ -320,7 +330,7 @@ def prune(req):
 VERBS = {"probe": probe, "build": build, "prune": prune}
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     request = json.loads(argv[2]) if len(argv) > 2 else {}
     try:
         json.dump(VERBS[argv[1]](request), sys.stdout)

@@ -11,34 +11,52 @@ started in a session of its own, so it and its children form one process group,
 which is what gets signalled.  A zombie counts as stopped.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
+
+Request = dict[str, Any]  # a verb's JSON request
+Proc = dict[str, Any]  # {"pid": int, "start": int, ...}
 
 
 class Refused(Exception):
     """A request that cannot be carried out: exit status 3, the message on stderr."""
 
 
-def _stat(pid):
+def _stat(pid: int | str) -> tuple[str, int, int, int] | None:
+    """``(state, ppid, pgrp, start)`` of process ``pid`` from /proc/PID/stat (None: gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except OSError:
         return None
     fields = data[data.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
 
 
-def _alive(proc):
+def _processes() -> dict[int, tuple[str, int, int, int]]:
+    """Every live process: ``{pid: (state, ppid, pgrp, start)}``."""
+    found: dict[int, tuple[str, int, int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(entry)
+            if st is not None and st[0] not in ("Z", "X"):
+                found[int(entry)] = st
+    return found
+
+
+def _alive(proc: Proc) -> bool:
     st = _stat(proc["pid"])
-    return st is not None and st[0] not in ("Z", "X") and st[1] == proc["start"]
+    return st is not None and st[0] not in ("Z", "X") and st[3] == proc["start"]
 
 
-def _signal(proc, sig):
+def _signal(proc: Proc, sig: int) -> bool:
     if not _alive(proc):
         return False
     try:
@@ -51,7 +69,7 @@ def _signal(proc, sig):
     return True
 
 
-def spawn(req):
+def spawn(req: Request) -> Any:
     started = []
     try:
         for spec in req["procs"]:
@@ -72,7 +90,7 @@ def spawn(req):
                     umask=0o077,
                 )
             st = _stat(child.pid)
-            started.append({"pid": child.pid, "start": st[1] if st else 0})
+            started.append({"pid": child.pid, "start": st[3] if st else 0})
     except OSError as exc:
         for proc in started:
             _signal(proc, signal.SIGKILL)
@@ -80,15 +98,11 @@ def spawn(req):
     return started
 
 
-def alive(req):
+def alive(req: Request) -> Any:
     return [_alive(p) for p in req["procs"]]
 
 
-def signal_procs(req):
-    return [_signal(p, req.get("signal", signal.SIGTERM)) for p in req["procs"]]
-
-
-def _wait_gone(procs, timeout):
+def _wait_gone(procs: list[Proc], timeout: float) -> list[Proc]:
     deadline = time.monotonic() + timeout
     while True:
         left = [p for p in procs if _alive(p)]
@@ -97,23 +111,13 @@ def _wait_gone(procs, timeout):
         time.sleep(0.02)
 
 
-def _descendants(procs):
+def _descendants(procs: list[Proc]) -> list[Proc]:
     """Processes that stopping ``procs`` must stop too: children (and theirs) that left the
     process group, such as ipyparallel's engine nanny (a session of its own), and what is
     left of the group of a leader that died (SIGKILL)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(")") + 2 :].split()
-        parents.setdefault(int(fields[1]), []).append(
-            {"pid": int(entry), "start": int(fields[19]), "pgrp": int(fields[2])}
-        )
+    parents: dict[int, list[Proc]] = {}
+    for pid, (_, ppid, pgrp, start) in _processes().items():
+        parents.setdefault(ppid, []).append({"pid": pid, "start": start, "pgrp": pgrp})
     found, todo = [], [p["pid"] for p in procs if _alive(p)]
     groups = {p["pid"] for p in procs}
     # a dead leader's group lives on in its children (the controller's forked schedulers);
@@ -133,7 +137,7 @@ def _descendants(procs):
     return found
 
 
-def stop(req):
+def stop(req: Request) -> Any:
     """SIGTERM (with strays of their process groups), wait up to ``timeout`` s, then SIGKILL what is left."""
     strays = _descendants(req["procs"])
     running = [p for p in req["procs"] if _signal(p, signal.SIGTERM)]
@@ -151,7 +155,7 @@ def stop(req):
     }
 
 
-def wait_files(req):
+def wait_files(req: Request) -> Any:
     """Wait until every file exists and parses as JSON, or a watched process dies."""
     deadline = time.monotonic() + float(req.get("timeout", 30))
     while True:
@@ -172,7 +176,7 @@ def wait_files(req):
         time.sleep(0.02)
 
 
-def tail(req):
+def tail(req: Request) -> Any:
     try:
         with open(req["path"], "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -183,7 +187,7 @@ def tail(req):
         return f"(no log: {exc.strerror})"
 
 
-def prepare(req):
+def prepare(req: Request) -> Any:
     """Make the node's folder (0700) and say what the node has: cores, Python, modules."""
     import importlib.util
 
@@ -199,20 +203,7 @@ def prepare(req):
     }
 
 
-def modules(req):
-    """The modules of ``req["modules"]`` that cannot be imported here, with the reason."""
-    import importlib
-
-    missing = {}
-    for name in req["modules"]:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # ImportError, or a broken install
-            missing[name] = f"{type(exc).__name__}: {exc}"
-    return missing
-
-
-def remove_dir(req):
+def remove_dir(req: Request) -> Any:
     """Remove a node's folder, and its parent when that is left empty; only inside ``root``."""
     import shutil
 
@@ -230,7 +221,7 @@ def remove_dir(req):
     return not os.path.exists(path)
 
 
-def addresses(req):
+def addresses(req: Request) -> Any:
     """IPv4 address of each network interface: ``{"eth0": "10.0.0.5", ...}``."""
     import fcntl
     import socket
@@ -247,12 +238,12 @@ def addresses(req):
     return found
 
 
-def free_ports(req):
+def free_ports(req: Request) -> Any:
     """``req["count"]`` distinct TCP ports free on ``req["ip"]``, taken from ``req["ports"]``
     when given (else any); fewer when not enough are free."""
     import socket
 
-    held = []
+    held: list[Any] = []
     try:
         for port in req.get("ports") or [0] * req["count"]:
             if len(held) == req["count"]:
@@ -270,32 +261,23 @@ def free_ports(req):
             s.close()
 
 
-def children(req):
+def children(req: Request) -> Any:
     """How many live children each process of ``req["procs"]`` has (a supervisor's engines)."""
     counts = {p["pid"]: 0 for p in req["procs"] if _alive(p)}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        st = _stat(entry)
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rindex(")") + 2 :].split()[1])
-        if ppid in counts and st is not None and st[0] not in ("Z", "X"):
+    for _, ppid, _, _ in _processes().values():
+        if ppid in counts:
             counts[ppid] += 1
     return [counts.get(p["pid"], 0) for p in req["procs"]]
 
 
-def facts(req):
+def facts(req: Request) -> Any:
     """What preflight needs to know of this node: Python, cores, load, uptime, and the
     version of each module of ``req["modules"]`` (read from its metadata: no import)."""
     import importlib
     import importlib.metadata
     import importlib.util
 
-    found = {}
+    found: dict[str, dict[str, str | None]] = {}
     for name in req.get("modules", []):
         try:
             if name in req.get("load", []):
@@ -306,15 +288,15 @@ def facts(req):
             found[name] = {"version": importlib.metadata.version(name)}
         except importlib.metadata.PackageNotFoundError:
             found[name] = {"version": None}
-        except Exception as exc:  # a broken install
+        except Exception as exc:  # noqa: BLE001 - a broken install raises anything; its message is the answer
             found[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    curve = None
+    curve: bool | str | None = None
     if req.get("curve"):  # can this Python's pyzmq encrypt (CurveZMQ)?
         try:
             import zmq
 
             curve = bool(zmq.has("curve"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken pyzmq: its message is the answer
             curve = f"{type(exc).__name__}: {exc}"
     try:
         with open("/proc/uptime") as f:
@@ -334,7 +316,7 @@ def facts(req):
     }
 
 
-def listen(req):
+def listen(req: Request) -> Any:
     """Accept TCP connections on ``ip:port`` for ``seconds`` (preflight's stand-in controller)."""
     import socket
 
@@ -353,7 +335,7 @@ def listen(req):
     return True
 
 
-def connect(req):
+def connect(req: Request) -> Any:
     """Can this node open a TCP connection to ``host:port``?"""
     import socket
 
@@ -364,7 +346,7 @@ def connect(req):
         return {"ok": False, "error": exc.strerror or str(exc)}
 
 
-def read_json(req):
+def read_json(req: Request) -> Any:
     """The JSON file ``req["path"]``, or None."""
     try:
         with open(req["path"]) as f:
@@ -382,11 +364,9 @@ VERBS = {
     "prepare": prepare,
     "free_ports": free_ports,
     "remove_dir": remove_dir,
-    "modules": modules,
     "addresses": addresses,
     "spawn": spawn,
     "alive": alive,
-    "signal": signal_procs,
     "stop": stop,
     "wait_files": wait_files,
     "tail": tail,
@@ -402,7 +382,6 @@ ANY_PYTHON = frozenset(
         "addresses",
         "spawn",
         "alive",
-        "signal",
         "stop",
         "wait_files",
         "tail",
@@ -413,7 +392,7 @@ ANY_PYTHON = frozenset(
 )
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     # a detached process (spawn) has no stdin: its request, never a secret, is the argument
     request = json.loads(argv[2]) if len(argv) > 2 else json.loads(sys.stdin.read() or "{}")
     try:

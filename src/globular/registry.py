@@ -7,12 +7,15 @@ Built-ins register through the same entry points third parties use:
 from __future__ import annotations
 
 import importlib
+import logging
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-if TYPE_CHECKING:
-    from globular.plugins.base import Plugin
-    from globular.providers.base import NodeProvider
+from globular.plugins.base import Plugin
+from globular.providers.base import NodeProvider
+from globular.spec import ClusterSpec
+
+log = logging.getLogger(__name__)
 
 PROVIDER_GROUP = "globular.providers"
 PLUGIN_GROUP = "globular.plugins"
@@ -23,6 +26,13 @@ STARCLUSTER_ALIASES = {
     "starcluster.plugins.ipcluster.IPClusterRestartEngines": "ipclusterrestart",
     "starcluster.plugins.ipcluster.IPClusterStop": "ipclusterstop",
     "starcluster.plugins.pypkginstaller.PyPkgInstaller": "pypkginstaller",
+    # where globular's own classes were before they moved into the ipcluster package
+    "globular.plugins.ipcluster.IPCluster": "ipcluster",
+    "globular.plugins.ipcluster:IPCluster": "ipcluster",
+    "globular.plugins.ipcluster.IPClusterRestartEngines": "ipclusterrestart",
+    "globular.plugins.ipcluster:IPClusterRestartEngines": "ipclusterrestart",
+    "globular.plugins.ipcluster.IPClusterStop": "ipclusterstop",
+    "globular.plugins.ipcluster:IPClusterStop": "ipclusterstop",
 }
 
 # StarCluster plugins globular does not carry, and what to do instead.
@@ -40,10 +50,6 @@ class RegistryError(LookupError):
 
 def _group(group: str) -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=group)}
-
-
-def provider_names() -> list[str]:
-    return sorted(_group(PROVIDER_GROUP))
 
 
 def plugin_names() -> list[str]:
@@ -69,8 +75,6 @@ def load_object(target: str) -> object:
 
 
 def provider_class(name: str) -> type[NodeProvider]:
-    from globular.providers.base import NodeProvider
-
     targets = _group(PROVIDER_GROUP)
     if name not in targets:
         raise RegistryError(f"unknown provider {name!r} (available: {', '.join(sorted(targets)) or 'none'})")
@@ -87,8 +91,6 @@ def resolve_plugin(setup_class: str) -> tuple[str, type[Plugin]]:
     dotted path (``globular.plugins.ipcluster.IPCluster``), or any importable
     dotted path to a :class:`Plugin` subclass.
     """
-    from globular.plugins.base import Plugin
-
     if setup_class in UNSUPPORTED:
         raise RegistryError(UNSUPPORTED[setup_class])
     targets = _group(PLUGIN_GROUP)
@@ -105,3 +107,26 @@ def resolve_plugin(setup_class: str) -> tuple[str, type[Plugin]]:
         )
     canonical = f"{cls.__module__}:{cls.__qualname__}"
     return canonical, cls
+
+
+def make_provider(spec: ClusterSpec, *, cluster: str, home: Path) -> NodeProvider:
+    """The provider ``spec`` names, for cluster ``cluster``."""
+    return provider_class(spec.provider)(spec, cluster=cluster, home=home)
+
+
+def plugin_classes() -> list[type[Plugin]]:
+    """Every installed plugin class (the ``globular.plugins`` entry points), each once.
+
+    One that cannot be loaded is left out, with a warning in the log: a broken
+    third-party plugin must not break the commands that do not use it.
+    """
+    found: list[type[Plugin]] = []
+    for name, target in sorted(_group(PLUGIN_GROUP).items()):
+        try:
+            cls = load_object(target)
+        except RegistryError as exc:
+            log.warning("plugin %s (%s) cannot be loaded: %s", name, target, exc)
+            continue
+        if isinstance(cls, type) and issubclass(cls, Plugin) and cls not in found:
+            found.append(cls)
+    return found

@@ -34,9 +34,6 @@ class Reporter(Protocol):
     def end(self, key: str) -> None:
         """Step ``key`` is over."""
 
-    def note(self, message: str) -> None:
-        """Something the user should read, once."""
-
     def node_step(self, node: str, step: str, seconds: float) -> None:
         """``node`` reached ``step`` (provision, ssh, setup, env, engines, registered), ``seconds`` after the previous one."""
 
@@ -52,9 +49,6 @@ class NullReporter:
         pass
 
     def end(self, key: str) -> None:
-        pass
-
-    def note(self, message: str) -> None:
         pass
 
     def node_step(self, node: str, step: str, seconds: float) -> None:

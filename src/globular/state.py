@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from globular.errors import BadInput, ClusterBusy, ClusterExists, ClusterNotFoun
 from globular.paths import private_dir, write_private
 from globular.spec import ClusterSpec
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the desired node set (``desired``); version 1 records are read too
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 ClusterStatus = Literal["starting", "running", "stopping", "failed"]
@@ -57,6 +57,11 @@ class NodeRecord(BaseModel):
     def is_master(self) -> bool:
         return self.name == "master"
 
+    @property
+    def is_local(self) -> bool:
+        """The node is this machine (no ssh login)."""
+        return self.login is None
+
     def processes_with_role(self, role: str) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == role]
 
@@ -70,7 +75,8 @@ class ClusterRecord(BaseModel):
     updated: float = Field(default_factory=time.time)
     owner_pid: int = Field(default_factory=os.getpid)  # the globular process that last changed it
     spec: ClusterSpec
-    nodes: list[NodeRecord] = Field(default_factory=list)
+    desired: list[str] = Field(default_factory=list)  # the node set reconcile brings the world to
+    nodes: list[NodeRecord] = Field(default_factory=list)  # the nodes that exist
     plugin_data: dict[str, dict[str, Any]] = Field(default_factory=dict)
     error: str | None = None
 
@@ -146,7 +152,9 @@ class StateStore:
         except (OSError, ValueError) as exc:
             raise StateError(f"state file {path} is unreadable: {exc}") from None
         version = raw.get("version") if isinstance(raw, dict) else None
-        if version != STATE_VERSION:
+        if version == 1:  # before the desired node set was kept: it is the nodes there are
+            raw = {**raw, "version": STATE_VERSION, "desired": [n.get("name") for n in raw.get("nodes", [])]}
+        elif version != STATE_VERSION:
             raise StateError(f"state file {path} has version {version!r}; this globular reads version {STATE_VERSION}")
         try:
             return ClusterRecord.model_validate(raw)
@@ -170,7 +178,8 @@ class StateStore:
 
     def list(self) -> tuple[list[ClusterRecord], list[StateError]]:
         """All records, and the errors of those that cannot be read."""
-        records, problems = [], []
+        records: list[ClusterRecord] = []
+        problems: list[StateError] = []
         if not self.dir.exists():
             return records, problems
         for path in sorted(self.dir.glob("*.json")):
@@ -189,21 +198,13 @@ class StateStore:
                 try:
                     status = self._read(path).status
                 except StateError:
-                    status = "unreadable"
+                    status = "unreadable"  # type: ignore[assignment]  # for the message only
                 raise ClusterExists(record.name, status)
             self._write(record)
 
     def save(self, record: ClusterRecord) -> None:
         with self._locked():
             self._write(record)
-
-    def update(self, name: str, change: Callable[[ClusterRecord], None]) -> ClusterRecord:
-        """Read-modify-write of one record under the lock."""
-        with self._locked():
-            record = self.get(name)
-            change(record)
-            self._write(record)
-            return record
 
     def delete(self, name: str) -> None:
         with self._locked():

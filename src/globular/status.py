@@ -1,28 +1,34 @@
-"""``globular status NAME``: what each node is doing, asked of the nodes and the controller.
+"""What a recorded cluster is doing, asked of its nodes (one round trip each, bounded)
+and of its plugins (each adds columns and problems through :meth:`Plugin.status`).
 
-Per node: where its bring-up got to (provision → ssh → setup → engines →
-registered) and how long each step took, its engines (running / registered /
-expected), its load and how long it has been in the cluster; and, when
-something is wrong, what and where to look.
+``globular status NAME`` shows :func:`cluster_status`: per node, where its bring-up got
+to (provision → ssh → setup → env → engines → registered) and how long each step
+took, its load, how long it has been in the cluster, the plugins' columns, and
+what is wrong.  ``listclusters`` shows :func:`cluster_health` for every cluster at
+once: is the record what the nodes say (a dead process, a start that was killed
+half-way, nodes that do not answer)?
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from globular.cluster import load_plugin
 from globular.errors import GlobularError
-from globular.health import ask_node
-from globular.plugins.engines import engine_node
-from globular.plugins.ipcluster import IPCluster, IPClusterSettings, engines_for
-from globular.plugins.roles import CONTROLLER, DATA_KEY, ENGINE
-from globular.registry import provider_class
+from globular.plugins.base import PluginStatus, StatusView
+from globular.providers.base import NodeProvider
+from globular.registry import RegistryError, make_provider
 from globular.reporting import NODE_STEPS, step_label
 from globular.state import ClusterRecord, NodeRecord
 
+log = logging.getLogger(__name__)
 ASK_TIMEOUT = 10.0
 
 
@@ -30,14 +36,16 @@ ASK_TIMEOUT = 10.0
 class NodeStatus:
     name: str
     address: str
-    state: str  # the last step reached, or "unreachable" / "engines dead"
+    state: str  # the last step reached, or "unreachable", or what a plugin says ("engines dead")
     steps: dict[str, float]  # step -> seconds it took
-    engines_running: int | None
-    engines_registered: int | None
-    engines_expected: int
     load: float | None
     uptime: float  # seconds in the cluster
     problem: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # the plugins' columns
+    data: dict[str, Any] = field(default_factory=dict)  # the plugins' data (engines_running, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), **self.data}
 
 
 @dataclass
@@ -46,9 +54,9 @@ class ClusterStatusReport:
     status: str  # the record's
     provider: str
     region: str
-    controller: str  # "up", "down", "unknown"
     nodes: list[NodeStatus] = field(default_factory=list)
-    encryption: str | None = None  # "curve" (CurveZMQ), "none", or None: no controller recorded
+    columns: dict[str, str] = field(default_factory=dict)  # the plugins' (controller, traffic, engines)
+    data: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -56,14 +64,24 @@ class ClusterStatusReport:
         return not self.problems and all(n.problem is None for n in self.nodes)
 
     def to_dict(self) -> dict[str, Any]:
+        base = {k: v for k, v in asdict(self).items() if k != "nodes"}
+        return {**base, **self.data, "nodes": [n.to_dict() for n in self.nodes], "ok": self.ok}
+
+
+@dataclass
+class Health:
+    """What the nodes say about one cluster's recorded processes, for ``listclusters``."""
+
+    name: str
+    condition: str = "ok"  # "ok", or what is wrong in a few words
+    columns: dict[str, str] = field(default_factory=dict)  # the plugins' (engines, idle shutdown)
+
+    @property
+    def ok(self) -> bool:
+        return self.condition == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
-
-
-def _settings(record: ClusterRecord) -> IPClusterSettings | None:
-    for spec in record.spec.plugins:
-        if spec.setup_class == f"{IPCluster.__module__}:{IPCluster.__qualname__}":
-            return IPClusterSettings.model_validate(spec.settings)
-    return None
 
 
 def step_times(node: NodeRecord) -> dict[str, float]:
@@ -75,88 +93,152 @@ def step_times(node: NodeRecord) -> dict[str, float]:
     return times
 
 
-def _registered(record: ClusterRecord, home: Path) -> dict[str, int] | None:
-    """Registered engines per node, from the controller (None: it does not answer)."""
-    from globular.client import connect
+async def ask_node(provider: NodeProvider, node: NodeRecord, timeout: float = ASK_TIMEOUT) -> dict[str, Any]:
+    """One round trip: which of ``node``'s recorded processes are alive and how many live
+    children each has, the node's load and uptime (nodeproc ``facts``)."""
+    procs = [p.model_dump() for p in node.processes]
+    facts: dict[str, Any] = await provider.runner(node).nodeproc(
+        "facts", {"procs": procs, "parents": procs}, timeout=timeout
+    )
+    return facts
 
-    try:
-        client = connect(record.name, home=home, timeout=5)
-    except Exception:  # no controller, no connection file, no tunnel: all mean "cannot tell"
-        return None
-    try:
-        mapping = (record.plugin_data.get(DATA_KEY) or {}).get("engine_ids", {})
-        counts: dict[str, int] = {}
-        strays = [i for i in client.ids if str(i) not in mapping]
-        for engine_id in client.ids:
-            node = mapping.get(str(engine_id))
-            if node:
-                counts[node] = counts.get(node, 0) + 1
-        if strays:  # restarted by a supervisor: ask them where they run
-            result = client[strays].apply_async(engine_node)
-            for node in result.get(10):
-                counts[node] = counts.get(node, 0) + 1
-        return counts
-    except Exception:
-        return None
-    finally:
-        client.close()
+
+async def ask_nodes(record: ClusterRecord, provider: NodeProvider) -> dict[str, dict[str, Any] | BaseException]:
+    """:func:`ask_node` for every node at once; a node that fails gives its error."""
+
+    async def one(node: NodeRecord) -> dict[str, Any]:
+        return await asyncio.wait_for(ask_node(provider, node), ASK_TIMEOUT + 5)
+
+    answers = await asyncio.gather(*(one(n) for n in record.nodes), return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+            raise answer
+    return {n.name: a for n, a in zip(record.nodes, answers)}
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return f"no answer within {ASK_TIMEOUT:g}s"
+    return str(error) or type(error).__name__
+
+
+async def plugin_statuses(view: StatusView) -> list[PluginStatus]:
+    """Each of the record's plugins' :meth:`~globular.plugins.base.Plugin.status`; a plugin that
+    is not installed, or fails, is a problem of the status, not an error."""
+    found = []
+    for spec in view.record.spec.plugins:
+        try:
+            status = await load_plugin(spec).status(view)
+        except GlobularError as exc:
+            found.append(PluginStatus(problems=[f"plugin {spec.name!r}: {exc}"]))
+            continue
+        except Exception as exc:
+            log.exception("plugin %s failed in status", spec.name)
+            found.append(PluginStatus(problems=[f"plugin {spec.name!r} failed in status: {type(exc).__name__}: {exc}"]))
+            continue
+        if status is not None:
+            found.append(status)
+    return found
 
 
 async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusReport:
-    report = ClusterStatusReport(record.name, record.status, record.spec.provider, record.region, "unknown")
-    report.encryption = (record.plugin_data.get(DATA_KEY) or {}).get("encryption")
-    settings = _settings(record)
-    provider = provider_class(record.spec.provider)(record.spec, cluster=record.name, home=home)
+    report = ClusterStatusReport(record.name, record.status, record.spec.provider, record.region)
+    provider = make_provider(record.spec, cluster=record.name, home=home)
     try:
-        answers = await asyncio.gather(
-            *(asyncio.wait_for(ask_node(provider, n, ASK_TIMEOUT), ASK_TIMEOUT + 5) for n in record.nodes),
-            return_exceptions=True,
-        )
+        facts = await ask_nodes(record, provider)
+        statuses = await plugin_statuses(StatusView(record, facts, provider.runner, home, deep=True))
     finally:
         await provider.close()
-    registered = await asyncio.to_thread(_registered, record, home) if settings else None
     now = time.time()
-    for node, answer in zip(record.nodes, answers):
-        expected = engines_for(node, settings) if settings else 0
-        steps = step_times(node)
+    for node in record.nodes:
         reached = [s for s in NODE_STEPS if s in node.steps]
-        state = reached[-1] if reached else "provision"
         status = NodeStatus(
-            node.name, node.address, state, steps, None, None, expected, None, round(now - node.created, 1)
-        )
+            node.name, node.address, reached[-1] if reached else "provision", step_times(node), None,
+            round(now - node.created, 1),
+        )  # fmt: skip
+        answer = facts[node.name]
         if isinstance(answer, BaseException):
             status.state = "unreachable"
-            why = (
-                str(answer)
-                if isinstance(answer, GlobularError)
-                else (type(answer).__name__ if str(answer) == "" else str(answer))
-            )
-            status.problem = f"does not answer: {why}".strip()
-            report.nodes.append(status)
-            continue
-        alive = dict(zip([(p.pid, p.start) for p in node.processes], answer["alive"]))
-        status.load = round(answer["load"][0], 2)
-        running = sum(1 for p in node.processes if p.role == ENGINE and alive[(p.pid, p.start)]) + sum(
-            answer["children"]
-        )
-        status.engines_running = running
-        if node.is_master:
-            controllers = [p for p in node.processes if p.role == CONTROLLER]
-            if controllers:
-                report.controller = "up" if all(alive[(p.pid, p.start)] for p in controllers) else "down"
-                if report.controller == "down":
-                    report.problems.append(
-                        f"the controller on {node.name} is not running (its log: {controllers[0].log})"
-                    )
-        if registered is not None:
-            status.engines_registered = registered.get(node.name, 0)
-        if expected and running < expected:
-            status.state = "engines dead"
-            status.problem = f"{expected - running} of {expected} engines not running (killed or crashed: their logs are in {node.workdir}/logs)"
-        elif expected and status.engines_registered is not None and status.engines_registered < expected:
-            status.state = "engines"
-            status.problem = f"{expected - status.engines_registered} of {expected} engines running but not registered"
+            status.problem = f"does not answer: {_why(answer)}"
+        else:
+            status.load = round(answer["load"][0], 2)
+        for plugin in statuses:
+            status.columns.update(plugin.node_columns.get(node.name, {}))
+            status.data.update(plugin.node_data.get(node.name, {}))
+            if status.problem is None and node.name in plugin.node_problems:
+                status.state = plugin.node_states.get(node.name, status.state)
+                status.problem = plugin.node_problems[node.name]
         report.nodes.append(status)
-    if registered is None and settings and report.controller != "down" and record.status == "running":
-        report.problems.append("the controller does not answer a client")
+    for plugin in statuses:
+        report.columns.update(plugin.columns)
+        report.data.update(plugin.data)
+        report.problems += plugin.problems
     return report
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def cluster_health(record: ClusterRecord, home: Path) -> Health:
+    health = Health(record.name)
+    if record.status in ("starting", "stopping") and not _pid_alive(record.owner_pid):
+        health.condition = (
+            f"interrupted: its globular process (pid {record.owner_pid}) is gone while {record.status}; "
+            f"`globular terminate {record.name}` cleans up"
+        )
+    try:
+        provider = make_provider(record.spec, cluster=record.name, home=home)
+    except RegistryError as exc:
+        health.condition = f"unknown: {exc}"
+        return health
+    try:
+        facts = await ask_nodes(record, provider)
+        statuses = await asyncio.wait_for(
+            plugin_statuses(StatusView(record, facts, provider.runner, home, deep=False)), ASK_TIMEOUT
+        )
+    except TimeoutError:
+        health.condition = f"unknown: the plugins' status took longer than {ASK_TIMEOUT:g}s"
+        return health
+    finally:
+        await provider.close()
+    for plugin in statuses:
+        health.columns.update(plugin.columns)
+    condition = next((s.condition for s in statuses if s.condition), None)
+    if condition and health.ok:
+        health.condition = condition
+    if not health.ok:
+        return health
+    unreachable = [f"{name} ({_why(a)})" for name, a in facts.items() if isinstance(a, BaseException)]
+    if unreachable:
+        health.condition = f"unknown: no answer from {', '.join(unreachable)}"
+        return health
+    recorded: Counter[str] = Counter()
+    alive: Counter[str] = Counter()
+    for node in record.nodes:
+        answer = facts[node.name]
+        assert isinstance(answer, dict)
+        for proc, up in zip(node.processes, answer["alive"]):
+            recorded[proc.role] += 1
+            alive[proc.role] += int(up)
+    dead = [
+        f"{role} down" if recorded[role] == 1 else f"{recorded[role] - alive[role]} of {recorded[role]} {role} dead"
+        for role in sorted(recorded)
+        if alive[role] < recorded[role]
+    ]
+    if dead:
+        health.condition = "degraded: " + ", ".join(dead)
+    elif any(s.problems for s in statuses):
+        health.condition = "; ".join(p for s in statuses for p in s.problems)
+    return health
+
+
+async def health_of_all(records: list[ClusterRecord], home: Path) -> dict[str, Health]:
+    results = await asyncio.gather(*(cluster_health(r, home) for r in records))
+    return {h.name: h for h in results}

@@ -1,22 +1,94 @@
-"""The plugin interface.
+"""The plugin interface: what a plugin gets (:class:`PluginContext`) and the hooks it may implement.
 
-A plugin is a class named by ``setup_class`` in a ``[plugin NAME]`` section.  Its
-typed settings are the rest of that section, validated by its ``Settings``
-model.  Hooks run in the order of the cluster's ``plugins =`` list; removal and
-shutdown run in reverse order.
+A plugin is a class named by ``setup_class`` in a ``[plugin NAME]`` section (or
+registered under the ``globular.plugins`` entry point group, as the built-ins
+are).  Its typed settings are the rest of that section, validated by its
+``Settings`` model.  Hooks run in the order of the cluster's ``plugins =`` list;
+removal and shutdown run in reverse order.
+
+Everything a hook may touch is in :class:`PluginContext`; nothing else of the
+core is part of the plugin API.  A plugin can also add CLI commands
+(:meth:`Plugin.register_commands`) and status columns (:meth:`Plugin.status`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from globular.errors import GlobularError
+from globular.providers.base import Runner, StopResult
+from globular.reporting import Reporter
 from globular.spec import PluginSpec, Settings
+from globular.spec import Settings as SettingsModel
+from globular.state import ClusterRecord, NodeRecord, ProcessRecord
 
 if TYPE_CHECKING:
-    from globular.cluster import Cluster
-    from globular.preflight import NodeCheck
-    from globular.state import NodeRecord
+    import click
+
+
+class PluginContext(Protocol):
+    """The cluster as a plugin's hook sees it.
+
+    Nodes and their processes are records (:class:`~globular.state.NodeRecord`);
+    work on a node goes through its :class:`~globular.providers.base.Runner`.
+    Every process a plugin starts must be recorded with :meth:`track` as soon as
+    it runs, so that ``terminate`` can always stop it by pid.
+    """
+
+    @property
+    def name(self) -> str:
+        """The cluster's name."""
+
+    @property
+    def region(self) -> str:
+        """Where its nodes are (``local``, ``ssh``, an AWS region)."""
+
+    @property
+    def home(self) -> Path:
+        """globular's folder on this machine (``~/.globular``)."""
+
+    @property
+    def reporter(self) -> Reporter:
+        """Progress for the user."""
+
+    @property
+    def nodes(self) -> list[NodeRecord]:
+        """The cluster's nodes, the master first."""
+
+    @property
+    def master(self) -> NodeRecord: ...
+
+    @property
+    def remote_nodes(self) -> bool:
+        """The nodes are other machines, reached over a network."""
+
+    @property
+    def rents_machines(self) -> bool:
+        """The nodes cost money while they exist (ec2): release them when idle."""
+
+    def runner(self, node: NodeRecord) -> Runner:
+        """Runs commands, writes files, starts and stops processes on ``node``."""
+
+    def track(self, node: NodeRecord, procs: list[ProcessRecord]) -> None:
+        """Record processes started on ``node`` (saved at once)."""
+
+    async def stop_processes(self, node: NodeRecord, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
+        """Stop ``procs`` by pid (SIGTERM, then SIGKILL) and forget them."""
+
+    def plugin_data(self, key: str) -> dict[str, Any]:
+        """A plugin's own part of the state record (saved with :meth:`save`)."""
+
+    def settings_of(self, plugin: type[Plugin]) -> SettingsModel | None:
+        """The settings of the cluster's ``plugin`` (None: the cluster does not use it)."""
+
+    def save(self) -> None:
+        """Write the state record now."""
+
+    def node_step(self, node: NodeRecord, step: str) -> None:
+        """``node`` reached ``step`` (``globular status`` shows it; see reporting.NODE_STEPS)."""
 
 
 @dataclass
@@ -30,6 +102,82 @@ class PluginReport:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class NodeCheck:
+    """A node's preflight: facts, and the problems that stop a start (warnings do not)."""
+
+    node: str
+    address: str
+    python: str | None = None
+    modules: dict[str, str | None] = field(default_factory=dict)  # name -> version (None: missing)
+    cpus: int | None = None
+    load: float | None = None
+    engines: int = 0
+    controller_reachable: bool | None = None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+class PreflightFailed(GlobularError):
+    """One line per node that cannot run what the plugins start; nothing was started."""
+
+    def __init__(self, checks: list[NodeCheck]):
+        self.checks = checks
+        lines = [f"{c.node}: {'; '.join(c.problems)}" for c in checks if c.problems]
+        super().__init__("preflight failed, nothing was started:\n" + "\n".join(lines))
+
+
+@dataclass
+class StatusView:
+    """What a plugin's :meth:`Plugin.status` sees: the record, and each node's answer to one
+    round trip (``facts``: which recorded processes are alive, in record order, as
+    ``alive``; children per supervisor-like process as ``children``; ``load``), or the
+    error it gave.  ``deep``: ``globular status`` (ask services too) rather than
+    ``listclusters`` (be quick)."""
+
+    record: ClusterRecord
+    facts: dict[str, dict[str, Any] | BaseException]
+    runner: Callable[[NodeRecord], Runner]
+    home: Path
+    deep: bool
+
+    def alive(self, node: NodeRecord, role: str) -> int | None:
+        """How many of ``node``'s recorded processes of ``role`` run (None: the node did not answer)."""
+        facts = self.facts.get(node.name)
+        if not isinstance(facts, dict):
+            return None
+        return sum(1 for p, up in zip(node.processes, facts["alive"]) if p.role == role and up)
+
+    def children(self, node: NodeRecord, role: str) -> int | None:
+        """How many live children ``node``'s recorded processes of ``role`` have (a supervisor's engines)."""
+        facts = self.facts.get(node.name)
+        if not isinstance(facts, dict):
+            return None
+        children: list[int] = facts["children"]
+        return sum(n for p, n in zip(node.processes, children) if p.role == role)
+
+
+@dataclass
+class PluginStatus:
+    """A plugin's part of a status: columns for people, data for programs, problems."""
+
+    columns: dict[str, str] = field(default_factory=dict)  # cluster-wide: shown by status and listclusters
+    data: dict[str, Any] = field(default_factory=dict)  # cluster-wide, in --output json
+    node_columns: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> column -> text
+    node_data: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> key -> value
+    node_states: dict[str, str] = field(default_factory=dict)  # node -> state that replaces its last step
+    node_problems: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    condition: str | None = None  # listclusters' health, when the plugin knows better (idle shutdown)
+
+
 class Plugin:
     """Base class; every hook is optional."""
 
@@ -39,7 +187,7 @@ class Plugin:
     # the plugin only works where globular makes the node environment (it installs packages)
     needs_managed_environment: ClassVar[bool] = False
 
-    def __init__(self, name: str, settings: Settings):
+    def __init__(self, name: str, settings: SettingsModel):
         self.name = name
         self.settings = settings
 
@@ -53,29 +201,37 @@ class Plugin:
         hidden = {k: "(not kept)" for k in cls.secret_settings if spec.settings.get(k) is not None}
         return spec.model_copy(update={"settings": {**spec.settings, **hidden}}) if hidden else spec
 
+    @classmethod
+    def register_commands(cls, cli: click.Group) -> None:
+        """Add commands to the ``globular`` CLI (called once for every installed plugin class)."""
+
     def node_packages(self, node: NodeRecord) -> list[str]:
         """Requirements (``name``, ``name==1.2``, ``name>=2``) this plugin needs in ``node``'s
         Python environment; globular installs them where it manages the environment."""
         return []
 
-    async def preflight(self, cluster: Cluster, nodes: list[NodeRecord]) -> list[NodeCheck]:
+    async def preflight(self, ctx: PluginContext, nodes: list[NodeRecord]) -> list[NodeCheck]:
         """Before anything starts on ``nodes``: can they run what this plugin starts?
-        One :class:`~globular.preflight.NodeCheck` per node (none: nothing to check)."""
+        One :class:`NodeCheck` per node (none: nothing to check)."""
         return []
 
-    async def run(self, cluster: Cluster) -> PluginReport | None:
+    async def run(self, ctx: PluginContext) -> PluginReport | None:
         """The cluster's nodes are up (at start, or on ``runplugin``)."""
         return None
 
-    async def on_add_node(self, cluster: Cluster, node: NodeRecord) -> PluginReport | None:
+    async def on_add_node(self, ctx: PluginContext, node: NodeRecord) -> PluginReport | None:
         """``node`` joined a running cluster."""
         return None
 
-    async def on_remove_node(self, cluster: Cluster, node: NodeRecord) -> None:
+    async def on_remove_node(self, ctx: PluginContext, node: NodeRecord) -> None:
         """``node`` is about to leave the cluster."""
 
-    async def on_shutdown(self, cluster: Cluster) -> None:
+    async def on_shutdown(self, ctx: PluginContext) -> None:
         """The cluster is being terminated (or a start failed); undo ``run``.
 
         Must cope with a ``run`` that stopped half-way.
         """
+
+    async def status(self, view: StatusView) -> PluginStatus | None:
+        """Columns and problems for ``globular status`` and ``listclusters``."""
+        return None

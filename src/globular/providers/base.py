@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +19,7 @@ from globular import nodeenv, nodeproc
 from globular.errors import CommandError, NodeError
 from globular.reporting import NullReporter, Reporter
 from globular.spec import ClusterSpec, Settings
+from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord, ProcessRecord
 
 NODEPROC_SOURCE = Path(nodeproc.__file__).read_text()
@@ -88,7 +89,9 @@ class Runner(ABC):
 
     # -- process control, the same on every provider ---------------------
 
-    async def _nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+        """Ask the node's ``globular.nodeproc`` (standard library only, sent with the command)
+        to do ``verb`` with ``request``; its JSON answer."""
         result = await self.run(
             [self.node.python, "-c", NODEPROC_SOURCE, verb], input=json.dumps(request).encode(), timeout=timeout
         )
@@ -104,19 +107,20 @@ class Runner(ABC):
         if not specs:
             return []
         request = {"procs": [{"argv": s.argv, "log": s.log, "env": s.env, "cwd": s.cwd} for s in specs]}
-        started = await self._nodeproc("spawn", request)
+        started = await self.nodeproc("spawn", request)
         return [ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log) for p, s in zip(started, specs)]
 
     async def alive(self, procs: list[ProcessRecord]) -> list[bool]:
         if not procs:
             return []
-        return await self._nodeproc("alive", {"procs": [p.model_dump() for p in procs]})
+        alive: list[bool] = await self.nodeproc("alive", {"procs": [p.model_dump() for p in procs]})
+        return alive
 
     async def stop(self, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
         """SIGTERM each process group, SIGKILL after ``timeout`` s; returns what it did."""
         if not procs:
             return StopResult(0, 0, [])
-        reply = await self._nodeproc(
+        reply = await self.nodeproc(
             "stop", {"procs": [p.model_dump() for p in procs], "timeout": timeout}, timeout=timeout + 30
         )
         remaining = [ProcessRecord.model_validate(p) for p in reply["remaining"]]
@@ -126,17 +130,19 @@ class Runner(ABC):
         return StopResult(reply["stopped"], reply["killed"], remaining)
 
     async def tail(self, path: str, nbytes: int = 4000) -> str:
-        return await self._nodeproc("tail", {"path": path, "bytes": nbytes})
+        text: str = await self.nodeproc("tail", {"path": path, "bytes": nbytes})
+        return text
 
     async def wait_files(self, paths: list[str], *, watch: list[ProcessRecord], timeout: float) -> dict[str, Any]:
         """Wait for JSON files to appear; fails with the log of a watched process that died."""
-        reply = await self._nodeproc(
+        reply = await self.nodeproc(
             "wait_files",
             {"files": paths, "watch": [p.model_dump() for p in watch], "timeout": timeout},
             timeout=timeout + 30,
         )
         if "files" in reply:
-            return reply["files"]
+            files: dict[str, Any] = reply["files"]
+            return files
         if "dead" in reply:
             dead = [p for p in watch if p.pid in {d["pid"] for d in reply["dead"]}]
             proc = dead[0] if dead else watch[0]
@@ -176,12 +182,12 @@ class NodeProvider(ABC):
         from; a problem is a :class:`ConfigError` naming its section and key."""
 
     @classmethod
-    def default_cluster_size(cls, settings: Settings) -> int:
+    def default_cluster_size(cls, settings: SettingsModel) -> int:
         """Nodes to start when neither the config nor ``-s`` says."""
         return 2
 
     @classmethod
-    def size_problem(cls, settings: Settings, size: int) -> tuple[str, str] | None:
+    def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
         """``(key, message)`` if ``size`` nodes cannot be made with ``settings``."""
         return None
 
@@ -200,12 +206,13 @@ class NodeProvider(ABC):
         names: list[str],
         on_ready: Callable[[NodeRecord], None],
         *,
-        existing: list[NodeRecord] = (),  # type: ignore[assignment]
+        existing: Sequence[NodeRecord] = (),
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
         """Bring up nodes with these names; call ``on_ready`` as each becomes usable.
 
-        ``existing`` are the cluster's nodes already there; ``hosts`` asks for
+        ``existing`` are the cluster's nodes already there (the cluster will have
+        ``len(existing) + len(names)`` nodes); ``hosts`` asks for
         particular machines (providers that cannot place nodes refuse it).
         A node handed to ``on_ready`` belongs to the caller, who releases it if
         anything fails; the provider releases what it made but did not hand over.
@@ -244,7 +251,3 @@ class NodeProvider(ABC):
         """Clusters this provider's account holds, whoever started them: name → nodes.
         Providers without such a record of their own return nothing."""
         return {}
-
-    async def list_nodes(self, nodes: list[NodeRecord]) -> list[NodeRecord]:
-        """The nodes that exist now, of those recorded (default: all of them)."""
-        return list(nodes)

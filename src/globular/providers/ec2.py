@@ -19,89 +19,24 @@ import asyncio
 import ipaddress
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import AfterValidator, Field
+import asyncssh
 
-from globular.errors import BadInput, ConfigError, GlobularError, NodeError
+from globular.errors import BadInput, GlobularError, HostUnreachable, NodeError
 from globular.paths import write_private
-from globular.providers.base import NodeProvider
-from globular.providers.ssh import SSHHost, SSHProvider
-from globular.spec import Settings
+from globular.providers.ec2_settings import EC2Settings, aws_config_values
+from globular.providers.ssh import RemoteProvider, SSHHost, SSHOptions
+from globular.spec import ClusterSpec
 from globular.state import NodeRecord
 
 TAG_CLUSTER = "globular:cluster"
 TAG_NODE = "globular:node"
 TAG_ROLE = "globular:role"
+Reply = dict[str, Any]  # an EC2 API answer (boto3's JSON)
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
-AWS_INFO_KEYS = (
-    "aws_access_key_id",
-    "aws_secret_access_key",
-    "aws_session_token",
-    "aws_region_name",
-    "aws_endpoint_url",
-    "aws_user_id",
-)
-
-
-def _check_cidr(text: str | None) -> str | None:
-    if text is None:
-        return None
-    try:
-        network = ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a CIDR (such as 203.0.113.7/32)") from None
-    if network.version != 4:
-        raise ValueError("only IPv4 CIDRs are supported")
-    return str(network)
-
-
-class EC2Settings(Settings):
-    aws_access_key_id: str | None = Field(
-        default=None, description="default: boto3's chain (environment, ~/.aws, role)"
-    )
-    aws_secret_access_key: str | None = None
-    aws_session_token: str | None = None
-    aws_region_name: str = Field(default="us-east-1", description="the region of the instances")
-    aws_endpoint_url: str | None = Field(
-        default=None, description="another EC2 endpoint (a private one, or moto for tests)"
-    )
-    aws_user_id: str | None = Field(default=None, description="StarCluster's; accepted and not used")
-    node_image_id: str = Field(
-        description="the AMI of the nodes (a Linux with python3 of the same major.minor as here)"
-    )
-    node_instance_type: str = "t3.micro"
-    master_image_id: str | None = Field(default=None, description="default: node_image_id")
-    master_instance_type: str | None = Field(default=None, description="default: node_instance_type")
-    keyname: str = Field(description="the EC2 key pair; its [key NAME] section gives key_location")
-    key_location: str = Field(description="the private key of keyname (from [key NAME])")
-    subnet_id: str | None = Field(default=None, description="default: the default VPC's default subnet")
-    spot_bid: float | None = Field(default=None, gt=0, description="max price per hour (USD): spot instances")
-    permission: Annotated[str | None, AfterValidator(_check_cidr)] = Field(
-        default=None,
-        description="CIDR allowed to SSH in (or a [permission NAME] with cidr_ip); default: your public address",
-    )
-    my_address_url: str = Field(
-        default="https://checkip.amazonaws.com",
-        description="where your public address is asked when permission is unset",
-    )
-    address: Literal["public", "private"] | None = Field(
-        default=None, description="which address SSH uses; default: public if the instance has one"
-    )
-    user: str = Field(default="ubuntu", description="login name on the image")
-    python: str = Field(
-        default="python3",
-        description="the image's Python (same major.minor as here); globular makes its environment from it",
-    )
-    remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the instances")
-    cores_per_node: int | None = Field(
-        default=None, ge=1, description="engines per node; default: the instance's cores"
-    )
-    connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds one SSH attempt may take")
-    boot_timeout: float = Field(default=600.0, gt=0, description="seconds to wait for running and SSH")
-    poll_interval: float = Field(default=5.0, gt=0, le=60, description="seconds between state checks")
 
 
 def group_name(cluster: str) -> str:
@@ -122,16 +57,15 @@ def my_public_address(url: str, timeout: float = 5.0) -> str | None:
         return None
 
 
-class EC2Provider(SSHProvider):
+class EC2Provider(RemoteProvider):
     name = "ec2"
-    Settings = EC2Settings  # type: ignore[assignment]
-    settings: EC2Settings  # type: ignore[assignment]
-    key_setting = "key_location"
+    Settings = EC2Settings
+    settings: EC2Settings
     rents_machines = True
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._client = None
+    def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
+        super().__init__(spec, cluster=cluster, home=home)
+        self._client: Any = None
 
     # -- config ------------------------------------------------------------------
 
@@ -140,63 +74,7 @@ class EC2Provider(SSHProvider):
         cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]
     ) -> None:
         """Take ``[aws info]``, ``[key NAME]`` and ``[permission NAME]`` into the cluster's values."""
-        section_of = sections.copy()
-        for key, value in (extra.get("aws info") or {}).items():
-            if key not in AWS_INFO_KEYS:
-                raise ConfigError(
-                    f"unknown setting (known: {', '.join(AWS_INFO_KEYS)})", file=None, section="aws info", key=key
-                )
-            if key not in values:  # a template's own value wins
-                values[key] = value
-                sections[key] = "aws info"
-        keyname = values.get("keyname", "").strip()
-        if keyname and "key_location" not in values:
-            key_section = extra.get(f"key {keyname}")
-            if key_section is None:
-                raise ConfigError(
-                    f"names key {keyname!r} but there is no [key {keyname}] section with key_location",
-                    file=None,
-                    section=section_of.get("keyname"),
-                    key="keyname",
-                )
-            unknown = set(key_section) - {"key_location"}
-            if unknown:
-                raise ConfigError(
-                    "unknown setting (known: key_location)", file=None, section=f"key {keyname}", key=sorted(unknown)[0]
-                )
-            if "key_location" not in key_section:
-                raise ConfigError("missing key_location (the private key file)", file=None, section=f"key {keyname}")
-            values["key_location"] = key_section["key_location"]
-            sections["key_location"] = f"key {keyname}"
-        permission = values.get("permission", "").strip()
-        if permission and f"permission {permission}" in extra:
-            named = extra[f"permission {permission}"]
-            where = f"permission {permission}"
-            for key, value in named.items():
-                if key not in ("cidr_ip", "ip_protocol", "from_port", "to_port"):
-                    raise ConfigError(
-                        "unknown setting (known: cidr_ip, ip_protocol, from_port, to_port)",
-                        file=None,
-                        section=where,
-                        key=key,
-                    )
-                if (key in ("from_port", "to_port") and value.strip() != "22") or (
-                    key == "ip_protocol" and value.strip() != "tcp"
-                ):
-                    raise ConfigError(
-                        "globular opens SSH only (tcp port 22); the controller and notebook go through it",
-                        file=None,
-                        section=where,
-                        key=key,
-                    )
-            if "cidr_ip" not in named:
-                raise ConfigError("missing cidr_ip (who may SSH in)", file=None, section=where)
-            values["permission"] = named["cidr_ip"]
-            sections["permission"] = where
-
-    # instances are made to order: the ssh provider's limits (its host list) do not apply
-    default_cluster_size = NodeProvider.default_cluster_size
-    size_problem = NodeProvider.size_problem
+        aws_config_values(values, sections, extra)
 
     @property
     def region(self) -> str:
@@ -204,7 +82,7 @@ class EC2Provider(SSHProvider):
 
     # -- AWS -----------------------------------------------------------------------
 
-    def client(self):
+    def client(self) -> Any:
         if self._client is None:
             import boto3  # only ec2 clusters pay for it
 
@@ -220,7 +98,7 @@ class EC2Provider(SSHProvider):
             self._client = session.client("ec2", endpoint_url=self.settings.aws_endpoint_url, config=limits)
         return self._client
 
-    async def call(self, operation: str, **kwargs) -> dict:
+    async def call(self, operation: str, **kwargs: Any) -> Reply:
         """One EC2 API call in a thread; AWS errors become one clear line."""
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -240,7 +118,7 @@ class EC2Provider(SSHProvider):
 
     async def instances(
         self, *, ids: list[str] | None = None, states: list[str] | None = LIVE_STATES, any_cluster: bool = False
-    ) -> list[dict]:
+    ) -> list[Reply]:
         """The cluster's instances (tag filter), or those of ``ids``; with ``any_cluster``,
         every instance that carries a cluster tag (every page of the answer)."""
         tag = (
@@ -267,14 +145,14 @@ class EC2Provider(SSHProvider):
     async def _vpc_of_subnet(self) -> str | None:
         if self.settings.subnet_id:
             reply = await self.call("describe_subnets", SubnetIds=[self.settings.subnet_id])
-            return reply["Subnets"][0]["VpcId"]
+            return str(reply["Subnets"][0]["VpcId"])
         reply = await self.call("describe_vpcs", Filters=[{"Name": "is-default", "Values": ["true"]}])
         vpcs = reply.get("Vpcs", [])
         if not vpcs:
             raise GlobularError(f"region {self.region} has no default VPC: set subnet_id")
-        return vpcs[0]["VpcId"]
+        return str(vpcs[0]["VpcId"])
 
-    async def find_group(self) -> dict | None:
+    async def find_group(self) -> Reply | None:
         reply = await self.call(
             "describe_security_groups", Filters=[{"Name": "group-name", "Values": [group_name(self.cluster)]}]
         )
@@ -301,7 +179,7 @@ class EC2Provider(SSHProvider):
                 raise GlobularError(
                     f"security group {name} ({group['GroupId']}) exists and is not globular's; delete or rename it"
                 )
-            return group["GroupId"]
+            return str(group["GroupId"])
         cidr = self._ssh_cidr()
         vpc = await self._vpc_of_subnet()
         created = await self.call(
@@ -313,7 +191,7 @@ class EC2Provider(SSHProvider):
                 {"ResourceType": "security-group", "Tags": [{"Key": TAG_CLUSTER, "Value": self.cluster}]}
             ],
         )
-        group_id = created["GroupId"]
+        group_id = str(created["GroupId"])
         try:
             await self.call(
                 "authorize_security_group_ingress",
@@ -353,16 +231,12 @@ class EC2Provider(SSHProvider):
 
     # -- nodes ---------------------------------------------------------------------
 
-    def _known_hosts(self) -> Path:
-        return self.home / "ec2" / f"{self.cluster}-{self.region}.known_hosts"
+    def ssh_options(self) -> SSHOptions:
+        # a new instance's key is new: accepted, and the cluster's own known_hosts keeps it from then on
+        known = self.home / "ec2" / f"{self.cluster}-{self.region}.known_hosts"
+        return SSHOptions(self.settings.key_location, known, True, "key_location")
 
-    def _ssh_key(self) -> str | None:
-        return self.settings.key_location
-
-    def _accept_new_host_keys(self) -> bool:
-        return True  # a new instance's key is new; the cluster's own known_hosts keeps it from then on
-
-    def _launch_args(self, names: list[str], group_id: str, master: bool) -> dict:
+    def _launch_args(self, names: list[str], group_id: str, master: bool) -> Reply:
         image = (self.settings.master_image_id if master else None) or self.settings.node_image_id
         itype = (self.settings.master_instance_type if master else None) or self.settings.node_instance_type
         tags = [{"Key": TAG_CLUSTER, "Value": self.cluster}]
@@ -391,7 +265,7 @@ class EC2Provider(SSHProvider):
         names: list[str],
         on_ready: Callable[[NodeRecord], None],
         *,
-        existing: list[NodeRecord] = (),  # type: ignore[assignment]
+        existing: Sequence[NodeRecord] = (),
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
         if hosts:
@@ -450,7 +324,7 @@ class EC2Provider(SSHProvider):
                 )
         return nodes
 
-    def _address_of(self, instance: dict) -> str | None:
+    def _address_of(self, instance: Reply) -> str | None:
         public, private = instance.get("PublicIpAddress"), instance.get("PrivateIpAddress")
         if self.settings.address == "private":
             return private
@@ -493,14 +367,14 @@ class EC2Provider(SSHProvider):
             await asyncio.sleep(self.settings.poll_interval)
         self.reporter.end("ec2-running")
 
-    async def connect(self, host: SSHHost):
+    async def connect(self, host: SSHHost) -> asyncssh.SSHClientConnection:
         """Like the ssh provider's, but a new instance's sshd may not answer yet: retry until boot_timeout."""
         deadline = time.monotonic() + self.settings.boot_timeout
         while True:
             try:
                 return await super().connect(host)
-            except GlobularError as exc:
-                if "cannot reach" not in str(exc) or time.monotonic() > deadline:
+            except HostUnreachable:
+                if time.monotonic() > deadline:
                     raise
             await asyncio.sleep(min(self.settings.poll_interval, 5.0))
 
@@ -519,7 +393,7 @@ class EC2Provider(SSHProvider):
 
     def _forget_host_keys(self, addresses: list[str]) -> None:
         """A terminated instance's address may come back with another key: drop its line."""
-        path = self._known_hosts()
+        path = self.ssh_options().known_hosts
         if not path.exists():
             return
         gone = set(addresses)
@@ -548,11 +422,7 @@ class EC2Provider(SSHProvider):
         stray = [i["InstanceId"] for i in await self.instances()]
         await self._terminate_ids(stray)
         await self.delete_group()
-        self._known_hosts().unlink(missing_ok=True)
-
-    async def list_nodes(self, nodes: list[NodeRecord]) -> list[NodeRecord]:
-        alive = {i["InstanceId"] for i in await self.instances(states=["pending", "running"])}
-        return [n for n in nodes if n.data.get("instance_id") in alive]
+        self.ssh_options().known_hosts.unlink(missing_ok=True)
 
     def account(self) -> object | None:
         return (self.settings.aws_endpoint_url, self.settings.aws_access_key_id)

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from globular import nodeproc
-from globular.errors import BadInput, CommandError
+from globular.errors import BadInput, CommandError, CommandTimeout
 from globular.paths import private_dir, write_private
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
 from globular.spec import Settings
 from globular.state import NodeRecord
+
+log = logging.getLogger(__name__)
 
 
 class LocalSettings(Settings):
@@ -36,6 +39,7 @@ class LocalRunner(Runner):
     async def run(
         self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
     ) -> CommandResult:
+        log.debug("%s: %s", self.node.name, display(argv))
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -53,17 +57,18 @@ class LocalRunner(Runner):
             await proc.wait()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise CommandError(self.node.name, display(argv), None, f"no answer within {timeout:g}s") from None
+            raise CommandTimeout(self.node.name, display(argv), timeout) from None
         result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and result.returncode != 0:
             raise CommandError(self.node.name, display(argv), result.returncode, result.stderr, result.stdout)
         return result
 
-    async def _nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
         """The node is this machine: a verb that any Python answers alike runs here, in a
         thread, instead of in an interpreter started for it (the same code, the same JSON)."""
         if verb not in nodeproc.ANY_PYTHON and os.path.realpath(self.node.python) != os.path.realpath(sys.executable):
-            return await super()._nodeproc(verb, request, timeout)
+            return await super().nodeproc(verb, request, timeout)
+        log.debug("%s: nodeproc %s (in this process)", self.node.name, verb)
         call = nodeproc.VERBS[verb]
         try:
             reply = await asyncio.wait_for(asyncio.to_thread(call, json.loads(json.dumps(request))), timeout)
@@ -84,6 +89,7 @@ class LocalRunner(Runner):
 class LocalProvider(NodeProvider):
     name = "local"
     Settings = LocalSettings
+    settings: LocalSettings
 
     @property
     def region(self) -> str:
@@ -93,28 +99,28 @@ class LocalProvider(NodeProvider):
     def root(self) -> Path:
         return self.home / "local" / self.cluster
 
-    def cores_per_node(self) -> int:
+    def cores_per_node(self, nodes: int) -> int:
+        """``cores_per_node``, else this machine's cores shared by the cluster's ``nodes``."""
         if self.settings.cores_per_node:
             return self.settings.cores_per_node
-        return max(1, (os.cpu_count() or 1) // self.spec.cluster_size)
+        return max(1, (os.cpu_count() or 1) // max(1, nodes))
 
     async def create_nodes(
         self,
         names: list[str],
         on_ready: Callable[[NodeRecord], None],
         *,
-        existing: list[NodeRecord] = (),  # type: ignore[assignment]
+        existing: Sequence[NodeRecord] = (),
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
         if hosts:
             raise BadInput("the local provider makes its nodes on this machine: it takes no --host")
         nodes = []
         python = self.settings.python or sys.executable
+        cores = self.cores_per_node(len(existing) + len(names))
         for name in names:
             workdir = private_dir(self.root / name)
-            node = NodeRecord(
-                name=name, address="127.0.0.1", workdir=str(workdir), cores=self.cores_per_node(), python=python
-            )
+            node = NodeRecord(name=name, address="127.0.0.1", workdir=str(workdir), cores=cores, python=python)
             nodes.append(node)
             self.on_step(node, "provision")
             on_ready(node)

@@ -16,26 +16,38 @@ wheels, process requests) travels on stdin, never on a command line.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import posixpath
 import re
 import secrets
 import shlex
-from collections.abc import Callable
+from abc import abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncssh
 from pydantic import AfterValidator, Field
 
 from globular.environment import environment_mode
-from globular.errors import BadInput, CommandError, GlobularError, NodeError
+from globular.errors import (
+    BadInput,
+    CommandError,
+    CommandTimeout,
+    ConnectionLost,
+    GlobularError,
+    HostUnreachable,
+    NodeError,
+)
 from globular.fanout import each_node
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
 from globular.spec import CommaList, Settings
+from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
+log = logging.getLogger(__name__)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 _HOST = re.compile(r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>[^@\s:\[\]]+|\[[0-9a-fA-F:.]+\])(?::(?P<port>\d{1,5}))?$")
 
@@ -84,19 +96,10 @@ def _check_host(text: str | None) -> str | None:
     return text
 
 
-class SSHSettings(Settings):
-    node_hosts: Annotated[CommaList, AfterValidator(_check_hosts)] = Field(
-        description="[user@]host[:port], ...; the first is the master unless master_host says otherwise"
-    )
-    master_host: Annotated[str | None, AfterValidator(_check_host)] = None
+class RemoteSettings(Settings):
+    """What every provider of nodes reached by ssh reads."""
+
     user: str | None = Field(default=None, description="login name; default: ~/.ssh/config's, else yours")
-    ssh_key: str | None = Field(
-        default=None, description="private key file; the agent and ~/.ssh/config's keys are also tried"
-    )
-    known_hosts: str | None = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")
-    accept_new_host_keys: bool = Field(
-        default=False, description="add unknown host keys to known_hosts (never a changed one)"
-    )
     python: str = Field(
         default="python3",
         description="the hosts' Python (same major.minor as here); globular makes its environment from it",
@@ -104,6 +107,20 @@ class SSHSettings(Settings):
     remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the hosts")
     cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: the host's cores")
     connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds to wait for a host to answer")
+
+
+class SSHSettings(RemoteSettings):
+    node_hosts: Annotated[CommaList, AfterValidator(_check_hosts)] = Field(
+        description="[user@]host[:port], ...; the first is the master unless master_host says otherwise"
+    )
+    master_host: Annotated[str | None, AfterValidator(_check_host)] = None
+    ssh_key: str | None = Field(
+        default=None, description="private key file; the agent and ~/.ssh/config's keys are also tried"
+    )
+    known_hosts: str | None = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")
+    accept_new_host_keys: bool = Field(
+        default=False, description="add unknown host keys to known_hosts (never a changed one)"
+    )
 
 
 def hosts_in_order(settings: SSHSettings) -> list[SSHHost]:
@@ -118,7 +135,7 @@ def hosts_in_order(settings: SSHSettings) -> list[SSHHost]:
 class SSHRunner(Runner):
     """Runs commands on a node over one SSH connection (opened on first use)."""
 
-    def __init__(self, node: NodeRecord, connect: Callable[[], asyncio.Future]):
+    def __init__(self, node: NodeRecord, connect: Callable[[], Awaitable[asyncssh.SSHClientConnection]]):
         super().__init__(node)
         self._connect = connect
         self._conn: asyncssh.SSHClientConnection | None = None
@@ -143,18 +160,17 @@ class SSHRunner(Runner):
         self, command: str, shown: str, *, input: bytes | None, timeout: float | None, check: bool
     ) -> CommandResult:
         conn = await self.connection()
+        log.debug("%s (%s): %s", self.node.name, self.node.login, shown)
         try:
             done = await conn.run(command, input=input, encoding=None, timeout=timeout, check=False)
         except asyncssh.TimeoutError:
-            raise CommandError(self.node.name, shown, None, f"no answer within {timeout:g}s") from None
+            raise CommandTimeout(self.node.name, shown, timeout) from None
         except (asyncssh.Error, OSError) as exc:
-            raise CommandError(
-                self.node.name, shown, None, f"ssh connection to {self.node.login} lost: {exc}"
-            ) from None
+            raise ConnectionLost(self.node.name, shown, f"ssh connection to {self.node.login} lost: {exc}") from None
         returncode = done.exit_status if done.exit_status is not None else 255
-        result = CommandResult(
-            returncode, (done.stdout or b"").decode(errors="replace"), (done.stderr or b"").decode(errors="replace")
-        )
+        out, err = done.stdout or b"", done.stderr or b""
+        assert isinstance(out, bytes) and isinstance(err, bytes)  # encoding=None
+        result = CommandResult(returncode, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and returncode != 0:
             raise CommandError(self.node.name, shown, returncode, result.stderr, result.stdout)
         return result
@@ -189,50 +205,41 @@ class SSHRunner(Runner):
                 pass
 
 
-class SSHProvider(NodeProvider):
-    name = "ssh"
-    Settings = SSHSettings
-    settings: SSHSettings
-    key_setting = "ssh_key"  # the setting that names the private key, for messages
+@dataclass(frozen=True)
+class SSHOptions:
+    """How ssh reaches a provider's nodes (also for the ``ssh`` command ``sshnode`` runs)."""
 
+    key: str | None  # private key file (the agent and ~/.ssh/config's keys are tried too)
+    known_hosts: Path
+    accept_new_host_keys: bool
+    key_setting: str  # the setting that names the key, for messages
+
+
+class RemoteProvider(NodeProvider):
+    """Nodes that are other machines, reached with asyncssh: connecting (host keys checked),
+    a folder per node, its Python checked; the ssh and ec2 providers differ in where
+    the machines come from."""
+
+    settings: RemoteSettings
     default_environment = "managed"
     remote_nodes = True
 
-    @property
-    def region(self) -> str:
-        return "ssh"
+    @abstractmethod
+    def ssh_options(self) -> SSHOptions:
+        """The key, known_hosts and host key policy of this provider's connections."""
 
     def envs_dir(self) -> str:
         return posixpath.join(self.settings.remote_dir, "envs")
-
-    @classmethod
-    def default_cluster_size(cls, settings: SSHSettings) -> int:
-        return len(hosts_in_order(settings))
-
-    @classmethod
-    def size_problem(cls, settings: SSHSettings, size: int) -> tuple[str, str] | None:
-        count = len(hosts_in_order(settings))
-        if size > count:
-            return "node_hosts", f"{size} nodes asked for, but there are only {count} hosts"
-        return None
 
     # -- connecting ------------------------------------------------------------
 
     def _host(self, node: NodeRecord) -> SSHHost:
         return SSHHost.parse(node.data["host"])
 
-    def _known_hosts(self) -> Path:
-        return Path(self.settings.known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
-
-    def _ssh_key(self) -> str | None:
-        return self.settings.ssh_key
-
-    def _accept_new_host_keys(self) -> bool:
-        return self.settings.accept_new_host_keys
-
-    def _options(self, host: SSHHost) -> dict:
+    def _options(self, host: SSHHost) -> dict[str, Any]:
         # a host that stops answering is noticed after 3 missed keepalives: 3 x connect_timeout
-        options: dict = {
+        ssh = self.ssh_options()
+        options: dict[str, Any] = {
             "port": host.port,
             "connect_timeout": self.settings.connect_timeout,
             "keepalive_interval": self.settings.connect_timeout,
@@ -241,17 +248,18 @@ class SSHProvider(NodeProvider):
         user = host.user or self.settings.user
         if user:
             options["username"] = user
-        if self._ssh_key():
-            options["client_keys"] = [str(Path(self._ssh_key()).expanduser())]
-        known = self._known_hosts()
-        options["known_hosts"] = str(known) if known.exists() else ([], [], [])  # no file: nothing is trusted
+        if ssh.key:
+            options["client_keys"] = [str(Path(ssh.key).expanduser())]
+        # no known_hosts file: nothing is trusted
+        options["known_hosts"] = str(ssh.known_hosts) if ssh.known_hosts.exists() else ([], [], [])
         return options
 
     async def connect(self, host: SSHHost) -> asyncssh.SSHClientConnection:
-        """An authenticated connection to ``host``, its host key checked; errors name the host."""
-        key = self._ssh_key()
-        if key and not Path(key).expanduser().is_file():
-            raise GlobularError(f"{self.key_setting} {key} does not exist")
+        """An authenticated connection to ``host``, its host key checked; errors name the host
+        (:class:`HostUnreachable` when it does not answer)."""
+        ssh = self.ssh_options()
+        if ssh.key and not Path(ssh.key).expanduser().is_file():
+            raise GlobularError(f"{ssh.key_setting} {ssh.key} does not exist")
         limit = self.settings.connect_timeout
 
         async def attempt() -> asyncssh.SSHClientConnection:
@@ -261,27 +269,26 @@ class SSHProvider(NodeProvider):
             try:
                 return await attempt()
             except asyncssh.HostKeyNotVerifiable:
-                if not self._accept_new_host_keys() or self._host_is_known(host):
+                if not ssh.accept_new_host_keys or self._host_is_known(host):
                     raise
             await self._accept_host_key(host)
             return await attempt()
         except asyncssh.HostKeyNotVerifiable as exc:
-            known = self._known_hosts()
             if self._host_is_known(host):
-                why = f"its host key does not match the one in {known} (if the host was reinstalled, remove that line)"
+                why = f"its host key does not match the one in {ssh.known_hosts} (if the host was reinstalled, remove that line)"
             else:
-                why = f"its host key is not in {known} (ssh to it once, or set accept_new_host_keys = true)"
+                why = f"its host key is not in {ssh.known_hosts} (ssh to it once, or set accept_new_host_keys = true)"
             raise GlobularError(f"cannot trust {host}: {why} [{exc.reason}]") from None
         except asyncssh.PermissionDenied:
-            raise GlobularError(f"{host} refused the login (check user, ssh_key and your agent)") from None
+            raise GlobularError(f"{host} refused the login (check user, {ssh.key_setting} and your agent)") from None
         except TimeoutError:
-            raise GlobularError(f"cannot reach {host}: no answer within {limit:g}s") from None
+            raise HostUnreachable(f"cannot reach {host}: no answer within {limit:g}s") from None
         except (OSError, asyncssh.Error) as exc:
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-            raise GlobularError(f"cannot reach {host}: {reason}") from None
+            raise HostUnreachable(f"cannot reach {host}: {reason}") from None
 
     def _host_is_known(self, host: SSHHost) -> bool:
-        path = self._known_hosts()
+        path = self.ssh_options().known_hosts
         if not path.exists():
             return False
         matches = asyncssh.read_known_hosts(str(path)).match(host.host, host.host, host.port)
@@ -293,7 +300,7 @@ class SSHProvider(NodeProvider):
         )
         if key is None:
             raise GlobularError(f"{host} offered no host key")
-        path = self._known_hosts()
+        path = self.ssh_options().known_hosts
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = host.host if host.port == 22 else f"[{host.host}]:{host.port}"
         with open(path, "a", opener=lambda p, f: os.open(p, f, 0o600)) as f:
@@ -305,56 +312,8 @@ class SSHProvider(NodeProvider):
 
     # -- nodes -------------------------------------------------------------------
 
-    def _place(self, names: list[str], existing: list[NodeRecord], hosts: list[str] | None) -> list[SSHHost]:
-        used = {self._host(n).key: n.name for n in existing}
-        if hosts:
-            if len(hosts) != len(names):
-                raise BadInput(f"{len(names)} nodes to add but {len(hosts)} hosts named")
-            chosen = []
-            for text in hosts:
-                try:
-                    host = SSHHost.parse(text)
-                except ValueError as exc:
-                    raise BadInput(str(exc)) from None
-                if host.key in used:
-                    raise BadInput(f"{host} is already node {used[host.key]} of cluster {self.cluster!r}")
-                used[host.key] = "(being added)"
-                chosen.append(host)
-            return chosen
-        free = [h for h in hosts_in_order(self.settings) if h.key not in used]
-        if len(free) < len(names):
-            total = len(hosts_in_order(self.settings))
-            raise GlobularError(
-                f"{len(names)} more node{'s' if len(names) > 1 else ''} asked for, but only {len(free)} of the {total} hosts in node_hosts "
-                "are unused; add hosts to node_hosts, or name one with --host"
-            )
-        return free[: len(names)]
-
     def _node_dir(self, name: str) -> str:
         return posixpath.join(self.settings.remote_dir, self.cluster, name)
-
-    async def create_nodes(
-        self,
-        names: list[str],
-        on_ready: Callable[[NodeRecord], None],
-        *,
-        existing: list[NodeRecord] = (),  # type: ignore[assignment]
-        hosts: list[str] | None = None,
-    ) -> list[NodeRecord]:
-        placed = self._place(names, list(existing), hosts)
-        nodes = [
-            NodeRecord(
-                name=name,
-                address=host.host,
-                workdir=self._node_dir(name),
-                cores=1,
-                python=self.settings.python,
-                login=str(host),
-                data={"host": str(host)},
-            )
-            for name, host in zip(names, placed)
-        ]
-        return await self._bring_up(nodes, on_ready)
 
     async def _bring_up(self, nodes: list[NodeRecord], on_ready: Callable[[NodeRecord], None]) -> list[NodeRecord]:
         """Connect to each node, make its folder, check its Python; ``on_ready`` each that works."""
@@ -362,15 +321,16 @@ class SSHProvider(NodeProvider):
         async def bring_up(node: NodeRecord) -> NodeRecord:
             host = self._host(node)
             runner = self.runner(node)
+            assert isinstance(runner, SSHRunner)
             try:
-                conn = await runner.connection()  # type: ignore[attr-defined]
+                conn = await runner.connection()
                 self.on_step(node, "ssh")
                 node.address = conn.get_extra_info("peername")[0]
                 node.login = f"{conn.get_extra_info('username')}@{host.host}:{host.port}"
                 # with a managed environment the host's Python needs nothing but itself
                 system = environment_mode(self.spec, self.default_environment) == "system"
                 try:
-                    facts = await runner._nodeproc(
+                    facts = await runner.nodeproc(
                         "prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []}
                     )
                 except CommandError as exc:
@@ -398,7 +358,7 @@ class SSHProvider(NodeProvider):
         return nodes
 
     async def _remove_dir(self, node: NodeRecord) -> None:
-        await self.runner(node)._nodeproc("remove_dir", {"root": self.settings.remote_dir, "path": node.workdir})
+        await self.runner(node).nodeproc("remove_dir", {"root": self.settings.remote_dir, "path": node.workdir})
 
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
         async def release(node: NodeRecord) -> None:
@@ -410,3 +370,80 @@ class SSHProvider(NodeProvider):
                     await runner.close()
 
         await each_node(nodes, release)
+
+
+class SSHProvider(RemoteProvider):
+    """Nodes on the hosts of ``node_hosts``, one node a host."""
+
+    name = "ssh"
+    Settings = SSHSettings
+    settings: SSHSettings
+
+    @property
+    def region(self) -> str:
+        return "ssh"
+
+    @classmethod
+    def default_cluster_size(cls, settings: SettingsModel) -> int:
+        assert isinstance(settings, SSHSettings)
+        return len(hosts_in_order(settings))
+
+    @classmethod
+    def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
+        assert isinstance(settings, SSHSettings)
+        count = len(hosts_in_order(settings))
+        if size > count:
+            return "node_hosts", f"{size} nodes asked for, but there are only {count} hosts"
+        return None
+
+    def ssh_options(self) -> SSHOptions:
+        known = Path(self.settings.known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
+        return SSHOptions(self.settings.ssh_key, known, self.settings.accept_new_host_keys, "ssh_key")
+
+    def _place(self, names: list[str], existing: list[NodeRecord], hosts: list[str] | None) -> list[SSHHost]:
+        used = {self._host(n).key: n.name for n in existing}
+        if hosts:
+            if len(hosts) != len(names):
+                raise BadInput(f"{len(names)} nodes to add but {len(hosts)} hosts named")
+            chosen = []
+            for text in hosts:
+                try:
+                    host = SSHHost.parse(text)
+                except ValueError as exc:
+                    raise BadInput(str(exc)) from None
+                if host.key in used:
+                    raise BadInput(f"{host} is already node {used[host.key]} of cluster {self.cluster!r}")
+                used[host.key] = "(being added)"
+                chosen.append(host)
+            return chosen
+        free = [h for h in hosts_in_order(self.settings) if h.key not in used]
+        if len(free) < len(names):
+            total = len(hosts_in_order(self.settings))
+            raise GlobularError(
+                f"{len(names)} more node{'s' if len(names) > 1 else ''} asked for, but only {len(free)} of the {total} hosts in node_hosts "
+                "are unused; add hosts to node_hosts, or name one with --host"
+            )
+        return free[: len(names)]
+
+    async def create_nodes(
+        self,
+        names: list[str],
+        on_ready: Callable[[NodeRecord], None],
+        *,
+        existing: Sequence[NodeRecord] = (),
+        hosts: list[str] | None = None,
+    ) -> list[NodeRecord]:
+        placed = self._place(names, list(existing), hosts)
+        nodes = [
+            NodeRecord(
+                name=name,
+                address=host.host,
+                workdir=self._node_dir(name),
+                cores=1,
+                python=self.settings.python,
+                login=str(host),
+                data={"host": str(host)},
+            )
+            for name, host in zip(names, placed)
+        ]
+        return await self._bring_up(nodes, on_ready)

@@ -10,10 +10,10 @@ session of its own, as a child of the supervisor; when one exits, it is started
 again (without the id it first asked for: the controller gives it a fresh one),
 after a back-off that grows while it keeps dying at once (1 s, 2 s, ... 30 s).
 On SIGTERM the supervisor stops restarting, SIGTERMs every engine's process
-group, waits up to 10 s, SIGKILLs what is left and exits.  It writes the pid
-and start time of each engine it runs to ``<REQUEST>.pids`` so that a status
-check can count them.
+group, waits up to 10 s, SIGKILLs what is left and exits.  ``globular status`` counts its engines as its live children.
 """
+
+from __future__ import annotations
 
 import json
 import os
@@ -21,28 +21,34 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 QUICK_DEATH = 10.0  # s: an engine that dies sooner is restarted after a growing pause
 MAX_PAUSE = 30.0
 
 
-def log(message):
+def log(message: str) -> None:
     sys.stdout.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [supervisor] {message}\n")
     sys.stdout.flush()
 
 
 class Slot:
-    def __init__(self, spec, id_arg):
+    def __init__(self, spec: dict[str, Any], id_arg: str):
         self.argv = list(spec["argv"])
         self.log = spec["log"]
         self.id_arg = id_arg
-        self.proc = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.failures = 0
         self.restarts = 0
         self.due = 0.0
 
-    def start(self):
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -54,10 +60,11 @@ class Slot:
             )
         self.started = time.monotonic()
 
-    def exited(self):
+    def exited(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
 
-    def plan_restart(self):
+    def plan_restart(self) -> None:
+        assert self.proc is not None
         code = self.proc.returncode
         lived = time.monotonic() - self.started
         self.failures = self.failures + 1 if lived < QUICK_DEATH else 0
@@ -70,26 +77,7 @@ class Slot:
         self.due = time.monotonic() + pause
 
 
-def _start_time(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-        return int(data[data.rindex(")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def write_pids(path, slots):
-    running = [
-        {"pid": s.proc.pid, "start": _start_time(s.proc.pid)} for s in slots if s.proc is not None and not s.exited()
-    ]
-    tmp = f"{path}.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump({"engines": running, "restarts": sum(s.restarts for s in slots)}, f)
-    os.replace(tmp, path)
-
-
-def stop_all(slots, timeout=10.0):
+def stop_all(slots: list[Slot], timeout: float = 10.0) -> None:
     live = [s.proc for s in slots if s.proc is not None and s.proc.poll() is None]
     for proc in live:
         try:
@@ -108,40 +96,29 @@ def stop_all(slots, timeout=10.0):
             proc.wait()
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     path = argv[1]
     with open(path) as f:
         request = json.load(f)
-    stopping = []
+    stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     slots = [Slot(spec, request.get("restart_id_arg", "--IPEngine.id=")) for spec in request["engines"]]
     for slot in slots:
         slot.start()
-    log(f"started {len(slots)} engines: pids {[s.proc.pid for s in slots]}")
-    pids_file = f"{path}.pids"
-    write_pids(pids_file, slots)
+    log(f"started {len(slots)} engines: pids {[s.pid for s in slots]}")
     while not stopping:
-        changed = False
         for slot in slots:
             if stopping:
                 break
             if slot.proc is not None and slot.exited():
                 slot.plan_restart()
-                changed = True
             if slot.proc is None and time.monotonic() >= slot.due:
                 slot.start()
-                log(f"engine restarted: pid {slot.proc.pid}")
-                changed = True
-        if changed:
-            write_pids(pids_file, slots)
+                log(f"engine restarted: pid {slot.pid}")
         time.sleep(0.2)
     log("stopping")
     stop_all(slots)
-    try:
-        os.unlink(pids_file)
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

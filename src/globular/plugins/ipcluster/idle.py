@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from globular import idlewatch
 from globular.fanout import each_node
-from globular.plugins.roles import DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
+from globular.plugins.base import PluginContext
+from globular.plugins.ipcluster import idlewatch
+from globular.plugins.ipcluster.roles import DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
+from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
 from globular.state import NodeRecord
-
-if TYPE_CHECKING:
-    from globular.cluster import Cluster
-    from globular.plugins.ipcluster import IPClusterSettings
 
 IDLEWATCH_SOURCE = Path(idlewatch.__file__).read_text()
 
@@ -23,13 +20,12 @@ def idle_state_file(master: NodeRecord) -> str:
     return f"{master.workdir}/run/idle.json"
 
 
-async def start_idle_watchers(cluster: Cluster, settings: IPClusterSettings, nodes: list[NodeRecord]) -> None:
+async def start_idle_watchers(ctx: PluginContext, settings: IPClusterSettings, nodes: list[NodeRecord]) -> None:
     """The master's watcher (asks the controller, shuts it down when idle); on providers that
     rent machines, a watcher on every other node that powers it off once the controller is gone."""
-    data = cluster.plugin_data(DATA_KEY)
+    data = ctx.plugin_data(DATA_KEY)
     info = data["engine_info"]
-    rents = cluster.provider.rents_machines
-    env = {"GLOBULAR_CLUSTER": cluster.name, "IPYTHONDIR": ""}
+    rents = ctx.rents_machines
 
     async def start(node: NodeRecord) -> None:
         if node.is_master:
@@ -44,18 +40,18 @@ async def start_idle_watchers(cluster: Cluster, settings: IPClusterSettings, nod
             request = {"mode": "node", "controller": info["location"], "port": info["registration"], "grace": 120}
         else:
             return
-        runner = cluster.runner(node)
+        runner = ctx.runner(node)
         path = f"{node.workdir}/run/idle-watch.json"
         await runner.write_file(path, json.dumps(request).encode(), 0o600)
         spec = ProcessSpec(
             argv=[node.python, "-c", IDLEWATCH_SOURCE, path],
             log=f"{node.workdir}/logs/idle-watch.log",
             role=IDLE_WATCHER,
-            env={**env, "IPYTHONDIR": ipython_dir(node), "GLOBULAR_NODE": node.name},
+            env={"GLOBULAR_CLUSTER": ctx.name, "GLOBULAR_NODE": node.name, "IPYTHONDIR": ipython_dir(node)},
             cwd=node.workdir,
         )
-        cluster.track(node, await runner.spawn([spec]))
+        ctx.track(node, await runner.spawn([spec]))
 
     await each_node(nodes, start)
     data["idle_shutdown"] = settings.idle_shutdown
-    cluster.save()
+    ctx.save()

@@ -16,15 +16,13 @@ import importlib.metadata
 import ipaddress
 import json
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from globular.errors import GlobularError
+from globular.plugins.base import NodeCheck, PluginContext
 from globular.providers.base import NODEPROC_SOURCE, ProcessSpec
 from globular.state import NodeRecord
-
-if TYPE_CHECKING:
-    from globular.cluster import Cluster
 
 CHECK_TIMEOUT = 30.0
 
@@ -39,36 +37,6 @@ class Requirement:
     compare: bool = False
     load: bool = False
     need: str = ""
-
-
-@dataclass
-class NodeCheck:
-    node: str
-    address: str
-    python: str | None = None
-    modules: dict[str, str | None] = field(default_factory=dict)  # name -> version (None: missing)
-    cpus: int | None = None
-    load: float | None = None
-    engines: int = 0
-    controller_reachable: bool | None = None
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
-
-
-class PreflightFailed(GlobularError):
-    """One line per node that cannot run its engines; nothing was started."""
-
-    def __init__(self, checks: list[NodeCheck]):
-        self.checks = checks
-        lines = [f"{c.node}: {'; '.join(c.problems)}" for c in checks if c.problems]
-        super().__init__("preflight failed, nothing was started:\n" + "\n".join(lines))
 
 
 def local_version(module: str) -> str | None:
@@ -120,11 +88,13 @@ def judge(check: NodeCheck, facts: dict[str, Any], wanted: list[Requirement]) ->
     if check.engines > facts["cpus"]:
         check.warnings.append(f"{check.engines} engines for {facts['cpus']} cores: they will share them")
     elif facts["load"][0] >= facts["cpus"] and check.engines:
-        check.warnings.append(f"the node is busy (load {check.load} on {facts['cpus']} cores): engines will share it")
+        check.warnings.append(
+            f"the node is busy (its load is at least its {facts['cpus']} cores): engines will share it"
+        )
 
 
 async def run_preflight(
-    cluster: Cluster,
+    ctx: PluginContext,
     nodes: list[NodeRecord],
     *,
     modules: list[Requirement],
@@ -136,9 +106,9 @@ async def run_preflight(
     timeout: float = CHECK_TIMEOUT,
 ) -> list[NodeCheck]:
     """Check ``nodes``; returns a NodeCheck per node (raise nothing: the caller decides)."""
-    master = cluster.master
+    master = ctx.master
     checks = {n.name: NodeCheck(node=n.name, address=n.address, engines=engines.get(n.name, 0)) for n in nodes}
-    cluster.reporter.begin("preflight", "preflight checks (nodes)", len(nodes))
+    ctx.reporter.begin("preflight", "preflight checks (nodes)", len(nodes))
     listener = None
     port = None
     try:
@@ -148,8 +118,8 @@ async def run_preflight(
             and all(n.address == master.address and n.login == master.login for n in nodes)
         )
         if probe:
-            runner = cluster.runner(master)
-            free = await runner._nodeproc("free_ports", {"ip": controller_ip, "ports": port_candidates, "count": 1})
+            runner = ctx.runner(master)
+            free = await runner.nodeproc("free_ports", {"ip": controller_ip, "ports": port_candidates, "count": 1})
             if not free:
                 for check in checks.values():
                     check.problems.append(f"no free port on the master's {controller_ip} for the controller")
@@ -166,19 +136,19 @@ async def run_preflight(
                         )
                     ]
                 )
-                cluster.track(master, listener)
+                ctx.track(master, listener)
 
         async def one(node: NodeRecord) -> None:
             check = checks[node.name]
             wanted = modules + (master_modules if node.is_master else [])
-            runner = cluster.runner(node)
+            runner = ctx.runner(node)
             request = {
                 "modules": [r.module for r in wanted],
                 "load": [r.module for r in wanted if r.load],
                 "curve": curve,
             }
             try:
-                facts = await runner._nodeproc("facts", request, timeout=timeout)
+                facts = await runner.nodeproc("facts", request, timeout=timeout)
             except GlobularError as exc:
                 check.problems.append(str(exc).removeprefix(f"{node.name}: "))
                 return
@@ -192,7 +162,7 @@ async def run_preflight(
             if port is not None:
                 reply = {}
                 for _ in range(20):  # the listener may still be starting
-                    reply = await runner._nodeproc(
+                    reply = await runner.nodeproc(
                         "connect", {"host": controller_ip, "port": port, "timeout": 3}, timeout=timeout
                     )
                     if reply["ok"] or reply.get("error") not in ("Connection refused", None):
@@ -203,7 +173,7 @@ async def run_preflight(
                     check.problems.append(
                         f"cannot reach the controller's address {controller_ip}:{port} ({reply.get('error')})"
                     )
-            cluster.reporter.advance("preflight")
+            ctx.reporter.advance("preflight")
 
         await asyncio.wait_for(asyncio.gather(*(one(n) for n in nodes)), timeout + 10)
     except TimeoutError:
@@ -212,6 +182,6 @@ async def run_preflight(
                 check.problems.append(f"no answer within {timeout:g}s")
     finally:
         if listener:
-            await cluster.stop_processes(master, listener)
-        cluster.reporter.end("preflight")
+            await ctx.stop_processes(master, listener)
+        ctx.reporter.end("preflight")
     return [checks[n.name] for n in nodes]

@@ -5,34 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from globular import supervisor
 from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
-from globular.plugins.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
+from globular.plugins.base import PluginContext
+from globular.plugins.ipcluster import supervisor
+from globular.plugins.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
+from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
 from globular.state import NodeRecord, ProcessRecord
 
 if TYPE_CHECKING:
     from ipyparallel import Client
 
-    from globular.cluster import Cluster
 
+log = logging.getLogger(__name__)
 SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
 ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
 
 
-def claim_engine_ids(cluster: Cluster, node: NodeRecord, count: int, floor: int = 0) -> list[int]:
+def claim_engine_ids(ctx: PluginContext, node: NodeRecord, count: int, floor: int = 0) -> list[int]:
     """The next ``count`` engine ids, recorded as ``node``'s.
 
     Each engine asks the controller for its id, so the record knows which node
     an id runs on without asking the engine.  ``floor``: ids below it are taken.
     """
-    data = cluster.plugin_data(DATA_KEY)
+    data = ctx.plugin_data(DATA_KEY)
     first = max(data.get("next_engine_id", 0), floor)
     data["next_engine_id"] = first + count
     mapping = data.setdefault("engine_ids", {})
@@ -42,32 +45,31 @@ def claim_engine_ids(cluster: Cluster, node: NodeRecord, count: int, floor: int 
 
 
 async def start_engines(
-    cluster: Cluster,
+    ctx: PluginContext,
     node: NodeRecord,
     count: int,
     engine_info: dict[str, Any],
+    settings: IPClusterSettings,
     *,
-    nanny: bool,
-    supervise: bool = False,
     floor: int = 0,
 ) -> dict[int, str]:
     """Write the engine connection file (0600) on ``node`` and start ``count`` engines: id → node.
 
-    With ``supervise``, one supervisor process starts them and restarts any that dies
+    With ``restart_dead_engines``, one supervisor process starts them and restarts any that dies
     (the record tracks the supervisor; its engines are its children, stopped with it).
     """
     if count <= 0:
         return {}
-    runner = cluster.runner(node)
+    runner = ctx.runner(node)
     info_path = f"{node.workdir}/security/ipcontroller-engine.json"
     await runner.write_file(info_path, json.dumps(engine_info).encode(), 0o600)
     env = {
-        "GLOBULAR_CLUSTER": cluster.name,
+        "GLOBULAR_CLUSTER": ctx.name,
         "GLOBULAR_NODE": node.name,
         "IPYTHONDIR": ipython_dir(node),
         "OMP_NUM_THREADS": "1",
     }
-    ids = claim_engine_ids(cluster, node, count, floor)
+    ids = claim_engine_ids(ctx, node, count, floor)
     engines = [
         ProcessSpec(
             argv=[
@@ -77,7 +79,7 @@ async def start_engines(
                 f"--file={info_path}",
                 f"--IPEngine.id={engine_id}",
                 f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
-                f"--IPEngine.enable_nanny={nanny}",
+                f"--IPEngine.enable_nanny={settings.engine_nanny}",
             ],
             log=f"{node.workdir}/logs/engine-{engine_id}.log",
             role=ENGINE,
@@ -86,7 +88,7 @@ async def start_engines(
         )
         for engine_id in ids
     ]
-    if supervise:
+    if settings.restart_dead_engines:
         request = f"{node.workdir}/run/engines-{ids[0]}.json"
         plan = {"engines": [{"argv": e.argv, "log": e.log} for e in engines], "restart_id_arg": "--IPEngine.id="}
         await runner.write_file(request, json.dumps(plan).encode(), 0o600)
@@ -99,8 +101,8 @@ async def start_engines(
                 cwd=node.workdir,
             )
         ]
-    cluster.track(node, await runner.spawn(engines))
-    cluster.node_step(node, "engines")
+    ctx.track(node, await runner.spawn(engines))
+    ctx.node_step(node, "engines")
     return {i: node.name for i in ids}
 
 
@@ -109,20 +111,20 @@ def engine_processes(node: NodeRecord) -> list[ProcessRecord]:
     return node.processes_with_role(ENGINE) + node.processes_with_role(SUPERVISOR)
 
 
-async def stop_engines(cluster: Cluster, node: NodeRecord) -> int:
+async def stop_engines(ctx: PluginContext, node: NodeRecord) -> int:
     engines = engine_processes(node)
-    await cluster.stop_processes(node, engines)
+    await ctx.stop_processes(node, engines)
     return len(engines)
 
 
-async def check_engines_alive(cluster: Cluster, nodes: list[NodeRecord]) -> None:
+async def check_engines_alive(ctx: PluginContext, nodes: list[NodeRecord]) -> None:
     """Raise NodeError (with the engine's log) if an engine process has died."""
 
     async def check(node: NodeRecord) -> None:
         engines = engine_processes(node)
-        for proc, alive in zip(engines, await cluster.runner(node).alive(engines)):
+        for proc, alive in zip(engines, await ctx.runner(node).alive(engines)):
             if not alive:
-                log = await cluster.runner(node).tail(proc.log) if proc.log else ""
+                log = await ctx.runner(node).tail(proc.log) if proc.log else ""
                 what = "engine" if proc.role == ENGINE else "engine supervisor"
                 raise NodeError(node.name, f"{what} (pid {proc.pid}) exited; its log ({proc.log}) ends:", log)
 
@@ -147,7 +149,7 @@ async def ask_engine_nodes(client: Client, ids: set[int]) -> dict[int, str]:
 
 
 async def wait_for_engines(
-    cluster: Cluster,
+    ctx: PluginContext,
     client: Client,
     *,
     wanted: dict[int, str],
@@ -165,10 +167,10 @@ async def wait_for_engines(
     ``nodes`` are alive, so a crashing engine fails at once with its log, not
     at the timeout.  Returns the ids now registered for the nodes of ``wanted``.
     """
-    data = cluster.plugin_data(DATA_KEY)
+    data = ctx.plugin_data(DATA_KEY)
     mapping: dict[str, str] = data.setdefault("engine_ids", {})
     need = Counter(wanted.values())
-    reporter = cluster.reporter
+    reporter = ctx.reporter
     reporter.begin(key, description, len(wanted))
     unknown = {i for i in client.ids if str(i) not in mapping}  # foreign engines, there before us
     registered: set[str] = set()
@@ -186,18 +188,18 @@ async def wait_for_engines(
         for name, count in need.items():
             if have[name] >= count and name not in registered:
                 registered.add(name)
-                node = next((n for n in cluster.nodes if n.name == name), None)
+                node = next((n for n in ctx.nodes if n.name == name), None)
                 if node is not None:
-                    cluster.node_step(node, "registered")
+                    ctx.node_step(node, "registered")
         reporter.set(key, done)
         if done >= len(wanted) and not ids & gone:
             reporter.end(key)
             # ids asked for but given to nobody (the controller chose others) are dropped
-            for engine_id, node in list(mapping.items()):
-                if node in need and int(engine_id) not in ids:
+            for engine_id, owner in list(mapping.items()):
+                if owner in need and int(engine_id) not in ids:
                     del mapping[engine_id]
             data["engines"] = len(mapping)
-            cluster.save()
+            ctx.save()
             return mine
         now = time.monotonic()
         if now >= deadline:
@@ -209,7 +211,7 @@ async def wait_for_engines(
                 else f"engines {sorted(ids & gone)} did not leave within {timeout:g}s"
             )
         if now >= next_check:
-            await check_engines_alive(cluster, nodes)
+            await check_engines_alive(ctx, nodes)
             if done < len(wanted) or ids & gone:
                 await asyncio.to_thread(refresh_engine_list, client, set(wanted), set(gone))
             next_check = now + 1.0
@@ -243,27 +245,27 @@ def refresh_engine_list(client: Client, expected: set[int], gone: set[int]) -> N
         client._io_loop.add_callback(client._unregister_engine, {"content": {"id": engine_id}})
 
 
-def engine_ids_on(cluster: Cluster, nodes: list[NodeRecord]) -> set[int]:
+def engine_ids_on(ctx: PluginContext, nodes: list[NodeRecord]) -> set[int]:
     names = {n.name for n in nodes}
-    mapping = cluster.plugin_data(DATA_KEY).get("engine_ids", {})
+    mapping = ctx.plugin_data(DATA_KEY).get("engine_ids", {})
     return {int(i) for i, node in mapping.items() if node in names}
 
 
-async def retire_engines(cluster: Cluster, client: Client, nodes: list[NodeRecord]) -> set[int]:
+async def retire_engines(ctx: PluginContext, client: Client, nodes: list[NodeRecord]) -> set[int]:
     """Ask the controller to shut down the engines of ``nodes`` (so they unregister
     at once), then stop their processes by pid whatever they did."""
-    recorded = engine_ids_on(cluster, nodes)
+    recorded = engine_ids_on(ctx, nodes)
     ids = recorded & set(client.ids)
     if ids:
         try:
             client.shutdown(targets=sorted(ids), block=False)
-        except Exception:  # a controller that cannot relay it: the pids are stopped anyway
-            pass
-    await each_node(nodes, lambda node: stop_engines(cluster, node))
-    data = cluster.plugin_data(DATA_KEY)
+        except Exception as exc:  # noqa: BLE001 - a controller that cannot relay it: the pids are stopped anyway
+            log.info("%s: the controller did not relay the shutdown of engines %s: %s", ctx.name, sorted(ids), exc)
+    await each_node(nodes, lambda node: stop_engines(ctx, node))
+    data = ctx.plugin_data(DATA_KEY)
     mapping = data.setdefault("engine_ids", {})
     for engine_id in recorded:
         mapping.pop(str(engine_id), None)
     data["engines"] = len(mapping)
-    cluster.save()
+    ctx.save()
     return ids

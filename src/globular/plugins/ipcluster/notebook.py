@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from globular.errors import GlobularError, NodeError
 from globular.paths import write_private
+from globular.plugins.base import PluginContext
+from globular.plugins.ipcluster.roles import DATA_KEY
+from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
 from globular.state import NodeRecord
 
 if TYPE_CHECKING:
-    from globular.cluster import Cluster
-    from globular.plugins.ipcluster import IPClusterSettings
-    from globular.tls import CertPair
+    from globular.plugins.ipcluster.tls import CertPair
 
 NOTEBOOK = "notebook"  # process role
 
@@ -47,17 +48,20 @@ class NotebookInfo:
     cert_note: str = ""
 
 
-def notebook_file(cluster: Cluster) -> Path:
+def notebook_file(ctx: PluginContext) -> Path:
     """Where this machine keeps the notebook's URL (and a generated password), 0600."""
-    return cluster.home / "ipcluster" / f"{cluster.name}-{cluster.record.region}-notebook.json"
+    return ctx.home / "ipcluster" / f"{ctx.name}-{ctx.region}-notebook.json"
 
 
 def tls_folder(home: Path, name: str, region: str) -> Path:
     return home / "tls" / f"{name}-{region}"
 
 
-def notebook_certificate(cluster: Cluster, settings: IPClusterSettings, address: str) -> CertPair:
-    from globular.tls import kept_certificate, load_certificate  # cryptography loads only when a notebook is wanted
+def notebook_certificate(ctx: PluginContext, settings: IPClusterSettings, address: str) -> CertPair:
+    from globular.plugins.ipcluster.tls import (  # cryptography loads only when a notebook is wanted
+        kept_certificate,
+        load_certificate,
+    )
 
     """The certificate the server will use: the user's, or the cluster's kept self-signed one."""
     if settings.notebook_certfile or settings.notebook_keyfile:
@@ -69,7 +73,7 @@ def notebook_certificate(cluster: Cluster, settings: IPClusterSettings, address:
             )
         except (OSError, ValueError) as exc:
             raise GlobularError(str(exc)) from None
-    return kept_certificate(tls_folder(cluster.home, cluster.name, cluster.record.region), address)
+    return kept_certificate(tls_folder(ctx.home, ctx.name, ctx.region), address)
 
 
 def _home_relative(directory: str | None) -> str:
@@ -81,13 +85,13 @@ def _home_relative(directory: str | None) -> str:
 
 
 async def start_notebook(
-    cluster: Cluster, settings: IPClusterSettings, master: NodeRecord, ipython_dir: str, cert: CertPair
+    ctx: PluginContext, settings: IPClusterSettings, master: NodeRecord, ipython_dir: str, cert: CertPair
 ) -> NotebookInfo:
     """Start JupyterLab on the master and wait until it answers over HTTPS."""
     from jupyter_server.auth.security import passwd
 
-    runner = cluster.runner(master)
-    facts = await runner._nodeproc(
+    runner = ctx.runner(master)
+    facts = await runner.nodeproc(
         "prepare", {"dir": _home_relative(settings.notebook_directory), "modules": ["jupyterlab"]}
     )
     if facts["missing"]:
@@ -130,7 +134,7 @@ async def start_notebook(
         "JUPYTER_CONFIG_DIR": f"{jupyter}/config",
         "JUPYTER_RUNTIME_DIR": f"{jupyter}/runtime",
         "IPYTHONDIR": ipython_dir,
-        "GLOBULAR_CLUSTER": cluster.name,
+        "GLOBULAR_CLUSTER": ctx.name,
         "GLOBULAR_NODE": master.name,
     }
     spec = ProcessSpec(
@@ -140,16 +144,16 @@ async def start_notebook(
         env=env,
         cwd=directory,
     )
-    cluster.reporter.begin("notebook", "notebook server on master", 1)
+    ctx.reporter.begin("notebook", "notebook server on master", 1)
     procs = await runner.spawn([spec])
-    cluster.track(master, procs)
+    ctx.track(master, procs)
     info_file = f"{jupyter}/runtime/jpserver-{procs[0].pid}.json"
     server = (await runner.wait_files([info_file], watch=procs, timeout=120))[info_file]
     port = int(server["port"])
     own = not (settings.notebook_certfile or settings.notebook_keyfile)
-    await wait_https(cluster, master, port, cert.cert if own else None, procs[0].log)
-    cluster.reporter.advance("notebook")
-    cluster.reporter.end("notebook")
+    await wait_https(ctx, master, port, cert.cert if own else None, procs[0].log or "")
+    ctx.reporter.advance("notebook")
+    ctx.reporter.end("notebook")
 
     url = f"https://{master.address}:{port}/"
     info = NotebookInfo(
@@ -169,9 +173,9 @@ async def start_notebook(
     }
     if info.password:
         saved["password"] = info.password
-    write_private(notebook_file(cluster), json.dumps(saved, indent=2).encode())
-    cluster.plugin_data("ipcluster")["notebook"] = {k: v for k, v in saved.items() if k != "password"}
-    cluster.save()
+    write_private(notebook_file(ctx), json.dumps(saved, indent=2).encode())
+    ctx.plugin_data(DATA_KEY)["notebook"] = {k: v for k, v in saved.items() if k != "password"}
+    ctx.save()
     return info
 
 
@@ -187,16 +191,17 @@ def https_context(cert_pem: bytes | None) -> ssl.SSLContext:
 
 
 async def wait_https(
-    cluster: Cluster, master: NodeRecord, port: int, cert_pem: bytes | None, log: str, timeout: float = 60
+    ctx: PluginContext, master: NodeRecord, port: int, cert_pem: bytes | None, log: str, timeout: float = 60
 ) -> None:
     """Wait until the server answers ``GET /api`` over HTTPS with its certificate."""
-    host, local_port = await cluster.runner(master).forward_port(master.address, port)
+    host, local_port = await ctx.runner(master).forward_port(master.address, port)
     url = f"https://{host}:{local_port}/api"
     context = https_context(cert_pem)
 
     def get() -> int:
         with urllib.request.urlopen(url, context=context, timeout=5) as reply:
-            return reply.status
+            status: int = reply.status
+            return status
 
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
@@ -207,16 +212,21 @@ async def wait_https(
         except (urllib.error.URLError, OSError) as exc:
             last = exc
         if time.monotonic() >= deadline:
-            tail = await cluster.runner(master).tail(log)
+            tail = await ctx.runner(master).tail(log)
             raise NodeError(master.name, f"the notebook server did not answer {url} within {timeout:g}s ({last})", tail)
         await asyncio.sleep(0.2)
 
 
-async def stop_notebook(cluster: Cluster) -> int:
+async def stop_notebook(ctx: PluginContext) -> int:
     """Stop the notebook server (by pid) and forget its local file; the certificate is kept."""
-    stopped = await cluster.stop_role(NOTEBOOK)
-    notebook_file(cluster).unlink(missing_ok=True)
-    data = cluster.record.plugin_data.get("ipcluster")
+    stopped = 0
+    for node in ctx.nodes:
+        procs = node.processes_with_role(NOTEBOOK)
+        if procs:
+            await ctx.stop_processes(node, procs)
+            stopped += len(procs)
+    notebook_file(ctx).unlink(missing_ok=True)
+    data = ctx.plugin_data(DATA_KEY)
     if data:
         data.pop("notebook", None)
     return stopped
@@ -225,6 +235,7 @@ async def stop_notebook(cluster: Cluster) -> int:
 def saved_notebook(home: Path, name: str, region: str) -> dict[str, Any]:
     path = home / "ipcluster" / f"{name}-{region}-notebook.json"
     try:
-        return json.loads(path.read_text())
+        saved: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
         raise GlobularError(f"cluster {name!r} runs no notebook server (enable_notebook = true starts one)") from None
+    return saved

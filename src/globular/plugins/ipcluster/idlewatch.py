@@ -13,22 +13,25 @@ only watches the controller's address: once the controller has been gone for
 terminate on shutdown).  The master does the same after its shutdown.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 
-def write_state(path, state):
+def write_state(path: str, state: dict[str, Any]) -> None:
     tmp = f"{path}.tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump(state, f)
     os.replace(tmp, path)
 
 
-def power_off():
+def power_off() -> bool:
     for argv in (["sudo", "-n", "shutdown", "-h", "now"], ["shutdown", "-h", "now"], ["poweroff"]):
         try:
             if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0:
@@ -38,7 +41,7 @@ def power_off():
     return False
 
 
-def reachable(host, port):
+def reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=3):
             return True
@@ -46,7 +49,7 @@ def reachable(host, port):
         return False
 
 
-def watch_master(req):
+def watch_master(req: dict[str, Any]) -> None:
     from ipyparallel import Client
 
     idle = float(req["idle"])
@@ -82,7 +85,7 @@ def watch_master(req):
         power_off()
 
 
-def watch_node(req):
+def watch_node(req: dict[str, Any]) -> None:
     grace = float(req.get("grace", 120))
     host, port = req["controller"], int(req["port"])
     gone_since = None
@@ -98,7 +101,7 @@ def watch_node(req):
         time.sleep(10)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     with open(argv[1]) as f:
         req = json.load(f)
     (watch_master if req["mode"] == "master" else watch_node)(req)

@@ -1,0 +1,67 @@
+"""Running the library's coroutines from synchronous code: one way, used by the CLI,
+``globular.Cluster`` (also inside Jupyter's running loop) and the client's SSH tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running in a thread of its own, until :meth:`close`."""
+
+    def __init__(self, name: str = "globular-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop; wait for its result (or exception) here."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+def run_sync(coro: Coroutine[Any, Any, T], *, sigterm_cancels: bool = False) -> T:
+    """Run ``coro`` to the end, whether or not this thread already runs an event loop
+    (in Jupyter it runs on a thread of its own).  With ``sigterm_cancels`` (the CLI),
+    SIGTERM cancels it like Ctrl-C does, so the library's cleanup runs; both end in
+    :class:`KeyboardInterrupt`."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        runner = LoopThread("globular-operation")
+        try:
+            return runner.call(coro)
+        finally:
+            runner.close()
+
+    async def main() -> T:
+        if not sigterm_cancels:
+            return await coro
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await coro
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None

@@ -1,0 +1,111 @@
+"""IPCluster's commands, added to the ``globular`` CLI through
+:meth:`~globular.plugins.base.Plugin.register_commands`: ``shell`` and ``notebook``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from globular.aio import run_sync
+from globular.paths import globular_home
+from globular.plugins.ipcluster.notebook import saved_notebook
+from globular.registry import make_provider
+from globular.render import output, output_option
+from globular.state import StateStore
+
+
+@click.command()
+@click.option("--ipcluster", "name", required=True, metavar="NAME", help="Cluster to connect to.")
+@click.option("-c", "--command", "code", help="Run CODE with ipclient and ipview defined, then exit.")
+@output_option
+@click.pass_context
+def shell(ctx: click.Context, name: str, code: str | None) -> None:
+    """A Python shell connected to cluster NAME.
+
+    `ipclient` is an ipyparallel Client and `ipview` = ipclient[:], e.g.
+    ipview.map_async(lambda x: x**30, range(8)).get()
+    """
+    from globular.plugins.ipcluster.connect import connect
+
+    client = connect(name)
+    namespace = {"ipclient": client, "ipview": client[:], "Client": type(client)}
+    try:
+        if code is not None:
+            exec(compile(code, "<globular shell -c>", "exec"), namespace)
+        else:
+            import IPython
+
+            output(ctx).say(f"Connected to {name}: {len(client.ids)} engines as `ipclient`, `ipview` = ipclient[:]")
+            IPython.start_ipython(argv=[], user_ns=namespace)
+    finally:
+        client.close()
+
+
+def notebook_info(name: str) -> dict[str, Any]:
+    """The notebook server of cluster ``name``: url, port, directory, fingerprint, and the
+    password when globular made it up (it is kept on this machine only, 0600)."""
+    home = globular_home()
+    record = StateStore(home).get(name)
+    return saved_notebook(home, record.name, record.region)
+
+
+async def forward_notebook(name: str, local_port: int, ready: Callable[[str], None]) -> None:
+    """Forward ``127.0.0.1:local_port`` to the notebook server on the master over ssh,
+    until cancelled; ``ready(url)`` is called once it listens."""
+    from globular.errors import BadInput
+
+    home = globular_home()
+    record = StateStore(home).get(name)
+    info = notebook_info(name)
+    if record.master.is_local:
+        raise BadInput(f"the master of {name!r} is on this machine: open {info['url']} directly")
+    provider = make_provider(record.spec, cluster=record.name, home=home)
+    try:
+        host, port = await provider.runner(record.master).forward_port(info["address"], info["port"], local_port)
+        ready(f"https://{host}:{port}/")
+        await asyncio.Event().wait()
+    finally:
+        await provider.close()
+
+
+@click.command()
+@click.option("--forward", is_flag=True, help="Forward a port of this machine to it over ssh (until Ctrl-C).")
+@click.option(
+    "--port",
+    "local_port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Local port for --forward (default: a free one).",
+)
+@click.argument("name")
+@output_option
+@click.pass_context
+def notebook(ctx: click.Context, forward: bool, local_port: int, name: str) -> None:
+    """Show the URL and password of cluster NAME's notebook server.
+
+    The server speaks HTTPS only, with a self-signed certificate whose
+    fingerprint is shown (your browser asks you to accept it once; it is kept
+    across starts of the same cluster).  With ssh nodes, --forward makes it
+    reachable at https://127.0.0.1:PORT/ through the ssh connection.
+    """
+    out = output(ctx)
+    info = notebook_info(name)
+    rows = [
+        ("notebook", info["url"]),
+        ("password", info.get("password") or "the notebook_passwd of your config"),
+        ("certificate", info["fingerprint"]),
+        ("directory", info["directory"]),
+    ]
+    out.result(info, text=lambda: out.grid(rows))
+    if forward:
+
+        def ready(url: str) -> None:
+            out.err.print(f"Forwarding [bold]{url}[/] to the master; Ctrl-C stops it.")
+
+        try:
+            run_sync(forward_notebook(name, local_port, ready), sigterm_cancels=True)
+        except KeyboardInterrupt:
+            out.err.print("Forwarding stopped.")

@@ -1,0 +1,203 @@
+"""IPCluster's controller: started on the master with keys and ports chosen here, waited
+for, and reached from this machine (through SSH when the master is remote)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from globular.errors import GlobularError, NodeError
+from globular.plugins.base import PluginContext
+from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, ipython_dir, profile_dir
+from globular.plugins.ipcluster.settings import IPClusterSettings, heartbeat_misses, is_address
+from globular.providers.base import ProcessSpec, Runner
+from globular.state import ClusterRecord, ProcessRecord
+
+if TYPE_CHECKING:
+    from ipyparallel import Client
+
+# engine-facing ports, in the order the controller takes them from engine_ports
+ENGINE_PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "hb_ping", "hb_pong")
+BROADCAST_DEPTH = 1
+BROADCAST_LEAVES = 2**BROADCAST_DEPTH
+# the ports a client connects to
+PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
+CONTROLLER_TIMEOUT = 60.0  # s for the controller to write its connection files
+
+
+def running_data(data: dict[str, Any], cluster: str) -> dict[str, Any]:
+    """IPCluster's part of the record (``data``) of ``cluster``, whose controller must run."""
+    if not data.get("connection_file"):
+        raise GlobularError(f"no IPython controller is running on cluster {cluster!r}")
+    return data
+
+
+def record_data(record: ClusterRecord) -> dict[str, Any]:
+    """IPCluster's part of ``record`` (empty when it has none)."""
+    return record.plugin_data.get(DATA_KEY) or {}
+
+
+def connection_info(data: dict[str, Any], cluster: str) -> dict[str, Any]:
+    """The client connection file's content."""
+    path = Path(running_data(data, cluster)["connection_file"])
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GlobularError(f"the connection file of cluster {cluster!r} is missing: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise GlobularError(f"cannot read the connection file {path}: {exc}") from None
+    return info
+
+
+async def reachable_info(runner: Runner, info: dict[str, Any]) -> dict[str, Any]:
+    """Client connection info that works from this machine.
+
+    For a master reached by ssh, each controller port is forwarded through the
+    runner's SSH connection, so nothing but SSH has to be reachable.
+    """
+    if runner.node.is_local:
+        return info
+    host = info["interface"].split("://", 1)[1]
+    forwarded = dict(info, interface="tcp://127.0.0.1", location="127.0.0.1", ssh="")
+    for key in PORT_KEYS:
+        forwarded[key] = (await runner.forward_port(host, info[key]))[1]
+    return forwarded
+
+
+async def open_client(data: dict[str, Any], cluster: str, runner: Runner, timeout: float = 10.0) -> Client:
+    """A Client for the controller of ``cluster`` (IPCluster's record part ``data``); ``runner``
+    is the master's (its SSH connection carries the traffic when the master is remote)."""
+    from ipyparallel import Client
+
+    info = await reachable_info(runner, connection_info(data, cluster))
+    return await asyncio.to_thread(Client, info, timeout=timeout)
+
+
+async def controller_ip(ctx: PluginContext, settings: IPClusterSettings) -> str:
+    """Where the controller listens: ``controller_interface`` (a name or an address), else the master's address."""
+    master = ctx.master
+    wanted = settings.controller_interface
+    if not wanted:
+        return master.address
+    if is_address(wanted):
+        return wanted
+    found: dict[str, str] = await ctx.runner(master).nodeproc("addresses", {})
+    if wanted not in found:
+        raise NodeError(
+            master.name,
+            f"controller_interface {wanted!r}: no such interface with an IPv4 address (has: {', '.join(sorted(found))})",
+        )
+    return found[wanted]
+
+
+async def launch_controller(
+    ctx: PluginContext, settings: IPClusterSettings, *, curve: bool
+) -> tuple[list[ProcessRecord], dict[str, Any]]:
+    """Start the controller with a key and registration port chosen here; return it and the
+    engine connection info, which engines can use before the controller is up."""
+    master = ctx.master
+    runner = ctx.runner(master)
+    security = f"{profile_dir(master)}/security"
+    await runner.run(["rm", "-f", f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"])
+    ip = await controller_ip(ctx, settings)
+    allowed = settings.allowed_ports
+    wanted = len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES
+    ports: list[int] = await runner.nodeproc("free_ports", {"ip": ip, "ports": allowed, "count": wanted})
+    if len(ports) < wanted:
+        raise NodeError(master.name, f"not enough free ports in controller_ports = {settings.controller_ports} on {ip}")
+    keyfile = f"{security}/globular-session.key"
+    key = secrets.token_hex(32)
+    await runner.write_file(keyfile, key.encode(), 0o600)
+    # CurveZMQ: the controller's key pair, made here for each start like the session key; the
+    # secret half reaches the controller in its profile's config file (0600), never in argv or
+    # the environment.  The session key stays too (ipyparallel drops it under curve otherwise):
+    # clients and engines must both sign and know the server key.
+    config_file = f"{profile_dir(master)}/ipcontroller_config.py"
+    server_key = None
+    if curve:
+        import zmq
+
+        public, secret = zmq.curve_keypair()
+        server_key = public.decode("ascii")
+        config = (
+            f"c.IPController.curve_publickey = {public!r}\n"
+            f"c.IPController.curve_secretkey = {secret!r}\n"
+            "c.IPController.enable_curve = True\n"
+            f"c.Session.key = {key.encode()!r}\n"
+        )
+        await runner.write_file(config_file, config.encode(), 0o600)
+    else:
+        await runner.run(["rm", "-f", config_file])
+    packer = settings.packer_spec
+    argv = [
+        master.python,
+        "-m",
+        "ipyparallel.controller",
+        f"--profile-dir={profile_dir(master)}",
+        f"--ip={ip}",
+        f"--location={ip}",
+        f"--HeartMonitor.period={settings.heartbeat_period}",
+        f"--HeartMonitor.max_heartmonitor_misses={heartbeat_misses(settings.heartbeat_period)}",
+        f"--Session.packer={packer.pack}",
+        f"--Session.unpacker={packer.unpack}",
+        f"--Session.keyfile={keyfile}",  # the key itself never on a command line
+        # the controller takes its engine ports in ENGINE_PORT_KEYS order, then the broadcast leaves
+        f"--IPController.engine_ports={','.join(map(str, ports))}",
+        f"--IPController.broadcast_scheduler_depth={BROADCAST_DEPTH}",
+    ]
+    if allowed:
+        argv.append(f"--ports={','.join(str(p) for p in allowed if p not in ports)}")
+    env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": ctx.name}
+    spec = ProcessSpec(
+        argv=argv, log=f"{master.workdir}/logs/controller.log", role=CONTROLLER, env=env, cwd=master.workdir
+    )
+    ctx.reporter.begin("controller", "controller on master", 1)
+    procs = await runner.spawn([spec])
+    ctx.track(master, procs)
+    engine_info = {
+        "key": key,
+        "signature_scheme": "hmac-sha256",
+        "interface": f"tcp://{ip}",
+        "location": ip,
+        **dict(zip(ENGINE_PORT_KEYS, ports)),
+        "broadcast": ports[len(ENGINE_PORT_KEYS) :],
+        "pack": packer.pack,
+        "unpack": packer.unpack,
+        "ssh": "",
+        "curve_serverkey": server_key,
+    }
+    return procs, engine_info
+
+
+async def controller_ready(
+    ctx: PluginContext, settings: IPClusterSettings, procs: list[ProcessRecord], expected: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Wait for the controller's connection files; check it took the key and ports it was given."""
+    master = ctx.master
+    security = f"{profile_dir(master)}/security"
+    files = [f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"]
+    found = await ctx.runner(master).wait_files(files, watch=procs, timeout=CONTROLLER_TIMEOUT)
+    client_info, engine_info = found[files[0]], found[files[1]]
+    for key in ("key", "signature_scheme", "pack", "unpack", "curve_serverkey", *ENGINE_PORT_KEYS, "broadcast"):
+        if engine_info.get(key) != expected[key]:
+            raise NodeError(
+                master.name, f"the controller did not take the {key} it was given; this ipyparallel is not supported"
+            )
+    allowed = settings.allowed_ports
+    if allowed:
+        keys = (*PORT_KEYS, "hb_ping", "hb_pong")
+        taken = {info[k] for info in (client_info, engine_info) for k in keys if isinstance(info.get(k), int)}
+        outside = sorted(taken - set(allowed))
+        if outside:
+            raise NodeError(
+                master.name,
+                f"the controller took ports {outside} outside controller_ports = {settings.controller_ports}; widen the range",
+            )
+    # Client(path) from this machine tunnels through ssh to the master by itself.
+    client_info["ssh"] = master.login or ""
+    ctx.reporter.advance("controller")
+    ctx.reporter.end("controller")
+    return client_info, engine_info

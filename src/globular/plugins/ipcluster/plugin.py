@@ -1,0 +1,310 @@
+"""IPython parallel on the cluster: StarCluster's IPCluster, IPClusterRestartEngines, IPClusterStop.
+
+The controller runs on the master, one engine per core runs on every node (the
+master keeps a core for the controller unless ``master_engines`` says otherwise),
+and the client connection file is copied to
+``~/.globular/ipcluster/<cluster>-<region>.json``.  Every process is started
+and stopped by pid through the node's runner.
+
+The hooks live here; the work is in the modules beside this one: ``controller``,
+``engines``, ``notebook``, ``idle`` (idle shutdown), ``preflight``, ``status`` and
+``commands`` (``globular shell`` and ``globular notebook``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from globular.errors import GlobularError
+from globular.fanout import each_node
+from globular.paths import connection_file_path, write_private
+from globular.plugins.base import NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
+from globular.plugins.ipcluster.controller import controller_ip, controller_ready, launch_controller, open_client
+from globular.plugins.ipcluster.controller import running_data as _running_data
+from globular.plugins.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
+from globular.plugins.ipcluster.idle import start_idle_watchers
+from globular.plugins.ipcluster.notebook import NotebookInfo, notebook_certificate, start_notebook, stop_notebook
+from globular.plugins.ipcluster.preflight import Requirement, local_version, run_preflight
+from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir
+from globular.plugins.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
+from globular.state import NodeRecord
+
+if TYPE_CHECKING:
+    import click
+    from ipyparallel import Client
+
+
+def running_data(ctx: PluginContext) -> dict[str, Any]:
+    """IPCluster's part of the record; fails, saying so, when no controller runs."""
+    return _running_data(ctx.plugin_data(DATA_KEY), ctx.name)
+
+
+async def client_of(ctx: PluginContext) -> Client:
+    """A Client for the cluster's controller (tunnelled through ssh when the master is remote)."""
+    return await open_client(running_data(ctx), ctx.name, ctx.runner(ctx.master))
+
+
+def settings_of(ctx: PluginContext) -> IPClusterSettings:
+    """The settings of the cluster's IPCluster plugin (restart needs them)."""
+    settings = ctx.settings_of(IPCluster)
+    if not isinstance(settings, IPClusterSettings):
+        raise GlobularError(f"cluster {ctx.name!r} does not run the ipcluster plugin")
+    return settings
+
+
+class IPCluster(Plugin):
+    """Controller on the master, engines on every node; StarCluster's IPCluster."""
+
+    Settings = IPClusterSettings
+    secret_settings = frozenset({"notebook_passwd"})
+    settings: IPClusterSettings
+
+    @classmethod
+    def register_commands(cls, cli: click.Group) -> None:
+        from globular.plugins.ipcluster.commands import notebook, shell
+
+        cli.add_command(shell)
+        cli.add_command(notebook)
+
+    def encryption(self, ctx: PluginContext) -> str:
+        return encryption_of(self.settings, ctx.remote_nodes)
+
+    async def run(self, ctx: PluginContext) -> PluginReport:
+        started = time.monotonic()
+        # the client library loads while the processes start
+        client_import = asyncio.create_task(asyncio.to_thread(importlib.import_module, "ipyparallel"))
+        master = ctx.master
+        settings = self.settings
+        # a certificate that cannot be had fails the start before anything runs
+        cert = notebook_certificate(ctx, settings, master.address) if settings.enable_notebook else None
+        controller, engine_info = await launch_controller(ctx, settings, curve=self.encryption(ctx) == "curve")
+
+        # Engines start with the controller, not after it: their registration
+        # request waits on the (pre-chosen) registration port until it listens.
+        counts = {node.name: engines_for(node, settings) for node in ctx.nodes}
+        ctx.reporter.begin("engine-start", "starting engines on nodes", len(ctx.nodes))
+        started_ids = await each_node(
+            ctx.nodes,
+            lambda node: start_engines(ctx, node, counts[node.name], engine_info, settings),
+            on_done=lambda node: ctx.reporter.advance("engine-start"),
+        )
+        ctx.reporter.end("engine-start")
+        client_info, engine_info = await controller_ready(ctx, settings, controller, engine_info)
+
+        local_file = connection_file_path(ctx.home, ctx.name, ctx.region)
+        write_private(local_file, json.dumps(client_info, indent=2).encode())
+        data = ctx.plugin_data(DATA_KEY)
+        data.update(
+            connection_file=str(local_file),
+            engine_info=engine_info,
+            packer=settings.packer,
+            encryption=self.encryption(ctx),
+        )
+        ctx.save()
+
+        await client_import
+        client = await client_of(ctx)
+        try:
+            wanted = {i: n for ids in started_ids.values() for i, n in ids.items()}
+            await wait_for_engines(ctx, client, wanted=wanted, nodes=ctx.nodes, timeout=settings.engine_timeout)
+        finally:
+            client.close()
+        if settings.idle_shutdown:
+            await start_idle_watchers(ctx, settings, ctx.nodes)
+        notebook = None
+        if cert is not None:
+            notebook = await start_notebook(ctx, settings, master, ipython_dir(master), cert)
+        return self._report(ctx, local_file, sum(counts.values()), time.monotonic() - started, notebook)
+
+    def node_packages(self, node: NodeRecord) -> list[str]:
+        """ipyparallel at exactly this machine's version; the packer's module; JupyterLab on the
+        master for the notebook (each at this machine's version when it is installed here)."""
+        modules = ["ipyparallel"]
+        if self.settings.packer_spec.module:
+            modules.append(self.settings.packer_spec.module)
+        if node.is_master and self.settings.enable_notebook:
+            modules.append("jupyterlab")
+        return [f"{m}=={local_version(m)}" if local_version(m) else m for m in modules]
+
+    async def preflight(self, ctx: PluginContext, nodes: list[NodeRecord]) -> list[NodeCheck]:
+        """Can each node run its engines? Python, ipyparallel's version, the packer's module,
+        jupyterlab on the master for the notebook, free cores, the controller's address."""
+        settings = self.settings
+        modules = [Requirement("ipyparallel", compare=True)]
+        if settings.packer_spec.module:
+            modules.append(Requirement(settings.packer_spec.module, load=True, need=f"packer = {settings.packer}"))
+        master_modules = [Requirement("jupyterlab", need="enable_notebook")] if settings.enable_notebook else []
+        running = ctx.plugin_data(DATA_KEY).get("engine_info") or {}
+        ip = running.get("location") or await controller_ip(ctx, settings)
+        return await run_preflight(
+            ctx,
+            nodes,
+            modules=modules,
+            master_modules=master_modules,
+            curve=self.encryption(ctx) == "curve",
+            engines={n.name: engines_for(n, settings) for n in nodes},
+            controller_ip=ip,
+            port_candidates=settings.allowed_ports,
+        )
+
+    def _report(
+        self, ctx: PluginContext, local_file: Path, engines: int, elapsed: float, notebook: NotebookInfo | None
+    ) -> PluginReport:
+        client_line = f"Client({str(local_file)!r})"
+        warnings = []
+        traffic = {
+            "curve": "encrypted (CurveZMQ) and signed",
+            "none": "signed, not encrypted" + ("" if ctx.remote_nodes else " (loopback only)"),
+        }[self.encryption(ctx)]
+        summary = [
+            ("engines", f"{engines} on {len(ctx.nodes)} nodes"),
+            ("controller", f"{ctx.master.name} ({ctx.master.address})"),
+            ("traffic", traffic),
+            ("connection file", str(local_file)),
+        ]
+        if notebook is not None:
+            summary += [
+                ("notebook", notebook.url),
+                ("password", notebook.password or "the notebook_passwd of your config"),
+                (
+                    "certificate",
+                    f"self-signed, {notebook.fingerprint}" if not self.settings.notebook_certfile else "yours",
+                ),
+            ]
+            if not ctx.master.is_local:
+                summary.append(("from here", f"globular notebook --forward {ctx.name}"))
+            if notebook.cert_note:
+                warnings.append(notebook.cert_note)
+        summary.append(("ready in", f"{elapsed:.1f} s"))
+        return PluginReport(
+            plugin=self.name,
+            summary=summary,
+            hints=[
+                "from ipyparallel import Client",
+                f"rc = {client_line}",
+                "view = rc[:]",
+                f"# or: globular shell --ipcluster={ctx.name}",
+            ],
+            warnings=warnings,
+            data={"engines": engines, "connection_file": str(local_file), "client": client_line},
+        )
+
+    async def on_add_node(self, ctx: PluginContext, node: NodeRecord) -> PluginReport | None:
+        data = running_data(ctx)
+        count = engines_for(node, self.settings)
+        client = await client_of(ctx)
+        try:
+            floor = max(client.ids, default=-1) + 1
+            wanted = await start_engines(ctx, node, count, data["engine_info"], self.settings, floor=floor)
+            fresh = await wait_for_engines(
+                ctx,
+                client,
+                wanted=wanted,
+                nodes=[node],
+                timeout=self.settings.engine_timeout,
+                key=f"engines:{node.name}",
+                description=f"engines of {node.name} registered",
+            )
+        finally:
+            client.close()
+        if self.settings.idle_shutdown:
+            await start_idle_watchers(ctx, self.settings, [node])
+        return PluginReport(
+            plugin=self.name, summary=[(node.name, f"{count} engines registered")], data={"ids": sorted(fresh)}
+        )
+
+    async def on_remove_node(self, ctx: PluginContext, node: NodeRecord) -> None:
+        client = await client_of(ctx)  # fails, saying so, when no controller runs
+        try:
+            retired = await retire_engines(ctx, client, [node])
+            await wait_for_engines(
+                ctx,
+                client,
+                wanted={},
+                gone=retired,
+                nodes=[],
+                timeout=self.settings.engine_timeout,
+                key=f"engines-leaving:{node.name}",
+                description=f"engines of {node.name} leaving",
+            )
+        finally:
+            client.close()
+
+    async def on_shutdown(self, ctx: PluginContext) -> None:
+        await stop_ipcluster(ctx)
+
+    async def status(self, view: StatusView) -> PluginStatus:
+        from globular.plugins.ipcluster.status import ipcluster_status
+
+        return await ipcluster_status(view, self.settings)
+
+
+async def stop_ipcluster(ctx: PluginContext) -> int:
+    """Stop the notebook server, every engine, then the controller; remove the local files."""
+    await stop_notebook(ctx)
+
+    async def stop_node(node: NodeRecord) -> int:  # engines and controller together: one round trip a node
+        engines = engine_processes(node)
+        watchers = node.processes_with_role(IDLE_WATCHER)
+        await ctx.stop_processes(node, watchers + engines + node.processes_with_role(CONTROLLER))
+        return len(engines)
+
+    counts = await each_node(ctx.nodes, stop_node)
+    data = ctx.plugin_data(DATA_KEY)
+    if data.get("connection_file"):
+        Path(data["connection_file"]).unlink(missing_ok=True)
+    data.clear()
+    ctx.save()
+    return sum(counts.values())
+
+
+class IPClusterRestartEngines(Plugin):
+    """Kill every engine on every node and start new ones against the same controller."""
+
+    async def run(self, ctx: PluginContext) -> PluginReport:
+        started = time.monotonic()
+        data = running_data(ctx)
+        settings = settings_of(ctx)
+        client = await client_of(ctx)
+        try:
+            old = set(client.ids)
+            counts = {node.name: engines_for(node, settings) for node in ctx.nodes}
+            ctx.reporter.begin("restart", "restarting engines (nodes)", len(ctx.nodes))
+            floor = max(old, default=-1) + 1
+            wanted: dict[int, str] = {}
+
+            async def restart(node: NodeRecord) -> None:
+                await retire_engines(ctx, client, [node])
+                wanted.update(
+                    await start_engines(ctx, node, counts[node.name], data["engine_info"], settings, floor=floor)
+                )
+
+            await each_node(ctx.nodes, restart, on_done=lambda node: ctx.reporter.advance("restart"))
+            ctx.reporter.end("restart")
+            fresh = await wait_for_engines(
+                ctx, client, wanted=wanted, gone=old, nodes=ctx.nodes, timeout=settings.engine_timeout
+            )
+        finally:
+            client.close()
+        return PluginReport(
+            plugin=self.name,
+            summary=[
+                ("engines", f"{sum(counts.values())} new engines on {len(ctx.nodes)} nodes"),
+                ("restarted in", f"{time.monotonic() - started:.1f} s"),
+            ],
+            data={"old_ids": sorted(old), "new_ids": sorted(fresh)},
+        )
+
+
+class IPClusterStop(Plugin):
+    """Stop the engines and the controller; the nodes stay."""
+
+    async def run(self, ctx: PluginContext) -> PluginReport:
+        running_data(ctx)
+        stopped = await stop_ipcluster(ctx)
+        return PluginReport(plugin=self.name, summary=[("stopped", f"{stopped} engines and the controller")])

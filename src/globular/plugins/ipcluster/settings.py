@@ -1,0 +1,163 @@
+"""IPCluster's settings (the ``[plugin ipcluster]`` section) and what follows from them alone."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from globular.spec import Settings
+from globular.state import NodeRecord
+
+DEATH_WINDOW_MS = 5000  # the controller drops an engine silent for this long
+MIN_CONTROLLER_PORTS = 20  # the controller and its schedulers listen on 18 ports
+
+
+class Packer(NamedTuple):
+    pack: str  # Session.packer
+    unpack: str  # Session.unpacker
+    module: str | None  # the module the nodes need for it (beyond ipyparallel)
+
+
+PACKERS = {
+    "json": Packer("json", "json", None),
+    "pickle": Packer("pickle", "pickle", None),
+    "msgpack": Packer("msgpack.packb", "msgpack.unpackb", "msgpack"),
+}
+
+
+def port_range(text: str) -> range:
+    """``"10000-10030"`` -> the ports it names (ValueError if it is not FIRST-LAST)."""
+    low, high = (int(part) for part in text.split("-"))
+    return range(low, high + 1)
+
+
+def _check_ports(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        ports = port_range(text)
+    except ValueError:
+        raise ValueError("expected a port range FIRST-LAST, such as 10000-10030") from None
+    low, high = ports.start, ports.stop - 1
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError("ports must lie in 1024-65535, the first no higher than the last")
+    if high - low + 1 < MIN_CONTROLLER_PORTS:
+        raise ValueError(f"the controller needs at least {MIN_CONTROLLER_PORTS} ports")
+    return f"{low}-{high}"
+
+
+def _check_interface(text: str | None) -> str | None:
+    if text is not None and text.strip() in ("*", "0.0.0.0", "::", ""):
+        raise ValueError("that listens on every interface; name one interface (eth0) or address")
+    return text
+
+
+def _check_packer(name: str) -> str:
+    if name not in PACKERS:
+        raise ValueError(f"{name!r} is not a packer (one of: {', '.join(PACKERS)})")
+    return name
+
+
+def is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """``30m``, ``2h``, ``1h30m``, ``90s`` (a bare number is minutes) -> seconds."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text) * 60
+    match = _DURATION.match(text)
+    if not text or not match or not any(match.groups()):
+        raise ValueError(f"{value!r} is not a duration (such as 30m, 2h, 1h30m, 90s)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+class IPClusterSettings(Settings):
+    enable_notebook: bool = Field(default=False, description="JupyterLab on the master, HTTPS and password only")
+    notebook_passwd: str | None = Field(default=None, description="default: a random one, shown once by start")
+    notebook_directory: str | None = Field(default=None, description="relative to home, or absolute; default: home")
+    notebook_port: int = Field(default=8888, ge=1, le=65535, description="the next free one is taken if it is in use")
+    notebook_certfile: str | None = Field(
+        default=None, description="your own certificate (PEM); default: a self-signed one"
+    )
+    notebook_keyfile: str | None = Field(default=None, description="the key of notebook_certfile (PEM, unencrypted)")
+    packer: Annotated[str, AfterValidator(_check_packer)] = Field(
+        default="json", description=f"how messages are serialized: {', '.join(PACKERS)}"
+    )
+    master_engines: int | None = Field(
+        default=None, ge=0, description="engines on the master; default cores - 1 (at least 1)"
+    )
+    heartbeat_period: int = Field(
+        default=200,
+        ge=50,
+        le=60_000,
+        description="controller heartbeat, ms; engines register on a beat, dead ones are noticed after 5 s or 10 beats",
+    )
+    engine_nanny: bool = Field(
+        default=True,
+        description="a nanny process per engine: needed to interrupt one engine (Client.send_signal); False starts engines faster",
+    )
+    restart_dead_engines: bool = Field(
+        default=False, description="a supervisor on each node restarts engines that die (they rejoin with new ids)"
+    )
+    idle_shutdown: Annotated[float | None, BeforeValidator(parse_duration)] = Field(
+        default=None,
+        gt=0,
+        description="30m, 2h: when no task ran for that long, stop engines and controller (and release rented machines)",
+    )
+    engine_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for engines to register")
+    controller_interface: Annotated[str | None, AfterValidator(_check_interface)] = Field(
+        default=None,
+        description="interface name (eth0) or address the controller listens on; default: the master's address",
+    )
+    controller_ports: Annotated[str | None, AfterValidator(_check_ports)] = Field(
+        default=None, description="FIRST-LAST: the ports the controller may use; default: random free ports"
+    )
+    encryption: Literal["curve", "none"] | None = Field(
+        default=None,
+        description="curve: CurveZMQ encrypts all traffic between clients, controller and engines; "
+        "default: curve where nodes are other machines (ssh, ec2), none on the local provider (loopback)",
+    )
+
+    @property
+    def allowed_ports(self) -> list[int] | None:
+        """The ports of ``controller_ports`` (None: any free port)."""
+        return list(port_range(self.controller_ports)) if self.controller_ports else None
+
+    @property
+    def packer_spec(self) -> Packer:
+        return PACKERS[self.packer]
+
+
+def heartbeat_misses(period_ms: int) -> int:
+    """Missed beats before the controller drops an engine: about 5 s, and at least ipyparallel's 10."""
+    return max(10, math.ceil(DEATH_WINDOW_MS / period_ms))
+
+
+def encryption_of(settings: IPClusterSettings, remote_nodes: bool) -> str:
+    """``curve`` or ``none``: the setting, else curve where the nodes are other machines."""
+    return settings.encryption or ("curve" if remote_nodes else "none")
+
+
+def engines_for(node: NodeRecord, settings: IPClusterSettings) -> int:
+    """Engines on ``node``: one per core; the master keeps a core for the controller."""
+    if node.is_master:
+        if settings.master_engines is not None:
+            return settings.master_engines
+        return max(1, node.cores - 1)
+    return node.cores

@@ -1,0 +1,143 @@
+"""IPCluster's part of ``globular status`` and ``listclusters``: engines per node (running,
+registered with the controller, expected), the controller, encryption, idle shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from globular.errors import GlobularError
+from globular.plugins.base import PluginStatus, StatusView
+from globular.plugins.ipcluster.controller import open_client, record_data
+from globular.plugins.ipcluster.engines import engine_node
+from globular.plugins.ipcluster.idle import idle_state_file
+from globular.plugins.ipcluster.roles import CONTROLLER, ENGINE, SUPERVISOR
+from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for
+
+if TYPE_CHECKING:
+    from ipyparallel import Client
+
+log = logging.getLogger(__name__)
+ASK_TIMEOUT = 10.0
+
+
+def registered_per_node(client: Client, mapping: dict[str, str]) -> dict[str, int]:
+    """Engines registered with the controller, per node (``mapping``: engine id -> node);
+    engines a supervisor restarted (ids not in it) are asked where they run."""
+    counts: dict[str, int] = {}
+    strays = [i for i in client.ids if str(i) not in mapping]
+    for engine_id in client.ids:
+        node = mapping.get(str(engine_id))
+        if node:
+            counts[node] = counts.get(node, 0) + 1
+    if strays:
+        for node in client[strays].apply_async(engine_node).get(ASK_TIMEOUT):
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+async def _registered(view: StatusView) -> tuple[dict[str, int] | None, str | None]:
+    """Registered engines per node, or why the controller cannot tell."""
+    data = record_data(view.record)
+    try:
+        client = await asyncio.wait_for(
+            open_client(data, view.record.name, view.runner(view.record.master), timeout=5), ASK_TIMEOUT + 30
+        )
+    except (GlobularError, OSError, TimeoutError) as exc:
+        return None, str(exc) or type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - ipyparallel's own errors (TimeoutError subclasses, zmq errors)
+        return None, f"{type(exc).__name__}: {exc}"
+    try:
+        return await asyncio.to_thread(registered_per_node, client, data.get("engine_ids", {})), None
+    except Exception as exc:  # noqa: BLE001 - an engine that does not answer where it runs
+        log.info("engines of %s did not say where they run: %s", view.record.name, exc)
+        return None, f"engines did not answer: {type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+
+
+def _idle_column(state: dict[str, Any] | None) -> str:
+    if not state:
+        return "on"
+    if state.get("shutdown"):
+        return "done " + time.strftime("%H:%M", time.localtime(state["shutdown"]))
+    deadline = state.get("deadline")
+    if deadline:
+        left = int(max(0.0, deadline - time.time()))
+        when = f"{left}s" if left < 120 else f"{left // 60}m"
+        return f"in {when} ({time.strftime('%H:%M', time.localtime(deadline))})"
+    return "on"
+
+
+async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> PluginStatus:
+    record = view.record
+    data = record_data(record)
+    status = PluginStatus()
+    if not record.nodes:
+        return status
+    master = record.master
+    controllers = master.processes_with_role(CONTROLLER)
+    up = view.alive(master, CONTROLLER)
+    controller = "unknown" if up is None or not controllers else ("up" if up == len(controllers) else "down")
+    if not controllers:
+        controller = "not running"
+    status.data.update(controller=controller, encryption=data.get("encryption"))
+    status.columns["controller"] = controller
+    if data.get("encryption"):
+        status.columns["traffic"] = {"curve": "encrypted (CurveZMQ)", "none": "not encrypted"}[data["encryption"]]
+    if controller == "down":
+        status.problems.append(f"the controller on {master.name} is not running (its log: {controllers[0].log})")
+
+    expected_total = data.get("engines")
+    running_total = 0
+    for node in record.nodes:
+        expected = engines_for(node, settings) if data else 0
+        alive = view.alive(node, ENGINE)
+        running = None if alive is None else alive + (view.children(node, SUPERVISOR) or 0)
+        running_total += running or 0
+        status.node_data[node.name] = {"engines_running": running, "engines_expected": expected}
+        status.node_columns[node.name] = {"engines run/reg/exp": f"{'?' if running is None else running}/?/{expected}"}
+        if running is not None and expected and running < expected:
+            status.node_states[node.name] = "engines dead"
+            status.node_problems[node.name] = (
+                f"{expected - running} of {expected} engines not running "
+                f"(killed or crashed: their logs are in {node.workdir}/logs)"
+            )
+    if expected_total is not None:
+        answered = all(isinstance(view.facts.get(n.name), dict) for n in record.nodes)
+        status.columns["engines"] = f"{running_total if answered else '?'}/{expected_total}"
+        status.data["engines_running"] = running_total if answered else None
+
+    if data.get("idle_shutdown"):
+        idle = None
+        try:
+            idle = await view.runner(master).nodeproc(
+                "read_json", {"path": idle_state_file(master)}, timeout=ASK_TIMEOUT
+            )
+        except GlobularError as exc:
+            log.info("idle state of %s unreadable: %s", record.name, exc)
+        status.columns["idle shutdown"] = _idle_column(idle)
+        status.data["idle"] = idle
+        if isinstance(idle, dict) and idle.get("shutdown"):
+            stamp = time.strftime("%H:%M:%S", time.localtime(idle["shutdown"]))
+            status.condition = f"idle shutdown at {stamp}: `globular terminate {record.name}` releases the nodes"
+
+    if not view.deep or not data or controller == "down":
+        return status
+    registered, why = await _registered(view)
+    for node in record.nodes:
+        count = None if registered is None else registered.get(node.name, 0)
+        node_data = status.node_data[node.name]
+        node_data["engines_registered"] = count
+        expected, running = node_data["engines_expected"], node_data["engines_running"]
+        status.node_columns[node.name] = {
+            "engines run/reg/exp": f"{'?' if running is None else running}/{'?' if count is None else count}/{expected}"
+        }
+        if node.name not in status.node_problems and count is not None and expected and count < expected:
+            status.node_states[node.name] = "engines"
+            status.node_problems[node.name] = f"{expected - count} of {expected} engines running but not registered"
+    if registered is None and record.status == "running":
+        status.problems.append(f"the controller does not answer a client ({why})")
+    return status

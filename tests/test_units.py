@@ -1,0 +1,382 @@
+"""Fast tests of pure logic: no processes, no network; an in-memory provider where a cluster is needed.
+
+Each runs in milliseconds; the real-process tests beside them exercise the same code for real.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import io
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from globular.cluster import ClusterContext, node_names
+from globular.errors import GlobularError, NodeFailures, PluginFailed
+from globular.plugins.base import NodeCheck, Plugin, PluginContext
+from globular.plugins.ipcluster.preflight import Requirement, judge
+from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for, parse_duration, port_range
+from globular.providers.base import CommandResult, NodeProvider, Runner, StopResult
+from globular.providers.local import LocalProvider
+from globular.reporting import NullReporter
+from globular.spec import ClusterSpec
+from globular.state import ClusterRecord, NodeRecord, ProcessRecord, StateStore
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "globular"
+
+
+# -- an in-memory provider -------------------------------------------------------
+
+
+class MemoryRunner(Runner):
+    async def run(
+        self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
+    ) -> CommandResult:
+        return CommandResult(0, "", "")
+
+    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        pass
+
+    async def stop(self, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
+        self.stopped = [p.pid for p in procs]
+        return StopResult(len(procs), 0, [])
+
+
+class MemoryProvider(NodeProvider):
+    """Nodes that are records only; what it made and released is kept for the test."""
+
+    name = "memory"
+
+    def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
+        super().__init__(spec, cluster=cluster, home=home)
+        self.made: list[str] = []
+        self.released: list[str] = []
+        self.fail_release = False
+
+    @property
+    def region(self) -> str:
+        return "memory"
+
+    async def create_nodes(
+        self,
+        names: list[str],
+        on_ready: Callable[[NodeRecord], None],
+        *,
+        existing: Sequence[NodeRecord] = (),
+        hosts: list[str] | None = None,
+    ) -> list[NodeRecord]:
+        nodes = []
+        for i, name in enumerate(names, start=len(existing)):
+            node = NodeRecord(name=name, address=f"198.18.0.{10 + i}", workdir=f"/n/{name}", cores=2, python="python3")
+            self.made.append(name)
+            nodes.append(node)
+            on_ready(node)
+        return nodes
+
+    async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
+        if self.fail_release:
+            raise GlobularError("the provider cannot release them")
+        self.released += [n.name for n in nodes]
+
+    def make_runner(self, node: NodeRecord) -> Runner:
+        return MemoryRunner(node)
+
+
+def memory_cluster(tmp_path: Path, desired: list[str]) -> ClusterContext:
+    spec = ClusterSpec(template="t", cluster_size=len(desired), provider="local")
+    record = ClusterRecord(name="mem", region="memory", spec=spec, desired=desired)
+    store = StateStore(tmp_path)
+    store.create(record)
+    ctx = ClusterContext(record, home=tmp_path, store=store, reporter=NullReporter())
+    ctx.provider = MemoryProvider(spec, cluster="mem", home=tmp_path)
+    return ctx
+
+
+class Recorder(Plugin):
+    """Notes every hook it sees; fails in ``on_remove_node`` when told to."""
+
+    def __init__(self, name: str = "rec", fail_remove: bool = False):
+        super().__init__(name, Plugin.Settings())
+        self.seen: list[str] = []
+        self.fail_remove = fail_remove
+
+    async def on_add_node(self, ctx: PluginContext, node: NodeRecord) -> None:
+        self.seen.append(f"add {node.name}")
+
+    async def on_remove_node(self, ctx: PluginContext, node: NodeRecord) -> None:
+        self.seen.append(f"remove {node.name}")
+        if self.fail_remove:
+            raise GlobularError("cannot unmount scratch")
+
+
+# -- naming and the node set ----------------------------------------------------------
+
+
+def test_fanned_out_work_keeps_the_successes_beside_the_failures():
+    from globular.fanout import each_node
+
+    nodes = [NodeRecord(name=n, address="198.18.0.9", workdir="/w", cores=1, python="p") for n in ("a", "b", "c")]
+
+    async def work(node: NodeRecord) -> str:
+        if node.name == "b":
+            raise GlobularError("disk full")
+        return node.name.upper()
+
+    with pytest.raises(NodeFailures) as failed:
+        asyncio.run(each_node(nodes, work))
+    assert str(failed.value) == "b: disk full" and failed.value.succeeded == {"a": "A", "c": "C"}
+
+
+def test_node_names_start_with_the_master_and_fill_gaps():
+    assert node_names(3) == ["master", "node001", "node002"]
+    assert node_names(2, ["master", "node002"]) == ["node001", "node003"]
+    assert node_names(0) == []
+
+
+def test_reconcile_makes_the_desired_nodes_then_releases_the_ones_no_longer_desired(tmp_path):
+    ctx = memory_cluster(tmp_path, node_names(3))
+    plugin = Recorder()
+    added, checks, _ = asyncio.run(ctx.reconcile([plugin]))
+    assert [n.name for n in added] == ["master", "node001", "node002"] and checks == []
+    assert plugin.seen == []  # a start joins nothing: the plugins' run hook follows
+    ctx.record.desired = ["master", "node002"]
+    asyncio.run(ctx.reconcile([plugin], join=True))
+    assert [n.name for n in ctx.nodes] == ["master", "node002"]
+    assert plugin.seen == ["remove node001"] and ctx.provider.released == ["node001"]
+    saved = StateStore(tmp_path).get("mem")
+    assert saved.desired == ["master", "node002"] and [n.name for n in saved.nodes] == ["master", "node002"]
+
+
+def test_reconcile_with_join_runs_on_add_node_and_undoes_a_failed_join(tmp_path):
+    ctx = memory_cluster(tmp_path, ["master"])
+    asyncio.run(ctx.reconcile([]))
+    plugin = Recorder()
+    ctx.record.desired += ["node001"]
+    added, _, _ = asyncio.run(ctx.reconcile([plugin], join=True))
+    assert [n.name for n in added] == ["node001"] and plugin.seen == ["add node001"]
+
+    class Refuses(Recorder):
+        async def on_add_node(self, ctx: PluginContext, node: NodeRecord) -> None:
+            raise GlobularError("no scratch disk")
+
+    ctx.record.desired += ["node002"]
+    with pytest.raises(NodeFailures, match="node002: plugin 'rec' failed in on_add_node: no scratch disk"):
+        asyncio.run(ctx.reconcile([Refuses()], join=True))
+    assert ctx.record.desired == ["master", "node001"] and [n.name for n in ctx.nodes] == ["master", "node001"]
+    assert ctx.provider.released == ["node002"]
+
+
+def test_release_runs_every_step_and_raises_the_first_failure(tmp_path):
+    ctx = memory_cluster(tmp_path, ["master", "node001"])
+    asyncio.run(ctx.reconcile([]))
+    node = ctx.record.node("node001")
+    node.processes.append(ProcessRecord(pid=4242, start=1, role="worker"))
+    first, second = Recorder("first", fail_remove=True), Recorder("second", fail_remove=True)
+    ctx.provider.fail_release = True
+    with pytest.raises(PluginFailed) as failure:
+        asyncio.run(ctx.release([node], [first, second]))
+    assert failure.value.plugin == "second"  # reverse order: the last plugin is asked first
+    assert first.seen == second.seen == ["remove node001"]  # both hooks ran despite the failures
+    assert node.processes == []  # stopped (by pid) although the hooks failed
+    assert "node001" in [n.name for n in ctx.nodes]  # not released: it stays for a later reconcile
+
+
+def test_local_nodes_added_later_share_the_cores_of_the_cluster_they_join(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 12)
+    spec = ClusterSpec(template="t", cluster_size=2, provider="local")
+    provider = LocalProvider(spec, cluster="cores", home=tmp_path)
+    first = asyncio.run(provider.create_nodes(["master", "node001"], lambda node: None))
+    later = asyncio.run(provider.create_nodes(["node002"], lambda node: None, existing=first))
+    assert [n.cores for n in first] == [6, 6] and [n.cores for n in later] == [4]  # 12 cores / 3 nodes
+
+
+# -- ipcluster's settings and preflight ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("90s", 90), ("5", 300), (12, 12)]
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1d", "m"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_controller_ports_are_parsed_once_into_the_allowed_ports():
+    settings = IPClusterSettings.model_validate({"controller_ports": "10000-10029"})
+    assert settings.allowed_ports == list(range(10000, 10030)) == list(port_range("10000-10029"))
+    assert IPClusterSettings().allowed_ports is None
+    for bad, why in [("10000-10005", "at least 20"), ("80-200", "1024-65535"), ("lots", "FIRST-LAST")]:
+        with pytest.raises(ValueError, match=why):
+            IPClusterSettings.model_validate({"controller_ports": bad})
+
+
+def test_the_master_keeps_a_core_for_the_controller():
+    master = NodeRecord(name="master", address="198.18.0.2", workdir="/w", cores=4, python="p")
+    node = NodeRecord(name="node001", address="198.18.0.3", workdir="/w", cores=4, python="p")
+    assert engines_for(master, IPClusterSettings()) == 3 and engines_for(node, IPClusterSettings()) == 4
+    assert engines_for(master, IPClusterSettings(master_engines=0)) == 0
+
+
+def facts(**changes: object) -> dict[str, object]:
+    here = ".".join(map(str, sys.version_info[:3]))
+    base = {"python": here, "executable": "/usr/bin/python3", "cpus": 4, "load": [0.5, 0, 0], "modules": {}}
+    return {**base, **changes}
+
+
+def test_judge_fails_another_python_and_a_missing_module_and_warns_about_a_busy_node():
+    check = NodeCheck("node001", "198.18.0.3", engines=4)
+    judge(check, facts(python="3.9.2", modules={"msgpack": {"error": "not installed"}}),
+          [Requirement("msgpack", need="packer = msgpack")])  # fmt: skip
+    assert len(check.problems) == 2 and not check.ok
+    assert "Python 3.9.2" in check.problems[0] and "packer = msgpack needs the msgpack package" in check.problems[1]
+    busy = NodeCheck("node002", "198.18.0.4", engines=2)
+    judge(busy, facts(load=[9.0, 0, 0]), [])
+    assert busy.ok and busy.warnings == ["the node is busy (its load is at least its 4 cores): engines will share it"]
+
+
+def test_judge_compares_major_versions_only_for_problems():
+    from importlib.metadata import version
+
+    ours = version("ipyparallel")
+    check = NodeCheck("n", "198.18.0.5")
+    judge(check, facts(modules={"ipyparallel": {"version": "1.0.0"}}), [Requirement("ipyparallel", compare=True)])
+    assert check.problems == [f"ipyparallel 1.0.0 there, {ours} here: major versions differ (install {ours} there)"]
+
+
+# -- the renderer ----------------------------------------------------------------------------
+
+
+def test_identical_warnings_from_many_nodes_are_shown_once():
+    from globular.render import group_warnings
+
+    pairs = [(f"node{i:03d}", "the node is busy") for i in range(1, 48)] + [("master", "Python 3.11.2 there")]
+    lines = group_warnings(pairs)
+    assert lines == ["node001, node002, node003 and 44 more nodes: the node is busy", "master: Python 3.11.2 there"]
+
+
+def test_json_output_is_one_versioned_envelope(monkeypatch):
+    from globular.render import Output
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    out = Output("json", command="status")
+    out.result({"nodes": [NodeCheck("m", "198.18.0.2")], "path": Path("/x")}, ok=False)
+    document = json.loads(buffer.getvalue())
+    assert document["globular"] == 1 and document["command"] == "status" and document["ok"] is False
+    assert document["result"]["path"] == "/x" and document["result"]["nodes"][0]["ok"] is True
+    buffer.truncate(0)
+    buffer.seek(0)
+    out.error(GlobularError("no cluster named 'x'"), 1)
+    assert json.loads(buffer.getvalue())["error"] == {
+        "type": "GlobularError",
+        "message": "no cluster named 'x'",
+        "exit_code": 1,
+    }
+
+
+def test_piped_tables_are_never_cut(monkeypatch):
+    from globular.render import Output
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    out = Output("plain")
+    out.console.file = buffer
+    table = out.table("name", "health")
+    long = "degraded: " + ", ".join(f"{i} of 9 ipengine dead" for i in range(12))
+    table.add_row("a-cluster-with-a-long-name", long)
+    out.print(table)
+    assert "a-cluster-with-a-long-name" in buffer.getvalue() and long in buffer.getvalue()
+
+
+# -- the house -----------------------------------------------------------------------------------
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every globular module ``path`` imports, wherever the import is (TYPE_CHECKING and functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("globular"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if module_path(sub) else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("globular")}
+    return found
+
+
+def module_path(name: str) -> Path | None:
+    base = SRC.parent.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def module_graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in SRC.rglob("*.py"):
+        name = ".".join(path.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = imports_of(path) - {name}
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    graph = module_graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        stack.append(name)
+        for dep in sorted(graph.get(name, ())):
+            if state.get(dep) == 1:
+                cycles.append([*stack[stack.index(dep) :], dep])
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert cycles == []
+
+
+def test_the_core_does_not_reach_into_the_ipcluster_plugin():
+    graph = module_graph()
+    for core in ("globular.cluster", "globular.operations", "globular.status", "globular.client", "globular.cli"):
+        leaks = {m for m in graph[core] if m.startswith("globular.plugins.ipcluster")}
+        assert leaks == set(), f"{core} imports {leaks}"
+
+
+def test_modules_stay_readable():
+    """No module over 500 lines unless its docstring says why (``Longer than most: ...``)."""
+    long = {}
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 500 and "Longer than most" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long[path.name] = len(text.splitlines())
+    assert long == {}
+
+
+def test_no_test_asserts_in_a_finally_block():
+    """A cleanup that fails must not hide the failure it cleans up after: fixtures clean up, or the
+    cleanup's result is checked after the ``try``."""
+    found = []
+    for path in Path(__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Try):
+                found += [
+                    f"{path.name}:{a.lineno}" for s in node.finalbody for a in ast.walk(s) if isinstance(a, ast.Assert)
+                ]
+    assert found == []
