@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class LoopThread:
@@ -33,6 +35,15 @@ class LoopThread:
             self.loop.close()
 
 
+def _quiet_about_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A future left with a CancelledError nobody retrieved is the interruption the user asked
+    for (Ctrl-C, SIGTERM), not news: logged, not printed.  Anything else goes to asyncio."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        log.debug("after cancellation: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
+
+
 def run_sync(coro: Coroutine[Any, Any, T], *, sigterm_cancels: bool = False) -> T:
     """Run ``coro`` to the end, whether or not this thread already runs an event loop
     (in Jupyter it runs on a thread of its own).  With ``sigterm_cancels`` (the CLI),
@@ -50,11 +61,12 @@ def run_sync(coro: Coroutine[Any, Any, T], *, sigterm_cancels: bool = False) -> 
             runner.close()
 
     async def main() -> T:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_about_cancelled)
         if not sigterm_cancels:
             return await coro
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             return await coro

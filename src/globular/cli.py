@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Any
 
 import click
@@ -23,12 +22,12 @@ from globular.aio import run_sync
 from globular.client import open_shell
 from globular.config import Config
 from globular.environment import clear_wheel_cache
-from globular.errors import ClusterNotFound, GlobularError
+from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.logs import FORMAT, LOGGER
 from globular.paths import globular_home
 from globular.registry import plugin_classes
 from globular.render import Output, age, output, output_option
-from globular.state import StateStore
+from globular.state import StateStore, check_cluster_name
 
 
 def run(coro: Any) -> Any:
@@ -45,7 +44,7 @@ def load_config(ctx: click.Context) -> Config:
 @click.option(
     "-c",
     "--config",
-    type=click.Path(dir_okay=False),
+    metavar="FILE",
     envvar="GLOBULAR_CONFIG",
     help="Config file (StarCluster INI format). Default: $GLOBULAR_CONFIG, else ~/.globular/config, "
     "else a built-in template (local provider, ipcluster plugin).",
@@ -98,9 +97,10 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
     fails, everything already started is stopped again.
     """
     out = output(ctx)
+    check_cluster_name(name)
     spec = load_config(ctx).cluster_spec(template, cluster_size)
     out.say(
-        f"Starting cluster [bold]{name}[/] from template [bold]{spec.template}[/]: "
+        f"Starting cluster [bold]{escape(name)}[/] from template [bold]{escape(spec.template)}[/]: "
         f"{spec.cluster_size} nodes, provider {spec.provider}"
     )
     with out.reporter() as reporter:
@@ -109,7 +109,9 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
     record = result.record
 
     def text() -> None:
-        out.say(f"\n[green]Cluster {name} is running[/]: {len(record.nodes)} nodes, started in {result.elapsed:.1f} s")
+        out.say(
+            f"\n[green]Cluster {escape(name)} is running[/]: {len(record.nodes)} nodes, started in {result.elapsed:.1f} s"
+        )
         for report in result.reports:
             out.report(report)
 
@@ -141,31 +143,14 @@ def listclusters(ctx: click.Context) -> None:
     The health column says whether each cluster is what its record says
     (asked of its nodes, by pid); plugins add columns (ipcluster: engines
     running / expected, idle shutdown)."""
-    from globular.status import health_of_all
+    from globular.status import health_of_all, listed
 
     out = output(ctx)
     records, problems = StateStore(globular_home()).list()
     found, warnings = _found_elsewhere(ctx)
     checked = run(health_of_all(records, globular_home())) if records else {}
-    now = time.time()
-    extra = list(dict.fromkeys(c for h in checked.values() for c in h.columns))
-    rows = []
-    for record in records:
-        health = checked[record.name]
-        rows.append(
-            {
-                "name": record.name,
-                "status": record.status,
-                "provider": record.spec.provider,
-                "region": record.region,
-                "nodes": len(record.nodes),
-                "template": record.spec.template,
-                "up": round(now - record.created),
-                "columns": health.columns,
-                "health": health.condition,
-                "ok": health.ok,
-            }
-        )
+    rows = [listed(record, checked[record.name]) for record in records]
+    extra = list(dict.fromkeys(c for row in rows for c in row["columns"]))
     elsewhere = [
         {"name": f.name, "provider": f.spec.provider, "region": f.region, "nodes": len(f.nodes)} for f in found
     ]
@@ -191,18 +176,40 @@ def listclusters(ctx: click.Context) -> None:
 
 @cli.command()
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Whatever fails (an unreadable record, a node that is gone): stop every process marked with the "
+    "cluster that can be reached, release what can be released, forget the cluster, and say what was left.",
+)
 @click.argument("name")
 @output_option
 @click.pass_context
-def terminate(ctx: click.Context, yes: bool, name: str) -> None:
+def terminate(ctx: click.Context, yes: bool, force: bool, name: str) -> None:
     """Terminate cluster NAME: stop all its processes and release its nodes.
 
     A cluster another machine started (ec2, found by its tags) is terminated too.
     """
     out = output(ctx)
     store = StateStore(globular_home())
+    if force:
+        if not yes:
+            click.confirm(f"Force the termination of cluster {name}?", abort=True)
+        with out.reporter() as reporter:
+            result = run(operations.force_terminate(name, reporter=reporter))
+        for warning in result.warnings:
+            out.warn(warning)
+        out.result(
+            result,
+            text=lambda: out.say(
+                f"Cluster [bold]{escape(name)}[/] is forgotten: {result.processes_stopped} processes stopped"
+            ),
+        )
+        return
     try:
         record = store.get(name)
+    except StateError as exc:
+        raise StateError(f"{exc}; `globular terminate --force {name}` stops what it marked and forgets it") from None
     except ClusterNotFound:
         found = next((f for f in _found_elsewhere(ctx)[0] if f.name == name), None)
         if found is None:
@@ -224,7 +231,7 @@ def terminate(ctx: click.Context, yes: bool, name: str) -> None:
     out.result(
         result,
         text=lambda: out.say(
-            f"Terminated cluster [bold]{name}[/]: {result.nodes} nodes released, "
+            f"Terminated cluster [bold]{escape(name)}[/]: {result.nodes} nodes released, "
             f"{result.processes_stopped} processes stopped{killed} in {result.elapsed:.1f} s"
         ),
     )
@@ -258,9 +265,9 @@ def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
     def text() -> None:
         for node, names in removed.items():
             listed = f" ({', '.join(names)})" if names else ""
-            out.say(f"{node}: {len(names)} environment{'s' if len(names) != 1 else ''} removed{listed}")
+            out.say(f"{escape(node)}: {len(names)} environment{'s' if len(names) != 1 else ''} removed{escape(listed)}")
         if count is not None:
-            out.say(f"this machine: {count} wheelhouse{'s' if count != 1 else ''} removed from {cache}")
+            out.say(f"this machine: {count} wheelhouse{'s' if count != 1 else ''} removed from {escape(str(cache))}")
 
     out.result({"removed": removed, "wheelhouses_removed": count}, text=text)
 
@@ -327,7 +334,7 @@ def status(ctx: click.Context, name: str) -> None:
     def text() -> None:
         fields = ", ".join(f"{k} {v}" for k, v in report.columns.items())
         out.say(
-            f"Cluster [bold]{name}[/]: {report.status}, provider {report.provider} ({report.region})"
+            f"Cluster [bold]{escape(name)}[/]: {escape(report.status)}, provider {escape(report.provider)} ({escape(report.region)})"
             + (f", {fields}" if fields else "")
         )
         extra = list(dict.fromkeys(c for n in report.nodes for c in n.columns))
@@ -372,7 +379,7 @@ def addnode(ctx: click.Context, count: int, hosts: tuple[str, ...], name: str) -
     out.warnings(result.checks)
 
     def text() -> None:
-        out.say(f"Added {', '.join(result.nodes)} to [bold]{name}[/] in {result.elapsed:.1f} s")
+        out.say(f"Added {escape(', '.join(result.nodes))} to [bold]{escape(name)}[/] in {result.elapsed:.1f} s")
         for report in result.reports:
             out.report(report)
 
@@ -395,7 +402,7 @@ def removenode(ctx: click.Context, name: str, node: str) -> None:
         result = run(operations.remove_node(name, node, reporter=reporter))
     out.result(
         {"name": name, "nodes": result.nodes, "elapsed": result.elapsed},
-        text=lambda: out.say(f"Removed {node} from [bold]{name}[/] in {result.elapsed:.1f} s"),
+        text=lambda: out.say(f"Removed {escape(node)} from [bold]{escape(name)}[/] in {result.elapsed:.1f} s"),
     )
 
 
@@ -443,7 +450,7 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
         result = run(operations.run_plugin(name, spec, reporter=reporter))
 
     def text() -> None:
-        out.say(f"Plugin [bold]{plugin}[/] ran on {name} in {result.elapsed:.1f} s")
+        out.say(f"Plugin [bold]{escape(plugin)}[/] ran on {escape(name)} in {result.elapsed:.1f} s")
         if result.report:
             out.report(result.report)
 
@@ -458,12 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns outcomes into exit codes."""
     ctx_obj: dict[str, Any] = {}
 
-    def out() -> Output:
+    def out() -> Output:  # the command's own renderer, else one in the form it asked for
         found = ctx_obj.get("out")
-        if isinstance(found, Output):
-            return found
-        json_wanted = "--output=json" in (argv or sys.argv) or "json" in _after("--output", argv or sys.argv)
-        return Output("json" if json_wanted else "auto")
+        return found if isinstance(found, Output) else Output(ctx_obj.get("output") or "auto")
 
     try:
         code = cli.main(args=argv, prog_name="globular", standalone_mode=False, obj=ctx_obj)
@@ -482,11 +486,11 @@ def main(argv: list[str] | None = None) -> None:
     except GlobularError as exc:
         out().error(exc, exc.exit_code)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # globular's own files: a read-only or misplaced GLOBULAR_HOME, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        out().error(GlobularError(f"{where}{exc.strerror or exc}"), 1)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _after(option: str, argv: list[str]) -> list[str]:
-    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
 
 
 if __name__ == "__main__":

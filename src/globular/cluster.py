@@ -12,6 +12,7 @@ soon as it is started, so that terminate can always stop it by pid.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ class ClusterContext:
         self.provider.reporter = reporter
         self.provider.on_step = self.node_step
         self.stopped = StopResult(0, 0, [])  # totals of every stop_processes call
+        self._save_pending = False
 
     # -- the PluginContext ---------------------------------------------------
 
@@ -161,13 +163,22 @@ class ClusterContext:
         await self.provider.close()
 
     def _node_ready(self, node: NodeRecord) -> None:
-        """The provider made ``node`` usable: it joins the record (saved at once, so that
-        whatever happens next, terminate knows it) and the "nodes" progress step."""
+        """The provider made ``node`` usable: it joins the record and the "nodes" progress step.
+
+        The record is saved once for all the nodes that became ready together (as soon as the
+        provider yields), not once per node: the cost of a step grows with what it changed.
+        """
         self.record.nodes.append(node)
-        self.record.nodes.sort(key=node_order)
         self.node_step(node, "setup")
-        self.save()
         self.reporter.advance("nodes")
+        if not self._save_pending:
+            self._save_pending = True
+            asyncio.get_running_loop().call_soon(self._save_ready_nodes)
+
+    def _save_ready_nodes(self) -> None:
+        self._save_pending = False
+        self.record.nodes.sort(key=node_order)
+        self.save()
 
     async def hook(self, plugin: Plugin, hook: str, *args: Any) -> PluginReport | None:
         """Run one hook; any failure is a :class:`PluginFailed` that names the plugin."""
@@ -245,6 +256,7 @@ class ClusterContext:
         self.reporter.begin("nodes", f"{what} ({self.record.spec.provider})", len(missing))
         try:
             await self.provider.create_nodes(missing, ready, existing=list(self.nodes), hosts=hosts)
+            self._save_ready_nodes()
             self.reporter.end("nodes")
             added.sort(key=node_order)  # ready in any order; reported in the record's
             checks = await self.prepare(plugins, added) if prepare else []
@@ -271,8 +283,18 @@ class ClusterContext:
                     await self.hook(plugin, "on_remove_node", node)
                 except PluginFailed as exc:
                     errors.append(exc)
+
+        async def stop(node: NodeRecord) -> None:
+            if node.processes:
+                await self.stop_processes(node, list(node.processes))
+            if self.rents_machines:  # the machine goes, and every process with it
+                return
+            strays = await self.runner(node).sweep()  # marked, but never recorded (a killed start)
+            if strays:
+                log.warning("%s/%s: stopped %d processes the record did not know", self.name, node.name, strays)
+
         try:
-            await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))
+            await each_node(nodes, stop)
             await self.provider.terminate_nodes(nodes)
         except BaseException as exc:  # noqa: BLE001 - collected; the first is raised below
             errors.append(exc)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from globular.errors import ConfigError, GlobularError
+from globular.errors import BadInput, ConfigError, GlobularError
 from globular.paths import default_config_path
 from globular.registry import RegistryError, plugin_names, provider_class, resolve_plugin
 from globular.spec import (
@@ -82,6 +82,26 @@ class ClusterSettings(Settings):
     )
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a page of text; anything bigger is a mistake
+
+
+def read_config_file(path: Path) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most MAX_CONFIG_BYTES (a FIFO
+    would hang, ``/dev/zero`` would fill memory)."""
+    import stat
+
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        raise ConfigError("is a folder, not a config file", file=str(path))
+    if not stat.S_ISREG(mode):
+        raise ConfigError("is not a regular file (a pipe or a device?)", file=str(path))
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config file", file=str(path))
+    return data
+
+
 _HEADER = re.compile(r"^\s*\[(?P<name>[^\]]+)\]")
 _KEY = re.compile(r"^(?P<key>[^\s=:;#\[][^=:]*?)\s*[=:]")
 
@@ -113,7 +133,7 @@ class Config:
                 raise ConfigError("config file not found", file=str(target))
             return cls.builtin()
         try:
-            data = target.read_bytes()
+            data = read_config_file(target)
         except OSError as exc:
             raise ConfigError(f"cannot read config file: {exc.strerror}", file=str(target)) from None
         return cls.from_bytes(data, file=str(target))
@@ -263,12 +283,14 @@ class Config:
 
     def cluster_spec(self, template: str | None = None, cluster_size: int | None = None) -> ClusterSpec:
         """The validated spec of ``template`` (default: ``default_template``)."""
+        chosen = template is None
         if template is None:
             template = self._default_template()
         if template not in self.clusters:
-            raise ConfigError(
-                f"no [cluster {template}] section (templates: {', '.join(self.templates)})", file=self.file
-            )
+            known = f"templates: {', '.join(self.templates)}" if self.templates else "there is none"
+            if chosen:  # it came from [global] default_template: point there
+                raise self.error(f"names no [cluster {template}] section ({known})", "global", "default_template")
+            raise ConfigError(f"no [cluster {template}] section ({known})", file=self.file)
         values, sections = self._merged(template)
         section = f"cluster {template}"
 
@@ -297,12 +319,19 @@ class Config:
             sections=sections,
             owner=f"provider {common.provider!r}",
         )
+        twice = sorted({name for name in common.plugins if common.plugins.count(name) > 1})
+        if twice:
+            raise self.error(
+                f"lists {', '.join(twice)} twice: each plugin runs once", sections.get("plugins", section), "plugins"
+            )
         plugins = [self.plugin_spec(name, referenced_from=sections.get("plugins", section)) for name in common.plugins]
         environment = self._environment(common, sections, section, provider_cls.default_environment, plugins)
         size = cluster_size or common.cluster_size or provider_cls.default_cluster_size(provider_settings)
         problem = provider_cls.size_problem(provider_settings, size)
         if problem:
             key, message = problem
+            if cluster_size and key == "cluster_size":  # it came from the command line
+                raise BadInput(f"-s {cluster_size}: {message}")
             raise self.error(message, sections.get(key, section), key)
         return ClusterSpec(
             template=template,

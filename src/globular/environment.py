@@ -50,6 +50,7 @@ from filelock import FileLock
 
 from globular.errors import BadInput, CommandError, GlobularError, NodeError, NodeFailures
 from globular.fanout import each_node
+from globular.paths import private_dir
 from globular.providers.base import NODEENV_SOURCE
 from globular.spec import ClusterSpec
 from globular.state import NodeRecord
@@ -276,7 +277,7 @@ def _index_has(name: str) -> bool:
 def resolve(wanted: Wanted, target: Target, cache: Path) -> Wheelhouse:
     """The wheelhouse for ``wanted`` on ``target``: from the cache, else made with pip download."""
     key = digest(wanted, target)
-    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(cache)
     final = cache / key
     with FileLock(str(cache / f".{key}.lock")):
         manifest = final / "manifest.json"

@@ -63,8 +63,9 @@ class ClusterNotFound(GlobularError):
 class ClusterExists(GlobularError):
     def __init__(self, name: str, status: str):
         self.name = name
+        how = f"--force {name}" if status == "unreadable" else name
         super().__init__(
-            f"a cluster named {name!r} already exists ({status}); use another name or `globular terminate {name}` first"
+            f"a cluster named {name!r} already exists ({status}); use another name or `globular terminate {how}` first"
         )
 
 

@@ -75,6 +75,8 @@ def spawn(req: Request) -> Any:
         for spec in req["procs"]:
             env = dict(os.environ)
             env.update(spec.get("env") or {})
+            if req.get("mark"):
+                env[MARK] = req["mark"]
             log_dir = os.path.dirname(spec["log"])
             if log_dir:
                 os.makedirs(log_dir, mode=0o700, exist_ok=True)
@@ -153,6 +155,38 @@ def stop(req: Request) -> Any:
         "killed": sum(1 for p in left if (p["pid"], p["start"]) in requested),
         "remaining": [p for p in remaining if (p["pid"], p["start"]) in requested],
     }
+
+
+MARK = "GLOBULAR_MARK"  # in the environment of every process globular starts: "<home id>/<cluster>/<node>"
+
+
+def _marked(prefix: str) -> list[Proc]:
+    """Live processes (of this user) whose GLOBULAR_MARK is ``prefix`` or starts with ``prefix/``."""
+    found = []
+    wanted = f"{MARK}={prefix}".encode()
+    mine = {os.getpid(), os.getppid()}
+    for pid, (_, _, _, start) in _processes().items():
+        if pid in mine:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                entries = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if any(e == wanted or e.startswith(wanted + b"/") for e in entries):
+            found.append({"pid": pid, "start": start})
+    return found
+
+
+def sweep(req: Request) -> Any:
+    """Stop every process marked ``req["mark"]`` (see MARK) that is not in ``req["known"]``:
+    those a start that was killed between spawning and recording left behind.  Like ``stop``:
+    SIGTERM to each process group, SIGKILL after ``timeout`` s."""
+    known = {(p["pid"], p["start"]) for p in req.get("known", [])}
+    strays = [p for p in _marked(req["mark"]) if (p["pid"], p["start"]) not in known]
+    if not strays:
+        return {"stopped": 0, "killed": 0, "remaining": []}
+    return stop({"procs": strays, "timeout": req.get("timeout", 5)})
 
 
 def wait_files(req: Request) -> Any:
@@ -313,6 +347,12 @@ def facts(req: Request) -> Any:
         "uptime": uptime,
         "modules": found,
         "curve": curve,
+        # folders something will be made in that exist as something else (a file)
+        "not_folders": [
+            p
+            for p in req.get("folders", [])
+            if os.path.lexists(os.path.expanduser(p)) and not os.path.isdir(os.path.expanduser(p))
+        ],
     }
 
 
@@ -368,6 +408,7 @@ VERBS = {
     "spawn": spawn,
     "alive": alive,
     "stop": stop,
+    "sweep": sweep,
     "wait_files": wait_files,
     "tail": tail,
 }
@@ -383,6 +424,7 @@ ANY_PYTHON = frozenset(
         "spawn",
         "alive",
         "stop",
+        "sweep",
         "wait_files",
         "tail",
         "children",

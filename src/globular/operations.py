@@ -9,6 +9,8 @@ rendering is the caller's business.
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +20,7 @@ from typing import TypeVar
 
 from globular import environment
 from globular.cluster import ClusterContext, load_plugin, node_names, node_order
-from globular.errors import ClusterNotFound, GlobularError, NodeFailures, StartFailed
+from globular.errors import BadInput, ClusterNotFound, GlobularError, NodeFailures, StartFailed
 from globular.logs import cluster_log
 from globular.paths import globular_home
 from globular.plugins.base import NodeCheck, Plugin, PluginReport
@@ -157,6 +159,10 @@ async def add_nodes(
     started = time.monotonic()
     async with opened(name, home, reporter) as ctx:
         ctx.require_running()
+        provider = type(ctx.provider)
+        problem = provider.size_problem(ctx.provider.settings, len(ctx.record.desired) + count)
+        if problem:
+            raise BadInput(f"-n {count}: {problem[1]}")
         plugins = ctx.plugins()
         ctx.record.desired += node_names(count, ctx.record.desired)
         log.info("cluster %s: adding %d nodes", name, count)
@@ -258,6 +264,77 @@ async def terminate(name: str, *, home: Path | None = None, reporter: Reporter |
         warnings += await ctx.teardown(plugins)
         stopped = ctx.stopped
         return TerminateResult(name, nodes, stopped.stopped, stopped.killed, time.monotonic() - started, warnings)
+
+
+async def force_terminate(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> TerminateResult:
+    """A way out of any state: terminate cluster ``name`` whatever fails on the way.
+
+    With a readable record this is :func:`terminate`, and when that fails, every
+    node is still swept for the cluster's marked processes and released where it
+    can be.  With an unreadable record, this machine is swept for every process
+    marked with the cluster (see :func:`~globular.providers.base.process_mark`) and
+    its local files are removed; what could not be done (nodes on other machines
+    the record no longer names reliably) is said in the warnings.  The record goes.
+    """
+    from globular import nodeproc
+    from globular.errors import StateError
+    from globular.providers.base import process_mark
+
+    home, store, reporter = _home(home, reporter)
+    started = time.monotonic()
+    check_cluster_name(name)
+    try:
+        return await terminate(name, home=home, reporter=reporter)
+    except ClusterNotFound:
+        raise
+    except (GlobularError, OSError) as exc:
+        first = exc
+    warnings = [f"terminate failed ({first}); forcing"]
+    nodes = stopped = 0
+    with store.operation(name), cluster_log(home, name):
+        try:
+            record: ClusterRecord | None = store.get(name)
+        except StateError:
+            record = None
+        if record is not None:
+            ctx = ClusterContext(record, home=home, store=store, reporter=reporter)
+            nodes = len(record.nodes)
+            try:
+                for node in list(record.nodes):
+                    try:
+                        await ctx.release([node], [])
+                    except (GlobularError, OSError) as exc:
+                        warnings.append(f"{node.name}: could not be released ({exc})")
+                try:
+                    await ctx.provider.release_cluster()
+                except (GlobularError, OSError) as exc:
+                    warnings.append(f"the provider's cluster resources remain ({exc})")
+                stopped = ctx.stopped.stopped + ctx.stopped.killed
+            finally:
+                await ctx.close()
+        else:
+            mark = process_mark(home, name)
+            swept = nodeproc.sweep({"mark": mark, "timeout": 5})
+            stopped = swept["stopped"] + swept["killed"]
+            local = home / "local" / name
+            if local.is_dir():
+                shutil.rmtree(local, ignore_errors=True)
+            try:
+                text = (store.dir / f"{name}.json").read_text(errors="replace")
+            except OSError:
+                text = ""
+            hosts = sorted(set(re.findall(r'"login":\s*"([^"]+)"', text)))
+            if hosts:
+                warnings.append(
+                    f"the record is unreadable: on {', '.join(hosts)} (named in it) stop the processes whose "
+                    f"environment holds GLOBULAR_MARK={mark}/..., and remove their node folders"
+                )
+        regions = [record.region] if record is not None else ["local", "ssh"]  # an ec2 record names its own
+        for region in regions:  # the client's connection file and the notebook's, if any are left
+            for leftover in (f"{name}-{region}.json", f"{name}-{region}-notebook.json"):
+                (home / "ipcluster" / leftover).unlink(missing_ok=True)
+        store.delete(name)
+    return TerminateResult(name, nodes, stopped, 0, time.monotonic() - started, warnings)
 
 
 async def run_plugin(

@@ -20,9 +20,21 @@ def default_config_path() -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) readable by the owner only."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """Create ``path`` readable by the owner only, and every missing folder above it too
+    (0700 whatever the umask; folders that were there already are left as they are)."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile by another process
+        os.chmod(folder, 0o700)
+    if not missing:
+        os.chmod(path, 0o700)
     return path
 
 

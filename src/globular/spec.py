@@ -6,6 +6,9 @@ commands (``addnode``, ``runplugin``) use the settings the cluster started with.
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -73,6 +76,22 @@ class ClusterSpec(BaseModel):
     environment: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``value`` for an error message: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 16]}... ({len(str(value))} characters)"
+
+
+def _wants_int(annotation: Any) -> bool:
+    """``int`` or ``int | None`` (not bool, not float)."""
+    if annotation is int:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args == [int]
+    return False
+
+
 def validate_settings(
     model: type[Settings],
     raw: Mapping[str, Any],
@@ -87,6 +106,12 @@ def validate_settings(
     ``sections`` maps a key to the section it was written in (for keys inherited
     through ``extends``), so the error names the right one.
     """
+    for name, value in raw.items():  # INI values are text: "1_0" and "1.0" are not whole numbers to a person
+        field = model.model_fields.get(name)
+        wants_int = field is not None and _wants_int(field.annotation)
+        if wants_int and isinstance(value, str) and not re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            where = (sections or {}).get(name, section)
+            raise ConfigError(f"expected a whole number, got {shown(value)}", file=file, section=where, key=name)
     try:
         return model.model_validate(dict(raw))
     except ValidationError as exc:
@@ -101,7 +126,7 @@ def validate_settings(
             message = f"required setting is missing{f' ({about})' if about else ''}"
         else:
             value = raw.get(key) if key else None
-            message = err["msg"]
+            message = err["msg"] if len(err["msg"]) <= 200 else err["msg"][:150] + "..."
             if value is not None:
-                message += f", got {value!r}"
+                message += f", got {shown(value)}"
         raise ConfigError(message, file=file, section=where, key=key) from None

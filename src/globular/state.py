@@ -207,8 +207,7 @@ class StateStore:
             self._write(record)
 
     def delete(self, name: str) -> None:
+        """Forget cluster ``name``: its record, and its operation lock file (no stale lock per name ever used)."""
         with self._locked():
-            try:
-                self._path(name).unlink()
-            except FileNotFoundError:
-                pass
+            self._path(name).unlink(missing_ok=True)
+            (self.dir / f".{check_cluster_name(name)}.op.lock").unlink(missing_ok=True)

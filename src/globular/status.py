@@ -242,3 +242,19 @@ async def cluster_health(record: ClusterRecord, home: Path) -> Health:
 async def health_of_all(records: list[ClusterRecord], home: Path) -> dict[str, Health]:
     results = await asyncio.gather(*(cluster_health(r, home) for r in records))
     return {h.name: h for h in results}
+
+
+def listed(record: ClusterRecord, health: Health) -> dict[str, Any]:
+    """One row of ``listclusters``: the record's facts and what the nodes said."""
+    return {
+        "name": record.name,
+        "status": record.status,
+        "provider": record.spec.provider,
+        "region": record.region,
+        "nodes": len(record.nodes),
+        "template": record.spec.template,
+        "up": round(time.time() - record.created),
+        "columns": health.columns,
+        "health": health.condition,
+        "ok": health.ok,
+    }

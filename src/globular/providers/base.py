@@ -7,6 +7,7 @@ check, stop by pid) is built on top of those two, the same for every provider.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from abc import ABC, abstractmethod
@@ -53,6 +54,14 @@ class StopResult:
     remaining: list[ProcessRecord]
 
 
+def process_mark(home: Path, cluster: str, node: str | None = None) -> str:
+    """What every process globular starts for ``cluster`` carries as GLOBULAR_MARK in its
+    environment: ``<home id>/<cluster>/<node>`` (without a node: the prefix of every node's).
+    The home id keeps clusters of the same name under other globular homes apart."""
+    home_id = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+    return f"{home_id}/{cluster}" + (f"/{node}" if node else "")
+
+
 def display(argv: list[str]) -> str:
     """A command for messages; the process-control script is shown by name."""
     if len(argv) >= 3 and argv[1] == "-c" and argv[2] in NODE_SCRIPTS:
@@ -65,6 +74,7 @@ class Runner(ABC):
 
     def __init__(self, node: NodeRecord):
         self.node = node
+        self.mark: str | None = None  # GLOBULAR_MARK of the processes it starts (set by its provider)
 
     @abstractmethod
     async def run(
@@ -106,7 +116,10 @@ class Runner(ABC):
         """Start detached processes; they outlive this runner and the globular process."""
         if not specs:
             return []
-        request = {"procs": [{"argv": s.argv, "log": s.log, "env": s.env, "cwd": s.cwd} for s in specs]}
+        request = {
+            "procs": [{"argv": s.argv, "log": s.log, "env": s.env, "cwd": s.cwd} for s in specs],
+            "mark": self.mark,
+        }
         started = await self.nodeproc("spawn", request)
         return [ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log) for p, s in zip(started, specs)]
 
@@ -128,6 +141,19 @@ class Runner(ABC):
             pids = ", ".join(str(p.pid) for p in remaining)
             raise NodeError(self.node.name, f"processes {pids} survived SIGKILL")
         return StopResult(reply["stopped"], reply["killed"], remaining)
+
+    async def sweep(self, mark: str | None = None, known: list[ProcessRecord] | None = None) -> int:
+        """Stop the processes marked ``mark`` (default: this node's) that are not ``known``: what a
+        start killed between spawning a process and recording it left behind.  How many there were."""
+        request = {"mark": mark or self.mark, "known": [p.model_dump() for p in known or []]}
+        if not request["mark"]:
+            return 0
+        reply = await self.nodeproc("sweep", request, timeout=60)
+        if reply["remaining"]:
+            pids = ", ".join(str(p["pid"]) for p in reply["remaining"])
+            raise NodeError(self.node.name, f"processes {pids} survived SIGKILL")
+        count: int = reply["stopped"] + reply["killed"]
+        return count
 
     async def tail(self, path: str, nbytes: int = 4000) -> str:
         text: str = await self.nodeproc("tail", {"path": path, "bytes": nbytes})
@@ -230,8 +256,14 @@ class NodeProvider(ABC):
     def runner(self, node: NodeRecord) -> Runner:
         """The runner of ``node`` (one per node, kept until :meth:`close`)."""
         if node.name not in self._runners:
-            self._runners[node.name] = self.make_runner(node)
+            runner = self.make_runner(node)
+            runner.mark = self.mark(node.name)
+            self._runners[node.name] = runner
         return self._runners[node.name]
+
+    def mark(self, node: str | None = None) -> str:
+        """The GLOBULAR_MARK of the processes started on ``node`` of this cluster."""
+        return process_mark(self.home, self.cluster, node)
 
     async def close(self) -> None:
         """Close every runner's connections."""

@@ -30,6 +30,7 @@ from globular.paths import write_private
 from globular.providers.ec2_settings import EC2Settings, aws_config_values
 from globular.providers.ssh import RemoteProvider, SSHHost, SSHOptions
 from globular.spec import ClusterSpec
+from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
 TAG_CLUSTER = "globular:cluster"
@@ -75,6 +76,13 @@ class EC2Provider(RemoteProvider):
     ) -> None:
         """Take ``[aws info]``, ``[key NAME]`` and ``[permission NAME]`` into the cluster's values."""
         aws_config_values(values, sections, extra)
+
+    @classmethod
+    def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
+        assert isinstance(settings, EC2Settings)
+        if size > settings.max_nodes:
+            return "cluster_size", f"{size} instances asked for; max_nodes = {settings.max_nodes} (at most 1000)"
+        return None
 
     @property
     def region(self) -> str:

@@ -73,7 +73,10 @@ class EC2Settings(RemoteSettings):
     )
     remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the instances")
     cores_per_node: int | None = Field(
-        default=None, ge=1, description="engines per node; default: the instance's cores"
+        default=None, ge=1, le=1024, description="engines per node; default: the instance's cores"
+    )
+    max_nodes: int = Field(
+        default=100, ge=1, le=1000, description="the most instances one cluster may have (start and addnode)"
     )
     connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds one SSH attempt may take")
     boot_timeout: float = Field(default=600.0, gt=0, description="seconds to wait for running and SSH")

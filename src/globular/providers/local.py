@@ -23,13 +23,23 @@ from globular.errors import BadInput, CommandError, CommandTimeout
 from globular.paths import private_dir, write_private
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
 from globular.spec import Settings
+from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
 log = logging.getLogger(__name__)
 
 
+OVERSUBSCRIBE = 8  # at most this many nodes, and engines per node, per core of this machine
+
+
+def local_limit() -> int:
+    return OVERSUBSCRIBE * (os.cpu_count() or 1)
+
+
 class LocalSettings(Settings):
-    cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: cores / nodes")
+    cores_per_node: int | None = Field(
+        default=None, ge=1, description=f"engines per node (at most {OVERSUBSCRIBE} per core); default: cores / nodes"
+    )
     python: str | None = Field(
         default=None, description="interpreter for controller and engines; default: globular's own"
     )
@@ -99,6 +109,22 @@ class LocalProvider(NodeProvider):
     def root(self) -> Path:
         return self.home / "local" / self.cluster
 
+    @classmethod
+    def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
+        assert isinstance(settings, LocalSettings)
+        limit = local_limit()
+        if size > limit:
+            return (
+                "cluster_size",
+                f"{size} nodes asked for; the local provider runs at most {limit} ({OVERSUBSCRIBE} per core here)",
+            )
+        if settings.cores_per_node and settings.cores_per_node > limit:
+            return (
+                "cores_per_node",
+                f"{settings.cores_per_node} engines per node; at most {limit} here ({OVERSUBSCRIBE} per core)",
+            )
+        return None
+
     def cores_per_node(self, nodes: int) -> int:
         """``cores_per_node``, else this machine's cores shared by the cluster's ``nodes``."""
         if self.settings.cores_per_node:
@@ -124,6 +150,7 @@ class LocalProvider(NodeProvider):
             nodes.append(node)
             self.on_step(node, "provision")
             on_ready(node)
+            await asyncio.sleep(0)  # Ctrl-C and SIGTERM are heard between nodes
         return nodes
 
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:

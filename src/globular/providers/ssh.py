@@ -42,12 +42,14 @@ from globular.errors import (
     NodeError,
 )
 from globular.fanout import each_node
+from globular.paths import private_dir
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
 from globular.spec import CommaList, Settings
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
 log = logging.getLogger(__name__)
+MAX_ENGINES_PER_NODE = 1024
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 _HOST = re.compile(r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>[^@\s:\[\]]+|\[[0-9a-fA-F:.]+\])(?::(?P<port>\d{1,5}))?$")
 
@@ -105,7 +107,9 @@ class RemoteSettings(Settings):
         description="the hosts' Python (same major.minor as here); globular makes its environment from it",
     )
     remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the hosts")
-    cores_per_node: int | None = Field(default=None, ge=1, description="engines per node; default: the host's cores")
+    cores_per_node: int | None = Field(
+        default=None, ge=1, le=MAX_ENGINES_PER_NODE, description="engines per node; default: the host's cores"
+    )
     connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds to wait for a host to answer")
 
 
@@ -301,7 +305,7 @@ class RemoteProvider(NodeProvider):
         if key is None:
             raise GlobularError(f"{host} offered no host key")
         path = self.ssh_options().known_hosts
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(path.parent)
         name = host.host if host.port == 22 else f"[{host.host}]:{host.port}"
         with open(path, "a", opener=lambda p, f: os.open(p, f, 0o600)) as f:
             f.write(f"{name} {key.export_public_key('openssh').decode().strip()}\n")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from globular.aio import run_sync
 from globular.paths import globular_home
@@ -103,7 +104,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, name: str) -> N
     if forward:
 
         def ready(url: str) -> None:
-            out.err.print(f"Forwarding [bold]{url}[/] to the master; Ctrl-C stops it.")
+            out.err.print(f"Forwarding [bold]{escape(url)}[/] to the master; Ctrl-C stops it.")
 
         try:
             run_sync(forward_notebook(name, local_port, ready), sigterm_cancels=True)

@@ -25,6 +25,7 @@ BROADCAST_DEPTH = 1
 BROADCAST_LEAVES = 2**BROADCAST_DEPTH
 # the ports a client connects to
 PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
+CONTROLLER_PORTS = 18  # the controller and its schedulers listen on this many ports
 CONTROLLER_TIMEOUT = 60.0  # s for the controller to write its connection files
 
 
@@ -105,32 +106,44 @@ async def launch_controller(
     ip = await controller_ip(ctx, settings)
     allowed = settings.allowed_ports
     wanted = len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES
-    ports: list[int] = await runner.nodeproc("free_ports", {"ip": ip, "ports": allowed, "count": wanted})
-    if len(ports) < wanted:
-        raise NodeError(master.name, f"not enough free ports in controller_ports = {settings.controller_ports} on {ip}")
+    if allowed:  # every free port of the range: the engines' first, the rest for the controller's clients
+        free: list[int] = await runner.nodeproc("free_ports", {"ip": ip, "ports": allowed, "count": len(allowed)})
+        if len(free) < CONTROLLER_PORTS:
+            raise NodeError(
+                master.name,
+                f"only {len(free)} of the {len(allowed)} ports of controller_ports = {settings.controller_ports} "
+                f"are free on {ip}; the controller needs {CONTROLLER_PORTS} (other programs hold the rest)",
+            )
+        ports, others = free[:wanted], free[wanted:]
+    else:
+        ports = await runner.nodeproc("free_ports", {"ip": ip, "ports": None, "count": wanted})
+        others = []
+        if len(ports) < wanted:
+            raise NodeError(master.name, f"not enough free ports on {ip} for the controller")
     keyfile = f"{security}/globular-session.key"
     key = secrets.token_hex(32)
     await runner.write_file(keyfile, key.encode(), 0o600)
-    # CurveZMQ: the controller's key pair, made here for each start like the session key; the
-    # secret half reaches the controller in its profile's config file (0600), never in argv or
-    # the environment.  The session key stays too (ipyparallel drops it under curve otherwise):
-    # clients and engines must both sign and know the server key.
-    config_file = f"{profile_dir(master)}/ipcontroller_config.py"
+    # The controller's config file (0600) carries what other users of the node must not see or
+    # use first: its ports (a command line is public) and, with CurveZMQ, its key pair, made here
+    # for each start like the session key.  The session key stays too (ipyparallel drops it under
+    # curve otherwise): clients and engines must both sign and know the server key.
+    # The controller takes its engine ports in ENGINE_PORT_KEYS order, then the broadcast leaves.
+    config = f"c.IPController.engine_ports = {ports!r}\n"
+    if others:
+        config += f"c.IPController.ports = {others!r}\n"
     server_key = None
     if curve:
         import zmq
 
         public, secret = zmq.curve_keypair()
         server_key = public.decode("ascii")
-        config = (
+        config += (
             f"c.IPController.curve_publickey = {public!r}\n"
             f"c.IPController.curve_secretkey = {secret!r}\n"
             "c.IPController.enable_curve = True\n"
             f"c.Session.key = {key.encode()!r}\n"
         )
-        await runner.write_file(config_file, config.encode(), 0o600)
-    else:
-        await runner.run(["rm", "-f", config_file])
+    await runner.write_file(f"{profile_dir(master)}/ipcontroller_config.py", config.encode(), 0o600)
     packer = settings.packer_spec
     argv = [
         master.python,
@@ -144,12 +157,8 @@ async def launch_controller(
         f"--Session.packer={packer.pack}",
         f"--Session.unpacker={packer.unpack}",
         f"--Session.keyfile={keyfile}",  # the key itself never on a command line
-        # the controller takes its engine ports in ENGINE_PORT_KEYS order, then the broadcast leaves
-        f"--IPController.engine_ports={','.join(map(str, ports))}",
         f"--IPController.broadcast_scheduler_depth={BROADCAST_DEPTH}",
     ]
-    if allowed:
-        argv.append(f"--ports={','.join(str(p) for p in allowed if p not in ports)}")
     env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": ctx.name}
     spec = ProcessSpec(
         argv=argv, log=f"{master.workdir}/logs/controller.log", role=CONTROLLER, env=env, cwd=master.workdir

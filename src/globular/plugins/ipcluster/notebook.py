@@ -76,7 +76,10 @@ def notebook_certificate(ctx: PluginContext, settings: IPClusterSettings, addres
     return kept_certificate(tls_folder(ctx.home, ctx.name, ctx.region), address)
 
 
-def _home_relative(directory: str | None) -> str:
+def notebook_folder(settings: IPClusterSettings) -> str:
+    """Where the notebook server starts on the master: ``notebook_directory`` (relative to the
+    home folder), else the home folder."""
+    directory = settings.notebook_directory
     if not directory:
         return "~"
     if directory.startswith(("/", "~")):
@@ -91,9 +94,7 @@ async def start_notebook(
     from jupyter_server.auth.security import passwd
 
     runner = ctx.runner(master)
-    facts = await runner.nodeproc(
-        "prepare", {"dir": _home_relative(settings.notebook_directory), "modules": ["jupyterlab"]}
-    )
+    facts = await runner.nodeproc("prepare", {"dir": notebook_folder(settings), "modules": ["jupyterlab"]})
     if facts["missing"]:
         raise NodeError(
             master.name, f"jupyterlab is not installed for {facts['python']}: enable_notebook needs it on the master"

@@ -28,7 +28,13 @@ from globular.plugins.ipcluster.controller import controller_ip, controller_read
 from globular.plugins.ipcluster.controller import running_data as _running_data
 from globular.plugins.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
 from globular.plugins.ipcluster.idle import start_idle_watchers
-from globular.plugins.ipcluster.notebook import NotebookInfo, notebook_certificate, start_notebook, stop_notebook
+from globular.plugins.ipcluster.notebook import (
+    NotebookInfo,
+    notebook_certificate,
+    notebook_folder,
+    start_notebook,
+    stop_notebook,
+)
 from globular.plugins.ipcluster.preflight import Requirement, local_version, run_preflight
 from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
@@ -150,6 +156,7 @@ class IPCluster(Plugin):
             engines={n.name: engines_for(n, settings) for n in nodes},
             controller_ip=ip,
             port_candidates=settings.allowed_ports,
+            master_folders={"notebook_directory": notebook_folder(settings)} if settings.enable_notebook else None,
         )
 
     def _report(

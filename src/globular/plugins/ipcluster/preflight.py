@@ -103,6 +103,7 @@ async def run_preflight(
     controller_ip: str | None,
     port_candidates: list[int] | None,
     curve: bool = False,
+    master_folders: dict[str, str] | None = None,
     timeout: float = CHECK_TIMEOUT,
 ) -> list[NodeCheck]:
     """Check ``nodes``; returns a NodeCheck per node (raise nothing: the caller decides)."""
@@ -146,6 +147,7 @@ async def run_preflight(
                 "modules": [r.module for r in wanted],
                 "load": [r.module for r in wanted if r.load],
                 "curve": curve,
+                "folders": list((master_folders or {}).values()) if node.is_master else [],
             }
             try:
                 facts = await runner.nodeproc("facts", request, timeout=timeout)
@@ -153,6 +155,9 @@ async def run_preflight(
                 check.problems.append(str(exc).removeprefix(f"{node.name}: "))
                 return
             judge(check, facts, wanted)
+            for setting, path in (master_folders or {}).items() if node.is_master else ():
+                if path in facts.get("not_folders", []):
+                    check.problems.append(f"{setting} {path} exists and is not a folder")
             if curve and facts.get("curve") is not True:
                 why = facts.get("curve") or "zmq.has('curve') is False: its libzmq was built without CURVE"
                 check.problems.append(

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from globular.spec import Settings
+from globular.spec import Settings, shown
 from globular.state import NodeRecord
 
 DEATH_WINDOW_MS = 5000  # the controller drops an engine silent for this long
@@ -58,7 +58,7 @@ def _check_interface(text: str | None) -> str | None:
 
 def _check_packer(name: str) -> str:
     if name not in PACKERS:
-        raise ValueError(f"{name!r} is not a packer (one of: {', '.join(PACKERS)})")
+        raise ValueError(f"{shown(name)} is not a packer (one of: {', '.join(PACKERS)})")
     return name
 
 

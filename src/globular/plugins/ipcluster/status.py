@@ -99,7 +99,13 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
         running_total += running or 0
         status.node_data[node.name] = {"engines_running": running, "engines_expected": expected}
         status.node_columns[node.name] = {"engines run/reg/exp": f"{'?' if running is None else running}/?/{expected}"}
-        if running is not None and expected and running < expected:
+        if running is not None and running > expected:
+            status.node_states[node.name] = "engines"
+            status.node_problems[node.name] = (
+                f"{running} engines run, {expected} expected: {running - expected} that globular did not start "
+                "(a second ipcluster? `globular runplugin ipclusterrestart` starts the right number)"
+            )
+        elif running is not None and expected and running < expected:
             status.node_states[node.name] = "engines dead"
             status.node_problems[node.name] = (
                 f"{expected - running} of {expected} engines not running "
@@ -107,6 +113,8 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
             )
     if expected_total is not None:
         answered = all(isinstance(view.facts.get(n.name), dict) for n in record.nodes)
+        if answered and running_total > expected_total:
+            status.problems.append(f"{running_total} engines run, {expected_total} expected")
         status.columns["engines"] = f"{running_total if answered else '?'}/{expected_total}"
         status.data["engines_running"] = running_total if answered else None
 
@@ -135,7 +143,12 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
         status.node_columns[node.name] = {
             "engines run/reg/exp": f"{'?' if running is None else running}/{'?' if count is None else count}/{expected}"
         }
-        if node.name not in status.node_problems and count is not None and expected and count < expected:
+        if node.name not in status.node_problems and count is not None and count > expected:
+            status.node_states[node.name] = "engines"
+            status.node_problems[node.name] = (
+                f"{count} engines registered, {expected} expected: {count - expected} that globular did not start"
+            )
+        elif node.name not in status.node_problems and count is not None and expected and count < expected:
             status.node_states[node.name] = "engines"
             status.node_problems[node.name] = f"{expected - count} of {expected} engines running but not registered"
     if registered is None and record.status == "running":
