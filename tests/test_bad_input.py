@@ -30,6 +30,12 @@ EXPECTED = {
     "ec2-missing-key-section.ini": ("[cluster a]", "keyname", "no [key k] section"),
     "unknown-packer.ini": ("[plugin ipcluster]", "packer", "'yaml'"),
     "duplicate-key.ini": ("[cluster a]", "cluster_size", "twice"),
+    "duplicate-plugin.ini": ("[cluster a]", "plugins", "lists ipcluster twice"),
+    "size-with-underscore.ini": ("[cluster a]", "cluster_size", "expected a whole number, got '1_0'"),
+    "size-with-fraction.ini": ("[cluster a]", "cluster_size", "expected a whole number, got '1.0'"),
+    "default-template-missing.ini": ("[global]", "default_template", "names no [cluster nowhere] section"),
+    "size-beyond-the-machine.ini": ("[cluster a]", "cluster_size", "the local provider runs at most"),
+    "cores-beyond-the-machine.ini": ("[cluster a]", "cores_per_node", "engines per node; at most"),
 }
 
 

@@ -262,3 +262,81 @@ def test_status_flags_more_engines_than_expected(cli, home, write_config):
     assert node["engines_registered"] == node["engines_expected"] + 1, node
     assert "engines registered, " in node["problem"] and "expected" in node["problem"], node
     assert stopped.returncode == 0, stopped.output
+
+
+# -- 5. the controller dies ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("moment", [0.0, 0.3, 1.0])
+def test_a_dead_controller_fails_outstanding_results_and_restart_controller_brings_a_new_one(
+    cli, home, write_config, moment
+):
+    import ipyparallel as ipp
+
+    import globular
+
+    config = str(write_config(CONFIG.format(extra="")))
+    assert cli("-c", config, "start", "-s", "2", "phoenix").returncode == 0
+    rc = globular.connect("phoenix")
+    try:
+        running = rc[:].map_async(time.sleep, [30, 30])
+        time.sleep(moment)
+        controller = recorded_pids(read_record(home, "phoenix"), "ipcontroller")[0]
+        os.killpg(controller, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(ipp.error.CompositeError, match="the controller of cluster 'phoenix' is gone"):
+            running.get(30)
+        failed_after = time.monotonic() - killed
+    finally:
+        rc.close()
+    down = cli("status", "phoenix")
+    restarted = cli("restart-controller", "phoenix")
+    again = cli("shell", "--ipcluster=phoenix", "-c", "print(sorted(ipview.apply_sync(lambda: 7)))")
+    stopped = cli("terminate", "-y", "phoenix")
+    assert failed_after < 5, failed_after  # not ipyparallel's wait for ever
+    assert down.returncode == 1 and "controller down" in down.stdout, down.output
+    assert restarted.returncode == 0, restarted.output
+    assert "Controller of phoenix restarted" in restarted.stdout and "2 started" in restarted.stdout
+    assert again.returncode == 0 and again.stdout.strip() == "[7, 7]", again.output
+    assert stopped.returncode == 0, stopped.output
+
+
+def test_with_restart_dead_engines_a_killed_controller_comes_back_and_keeps_its_engines(cli, home, write_config):
+    import psutil
+
+    import globular
+
+    config = str(write_config(CONFIG.format(extra="restart_dead_engines = true")))
+    assert cli("-c", config, "start", "-s", "2", "lazarus").returncode == 0
+    try:
+        rc = globular.connect("lazarus")
+        try:
+            before = sorted(rc.ids)
+        finally:
+            rc.close()
+        supervisor = recorded_pids(read_record(home, "lazarus"), "ipcontroller")[0]
+        controller = psutil.Process(supervisor).children()[0]
+        controller.kill()
+        killed = time.monotonic()
+
+        def serves_again() -> bool:
+            try:
+                client = globular.connect("lazarus", timeout=2)
+            except Exception:
+                return False
+            try:
+                return sorted(client.ids) == before and client[:].apply_async(lambda: 7).get(5) == [7, 7]
+            except Exception:
+                return False
+            finally:
+                client.close()
+
+        back = wait_until(serves_again, timeout=60, interval=0.5)
+        took = time.monotonic() - killed
+        status = cli("status", "lazarus")
+    finally:
+        stopped = cli("terminate", "-y", "lazarus")
+    assert back, f"no controller with engines {before} within 60 s"
+    assert took < 30, took  # the engines' own patience (50 missed beats) is 35 s
+    assert status.returncode == 0, status.output
+    assert stopped.returncode == 0, stopped.output

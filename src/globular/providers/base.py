@@ -7,6 +7,7 @@ check, stop by pid) is built on top of those two, the same for every provider.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shlex
@@ -120,7 +121,16 @@ class Runner(ABC):
             "procs": [{"argv": s.argv, "log": s.log, "env": s.env, "cwd": s.cwd} for s in specs],
             "mark": self.mark,
         }
-        started = await self.nodeproc("spawn", request)
+        spawning = asyncio.ensure_future(self.nodeproc("spawn", request))
+        try:
+            started = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # interrupted while the node starts them: let it finish, and stop what it started
+            # (the caller, cancelled, would never record them)
+            started = await spawning
+            procs = [ProcessRecord(pid=p["pid"], start=p["start"], role=s.role) for p, s in zip(started, specs)]
+            await self.stop(procs, timeout=5)
+            raise
         return [ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log) for p, s in zip(started, specs)]
 
     async def alive(self, procs: list[ProcessRecord]) -> list[bool]:

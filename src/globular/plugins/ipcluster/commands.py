@@ -110,3 +110,32 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, name: str) -> N
             run_sync(forward_notebook(name, local_port, ready), sigterm_cancels=True)
         except KeyboardInterrupt:
             out.err.print("Forwarding stopped.")
+
+
+@click.command("restart-controller")
+@click.argument("name")
+@output_option
+@click.pass_context
+def restart_controller(ctx: click.Context, name: str) -> None:
+    """Start a new controller and new engines on the nodes of cluster NAME.
+
+    For a cluster whose controller died (`globular status NAME` says
+    "controller down"): the old engines are stopped, a new controller (new
+    keys, new ports) starts on the master with an engine per core on every
+    node, and the client connection file is rewritten.  Clients connected
+    before must reconnect; the notebook server keeps running.
+    """
+    from globular import operations
+    from globular.config import Config
+
+    out = output(ctx)
+    spec = Config.builtin().plugin_spec("ipclusterrestartcontroller", builtin_fallback=True)
+    with out.reporter() as reporter:
+        result = run_sync(operations.run_plugin(name, spec, reporter=reporter), sigterm_cancels=True)
+
+    def text() -> None:
+        out.say(f"Controller of [bold]{escape(name)}[/] restarted in {result.elapsed:.1f} s")
+        if result.report:
+            out.report(result.report)
+
+    out.result({"name": name, "elapsed": result.elapsed, "report": result.report}, text=text)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from globular.errors import GlobularError, NodeError
 from globular.plugins.base import PluginContext
+from globular.plugins.ipcluster.engines import SUPERVISOR_SOURCE
 from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, ipython_dir, profile_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings, heartbeat_misses, is_address
 from globular.providers.base import ProcessSpec, Runner
@@ -160,9 +161,25 @@ async def launch_controller(
         f"--IPController.broadcast_scheduler_depth={BROADCAST_DEPTH}",
     ]
     env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": ctx.name}
-    spec = ProcessSpec(
-        argv=argv, log=f"{master.workdir}/logs/controller.log", role=CONTROLLER, env=env, cwd=master.workdir
-    )
+    log = f"{master.workdir}/logs/controller.log"
+    spec = ProcessSpec(argv=argv, log=log, role=CONTROLLER, env=env, cwd=master.workdir)
+    if settings.restart_dead_engines:
+        # the controller too is brought back if it dies: on the same ports, with the same keys (its
+        # config and key files stay), restoring its engines' state, so the engines keep their ids
+        request = f"{master.workdir}/run/controller-supervisor.json"
+        plan = {
+            "engines": [{"argv": argv, "log": log}],
+            "restart_id_arg": "--IPEngine.id=",
+            "restart_args": ["--restore"],
+        }
+        await runner.write_file(request, json.dumps(plan).encode(), 0o600)
+        spec = ProcessSpec(
+            argv=[master.python, "-c", SUPERVISOR_SOURCE, request],
+            log=f"{master.workdir}/logs/controller-supervisor.log",
+            role=CONTROLLER,  # the process that stands for the controller: stopping it stops the controller
+            env=env,
+            cwd=master.workdir,
+        )
     ctx.reporter.begin("controller", "controller on master", 1)
     procs = await runner.spawn([spec])
     ctx.track(master, procs)

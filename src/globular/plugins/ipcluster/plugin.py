@@ -72,60 +72,28 @@ class IPCluster(Plugin):
 
     @classmethod
     def register_commands(cls, cli: click.Group) -> None:
-        from globular.plugins.ipcluster.commands import notebook, shell
+        from globular.plugins.ipcluster.commands import notebook, restart_controller, shell
 
         cli.add_command(shell)
         cli.add_command(notebook)
+        cli.add_command(restart_controller)
 
     def encryption(self, ctx: PluginContext) -> str:
         return encryption_of(self.settings, ctx.remote_nodes)
 
     async def run(self, ctx: PluginContext) -> PluginReport:
         started = time.monotonic()
-        # the client library loads while the processes start
-        client_import = asyncio.create_task(asyncio.to_thread(importlib.import_module, "ipyparallel"))
-        master = ctx.master
         settings = self.settings
+        master = ctx.master
         # a certificate that cannot be had fails the start before anything runs
         cert = notebook_certificate(ctx, settings, master.address) if settings.enable_notebook else None
-        controller, engine_info = await launch_controller(ctx, settings, curve=self.encryption(ctx) == "curve")
-
-        # Engines start with the controller, not after it: their registration
-        # request waits on the (pre-chosen) registration port until it listens.
-        counts = {node.name: engines_for(node, settings) for node in ctx.nodes}
-        ctx.reporter.begin("engine-start", "starting engines on nodes", len(ctx.nodes))
-        started_ids = await each_node(
-            ctx.nodes,
-            lambda node: start_engines(ctx, node, counts[node.name], engine_info, settings),
-            on_done=lambda node: ctx.reporter.advance("engine-start"),
-        )
-        ctx.reporter.end("engine-start")
-        client_info, engine_info = await controller_ready(ctx, settings, controller, engine_info)
-
-        local_file = connection_file_path(ctx.home, ctx.name, ctx.region)
-        write_private(local_file, json.dumps(client_info, indent=2).encode())
-        data = ctx.plugin_data(DATA_KEY)
-        data.update(
-            connection_file=str(local_file),
-            engine_info=engine_info,
-            packer=settings.packer,
-            encryption=self.encryption(ctx),
-        )
-        ctx.save()
-
-        await client_import
-        client = await client_of(ctx)
-        try:
-            wanted = {i: n for ids in started_ids.values() for i, n in ids.items()}
-            await wait_for_engines(ctx, client, wanted=wanted, nodes=ctx.nodes, timeout=settings.engine_timeout)
-        finally:
-            client.close()
+        local_file, total = await start_controller_and_engines(ctx, settings, self.encryption(ctx))
         if settings.idle_shutdown:
             await start_idle_watchers(ctx, settings, ctx.nodes)
         notebook = None
         if cert is not None:
             notebook = await start_notebook(ctx, settings, master, ipython_dir(master), cert)
-        return self._report(ctx, local_file, sum(counts.values()), time.monotonic() - started, notebook)
+        return self._report(ctx, local_file, total, time.monotonic() - started, notebook)
 
     def node_packages(self, node: NodeRecord) -> list[str]:
         """ipyparallel at exactly this machine's version; the packer's module; JupyterLab on the
@@ -251,23 +219,62 @@ class IPCluster(Plugin):
         return await ipcluster_status(view, self.settings)
 
 
-async def stop_ipcluster(ctx: PluginContext) -> int:
-    """Stop the notebook server, every engine, then the controller; remove the local files."""
-    await stop_notebook(ctx)
+async def start_controller_and_engines(
+    ctx: PluginContext, settings: IPClusterSettings, encryption: str
+) -> tuple[Path, int]:
+    """A controller on the master and its engines on every node, registered; the client
+    connection file written here.  Returns that file and how many engines run."""
+    # the client library loads while the processes start
+    client_import = asyncio.create_task(asyncio.to_thread(importlib.import_module, "ipyparallel"))
+    controller, engine_info = await launch_controller(ctx, settings, curve=encryption == "curve")
+    # Engines start with the controller, not after it: their registration
+    # request waits on the (pre-chosen) registration port until it listens.
+    counts = {node.name: engines_for(node, settings) for node in ctx.nodes}
+    ctx.reporter.begin("engine-start", "starting engines on nodes", len(ctx.nodes))
+    started_ids = await each_node(
+        ctx.nodes,
+        lambda node: start_engines(ctx, node, counts[node.name], engine_info, settings),
+        on_done=lambda node: ctx.reporter.advance("engine-start"),
+    )
+    ctx.reporter.end("engine-start")
+    client_info, engine_info = await controller_ready(ctx, settings, controller, engine_info)
+    local_file = connection_file_path(ctx.home, ctx.name, ctx.region)
+    write_private(local_file, json.dumps(client_info, indent=2).encode())
+    data = ctx.plugin_data(DATA_KEY)
+    data.update(connection_file=str(local_file), engine_info=engine_info, packer=settings.packer, encryption=encryption)
+    ctx.save()
+    await client_import
+    client = await client_of(ctx)
+    try:
+        wanted = {i: n for ids in started_ids.values() for i, n in ids.items()}
+        await wait_for_engines(ctx, client, wanted=wanted, nodes=ctx.nodes, timeout=settings.engine_timeout)
+    finally:
+        client.close()
+    return local_file, sum(counts.values())
 
-    async def stop_node(node: NodeRecord) -> int:  # engines and controller together: one round trip a node
+
+async def stop_engines_and_controller(ctx: PluginContext) -> int:
+    """Stop every engine (with the idle watchers), then the controller; how many engines there were."""
+
+    async def stop_node(node: NodeRecord) -> int:  # one round trip a node
         engines = engine_processes(node)
         watchers = node.processes_with_role(IDLE_WATCHER)
         await ctx.stop_processes(node, watchers + engines + node.processes_with_role(CONTROLLER))
         return len(engines)
 
-    counts = await each_node(ctx.nodes, stop_node)
+    return sum((await each_node(ctx.nodes, stop_node)).values())
+
+
+async def stop_ipcluster(ctx: PluginContext) -> int:
+    """Stop the notebook server, every engine, then the controller; remove the local files."""
+    await stop_notebook(ctx)
+    stopped = await stop_engines_and_controller(ctx)
     data = ctx.plugin_data(DATA_KEY)
     if data.get("connection_file"):
         Path(data["connection_file"]).unlink(missing_ok=True)
     data.clear()
     ctx.save()
-    return sum(counts.values())
+    return stopped
 
 
 class IPClusterRestartEngines(Plugin):
@@ -315,3 +322,35 @@ class IPClusterStop(Plugin):
         running_data(ctx)
         stopped = await stop_ipcluster(ctx)
         return PluginReport(plugin=self.name, summary=[("stopped", f"{stopped} engines and the controller")])
+
+
+class IPClusterRestartController(Plugin):
+    """A new controller (new keys, new ports) and new engines on the same nodes, for a cluster
+    whose controller died; the notebook server keeps running (its kernels' ``Client()`` reads
+    the new connection file).  ``globular restart-controller NAME``."""
+
+    async def run(self, ctx: PluginContext) -> PluginReport:
+        started = time.monotonic()
+        settings = settings_of(ctx)
+        data = ctx.plugin_data(DATA_KEY)
+        if not data.get("engine_info"):
+            raise GlobularError(
+                f"cluster {ctx.name!r} has no controller to restart: `globular runplugin ipcluster` starts one"
+            )
+        old = await stop_engines_and_controller(ctx)
+        for key in ("engine_ids", "next_engine_id", "engines"):
+            data.pop(key, None)
+        encryption = data.get("encryption") or encryption_of(settings, ctx.remote_nodes)
+        local_file, total = await start_controller_and_engines(ctx, settings, encryption)
+        if settings.idle_shutdown:
+            await start_idle_watchers(ctx, settings, ctx.nodes)
+        return PluginReport(
+            plugin=self.name,
+            summary=[
+                ("controller", f"new on {ctx.master.name}; {old} old engines stopped, {total} started"),
+                ("connection file", str(local_file)),
+                ("clients", "those connected before must connect again"),
+                ("restarted in", f"{time.monotonic() - started:.1f} s"),
+            ],
+            data={"engines": total, "connection_file": str(local_file)},
+        )

@@ -3,7 +3,10 @@
 Started (``restart_dead_engines = True``) as ``python -c <this source> REQUEST``
 where REQUEST is a JSON file (0600) naming the engines to run::
 
-    {"engines": [{"argv": [...], "log": "..."}], "restart_id_arg": "--IPEngine.id="}
+    {"engines": [{"argv": [...], "log": "..."}], "restart_id_arg": "--IPEngine.id=", "restart_args": []}
+
+(The controller runs under one too, with ``restart_args = ["--restore"]``: a controller
+that comes back on the same ports with its engines' state keeps them and their ids.)
 
 Standard library only, like :mod:`globular.nodeproc`.  Each engine runs in a
 session of its own, as a child of the supervisor; when one exits, it is started
@@ -33,10 +36,11 @@ def log(message: str) -> None:
 
 
 class Slot:
-    def __init__(self, spec: dict[str, Any], id_arg: str):
+    def __init__(self, spec: dict[str, Any], id_arg: str, restart_args: list[str]):
         self.argv = list(spec["argv"])
         self.log = spec["log"]
         self.id_arg = id_arg
+        self.restart_args = restart_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.failures = 0
@@ -66,6 +70,10 @@ class Slot:
     def plan_restart(self) -> None:
         assert self.proc is not None
         code = self.proc.returncode
+        try:  # what it left in its group (a controller's schedulers, an engine's nanny) goes too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
         lived = time.monotonic() - self.started
         self.failures = self.failures + 1 if lived < QUICK_DEATH else 0
         pause = min(MAX_PAUSE, 2 ** (self.failures - 1)) if self.failures else 0.0
@@ -73,6 +81,7 @@ class Slot:
         log(f"engine pid {self.proc.pid} exited with {code} after {lived:.1f}s; restart #{self.restarts} in {pause:g}s")
         # the first id was claimed by globular; a new engine asks the controller for a fresh one
         self.argv = [a for a in self.argv if not a.startswith(self.id_arg)]
+        self.argv += [a for a in self.restart_args if a not in self.argv]
         self.proc = None
         self.due = time.monotonic() + pause
 
@@ -103,7 +112,8 @@ def main(argv: list[str]) -> None:
     stopping: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    slots = [Slot(spec, request.get("restart_id_arg", "--IPEngine.id=")) for spec in request["engines"]]
+    id_arg, again = request.get("restart_id_arg", "--IPEngine.id="), request.get("restart_args", [])
+    slots = [Slot(spec, id_arg, again) for spec in request["engines"]]
     for slot in slots:
         slot.start()
     log(f"started {len(slots)} engines: pids {[s.pid for s in slots]}")
