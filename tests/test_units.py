@@ -154,6 +154,15 @@ def test_reconcile_makes_the_desired_nodes_then_releases_the_ones_no_longer_desi
     assert saved.desired == ["master", "node002"] and [n.name for n in saved.nodes] == ["master", "node002"]
 
 
+def test_nodes_that_become_ready_together_are_saved_together(tmp_path, monkeypatch):
+    """Saving is O(changes) per step: the 16 nodes one provider call makes cost one save, not 16."""
+    ctx = memory_cluster(tmp_path, node_names(16))
+    saves = []
+    monkeypatch.setattr(ctx.store, "save", lambda record: saves.append(len(record.nodes)))
+    asyncio.run(ctx.reconcile([]))
+    assert len(ctx.nodes) == 16 and saves == [16]
+
+
 def test_reconcile_with_join_runs_on_add_node_and_undoes_a_failed_join(tmp_path):
     ctx = memory_cluster(tmp_path, ["master"])
     asyncio.run(ctx.reconcile([]))

@@ -176,6 +176,8 @@ class ClusterContext:
             asyncio.get_running_loop().call_soon(self._save_ready_nodes)
 
     def _save_ready_nodes(self) -> None:
+        if not self._save_pending:  # saved already
+            return
         self._save_pending = False
         self.record.nodes.sort(key=node_order)
         self.save()
