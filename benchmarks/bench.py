@@ -202,15 +202,19 @@ def main() -> int:
             order = ("globular", "plain") if rep % 2 == 0 else ("plain", "globular")
             runners = {"globular": glob, "plain": Plain()}
             clients = {}
+            started = {}
             for system in order:
                 runner = runners[system]
                 t, clients[system] = runner.start(1, 2) if system == "globular" else runner.start(2)
+                started[system] = t
                 add("start 1 node x 2 engines (s)", system, t)
             for system in order + tuple(reversed(order)):
                 for name, value in work_figures(clients[system]).items():
                     add(name, system, value)
             for system in order:
-                add("restart all engines (s)", system, runners[system].restart(clients[system], 2))
+                t = runners[system].restart(clients[system], 2)
+                add("restart all engines (s)", system, t)
+                add("restart / start of the same cluster", system, t / started[system])
             for system in order:
                 add("addnode until new engines work (s)", system, runners[system].addnode(clients[system], 2))
             for system in order:
@@ -244,7 +248,21 @@ def main() -> int:
         higher_is_better = row.endswith("/s")
         ratio = g / p
         better = ratio >= 1 if higher_is_better else ratio <= 1
-        rows.append({"row": row, "globular": g, "plain": p, "ratio": ratio, "globular_better_or_equal": better})
+        # run-to-run noise: half the spread of the samples, relative to their median
+        noise = {
+            k: (max(v) - min(v)) / 2 / statistics.median(v) if statistics.median(v) else 0.0 for k, v in values.items()
+        }
+        rows.append(
+            {
+                "row": row,
+                "globular": g,
+                "plain": p,
+                "ratio": ratio,
+                "noise_globular": noise["globular"],
+                "noise_plain": noise["plain"],
+                "globular_better_or_equal": better,
+            }
+        )
     Path(args.json).write_text(
         json.dumps(
             {
@@ -258,10 +276,16 @@ def main() -> int:
         )
     )
     width = max(len(r["row"]) for r in rows)
-    print(f"{'figure (median)':<{width}}  {'globular':>10}  {'plain ipp':>10}  {'ratio':>6}")
+    print(f"{'figure (median)':<{width}}  {'globular':>10}  {'plain ipp':>10}  {'ratio':>6}  {'noise g/p':>11}")
     for r in rows:
-        mark = "" if r["globular_better_or_equal"] else "  <- globular slower"
-        print(f"{r['row']:<{width}}  {r['globular']:>10.3f}  {r['plain']:>10.3f}  {r['ratio']:>6.2f}{mark}")
+        within = abs(r["ratio"] - 1) <= max(r["noise_globular"], r["noise_plain"])
+        mark = (
+            "" if r["globular_better_or_equal"] else ("  (slower, within noise)" if within else "  <- globular slower")
+        )
+        noise = f"±{r['noise_globular']:.0%}/±{r['noise_plain']:.0%}"
+        print(
+            f"{r['row']:<{width}}  {r['globular']:>10.3f}  {r['plain']:>10.3f}  {r['ratio']:>6.2f}  {noise:>11}{mark}"
+        )
     print(f"(ratio = globular / plain; {time.perf_counter() - began:.0f} s in all; figures in {args.json})")
     return 0
 

@@ -57,7 +57,7 @@ def test_sizes_beyond_what_the_provider_can_give_are_bad_input_and_nothing_is_re
     assert cli("-c", config, "start", "-s", "1", "grow").returncode == 0
     grown = cli("-c", config, "addnode", "-n", "9" * 20, "grow")
     stopped = cli("terminate", "-y", "grow")
-    assert "-n 99999999999999999999: " in one_line_error(grown) and read_record is not None
+    assert "-n 99999999999999999999: the cluster would have" in one_line_error(grown)
     assert stopped.returncode == 0, stopped.output
 
 

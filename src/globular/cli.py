@@ -461,8 +461,22 @@ for _plugin in plugin_classes():  # installed plugins' own commands (ipcluster: 
     _plugin.register_commands(cli)
 
 
+def raise_open_file_limit() -> None:
+    """Every node holds a connection or two: let this process open as many files as it may
+    (the soft limit up to the hard one), so that a big cluster, and its cleanup, never run out."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger(__name__).debug("open file limit stays %s: %s", soft, exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns outcomes into exit codes."""
+    raise_open_file_limit()
     ctx_obj: dict[str, Any] = {}
 
     def out() -> Output:  # the command's own renderer, else one in the form it asked for

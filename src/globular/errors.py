@@ -160,9 +160,12 @@ class PluginFailed(GlobularError):
 class StartFailed(GlobularError):
     """``start`` failed; everything it made was cleaned up (or the cleanup error is given)."""
 
-    def __init__(self, name: str, cause: BaseException, cleanup_error: BaseException | None = None):
+    def __init__(
+        self, name: str, cause: BaseException, cleanup_error: BaseException | None = None, logs: str | None = None
+    ):
         self.cause = cause
         self.cleanup_error = cleanup_error
+        self.logs = logs
         if cleanup_error is None and isinstance(cause, GlobularError):
             self.exit_code = cause.exit_code  # bad input stays exit code 2
         msg = f"cluster {name!r} did not start: {cause}"
@@ -170,4 +173,6 @@ class StartFailed(GlobularError):
             msg += "\nEverything it started was stopped and removed."
         else:
             msg += f"\nCleanup also failed: {cleanup_error}\nRun `globular terminate {name}` to retry it."
+        if logs:
+            msg += f"\nThe nodes' logs are kept in {logs}"
         super().__init__(msg)

@@ -210,6 +210,21 @@ def wait_files(req: Request) -> Any:
         time.sleep(0.02)
 
 
+def logs(req: Request) -> Any:
+    """The last ``req["bytes"]`` of every file in the folder ``req["dir"]``: name -> text."""
+    folder = os.path.expanduser(req["dir"])
+    found = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return {}
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            found[name] = tail({"path": path, "bytes": req.get("bytes", 65536)})
+    return found
+
+
 def tail(req: Request) -> Any:
     try:
         with open(req["path"], "rb") as f:
@@ -411,6 +426,7 @@ VERBS = {
     "sweep": sweep,
     "wait_files": wait_files,
     "tail": tail,
+    "logs": logs,
 }
 
 
@@ -427,6 +443,7 @@ ANY_PYTHON = frozenset(
         "sweep",
         "wait_files",
         "tail",
+        "logs",
         "children",
         "read_json",
         "connect",

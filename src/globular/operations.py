@@ -21,8 +21,9 @@ from typing import TypeVar
 from globular import environment
 from globular.cluster import ClusterContext, load_plugin, node_names, node_order
 from globular.errors import BadInput, ClusterNotFound, GlobularError, NodeFailures, StartFailed
+from globular.fanout import each_node
 from globular.logs import cluster_log
-from globular.paths import globular_home
+from globular.paths import globular_home, write_private
 from globular.plugins.base import NodeCheck, Plugin, PluginReport
 from globular.registry import make_provider, provider_class
 from globular.reporting import NullReporter, Reporter
@@ -127,15 +128,33 @@ async def start(
             return StartResult(ctx.record, time.monotonic() - started, reports, checks)
         except BaseException as exc:
             log.info("cluster %s did not start (%s): undoing what was made", name, exc or type(exc).__name__)
+            logs = await keep_logs(ctx) if isinstance(exc, Exception) else None
             try:
                 await ctx.teardown(plugins)
             except BaseException as cleanup_exc:
                 if not isinstance(exc, Exception):
                     raise
-                raise StartFailed(name, exc, cleanup_exc) from exc
+                raise StartFailed(name, exc, cleanup_exc, logs=logs) from exc
             if not isinstance(exc, Exception):
                 raise
-            raise StartFailed(name, exc) from exc
+            raise StartFailed(name, exc, logs=logs) from exc
+
+
+async def keep_logs(ctx: ClusterContext) -> str | None:
+    """Copy every node's logs to ``~/.globular/failed/<cluster>-<time>/<node>/`` before the nodes
+    go (a failed start removes them); the folder, or None when there was nothing to keep."""
+    folder = ctx.home / "failed" / f"{ctx.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    async def one(node: NodeRecord) -> None:
+        found = await ctx.runner(node).nodeproc("logs", {"dir": f"{node.workdir}/logs"}, timeout=30)
+        for file, text in found.items():
+            write_private(folder / node.name / file, text.encode())
+
+    try:
+        await each_node(list(ctx.nodes), one)
+    except NodeFailures as exc:
+        log.warning("%s: could not keep every node's logs: %s", ctx.name, exc)
+    return str(folder) if folder.exists() else None
 
 
 async def add_nodes(
@@ -159,10 +178,12 @@ async def add_nodes(
     started = time.monotonic()
     async with opened(name, home, reporter) as ctx:
         ctx.require_running()
-        provider = type(ctx.provider)
-        problem = provider.size_problem(ctx.provider.settings, len(ctx.record.desired) + count)
-        if problem:
-            raise BadInput(f"-n {count}: {problem[1]}")
+        limit = type(ctx.provider).max_nodes(ctx.provider.settings)
+        if limit is not None and len(ctx.record.desired) + count > limit:
+            raise BadInput(
+                f"-n {count}: the cluster would have {len(ctx.record.desired) + count} nodes; "
+                f"the {ctx.record.spec.provider} provider allows at most {limit}"
+            )
         plugins = ctx.plugins()
         ctx.record.desired += node_names(count, ctx.record.desired)
         log.info("cluster %s: adding %d nodes", name, count)

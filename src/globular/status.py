@@ -85,11 +85,14 @@ class Health:
 
 
 def step_times(node: NodeRecord) -> dict[str, float]:
-    times, previous = {}, node.created
+    """How long each step took: from the moment before it (another step, a restart's mark, or
+    the node's creation) to when it was reached."""
+    times = {}
     for step in NODE_STEPS:
         if step in node.steps:
-            times[step_label(node, step)] = round(max(0.0, node.steps[step] - previous), 2)
-            previous = node.steps[step]
+            reached = node.steps[step]
+            before = max([node.created, *(t for t in node.steps.values() if t < reached)])
+            times[step_label(node, step)] = round(max(0.0, reached - before), 2)
     return times
 
 

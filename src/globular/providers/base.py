@@ -223,6 +223,11 @@ class NodeProvider(ABC):
         return 2
 
     @classmethod
+    def max_nodes(cls, settings: SettingsModel) -> int | None:
+        """The most nodes one cluster may have (None: the provider says when it runs out)."""
+        return None
+
+    @classmethod
     def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
         """``(key, message)`` if ``size`` nodes cannot be made with ``settings``."""
         return None

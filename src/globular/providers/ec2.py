@@ -78,6 +78,11 @@ class EC2Provider(RemoteProvider):
         aws_config_values(values, sections, extra)
 
     @classmethod
+    def max_nodes(cls, settings: SettingsModel) -> int | None:
+        assert isinstance(settings, EC2Settings)
+        return settings.max_nodes
+
+    @classmethod
     def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
         assert isinstance(settings, EC2Settings)
         if size > settings.max_nodes:

@@ -110,6 +110,10 @@ class LocalProvider(NodeProvider):
         return self.home / "local" / self.cluster
 
     @classmethod
+    def max_nodes(cls, settings: SettingsModel) -> int | None:
+        return local_limit()
+
+    @classmethod
     def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
         assert isinstance(settings, LocalSettings)
         limit = local_limit()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import asyncssh
+import tenacity
 from pydantic import AfterValidator, Field
 
 from globular.environment import environment_mode
@@ -50,6 +51,7 @@ from globular.state import NodeRecord
 
 log = logging.getLogger(__name__)
 MAX_ENGINES_PER_NODE = 1024
+CONNECT_ATTEMPTS = 6  # when the host's sshd drops new connections (MaxStartups)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 _HOST = re.compile(r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>[^@\s:\[\]]+|\[[0-9a-fA-F:.]+\])(?::(?P<port>\d{1,5}))?$")
 
@@ -266,6 +268,14 @@ class RemoteProvider(NodeProvider):
             raise GlobularError(f"{ssh.key_setting} {ssh.key} does not exist")
         limit = self.settings.connect_timeout
 
+        # sshd drops new connections beyond its MaxStartups (10:30:100): many at once from here
+        # (a big cluster's nodes on one host, many clients) are retried, with growing pauses
+        @tenacity.retry(
+            retry=tenacity.retry_if_exception_type(asyncssh.ConnectionLost),
+            wait=tenacity.wait_random_exponential(multiplier=0.2, max=3),
+            stop=tenacity.stop_after_attempt(CONNECT_ATTEMPTS),
+            reraise=True,
+        )
         async def attempt() -> asyncssh.SSHClientConnection:
             return await asyncio.wait_for(asyncssh.connect(host.host, **self._options(host)), limit + 5)
 
@@ -287,6 +297,11 @@ class RemoteProvider(NodeProvider):
             raise GlobularError(f"{host} refused the login (check user, {ssh.key_setting} and your agent)") from None
         except TimeoutError:
             raise HostUnreachable(f"cannot reach {host}: no answer within {limit:g}s") from None
+        except asyncssh.ConnectionLost:
+            raise HostUnreachable(
+                f"cannot reach {host}: its sshd dropped the connection {CONNECT_ATTEMPTS} times "
+                "(it refuses new connections beyond its MaxStartups: too many at once?)"
+            ) from None
         except (OSError, asyncssh.Error) as exc:
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
             raise HostUnreachable(f"cannot reach {host}: {reason}") from None

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
+RETIRE_GRACE = 3.0  # s the engines asked to shut down get before they are stopped by pid
 ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
 
 
@@ -203,12 +204,19 @@ async def wait_for_engines(
             return mine
         now = time.monotonic()
         if now >= deadline:
-            short = ", ".join(f"{n} {have[n]} of {c}" for n, c in sorted(need.items()) if have[n] < c)
-            raise GlobularError(
-                f"only {done} of {len(wanted)} engines registered within {timeout:g}s ({short}; "
-                f"engine logs are in <node workdir>/logs)"
-                if done < len(wanted)
-                else f"engines {sorted(ids & gone)} did not leave within {timeout:g}s"
+            if done >= len(wanted):
+                raise GlobularError(f"engines {sorted(ids & gone)} did not leave within {timeout:g}s")
+            lagging = sorted(n for n, c in need.items() if have[n] < c)
+            short = ", ".join(f"{n} {have[n]} of {need[n]}" for n in lagging)
+            first = next((n for n in ctx.nodes if n.name == lagging[0]), None)
+            waited = [i for i, n in wanted.items() if n == lagging[0] and i not in ids]
+            log_path = f"{first.workdir}/logs/engine-{waited[0]}.log" if first and waited else ""
+            tail = await ctx.runner(first).tail(log_path) if first and log_path else ""
+            raise NodeError(
+                lagging[0],
+                f"only {done} of {len(wanted)} engines registered within {timeout:g}s ({short}); "
+                f"the log of one that did not ({log_path}) ends:",
+                tail,
             )
         if now >= next_check:
             await check_engines_alive(ctx, nodes)
@@ -261,6 +269,17 @@ async def retire_engines(ctx: PluginContext, client: Client, nodes: list[NodeRec
             client.shutdown(targets=sorted(ids), block=False)
         except Exception as exc:  # noqa: BLE001 - a controller that cannot relay it: the pids are stopped anyway
             log.info("%s: the controller did not relay the shutdown of engines %s: %s", ctx.name, sorted(ids), exc)
+        else:
+            # An engine that shuts down on request unregisters at once; one stopped by a signal
+            # first is dropped only after the controller's heartbeat window (5 s).  Give the
+            # request its moment, then stop by pid whatever happened.
+            deadline = time.monotonic() + RETIRE_GRACE
+            next_ask = time.monotonic() + 0.5
+            while ids & set(client.ids) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                if time.monotonic() >= next_ask:  # a notice of their leaving may have been missed
+                    await asyncio.to_thread(refresh_engine_list, client, set(), ids)
+                    next_ask = time.monotonic() + 0.5
     await each_node(nodes, lambda node: stop_engines(ctx, node))
     data = ctx.plugin_data(DATA_KEY)
     mapping = data.setdefault("engine_ids", {})

@@ -293,6 +293,9 @@ class IPClusterRestartEngines(Plugin):
             wanted: dict[int, str] = {}
 
             async def restart(node: NodeRecord) -> None:
+                for step in ("engines", "registered"):  # measured from the restart, not from the start
+                    node.steps.pop(step, None)
+                node.steps["restart"] = time.time()
                 await retire_engines(ctx, client, [node])
                 wanted.update(
                     await start_engines(ctx, node, counts[node.name], data["engine_info"], settings, floor=floor)
