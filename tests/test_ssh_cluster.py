@@ -519,3 +519,26 @@ def test_wrong_key_is_refused_by_name(net, tmp_path):
         connect_once(provider(net, tmp_path, known_hosts=str(net.known_hosts), ssh_key=str(other)))
     with pytest.raises(GlobularError, match="ssh_key .* does not exist"):
         connect_once(provider(net, tmp_path, known_hosts=str(net.known_hosts), ssh_key=str(tmp_path / "missing")))
+
+
+def test_many_connections_at_once_get_through_sshds_maxstartups(net, tmp_path):
+    """sshd drops unauthenticated connections beyond MaxStartups (10:30:100 by default): 40 at
+    once to one host (a big cluster's helpers, many clients) must all get through, retried."""
+    from globular.providers.ssh import SSHHost
+
+    known = tmp_path / "known_hosts"
+    prov = provider(net, tmp_path, known_hosts=str(known), accept_new_host_keys=True)
+    assert connect_once(prov) == "ok"  # the host key, learned once
+
+    async def many() -> list[str]:
+        async def one() -> str:
+            conn = await prov.connect(SSHHost.parse(prov.settings.node_hosts[0]))
+            await asyncio.sleep(0.5)  # held open, as a node's connection is
+            conn.close()
+            return "ok"
+
+        outcomes = await asyncio.gather(*(one() for _ in range(40)), return_exceptions=True)
+        return [o if isinstance(o, str) else repr(o) for o in outcomes]
+
+    outcomes = asyncio.run(many())
+    assert outcomes == ["ok"] * 40, [o for o in outcomes if o != "ok"]

@@ -45,9 +45,6 @@ class MemoryRunner(Runner):
         self.stopped = [p.pid for p in procs]
         return StopResult(len(procs), 0, [])
 
-    async def sweep(self, mark: str | None = None, known: list[ProcessRecord] | None = None) -> int:
-        return 0
-
 
 class MemoryProvider(NodeProvider):
     """Nodes that are records only; what it made and released is kept for the test."""

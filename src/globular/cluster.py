@@ -286,17 +286,8 @@ class ClusterContext:
                 except PluginFailed as exc:
                     errors.append(exc)
 
-        async def stop(node: NodeRecord) -> None:
-            if node.processes:
-                await self.stop_processes(node, list(node.processes))
-            if self.rents_machines:  # the machine goes, and every process with it
-                return
-            strays = await self.runner(node).sweep()  # marked, but never recorded (a killed start)
-            if strays:
-                log.warning("%s/%s: stopped %d processes the record did not know", self.name, node.name, strays)
-
-        try:
-            await each_node(nodes, stop)
+        try:  # the provider then sweeps what is marked but unrecorded (a start killed mid-spawn)
+            await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))
             await self.provider.terminate_nodes(nodes)
         except BaseException as exc:  # noqa: BLE001 - collected; the first is raised below
             errors.append(exc)

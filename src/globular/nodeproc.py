@@ -253,8 +253,14 @@ def prepare(req: Request) -> Any:
 
 
 def remove_dir(req: Request) -> Any:
-    """Remove a node's folder, and its parent when that is left empty; only inside ``root``."""
+    """Remove a node's folder, and its parent when that is left empty; only inside ``root``.
+    With ``mark``, first stop the processes marked with it (see ``sweep``): one round trip."""
     import shutil
+
+    if req.get("mark"):
+        swept = sweep({"mark": req["mark"]})
+        if swept["remaining"]:
+            raise Refused(f"processes {[p['pid'] for p in swept['remaining']]} survived SIGKILL")
 
     root = os.path.realpath(os.path.expanduser(req["root"]))
     path = os.path.realpath(req["path"])

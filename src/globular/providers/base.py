@@ -152,19 +152,6 @@ class Runner(ABC):
             raise NodeError(self.node.name, f"processes {pids} survived SIGKILL")
         return StopResult(reply["stopped"], reply["killed"], remaining)
 
-    async def sweep(self, mark: str | None = None, known: list[ProcessRecord] | None = None) -> int:
-        """Stop the processes marked ``mark`` (default: this node's) that are not ``known``: what a
-        start killed between spawning a process and recording it left behind.  How many there were."""
-        request = {"mark": mark or self.mark, "known": [p.model_dump() for p in known or []]}
-        if not request["mark"]:
-            return 0
-        reply = await self.nodeproc("sweep", request, timeout=60)
-        if reply["remaining"]:
-            pids = ", ".join(str(p["pid"]) for p in reply["remaining"])
-            raise NodeError(self.node.name, f"processes {pids} survived SIGKILL")
-        count: int = reply["stopped"] + reply["killed"]
-        return count
-
     async def tail(self, path: str, nbytes: int = 4000) -> str:
         text: str = await self.nodeproc("tail", {"path": path, "bytes": nbytes})
         return text
@@ -262,7 +249,10 @@ class NodeProvider(ABC):
 
     @abstractmethod
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
-        """Release the nodes (their processes are stopped before this is called)."""
+        """Release the nodes.  Their recorded processes are stopped before this is called; a
+        provider whose nodes outlive this (not a rented machine) first stops every process
+        still marked with a node (``globular.nodeproc`` ``sweep``): a start killed between spawning a
+        process and recording it leaves nothing behind."""
 
     @abstractmethod
     def make_runner(self, node: NodeRecord) -> Runner:

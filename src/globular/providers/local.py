@@ -158,6 +158,12 @@ class LocalProvider(NodeProvider):
         return nodes
 
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
+        for node in nodes:  # what a start killed between spawning and recording left (see NodeProvider)
+            swept = await asyncio.to_thread(nodeproc.sweep, {"mark": self.mark(node.name)})
+            if swept["remaining"]:
+                raise CommandError(
+                    node.name, "globular.nodeproc sweep", 3, f"processes {swept['remaining']} survived SIGKILL"
+                )
         for node in nodes:
             workdir = self.root / node.name
             if str(workdir) == node.workdir:  # never remove anything outside our own folder

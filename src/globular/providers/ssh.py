@@ -271,7 +271,7 @@ class RemoteProvider(NodeProvider):
         # sshd drops new connections beyond its MaxStartups (10:30:100): many at once from here
         # (a big cluster's nodes on one host, many clients) are retried, with growing pauses
         @tenacity.retry(
-            retry=tenacity.retry_if_exception_type(asyncssh.ConnectionLost),
+            retry=tenacity.retry_if_exception_type((asyncssh.ConnectionLost, ConnectionResetError)),
             wait=tenacity.wait_random_exponential(multiplier=0.2, max=3),
             stop=tenacity.stop_after_attempt(CONNECT_ATTEMPTS),
             reraise=True,
@@ -297,7 +297,7 @@ class RemoteProvider(NodeProvider):
             raise GlobularError(f"{host} refused the login (check user, {ssh.key_setting} and your agent)") from None
         except TimeoutError:
             raise HostUnreachable(f"cannot reach {host}: no answer within {limit:g}s") from None
-        except asyncssh.ConnectionLost:
+        except (asyncssh.ConnectionLost, ConnectionResetError):
             raise HostUnreachable(
                 f"cannot reach {host}: its sshd dropped the connection {CONNECT_ATTEMPTS} times "
                 "(it refuses new connections beyond its MaxStartups: too many at once?)"
@@ -376,13 +376,18 @@ class RemoteProvider(NodeProvider):
         await each_node(nodes, bring_up)
         return nodes
 
-    async def _remove_dir(self, node: NodeRecord) -> None:
-        await self.runner(node).nodeproc("remove_dir", {"root": self.settings.remote_dir, "path": node.workdir})
+    async def _remove_dir(self, node: NodeRecord, sweep: bool = False) -> None:
+        request = {
+            "root": self.settings.remote_dir,
+            "path": node.workdir,
+            "mark": self.mark(node.name) if sweep else None,
+        }
+        await self.runner(node).nodeproc("remove_dir", request)
 
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
         async def release(node: NodeRecord) -> None:
             try:
-                await self._remove_dir(node)
+                await self._remove_dir(node, sweep=True)
             finally:
                 runner = self._runners.pop(node.name, None)
                 if runner is not None:

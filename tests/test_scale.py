@@ -1,0 +1,98 @@
+"""Issue 16's pieces that do not need many hosts: what a failed start keeps, the open-file limit,
+restart's step times.  (Timings are benchmarks' business: benchmarks/bench.py, bench_scale.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, read_record
+
+pytestmark = pytest.mark.cluster
+
+CONFIG = """
+[global]
+default_template = t
+[cluster t]
+provider = local
+cores_per_node = 1
+plugins = ipcluster
+{python}
+[plugin ipcluster]
+setup_class = ipcluster
+{extra}
+"""
+
+
+def test_a_failed_start_keeps_the_nodes_logs_and_quotes_the_engine_that_did_not_register(
+    cli, home, tmp_path, write_config
+):
+    wrapper = tmp_path / "python"
+    wrapper.write_text(  # engines that say something, then never register
+        f'#!/bin/sh\nif [ "$2" = ipyparallel.engine ]; then echo "stuck-before-registering $4"; exec sleep 300; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    config = str(write_config(CONFIG.format(python=f"python = {wrapper}", extra="engine_timeout = 3")))
+    result = cli("-c", config, "start", "-s", "2", "stuck")
+    assert result.returncode == 1, result.output
+    assert "only 0 of 2 engines registered within 3s (master 0 of 1, node001 0 of 1)" in result.stderr
+    assert "stuck-before-registering --IPEngine.id=0" in result.stderr  # the log's last lines, in the error
+    kept = next(line for line in result.stderr.splitlines() if "logs are kept in" in line).rsplit(" ", 1)[1]
+    folder = Path(kept)
+    assert folder.parent == home / "failed" and folder.name.startswith("stuck-")
+    engine_log = folder / "master" / "engine-0.log"
+    assert "stuck-before-registering" in engine_log.read_text()
+    assert (folder / "master" / "controller.log").exists() and (folder / "node001" / "engine-1.log").exists()
+    assert stat.S_IMODE(engine_log.stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert not (home / "local" / "stuck").exists()  # the nodes themselves are gone
+
+
+def test_a_low_open_file_limit_is_raised_for_the_run(home, write_config, cli):
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    config = str(write_config(CONFIG.format(python="", extra="")))
+    env = dict(os.environ, GLOBULAR_HOME=str(home), PYTHONPATH=str(TESTS))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (28, hard))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "globular", "-c", config, "start", "-s", "2", "few"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=low_limit,
+    )
+    stopped = cli("terminate", "-y", "few")
+    assert done.returncode == 0, done.stderr
+    assert stopped.returncode == 0, stopped.output
+
+
+def test_restart_step_times_count_from_the_restart(cli, home, write_config):
+    config = str(write_config(CONFIG.format(python="", extra="")))
+    assert cli("-c", config, "start", "-s", "2", "steps").returncode == 0
+    try:
+        marks = {n["name"]: n["steps"]["registered"] for n in read_record(home, "steps")["nodes"]}
+        time.sleep(5)  # the restart's steps must not count these 5 s
+        restarted = cli("runplugin", "ipclusterrestart", "steps")
+        status = json.loads(cli("status", "steps", "--output", "json").stdout)["result"]
+        record = read_record(home, "steps")
+    finally:
+        stopped = cli("terminate", "-y", "steps")
+    assert restarted.returncode == 0, restarted.output
+    for node in record["nodes"]:
+        assert node["steps"]["restart"] > marks[node["name"]]  # a new mark, after the start
+    for node in status["nodes"]:  # measured from the restart: well under the 5 s before it
+        assert node["steps"]["engines"] < 4 and node["steps"]["registered"] < 4, node["steps"]
+    assert stopped.returncode == 0, stopped.output
