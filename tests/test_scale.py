@@ -96,3 +96,35 @@ def test_restart_step_times_count_from_the_restart(cli, home, write_config):
     for node in status["nodes"]:  # measured from the restart: well under the 5 s before it
         assert node["steps"]["engines"] < 4 and node["steps"]["registered"] < 4, node["steps"]
     assert stopped.returncode == 0, stopped.output
+
+
+def flaky_engine_python(folder: Path, fails: int) -> Path:
+    """A ``python`` whose engines exit at once the first ``fails`` times each id is started."""
+    wrapper = folder / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = ipyparallel.engine ]; then\n'
+        f'  mark="{folder}/tries-$(echo "$4" | tr -dc 0-9)"; echo x >> "$mark"\n'
+        f'  if [ "$(wc -l < "$mark")" -le {fails} ]; then echo "engine dies at start ($4)"; exit 1; fi\n'
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_an_engine_that_dies_before_registering_is_started_again(cli, home, tmp_path, write_config):
+    config = str(write_config(CONFIG.format(python=f"python = {flaky_engine_python(tmp_path, 1)}", extra="")))
+    started = cli("-c", config, "start", "-s", "2", "flaky")
+    stopped = cli("terminate", "-y", "flaky")
+    assert started.returncode == 0, started.output
+    assert "died before it registered; starting it again" in started.stderr
+    assert stopped.returncode == 0, stopped.output
+
+
+def test_an_engine_that_keeps_dying_fails_the_start_after_its_retries(cli, home, tmp_path, write_config):
+    config = str(write_config(CONFIG.format(python=f"python = {flaky_engine_python(tmp_path, 99)}", extra="")))
+    result = cli("-c", config, "start", "-s", "1", "doomed")
+    assert result.returncode == 1, result.output
+    assert "exited (started 3 times); its log" in result.stderr and "engine dies at start" in result.stderr
+    assert not (home / "clusters" / "doomed.json").exists()

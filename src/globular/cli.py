@@ -23,6 +23,7 @@ from globular.client import open_shell
 from globular.config import Config
 from globular.environment import clear_wheel_cache
 from globular.errors import ClusterNotFound, GlobularError, StateError
+from globular.limits import raise_open_file_limit
 from globular.logs import FORMAT, LOGGER
 from globular.paths import globular_home
 from globular.registry import plugin_classes
@@ -459,19 +460,6 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
 
 for _plugin in plugin_classes():  # installed plugins' own commands (ipcluster: shell, notebook)
     _plugin.register_commands(cli)
-
-
-def raise_open_file_limit() -> None:
-    """Every node holds a connection or two: let this process open as many files as it may
-    (the soft limit up to the hard one), so that a big cluster, and its cleanup, never run out."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
-        except (ValueError, OSError) as exc:
-            logging.getLogger(__name__).debug("open file limit stays %s: %s", soft, exc)
 
 
 def main(argv: list[str] | None = None) -> None:

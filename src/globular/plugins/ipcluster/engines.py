@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
+ENGINE_RETRIES = 2  # times an engine that dies before registering is started again
 RETIRE_GRACE = 3.0  # s the engines asked to shut down get before they are stopped by pid
 ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
 
@@ -45,6 +47,39 @@ def claim_engine_ids(ctx: PluginContext, node: NodeRecord, count: int, floor: in
     return ids
 
 
+def engine_file(node: NodeRecord) -> str:
+    """The engines' connection file on ``node`` (0600)."""
+    return f"{node.workdir}/security/ipcontroller-engine.json"
+
+
+def engine_env(ctx: PluginContext, node: NodeRecord) -> dict[str, str]:
+    return {
+        "GLOBULAR_CLUSTER": ctx.name,
+        "GLOBULAR_NODE": node.name,
+        "IPYTHONDIR": ipython_dir(node),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def engine_spec(ctx: PluginContext, node: NodeRecord, engine_id: int, settings: IPClusterSettings) -> ProcessSpec:
+    """How engine ``engine_id`` of ``node`` is started (it asks the controller for that id)."""
+    return ProcessSpec(
+        argv=[
+            node.python,
+            "-m",
+            "ipyparallel.engine",
+            f"--file={engine_file(node)}",
+            f"--IPEngine.id={engine_id}",
+            f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
+            f"--IPEngine.enable_nanny={settings.engine_nanny}",
+        ],
+        log=f"{node.workdir}/logs/engine-{engine_id}.log",
+        role=ENGINE,
+        env=engine_env(ctx, node),
+        cwd=node.workdir,
+    )
+
+
 async def start_engines(
     ctx: PluginContext,
     node: NodeRecord,
@@ -62,33 +97,10 @@ async def start_engines(
     if count <= 0:
         return {}
     runner = ctx.runner(node)
-    info_path = f"{node.workdir}/security/ipcontroller-engine.json"
-    await runner.write_file(info_path, json.dumps(engine_info).encode(), 0o600)
-    env = {
-        "GLOBULAR_CLUSTER": ctx.name,
-        "GLOBULAR_NODE": node.name,
-        "IPYTHONDIR": ipython_dir(node),
-        "OMP_NUM_THREADS": "1",
-    }
+    await runner.write_file(engine_file(node), json.dumps(engine_info).encode(), 0o600)
+    env = engine_env(ctx, node)
     ids = claim_engine_ids(ctx, node, count, floor)
-    engines = [
-        ProcessSpec(
-            argv=[
-                node.python,
-                "-m",
-                "ipyparallel.engine",
-                f"--file={info_path}",
-                f"--IPEngine.id={engine_id}",
-                f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
-                f"--IPEngine.enable_nanny={settings.engine_nanny}",
-            ],
-            log=f"{node.workdir}/logs/engine-{engine_id}.log",
-            role=ENGINE,
-            env=env,
-            cwd=node.workdir,
-        )
-        for engine_id in ids
-    ]
+    engines = [engine_spec(ctx, node, engine_id, settings) for engine_id in ids]
     if settings.restart_dead_engines:
         request = f"{node.workdir}/run/engines-{ids[0]}.json"
         plan = {"engines": [{"argv": e.argv, "log": e.log} for e in engines], "restart_id_arg": "--IPEngine.id="}
@@ -118,16 +130,40 @@ async def stop_engines(ctx: PluginContext, node: NodeRecord) -> int:
     return len(engines)
 
 
-async def check_engines_alive(ctx: PluginContext, nodes: list[NodeRecord]) -> None:
-    """Raise NodeError (with the engine's log) if an engine process has died."""
+async def check_engines_alive(
+    ctx: PluginContext,
+    nodes: list[NodeRecord],
+    *,
+    settings: IPClusterSettings | None = None,
+    registered: set[int] | frozenset[int] = frozenset(),
+    retried: Counter[int] | None = None,
+) -> None:
+    """Raise NodeError (with the engine's log) if an engine process has died.
+
+    With ``settings``, an engine that died before it registered is started again, at most
+    ENGINE_RETRIES times (a node that was briefly out of memory, a slow disk), before that
+    counts as the failure."""
+    retried = retried if retried is not None else Counter()
 
     async def check(node: NodeRecord) -> None:
         engines = engine_processes(node)
-        for proc, alive in zip(engines, await ctx.runner(node).alive(engines)):
-            if not alive:
-                log = await ctx.runner(node).tail(proc.log) if proc.log else ""
-                what = "engine" if proc.role == ENGINE else "engine supervisor"
-                raise NodeError(node.name, f"{what} (pid {proc.pid}) exited; its log ({proc.log}) ends:", log)
+        runner = ctx.runner(node)
+        for proc, alive in zip(engines, await runner.alive(engines)):
+            if alive:
+                continue
+            found = re.search(r"engine-(\d+)\.log$", proc.log or "")
+            engine_id = int(found[1]) if found and proc.role == ENGINE else None
+            retry = settings is not None and engine_id is not None and engine_id not in registered
+            if retry and settings is not None and engine_id is not None and retried[engine_id] < ENGINE_RETRIES:
+                retried[engine_id] += 1
+                log.warning("%s: engine %d died before it registered; starting it again", node.name, engine_id)
+                await ctx.stop_processes(node, [proc])  # forget it (and whatever it left)
+                ctx.track(node, await runner.spawn([engine_spec(ctx, node, engine_id, settings)]))
+                continue
+            tail = await runner.tail(proc.log) if proc.log else ""
+            what = "engine" if proc.role == ENGINE else "engine supervisor"
+            tries = f" (started {retried[engine_id] + 1} times)" if engine_id is not None and retried[engine_id] else ""
+            raise NodeError(node.name, f"{what} (pid {proc.pid}) exited{tries}; its log ({proc.log}) ends:", tail)
 
     await each_node(nodes, check)
 
@@ -159,6 +195,7 @@ async def wait_for_engines(
     timeout: float,
     key: str = "engines",
     description: str = "engines registered",
+    settings: IPClusterSettings | None = None,
 ) -> set[int]:
     """Wait until the engines of ``wanted`` (id → node) registered and every id in ``gone`` left.
 
@@ -175,6 +212,7 @@ async def wait_for_engines(
     reporter.begin(key, description, len(wanted))
     unknown = {i for i in client.ids if str(i) not in mapping}  # foreign engines, there before us
     registered: set[str] = set()
+    retried: Counter[int] = Counter()
     deadline = time.monotonic() + timeout
     next_check = time.monotonic() + 1.0
     while True:
@@ -219,7 +257,7 @@ async def wait_for_engines(
                 tail,
             )
         if now >= next_check:
-            await check_engines_alive(ctx, nodes)
+            await check_engines_alive(ctx, nodes, settings=settings, registered=mine, retried=retried)
             if done < len(wanted) or ids & gone:
                 await asyncio.to_thread(refresh_engine_list, client, set(wanted), set(gone))
             next_check = now + 1.0

@@ -184,6 +184,7 @@ class IPCluster(Plugin):
                 timeout=self.settings.engine_timeout,
                 key=f"engines:{node.name}",
                 description=f"engines of {node.name} registered",
+                settings=self.settings,
             )
         finally:
             client.close()
@@ -247,7 +248,9 @@ async def start_controller_and_engines(
     client = await client_of(ctx)
     try:
         wanted = {i: n for ids in started_ids.values() for i, n in ids.items()}
-        await wait_for_engines(ctx, client, wanted=wanted, nodes=ctx.nodes, timeout=settings.engine_timeout)
+        await wait_for_engines(
+            ctx, client, wanted=wanted, nodes=ctx.nodes, timeout=settings.engine_timeout, settings=settings
+        )
     finally:
         client.close()
     return local_file, sum(counts.values())
