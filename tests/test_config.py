@@ -248,7 +248,7 @@ def ssh_error(**kwargs) -> ConfigError:
 
 
 def test_ssh_hosts_parse_and_size_defaults_to_every_host():
-    from globular.providers.ssh import SSHHost, SSHSettings, hosts_in_order
+    from globular.providers.ssh_settings import SSHHost, SSHSettings, hosts_in_order
 
     spec = ssh_spec(extra="master_host = c")
     assert spec.cluster_size == 3

@@ -477,7 +477,7 @@ def provider(net, tmp_path, **settings):
 
 
 def connect_once(prov) -> str:
-    from globular.providers.ssh import SSHHost
+    from globular.providers.ssh_settings import SSHHost
 
     async def go():
         conn = await prov.connect(SSHHost.parse(prov.settings.node_hosts[0]))
@@ -524,7 +524,7 @@ def test_wrong_key_is_refused_by_name(net, tmp_path):
 def test_many_connections_at_once_get_through_sshds_maxstartups(net, tmp_path):
     """sshd drops unauthenticated connections beyond MaxStartups (10:30:100 by default): 40 at
     once to one host (a big cluster's helpers, many clients) must all get through, retried."""
-    from globular.providers.ssh import SSHHost
+    from globular.providers.ssh_settings import SSHHost
 
     known = tmp_path / "known_hosts"
     prov = provider(net, tmp_path, known_hosts=str(known), accept_new_host_keys=True)

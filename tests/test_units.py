@@ -389,3 +389,21 @@ def test_no_test_asserts_in_a_finally_block():
                     f"{path.name}:{a.lineno}" for s in node.finalbody for a in ast.walk(s) if isinstance(a, ast.Assert)
                 ]
     assert found == []
+
+
+def test_the_node_helper_answers_each_request_by_its_id(tmp_path):
+    from globular import nodeproc
+
+    log = tmp_path / "a.log"
+    log.write_text("line one\nline two\n")
+    requests = [
+        {"id": 7, "verb": "tail", "request": {"path": str(log), "bytes": 9}},
+        {"id": 8, "verb": "remove_dir", "request": {"root": str(tmp_path / "root"), "path": "/etc"}},
+        {"id": 9, "verb": "read_json", "request": {}},
+    ]
+    out = io.StringIO()
+    nodeproc.serve(io.StringIO("".join(json.dumps(r) + "\n" for r in requests)), out)
+    answers = {a["id"]: a for a in map(json.loads, out.getvalue().splitlines())}
+    assert answers[7] == {"id": 7, "reply": "line two\n"}
+    assert "refusing to remove /etc" in answers[8]["refused"]
+    assert answers[9]["error"].startswith("KeyError")

@@ -1,5 +1,8 @@
 """Process control on a node: start detached processes, check and stop them by pid.
 
+(Longer than most modules: it is sent whole to the nodes and run there with their own
+Python, standard library only, so it cannot lean on its siblings.)
+
 This file runs on the node itself as ``python -c <this source> VERB``, reading a
 JSON request on stdin and printing a JSON reply, so it uses the standard library
 only (a node needs nothing but Python and ipyparallel).  Environment and other
@@ -208,6 +211,28 @@ def wait_files(req: Request) -> Any:
         if time.monotonic() >= deadline:
             return {"timeout": True}
         time.sleep(0.02)
+
+
+def write(req: Request) -> Any:
+    """Write ``req["data"]`` (base64) to ``req["path"]`` atomically, with mode ``req["mode"]``;
+    the folder is made (0700) if need be.  (It travels on stdin: it may be a secret.)"""
+    import base64
+    import tempfile
+
+    path = os.path.expanduser(req["path"])
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(base64.b64decode(req["data"]))
+        os.chmod(tmp, int(req.get("mode", 0o600)))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return True
 
 
 def logs(req: Request) -> Any:
@@ -433,6 +458,7 @@ VERBS = {
     "wait_files": wait_files,
     "tail": tail,
     "logs": logs,
+    "write": write,
 }
 
 
@@ -457,7 +483,44 @@ ANY_PYTHON = frozenset(
 )
 
 
+def serve(stdin: Any, stdout: Any) -> None:
+    """Answer requests until stdin closes: one JSON line in, ``{"id", "verb", "request"}``; one JSON
+    line out, ``{"id", "reply"}`` or ``{"id", "refused"}`` or ``{"id", "error"}``.  Each request
+    runs in a thread of its own (``wait_files`` waits, ``stop`` waits), so that one long-lived
+    process per node answers an operation's many questions: no login shell and no new Python
+    each time."""
+    import threading
+
+    lock = threading.Lock()
+
+    def answer(line: str) -> None:
+        message = json.loads(line)
+        try:
+            out = {"id": message["id"], "reply": VERBS[message["verb"]](message["request"])}
+        except Refused as exc:
+            out = {"id": message["id"], "refused": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - sent back as the request's failure; the helper goes on
+            out = {"id": message["id"], "error": f"{type(exc).__name__}: {exc}"}
+        text = json.dumps(out) + "\n"
+        with lock:
+            stdout.write(text)
+            stdout.flush()
+
+    threads = []
+    for line in stdin:
+        if line.strip():
+            thread = threading.Thread(target=answer, args=(line,), daemon=True)
+            thread.start()
+            threads.append(thread)
+            threads = [t for t in threads if t.is_alive()]
+    for thread in threads:  # stdin closed: finish what was asked (a stop in progress)
+        thread.join(60)
+
+
 def main(argv: list[str]) -> None:
+    if argv[1] == "serve":
+        serve(sys.stdin, sys.stdout)
+        return
     # a detached process (spawn) has no stdin: its request, never a secret, is the argument
     request = json.loads(argv[2]) if len(argv) > 2 else json.loads(sys.stdin.read() or "{}")
     try:

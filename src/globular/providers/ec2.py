@@ -28,7 +28,8 @@ import asyncssh
 from globular.errors import BadInput, GlobularError, HostUnreachable, NodeError
 from globular.paths import write_private
 from globular.providers.ec2_settings import EC2Settings, aws_config_values
-from globular.providers.ssh import RemoteProvider, SSHHost, SSHOptions
+from globular.providers.ssh import RemoteProvider
+from globular.providers.ssh_settings import SSHHost, SSHOptions
 from globular.spec import ClusterSpec
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 
 from globular.errors import ConfigError
-from globular.providers.ssh import RemoteSettings
+from globular.providers.ssh_settings import RemoteSettings
 
 AWS_INFO_KEYS = (
     "aws_access_key_id",

@@ -16,21 +16,19 @@ wheels, process requests) travels on stdin, never on a command line.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import posixpath
-import re
 import secrets
 import shlex
 from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import asyncssh
 import tenacity
-from pydantic import AfterValidator, Field
 
 from globular.environment import environment_mode
 from globular.errors import (
@@ -44,8 +42,15 @@ from globular.errors import (
 )
 from globular.fanout import each_node
 from globular.paths import private_dir
-from globular.providers.base import CommandResult, NodeProvider, Runner, display
-from globular.spec import CommaList, Settings
+from globular.providers.base import NODEPROC_SOURCE, CommandResult, NodeProvider, Runner, display
+from globular.providers.helper import NodeHelper
+from globular.providers.ssh_settings import (
+    RemoteSettings,
+    SSHHost,
+    SSHOptions,
+    SSHSettings,
+    hosts_in_order,
+)
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
@@ -53,89 +58,6 @@ log = logging.getLogger(__name__)
 MAX_ENGINES_PER_NODE = 1024
 CONNECT_ATTEMPTS = 6  # when the host's sshd drops new connections (MaxStartups)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
-_HOST = re.compile(r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>[^@\s:\[\]]+|\[[0-9a-fA-F:.]+\])(?::(?P<port>\d{1,5}))?$")
-
-
-@dataclass(frozen=True)
-class SSHHost:
-    """One entry of ``node_hosts``: ``[user@]host[:port]``."""
-
-    host: str
-    port: int = 22
-    user: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> SSHHost:
-        match = _HOST.match(text.strip())
-        if not match or not 0 < int(match["port"] or 22) < 65536:
-            raise ValueError(f"{text!r} is not a host (expected [user@]host[:port])")
-        return cls(host=match["host"].strip("[]"), port=int(match["port"] or 22), user=match["user"])
-
-    @property
-    def key(self) -> tuple[str, int]:
-        """What makes two entries the same machine (the user does not)."""
-        return self.host, self.port
-
-    def __str__(self) -> str:
-        user = f"{self.user}@" if self.user else ""
-        port = f":{self.port}" if self.port != 22 else ""
-        return f"{user}{self.host}{port}"
-
-
-def _check_hosts(hosts: list[str]) -> list[str]:
-    if not hosts:
-        raise ValueError("lists no host")
-    seen: dict[tuple[str, int], str] = {}
-    for text in hosts:
-        host = SSHHost.parse(text)
-        if host.key in seen:
-            raise ValueError(f"{text!r} is listed twice (also as {seen[host.key]!r})")
-        seen[host.key] = text
-    return hosts
-
-
-def _check_host(text: str | None) -> str | None:
-    if text is not None:
-        SSHHost.parse(text)
-    return text
-
-
-class RemoteSettings(Settings):
-    """What every provider of nodes reached by ssh reads."""
-
-    user: str | None = Field(default=None, description="login name; default: ~/.ssh/config's, else yours")
-    python: str = Field(
-        default="python3",
-        description="the hosts' Python (same major.minor as here); globular makes its environment from it",
-    )
-    remote_dir: str = Field(default="~/.globular/nodes", description="where node folders go on the hosts")
-    cores_per_node: int | None = Field(
-        default=None, ge=1, le=MAX_ENGINES_PER_NODE, description="engines per node; default: the host's cores"
-    )
-    connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds to wait for a host to answer")
-
-
-class SSHSettings(RemoteSettings):
-    node_hosts: Annotated[CommaList, AfterValidator(_check_hosts)] = Field(
-        description="[user@]host[:port], ...; the first is the master unless master_host says otherwise"
-    )
-    master_host: Annotated[str | None, AfterValidator(_check_host)] = None
-    ssh_key: str | None = Field(
-        default=None, description="private key file; the agent and ~/.ssh/config's keys are also tried"
-    )
-    known_hosts: str | None = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")
-    accept_new_host_keys: bool = Field(
-        default=False, description="add unknown host keys to known_hosts (never a changed one)"
-    )
-
-
-def hosts_in_order(settings: SSHSettings) -> list[SSHHost]:
-    """Every host, the master first."""
-    hosts = [SSHHost.parse(h) for h in settings.node_hosts]
-    if settings.master_host:
-        master = SSHHost.parse(settings.master_host)
-        hosts = [master] + [h for h in hosts if h.key != master.key]
-    return hosts
 
 
 class SSHRunner(Runner):
@@ -147,12 +69,35 @@ class SSHRunner(Runner):
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
         self._forwards: dict[tuple[str, int], asyncssh.SSHListener] = {}
+        self._node_helper: NodeHelper | None = None
+        self._helper_lock = asyncio.Lock()
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
             if self._conn is None:
                 self._conn = await self._connect()
             return self._conn
+
+    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+        """Asked of the node's long-lived helper (see :mod:`globular.providers.helper`)."""
+        helper = await self._helper()
+        return await helper.ask(verb, request, timeout)
+
+    async def _helper(self) -> NodeHelper:
+        async with self._helper_lock:
+            helper = self._node_helper
+            if helper is None or not helper.alive or helper.python != self.node.python:
+                if helper is not None:
+                    helper.close()
+                conn = await self.connection()
+                command = self._command([self.node.python, "-c", NODEPROC_SOURCE, "serve"])
+                log.debug("%s (%s): starting its helper", self.node.name, self.node.login)
+                try:
+                    helper = await NodeHelper.start(conn, self.node.name, self.node.python, command)
+                except (asyncssh.Error, OSError) as exc:
+                    raise ConnectionLost(self.node.name, "globular.nodeproc serve", str(exc)) from None
+                self._node_helper = helper
+            return helper
 
     def _command(self, argv: list[str]) -> str:
         return f"cd {shlex.quote(self.node.workdir)} 2>/dev/null; exec {shlex.join(argv)}"
@@ -184,6 +129,9 @@ class SSHRunner(Runner):
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         if not posixpath.isabs(path):
             path = posixpath.join(self.node.workdir, path)
+        if self._node_helper is not None and self._node_helper.alive:  # one round trip, no new shell
+            await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
+            return
         tmp = f"{path}.tmp-{secrets.token_hex(4)}"
         q = shlex.quote
         command = (
@@ -199,6 +147,9 @@ class SSHRunner(Runner):
         return "127.0.0.1", self._forwards[(host, port)].get_port()
 
     async def close(self) -> None:
+        if self._node_helper is not None:
+            self._node_helper.close()
+            self._node_helper = None
         forwards, self._forwards = list(self._forwards.values()), {}
         for listener in forwards:
             listener.close()
@@ -209,16 +160,6 @@ class SSHRunner(Runner):
                 await asyncio.wait_for(conn.wait_closed(), 5)
             except (TimeoutError, OSError, asyncssh.Error):
                 pass
-
-
-@dataclass(frozen=True)
-class SSHOptions:
-    """How ssh reaches a provider's nodes (also for the ``ssh`` command ``sshnode`` runs)."""
-
-    key: str | None  # private key file (the agent and ~/.ssh/config's keys are tried too)
-    known_hosts: Path
-    accept_new_host_keys: bool
-    key_setting: str  # the setting that names the key, for messages
 
 
 class RemoteProvider(NodeProvider):

@@ -295,11 +295,15 @@ class IPClusterRestartEngines(Plugin):
             floor = max(old, default=-1) + 1
             wanted: dict[int, str] = {}
 
-            async def restart(node: NodeRecord) -> None:
-                for step in ("engines", "registered"):  # measured from the restart, not from the start
+            for node in ctx.nodes:  # each node's steps are measured from the restart, not from the start
+                for step in ("engines", "registered"):
                     node.steps.pop(step, None)
                 node.steps["restart"] = time.time()
-                await retire_engines(ctx, client, [node])
+            # one shutdown request for every old engine, one wait for them to leave (one client:
+            # its sockets serve one thread at a time), then the new engines everywhere at once
+            await retire_engines(ctx, client, ctx.nodes)
+
+            async def restart(node: NodeRecord) -> None:
                 wanted.update(
                     await start_engines(ctx, node, counts[node.name], data["engine_info"], settings, floor=floor)
                 )

@@ -1,0 +1,95 @@
+"""One long-lived ``globular.nodeproc`` per node, over the SSH connection the runner holds.
+
+Every question an operation asks a node (facts, spawn, alive, stop, ...) used to be a new SSH
+command: a login shell (whose rc files may run a lot: ``pyenv init``, conda's hooks) and a new
+Python, per question, per node.  The helper is started once (``python -c <nodeproc> serve``) and
+answers JSON lines on its stdin, each request in a thread of its own, until the connection
+closes.  It runs the node's Python, so that its answers (``facts``) are about that Python; when
+the node's Python changes (its environment was built), a new helper replaces the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from typing import Any
+
+import asyncssh
+
+from globular.errors import CommandError, CommandTimeout, ConnectionLost
+
+log = logging.getLogger(__name__)
+
+
+class NodeHelper:
+    """The helper process on one node, and the requests waiting for its answers."""
+
+    def __init__(self, node: str, python: str, process: asyncssh.SSHClientProcess[str]):
+        self.node = node
+        self.python = python
+        self.process = process
+        self.ids = itertools.count()
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def start(cls, conn: asyncssh.SSHClientConnection, node: str, python: str, command: str) -> NodeHelper:
+        process = await conn.create_process(command, encoding="utf-8")
+        return cls(node, python, process)
+
+    async def _read(self) -> None:
+        why = "its helper ended"
+        try:
+            async for line in self.process.stdout:
+                message = json.loads(line)
+                future = self.waiting.pop(message["id"], None)
+                if future is None or future.done():
+                    continue
+                if "reply" in message:
+                    future.set_result(message["reply"])
+                else:
+                    future.set_exception(
+                        CommandError(self.node, "globular.nodeproc", 3 if "refused" in message else 1,
+                                     message.get("refused") or message.get("error") or "")
+                    )  # fmt: skip
+        except (asyncssh.Error, OSError, ValueError) as exc:
+            why = f"its helper's connection broke: {exc}"
+        finally:
+            stderr = ""
+            try:
+                stderr = (await asyncio.wait_for(self.process.stderr.read(), 1)).strip()[-2000:]
+            except (asyncssh.Error, OSError, TimeoutError):
+                pass
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(
+                        ConnectionLost(self.node, "globular.nodeproc serve", f"{why} {stderr}".strip())
+                    )
+            self.waiting.clear()
+
+    @property
+    def alive(self) -> bool:
+        return not self.reader.done()
+
+    async def ask(self, verb: str, request: dict[str, Any], timeout: float) -> Any:
+        number = next(self.ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting[number] = future
+        log.debug("%s: nodeproc %s (helper)", self.node, verb)
+        self.process.stdin.write(json.dumps({"id": number, "verb": verb, "request": request}) + "\n")
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise CommandTimeout(self.node, f"globular.nodeproc {verb}", timeout) from None
+        finally:
+            self.waiting.pop(number, None)
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.write_eof()
+        except (asyncssh.Error, OSError):
+            pass
+        self.process.close()
+        self.reader.cancel()
