@@ -216,8 +216,17 @@ class NodeProvider(ABC):
 
     @classmethod
     def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
-        """``(key, message)`` if ``size`` nodes cannot be made with ``settings``."""
+        """``(key, message)`` if ``size`` nodes cannot be made with ``settings`` (default: more
+        than :meth:`max_nodes`)."""
+        limit = cls.max_nodes(settings)
+        if limit is not None and size > limit:
+            return (
+                "cluster_size",
+                f"{size} nodes asked for; the {cls.name} provider runs at most {limit}{cls.limit_reason}",
+            )
         return None
+
+    limit_reason: ClassVar[str] = ""  # said after the limit: where it comes from
 
     def envs_dir(self) -> str:
         """Where node environments live on the nodes (``~`` is the node user's home)."""

@@ -64,6 +64,7 @@ class EC2Provider(RemoteProvider):
     Settings = EC2Settings
     settings: EC2Settings
     rents_machines = True
+    limit_reason = " (max_nodes, at most 1000)"
 
     def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
         super().__init__(spec, cluster=cluster, home=home)
@@ -82,13 +83,6 @@ class EC2Provider(RemoteProvider):
     def max_nodes(cls, settings: SettingsModel) -> int | None:
         assert isinstance(settings, EC2Settings)
         return settings.max_nodes
-
-    @classmethod
-    def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
-        assert isinstance(settings, EC2Settings)
-        if size > settings.max_nodes:
-            return "cluster_size", f"{size} instances asked for; max_nodes = {settings.max_nodes} (at most 1000)"
-        return None
 
     @property
     def region(self) -> str:

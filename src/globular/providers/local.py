@@ -100,6 +100,7 @@ class LocalProvider(NodeProvider):
     name = "local"
     Settings = LocalSettings
     settings: LocalSettings
+    limit_reason = f" ({OVERSUBSCRIBE} per core here)"
 
     @property
     def region(self) -> str:
@@ -118,10 +119,7 @@ class LocalProvider(NodeProvider):
         assert isinstance(settings, LocalSettings)
         limit = local_limit()
         if size > limit:
-            return (
-                "cluster_size",
-                f"{size} nodes asked for; the local provider runs at most {limit} ({OVERSUBSCRIBE} per core here)",
-            )
+            return super().size_problem(settings, size)
         if settings.cores_per_node and settings.cores_per_node > limit:
             return (
                 "cores_per_node",
