@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from globular.config import Config
@@ -292,3 +294,22 @@ def test_encryption_is_curve_where_nodes_are_other_machines_unless_set():
     with pytest.raises(ConfigError) as bad:
         Config.from_text(text, file="c.ini").cluster_spec("a")
     assert str(bad.value).startswith("c.ini:5 [plugin ipcluster] encryption: Input should be 'curve' or 'none'")
+
+
+def test_config_show_resolves_a_template_with_defaults_and_masks_secrets(cli, write_config):
+    config = write_config(
+        "[global]\ndefault_template = child\n"
+        "[cluster base]\nprovider = local\ncluster_size = 3\nplugins = ipcluster\n"
+        "[cluster child]\nextends = base\ncores_per_node = 1\n"
+        "[plugin ipcluster]\nsetup_class = ipcluster\nenable_notebook = true\nnotebook_passwd = hunter2\n"
+    )
+    shown = cli("-c", str(config), "config", "show")
+    assert shown.returncode == 0, shown.output
+    assert "hunter2" not in shown.output and "********" in shown.stdout
+    assert "cluster_size" in shown.stdout and "heartbeat_period" in shown.stdout  # a default, filled in
+    data = json.loads(cli("-c", str(config), "config", "show", "--output", "json").stdout)["result"]
+    assert data["template"] == "child" and data["cluster_size"] == 3  # from base, through extends
+    assert data["provider_settings"]["cores_per_node"] == 1
+    assert data["plugins"][0]["settings"]["notebook_passwd"] == "********"
+    listed = cli("config", "reference")
+    assert listed.returncode == 0 and "node_hosts" in listed.stdout and "idle_shutdown" in listed.stdout

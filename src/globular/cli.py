@@ -1,11 +1,7 @@
-"""The ``globular`` command: a thin layer over the library.
-
-Each command calls the library, which returns data, and hands it to the one
-renderer (:class:`globular.render.Output`): rich on a terminal, plain full-width
-text when piped, JSON with ``--output json``.  Exit codes are decided here, in
-:func:`main`: 0 success, 1 an operation failed, 2 bad input (config or
-arguments), 130 interrupted.  Installed plugins add their own commands
-(:meth:`globular.plugins.base.Plugin.register_commands`).
+"""The ``globular`` command: each command calls the library, which returns data, and hands it
+to the one renderer (:class:`globular.render.Output`).  Exit codes are decided in :func:`main`:
+0 success, 1 an operation failed, 2 bad input, 130 interrupted.  Installed plugins add their
+own commands (:meth:`globular.plugins.base.Plugin.register_commands`); ``config`` is in cli_config.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ from rich.markup import escape
 
 from globular import __version__, operations
 from globular.aio import run_sync
+from globular.cli_config import config_group
 from globular.client import open_shell
 from globular.config import Config
 from globular.environment import clear_wheel_cache
@@ -458,6 +455,7 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
     out.result({"plugin": plugin, "name": name, "elapsed": result.elapsed, "report": result.report}, text=text)
 
 
+cli.add_command(config_group)
 for _plugin in plugin_classes():  # installed plugins' own commands (ipcluster: shell, notebook)
     _plugin.register_commands(cli)
 

@@ -55,18 +55,22 @@ SINGLE_KINDS = ("global", "aws info")
 
 
 class GlobalSettings(Settings):
-    default_template: str | None = None
+    default_template: str | None = Field(default=None, description="the [cluster] template used when none is named")
 
 
 class ClusterSettings(Settings):
     """Keys every ``[cluster]`` section may have, whatever its provider."""
 
-    extends: str | None = None
+    extends: str | None = Field(
+        default=None, description="another [cluster] template whose settings this one starts from"
+    )
     cluster_size: int | None = Field(
         default=None, ge=1, description="default: the provider's (local: 2, ssh: every host)"
     )
-    provider: str = "local"
-    plugins: CommaList = Field(default_factory=list)
+    provider: str = Field(
+        default="local", description="where the nodes come from: local, ssh, ec2 (or an installed provider)"
+    )
+    plugins: CommaList = Field(default_factory=list, description="[plugin NAME] sections to run, in order")
     environment: Literal["managed", "system"] | None = Field(
         default=None,
         description="managed: globular builds each node's Python environment; system: the hosts' Python has everything",

@@ -1,0 +1,60 @@
+"""``globular config``: the reference of every setting, and a template resolved."""
+
+from __future__ import annotations
+
+import click
+from rich.markup import escape
+
+from globular.config import Config
+from globular.reference import markdown, reference, resolved
+from globular.render import output, output_option
+
+
+@click.group("config")
+def config_group() -> None:
+    """The settings globular reads: all of them, or one template's."""
+
+
+@config_group.command("reference")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Markdown, as in docs/config.md.")
+@output_option
+@click.pass_context
+def config_reference(ctx: click.Context, as_markdown: bool) -> None:
+    """Every section and key, with its type, default and description: the core's, and those of
+    every installed provider and plugin (generated from their settings models)."""
+    out = output(ctx)
+    entries = reference()
+    if as_markdown:
+        click.echo(markdown(entries), nl=False)
+        return
+
+    def text() -> None:
+        table = out.table("section", "key", "type", "default", "description")
+        for e in entries:
+            table.add_row(escape(e.section), e.key, escape(e.type), escape(e.default), escape(e.description))
+        out.print(table)
+
+    out.result({"settings": entries}, text=text)
+
+
+@config_group.command("show")
+@click.argument("template", required=False)
+@output_option
+@click.pass_context
+def config_show(ctx: click.Context, template: str | None) -> None:
+    """TEMPLATE (default: default_template) as globular reads it: after `extends`, validated,
+    with every default filled in; passwords and secret keys masked."""
+    out = output(ctx)
+    spec = resolved(Config.load(ctx.find_root().obj["config"]), template)
+
+    def text() -> None:
+        rows = [("template", spec.template), ("config file", spec.config_file or "(built-in)")]
+        rows += [("cluster_size", str(spec.cluster_size)), ("provider", spec.provider)]
+        rows += [(f"  {k}", str(v)) for k, v in spec.provider_settings.items()]
+        rows += [("environment", spec.environment.mode or "(the provider's default)")]
+        for plugin in spec.plugins:
+            rows += [(f"plugin {plugin.name}", plugin.setup_class)]
+            rows += [(f"  {k}", str(v)) for k, v in plugin.settings.items()]
+        out.grid(rows)
+
+    out.result(spec, text=text)
