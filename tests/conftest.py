@@ -106,6 +106,26 @@ def write_config(tmp_path):
     return write
 
 
+LOCAL_CONFIG = """
+[global]
+default_template = t
+[cluster t]
+provider = local
+cores_per_node = 1
+plugins = ipcluster
+{python}
+[plugin ipcluster]
+setup_class = ipcluster
+{extra}
+"""
+
+
+def local_config(extra: str = "", python: str = "") -> str:
+    """A config whose template ``t`` is a local cluster of 1-core nodes running ipcluster (with ``extra``
+    settings for it, and ``python = ...`` for the nodes when given)."""
+    return LOCAL_CONFIG.format(extra=extra, python=python)
+
+
 def read_record(home: Path, name: str) -> dict:
     return json.loads((home / "clusters" / f"{name}.json").read_text())
 

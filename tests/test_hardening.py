@@ -15,21 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, processes_of, read_record, recorded_pids, wait_until
+from conftest import TESTS, local_config, processes_of, read_record, recorded_pids, wait_until
 
 pytestmark = pytest.mark.cluster
-
-CONFIG = """
-[global]
-default_template = t
-[cluster t]
-provider = local
-cores_per_node = 1
-plugins = ipcluster
-[plugin ipcluster]
-setup_class = ipcluster
-{extra}
-"""
 
 
 def one_line_error(result, code: int = 2) -> str:
@@ -46,14 +34,14 @@ def one_line_error(result, code: int = 2) -> str:
 def test_sizes_beyond_what_the_provider_can_give_are_bad_input_and_nothing_is_recorded(cli, home, write_config):
     line = one_line_error(cli("start", "-s", "9" * 29, "huge"))
     assert f"-s {'9' * 29}: " in line and "the local provider runs at most" in line
-    config = str(write_config(CONFIG.format(extra="").replace("cores_per_node = 1", "cores_per_node = 100000000")))
+    config = str(write_config(local_config().replace("cores_per_node = 1", "cores_per_node = 100000000")))
     line = one_line_error(cli("-c", config, "start", "wide"))
     assert "cores_per_node: 100000000 engines per node; at most" in line
-    huge = str(write_config(CONFIG.format(extra="").replace("cores_per_node = 1", "cluster_size = " + "9" * 23)))
+    huge = str(write_config(local_config().replace("cores_per_node = 1", "cluster_size = " + "9" * 23)))
     assert "[cluster t] cluster_size: " in one_line_error(cli("-c", huge, "start", "big"))
     assert not (home / "clusters").exists() or not list((home / "clusters").glob("*.json"))
 
-    config = str(write_config(CONFIG.format(extra="")))
+    config = str(write_config(local_config()))
     assert cli("-c", config, "start", "-s", "1", "grow").returncode == 0
     grown = cli("-c", config, "addnode", "-n", "9" * 20, "grow")
     stopped = cli("terminate", "-y", "grow")
@@ -80,7 +68,7 @@ def start_in_background(config: str, name: str, home: Path) -> subprocess.Popen[
 def test_a_start_killed_at_any_moment_leaves_nothing_that_terminate_does_not_stop(cli, home, write_config, delay):
     """SIGKILL the start soon after its record appears (a sweep of moments, before and after its
     processes are recorded): terminate must stop every process it started, recorded or not."""
-    config = str(write_config(CONFIG.format(extra="")))
+    config = str(write_config(local_config()))
     record = home / "clusters" / "killed.json"
     proc = start_in_background(config, "killed", home)
     try:
@@ -100,7 +88,7 @@ def test_a_start_killed_at_any_moment_leaves_nothing_that_terminate_does_not_sto
 
 
 def test_terminate_force_stops_the_processes_of_an_unreadable_record(cli, home, write_config):
-    config = str(write_config(CONFIG.format(extra="")))
+    config = str(write_config(local_config()))
     assert cli("-c", config, "start", "-s", "2", "torn").returncode == 0
     pids = recorded_pids(read_record(home, "torn"))
     path = home / "clusters" / "torn.json"
@@ -140,9 +128,9 @@ def test_bad_input_of_every_kind_is_one_line(cli, home, tmp_path, write_config):
         assert f"cluster_size: expected a whole number, got '{value}'" in one_line_error(
             cli("-c", str(bad), "start", "-c", "a", "x")
         )
-    twice = write_config(CONFIG.format(extra="").replace("plugins = ipcluster", "plugins = ipcluster, ipcluster"))
+    twice = write_config(local_config().replace("plugins = ipcluster", "plugins = ipcluster, ipcluster"))
     assert "plugins: lists ipcluster twice" in one_line_error(cli("-c", str(twice), "start", "x"))
-    long = write_config(CONFIG.format(extra="packer = " + "y" * 100_000), "long.ini")
+    long = write_config(local_config("packer = " + "y" * 100_000), "long.ini")
     line = one_line_error(cli("-c", str(long), "start", "x"))
     assert "(100000 characters)" in line and len(line) < 400
     assert "invalid cluster name 'x[/]'" in one_line_error(cli("start", "x[/]"))
@@ -171,7 +159,7 @@ def test_controller_ports_partly_held_by_others_are_named(cli, home, write_confi
                 s.close()
                 continue
             held.append(s)
-        config = str(write_config(CONFIG.format(extra=f"controller_ports = {first}-{first + 19}")))
+        config = str(write_config(local_config(f"controller_ports = {first}-{first + 19}")))
         result = cli("-c", config, "start", "-s", "1", "held")
     finally:
         for s in held:
@@ -184,7 +172,7 @@ def test_controller_ports_partly_held_by_others_are_named(cli, home, write_confi
 def test_a_notebook_directory_that_is_a_file_fails_the_preflight(cli, home, tmp_path, write_config):
     afile = tmp_path / "notes"
     afile.write_text("not a folder")
-    config = str(write_config(CONFIG.format(extra=f"enable_notebook = true\nnotebook_directory = {afile}")))
+    config = str(write_config(local_config(f"enable_notebook = true\nnotebook_directory = {afile}")))
     result = cli("-c", config, "start", "-s", "1", "nb")
     assert result.returncode == 1, result.output
     assert "preflight failed, nothing was started" in result.stderr
@@ -195,7 +183,7 @@ def test_a_notebook_directory_that_is_a_file_fails_the_preflight(cli, home, tmp_
 
 
 def test_folders_are_private_under_umask_000_and_ports_stay_off_the_command_line(home, write_config, cli):
-    config = str(write_config(CONFIG.format(extra="")))
+    config = str(write_config(local_config()))
     env = dict(os.environ, GLOBULAR_HOME=str(home), PYTHONPATH=str(TESTS))
     done = subprocess.run(
         [sys.executable, "-m", "globular", "-c", config, "start", "-s", "2", "open"],
@@ -218,7 +206,7 @@ def test_folders_are_private_under_umask_000_and_ports_stay_off_the_command_line
 
 
 def test_an_early_sigterm_is_one_word_and_no_asyncio_noise(home, write_config, cli):
-    config = str(write_config(CONFIG.format(extra="")))
+    config = str(write_config(local_config()))
     proc = start_in_background(config, "early", home)
     assert wait_until((home / "clusters" / "early.json").exists, timeout=30)
     proc.send_signal(signal.SIGTERM)
@@ -232,7 +220,7 @@ def test_an_early_sigterm_is_one_word_and_no_asyncio_noise(home, write_config, c
 def test_status_flags_more_engines_than_expected(cli, home, write_config):
     """An engine that globular did not start joins the controller (a second ipcluster, a stray
     from elsewhere): status must not call that "ok"."""
-    config = str(write_config(CONFIG.format(extra="")))
+    config = str(write_config(local_config()))
     assert cli("-c", config, "start", "-s", "1", "extra").returncode == 0
     master = read_record(home, "extra")["nodes"][0]
     info = Path(master["workdir"]) / "security" / "ipcontroller-engine.json"
@@ -275,7 +263,7 @@ def test_a_dead_controller_fails_outstanding_results_and_restart_controller_brin
 
     import globular
 
-    config = str(write_config(CONFIG.format(extra="")))
+    config = str(write_config(local_config()))
     assert cli("-c", config, "start", "-s", "2", "phoenix").returncode == 0
     rc = globular.connect("phoenix")
     try:
@@ -306,7 +294,7 @@ def test_with_restart_dead_engines_a_killed_controller_comes_back_and_keeps_its_
 
     import globular
 
-    config = str(write_config(CONFIG.format(extra="restart_dead_engines = true")))
+    config = str(write_config(local_config("restart_dead_engines = true")))
     assert cli("-c", config, "start", "-s", "2", "lazarus").returncode == 0
     try:
         rc = globular.connect("lazarus")

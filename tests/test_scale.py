@@ -14,22 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, read_record
+from conftest import TESTS, local_config, read_record
 
 pytestmark = pytest.mark.cluster
-
-CONFIG = """
-[global]
-default_template = t
-[cluster t]
-provider = local
-cores_per_node = 1
-plugins = ipcluster
-{python}
-[plugin ipcluster]
-setup_class = ipcluster
-{extra}
-"""
 
 
 def test_a_failed_start_keeps_the_nodes_logs_and_quotes_the_engine_that_did_not_register(
@@ -41,7 +28,7 @@ def test_a_failed_start_keeps_the_nodes_logs_and_quotes_the_engine_that_did_not_
         f'exec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)
-    config = str(write_config(CONFIG.format(python=f"python = {wrapper}", extra="engine_timeout = 3")))
+    config = str(write_config(local_config("engine_timeout = 3", python=f"python = {wrapper}")))
     result = cli("-c", config, "start", "-s", "2", "stuck")
     assert result.returncode == 1, result.output
     assert "only 0 of 2 engines registered within 3s (master 0 of 1, node001 0 of 1)" in result.stderr
@@ -60,7 +47,7 @@ def test_a_low_open_file_limit_is_raised_for_the_run(home, write_config, cli):
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 256:
         pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
-    config = str(write_config(CONFIG.format(python="", extra="")))
+    config = str(write_config(local_config()))
     env = dict(os.environ, GLOBULAR_HOME=str(home), PYTHONPATH=str(TESTS))
 
     def low_limit() -> None:
@@ -80,7 +67,7 @@ def test_a_low_open_file_limit_is_raised_for_the_run(home, write_config, cli):
 
 
 def test_restart_step_times_count_from_the_restart(cli, home, write_config):
-    config = str(write_config(CONFIG.format(python="", extra="")))
+    config = str(write_config(local_config()))
     assert cli("-c", config, "start", "-s", "2", "steps").returncode == 0
     try:
         marks = {n["name"]: n["steps"]["registered"] for n in read_record(home, "steps")["nodes"]}
@@ -114,7 +101,7 @@ def flaky_engine_python(folder: Path, fails: int) -> Path:
 
 
 def test_an_engine_that_dies_before_registering_is_started_again(cli, home, tmp_path, write_config):
-    config = str(write_config(CONFIG.format(python=f"python = {flaky_engine_python(tmp_path, 1)}", extra="")))
+    config = str(write_config(local_config(python=f"python = {flaky_engine_python(tmp_path, 1)}")))
     started = cli("-c", config, "start", "-s", "2", "flaky")
     stopped = cli("terminate", "-y", "flaky")
     assert started.returncode == 0, started.output
@@ -123,7 +110,7 @@ def test_an_engine_that_dies_before_registering_is_started_again(cli, home, tmp_
 
 
 def test_an_engine_that_keeps_dying_fails_the_start_after_its_retries(cli, home, tmp_path, write_config):
-    config = str(write_config(CONFIG.format(python=f"python = {flaky_engine_python(tmp_path, 99)}", extra="")))
+    config = str(write_config(local_config(python=f"python = {flaky_engine_python(tmp_path, 99)}")))
     result = cli("-c", config, "start", "-s", "1", "doomed")
     assert result.returncode == 1, result.output
     assert "exited (started 3 times); its log" in result.stderr and "engine dies at start" in result.stderr

@@ -23,7 +23,7 @@ from globular.cluster import ClusterContext, load_plugin, node_names, node_order
 from globular.errors import BadInput, ClusterNotFound, GlobularError, NodeFailures, StartFailed
 from globular.fanout import each_node
 from globular.logs import cluster_log
-from globular.paths import globular_home, write_private
+from globular.paths import connection_file_path, globular_home, write_private
 from globular.plugins.base import NodeCheck, Plugin, PluginReport
 from globular.registry import make_provider, provider_class
 from globular.reporting import NullReporter, Reporter
@@ -352,8 +352,9 @@ async def force_terminate(name: str, *, home: Path | None = None, reporter: Repo
                 )
         regions = [record.region] if record is not None else ["local", "ssh"]  # an ec2 record names its own
         for region in regions:  # the client's connection file and the notebook's, if any are left
-            for leftover in (f"{name}-{region}.json", f"{name}-{region}-notebook.json"):
-                (home / "ipcluster" / leftover).unlink(missing_ok=True)
+            client_file = connection_file_path(home, name, region)
+            for leftover in (client_file, client_file.with_name(f"{client_file.stem}-notebook.json")):
+                leftover.unlink(missing_ok=True)
         store.delete(name)
     return TerminateResult(name, nodes, stopped, 0, time.monotonic() - started, warnings)
 

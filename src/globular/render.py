@@ -243,10 +243,7 @@ class Output:
     def report(self, report: PluginReport) -> None:
         """A plugin's report: its summary, warnings and hints."""
         if report.summary:
-            grid = Table.grid(padding=(0, 2))
-            for label, value in report.summary:
-                grid.add_row(f"[bold]{escape(label)}[/]", escape(value))
-            self.console.print(grid)
+            self.grid(report.summary)
         for warning in report.warnings:
             self.warn(warning)
         if report.hints:

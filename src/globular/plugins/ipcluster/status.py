@@ -15,6 +15,7 @@ from globular.plugins.ipcluster.engines import engine_node
 from globular.plugins.ipcluster.idle import idle_state_file
 from globular.plugins.ipcluster.roles import CONTROLLER, ENGINE, SUPERVISOR
 from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for
+from globular.render import age
 
 if TYPE_CHECKING:
     from ipyparallel import Client
@@ -65,9 +66,7 @@ def _idle_column(state: dict[str, Any] | None) -> str:
         return "done " + time.strftime("%H:%M", time.localtime(state["shutdown"]))
     deadline = state.get("deadline")
     if deadline:
-        left = int(max(0.0, deadline - time.time()))
-        when = f"{left}s" if left < 120 else f"{left // 60}m"
-        return f"in {when} ({time.strftime('%H:%M', time.localtime(deadline))})"
+        return f"in {age(max(0.0, deadline - time.time()))} ({time.strftime('%H:%M', time.localtime(deadline))})"
     return "on"
 
 
