@@ -239,6 +239,33 @@ def no_processes_left(net, folder: Path) -> bool:
     return True
 
 
+def processes_in(folder: Path) -> list[int]:
+    """This machine's processes (the netns hosts share its pids) whose command line names ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(folder) in args:
+                found.append(int(entry.name))
+    return found
+
+
+def pending_signals(pid: int) -> set[int]:
+    """The signals waiting for (stopped) process ``pid``: its own and its thread group's."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    mask = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(line.split()[1], 16)
+    return {bit + 1 for bit in range(64) if mask >> bit & 1}
+
+
 @hosts_needed
 @pytest.mark.cluster
 def test_bare_hosts_get_user_packages_and_a_second_start_installs_nothing(net, cli, home, tmp_path):
@@ -355,13 +382,27 @@ def test_an_interrupted_build_is_never_trusted(net, cli, home, tmp_path):
             return []
         return [p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and not p.is_symlink()]
 
+    builders: list[int] = []
     try:
         assert wait_until(lambda: any((p / "bin" / "python").exists() for p in partial()), timeout=120), (
             "no build began"
         )
+        # freeze the builder, so that its own clean-up cannot race this test: the host
+        # drops it hard below, as a host that loses power would
+        builders = processes_in(tmp_path / "hosts")
+        assert builders, "no builder process on the host"
+        for pid in builders:
+            os.kill(pid, signal.SIGSTOP)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    try:  # the builder goes with its session: SIGTERM is on its way to it
+        assert wait_until(lambda: any(signal.SIGTERM in pending_signals(pid) for pid in builders), timeout=30), (
+            "the builder would outlive globular"
+        )
+    finally:
+        for pid in builders:
+            os.kill(pid, signal.SIGKILL)
     (half,) = partial()
     assert not environments(root)  # no link: nothing trusts it
     assert wait_until(lambda: no_processes_left(net, tmp_path / "hosts"), timeout=30), "the builder outlived globular"
