@@ -7,8 +7,10 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -85,6 +87,7 @@ def test_status_explains_a_half_broken_cluster(cli, home, write_config):
 
 
 def test_python_api_and_px_magics_through_globular_connect(home, tmp_path, write_config):
+    import ipyparallel
     from IPython.core.interactiveshell import InteractiveShell
 
     import globular
@@ -93,6 +96,17 @@ def test_python_api_and_px_magics_through_globular_connect(home, tmp_path, write
     cluster = globular.Cluster.start("py", config=config, home=home)
     try:
         assert cluster.nodes == ["master", "node001"]
+        # the connection file says where the controller is as ipcontroller would (its host's
+        # name), and ipyparallel's own Client reads it without a "not on this machine" warning
+        path = home / "ipcluster" / "py-local.json"
+        assert json.loads(path.read_text())["location"] == socket.gethostname()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            direct = ipyparallel.Client(str(path))
+        try:
+            assert direct.wait_for_engines(2, timeout=30) is None and direct[:].apply_sync(abs, -7) == [7, 7]
+        finally:
+            direct.close()
         rc = globular.connect("py", home=home)
         try:
             assert wait_until(lambda: len(rc.ids) == 2, timeout=30)

@@ -54,6 +54,12 @@ def connection_info(data: dict[str, Any], cluster: str) -> dict[str, Any]:
     return info
 
 
+def controller_address(info: dict[str, Any]) -> str:
+    """The address the controller listens on, from a connection file (its ``interface``; its
+    ``location`` is the master's hostname, as ipcontroller writes it, for ipyparallel's Client)."""
+    return str(info["interface"]).split("://", 1)[1]
+
+
 async def reachable_info(runner: Runner, info: dict[str, Any]) -> dict[str, Any]:
     """Client connection info that works from this machine.
 
@@ -62,7 +68,7 @@ async def reachable_info(runner: Runner, info: dict[str, Any]) -> dict[str, Any]
     """
     if runner.node.is_local:
         return info
-    host = info["interface"].split("://", 1)[1]
+    host = controller_address(info)
     forwarded = dict(info, interface="tcp://127.0.0.1", location="127.0.0.1", ssh="")
     for key in PORT_KEYS:
         forwarded[key] = (await runner.forward_port(host, info[key]))[1]
@@ -152,7 +158,6 @@ async def launch_controller(
         "ipyparallel.controller",
         f"--profile-dir={profile_dir(master)}",
         f"--ip={ip}",
-        f"--location={ip}",
         f"--HeartMonitor.period={settings.heartbeat_period}",
         f"--HeartMonitor.max_heartmonitor_misses={heartbeat_misses(settings.heartbeat_period)}",
         f"--Session.packer={packer.pack}",
@@ -187,7 +192,7 @@ async def launch_controller(
         "key": key,
         "signature_scheme": "hmac-sha256",
         "interface": f"tcp://{ip}",
-        "location": ip,
+        "location": ip,  # the engines' copy, written before the controller writes its own (with its hostname)
         **dict(zip(ENGINE_PORT_KEYS, ports)),
         "broadcast": ports[len(ENGINE_PORT_KEYS) :],
         "pack": packer.pack,

@@ -8,6 +8,7 @@ from pathlib import Path
 from globular.fanout import each_node
 from globular.plugins.base import PluginContext
 from globular.plugins.ipcluster import idlewatch
+from globular.plugins.ipcluster.controller import controller_address
 from globular.plugins.ipcluster.roles import DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
@@ -37,7 +38,12 @@ async def start_idle_watchers(ctx: PluginContext, settings: IPClusterSettings, n
                 "state_file": idle_state_file(node),
             }
         elif rents:
-            request = {"mode": "node", "controller": info["location"], "port": info["registration"], "grace": 120}
+            request = {
+                "mode": "node",
+                "controller": controller_address(info),
+                "port": info["registration"],
+                "grace": 120,
+            }
         else:
             return
         runner = ctx.runner(node)

@@ -24,7 +24,13 @@ from globular.errors import GlobularError
 from globular.fanout import each_node
 from globular.paths import connection_file_path, write_private
 from globular.plugins.base import NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
-from globular.plugins.ipcluster.controller import controller_ip, controller_ready, launch_controller, open_client
+from globular.plugins.ipcluster.controller import (
+    controller_address,
+    controller_ip,
+    controller_ready,
+    launch_controller,
+    open_client,
+)
 from globular.plugins.ipcluster.controller import running_data as _running_data
 from globular.plugins.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
 from globular.plugins.ipcluster.idle import start_idle_watchers
@@ -114,7 +120,7 @@ class IPCluster(Plugin):
             modules.append(Requirement(settings.packer_spec.module, load=True, need=f"packer = {settings.packer}"))
         master_modules = [Requirement("jupyterlab", need="enable_notebook")] if settings.enable_notebook else []
         running = ctx.plugin_data(DATA_KEY).get("engine_info") or {}
-        ip = running.get("location") or await controller_ip(ctx, settings)
+        ip = controller_address(running) if running else await controller_ip(ctx, settings)
         return await run_preflight(
             ctx,
             nodes,
