@@ -6,11 +6,17 @@ Needs root, sshd and iproute2: it makes the netns test hosts of tests/testhosts.
 (198.18.0.0/24), one engine per host (``cores_per_node = 1``, ``environment =
 system`` with this machine's Python, which the hosts share).  For every size, each
 round: ``start -s N``, ``runplugin ipclusterrestart``, ``terminate``, timed from the
-outside as a user sees them; then the ratios issue 16 asks for: restart / start of
-the same cluster, and terminate of N / terminate of 1.  With ``--failure-rate NxK``
+outside as a user sees them; then the same three with plain ipyparallel's own SSH
+launcher (``ipp.Cluster(engine_launcher_class="ssh")``, controller here on the bridge
+address, one engine per host), interleaved; then the ratios issue 16 asks for: restart /
+start of the same cluster, terminate of N / terminate of 1, and globular / plain.  The
+CPU columns are the whole machine's busy CPU-seconds during terminate: every test host
+shares this machine's cores, so what would run on N machines at once queues here (see
+the README).  ``--no-plain`` leaves plain ipyparallel out.  With ``--failure-rate NxK``
 it also starts and terminates an N-host cluster K times and counts the starts that
 succeed.  Opt-in (not in scripts/test): 1, 4, 16, 32 hosts take about 5 minutes on 2
-cores, a 32x20 failure-rate run about 25.
+cores without plain ipyparallel (whose launcher starts hosts one after another: about 4 s
+a host), a 32x20 failure-rate run about 8.
 """
 
 from __future__ import annotations
@@ -46,6 +52,59 @@ plugins = ipcluster
 [plugin ipcluster]
 setup_class = ipcluster
 """
+
+
+def busy_cpu() -> float:
+    """CPU-seconds this machine has been busy (user, nice, system, irq, softirq), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+
+
+class Plain:
+    """Plain ipyparallel on the same hosts: its SSH engine launcher, the controller here."""
+
+    def __init__(self, root: Path, net: testhosts.HostNet):
+        self.root, self.net = root, net
+        ssh = ["-i", str(net.key), "-o", f"UserKnownHostsFile={net.known_hosts}", "-o", "BatchMode=yes"]
+        self.ssh_args = ssh
+
+    def round(self, n: int) -> tuple[float, float, float, float]:
+        """start, restart, terminate (seconds) and terminate's busy CPU-seconds."""
+        import ipyparallel as ipp
+
+        profile = self.root / f"ipp-{n}"
+        cluster = ipp.Cluster(
+            profile_dir=str(profile),
+            n=n,
+            controller_ip=testhosts.GATEWAY,
+            engine_launcher_class="ssh",
+            log_level=40,
+        )
+        cluster.config.SSHLauncher.ssh_args = self.ssh_args
+        cluster.config.SSHLauncher.scp_args = self.ssh_args
+        cluster.config.SSHLauncher.remote_python = sys.executable
+        # the hosts share this file system: a folder of their own, or scp would copy files onto themselves
+        cluster.config.SSHLauncher.remote_profile_dir = str(self.root / f"ipp-remote-{n}")
+        cluster.config.SSHEngineSetLauncher.engines = {f"root@{h.address}": 1 for h in self.net.hosts[:n]}
+        began = time.perf_counter()
+        cluster.start_cluster_sync()
+        client = cluster.connect_client_sync()
+        client.wait_for_engines(n, timeout=600)
+        start = time.perf_counter() - began
+        try:
+            began = time.perf_counter()
+            old = set(client.ids)
+            cluster.restart_engines_sync()
+            client.wait_for_engines(n, timeout=600, block=True)
+            while len(set(client.ids) - old) < n:
+                time.sleep(0.05)
+            restart = time.perf_counter() - began
+        finally:
+            client.close()
+            began, cpu = time.perf_counter(), busy_cpu()
+            cluster.stop_cluster_sync()
+            terminate, cpu = time.perf_counter() - began, busy_cpu() - cpu
+        return start, restart, terminate, cpu
 
 
 class Globular:
@@ -87,6 +146,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,4,16,32")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--failure-rate", default="", help="NxK: start N hosts K times, count the successes")
+    parser.add_argument("--no-plain", action="store_true", help="leave plain ipyparallel out")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results-scale.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -97,17 +157,24 @@ def main() -> None:
     samples: dict[str, list[float]] = {}
     outcomes: list[str] = []
     try:
-        glob = Globular(root, net)
+        glob, plain = Globular(root, net), Plain(root, net)
         for round_ in range(args.repeats):
             for n in sizes:
                 start = glob.must("start", "-s", str(n), "b")
                 restart = glob.must("runplugin", "ipclusterrestart", "b")
+                cpu = busy_cpu()
                 terminate = glob.must("terminate", "-y", "b")
-                for key, value in (("start", start), ("restart", restart), ("terminate", terminate)):
+                cpu = busy_cpu() - cpu
+                figures = {"start": start, "restart": restart, "terminate": terminate, "terminate cpu": cpu}
+                if not args.no_plain:
+                    p_start, p_restart, p_terminate, p_cpu = plain.round(n)
+                    figures |= {"plain start": p_start, "plain restart": p_restart, "plain terminate": p_terminate,
+                                "plain terminate cpu": p_cpu}  # fmt: skip
+                for key, value in figures.items():
                     samples.setdefault(f"{key} {n}", []).append(value)
                 samples.setdefault(f"restart/start {n}", []).append(restart / start)
-                print(f"round {round_ + 1}, {n} hosts: start {start:.2f} s, restart {restart:.2f} s, "
-                      f"terminate {terminate:.2f} s", flush=True)  # fmt: skip
+                print(f"round {round_ + 1}, {n} hosts: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()),
+                      flush=True)  # fmt: skip
         for i in range(tries):
             took, done = glob.cmd("start", "-s", str(runs), "b")
             last = done.stderr.strip().splitlines()[-1:] if done.returncode else []
@@ -120,11 +187,21 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(
         f"\n{'hosts':>5}  {'start s':>8}  {'restart s':>9}  {'restart/start':>13}  {'terminate s':>11}  {'term N/1':>8}"
+        f"  {'term CPU-s':>10}"
     )
     for n in sizes:
         per_one = med[f"terminate {n}"] / med[f"terminate {sizes[0]}"]
         print(f"{n:>5}  {med[f'start {n}']:>8.2f}  {med[f'restart {n}']:>9.2f}  {med[f'restart/start {n}']:>13.2f}  "
-              f"{med[f'terminate {n}']:>11.2f}  {per_one:>8.2f}")  # fmt: skip
+              f"{med[f'terminate {n}']:>11.2f}  {per_one:>8.2f}  {med[f'terminate cpu {n}']:>10.2f}")  # fmt: skip
+    if not args.no_plain:
+        print("\nplain ipyparallel (SSH launcher), and globular / plain")
+        print(f"{'hosts':>5}  {'start s':>8}  {'restart s':>9}  {'terminate s':>11}  {'term CPU-s':>10}  "
+              f"{'start g/p':>9}  {'restart g/p':>11}  {'terminate g/p':>13}")  # fmt: skip
+        for n in sizes:
+            row = [med[f"plain {k} {n}"] for k in ("start", "restart", "terminate", "terminate cpu")]
+            ratios = [med[f"{k} {n}"] / med[f"plain {k} {n}"] for k in ("start", "restart", "terminate")]
+            print(f"{n:>5}  {row[0]:>8.2f}  {row[1]:>9.2f}  {row[2]:>11.2f}  {row[3]:>10.2f}  "
+                  f"{ratios[0]:>9.2f}  {ratios[1]:>11.2f}  {ratios[2]:>13.2f}")  # fmt: skip
     if tries:
         print(f"start -s {runs}: {outcomes.count('ok')} of {tries} succeeded")
     print(f"({time.perf_counter() - began:.0f} s in all; samples in {args.json})")

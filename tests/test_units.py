@@ -419,3 +419,36 @@ def test_the_config_reference_in_docs_is_current():
     keys = {(e.section, e.key) for e in reference()}
     assert ("[cluster] provider = ssh", "node_hosts") in keys and ("[cluster]", "packages") in keys
     assert ("[plugin NAME] setup_class = ipcluster", "encryption") in keys
+
+
+def test_slurm_settings_and_the_sbatch_command_they_make(tmp_path):
+    from pydantic import ValidationError
+
+    from globular.providers.slurm import SlurmProvider, _fraction_left, _seconds
+    from globular.providers.slurm_settings import SlurmSettings
+
+    settings = SlurmSettings.model_validate(
+        {
+            "partition": "gpu",
+            "time_limit": "1-02:00:00",
+            "sbatch_args": "--mem=8G --gres='gpu:1'",
+            "cores_per_node": "4",
+        }
+    )
+    assert settings.sbatch_args == ["--mem=8G", "--gres=gpu:1"]  # split like a shell would, never run by one
+    for bad in ({"time_limit": "2 hours"}, {"partition": "a b"}, {"partition": "--x"}, {"sbatch_args": "'open"}):
+        with pytest.raises(ValidationError):
+            SlurmSettings.model_validate(bad)
+    spec = ClusterSpec(
+        template="t",
+        cluster_size=2,
+        provider="slurm",
+        provider_settings=settings.model_dump() | {"remote_dir": str(tmp_path)},
+    )
+    provider = SlurmProvider(spec, cluster="c", home=tmp_path)
+    argv = provider.sbatch_argv("node001", host="cn7")
+    assert argv[:2] == ["sbatch", "--parsable"]
+    assert {"--partition=gpu", "--time=1-02:00:00", "--cpus-per-task=4", "--nodelist=cn7", "--job-name=glb-c-node001",
+            f"--comment={provider.mark('node001')}", "--mem=8G", "--gres=gpu:1"} <= set(argv)  # fmt: skip
+    assert _seconds("1-02:00:00") == 93600 and _seconds("10:00") == 600 and _seconds("UNLIMITED") is None
+    assert _fraction_left("0:05:00", "1:00:00") == pytest.approx(1 / 12) and _fraction_left("5:00", "NOT_SET") is None

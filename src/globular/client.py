@@ -39,6 +39,11 @@ def node_shell(
     home = home or globular_home()
     record = StateStore(home).get(name)
     node = record.node(node_name)
+    provider_argv = make_provider(record.spec, cluster=record.name, home=home).shell_argv(node, command)
+    if provider_argv is not None:
+        if user:
+            raise BadInput(f"{node.name} of {name!r} is a {record.spec.provider} node: it takes no --user")
+        return NodeShell(provider_argv)
     if node.is_local:
         if user:
             raise BadInput(f"{node.name} of {name!r} is a local node: it takes no --user")

@@ -72,6 +72,21 @@ def _signal(proc: Proc, sig: int) -> bool:
     return True
 
 
+def cpus() -> int:
+    """The cores this process may use: a Slurm job's allocation (SLURM_CPUS_ON_NODE), else the
+    CPUs it is allowed to run on, else the machine's."""
+    allocated = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    if allocated.isdigit() and int(allocated) > 0:
+        return int(allocated)
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_spawned: list[int] = []  # pids this process started (a keeper reaps them as they end)
+
+
 def spawn(req: Request) -> Any:
     started = []
     try:
@@ -96,6 +111,7 @@ def spawn(req: Request) -> Any:
                 )
             st = _stat(child.pid)
             started.append({"pid": child.pid, "start": st[3] if st else 0})
+            _spawned.append(child.pid)
     except OSError as exc:
         for proc in started:
             _signal(proc, signal.SIGKILL)
@@ -270,7 +286,7 @@ def prepare(req: Request) -> Any:
     missing = [m for m in req.get("modules", []) if importlib.util.find_spec(m) is None]
     return {
         "workdir": path,
-        "cpus": os.cpu_count() or 1,
+        "cpus": cpus(),
         "python": sys.executable,
         "version": ".".join(map(str, sys.version_info[:3])),
         "missing": missing,
@@ -388,7 +404,7 @@ def facts(req: Request) -> Any:
         "children": children({"procs": req.get("parents", [])}) if req.get("parents") else [],
         "python": ".".join(map(str, sys.version_info[:3])),
         "executable": sys.executable,
-        "cpus": os.cpu_count() or 1,
+        "cpus": cpus(),
         "load": list(os.getloadavg()),
         "uptime": uptime,
         "modules": found,
@@ -517,9 +533,98 @@ def serve(stdin: Any, stdout: Any) -> None:
         thread.join(60)
 
 
+def keeper_socket() -> str:
+    """Where the keeper of this Slurm job listens: a 0700 folder of this user and job in /tmp
+    (the same path for the job's batch step and for the ``srun`` steps on its node)."""
+    return f"/tmp/globular-{os.getuid()}-{os.environ['SLURM_JOB_ID']}/keeper.sock"
+
+
+def keeper() -> None:
+    """A Slurm job's batch step: answer ``serve`` requests from every connection to
+    :func:`keeper_socket` (``relay`` brings them from globular), so that what it spawns lives in the
+    batch step, as long as the job (an ``srun`` step's processes end with the step).  On SIGTERM
+    (``scancel``, the walltime) it stops what it spawned and exits."""
+    import socket
+    import threading
+
+    path = keeper_socket()
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    os.chmod(os.path.dirname(path), 0o700)
+    if os.path.exists(path):
+        os.unlink(path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(16)
+
+    def end(*_: Any) -> None:
+        stats = {pid: _stat(pid) for pid in _spawned}
+        stop({"procs": [{"pid": pid, "start": st[3]} for pid, st in stats.items() if st], "timeout": 5})
+        for name in (path, os.path.dirname(path)):
+            try:
+                os.unlink(name) if name == path else os.rmdir(name)
+            except OSError:
+                pass
+        os._exit(0)
+
+    def reap() -> None:
+        while True:
+            for pid in list(_spawned):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        _spawned.remove(pid)
+                except ChildProcessError:
+                    _spawned.remove(pid)
+            time.sleep(1)
+
+    def answer(conn: Any) -> None:
+        with conn, conn.makefile("r") as rfile, conn.makefile("w") as wfile:
+            serve(rfile, wfile)
+
+    signal.signal(signal.SIGTERM, end)
+    threading.Thread(target=reap, daemon=True).start()
+    print(f"globular keeper of job {os.environ['SLURM_JOB_ID']} on {socket.gethostname()}: {path}", flush=True)
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
+def relay(timeout: float = 60.0) -> None:
+    """An ``srun`` step on a job's node, in the node's Python: the helper (``serve``), except that
+    what it spawns, the job's keeper spawns (so that it outlives the step).  Waits up to
+    ``timeout`` s for the keeper to listen."""
+    import socket
+
+    path, deadline = keeper_socket(), time.monotonic() + timeout
+
+    def ask_keeper(req: Request) -> Any:
+        while True:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(path)
+                break
+            except OSError as exc:
+                conn.close()
+                if time.monotonic() > deadline:
+                    raise Refused(f"no keeper of job {os.environ.get('SLURM_JOB_ID')} listens at {path}: {exc}") from None
+                time.sleep(0.1)
+        with conn, conn.makefile("r") as rfile, conn.makefile("w") as wfile:
+            wfile.write(json.dumps({"id": 0, "verb": "spawn", "request": req}) + "\n")
+            wfile.flush()
+            answer = json.loads(rfile.readline() or "{}")
+        if "reply" not in answer:
+            raise Refused(answer.get("refused") or answer.get("error") or "the keeper did not answer")
+        return answer["reply"]
+
+    VERBS["spawn"] = ask_keeper
+    serve(sys.stdin, sys.stdout)
+
+
 def main(argv: list[str]) -> None:
     if argv[1] == "serve":
         serve(sys.stdin, sys.stdout)
+        return
+    if argv[1] in ("keeper", "relay"):
+        keeper() if argv[1] == "keeper" else relay()
         return
     # a detached process (spawn) has no stdin: its request, never a secret, is the argument
     request = json.loads(argv[2]) if len(argv) > 2 else json.loads(sys.stdin.read() or "{}")

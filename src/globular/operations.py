@@ -258,7 +258,7 @@ async def prune_environments(
     """Remove the node environments (:mod:`globular.environment`) from the hosts of template
     ``spec``, except those a running cluster of this machine uses; node -> what was removed."""
     home, store, reporter = _home(home, reporter)
-    if provider_class(spec.provider).rents_machines:
+    if not provider_class(spec.provider).environments_outlive_nodes:
         raise GlobularError(f"{spec.provider} nodes are released with their disks: there is nothing to prune")
     in_use = {n.data["env"]["name"] for r in store.list()[0] for n in r.nodes if n.data.get("env")}
     spec = spec.model_copy(update={"plugins": []})

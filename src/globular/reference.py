@@ -52,7 +52,9 @@ def entries_of(section: str, model: type[Settings]) -> list[Entry]:
             default = "(empty)"
         else:
             default = "(none)" if field.default is None else str(field.default)
-        found.append(Entry(section, key, _type_name(field.annotation), default, field.description or ""))
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        kind = str(extra.get("reference_type") or _type_name(field.annotation))  # a model may name its own
+        found.append(Entry(section, key, kind, default, field.description or ""))
     return found
 
 

@@ -126,6 +126,13 @@ class RichReporter:
             completed=total if step == "registered" else min(len(done), total - 1),
         )
 
+    def node_waiting(self, node: str, why: str, seconds: float) -> None:
+        """The node's line says what it waits for, live: ``node002  PENDING (Priority) 12s``."""
+        key = f"node:{node}"
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task("", total=len(NODE_STEPS))
+        self.progress.update(self.tasks[key], description=f"[dim]{node:<9}[/] {why} {seconds:.0f}s")
+
 
 class LineReporter:
     """Progress as one line per finished step (not a terminal: a log, a pipe, CI)."""
@@ -134,6 +141,7 @@ class LineReporter:
         self.target = target
         self.steps: dict[str, tuple[str, int, int, float]] = {}  # key -> description, done, total, started
         self.node_steps: dict[str, dict[str, float]] = {}
+        self.waiting: dict[str, tuple[str, float]] = {}  # node -> what it waits for, since when (s)
 
     def __enter__(self) -> LineReporter:
         return self
@@ -167,6 +175,13 @@ class LineReporter:
         if step == "registered":
             text = "  ".join(f"{name} {took:.1f}s" for name, took in done.items())
             print(f"{node:<9} {text}", file=self.target, flush=True)
+
+    def node_waiting(self, node: str, why: str, seconds: float) -> None:
+        """A line when what the node waits for changes, and every 30 s while it waits."""
+        last = self.waiting.get(node)
+        if last is None or last[0] != why or seconds - last[1] >= 30:
+            self.waiting[node] = (why, seconds)
+            print(f"{node:<9} {why} {seconds:.0f}s", file=self.target, flush=True)
 
 
 class Output:

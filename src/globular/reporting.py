@@ -37,6 +37,9 @@ class Reporter(Protocol):
     def node_step(self, node: str, step: str, seconds: float) -> None:
         """``node`` reached ``step`` (provision, ssh, setup, env, engines, registered), ``seconds`` after the previous one."""
 
+    def node_waiting(self, node: str, why: str, seconds: float) -> None:
+        """``node`` has waited ``seconds`` for something outside globular (``PENDING (Priority)``: Slurm)."""
+
 
 class NullReporter:
     def begin(self, key: str, description: str, total: int) -> None:
@@ -52,4 +55,7 @@ class NullReporter:
         pass
 
     def node_step(self, node: str, step: str, seconds: float) -> None:
+        pass
+
+    def node_waiting(self, node: str, why: str, seconds: float) -> None:
         pass

@@ -59,7 +59,8 @@ class NodeRecord(BaseModel):
 
     @property
     def is_local(self) -> bool:
-        """The node is this machine (no ssh login)."""
+        """No ssh login: the node is this machine, or one this machine reaches directly (a
+        Slurm job's compute node, seen from the login node)."""
         return self.login is None
 
     def processes_with_role(self, role: str) -> list[ProcessRecord]:

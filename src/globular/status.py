@@ -125,6 +125,23 @@ def _why(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+async def provider_status(provider: NodeProvider, record: ClusterRecord) -> PluginStatus:
+    """The provider's :meth:`~globular.providers.base.NodeProvider.status`, as a plugin's would
+    read (Slurm: each node's job); a failure is a problem of the status, not an error."""
+    try:
+        found = await asyncio.wait_for(provider.status(record.nodes), ASK_TIMEOUT)
+    except (GlobularError, TimeoutError) as exc:
+        return PluginStatus(problems=[f"{record.spec.provider}: {_why(exc)}"])
+    if found is None:
+        return PluginStatus()
+    return PluginStatus(
+        node_columns=found.node_columns,
+        node_problems=found.node_problems,
+        node_states=found.node_states,
+        problems=found.warnings,
+    )
+
+
 async def plugin_statuses(view: StatusView) -> list[PluginStatus]:
     """Each of the record's plugins' :meth:`~globular.plugins.base.Plugin.status`; a plugin that
     is not installed, or fails, is a problem of the status, not an error."""
@@ -148,10 +165,12 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
     report = ClusterStatusReport(record.name, record.status, record.spec.provider, record.region)
     provider = make_provider(record.spec, cluster=record.name, home=home)
     try:
+        jobs = await provider_status(provider, record)
         facts = await ask_nodes(record, provider)
         statuses = await plugin_statuses(StatusView(record, facts, provider.runner, home, deep=True))
     finally:
         await provider.close()
+    statuses.insert(0, jobs)
     now = time.time()
     for node in record.nodes:
         reached = [s for s in NODE_STEPS if s in node.steps]
@@ -165,6 +184,8 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
             status.problem = f"does not answer: {_why(answer)}"
         else:
             status.load = round(answer["load"][0], 2)
+        if node.name in jobs.node_problems:  # why it does not answer: Slurm ended its job
+            status.state, status.problem = jobs.node_states[node.name], jobs.node_problems[node.name]
         for plugin in statuses:
             status.columns.update(plugin.node_columns.get(node.name, {}))
             status.data.update(plugin.node_data.get(node.name, {}))
@@ -202,6 +223,7 @@ async def cluster_health(record: ClusterRecord, home: Path) -> Health:
         health.condition = f"unknown: {exc}"
         return health
     try:
+        jobs = await provider_status(provider, record)
         facts = await ask_nodes(record, provider)
         statuses = await asyncio.wait_for(
             plugin_statuses(StatusView(record, facts, provider.runner, home, deep=False)), ASK_TIMEOUT
@@ -211,6 +233,10 @@ async def cluster_health(record: ClusterRecord, home: Path) -> Health:
         return health
     finally:
         await provider.close()
+    ended = [f"{node} {problem}" for node, problem in jobs.node_problems.items()]
+    if ended:
+        health.condition = "degraded: " + ", ".join(ended)
+        return health
     for plugin in statuses:
         health.columns.update(plugin.columns)
     condition = next((s.condition for s in statuses if s.condition), None)

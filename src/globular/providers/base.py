@@ -48,6 +48,16 @@ class ProcessSpec:
     cwd: str | None = None
 
 
+@dataclass
+class ProviderStatus:
+    """What a provider adds to ``status`` and ``listclusters`` (Slurm: each node's job)."""
+
+    node_columns: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> column -> text
+    node_problems: dict[str, str] = field(default_factory=dict)  # node -> what is wrong with it
+    node_states: dict[str, str] = field(default_factory=dict)  # node -> its state, where a problem says
+    warnings: list[str] = field(default_factory=list)  # the cluster works, but soon may not
+
+
 @dataclass(frozen=True)
 class StopResult:
     stopped: int
@@ -180,7 +190,8 @@ class NodeProvider(ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type[Settings]] = Settings
-    rents_machines: ClassVar[bool] = False  # nodes cost money while they exist (ec2)
+    rents_machines: ClassVar[bool] = False  # nodes cost while they exist (ec2 instances, Slurm allocations)
+    environments_outlive_nodes: ClassVar[bool] = True  # node environments stay on disk (not ec2's)
     # "managed": globular builds each node's Python environment (globular.environment);
     # "system": the node's Python must have everything already
     default_environment: ClassVar[str] = "system"
@@ -291,6 +302,15 @@ class NodeProvider(ABC):
 
     def account(self) -> object | None:
         """What identifies the account :meth:`discover` searches (None: nothing to search)."""
+        return None
+
+    async def status(self, nodes: Sequence[NodeRecord]) -> ProviderStatus | None:
+        """What the provider knows of ``nodes`` beyond their processes (default: nothing)."""
+        return None
+
+    def shell_argv(self, node: NodeRecord, command: str | None) -> list[str] | None:
+        """How ``globular sshnode`` opens a shell on ``node`` (or runs ``command`` there), if the
+        provider has its own way (Slurm: ``srun --pty``); None: ssh, or a local shell."""
         return None
 
     async def discover(self) -> dict[str, list[NodeRecord]]:

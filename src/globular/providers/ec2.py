@@ -64,6 +64,7 @@ class EC2Provider(RemoteProvider):
     Settings = EC2Settings
     settings: EC2Settings
     rents_machines = True
+    environments_outlive_nodes = False
     limit_reason = " (max_nodes, at most 1000)"
 
     def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):

@@ -1,4 +1,5 @@
-"""One long-lived ``globular.nodeproc`` per node, over the SSH connection the runner holds.
+"""One long-lived ``globular.nodeproc`` per node, over the connection the runner holds (an SSH
+channel; for Slurm nodes, the pipes of an ``srun`` step).
 
 Every question an operation asks a node (facts, spawn, alive, stop, ...) used to be a new SSH
 command: a login shell (whose rc files may run a lot: ``pyenv init``, conda's hooks) and a new
@@ -14,6 +15,7 @@ import asyncio
 import itertools
 import json
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncssh
@@ -26,23 +28,71 @@ log = logging.getLogger(__name__)
 class NodeHelper:
     """The helper process on one node, and the requests waiting for its answers."""
 
-    def __init__(self, node: str, python: str, process: asyncssh.SSHClientProcess[str]):
+    def __init__(
+        self,
+        node: str,
+        python: str,
+        *,
+        send: Callable[[str], None],
+        lines: AsyncIterator[str],
+        stderr: Callable[[], Awaitable[str]],
+        close: Callable[[], None],
+    ):
         self.node = node
         self.python = python
-        self.process = process
+        self._send, self._lines, self._stderr, self._close = send, lines, stderr, close
         self.ids = itertools.count()
         self.waiting: dict[int, asyncio.Future[Any]] = {}
         self.reader = asyncio.ensure_future(self._read())
 
     @classmethod
     async def start(cls, conn: asyncssh.SSHClientConnection, node: str, python: str, command: str) -> NodeHelper:
+        """The helper on an SSH channel of ``conn``, running ``command``."""
         process = await conn.create_process(command, encoding="utf-8")
-        return cls(node, python, process)
+
+        def close() -> None:
+            try:
+                process.stdin.write_eof()
+            except (asyncssh.Error, OSError):
+                pass
+            process.close()
+
+        return cls(
+            node, python, send=process.stdin.write, lines=aiter(process.stdout), stderr=process.stderr.read, close=close
+        )
+
+    @classmethod
+    def over_pipes(cls, process: asyncio.subprocess.Process, node: str, python: str) -> NodeHelper:
+        """The helper at the other end of a local process's pipes (``srun ... nodeproc relay``)."""
+        assert process.stdin and process.stdout and process.stderr
+
+        async def lines() -> AsyncIterator[str]:
+            assert process.stdout
+            async for line in process.stdout:
+                yield line.decode()
+
+        async def stderr() -> str:
+            assert process.stderr
+            return (await process.stderr.read()).decode(errors="replace")
+
+        def close() -> None:
+            assert process.stdin
+            if not process.stdin.is_closing():
+                process.stdin.close()  # end of requests: the relay, and the step, end
+
+        return cls(
+            node,
+            python,
+            send=lambda text: process.stdin.write(text.encode()),  # type: ignore[union-attr]
+            lines=lines(),
+            stderr=stderr,
+            close=close,
+        )
 
     async def _read(self) -> None:
         why = "its helper ended"
         try:
-            async for line in self.process.stdout:
+            async for line in self._lines:
                 message = json.loads(line)
                 future = self.waiting.pop(message["id"], None)
                 if future is None or future.done():
@@ -59,7 +109,7 @@ class NodeHelper:
         finally:
             stderr = ""
             try:
-                stderr = (await asyncio.wait_for(self.process.stderr.read(), 1)).strip()[-2000:]
+                stderr = (await asyncio.wait_for(self._stderr(), 1)).strip()[-2000:]
             except (asyncssh.Error, OSError, TimeoutError):
                 pass
             for future in self.waiting.values():
@@ -78,7 +128,7 @@ class NodeHelper:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiting[number] = future
         log.debug("%s: nodeproc %s (helper)", self.node, verb)
-        self.process.stdin.write(json.dumps({"id": number, "verb": verb, "request": request}) + "\n")
+        self._send(json.dumps({"id": number, "verb": verb, "request": request}) + "\n")
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -87,9 +137,5 @@ class NodeHelper:
             self.waiting.pop(number, None)
 
     def close(self) -> None:
-        try:
-            self.process.stdin.write_eof()
-        except (asyncssh.Error, OSError):
-            pass
-        self.process.close()
+        self._close()
         self.reader.cancel()

@@ -62,7 +62,7 @@ async def forward_notebook(name: str, local_port: int, ready: Callable[[str], No
     record = StateStore(home).get(name)
     info = notebook_info(name)
     if record.master.is_local:
-        raise BadInput(f"the master of {name!r} is on this machine: open {info['url']} directly")
+        raise BadInput(f"the master of {name!r} is reached from here without ssh: open {info['url']} directly")
     provider = make_provider(record.spec, cluster=record.name, home=home)
     try:
         host, port = await provider.runner(record.master).forward_port(info["address"], info["port"], local_port)

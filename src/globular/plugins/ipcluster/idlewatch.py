@@ -32,6 +32,16 @@ def write_state(path: str, state: dict[str, Any]) -> None:
 
 
 def power_off() -> bool:
+    """Give this node back: end its Slurm job (never the machine: it is the site's), or power it off."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        try:
+            return (
+                subprocess.run(["scancel", job], stdin=subprocess.DEVNULL, capture_output=True, timeout=60).returncode
+                == 0
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
     for argv in (["sudo", "-n", "shutdown", "-h", "now"], ["shutdown", "-h", "now"], ["poweroff"]):
         try:
             if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0:

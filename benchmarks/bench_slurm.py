@@ -1,0 +1,133 @@
+"""Slurm: start-to-ready of N nodes, globular against ipyparallel's own Slurm launcher.
+
+    sudo .venv/bin/python benchmarks/bench_slurm.py [--sizes 3,8] [--repeats 3]
+
+Needs root, sshd, iproute2, slurm-wlm and munge: it brings up the tests' real Slurm
+(tests/testslurm.py: slurmctld here, a slurmd on each netns test host, 2 CPUs each).
+For each size N, interleaved, each round:
+
+- globular: ``start -s N`` of a ``provider = slurm`` cluster (one 1-core job per node, the
+  controller in the first; ``environment = system``, this machine's venv, which the hosts
+  share), timed from the outside until the command returns with every engine registered;
+  then ``terminate``;
+- plain ipyparallel: ``ipp.Cluster(engine_launcher_class="slurm", n=N)`` (its
+  SlurmEngineSetLauncher: one sbatch of N tasks, ``srun ipengine``; the controller here,
+  listening on the bridge address), timed until ``wait_for_engines(N)``; then
+  ``stop_cluster``.
+
+Prints the medians and globular / plain; opt-in (not in scripts/test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import testhosts
+import testslurm
+
+CONFIG = """\
+[global]
+default_template = bench
+[cluster bench]
+provider = slurm
+python = {python}
+remote_dir = {remote_dir}
+cores_per_node = 1
+environment = system
+plugins = ipcluster
+[plugin ipcluster]
+setup_class = ipcluster
+master_engines = 1
+"""
+
+
+def globular_round(root: Path, env: dict[str, str], n: int) -> float:
+    def cmd(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "globular", "-c", str(root / "config"), *args],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"globular {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done
+
+    began = time.perf_counter()
+    cmd("start", "-s", str(n), "b")
+    took = time.perf_counter() - began
+    cmd("terminate", "-y", "b")
+    return took
+
+
+def plain_round(root: Path, n: int, index: int) -> float:
+    import ipyparallel as ipp
+
+    cluster = ipp.Cluster(
+        profile_dir=str(root / f"ipp-{n}-{index}"),
+        n=n,
+        controller_ip=testhosts.GATEWAY,
+        engine_launcher_class="slurm",
+        log_level=40,
+    )
+    cluster.config.SlurmEngineSetLauncher.options = "--cpus-per-task=1"
+    began = time.perf_counter()
+    cluster.start_cluster_sync()
+    client = cluster.connect_client_sync()
+    try:
+        client.wait_for_engines(n, timeout=300)
+        return time.perf_counter() - began
+    finally:
+        client.close()
+        cluster.stop_cluster_sync()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="3,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results-slurm.json"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    hosts = max(4, -(-max(sizes) // testslurm.CPUS_PER_NODE))
+    began = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="globular-bench-slurm-"))
+    net = testhosts.HostNet(workdir=root / "net").up(hosts)
+    slurm = testslurm.Slurm(net, root / "slurm")
+    samples: dict[str, list[float]] = {}
+    try:
+        slurm.up()
+        os.environ.update(slurm.env)
+        env = dict(os.environ, GLOBULAR_HOME=str(root / "home"), COLUMNS="200")
+        (root / "config").write_text(CONFIG.format(python=sys.executable, remote_dir=root / "shared"))
+        for index in range(args.repeats):
+            for n in sizes:
+                g = globular_round(root, env, n)
+                p = plain_round(root, n, index)
+                samples.setdefault(f"globular {n}", []).append(g)
+                samples.setdefault(f"plain {n}", []).append(p)
+                print(f"round {index + 1}, {n} nodes: globular {g:.2f} s, plain ipyparallel {p:.2f} s", flush=True)
+    finally:
+        slurm.down()
+        net.down()
+        shutil.rmtree(root, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"\n{'nodes':>5}  {'globular s':>10}  {'plain ipp s':>11}  {'globular/plain':>14}  (medians of {args.repeats})")
+    for n in sizes:
+        g, p = med[f"globular {n}"], med[f"plain {n}"]
+        spread = max(samples[f"plain {n}"]) - min(samples[f"plain {n}"])
+        print(f"{n:>5}  {g:>10.2f}  {p:>11.2f}  {g / p:>14.2f}  (plain's spread {spread:.2f} s)")
+    print(f"({time.perf_counter() - began:.0f} s in all; samples in {args.json})")
+    args.json.write_text(json.dumps({"samples": samples, "medians": med}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

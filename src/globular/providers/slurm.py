@@ -1,0 +1,530 @@
+"""The ``slurm`` provider: a node is a Slurm job on one compute node.
+
+Each node is its own job (``sbatch --nodes=1 --ntasks=1``), so nodes come and go
+independently: ``addnode`` submits one more job and never waits for a big block,
+``removenode`` cancels one.  The controller runs in the first job (the master), like
+the engines, under the same rules: a login node, shared by everyone, is no place for
+long-running work, and many sites stop it there; a compute node's address is one the
+other compute nodes reach, and globular, on the login node, reaches it directly.
+
+The job's batch step runs ``globular.nodeproc keeper`` (standard library only, sent with
+the job script).  globular's helper on the node is ``srun --jobid=J --overlap ... python
+-c <nodeproc> relay``, in the node's Python, answering the same JSON lines as the SSH
+helper; what it is asked to start (controller, engines) it hands to the keeper, so that it
+lives as long as the job (an ``srun`` step's processes end with the step, on sites whose
+Slurm tracks them with cgroups).  Every job carries the cluster's mark as its ``--comment``, so a cluster
+whose record is lost is still found (``squeue``) and cancelled.  The job log of each
+node is ``<remote_dir>/<cluster>/jobs/<node>.log`` on the shared file system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import posixpath
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from globular import nodeproc
+from globular.environment import environment_mode
+from globular.errors import BadInput, CommandError, CommandTimeout, ConnectionLost, GlobularError, NodeError
+from globular.fanout import each_node
+from globular.paths import private_dir
+from globular.providers.base import (
+    NODEPROC_SOURCE,
+    CommandResult,
+    NodeProvider,
+    ProviderStatus,
+    Runner,
+    StopResult,
+    display,
+)
+from globular.providers.helper import NodeHelper
+from globular.providers.slurm_settings import SlurmSettings
+from globular.state import NodeRecord, ProcessRecord
+
+log = logging.getLogger(__name__)
+POLL = 1.0  # seconds between squeue calls while jobs wait
+PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESV_DEL_HOLD", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED"}
+RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+JOB_SCRIPT = """#!/bin/sh
+# a globular node: the keeper of what globular starts here (see globular.providers.slurm)
+exec {python} -c "$(cat <<'GLOBULAR_NODEPROC'
+{source}
+GLOBULAR_NODEPROC
+)" keeper
+"""
+
+
+class SlurmError(GlobularError):
+    """A Slurm command refused: its own message, in one line."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What ``squeue`` (or, once the job has left the queue, ``scontrol``) says of a job."""
+
+    id: str
+    state: str  # PENDING, RUNNING, TIMEOUT, ...; GONE once Slurm forgot it
+    reason: str = ""
+    node: str = ""  # the compute node it runs on
+    time_left: str = ""  # squeue's %L
+    time_limit: str = ""  # squeue's %l
+    ended: str = ""  # when it ended (scontrol's EndTime)
+
+
+async def slurm(argv: list[str], *, input: bytes | None = None, timeout: float = 60.0) -> CommandResult:
+    """Run a Slurm command here (``sbatch``, ``squeue``, ...); a failure is a :class:`SlurmError`
+    with Slurm's own message."""
+    log.debug("slurm: %s", display(argv))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        raise SlurmError(f"{argv[0]} is not installed here (the slurm provider runs on a Slurm login node)") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+    except (TimeoutError, asyncio.CancelledError):
+        proc.kill()
+        await proc.wait()
+        raise
+    result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+    if result.returncode != 0:
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        message = lines[-1] if lines else f"exited with {result.returncode}"
+        raise SlurmError(f"{argv[0]}: {message.removeprefix(argv[0] + ': ').removeprefix('error: ')}")
+    return result
+
+
+class JobEnded(NodeError):
+    """The node's job is over: Slurm has stopped everything that ran in it."""
+
+
+class SlurmRunner(Runner):
+    """Does work on a node's job: through its keeper (the helper), or in an ``srun`` step."""
+
+    def __init__(self, node: NodeRecord, state: Callable[[str], Awaitable[Job]]):
+        super().__init__(node)
+        self._job_state = state
+        self._helper: NodeHelper | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    def _srun(self, argv: list[str]) -> list[str]:
+        job = self.node.data["job_id"]
+        return ["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", "--quiet", *argv]
+
+    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+        async with self._lock:
+            helper = self._helper
+            if helper is None or not helper.alive or helper.python != self.node.python:
+                await self._close_helper()
+                log.debug("%s (job %s): starting its relay", self.node.name, self.node.data["job_id"])
+                self._process = await asyncio.create_subprocess_exec(
+                    *self._srun([self.node.python, "-c", NODEPROC_SOURCE, "relay"]),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                helper = self._helper = NodeHelper.over_pipes(self._process, self.node.name, self.node.python)
+        try:
+            return await helper.ask(verb, request, timeout)
+        except ConnectionLost:
+            job = await self._job_state(self.node.data["job_id"])
+            if job.state not in PENDING | RUNNING:
+                raise JobEnded(self.node.name, f"job {job.id} ended: {job.state}") from None
+            raise
+
+    async def stop(self, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
+        try:
+            return await super().stop(procs, timeout)
+        except JobEnded:  # Slurm stopped them with the job
+            return StopResult(0, 0, [])
+
+    async def alive(self, procs: list[ProcessRecord]) -> list[bool]:
+        try:
+            return await super().alive(procs)
+        except JobEnded:
+            return [False] * len(procs)
+
+    async def run(
+        self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
+    ) -> CommandResult:
+        shown = display(argv)
+        command = self._srun([f"--chdir={self.node.workdir}", *argv]) if self.node.workdir else self._srun(argv)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise CommandTimeout(self.node.name, shown, timeout) from None
+        result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+        if check and result.returncode != 0:
+            raise CommandError(self.node.name, shown, result.returncode, result.stderr, result.stdout)
+        return result
+
+    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        import base64
+
+        if not posixpath.isabs(path):
+            path = posixpath.join(self.node.workdir, path)
+        await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
+
+    async def _close_helper(self) -> None:
+        helper, process, self._helper, self._process = self._helper, self._process, None, None
+        if helper is not None:
+            helper.close()
+        if process is not None:
+            try:
+                await asyncio.wait_for(process.wait(), 5)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+    async def close(self) -> None:
+        await self._close_helper()
+
+
+class SlurmProvider(NodeProvider):
+    """Nodes are Slurm jobs, one compute node each (see the module's doc)."""
+
+    name = "slurm"
+    Settings = SlurmSettings
+    settings: SlurmSettings
+    default_environment = "managed"
+    remote_nodes = True
+    rents_machines = True  # a node holds an allocation (core-hours) while it exists; idle shutdown ends its job
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._jobs: dict[str, Job] = {}
+        self._query: asyncio.Future[dict[str, Job]] | None = None
+        self._queried = 0.0
+        self._watched: set[str] = set()
+
+    @property
+    def region(self) -> str:
+        return "slurm"
+
+    def envs_dir(self) -> str:
+        return posixpath.join(self.settings.remote_dir, "envs")
+
+    def account(self) -> object | None:
+        return ("slurm", getpass.getuser())
+
+    def make_runner(self, node: NodeRecord) -> Runner:
+        return SlurmRunner(node, self._one)
+
+    def _cluster_dir(self) -> Path:
+        return Path(self.settings.remote_dir).expanduser() / self.cluster
+
+    def shell_argv(self, node: NodeRecord, command: str | None) -> list[str] | None:
+        job = node.data.get("job_id")
+        base = ["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", f"--chdir={node.workdir}"]
+        return base + (
+            ["--pty", os.environ.get("SHELL") or "/bin/sh"] if command is None else ["/bin/sh", "-c", command]
+        )
+
+    # -- jobs -------------------------------------------------------------------
+
+    def sbatch_argv(self, node: str, host: str | None = None) -> list[str]:
+        """The ``sbatch`` command of ``node``'s job (the script goes on its stdin)."""
+        s = self.settings
+        jobs = self._cluster_dir() / "jobs"
+        argv = [
+            "sbatch",
+            "--parsable",
+            f"--job-name=glb-{self.cluster}-{node}",
+            f"--comment={self.mark(node)}",
+            "--nodes=1",
+            "--ntasks=1",
+            f"--output={jobs / node}.log",
+            "--open-mode=append",
+        ]
+        options = {"partition": s.partition, "account": s.account, "qos": s.qos, "time": s.time_limit}
+        argv += [f"--{key}={value}" for key, value in options.items() if value]
+        if s.constraint:
+            argv.append(f"--constraint={s.constraint}")
+        if s.cores_per_node:
+            argv.append(f"--cpus-per-task={s.cores_per_node}")
+        if host:
+            argv.append(f"--nodelist={host}")
+        return argv + s.sbatch_args
+
+    async def _submit(self, node: str, host: str | None) -> str:
+        private_dir(self._cluster_dir() / "jobs")
+        script = JOB_SCRIPT.format(python=self.settings.python, source=NODEPROC_SOURCE.rstrip("\n"))
+        try:
+            done = await slurm(self.sbatch_argv(node, host), input=script.encode())
+        except SlurmError as exc:
+            raise NodeError(node, f"Slurm refused its job: {exc}") from None
+        return done.stdout.strip().split(";")[0]
+
+    async def _cancel(self, job_ids: list[str]) -> None:
+        if job_ids:
+            try:
+                await slurm(["scancel", *job_ids])
+            except SlurmError as exc:
+                if "Invalid job id" not in str(exc):
+                    raise
+
+    async def jobs(self, job_ids: list[str]) -> dict[str, Job]:
+        """What Slurm says of each job now (one ``squeue``; ``scontrol`` for those it no longer lists)."""
+        if not job_ids:
+            return {}
+        found: dict[str, Job] = {}
+        try:
+            out = await slurm(["squeue", "-h", "-t", "all", f"--jobs={','.join(job_ids)}", "-o", "%i|%T|%r|%N|%L|%l"])
+        except SlurmError as exc:
+            if "Invalid job id" not in str(exc):
+                raise
+            out = CommandResult(0, "", "")
+        for line in out.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) == 6:
+                found[parts[0]] = Job(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5])
+        for job in job_ids:
+            if job not in found or found[job].state not in PENDING | RUNNING:
+                found[job] = await self._ended(job, found.get(job))
+        return found
+
+    async def _one(self, job: str) -> Job:
+        return (await self.jobs([job]))[job]
+
+    async def _ended(self, job: str, listed: Job | None) -> Job:
+        try:
+            out = await slurm(["scontrol", "-o", "show", "job", job])
+        except SlurmError:
+            return listed or Job(job, "GONE")
+        fields = dict(part.split("=", 1) for part in out.stdout.split() if "=" in part)
+        return Job(
+            job,
+            fields.get("JobState", "GONE"),
+            fields.get("Reason", ""),
+            fields.get("NodeList", ""),
+            ended=fields.get("EndTime", "").replace("T", " "),
+        )
+
+    async def _state(self, job: str) -> Job:
+        """``job``'s state, from one ``squeue`` for every job this provider waits for (at most one a POLL)."""
+        self._watched.add(job)
+        if self._query is None or (self._query.done() and time.monotonic() - self._queried >= POLL):
+            self._queried = time.monotonic()
+            self._query = asyncio.ensure_future(self.jobs(sorted(self._watched)))
+        states = await asyncio.shield(self._query)
+        return states.get(job) or (await self.jobs([job]))[job]
+
+    async def _wait_running(self, node: NodeRecord, job: str) -> Job:
+        began = time.monotonic()
+        try:
+            while True:
+                state = await self._state(job)
+                waited = time.monotonic() - began
+                if state.state in RUNNING:
+                    return state
+                if state.state not in PENDING:
+                    log_tail = self._job_log(node.name)
+                    raise NodeError(node.name, f"job {job} ended: {state.state} {state.reason}".strip(), log_tail)
+                why = f"{state.state} ({state.reason})" if state.reason and state.reason != "None" else state.state
+                self.reporter.node_waiting(node.name, why, waited)
+                if waited > self.settings.queue_timeout:
+                    raise NodeError(
+                        node.name,
+                        f"job {job} still {why} after {self.settings.queue_timeout:g}s (queue_timeout); cancelled",
+                    )
+                await asyncio.sleep(POLL)
+        finally:
+            self._watched.discard(job)
+
+    def _job_log(self, node: str) -> str:
+        try:
+            return (self._cluster_dir() / "jobs" / f"{node}.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    async def _address(self, host: str) -> str:
+        out = await slurm(["scontrol", "-o", "show", "node", host])
+        fields = dict(part.split("=", 1) for part in out.stdout.split() if "=" in part)
+        return fields.get("NodeAddr") or host
+
+    # -- nodes -------------------------------------------------------------------
+
+    async def create_nodes(
+        self,
+        names: list[str],
+        on_ready: Callable[[NodeRecord], None],
+        *,
+        existing: Sequence[NodeRecord] = (),
+        hosts: list[str] | None = None,
+    ) -> list[NodeRecord]:
+        if hosts and len(hosts) != len(names):
+            raise BadInput(f"{len(names)} nodes to add but {len(hosts)} Slurm nodes named")
+        places: dict[str, str | None] = {name: hosts[i] if hosts else None for i, name in enumerate(names)}
+        system = environment_mode(self.spec, self.default_environment) == "system"
+        nodes = [
+            NodeRecord(
+                name=name,
+                address="",
+                workdir=posixpath.join(self.settings.remote_dir, self.cluster, name),
+                cores=1,
+                python=self.settings.python,
+            )
+            for name in names
+        ]
+
+        async def bring_up(node: NodeRecord) -> NodeRecord:
+            job = await self._submit(node.name, places[node.name])
+            node.data["job_id"] = job
+            try:
+                self.on_step(node, "provision")
+                state = await self._wait_running(node, job)
+                node.data["slurm_node"] = state.node
+                node.address = await self._address(state.node)
+                self.on_step(node, "ssh")  # reached: its keeper answers below
+                runner = self.runner(node)
+                facts = await runner.nodeproc(
+                    "prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []}, timeout=120
+                )
+                node.workdir = facts["workdir"]
+                if facts["missing"]:
+                    raise NodeError(
+                        node.name,
+                        f"ipyparallel is not installed for {facts['python']} on {state.node} "
+                        f"(python = {self.settings.python}); install it there, or drop environment = system",
+                    )
+                node.cores = self.settings.cores_per_node or facts["cpus"]
+            except BaseException:
+                runner_ = self._runners.pop(node.name, None)
+                if runner_ is not None:
+                    await runner_.close()
+                await asyncio.shield(self._cancel([job]))
+                raise
+            on_ready(node)
+            return node
+
+        await each_node(nodes, bring_up)
+        return nodes
+
+    async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
+        async def release(node: NodeRecord) -> None:
+            job = node.data.get("job_id")
+            if not job:
+                return
+            request = {"root": self.settings.remote_dir, "path": node.workdir, "mark": self.mark(node.name)}
+            try:
+                if (await self._one(job)).state in RUNNING:
+                    await self.runner(node).nodeproc("remove_dir", request, timeout=60)
+                else:  # its processes ended with the job; its folder is on the shared file system
+                    here = request | {"mark": None, "path": os.path.expanduser(node.workdir)}
+                    await asyncio.to_thread(nodeproc.remove_dir, here)
+            finally:
+                runner = self._runners.pop(node.name, None)
+                if runner is not None:
+                    await runner.close()
+                await self._cancel([job])
+            for _ in range(300):  # "terminate leaves no job": wait until Slurm has ended it
+                if (await self.jobs([job]))[job].state not in PENDING | RUNNING:
+                    break
+                await asyncio.sleep(0.1)
+            (self._cluster_dir() / "jobs" / f"{node.name}.log").unlink(missing_ok=True)
+
+        await each_node(nodes, release)
+
+    async def _queued(self) -> list[tuple[str, str]]:
+        """This user's queued jobs that globular made: (job id, mark), the mark from the comment."""
+        out = await slurm(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%k"])
+        found = []
+        for line in out.stdout.splitlines():
+            job, _, comment = line.partition("|")
+            parts = comment.strip().split("/")
+            if len(parts) == 3 and all(parts):
+                found.append((job.strip(), comment.strip()))
+        return found
+
+    async def release_cluster(self) -> None:
+        """Cancel every job still marked with this cluster (a crash between sbatch and the record),
+        and remove the cluster's folder of job logs."""
+        prefix = self.mark() + "/"
+        await self._cancel([job for job, mark in await self._queued() if mark.startswith(prefix)])
+        shutil.rmtree(self._cluster_dir() / "jobs", ignore_errors=True)
+        try:
+            self._cluster_dir().rmdir()
+        except OSError:
+            pass
+
+    async def discover(self) -> dict[str, list[NodeRecord]]:
+        """Clusters whose jobs are queued (any globular home of this user): name → nodes."""
+        found: dict[str, list[NodeRecord]] = {}
+        for job, mark in await self._queued():
+            _, cluster, node = mark.split("/")
+            found.setdefault(cluster, []).append(
+                NodeRecord(
+                    name=node,
+                    address="",
+                    workdir=posixpath.join(self.settings.remote_dir, cluster, node),
+                    cores=1,
+                    python=self.settings.python,
+                    data={"job_id": job},
+                )
+            )
+        return found
+
+    async def status(self, nodes: Sequence[NodeRecord]) -> ProviderStatus:
+        """Each node's job: its state and walltime left; an ended job is the node's problem."""
+        report = ProviderStatus()
+        ids = {n.name: n.data["job_id"] for n in nodes if n.data.get("job_id")}
+        jobs = await self.jobs(list(ids.values()))
+        for name, job_id in ids.items():
+            job = jobs[job_id]
+            if job.state in RUNNING:
+                limited = job.time_left not in ("", "UNLIMITED", "NOT_SET", "INVALID")
+                left = f"{job.time_left} left" if limited else "no time limit"
+                report.node_columns[name] = {"job": f"{job_id} {job.state.lower()}, {left}"}
+                fraction = _fraction_left(job.time_left, job.time_limit)
+                if fraction is not None and fraction < 0.1:
+                    report.warnings.append(
+                        f"{name}: job {job_id} has {job.time_left} of its {job.time_limit} walltime left"
+                    )
+            else:
+                at = f" at {job.ended.split()[-1]}" if job.ended else ""
+                report.node_columns[name] = {"job": f"{job_id} {job.state.lower()}"}
+                report.node_problems[name] = f"job {job_id} ended: {job.state}{at}"
+                report.node_states[name] = "job ended"
+        return report
+
+
+def _seconds(text: str) -> int | None:
+    """Slurm's ``[D-]HH:MM:SS`` (or ``MM:SS``) in seconds; None for anything else."""
+    days, _, rest = text.rpartition("-")
+    parts = rest.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    if len(parts) == 1:
+        seconds *= 60  # minutes
+    return seconds + int(days or 0) * 86400
+
+
+def _fraction_left(left: str, limit: str) -> float | None:
+    total, remaining = _seconds(limit), _seconds(left)
+    if not total or remaining is None:
+        return None
+    return remaining / total

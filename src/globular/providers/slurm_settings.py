@@ -1,0 +1,77 @@
+"""The ``slurm`` provider's settings: what each node's job asks Slurm for, and where it runs."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, field_validator
+
+from globular.providers.ssh_settings import MAX_ENGINES_PER_NODE
+from globular.spec import Settings
+
+# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED
+_TIME = re.compile(r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE)$", re.I)
+# a Slurm name (partition, account, qos): no spaces, no shell or option syntax
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+-]*$")
+
+
+def split_args(value: Any) -> Any:
+    """``sbatch_args = --mem=4G --gres=gpu:1`` -> a list, split as a shell would (never run by one)."""
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
+    return value
+
+
+class SlurmSettings(Settings):
+    partition: str | None = Field(default=None, description="Slurm partition (sbatch --partition); default: Slurm's")
+    account: str | None = Field(default=None, description="account to charge (sbatch --account)")
+    qos: str | None = Field(default=None, description="quality of service (sbatch --qos)")
+    time_limit: str | None = Field(
+        default=None,
+        description="walltime of each node's job (sbatch --time: minutes, HH:MM:SS, D-HH:MM:SS); default: the partition's",
+        examples=["2:00:00"],
+    )
+    constraint: str | None = Field(default=None, description="node features the jobs need (sbatch --constraint)")
+    cores_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_ENGINES_PER_NODE,
+        description="cores each node's job asks for (sbatch --cpus-per-task), one engine each; "
+        "default: what the allocation gives (SLURM_CPUS_ON_NODE)",
+    )
+    sbatch_args: Annotated[list[str], BeforeValidator(split_args)] = Field(
+        default_factory=list,
+        description="more sbatch arguments, split like a shell would but never run by one",
+        examples=["--mem=8G --gres=gpu:1"],
+        json_schema_extra={"reference_type": "arguments"},
+    )
+    python: str = Field(default="python3", description="the compute nodes' Python (same major.minor as here)")
+    remote_dir: str = Field(
+        default="~/.globular/nodes",
+        description="node folders, on the file system the login and compute nodes share (the home, as HPC sites have)",
+    )
+    queue_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 86400,
+        description="seconds start waits for PENDING jobs; then it cancels them and fails with Slurm's reason",
+    )
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is not None and not _TIME.match(value.strip()):
+            raise ValueError(f"{value!r} is not a Slurm time (minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED)")
+        return value.strip() if value else value
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"{value!r} is not a Slurm name")
+        return value

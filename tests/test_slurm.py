@@ -1,0 +1,191 @@
+"""The slurm provider against a real Slurm (tests/testslurm.py): slurmctld here, a slurmd on
+each netns test host, whose Python is a bare one (globular builds the node environment)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import testhosts
+import testslurm
+from conftest import bare_hosts, processes_of, share_env_cache, wait_until
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(testslurm.available() is not None, reason=str(testslurm.available())),
+]
+HOSTS = 4
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory, bare_python, env_cache):
+    workdir = tmp_path_factory.mktemp("slurm")
+    with bare_hosts(workdir / "net", HOSTS, bare_python, env_cache) as net:
+        cluster = testslurm.Slurm(net, workdir / "slurm").up()
+        before = os.environ.get("SLURM_CONF")
+        os.environ.update(cluster.env)  # the CLI runs and the test's own squeue find it
+        try:
+            yield cluster
+        finally:
+            if before is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = before
+            cluster.down()
+
+
+def slurm_config(
+    slurm,
+    tmp_path,
+    home,
+    *,
+    cluster: str = "",
+    ipcluster: str = "",
+    python: str = "",
+    cores: int = 1,
+    queue_timeout: int = 60,
+) -> str:
+    remote_dir = tmp_path / "shared"
+    share_env_cache(slurm.net.env_cache, home, remote_dir)
+    path = tmp_path / "config"
+    path.write_text(
+        "[global]\ndefault_template = hpc\n[cluster hpc]\nprovider = slurm\n"
+        f"python = {python or slurm.net.python}\nremote_dir = {remote_dir}\ncores_per_node = {cores}\nqueue_timeout = {queue_timeout}\n"
+        f"plugins = ipcluster\n{cluster}[plugin ipcluster]\nsetup_class = ipcluster\n{ipcluster}"
+    )
+    return str(path)
+
+
+def jobs_of(slurm, name: str) -> dict[str, str]:
+    """node -> ``jobid STATE`` of cluster ``name``'s queued jobs."""
+    found = {}
+    for line in slurm.jobs():
+        job, job_name, state = line.split()
+        if job_name.startswith(f"glb-{name}-"):
+            found[job_name.removeprefix(f"glb-{name}-")] = f"{job} {state}"
+    return found
+
+
+ENGINE_ADDRESS = """
+import globular, json, sys
+def address():
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("198.18.0.1", 9))
+    return s.getsockname()[0]
+client = globular.connect(sys.argv[1])
+print(json.dumps({"squares": client[:].map_sync(lambda x: x * x, range(12)),
+                  "addresses": client[:].apply_sync(address)}))
+client.close()
+"""
+
+
+def engines(cli, name: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE_ADDRESS, name], capture_output=True, text=True, timeout=120, env=dict(os.environ)
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_slurm_cluster_from_start_to_terminate(slurm, cli, home, tmp_path):
+    # 2 cores a job: a whole test host each, so three jobs are on three hosts
+    config = slurm_config(slurm, tmp_path, home, cores=2)
+    try:
+        lifecycle(slurm, cli, home, tmp_path, config)
+    finally:
+        cli("terminate", "-y", "hpc", timeout=300)
+    assert jobs_of(slurm, "hpc") == {}
+    assert not processes_of(home, tmp_path)
+    assert not (tmp_path / "shared" / "hpc").exists()
+
+
+def lifecycle(slurm, cli, home, tmp_path, config) -> None:
+    started = cli("-c", config, "start", "-s", "3", "hpc", timeout=600)
+    assert started.returncode == 0, started.output
+    jobs = jobs_of(slurm, "hpc")
+    assert sorted(jobs) == ["master", "node001", "node002"] and all(j.endswith("RUNNING") for j in jobs.values()), jobs
+    seen = engines(cli, "hpc")
+    assert seen["squares"] == [x * x for x in range(12)]
+    # the master keeps a core for the controller: 1 + 2 + 2 engines, on three compute nodes' addresses
+    hosts = {h.address for h in slurm.net.hosts}
+    assert len(seen["addresses"]) == 5 and len(set(seen["addresses"])) == 3 and set(seen["addresses"]) <= hosts, seen
+
+    status = cli("status", "hpc", "--output", "json")
+    assert status.returncode == 0, status.output
+    nodes = json.loads(status.stdout)["result"]["nodes"]
+    assert all(re.match(r"\d+ running, no time limit", n["columns"]["job"]) for n in nodes), nodes
+
+    added = cli("addnode", "hpc", timeout=300)
+    assert added.returncode == 0, added.output
+    assert sorted(jobs_of(slurm, "hpc")) == ["master", "node001", "node002", "node003"]
+    assert len(set(engines(cli, "hpc")["addresses"])) == 4
+
+    cancelled = jobs_of(slurm, "hpc")["node001"].split()[0]
+    removed = cli("removenode", "hpc", "node001", timeout=300)
+    assert removed.returncode == 0, removed.output
+    assert "node001" not in jobs_of(slurm, "hpc") and not any(j.split()[0] == cancelled for j in slurm.jobs())
+    assert len(engines(cli, "hpc")["addresses"]) == 5
+
+    restarted = cli("runplugin", "ipclusterrestart", "hpc", timeout=300)
+    assert restarted.returncode == 0, restarted.output
+    assert engines(cli, "hpc")["squares"][-1] == 121
+
+    shell = cli("sshnode", "hpc", "node002", "hostname -I; echo job $SLURM_JOB_ID")
+    node002 = jobs_of(slurm, "hpc")["node002"].split()[0]
+    assert shell.returncode == 0 and f"job {node002}" in shell.stdout, shell.output
+
+    # Slurm ends a job behind globular's back (an admin, a preemption): status says which, and why
+    slurm.run("scancel", node002)
+    assert wait_until(lambda: "node002" not in jobs_of(slurm, "hpc"), timeout=30)
+    status = cli("status", "hpc")
+    assert status.returncode != 0
+    assert re.search(rf"node002 .*job {node002} ended: CANCELLED", status.output), status.output
+    listed = cli("listclusters")
+    assert re.search(rf"degraded: node002 job {node002} ended: CANCELLED", listed.output), listed.output
+
+    gone = cli("terminate", "-y", "hpc", timeout=300)
+    assert gone.returncode == 0, gone.output
+
+
+def test_a_partition_slurm_refuses_fails_start_with_slurms_message(slurm, cli, home, tmp_path):
+    config = slurm_config(slurm, tmp_path, home, cluster="partition = nosuch\n")
+    started = cli("-c", config, "start", "-s", "2", "bad")
+    assert started.returncode == 1
+    assert "Slurm refused its job" in started.stderr and "Invalid partition name specified" in started.stderr
+    assert jobs_of(slurm, "bad") == {}
+    assert cli("listclusters").output.count("bad") == 0
+
+
+def test_jobs_pending_past_queue_timeout_are_cancelled_and_start_says_why(slurm, cli, home, tmp_path):
+    config = slurm_config(slurm, tmp_path, home, cluster="partition = closed\n", queue_timeout=4)
+    started = cli("-c", config, "start", "-s", "2", "stuck")
+    assert started.returncode == 1
+    assert re.search(r"master\s+PENDING \(PartitionDown\) \d+s", started.stderr), started.stderr  # shown while waiting
+    assert "still PENDING (PartitionDown) after 4s (queue_timeout); cancelled" in started.stderr, started.stderr
+    assert jobs_of(slurm, "stuck") == {}
+
+
+def test_a_lost_record_still_lets_terminate_cancel_the_jobs(slurm, cli, home, tmp_path):
+    config = slurm_config(slurm, tmp_path, home, cluster="environment = system\n", python=sys.executable)
+    started = cli("-c", config, "start", "-s", "2", "lost", timeout=300)
+    assert started.returncode == 0, started.output
+    assert len(jobs_of(slurm, "lost")) == 2
+    (home / "clusters" / "lost.json").unlink()  # a crash, a wiped home
+    gone = cli("-c", config, "terminate", "-y", "lost", timeout=300)
+    assert gone.returncode == 0, gone.output
+    assert jobs_of(slurm, "lost") == {}
+    assert wait_until(lambda: not processes_of(home, tmp_path), timeout=30)
+
+
+def test_the_fixture_is_a_real_slurm(slurm):
+    """sinfo lists the test hosts; a job runs on one, in its namespace (its own address)."""
+    assert sorted(slurm.sinfo()) == [f"host{i}" for i in range(1, HOSTS + 1)]
+    out = slurm.run("srun", "-N1", "-w", "host2", "hostname", "-I")
+    assert out.stdout.split()[0] == slurm.net.hosts[1].address
+    assert testhosts.GATEWAY.startswith("198.18.0.")
