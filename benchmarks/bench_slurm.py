@@ -120,7 +120,9 @@ def main() -> None:
         net.down()
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"\n{'nodes':>5}  {'globular s':>10}  {'plain ipp s':>11}  {'globular/plain':>14}  (medians of {args.repeats})")
+    print(
+        f"\n{'nodes':>5}  {'globular s':>10}  {'plain ipp s':>11}  {'globular/plain':>14}  (medians of {args.repeats})"
+    )
     for n in sizes:
         g, p = med[f"globular {n}"], med[f"plain {n}"]
         spread = max(samples[f"plain {n}"]) - min(samples[f"plain {n}"])

@@ -424,7 +424,8 @@ def test_the_config_reference_in_docs_is_current():
 def test_slurm_settings_and_the_sbatch_command_they_make(tmp_path):
     from pydantic import ValidationError
 
-    from globular.providers.slurm import SlurmProvider, _fraction_left, _seconds
+    from globular.providers.slurm import SlurmProvider
+    from globular.providers.slurm_jobs import _seconds, fraction_left
     from globular.providers.slurm_settings import SlurmSettings
 
     settings = SlurmSettings.model_validate(
@@ -451,4 +452,4 @@ def test_slurm_settings_and_the_sbatch_command_they_make(tmp_path):
     assert {"--partition=gpu", "--time=1-02:00:00", "--cpus-per-task=4", "--nodelist=cn7", "--job-name=glb-c-node001",
             f"--comment={provider.mark('node001')}", "--mem=8G", "--gres=gpu:1"} <= set(argv)  # fmt: skip
     assert _seconds("1-02:00:00") == 93600 and _seconds("10:00") == 600 and _seconds("UNLIMITED") is None
-    assert _fraction_left("0:05:00", "1:00:00") == pytest.approx(1 / 12) and _fraction_left("5:00", "NOT_SET") is None
+    assert fraction_left("0:05:00", "1:00:00") == pytest.approx(1 / 12) and fraction_left("5:00", "NOT_SET") is None

@@ -98,10 +98,13 @@ def spawn(req: Request) -> Any:
             log_dir = os.path.dirname(spec["log"])
             if log_dir:
                 os.makedirs(log_dir, mode=0o700, exist_ok=True)
+            cwd = os.path.expanduser(spec["cwd"]) if spec.get("cwd") else None
+            if cwd:
+                os.makedirs(cwd, mode=0o700, exist_ok=True)
             with open(spec["log"], "ab") as log:
                 child = subprocess.Popen(
                     spec["argv"],
-                    cwd=spec.get("cwd") or None,
+                    cwd=cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -605,7 +608,9 @@ def relay(timeout: float = 60.0) -> None:
             except OSError as exc:
                 conn.close()
                 if time.monotonic() > deadline:
-                    raise Refused(f"no keeper of job {os.environ.get('SLURM_JOB_ID')} listens at {path}: {exc}") from None
+                    raise Refused(
+                        f"no keeper of job {os.environ.get('SLURM_JOB_ID')} listens at {path}: {exc}"
+                    ) from None
                 time.sleep(0.1)
         with conn, conn.makefile("r") as rfile, conn.makefile("w") as wfile:
             wfile.write(json.dumps({"id": 0, "verb": "spawn", "request": req}) + "\n")

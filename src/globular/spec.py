@@ -27,6 +27,21 @@ def split_commas(value: Any) -> Any:
 CommaList = Annotated[list[str], BeforeValidator(split_commas)]
 
 
+def split_args(value: Any) -> Any:
+    """``--mem=8G --gres='gpu:1'`` -> a list, split as a shell would (never run by one)."""
+    import shlex
+
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
+    return value
+
+
+ArgList = Annotated[list[str], BeforeValidator(split_args)]  # command-line arguments from one config value
+
+
 def check_requirements(values: list[str]) -> list[str]:
     """Each value must be a pip requirement (``numpy``, ``numpy>=2``, ``scipy==1.14.1``)."""
     from packaging.requirements import InvalidRequirement, Requirement

@@ -27,13 +27,12 @@ import posixpath
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from globular import nodeproc
 from globular.environment import environment_mode
-from globular.errors import BadInput, CommandError, CommandTimeout, ConnectionLost, GlobularError, NodeError
+from globular.errors import BadInput, CommandError, CommandTimeout, ConnectionLost, NodeError
 from globular.fanout import each_node
 from globular.paths import private_dir
 from globular.providers.base import (
@@ -46,13 +45,23 @@ from globular.providers.base import (
     display,
 )
 from globular.providers.helper import NodeHelper
+from globular.providers.slurm_jobs import (
+    PENDING,
+    RUNNING,
+    Job,
+    SlurmError,
+    cancel,
+    fraction_left,
+    jobs,
+    node_address,
+    queued,
+    slurm,
+)
 from globular.providers.slurm_settings import SlurmSettings
 from globular.state import NodeRecord, ProcessRecord
 
 log = logging.getLogger(__name__)
 POLL = 1.0  # seconds between squeue calls while jobs wait
-PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESV_DEL_HOLD", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED"}
-RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 JOB_SCRIPT = """#!/bin/sh
 # a globular node: the keeper of what globular starts here (see globular.providers.slurm)
 exec {python} -c "$(cat <<'GLOBULAR_NODEPROC'
@@ -60,50 +69,6 @@ exec {python} -c "$(cat <<'GLOBULAR_NODEPROC'
 GLOBULAR_NODEPROC
 )" keeper
 """
-
-
-class SlurmError(GlobularError):
-    """A Slurm command refused: its own message, in one line."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """What ``squeue`` (or, once the job has left the queue, ``scontrol``) says of a job."""
-
-    id: str
-    state: str  # PENDING, RUNNING, TIMEOUT, ...; GONE once Slurm forgot it
-    reason: str = ""
-    node: str = ""  # the compute node it runs on
-    time_left: str = ""  # squeue's %L
-    time_limit: str = ""  # squeue's %l
-    ended: str = ""  # when it ended (scontrol's EndTime)
-
-
-async def slurm(argv: list[str], *, input: bytes | None = None, timeout: float = 60.0) -> CommandResult:
-    """Run a Slurm command here (``sbatch``, ``squeue``, ...); a failure is a :class:`SlurmError`
-    with Slurm's own message."""
-    log.debug("slurm: %s", display(argv))
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except FileNotFoundError:
-        raise SlurmError(f"{argv[0]} is not installed here (the slurm provider runs on a Slurm login node)") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-    except (TimeoutError, asyncio.CancelledError):
-        proc.kill()
-        await proc.wait()
-        raise
-    result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
-    if result.returncode != 0:
-        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-        message = lines[-1] if lines else f"exited with {result.returncode}"
-        raise SlurmError(f"{argv[0]}: {message.removeprefix(argv[0] + ': ').removeprefix('error: ')}")
-    return result
 
 
 class JobEnded(NodeError):
@@ -276,59 +241,17 @@ class SlurmProvider(NodeProvider):
             raise NodeError(node, f"Slurm refused its job: {exc}") from None
         return done.stdout.strip().split(";")[0]
 
-    async def _cancel(self, job_ids: list[str]) -> None:
-        if job_ids:
-            try:
-                await slurm(["scancel", *job_ids])
-            except SlurmError as exc:
-                if "Invalid job id" not in str(exc):
-                    raise
-
-    async def jobs(self, job_ids: list[str]) -> dict[str, Job]:
-        """What Slurm says of each job now (one ``squeue``; ``scontrol`` for those it no longer lists)."""
-        if not job_ids:
-            return {}
-        found: dict[str, Job] = {}
-        try:
-            out = await slurm(["squeue", "-h", "-t", "all", f"--jobs={','.join(job_ids)}", "-o", "%i|%T|%r|%N|%L|%l"])
-        except SlurmError as exc:
-            if "Invalid job id" not in str(exc):
-                raise
-            out = CommandResult(0, "", "")
-        for line in out.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) == 6:
-                found[parts[0]] = Job(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5])
-        for job in job_ids:
-            if job not in found or found[job].state not in PENDING | RUNNING:
-                found[job] = await self._ended(job, found.get(job))
-        return found
-
     async def _one(self, job: str) -> Job:
-        return (await self.jobs([job]))[job]
-
-    async def _ended(self, job: str, listed: Job | None) -> Job:
-        try:
-            out = await slurm(["scontrol", "-o", "show", "job", job])
-        except SlurmError:
-            return listed or Job(job, "GONE")
-        fields = dict(part.split("=", 1) for part in out.stdout.split() if "=" in part)
-        return Job(
-            job,
-            fields.get("JobState", "GONE"),
-            fields.get("Reason", ""),
-            fields.get("NodeList", ""),
-            ended=fields.get("EndTime", "").replace("T", " "),
-        )
+        return (await jobs([job]))[job]
 
     async def _state(self, job: str) -> Job:
         """``job``'s state, from one ``squeue`` for every job this provider waits for (at most one a POLL)."""
         self._watched.add(job)
         if self._query is None or (self._query.done() and time.monotonic() - self._queried >= POLL):
             self._queried = time.monotonic()
-            self._query = asyncio.ensure_future(self.jobs(sorted(self._watched)))
+            self._query = asyncio.ensure_future(jobs(sorted(self._watched)))
         states = await asyncio.shield(self._query)
-        return states.get(job) or (await self.jobs([job]))[job]
+        return states.get(job) or (await jobs([job]))[job]
 
     async def _wait_running(self, node: NodeRecord, job: str) -> Job:
         began = time.monotonic()
@@ -357,11 +280,6 @@ class SlurmProvider(NodeProvider):
             return (self._cluster_dir() / "jobs" / f"{node}.log").read_text(errors="replace")[-4000:]
         except OSError:
             return ""
-
-    async def _address(self, host: str) -> str:
-        out = await slurm(["scontrol", "-o", "show", "node", host])
-        fields = dict(part.split("=", 1) for part in out.stdout.split() if "=" in part)
-        return fields.get("NodeAddr") or host
 
     # -- nodes -------------------------------------------------------------------
 
@@ -395,7 +313,7 @@ class SlurmProvider(NodeProvider):
                 self.on_step(node, "provision")
                 state = await self._wait_running(node, job)
                 node.data["slurm_node"] = state.node
-                node.address = await self._address(state.node)
+                node.address = await node_address(state.node)
                 self.on_step(node, "ssh")  # reached: its keeper answers below
                 runner = self.runner(node)
                 facts = await runner.nodeproc(
@@ -413,7 +331,7 @@ class SlurmProvider(NodeProvider):
                 runner_ = self._runners.pop(node.name, None)
                 if runner_ is not None:
                     await runner_.close()
-                await asyncio.shield(self._cancel([job]))
+                await asyncio.shield(cancel([job]))
                 raise
             on_ready(node)
             return node
@@ -437,31 +355,20 @@ class SlurmProvider(NodeProvider):
                 runner = self._runners.pop(node.name, None)
                 if runner is not None:
                     await runner.close()
-                await self._cancel([job])
+                await cancel([job])
             for _ in range(300):  # "terminate leaves no job": wait until Slurm has ended it
-                if (await self.jobs([job]))[job].state not in PENDING | RUNNING:
+                if (await jobs([job]))[job].state not in PENDING | RUNNING:
                     break
                 await asyncio.sleep(0.1)
             (self._cluster_dir() / "jobs" / f"{node.name}.log").unlink(missing_ok=True)
 
         await each_node(nodes, release)
 
-    async def _queued(self) -> list[tuple[str, str]]:
-        """This user's queued jobs that globular made: (job id, mark), the mark from the comment."""
-        out = await slurm(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%k"])
-        found = []
-        for line in out.stdout.splitlines():
-            job, _, comment = line.partition("|")
-            parts = comment.strip().split("/")
-            if len(parts) == 3 and all(parts):
-                found.append((job.strip(), comment.strip()))
-        return found
-
     async def release_cluster(self) -> None:
         """Cancel every job still marked with this cluster (a crash between sbatch and the record),
         and remove the cluster's folder of job logs."""
         prefix = self.mark() + "/"
-        await self._cancel([job for job, mark in await self._queued() if mark.startswith(prefix)])
+        await cancel([job for job, mark in await queued() if mark.startswith(prefix)])
         shutil.rmtree(self._cluster_dir() / "jobs", ignore_errors=True)
         try:
             self._cluster_dir().rmdir()
@@ -471,7 +378,7 @@ class SlurmProvider(NodeProvider):
     async def discover(self) -> dict[str, list[NodeRecord]]:
         """Clusters whose jobs are queued (any globular home of this user): name → nodes."""
         found: dict[str, list[NodeRecord]] = {}
-        for job, mark in await self._queued():
+        for job, mark in await queued():
             _, cluster, node = mark.split("/")
             found.setdefault(cluster, []).append(
                 NodeRecord(
@@ -489,14 +396,14 @@ class SlurmProvider(NodeProvider):
         """Each node's job: its state and walltime left; an ended job is the node's problem."""
         report = ProviderStatus()
         ids = {n.name: n.data["job_id"] for n in nodes if n.data.get("job_id")}
-        jobs = await self.jobs(list(ids.values()))
+        found = await jobs(list(ids.values()))
         for name, job_id in ids.items():
-            job = jobs[job_id]
+            job = found[job_id]
             if job.state in RUNNING:
                 limited = job.time_left not in ("", "UNLIMITED", "NOT_SET", "INVALID")
                 left = f"{job.time_left} left" if limited else "no time limit"
                 report.node_columns[name] = {"job": f"{job_id} {job.state.lower()}, {left}"}
-                fraction = _fraction_left(job.time_left, job.time_limit)
+                fraction = fraction_left(job.time_left, job.time_limit)
                 if fraction is not None and fraction < 0.1:
                     report.warnings.append(
                         f"{name}: job {job_id} has {job.time_left} of its {job.time_limit} walltime left"
@@ -507,24 +414,3 @@ class SlurmProvider(NodeProvider):
                 report.node_problems[name] = f"job {job_id} ended: {job.state}{at}"
                 report.node_states[name] = "job ended"
         return report
-
-
-def _seconds(text: str) -> int | None:
-    """Slurm's ``[D-]HH:MM:SS`` (or ``MM:SS``) in seconds; None for anything else."""
-    days, _, rest = text.rpartition("-")
-    parts = rest.split(":")
-    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
-        return None
-    seconds = 0
-    for part in parts:
-        seconds = seconds * 60 + int(part)
-    if len(parts) == 1:
-        seconds *= 60  # minutes
-    return seconds + int(days or 0) * 86400
-
-
-def _fraction_left(left: str, limit: str) -> float | None:
-    total, remaining = _seconds(limit), _seconds(left)
-    if not total or remaining is None:
-        return None
-    return remaining / total

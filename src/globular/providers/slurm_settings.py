@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import re
-import shlex
-from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import Field, field_validator
 
 from globular.providers.ssh_settings import MAX_ENGINES_PER_NODE
-from globular.spec import Settings
+from globular.spec import ArgList, Settings
 
 # Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED
 _TIME = re.compile(r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE)$", re.I)
 # a Slurm name (partition, account, qos): no spaces, no shell or option syntax
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+-]*$")
-
-
-def split_args(value: Any) -> Any:
-    """``sbatch_args = --mem=4G --gres=gpu:1`` -> a list, split as a shell would (never run by one)."""
-    if isinstance(value, str):
-        try:
-            return shlex.split(value)
-        except ValueError as exc:
-            raise ValueError(f"cannot split {value!r} into arguments: {exc}") from None
-    return value
 
 
 class SlurmSettings(Settings):
@@ -44,7 +32,7 @@ class SlurmSettings(Settings):
         description="cores each node's job asks for (sbatch --cpus-per-task), one engine each; "
         "default: what the allocation gives (SLURM_CPUS_ON_NODE)",
     )
-    sbatch_args: Annotated[list[str], BeforeValidator(split_args)] = Field(
+    sbatch_args: ArgList = Field(
         default_factory=list,
         description="more sbatch arguments, split like a shell would but never run by one",
         examples=["--mem=8G --gres=gpu:1"],

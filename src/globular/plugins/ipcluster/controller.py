@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from globular.errors import GlobularError, NodeError
 from globular.plugins.base import PluginContext
+from globular.plugins.ipcluster import userconfig
 from globular.plugins.ipcluster.engines import SUPERVISOR_SOURCE
 from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, ipython_dir, profile_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings, heartbeat_misses, is_address
@@ -135,7 +136,8 @@ async def launch_controller(
     # for each start like the session key.  The session key stays too (ipyparallel drops it under
     # curve otherwise): clients and engines must both sign and know the server key.
     # The controller takes its engine ports in ENGINE_PORT_KEYS order, then the broadcast leaves.
-    config = f"c.IPController.engine_ports = {ports!r}\n"
+    await userconfig.install(ctx, master, settings)  # the profile's ipcontroller_config.py, loaded first
+    config = userconfig.controller_config_prefix(settings) + f"c.IPController.engine_ports = {ports!r}\n"
     if others:
         config += f"c.IPController.ports = {others!r}\n"
     server_key = None

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster import supervisor
+from globular.plugins.ipcluster import supervisor, userconfig
 from globular.plugins.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings
+from globular.plugins.ipcluster.userconfig import engine_arguments
 from globular.providers.base import ProcessSpec
 from globular.state import NodeRecord, ProcessRecord
 
@@ -52,12 +53,13 @@ def engine_file(node: NodeRecord) -> str:
     return f"{node.workdir}/security/ipcontroller-engine.json"
 
 
-def engine_env(ctx: PluginContext, node: NodeRecord) -> dict[str, str]:
+def engine_env(ctx: PluginContext, node: NodeRecord, settings: IPClusterSettings) -> dict[str, str]:
     return {
+        "OMP_NUM_THREADS": "1",
+        **settings.engine_env,
         "GLOBULAR_CLUSTER": ctx.name,
         "GLOBULAR_NODE": node.name,
         "IPYTHONDIR": ipython_dir(node),
-        "OMP_NUM_THREADS": "1",
     }
 
 
@@ -72,11 +74,12 @@ def engine_spec(ctx: PluginContext, node: NodeRecord, engine_id: int, settings: 
             f"--IPEngine.id={engine_id}",
             f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
             f"--IPEngine.enable_nanny={settings.engine_nanny}",
+            *engine_arguments(node, settings),
         ],
         log=f"{node.workdir}/logs/engine-{engine_id}.log",
         role=ENGINE,
-        env=engine_env(ctx, node),
-        cwd=node.workdir,
+        env=engine_env(ctx, node, settings),
+        cwd=settings.engine_workdir or node.workdir,
     )
 
 
@@ -98,7 +101,8 @@ async def start_engines(
         return {}
     runner = ctx.runner(node)
     await runner.write_file(engine_file(node), json.dumps(engine_info).encode(), 0o600)
-    env = engine_env(ctx, node)
+    await userconfig.install(ctx, node, settings)
+    env = engine_env(ctx, node, settings)
     ids = claim_engine_ids(ctx, node, count, floor)
     engines = [engine_spec(ctx, node, engine_id, settings) for engine_id in ids]
     if settings.restart_dead_engines:
@@ -111,7 +115,7 @@ async def start_engines(
                 log=f"{node.workdir}/logs/supervisor-{ids[0]}.log",
                 role=SUPERVISOR,
                 env=env,
-                cwd=node.workdir,
+                cwd=settings.engine_workdir or node.workdir,
             )
         ]
     ctx.track(node, await runner.spawn(engines))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from globular.spec import Settings, shown
+from globular.spec import ArgList, Settings, shown
 from globular.state import NodeRecord
 
 DEATH_WINDOW_MS = 5000  # the controller drops an engine silent for this long
@@ -87,6 +88,39 @@ def parse_duration(value: Any) -> Any:
     return hours * 3600 + minutes * 60 + seconds
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# ipengine arguments globular sets itself: an engine_args that changes them would break it
+_OWN_ENGINE_ARGS = ("--file", "--IPEngine.id", "--IPEngine.timeout", "--profile", "--ipython-dir", "--IPEngine.url")
+
+
+def parse_env(value: Any) -> Any:
+    """``OMP_NUM_THREADS=4, MKL_NUM_THREADS=4`` -> a dict (names checked)."""
+    if not isinstance(value, str):
+        return value
+    found = {}
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        name, sep, text = part.partition("=")
+        if not sep or not _ENV_NAME.match(name.strip()):
+            raise ValueError(f"{part!r} is not NAME=VALUE")
+        found[name.strip()] = text.strip()
+    return found
+
+
+def _check_engine_args(args: list[str]) -> list[str]:
+    for arg in args:
+        if arg.split("=", 1)[0] in _OWN_ENGINE_ARGS:
+            raise ValueError(f"{arg!r}: globular sets {arg.split('=', 1)[0]} itself")
+    return args
+
+
+def _check_local_file(path: str | None) -> str | None:
+    if path is not None and not Path(path).expanduser().is_file():
+        raise ValueError(f"{path} is not a file here")
+    return path
+
+
 class IPClusterSettings(Settings):
     enable_notebook: bool = Field(default=False, description="JupyterLab on the master, HTTPS and password only")
     notebook_passwd: str | None = Field(default=None, description="default: a random one, shown once by start")
@@ -132,6 +166,32 @@ class IPClusterSettings(Settings):
         default=None,
         description="curve: CurveZMQ encrypts all traffic between clients, controller and engines; "
         "default: curve where nodes are other machines (ssh, ec2), none on the local provider (loopback)",
+    )
+
+    engine_args: Annotated[ArgList, AfterValidator(_check_engine_args)] = Field(
+        default_factory=list,
+        description="more ipengine arguments, split like a shell would but never run by one",
+        examples=["--IPEngine.startup_command='import numpy' --log-level=DEBUG"],
+        json_schema_extra={"reference_type": "arguments"},
+    )
+    engine_env: Annotated[dict[str, str], BeforeValidator(parse_env)] = Field(
+        default_factory=dict,
+        description="environment of every engine: NAME=VALUE, NAME=VALUE (OMP_NUM_THREADS is 1 unless set here)",
+        examples=["OMP_NUM_THREADS=4, MY_DATA=/scratch/data"],
+        json_schema_extra={"reference_type": "NAME=VALUE, ..."},
+    )
+    engine_startup: Annotated[str | None, AfterValidator(_check_local_file)] = Field(
+        default=None, description="a Python file here, copied to the nodes and run on every engine as it starts"
+    )
+    engine_workdir: str | None = Field(
+        default=None,
+        description="the engines' working folder on the nodes (made if missing; ~ is the node user's home); "
+        "default: the node's folder",
+    )
+    profile: str | None = Field(
+        default=None,
+        description="an IPython profile here (NAME for ~/.ipython/profile_NAME, or a folder): its ipengine_config.py, "
+        "ipcontroller_config.py and startup/ files are copied to the nodes",
     )
 
     @property
