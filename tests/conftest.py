@@ -59,6 +59,7 @@ def home(tmp_path, monkeypatch):
     """GLOBULAR_HOME for this test; fails the test if a process it started is left behind."""
     path = tmp_path / "globular-home"
     monkeypatch.setenv("GLOBULAR_HOME", str(path))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # where the Lab panel's cluster files go
     monkeypatch.delenv("GLOBULAR_CONFIG", raising=False)
     yield path
     leaked = processes_of(path, tmp_path)

@@ -63,6 +63,25 @@ def test_log_in_open_a_notebook_and_read_the_engine_ids(cli, home, write_config,
                     output = page.locator(".jp-NotebookPanel .jp-OutputArea-output").first
                     expect(output).to_have_text(re.compile(r"\[0, 1\]"), timeout=90_000)
                     assert output.inner_text().strip() == "[0, 1]"
+
+                    # ipyparallel's own Clusters panel lists this cluster, managed by globular
+                    page.locator('.lm-TabBar-tab[data-id="ipp-cluster-launcher"]').click()
+                    item = page.locator(".ipp-ClusterListingItem", has_text="globular-web")
+                    expect(item).to_contain_text("State: running")
+                    expect(item).to_contain_text("Number of engines: 2")
+                    item.get_by_role("button", name=re.compile("stop", re.I)).click()  # refused: still running
+                    expect(page.get_by_text(re.compile("managed by globular"))).to_be_visible()
+                    page.get_by_role("button", name="Close").click()
+                    # its <> button puts ipyparallel's connect code in the notebook; it connects
+                    page.locator(".jp-NotebookPanel .jp-Cell .cm-content").nth(1).click()
+                    item.locator(".ipp-ClusterListingItem-code").click()
+                    cell = page.locator(".jp-NotebookPanel .jp-Cell .cm-content").nth(1)
+                    expect(cell).to_contain_text("Cluster.from_file")
+                    cell.click()
+                    page.keyboard.press("Shift+Enter")
+                    connected = page.locator(".jp-NotebookPanel .jp-OutputArea-output").nth(1)
+                    expect(connected).to_have_text(re.compile(r"Client"), timeout=60_000)
+                    assert "Error" not in connected.inner_text()
                 except BaseException as exc:
                     page.screenshot(path=str(shot), full_page=True)
                     raise AssertionError(f"browser step failed ({exc}); screenshot: {shot}") from exc

@@ -34,6 +34,7 @@ from globular.plugins.ipcluster.controller import (
 from globular.plugins.ipcluster.controller import running_data as _running_data
 from globular.plugins.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
 from globular.plugins.ipcluster.idle import start_idle_watchers
+from globular.plugins.ipcluster.labpanel import remove_cluster_files, write_cluster_files
 from globular.plugins.ipcluster.notebook import (
     NotebookInfo,
     notebook_certificate,
@@ -250,6 +251,7 @@ async def start_controller_and_engines(
     data = ctx.plugin_data(DATA_KEY)
     data.update(connection_file=str(local_file), engine_info=engine_info, packer=settings.packer, encryption=encryption)
     ctx.save()
+    write_cluster_files(ctx)  # ipyparallel's JupyterLab panel lists it
     await client_import
     client = await client_of(ctx)
     try:
@@ -281,6 +283,7 @@ async def stop_ipcluster(ctx: PluginContext) -> int:
     data = ctx.plugin_data(DATA_KEY)
     if data.get("connection_file"):
         Path(data["connection_file"]).unlink(missing_ok=True)
+    remove_cluster_files(ctx)
     data.clear()
     ctx.save()
     return stopped

@@ -1,0 +1,71 @@
+"""The Cluster class ipyparallel's ClusterManager (the JupyterLab panel) makes of a globular
+cluster's cluster file (see :mod:`globular.plugins.ipcluster.labpanel`).  Imported by
+ipyparallel only: globular itself never imports it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ipyparallel import Cluster
+from ipyparallel.cluster.launcher import NotRunning
+
+from globular.plugins.ipcluster.labpanel import panel_model
+from globular.plugins.ipcluster.roles import DATA_KEY
+
+
+class GlobularCluster(Cluster):  # type: ignore[misc]
+    """A globular cluster as ipyparallel's ClusterManager (the Lab panel) sees it."""
+
+    globular_name = ""
+    globular_home = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **kwargs: Any) -> GlobularCluster:
+        kwargs.setdefault("shutdown_atexit", False)
+        info = d["cluster"]
+        self = cls(profile_dir=info["profile_dir"], cluster_id=info["cluster_id"], **kwargs)
+        self.globular_name = d["globular"]["name"]
+        self.globular_home = d["globular"]["home"]
+        if self._data() is None:  # gone (terminated elsewhere, or its record lost): forget the file
+            if self.cluster_file:
+                Path(self.cluster_file).unlink(missing_ok=True)
+            raise NotRunning(f"globular cluster {self.globular_name} is not running")
+        return self
+
+    def _data(self) -> dict[str, Any] | None:
+        from globular.errors import GlobularError
+        from globular.state import StateStore
+
+        try:
+            record = StateStore(Path(self.globular_home)).get(self.globular_name)
+        except GlobularError:
+            return None
+        return record.plugin_data.get(DATA_KEY) if record.status == "running" else None
+
+    def _is_running(self) -> bool:
+        return self._data() is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return panel_model(self.globular_name, self.globular_home, self.profile_dir, self._data())
+
+    def _managed(self, what: str) -> Exception:
+        """The refusal: an HTTP 409 with the message, which the panel shows (and Python raises)."""
+        from tornado.web import HTTPError
+
+        verb = "terminate" if what == "stop" else "start"
+        message = f"cluster {self.globular_name} is managed by globular: {what} it with `globular {verb} {self.globular_name}`"
+        return HTTPError(409, message.replace("%", "%%"))
+
+    async def start_cluster(self, n: int | None = None) -> None:
+        raise self._managed("start")
+
+    async def stop_cluster(self) -> None:
+        raise self._managed("stop")
+
+    async def connect_client(self, **client_kwargs: Any) -> Any:
+        import asyncio
+
+        from globular.plugins.ipcluster.connect import connect
+
+        return await asyncio.to_thread(connect, self.globular_name, home=Path(self.globular_home))
