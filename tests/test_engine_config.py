@@ -5,6 +5,7 @@ on the local provider and on ssh test hosts whose Python is a bare one."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def test_engine_settings_and_a_profile_reach_local_engines(cli, home, write_conf
         controller_log = home / "local" / "cfg" / "master" / "logs" / "controller.log"
         assert "from-profile " in controller_log.read_text()  # the profile's ipcontroller_config.py
     finally:
-        assert cli("terminate", "-y", "cfg").returncode == 0
+        stopped = cli("terminate", "-y", "cfg")
+    assert stopped.returncode == 0, stopped.output
 
 
 def test_bad_engine_settings_are_one_line_errors(cli, home, write_config, tmp_path):
@@ -121,5 +123,6 @@ def test_engine_settings_and_a_profile_reach_engines_on_ssh_hosts(cli, home, tmp
             assert started.returncode == 0, started.output
             check(engines_saw("lab"), Path("~/globular-engine-work").expanduser(), 2)
         finally:
-            assert cli("terminate", "-y", "lab", timeout=300).returncode == 0
-            Path("~/globular-engine-work").expanduser().rmdir()
+            stopped = cli("terminate", "-y", "lab", timeout=300)
+            shutil.rmtree(Path("~/globular-engine-work").expanduser(), ignore_errors=True)
+        assert stopped.returncode == 0, stopped.output
