@@ -189,3 +189,32 @@ def test_the_fixture_is_a_real_slurm(slurm):
     out = slurm.run("srun", "-N1", "-w", "host2", "hostname", "-I")
     assert out.stdout.split()[0] == slurm.net.hosts[1].address
     assert testhosts.GATEWAY.startswith("198.18.0.")
+
+
+def test_a_controller_the_compute_nodes_cannot_reach_fails_start_naming_them(slurm, cli, home, tmp_path):
+    """The controller listens on loopback of the master's compute node: the others' preflight
+    connection fails, before any engine starts, and each is named."""
+    config = slurm_config(slurm, tmp_path, home, cluster="environment = system\n", python=sys.executable, cores=2,
+                          ipcluster="controller_interface = lo\n")  # fmt: skip
+    started = cli("-c", config, "start", "-s", "2", "far", timeout=300)
+    assert started.returncode == 1, started.output
+    assert re.search(r"node001: .*cannot reach the controller's address 127\.0\.0\.1:\d+", started.stderr), (
+        started.stderr
+    )
+    assert jobs_of(slurm, "far") == {}
+
+
+def test_idle_shutdown_ends_the_masters_job(slurm, cli, home, tmp_path):
+    """Idle shutdown on Slurm gives the allocation back: the master's watcher stops the
+    controller, then cancels its own job (never powers anything off)."""
+    config = slurm_config(slurm, tmp_path, home, cluster="environment = system\n", python=sys.executable,
+                          ipcluster="idle_shutdown = 3s\n")  # fmt: skip
+    started = cli("-c", config, "start", "-s", "2", "idle", timeout=300)
+    try:
+        assert started.returncode == 0, started.output
+        assert wait_until(lambda: "master" not in jobs_of(slurm, "idle"), timeout=60), jobs_of(slurm, "idle")
+        assert "node001" in jobs_of(slurm, "idle")  # its own watcher waits for the controller to stay gone
+    finally:
+        stopped = cli("terminate", "-y", "idle", timeout=300)
+    assert stopped.returncode == 0, stopped.output
+    assert jobs_of(slurm, "idle") == {}

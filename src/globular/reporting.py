@@ -15,10 +15,11 @@ NODE_STEPS = ("provision", "ssh", "setup", "env", "engines", "registered")
 
 
 def step_label(node: NodeRecord, step: str) -> str:
-    """How a step reads in a node's line: ``env cached`` when its environment was there already."""
+    """How a step reads in a node's line: ``env cached`` when its environment was there already;
+    a provider may name its steps in ``node.data["step_names"]`` (Slurm: ``ssh`` is ``running``)."""
     if step == "env" and node.data.get("env", {}).get("cached"):
         return "env cached"
-    return step
+    return str(node.data.get("step_names", {}).get(step, step))  # a provider's own name (Slurm: "running")
 
 
 class Reporter(Protocol):

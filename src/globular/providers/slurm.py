@@ -244,10 +244,11 @@ class SlurmProvider(NodeProvider):
     async def _one(self, job: str) -> Job:
         return (await jobs([job]))[job]
 
-    async def _state(self, job: str) -> Job:
-        """``job``'s state, from one ``squeue`` for every job this provider waits for (at most one a POLL)."""
+    async def _state(self, job: str, every: float = POLL) -> Job:
+        """``job``'s state, from one ``squeue`` for every job this provider waits for (at most one
+        every ``every`` s, however many nodes ask)."""
         self._watched.add(job)
-        if self._query is None or (self._query.done() and time.monotonic() - self._queried >= POLL):
+        if self._query is None or (self._query.done() and time.monotonic() - self._queried >= every):
             self._queried = time.monotonic()
             self._query = asyncio.ensure_future(jobs(sorted(self._watched)))
         states = await asyncio.shield(self._query)
@@ -302,6 +303,7 @@ class SlurmProvider(NodeProvider):
                 workdir=posixpath.join(self.settings.remote_dir, self.cluster, name),
                 cores=1,
                 python=self.settings.python,
+                data={"step_names": {"provision": "queued", "ssh": "running"}},  # submitted; its keeper answers
             )
             for name in names
         ]
@@ -314,7 +316,7 @@ class SlurmProvider(NodeProvider):
                 state = await self._wait_running(node, job)
                 node.data["slurm_node"] = state.node
                 node.address = await node_address(state.node)
-                self.on_step(node, "ssh")  # reached: its keeper answers below
+                self.on_step(node, "ssh")  # "running": the job runs (its keeper answers below)
                 runner = self.runner(node)
                 facts = await runner.nodeproc(
                     "prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []}, timeout=120
@@ -356,10 +358,12 @@ class SlurmProvider(NodeProvider):
                 if runner is not None:
                     await runner.close()
                 await cancel([job])
-            for _ in range(300):  # "terminate leaves no job": wait until Slurm has ended it
-                if (await jobs([job]))[job].state not in PENDING | RUNNING:
-                    break
-                await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 60  # "terminate leaves no job": wait until Slurm has ended it
+            try:
+                while (await self._state(job, every=0.3)).state in PENDING | RUNNING and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+            finally:
+                self._watched.discard(job)
             (self._cluster_dir() / "jobs" / f"{node.name}.log").unlink(missing_ok=True)
 
         await each_node(nodes, release)
