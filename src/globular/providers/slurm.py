@@ -360,7 +360,9 @@ class SlurmProvider(NodeProvider):
                 await cancel([job])
             deadline = time.monotonic() + 60  # "terminate leaves no job": wait until Slurm has ended it
             try:
-                while (await self._state(job, every=0.3)).state in PENDING | RUNNING and time.monotonic() < deadline:
+                while time.monotonic() < deadline:
+                    if (await self._state(job, every=0.3)).state not in PENDING | RUNNING:
+                        break
                     await asyncio.sleep(0.1)
             finally:
                 self._watched.discard(job)
