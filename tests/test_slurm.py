@@ -95,7 +95,7 @@ def engines(cli, name: str) -> dict:
 
 def test_a_slurm_cluster_from_start_to_terminate(slurm, cli, home, tmp_path):
     # 2 cores a job: a whole test host each, so three jobs are on three hosts
-    config = slurm_config(slurm, tmp_path, home, cores=2)
+    config = slurm_config(slurm, tmp_path, home, cores=2, cluster="time_limit = 30\n")  # 30 minutes of walltime
     try:
         lifecycle(slurm, cli, home, tmp_path, config)
     finally:
@@ -119,7 +119,7 @@ def lifecycle(slurm, cli, home, tmp_path, config) -> None:
     status = cli("status", "hpc", "--output", "json")
     assert status.returncode == 0, status.output
     nodes = json.loads(status.stdout)["result"]["nodes"]
-    assert all(re.match(r"\d+ running, no time limit", n["columns"]["job"]) for n in nodes), nodes
+    assert all(re.match(r"\d+ running, (29:[0-5]\d|30:00) left", n["columns"]["job"]) for n in nodes), nodes
 
     added = cli("addnode", "hpc", timeout=300)
     assert added.returncode == 0, added.output

@@ -24,6 +24,7 @@ import getpass
 import logging
 import os
 import posixpath
+import shlex
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -85,9 +86,18 @@ class SlurmRunner(Runner):
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
-    def _srun(self, argv: list[str]) -> list[str]:
+    async def _spawn_srun(self, argv: list[str], stdin: bool) -> asyncio.subprocess.Process:
+        """``argv`` in a new step of the node's job (``srun --overlap``), its pipes here."""
         job = self.node.data["job_id"]
-        return ["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", "--quiet", *argv]
+        try:
+            return await asyncio.create_subprocess_exec(
+                *["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", "--quiet", *argv],
+                stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise CommandError(self.node.name, "srun", 127, f"cannot run srun here: {exc.strerror or exc}") from None
 
     async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
         async with self._lock:
@@ -95,12 +105,7 @@ class SlurmRunner(Runner):
             if helper is None or not helper.alive or helper.python != self.node.python:
                 await self._close_helper()
                 log.debug("%s (job %s): starting its relay", self.node.name, self.node.data["job_id"])
-                self._process = await asyncio.create_subprocess_exec(
-                    *self._srun([self.node.python, "-c", NODEPROC_SOURCE, "relay"]),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                )
+                self._process = await self._spawn_srun([self.node.python, "-c", NODEPROC_SOURCE, "relay"], True)
                 helper = self._helper = NodeHelper.over_pipes(self._process, self.node.name, self.node.python)
         try:
             return await helper.ask(verb, request, timeout)
@@ -126,14 +131,8 @@ class SlurmRunner(Runner):
         self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
     ) -> CommandResult:
         shown = display(argv)
-        command = self._srun([f"--chdir={self.node.workdir}", *argv]) if self.node.workdir else self._srun(argv)
+        proc = await self._spawn_srun([f"--chdir={self.node.workdir}", *argv], input is not None)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
             out, err = await asyncio.wait_for(proc.communicate(input), timeout)
         except TimeoutError:
             proc.kill()
@@ -178,7 +177,6 @@ class SlurmProvider(NodeProvider):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._jobs: dict[str, Job] = {}
         self._query: asyncio.Future[dict[str, Job]] | None = None
         self._queried = 0.0
         self._watched: set[str] = set()
@@ -234,7 +232,7 @@ class SlurmProvider(NodeProvider):
 
     async def _submit(self, node: str, host: str | None) -> str:
         private_dir(self._cluster_dir() / "jobs")
-        script = JOB_SCRIPT.format(python=self.settings.python, source=NODEPROC_SOURCE.rstrip("\n"))
+        script = JOB_SCRIPT.format(python=shlex.quote(self.settings.python), source=NODEPROC_SOURCE.rstrip("\n"))
         try:
             done = await slurm(self.sbatch_argv(node, host), input=script.encode())
         except SlurmError as exc:

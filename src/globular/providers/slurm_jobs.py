@@ -106,9 +106,24 @@ async def _ended(job: str, listed: Job | None) -> Job:
 
 
 async def node_address(host: str) -> str:
+    """The IP address of Slurm node ``host``: its NodeAddr, resolved here where it is a name
+    (a controller binds to an address, never a name)."""
+    import ipaddress
+    import socket
+
     out = await slurm(["scontrol", "-o", "show", "node", host])
     fields = dict(part.split("=", 1) for part in out.stdout.split() if "=" in part)
-    return fields.get("NodeAddr") or host
+    address = fields.get("NodeAddr") or host
+    try:
+        ipaddress.ip_address(address)
+        return address
+    except ValueError:
+        pass
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(address, None, family=socket.AF_INET)
+    except OSError as exc:
+        raise SlurmError(f"cannot resolve Slurm node {host}'s address {address}: {exc}") from None
+    return str(found[0][4][0])
 
 
 async def queued() -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.roles import DATA_KEY, profile_dir
+from globular.plugins.ipcluster.roles import DATA_KEY, local_ipython_dir, profile_dir
 
 PREFIX = "globular-"  # the cluster_id of globular's clusters in ipyparallel's cluster files
 CLASS = "globular.plugins.ipcluster.labcluster.GlobularCluster"  # imported by ipyparallel only
@@ -34,9 +34,7 @@ CLASS = "globular.plugins.ipcluster.labcluster.GlobularCluster"  # imported by i
 
 def default_profile() -> Path:
     """This machine's default IPython profile (``$IPYTHONDIR``, else ``~/.ipython``)."""
-    from IPython.paths import get_ipython_dir
-
-    return Path(get_ipython_dir()) / "profile_default"
+    return local_ipython_dir() / "profile_default"
 
 
 def cluster_files(ctx: PluginContext) -> list[Path]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from globular.state import NodeRecord
 
 CONTROLLER = "ipcontroller"
@@ -17,3 +20,9 @@ def ipython_dir(node: NodeRecord) -> str:
 
 def profile_dir(node: NodeRecord) -> str:
     return f"{ipython_dir(node)}/profile_default"
+
+
+def local_ipython_dir() -> Path:
+    """This machine's IPython folder, as IPython finds it (``$IPYTHONDIR``, else ``~/.ipython``),
+    without importing IPython (ipyparallel's import may be under way in another thread)."""
+    return Path(os.environ.get("IPYTHONDIR") or "~/.ipython").expanduser()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from globular.errors import GlobularError
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.roles import profile_dir
+from globular.plugins.ipcluster.roles import local_ipython_dir, profile_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.state import NodeRecord
 
@@ -30,9 +30,7 @@ def local_profile(name: str) -> Path:
         return folder
     if "/" in name:
         raise GlobularError(f"profile = {name}: no such folder")
-    from IPython.paths import get_ipython_dir
-
-    folder = Path(get_ipython_dir()) / f"profile_{name}"
+    folder = local_ipython_dir() / f"profile_{name}"
     if not folder.is_dir():
         raise GlobularError(f"profile = {name}: there is no {folder} (ipython profile create {name} makes one)")
     return folder
@@ -80,13 +78,6 @@ def engine_arguments(node: NodeRecord, settings: IPClusterSettings) -> list[str]
 
 def controller_config_prefix(settings: IPClusterSettings) -> str:
     """The first line of the controller's config: the user's, loaded first (globular's lines win)."""
-    if "ipcontroller_config.py" in {Path(p).name for p in _profile_names(settings)}:
+    if settings.profile and (local_profile(settings.profile) / "ipcontroller_config.py").is_file():
         return f"load_subconfig({USER_CONTROLLER_CONFIG!r})\n"
     return ""
-
-
-def _profile_names(settings: IPClusterSettings) -> list[str]:
-    if not settings.profile:
-        return []
-    folder = local_profile(settings.profile)
-    return [p.name for p in folder.iterdir() if p.is_file()]
