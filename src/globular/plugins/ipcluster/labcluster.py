@@ -27,21 +27,31 @@ class GlobularCluster(Cluster):  # type: ignore[misc]
         self = cls(profile_dir=info["profile_dir"], cluster_id=info["cluster_id"], **kwargs)
         self.globular_name = d["globular"]["name"]
         self.globular_home = d["globular"]["home"]
-        if self._data() is None:  # gone (terminated elsewhere, or its record lost): forget the file
+        record = self._record()
+        if record is None:  # gone (terminated elsewhere, or its record lost): forget the file
             if self.cluster_file:
                 Path(self.cluster_file).unlink(missing_ok=True)
-            raise NotRunning(f"globular cluster {self.globular_name} is not running")
+            raise NotRunning(f"globular cluster {self.globular_name} is gone")
+        if self._data() is None:  # still starting, or stopping
+            raise NotRunning(f"globular cluster {self.globular_name} is {record.status}")
         return self
 
-    def _data(self) -> dict[str, Any] | None:
+    def _record(self) -> Any:
         from globular.errors import GlobularError
         from globular.state import StateStore
 
         try:
-            record = StateStore(Path(self.globular_home)).get(self.globular_name)
+            return StateStore(Path(self.globular_home)).get(self.globular_name)
         except GlobularError:
             return None
-        return record.plugin_data.get(DATA_KEY) if record.status == "running" else None
+
+    def _data(self) -> dict[str, Any] | None:
+        """IPCluster's part of the record while the cluster runs; None otherwise."""
+        record = self._record()
+        if record is None or record.status != "running":
+            return None
+        data: dict[str, Any] | None = record.plugin_data.get(DATA_KEY)
+        return data
 
     def _is_running(self) -> bool:
         return self._data() is not None
