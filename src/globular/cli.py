@@ -85,7 +85,7 @@ def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
 def start(ctx: click.Context, cluster_size: int | None, template: str | None, name: str) -> None:
     """Start cluster NAME: provision nodes, then run the template's plugins.
 
-    On other machines (ssh, ec2) each node first gets its Python environment:
+    On other machines (ssh, ec2, slurm) each node first gets its Python environment:
     ipyparallel at this machine's version and the template's packages, in a
     venv globular builds on the host from wheels resolved here (cached: a
     second start installs nothing; environment = system turns it off).  With
@@ -118,7 +118,7 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
 
 
 def _found_elsewhere(ctx: click.Context) -> tuple[list[operations.FoundCluster], list[str]]:
-    """Clusters that the config's accounts (ec2) hold and another machine started."""
+    """Clusters that the config's accounts (ec2, slurm) hold and another machine started (or a lost record)."""
     try:
         specs = load_config(ctx).loadable_specs()
     except GlobularError:
@@ -135,8 +135,8 @@ def _found_elsewhere(ctx: click.Context) -> tuple[list[operations.FoundCluster],
 @output_option
 @click.pass_context
 def listclusters(ctx: click.Context) -> None:
-    """List clusters: those this machine started, and (ec2) those the config's
-    accounts hold that another machine started (found by their tags).
+    """List clusters: those this machine started, and (ec2, slurm) those the config's
+    accounts hold that another machine started (found by their tags or jobs).
 
     The health column says whether each cluster is what its record says
     (asked of its nodes, by pid); plugins add columns (ipcluster: engines
@@ -186,7 +186,7 @@ def listclusters(ctx: click.Context) -> None:
 def terminate(ctx: click.Context, yes: bool, force: bool, name: str) -> None:
     """Terminate cluster NAME: stop all its processes and release its nodes.
 
-    A cluster another machine started (ec2, found by its tags) is terminated too.
+    A cluster another machine started (ec2: found by its tags; slurm: by its jobs' comments) is terminated too.
     """
     out = output(ctx)
     store = StateStore(globular_home())
@@ -214,7 +214,7 @@ def terminate(ctx: click.Context, yes: bool, force: bool, name: str) -> None:
             raise
         if not yes:
             click.confirm(
-                f"Cluster {name} was started elsewhere ({len(found.nodes)} instances in {found.region}). Terminate it?",
+                f"Cluster {name} was started elsewhere ({len(found.nodes)} nodes in {found.region}). Terminate it?",
                 abort=True,
             )
         record = operations.adopt(found)

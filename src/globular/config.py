@@ -68,7 +68,7 @@ class ClusterSettings(Settings):
         default=None, ge=1, description="default: the provider's (local: 2, ssh: every host)"
     )
     provider: str = Field(
-        default="local", description="where the nodes come from: local, ssh, ec2 (or an installed provider)"
+        default="local", description="where the nodes come from: local, ssh, ec2, slurm (or an installed provider)"
     )
     plugins: CommaList = Field(default_factory=list, description="[plugin NAME] sections to run, in order")
     environment: Literal["managed", "system"] | None = Field(

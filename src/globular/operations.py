@@ -381,7 +381,7 @@ class FoundCluster:
 
 
 async def discover(specs: list[ClusterSpec], *, home: Path | None = None) -> list[FoundCluster]:
-    """Clusters started elsewhere (ec2: found by their tags) in the accounts ``specs`` use.
+    """Clusters started elsewhere (ec2: found by their tags; slurm: by their jobs) in the accounts ``specs`` use.
 
     Each account (provider, region, credentials) is asked once; clusters this
     machine has a record of are left out.
@@ -416,7 +416,7 @@ def adopt(found: FoundCluster, *, home: Path | None = None) -> ClusterRecord:
         nodes=found.nodes,
         desired=[n.name for n in found.nodes],
         status="running",
-        error="adopted: started elsewhere, found by its tags",
+        error="adopted: started elsewhere (or its record was lost), found by its provider (ec2 tags, Slurm jobs)",
     )
     store.create(record)
     return record

@@ -165,7 +165,7 @@ class IPClusterSettings(Settings):
     encryption: Literal["curve", "none"] | None = Field(
         default=None,
         description="curve: CurveZMQ encrypts all traffic between clients, controller and engines; "
-        "default: curve where nodes are other machines (ssh, ec2), none on the local provider (loopback)",
+        "default: curve where nodes are other machines (ssh, ec2, slurm), none on the local provider (loopback)",
     )
 
     engine_args: Annotated[ArgList, AfterValidator(_check_engine_args)] = Field(
