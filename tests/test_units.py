@@ -453,3 +453,15 @@ def test_slurm_settings_and_the_sbatch_command_they_make(tmp_path):
             f"--comment={provider.mark('node001')}", "--mem=8G", "--gres=gpu:1"} <= set(argv)  # fmt: skip
     assert _seconds("1-02:00:00") == 93600 and _seconds("10:00") == 600 and _seconds("UNLIMITED") is None
     assert fraction_left("0:05:00", "1:00:00") == pytest.approx(1 / 12) and fraction_left("5:00", "NOT_SET") is None
+
+
+def test_the_controllers_ports_are_none_that_other_processes_get_without_asking():
+    """Engines (and their nannies, kernels) bind pyzmq's random ports, 49152 and up, while the
+    controller starts; processes that bind port 0 get the kernel's ephemeral range.  The ports
+    globular picks for the controller before it binds them are below both."""
+    from globular import nodeproc
+
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = nodeproc.free_ports({"ip": "127.0.0.1", "count": 20})
+    assert len(ports) == len(set(ports)) == 20
+    assert all(20000 <= p < min(ephemeral, 49152) for p in ports), ports

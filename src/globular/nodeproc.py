@@ -337,14 +337,30 @@ def addresses(req: Request) -> Any:
     return found
 
 
+def _quiet_ports() -> list[int]:
+    """Ports in a random order that no process is handed without asking for them by number:
+    below the kernel's ephemeral range (bind to port 0) and below pyzmq's random ports (49152
+    and up: engines, their nannies and kernels bind those while the controller starts)."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    ports = list(range(20000, max(20000 + 1000, min(ephemeral, 49152))))
+    random.shuffle(ports)
+    return ports
+
+
 def free_ports(req: Request) -> Any:
     """``req["count"]`` distinct TCP ports free on ``req["ip"]``, taken from ``req["ports"]``
-    when given (else any); fewer when not enough are free."""
+    when given (else from :func:`_quiet_ports`, then any); fewer when not enough are free."""
     import socket
 
     held: list[Any] = []
     try:
-        for port in req.get("ports") or [0] * req["count"]:
+        for port in req.get("ports") or [*_quiet_ports()[: req["count"] * 4], *[0] * req["count"]]:
             if len(held) == req["count"]:
                 break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
