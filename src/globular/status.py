@@ -185,7 +185,8 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
         else:
             status.load = round(answer["load"][0], 2)
         if node.name in jobs.node_problems:  # why it does not answer: Slurm ended its job
-            status.state, status.problem = jobs.node_states[node.name], jobs.node_problems[node.name]
+            status.state = jobs.node_states.get(node.name, status.state)
+            status.problem = jobs.node_problems[node.name]
         for plugin in statuses:
             status.columns.update(plugin.node_columns.get(node.name, {}))
             status.data.update(plugin.node_data.get(node.name, {}))
