@@ -60,6 +60,9 @@ def busy_cpu() -> float:
     return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
 
 
+PHASES = ["provision", "ssh", "setup", "env", "engines", "registered"]
+
+
 class Plain:
     """Plain ipyparallel on the same hosts: its SSH engine launcher, the controller here."""
 
@@ -134,6 +137,18 @@ class Globular:
         )
         return time.perf_counter() - started, done
 
+    def phases(self) -> dict[str, float]:
+        """Where a node's start went, the median over the nodes: seconds to each step (status's
+        ``steps``: provision, ssh up, setup, engines spawned, registered)."""
+        _, done = self.cmd("status", "b", "--output", "json")
+        nodes = json.loads(done.stdout)["result"]["nodes"]
+        steps = {step for node in nodes for step in node["steps"]}
+        return {
+            f"step {step}": statistics.median(node["steps"].get(step, 0.0) for node in nodes)
+            for step in sorted(steps, key=PHASES.index)
+            if step in PHASES
+        }
+
     def must(self, *args: str) -> float:
         took, done = self.cmd(*args)
         if done.returncode != 0:
@@ -160,12 +175,16 @@ def main() -> None:
         glob, plain = Globular(root, net), Plain(root, net)
         for round_ in range(args.repeats):
             for n in sizes:
+                start_cpu = busy_cpu()
                 start = glob.must("start", "-s", str(n), "b")
+                start_cpu = busy_cpu() - start_cpu
+                phases = glob.phases()
                 restart = glob.must("runplugin", "ipclusterrestart", "b")
                 cpu = busy_cpu()
                 terminate = glob.must("terminate", "-y", "b")
                 cpu = busy_cpu() - cpu
-                figures = {"start": start, "restart": restart, "terminate": terminate, "terminate cpu": cpu}
+                figures = {"start": start, "start cpu": start_cpu, **phases, "restart": restart,
+                           "terminate": terminate, "terminate cpu": cpu}  # fmt: skip
                 if not args.no_plain:
                     p_start, p_restart, p_terminate, p_cpu = plain.round(n)
                     figures |= {"plain start": p_start, "plain restart": p_restart, "plain terminate": p_terminate,
@@ -193,6 +212,11 @@ def main() -> None:
         per_one = med[f"terminate {n}"] / med[f"terminate {sizes[0]}"]
         print(f"{n:>5}  {med[f'start {n}']:>8.2f}  {med[f'restart {n}']:>9.2f}  {med[f'restart/start {n}']:>13.2f}  "
               f"{med[f'terminate {n}']:>11.2f}  {per_one:>8.2f}  {med[f'terminate cpu {n}']:>10.2f}")  # fmt: skip
+    print("\nwhere a node's start goes (median over the nodes, s) and the machine's busy CPU-s during start")
+    print(f"{'hosts':>5}  " + "  ".join(f"{p:>10}" for p in PHASES if f"step {p} {sizes[0]}" in med) + "  start CPU-s")
+    for n in sizes:
+        steps = "  ".join(f"{med[f'step {p} {n}']:>10.2f}" for p in PHASES if f"step {p} {sizes[0]}" in med)
+        print(f"{n:>5}  {steps}  {med[f'start cpu {n}']:>11.2f}")
     if not args.no_plain:
         print("\nplain ipyparallel (SSH launcher), and globular / plain")
         print(f"{'hosts':>5}  {'start s':>8}  {'restart s':>9}  {'terminate s':>11}  {'term CPU-s':>10}  "
