@@ -61,7 +61,8 @@ class LocalRunner(Runner):
         except OSError as exc:
             raise CommandError(self.node.name, display(argv), 127, exc.strerror or str(exc)) from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel (SIGTERM)
+                out, err = await proc.communicate(input)
         except (TimeoutError, asyncio.CancelledError) as exc:
             proc.kill()
             await proc.wait()
@@ -81,7 +82,8 @@ class LocalRunner(Runner):
         log.debug("%s: nodeproc %s (in this process)", self.node.name, verb)
         call = nodeproc.VERBS[verb]
         try:
-            reply = await asyncio.wait_for(asyncio.to_thread(call, json.loads(json.dumps(request))), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await asyncio.to_thread(call, json.loads(json.dumps(request)))
         except nodeproc.Refused as exc:
             raise CommandError(self.node.name, f"globular.nodeproc {verb}", 3, str(exc)) from None
         except TimeoutError:

@@ -133,7 +133,8 @@ class SlurmRunner(Runner):
         shown = display(argv)
         proc = await self._spawn_srun([f"--chdir={self.node.workdir}", *argv], input is not None)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate(input)
         except TimeoutError:
             proc.kill()
             await proc.wait()

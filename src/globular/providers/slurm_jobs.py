@@ -47,7 +47,8 @@ async def slurm(argv: list[str], *, input: bytes | None = None, timeout: float =
     except FileNotFoundError:
         raise SlurmError(f"{argv[0]} is not installed here (the slurm provider runs on a Slurm login node)") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input)
     except (TimeoutError, asyncio.CancelledError):
         proc.kill()
         await proc.wait()

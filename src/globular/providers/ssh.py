@@ -218,7 +218,8 @@ class RemoteProvider(NodeProvider):
             reraise=True,
         )
         async def attempt() -> asyncssh.SSHClientConnection:
-            return await asyncio.wait_for(asyncssh.connect(host.host, **self._options(host)), limit + 5)
+            async with asyncio.timeout(limit + 5):
+                return await asyncssh.connect(host.host, **self._options(host))
 
         try:
             try:

@@ -180,7 +180,8 @@ async def run_preflight(
                     )
             ctx.reporter.advance("preflight")
 
-        await asyncio.wait_for(asyncio.gather(*(one(n) for n in nodes)), timeout + 10)
+        async with asyncio.timeout(timeout + 10):
+            await asyncio.gather(*(one(n) for n in nodes))
     except TimeoutError:
         for check in checks.values():
             if check.python is None and not check.problems:
