@@ -73,6 +73,29 @@ def process_mark(home: Path, cluster: str, node: str | None = None) -> str:
     return f"{home_id}/{cluster}" + (f"/{node}" if node else "")
 
 
+async def run_here(
+    argv: list[str], *, input: bytes | None = None, timeout: float | None = None, cwd: str | None = None
+) -> CommandResult:
+    """Run ``argv`` on this machine, its output captured.  A process that cannot start raises
+    OSError; one that outlives ``timeout`` (TimeoutError), or whose caller is cancelled, is killed
+    first.  Not ``wait_for``: on Python 3.11 it can swallow a cancel (the CLI's SIGTERM)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input)
+    except (TimeoutError, asyncio.CancelledError):
+        proc.kill()
+        await proc.wait()
+        raise
+    return CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
 def display(argv: list[str]) -> str:
     """A command for messages; the process-control script is shown by name."""
     if len(argv) >= 3 and argv[1] == "-c" and argv[2] in NODE_SCRIPTS:

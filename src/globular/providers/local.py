@@ -21,7 +21,7 @@ from pydantic import Field
 from globular import nodeproc
 from globular.errors import BadInput, CommandError, CommandTimeout
 from globular.paths import private_dir, write_private
-from globular.providers.base import CommandResult, NodeProvider, Runner, display
+from globular.providers.base import CommandResult, NodeProvider, Runner, display, run_here
 from globular.spec import Settings
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
@@ -51,25 +51,11 @@ class LocalRunner(Runner):
     ) -> CommandResult:
         log.debug("%s: %s", self.node.name, display(argv))
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=self.node.workdir,
-            )
+            result = await run_here(argv, input=input, timeout=timeout, cwd=self.node.workdir)
         except OSError as exc:
             raise CommandError(self.node.name, display(argv), 127, exc.strerror or str(exc)) from None
-        try:
-            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel (SIGTERM)
-                out, err = await proc.communicate(input)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            proc.kill()
-            await proc.wait()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except TimeoutError:
             raise CommandTimeout(self.node.name, display(argv), timeout) from None
-        result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and result.returncode != 0:
             raise CommandError(self.node.name, display(argv), result.returncode, result.stderr, result.stdout)
         return result

@@ -44,6 +44,7 @@ from globular.providers.base import (
     Runner,
     StopResult,
     display,
+    run_here,
 )
 from globular.providers.helper import NodeHelper
 from globular.providers.slurm_jobs import (
@@ -86,18 +87,12 @@ class SlurmRunner(Runner):
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
-    async def _spawn_srun(self, argv: list[str], stdin: bool) -> asyncio.subprocess.Process:
-        """``argv`` in a new step of the node's job (``srun --overlap``), its pipes here."""
-        job = self.node.data["job_id"]
-        try:
-            return await asyncio.create_subprocess_exec(
-                *["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", "--quiet", *argv],
-                stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except OSError as exc:
-            raise CommandError(self.node.name, "srun", 127, f"cannot run srun here: {exc.strerror or exc}") from None
+    def _srun(self, argv: list[str]) -> list[str]:
+        """``argv`` in a new step of the node's job."""
+        return ["srun", f"--jobid={self.node.data['job_id']}", "--overlap", "--nodes=1", "--ntasks=1", "--quiet", *argv]
+
+    def _no_srun(self, exc: OSError) -> CommandError:
+        return CommandError(self.node.name, "srun", 127, f"cannot run srun here: {exc.strerror or exc}")
 
     async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
         async with self._lock:
@@ -105,7 +100,15 @@ class SlurmRunner(Runner):
             if helper is None or not helper.alive or helper.python != self.node.python:
                 await self._close_helper()
                 log.debug("%s (job %s): starting its relay", self.node.name, self.node.data["job_id"])
-                self._process = await self._spawn_srun([self.node.python, "-c", NODEPROC_SOURCE, "relay"], True)
+                try:
+                    self._process = await asyncio.create_subprocess_exec(
+                        *self._srun([self.node.python, "-c", NODEPROC_SOURCE, "relay"]),
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE,
+                    )
+                except OSError as exc:
+                    raise self._no_srun(exc) from None
                 helper = self._helper = NodeHelper.over_pipes(self._process, self.node.name, self.node.python)
         try:
             return await helper.ask(verb, request, timeout)
@@ -131,15 +134,12 @@ class SlurmRunner(Runner):
         self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
     ) -> CommandResult:
         shown = display(argv)
-        proc = await self._spawn_srun([f"--chdir={self.node.workdir}", *argv], input is not None)
         try:
-            async with asyncio.timeout(timeout):
-                out, err = await proc.communicate(input)
+            result = await run_here(self._srun([f"--chdir={self.node.workdir}", *argv]), input=input, timeout=timeout)
+        except OSError as exc:
+            raise self._no_srun(exc) from None
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise CommandTimeout(self.node.name, shown, timeout) from None
-        result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and result.returncode != 0:
             raise CommandError(self.node.name, shown, result.returncode, result.stderr, result.stdout)
         return result

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from globular.errors import GlobularError
-from globular.providers.base import CommandResult, display
+from globular.providers.base import CommandResult, display, run_here
 
 log = logging.getLogger(__name__)
 PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESV_DEL_HOLD", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED"}
@@ -38,22 +38,9 @@ async def slurm(argv: list[str], *, input: bytes | None = None, timeout: float =
     with Slurm's own message."""
     log.debug("slurm: %s", display(argv))
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        result = await run_here(argv, input=input, timeout=timeout)
     except FileNotFoundError:
         raise SlurmError(f"{argv[0]} is not installed here (the slurm provider runs on a Slurm login node)") from None
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate(input)
-    except (TimeoutError, asyncio.CancelledError):
-        proc.kill()
-        await proc.wait()
-        raise
-    result = CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
     if result.returncode != 0:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         message = lines[-1] if lines else f"exited with {result.returncode}"
