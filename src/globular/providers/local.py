@@ -52,10 +52,10 @@ class LocalRunner(Runner):
         log.debug("%s: %s", self.node.name, display(argv))
         try:
             result = await run_here(argv, input=input, timeout=timeout, cwd=self.node.workdir)
+        except TimeoutError:  # before OSError, which it is a kind of
+            raise CommandTimeout(self.node.name, display(argv), timeout) from None
         except OSError as exc:
             raise CommandError(self.node.name, display(argv), 127, exc.strerror or str(exc)) from None
-        except TimeoutError:
-            raise CommandTimeout(self.node.name, display(argv), timeout) from None
         if check and result.returncode != 0:
             raise CommandError(self.node.name, display(argv), result.returncode, result.stderr, result.stdout)
         return result

@@ -136,10 +136,10 @@ class SlurmRunner(Runner):
         shown = display(argv)
         try:
             result = await run_here(self._srun([f"--chdir={self.node.workdir}", *argv]), input=input, timeout=timeout)
+        except TimeoutError:  # before OSError, which it is a kind of
+            raise CommandTimeout(self.node.name, shown, timeout) from None
         except OSError as exc:
             raise self._no_srun(exc) from None
-        except TimeoutError:
-            raise CommandTimeout(self.node.name, shown, timeout) from None
         if check and result.returncode != 0:
             raise CommandError(self.node.name, shown, result.returncode, result.stderr, result.stdout)
         return result
