@@ -8,7 +8,9 @@ system`` with this machine's Python, which the hosts share).  For every size, ea
 round: ``start -s N``, ``runplugin ipclusterrestart``, ``terminate``, timed from the
 outside as a user sees them; then the same three with plain ipyparallel's own SSH
 launcher (``ipp.Cluster(engine_launcher_class="ssh")``, controller here on the bridge
-address, one engine per host), interleaved; then the ratios issue 16 asks for: restart /
+address, one engine per host), interleaved; then, once a round, ``addnode -n 8`` to a running
+1-host cluster against a second engine set of plain's SSH launcher on 8 new hosts (timed until
+the new engines registered); then the ratios issue 16 asks for: restart /
 start of the same cluster, terminate of N / terminate of 1, and globular / plain.  The
 CPU columns are the whole machine's busy CPU-seconds during terminate: every test host
 shares this machine's cores, so what would run on N machines at once queues here (see
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import testhosts
@@ -71,14 +74,13 @@ class Plain:
         ssh = ["-i", str(net.key), "-o", f"UserKnownHostsFile={net.known_hosts}", "-o", "BatchMode=yes"]
         self.ssh_args = ssh
 
-    def round(self, n: int) -> tuple[float, float, float, float]:
-        """start, restart, terminate (seconds) and terminate's busy CPU-seconds."""
+    def cluster(self, name: str, hosts: list[testhosts.Host]) -> Any:
+        """An ipp.Cluster whose engines go to ``hosts`` by its SSH launcher, the controller here."""
         import ipyparallel as ipp
 
-        profile = self.root / f"ipp-{n}"
         cluster = ipp.Cluster(
-            profile_dir=str(profile),
-            n=n,
+            profile_dir=str(self.root / f"ipp-{name}"),
+            n=len(hosts),
             controller_ip=testhosts.GATEWAY,
             engine_launcher_class="ssh",
             log_level=40,
@@ -87,8 +89,30 @@ class Plain:
         cluster.config.SSHLauncher.scp_args = self.ssh_args
         cluster.config.SSHLauncher.remote_python = sys.executable
         # the hosts share this file system: a folder of their own, or scp would copy files onto themselves
-        cluster.config.SSHLauncher.remote_profile_dir = str(self.root / f"ipp-remote-{n}")
-        cluster.config.SSHEngineSetLauncher.engines = {f"root@{h.address}": 1 for h in self.net.hosts[:n]}
+        cluster.config.SSHLauncher.remote_profile_dir = str(self.root / f"ipp-remote-{name}")
+        cluster.config.SSHEngineSetLauncher.engines = {f"root@{h.address}": 1 for h in hosts}
+        return cluster
+
+    def addnode(self, more: int) -> float:
+        """A 1-host cluster, then engines on ``more`` new hosts (a second engine set), timed until they work."""
+        cluster = self.cluster("add", self.net.hosts[:1])
+        cluster.start_cluster_sync()
+        client = cluster.connect_client_sync()
+        try:
+            client.wait_for_engines(1, timeout=600)
+            cluster.config.SSHEngineSetLauncher.engines = {f"root@{h.address}": 1 for h in self.net.hosts[1 : 1 + more]}
+            began = time.perf_counter()
+            cluster.start_engines_sync()
+            client.wait_for_engines(1 + more, timeout=600)
+            client[:].apply_sync(int)
+            return time.perf_counter() - began
+        finally:
+            client.close()
+            cluster.stop_cluster_sync()
+
+    def round(self, n: int) -> tuple[float, float, float, float]:
+        """start, restart, terminate (seconds) and terminate's busy CPU-seconds."""
+        cluster = self.cluster(str(n), self.net.hosts[:n])
         began = time.perf_counter()
         cluster.start_cluster_sync()
         client = cluster.connect_client_sync()
@@ -194,6 +218,16 @@ def main() -> None:
                 samples.setdefault(f"restart/start {n}", []).append(restart / start)
                 print(f"round {round_ + 1}, {n} hosts: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()),
                       flush=True)  # fmt: skip
+        more = min(8, len(net.hosts) - 1)
+        for round_ in range(args.repeats if more >= 1 else 0):  # addnode -n 8 to a running 1-host cluster
+            glob.must("start", "-s", "1", "b")
+            added = glob.must("addnode", "-n", str(more), "b")
+            glob.must("terminate", "-y", "b")
+            figures = {"globular": added, "plain": 0.0 if args.no_plain else plain.addnode(more)}
+            for key, value in figures.items():
+                samples.setdefault(f"addnode {key}", []).append(value)
+            print(f"round {round_ + 1}, addnode -n {more} to 1 host: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()),
+                  flush=True)  # fmt: skip
         for i in range(tries):
             took, done = glob.cmd("start", "-s", str(runs), "b")
             last = done.stderr.strip().splitlines()[-1:] if done.returncode else []
@@ -226,6 +260,13 @@ def main() -> None:
             ratios = [med[f"{k} {n}"] / med[f"plain {k} {n}"] for k in ("start", "restart", "terminate")]
             print(f"{n:>5}  {row[0]:>8.2f}  {row[1]:>9.2f}  {row[2]:>11.2f}  {row[3]:>10.2f}  "
                   f"{ratios[0]:>9.2f}  {ratios[1]:>11.2f}  {ratios[2]:>13.2f}")  # fmt: skip
+    if "addnode globular" in med:
+        ratio = (
+            ""
+            if args.no_plain
+            else f", plain ipyparallel {med['addnode plain']:.2f} s (g/p {med['addnode globular'] / med['addnode plain']:.2f})"
+        )
+        print(f"\naddnode -n {more} to a running 1-host cluster: globular {med['addnode globular']:.2f} s{ratio}")
     if tries:
         print(f"start -s {runs}: {outcomes.count('ok')} of {tries} succeeded")
     print(f"({time.perf_counter() - began:.0f} s in all; samples in {args.json})")

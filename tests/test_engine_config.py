@@ -76,11 +76,15 @@ def check(seen: list[dict], workdir: Path, engines: int) -> None:
 
 def test_engine_settings_and_a_profile_reach_local_engines(cli, home, write_config, tmp_path):
     workdir = tmp_path / "work"
-    config = write_config(local_config(engine_settings(tmp_path, str(workdir))))
+    # 2 cores a node: node001's two engines forked from one interpreter (engine_fork), the master's
+    # one (a core kept for the controller) its own python -m ipyparallel.engine; each with the settings
+    config = write_config(
+        local_config(engine_settings(tmp_path, str(workdir))).replace("cores_per_node = 1", "cores_per_node = 2")
+    )
     started = cli("-c", str(config), "start", "-s", "2", "cfg")
     try:
         assert started.returncode == 0, started.output
-        check(engines_saw("cfg"), workdir, 2)
+        check(engines_saw("cfg"), workdir, 3)
         controller_log = home / "local" / "cfg" / "master" / "logs" / "controller.log"
         assert "from-profile " in controller_log.read_text()  # the profile's ipcontroller_config.py
     finally:

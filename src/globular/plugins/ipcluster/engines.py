@@ -19,7 +19,7 @@ from globular.plugins.ipcluster import supervisor, userconfig
 from globular.plugins.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.plugins.ipcluster.userconfig import engine_arguments
-from globular.providers.base import ProcessSpec
+from globular.providers.base import ProcessSpec, Runner
 from globular.state import NodeRecord, ProcessRecord
 
 if TYPE_CHECKING:
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
+FORKSTART_SOURCE = (
+    Path(supervisor.__file__).with_name("forkstart.py").read_text()
+)  # not imported here: it imports ipyparallel
 ENGINE_RETRIES = 2  # times an engine that dies before registering is started again
 RETIRE_GRACE = 3.0  # s the engines asked to shut down get before they are stopped by pid
 ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
@@ -118,9 +121,47 @@ async def start_engines(
                 cwd=settings.engine_workdir or node.workdir,
             )
         ]
+    elif settings.engine_fork and count > 1:
+        ctx.track(node, await fork_engines(runner, node, engines, ids[0], env, settings))
+        ctx.node_step(node, "engines")
+        return {i: node.name for i in ids}
     ctx.track(node, await runner.spawn(engines))
     ctx.node_step(node, "engines")
     return {i: node.name for i in ids}
+
+
+async def fork_engines(
+    runner: Runner, node: NodeRecord, engines: list[ProcessSpec], first: int, env: dict[str, str],
+    settings: IPClusterSettings,
+) -> list[ProcessRecord]:  # fmt: skip
+    """Start ``engines`` (ids ``first``, ...) forked from one interpreter on ``node`` (see
+    :mod:`~globular.plugins.ipcluster.forkstart`); their records, by pid and start time."""
+    request, out = f"{node.workdir}/run/engines-{first}.json", f"{node.workdir}/run/engines-{first}.pids.json"
+    plan = {
+        "engines": [{"args": e.argv[3:], "log": e.log} for e in engines],
+        "nanny": settings.engine_nanny,
+        "out": out,
+    }
+    script = f"{node.workdir}/run/forkstart.py"  # a file, not -c: ps shows the engines as forkstart.py
+    await runner.write_file(script, FORKSTART_SOURCE.encode(), 0o600)
+    await runner.write_file(request, json.dumps(plan).encode(), 0o600)
+    [starter] = await runner.spawn(
+        [
+            ProcessSpec(
+                argv=[node.python, script, request],
+                log=f"{node.workdir}/logs/forkstart-{first}.log",
+                role="forkstart",  # not recorded: the engines' parent, it exits with the last of them
+                env=env,
+                cwd=settings.engine_workdir or node.workdir,
+            )
+        ]
+    )
+    try:
+        started = (await runner.wait_files([out], watch=[starter], timeout=ENGINE_REGISTRATION_TIMEOUT))[out]
+    except BaseException:
+        await runner.stop([starter], timeout=5)  # and the engines it forked: its children
+        raise
+    return [ProcessRecord(pid=p["pid"], start=p["start"], role=ENGINE, log=e.log) for p, e in zip(started, engines)]
 
 
 def engine_processes(node: NodeRecord) -> list[ProcessRecord]:

@@ -146,6 +146,11 @@ class IPClusterSettings(Settings):
         default=True,
         description="a nanny process per engine: needed to interrupt one engine (Client.send_signal); False starts engines faster",
     )
+    engine_fork: bool = Field(
+        default=True,
+        description="a node's engines (and their nannies) are forked from one Python that imported ipyparallel "
+        "once: about a third of the CPU an engine costs to start; False: each is its own `python -m ipyparallel.engine`",
+    )
     restart_dead_engines: bool = Field(
         default=False, description="a supervisor on each node restarts engines that die (they rejoin with new ids)"
     )
