@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Globular, Plain, noop
+from bench import Globular, Plain
 from bench_scale import busy_cpu
 
 
@@ -50,12 +50,14 @@ def main() -> None:
                     extra = "engine_fork = False\n" if "False" in system else ""
                     _, rc = glob.start(args.nodes, args.engines, extra=extra)
                     rc.wait_for_engines(total, timeout=60)
-                rc[:].apply_sync(noop)
-                took = time.perf_counter() - t0
-                cpu = busy_cpu() - cpu
+                try:
+                    rc[:].apply_sync(int)  # a builtin: nothing to import on the engines
+                finally:
+                    took, cpu = time.perf_counter() - t0, busy_cpu() - cpu
+                    terminate = runner.stop(rc)
                 samples[system]["start"].append(took)
                 samples[system]["cpu"].append(cpu / total)
-                samples[system]["terminate"].append(runner.stop(rc))
+                samples[system]["terminate"].append(terminate)
                 print(f"round {round_ + 1}, {system}: start {took:.2f} s, {cpu / total:.3f} CPU-s an engine",
                       file=sys.stderr, flush=True)  # fmt: skip
     med = {s: {k: statistics.median(v) for k, v in f.items()} for s, f in samples.items()}

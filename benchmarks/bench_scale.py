@@ -102,8 +102,8 @@ class Plain:
             client.wait_for_engines(1, timeout=600)
             cluster.config.SSHEngineSetLauncher.engines = {f"root@{h.address}": 1 for h in self.net.hosts[1 : 1 + more]}
             began = time.perf_counter()
-            cluster.start_engines_sync()
-            client.wait_for_engines(1 + more, timeout=600)
+            cluster.start_engines_sync(n=more)
+            client.wait_for_engines(1 + more, timeout=180)
             client[:].apply_sync(int)
             return time.perf_counter() - began
         finally:
@@ -192,7 +192,7 @@ def main() -> None:
     runs, tries = (int(x) for x in args.failure_rate.split("x")) if args.failure_rate else (0, 0)
     began = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="globular-bench-scale-"))
-    net = testhosts.HostNet(workdir=root / "net").up(max([*sizes, runs]))
+    net = testhosts.HostNet(workdir=root / "net").up(max([*sizes, runs, 9]))  # 9: addnode -n 8 to 1 host
     samples: dict[str, list[float]] = {}
     outcomes: list[str] = []
     try:
