@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
-FORKSTART_SOURCE = (
-    Path(supervisor.__file__).with_name("forkstart.py").read_text()
-)  # not imported here: it imports ipyparallel
+# read, not imported: it imports ipyparallel, which globular loads only when it needs a client
+FORKSTART_SOURCE = Path(supervisor.__file__).with_name("forkstart.py").read_text()
+ENGINE_MODULE = ["-m", "ipyparallel.engine"]  # an engine's argv: python, these, its arguments
 ENGINE_RETRIES = 2  # times an engine that dies before registering is started again
 RETIRE_GRACE = 3.0  # s the engines asked to shut down get before they are stopped by pid
 ENGINE_REGISTRATION_TIMEOUT = 60  # s an engine waits for the controller's answer (it may start first)
@@ -71,8 +71,7 @@ def engine_spec(ctx: PluginContext, node: NodeRecord, engine_id: int, settings: 
     return ProcessSpec(
         argv=[
             node.python,
-            "-m",
-            "ipyparallel.engine",
+            *ENGINE_MODULE,
             f"--file={engine_file(node)}",
             f"--IPEngine.id={engine_id}",
             f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
@@ -138,7 +137,7 @@ async def fork_engines(
     :mod:`~globular.plugins.ipcluster.forkstart`); their records, by pid and start time."""
     request, out = f"{node.workdir}/run/engines-{first}.json", f"{node.workdir}/run/engines-{first}.pids.json"
     plan = {
-        "engines": [{"args": e.argv[3:], "log": e.log} for e in engines],
+        "engines": [{"args": e.argv[1 + len(ENGINE_MODULE) :], "log": e.log} for e in engines],
         "nanny": settings.engine_nanny,
         "out": out,
     }
