@@ -97,7 +97,9 @@ async def start_engines(
     """Write the engine connection file (0600) on ``node`` and start ``count`` engines: id → node.
 
     With ``restart_dead_engines``, one supervisor process starts them and restarts any that dies
-    (the record tracks the supervisor; its engines are its children, stopped with it).
+    (the record tracks the supervisor; its engines are its children, stopped with it).  Else,
+    with ``engine_fork`` and two engines or more, they are forked from one interpreter
+    (:func:`fork_engines`); else each is its own ``python -m ipyparallel.engine``.
     """
     if count <= 0:
         return {}
@@ -111,20 +113,19 @@ async def start_engines(
         request = f"{node.workdir}/run/engines-{ids[0]}.json"
         plan = {"engines": [{"argv": e.argv, "log": e.log} for e in engines], "restart_id_arg": "--IPEngine.id="}
         await runner.write_file(request, json.dumps(plan).encode(), 0o600)
-        engines = [
-            ProcessSpec(
-                argv=[node.python, "-c", SUPERVISOR_SOURCE, request],
-                log=f"{node.workdir}/logs/supervisor-{ids[0]}.log",
-                role=SUPERVISOR,
-                env=env,
-                cwd=settings.engine_workdir or node.workdir,
-            )
-        ]
+        supervised = ProcessSpec(
+            argv=[node.python, "-c", SUPERVISOR_SOURCE, request],
+            log=f"{node.workdir}/logs/supervisor-{ids[0]}.log",
+            role=SUPERVISOR,
+            env=env,
+            cwd=settings.engine_workdir or node.workdir,
+        )
+        started = await runner.spawn([supervised])
     elif settings.engine_fork and count > 1:
-        ctx.track(node, await fork_engines(runner, node, engines, ids[0], env, settings))
-        ctx.node_step(node, "engines")
-        return {i: node.name for i in ids}
-    ctx.track(node, await runner.spawn(engines))
+        started = await fork_engines(runner, node, engines, ids[0], env, settings)
+    else:
+        started = await runner.spawn(engines)
+    ctx.track(node, started)
     ctx.node_step(node, "engines")
     return {i: node.name for i in ids}
 
