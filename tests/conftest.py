@@ -144,14 +144,35 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
     return predicate()
 
 
-def never_registering_python(folder: Path) -> Path:
-    """A ``python`` for the nodes whose engines never register (they sleep): a start waits on them."""
+# In a forked engine (engine_fork), just before it would become the engine: exec the wrapper as
+# "python -m ipyparallel.engine ARGS" instead, so that one shell branch stands in for both kinds
+# of engine (same pid, same start time: globular's record still names it).
+_FORKED_ENGINE_HOOK = (
+    "import os, runpy, sys; import ipyparallel.engine.app as app; wrapper = sys.argv.pop(1); "
+    "app.IPEngine.launch_instance = classmethod(lambda cls, argv=None, **kw: "
+    'os.execv(wrapper, [wrapper, "-m", "ipyparallel.engine", *argv])); '
+    'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")'
+)
+
+
+def engine_python(folder: Path, engine: str) -> Path:
+    """A ``python`` for the nodes whose engines run the shell lines ``engine`` first ($4 is their
+    ``--IPEngine.id=N``; lines that do not exec or exit go on to the real engine), whether an
+    engine is its own ``python -m ipyparallel.engine`` or forked (engine_fork)."""
     wrapper = folder / "python"
     wrapper.write_text(
-        f'#!/bin/sh\nif [ "$2" = ipyparallel.engine ]; then exec sleep 300; fi\nexec {sys.executable} "$@"\n'
+        "#!/bin/sh\n"
+        f'if [ "$2" = ipyparallel.engine ]; then\n{engine}\nfi\n'
+        f'case "$1" in */run/forkstart.py) exec {sys.executable} -c \'{_FORKED_ENGINE_HOOK}\' "$0" "$@";; esac\n'
+        f'exec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)
     return wrapper
+
+
+def never_registering_python(folder: Path) -> Path:
+    """A ``python`` for the nodes whose engines never register (they sleep): a start waits on them."""
+    return engine_python(folder, "exec sleep 300")
 
 
 def _python_of_version(path: str) -> tuple[int, int] | None:

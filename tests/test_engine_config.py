@@ -9,10 +9,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 import testhosts
-from conftest import bare_hosts, local_config, share_env_cache
+from conftest import bare_hosts, local_config, read_record, recorded_pids, share_env_cache
 
 pytestmark = pytest.mark.cluster
 
@@ -74,17 +75,19 @@ def check(seen: list[dict], workdir: Path, engines: int) -> None:
         }, one
 
 
-def test_engine_settings_and_a_profile_reach_local_engines(cli, home, write_config, tmp_path):
+@pytest.mark.parametrize("fork", [True, False])
+def test_engine_settings_and_a_profile_reach_local_engines(cli, home, write_config, tmp_path, fork):
     workdir = tmp_path / "work"
-    # 2 cores a node: node001's two engines forked from one interpreter (engine_fork), the master's
-    # one (a core kept for the controller) its own python -m ipyparallel.engine; each with the settings
-    config = write_config(
-        local_config(engine_settings(tmp_path, str(workdir))).replace("cores_per_node = 1", "cores_per_node = 2")
-    )
+    # 2 cores a node: node001's two engines and the master's one (a core kept for the controller),
+    # forked from one interpreter a node (engine_fork) or each its own python -m ipyparallel.engine
+    settings = engine_settings(tmp_path, str(workdir)) + f"engine_fork = {fork}\n"
+    config = write_config(local_config(settings).replace("cores_per_node = 1", "cores_per_node = 2"))
     started = cli("-c", str(config), "start", "-s", "2", "cfg")
     try:
         assert started.returncode == 0, started.output
         check(engines_saw("cfg"), workdir, 3)
+        engines = [psutil.Process(pid) for pid in recorded_pids(read_record(home, "cfg"), "ipengine")]
+        assert len(engines) == 3 and all((e.name() == "ipengine") == fork for e in engines)
         controller_log = home / "local" / "cfg" / "master" / "logs" / "controller.log"
         assert "from-profile " in controller_log.read_text()  # the profile's ipcontroller_config.py
     finally:

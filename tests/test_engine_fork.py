@@ -68,6 +68,9 @@ def test_engines_have_their_own_pids_sessions_random_state_and_a_working_nanny(c
             assert sorted(client[ids].apply_sync(os.getpid)) == sorted(pids)
             draws = client[ids].apply_sync(lambda: __import__("random").random())
             assert len(set(draws)) == 3  # a forked child is reseeded
+            # what a forked engine inherits is frozen: its collections (and its exit) skip it
+            frozen = client[ids].apply_sync(lambda: __import__("gc").get_freeze_count())
+            assert all(n > 10_000 for n in frozen) if fork else frozen == [0, 0, 0], frozen
 
             # an interrupt reaches a busy engine through its nanny (Client.send_signal)
             began = tmp_path / "began"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, local_config, read_record
+from conftest import TESTS, engine_python, local_config, read_record
 
 pytestmark = pytest.mark.cluster
 
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.cluster
 def test_a_failed_start_keeps_the_nodes_logs_and_quotes_the_engine_that_did_not_register(
     cli, home, tmp_path, write_config
 ):
-    wrapper = tmp_path / "python"
-    wrapper.write_text(  # engines that say something, then never register
-        f'#!/bin/sh\nif [ "$2" = ipyparallel.engine ]; then echo "stuck-before-registering $4"; exec sleep 300; fi\n'
-        f'exec {sys.executable} "$@"\n'
-    )
-    wrapper.chmod(0o755)
+    wrapper = engine_python(tmp_path, 'echo "stuck-before-registering $4"; exec sleep 300')  # then never register
     config = str(write_config(local_config("engine_timeout = 3", python=f"python = {wrapper}")))
     result = cli("-c", config, "start", "-s", "2", "stuck")
     assert result.returncode == 1, result.output
@@ -87,17 +82,11 @@ def test_restart_step_times_count_from_the_restart(cli, home, write_config):
 
 def flaky_engine_python(folder: Path, fails: int) -> Path:
     """A ``python`` whose engines exit at once the first ``fails`` times each id is started."""
-    wrapper = folder / "python"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$2" = ipyparallel.engine ]; then\n'
+    return engine_python(
+        folder,
         f'  mark="{folder}/tries-$(echo "$4" | tr -dc 0-9)"; echo x >> "$mark"\n'
-        f'  if [ "$(wc -l < "$mark")" -le {fails} ]; then echo "engine dies at start ($4)"; exit 1; fi\n'
-        "fi\n"
-        f'exec {sys.executable} "$@"\n'
+        f'  if [ "$(wc -l < "$mark")" -le {fails} ]; then echo "engine dies at start ($4)"; exit 1; fi',
     )
-    wrapper.chmod(0o755)
-    return wrapper
 
 
 def test_an_engine_that_dies_before_registering_is_started_again(cli, home, tmp_path, write_config):

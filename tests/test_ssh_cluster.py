@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 import testhosts
-from conftest import bare_hosts, read_record, recorded_pids, share_env_cache, wait_until
+from conftest import bare_hosts, engine_python, read_record, recorded_pids, share_env_cache, wait_until
 
 reason = testhosts.available()
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(reason is not None, reason=reason or "")]
@@ -361,15 +361,9 @@ def test_a_node_that_dies_during_start_fails_it_and_terminate_cleans_up_after(ne
     as far as anyone can tell): start fails naming it, within keepalive time; the
     processes it cannot reach stay recorded, and once the host is back `terminate`
     stops every one of them."""
-    wrapper = tmp_path / "python"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$2" = ipyparallel.engine ] && [ "$GLOBULAR_NODE" = node002 ]; then\n'
-        "  sleep 1; ip link set eth0 down; exec sleep 300\n"
-        "fi\n"
-        f'exec {sys.executable} "$@"\n'
+    wrapper = engine_python(
+        tmp_path, 'if [ "$GLOBULAR_NODE" = node002 ]; then sleep 1; ip link set eth0 down; exec sleep 300; fi'
     )
-    wrapper.chmod(0o755)
     config = ssh_config(
         net, tmp_path, python=str(wrapper), extra="environment = system\n", ipcluster="engine_timeout = 120\n"
     )

@@ -98,8 +98,9 @@ async def start_engines(
 
     With ``restart_dead_engines``, one supervisor process starts them and restarts any that dies
     (the record tracks the supervisor; its engines are its children, stopped with it).  Else,
-    with ``engine_fork`` and two engines or more, they are forked from one interpreter
-    (:func:`fork_engines`); else each is its own ``python -m ipyparallel.engine``.
+    with ``engine_fork``, they are forked from one interpreter (:func:`fork_engines`), even one
+    engine (its nanny is forked, not a second Python; the engine exits faster, see forkstart);
+    else each is its own ``python -m ipyparallel.engine``.
     """
     if count <= 0:
         return {}
@@ -121,7 +122,7 @@ async def start_engines(
             cwd=settings.engine_workdir or node.workdir,
         )
         started = await runner.spawn([supervised])
-    elif settings.engine_fork and count > 1:
+    elif settings.engine_fork:
         started = await fork_engines(runner, node, engines, ids[0], env, settings)
     else:
         started = await runner.spawn(engines)

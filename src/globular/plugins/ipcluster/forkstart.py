@@ -1,6 +1,6 @@
 """Engines forked from one warm interpreter: a node's engines pay for importing ipyparallel once.
 
-Started (``engine_fork = True``, the default, on a node with two engines or more) as
+Started (``engine_fork = True``, the default, unless ``restart_dead_engines``) as
 ``python <node>/run/forkstart.py REQUEST`` (a copy of this file, so that ``ps`` names it, and
 each engine as ``ipengine`` in ``comm``) where REQUEST is a JSON file (0600)::
 
@@ -29,12 +29,20 @@ this process stays the engines' parent, reaping each as it ends, and exits with 
 engines stay in the process tree of whatever started it (a Slurm job's step, whose end stops
 them on sites that track jobs by process tree, as it did when each engine was its own child).
 
+Before forking it calls ``gc.freeze()`` (as Python's documentation advises before a fork
+without exec): the objects the engines inherit (the imported modules, most of an engine's
+heap) are left out of every collection in the engines, so a collection no longer walks (and
+copies, page by page) what the engines share.  That matters most at exit, where IPython's
+atexit ``gc.collect()`` and the interpreter's finalization collect in full: 32 engines on 2
+cores terminated in 1.3 s and 2.5 CPU-s with it, 3.6 s and 7.2 CPU-s without.
+
 Measured on 16 engines of one node against one controller: 0.13 CPU-s an engine instead of
 0.32 without nannies, 0.15 instead of 0.52 with them.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -135,6 +143,7 @@ def main(request_path: str) -> None:
     with open(request_path) as f:
         request = json.load(f)
     started = []
+    gc.freeze()  # what the engines inherit is left out of their collections: see the docstring
     sys.stdout.flush()
     sys.stderr.flush()
     for spec in request["engines"]:
