@@ -6,9 +6,9 @@ and off, against plain ipyparallel (``ipp.Cluster(n=N)``, its defaults), interle
 Each round starts the same number of engines three ways (who goes first rotates), each until
 every engine is registered and has run a task, then terminates it; the CPU column is the
 machine's busy CPU-seconds during the start, per engine; the memory column is what each engine
-and its nanny cost the machine (their proportional set size, PSS: shared pages split between
-the processes that share them).  On the 2-core machine the default,
-2 nodes x 16 engines, takes about 3 minutes; issue 16 asks for 256 engines on 16 cores
+costs the machine: the proportional set size (PSS: shared pages split between the processes
+that share them) of the engine, its nanny and its share of globular's forking parent.  On the
+2-core machine the default, 2 nodes x 16 engines, takes about 2 minutes; issue 16 asks for 256 engines on 16 cores
 (``--nodes 16 --engines 16``), which needs a 16-core machine.  Samples go to
 ``benchmarks/results-engines.json``.
 """
