@@ -91,7 +91,7 @@ echo.__module__ = "__main__"  # sent by value
 
 @pytest.mark.parametrize("encryption", ["curve", "none"])
 def test_a_marker_crosses_the_network_only_without_encryption(net, cli, home, tmp_path, encryption):
-    from globular import connect
+    from globular import Client
 
     path = config(net, tmp_path, ipcluster="" if encryption == "curve" else "encryption = none\n")
     started = cli("-c", path, "start", "sniffed", timeout=600)
@@ -101,8 +101,10 @@ def test_a_marker_crosses_the_network_only_without_encryption(net, cli, home, tm
         assert shown in started.stdout
         status = cli("status", "sniffed")
         assert ("traffic encrypted (CurveZMQ)" if encryption == "curve" else "traffic not encrypted") in status.stdout
-        client = connect("sniffed")
+        # the seed's line, with globular's Client: tunnelled through SSH, every socket with the keys
+        client = Client(str(home / "ipcluster" / "sniffed-ssh.json"), sshkey=str(net.key))
         try:
+            assert client._globular_tunnel is not None
             assert len(client.ids) == 1  # node001's engine: across the bridge from the controller
             marker = secrets.token_hex(16)
             # node001's side of the bridge: every frame between it and the master (frames the

@@ -320,6 +320,83 @@ def check_notebook_forward(home, tmp_path) -> None:
     assert forwarded == 0
 
 
+LAPTOP_CHECKS = """
+import json, signal, threading, psutil
+assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # nothing done about pyzmq's SIGHUP race
+out = {"map": view.map_sync(lambda x: x**30, range(8)), "tunnelled": rc._globular_tunnel is not None}
+rc.close()
+again = Client(PATH)  # no key given: the cluster's own, from its record
+out["again"] = again[:].apply_sync(lambda: 7)
+again.close()
+me = psutil.Process()
+out["left"] = {
+    "threads": sorted(t.name for t in threading.enumerate() if t is not threading.main_thread()),
+    "children": [c.pid for c in me.children(recursive=True)],
+    "listening": [c.laddr.port for c in me.net_connections() if c.status == psutil.CONN_LISTEN],
+}
+print(json.dumps(out))
+"""
+
+
+def connect_lines(output: str) -> list[str]:
+    """The lines `start` printed under "Connect with:"."""
+    lines = output.splitlines()
+    start = lines.index("Connect with:") + 1
+    return [line.strip() for line in lines[start:] if line.startswith("  ")]
+
+
+def test_the_line_start_prints_connects_from_a_laptop_every_time_encrypted(net, cli, home, tmp_path):
+    """The exact lines under "Connect with:" (``from globular import Client``, the seed's
+    ``Client(path, sshkey=...)``), in a fresh Python 20 times in a row, default encryption
+    (curve): each connects through globular's own SSH tunnel and leaves nothing behind (no
+    thread, no child process, no listener).  A file that is not globular's works through
+    ``sshserver=`` with ~/.ssh/known_hosts, and an unknown host key there is refused."""
+    config = ssh_config(net, tmp_path, hosts=", ".join(f"root@{h.address}" for h in net.hosts[:2]))
+    started = cli("-c", config, "start", "lab")
+    try:
+        assert started.returncode == 0, started.output
+        assert "encrypted (CurveZMQ)" in started.stdout
+        path = home / "ipcluster" / "lab-ssh.json"
+        printed = connect_lines(started.stdout)
+        assert printed[:2] == ["from globular import Client", f"rc = Client({str(path)!r}, sshkey={str(net.key)!r})"]
+        code = "\n".join(line for line in printed if not line.startswith("#"))
+        code += f"\nPATH = {str(path)!r}\n" + LAPTOP_CHECKS
+        expected = [x**30 for x in range(8)]
+        for attempt in range(20):
+            run = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+            )
+            assert run.returncode == 0, (attempt, run.stderr[-3000:])
+            seen = json.loads(run.stdout.strip().splitlines()[-1])
+            assert seen["map"] == expected and seen["tunnelled"] and seen["again"] == [7, 7], (attempt, seen)
+            assert seen["left"] == {"threads": [], "children": [], "listening": []}, (attempt, seen["left"])
+        # a plain ipcontroller's file (no cluster named): sshserver=, ~/.ssh/known_hosts of the user
+        foreign = json.loads(path.read_text())
+        del foreign["globular_cluster"]
+        foreign_file = tmp_path / "foreign.json"
+        foreign_file.write_text(json.dumps(foreign))
+        laptop_home = tmp_path / "laptop-home"
+        (laptop_home / ".ssh").mkdir(parents=True)
+        known = laptop_home / ".ssh" / "known_hosts"
+        code = (
+            "from globular import Client\n"
+            f"rc = Client({str(foreign_file)!r}, sshserver='root@{net.hosts[0].address}', sshkey={str(net.key)!r})\n"
+            "print(rc[:].apply_sync(lambda: 5)); rc.close()\n"
+        )
+        env = dict(os.environ, HOME=str(laptop_home))
+        known.write_text(net.known_hosts.read_text())
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert run.returncode == 0 and run.stdout.strip() == "[5, 5]", run.stderr[-3000:]
+        known.write_text("")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert run.returncode == 1
+        assert f"TunnelError: cannot trust root@{net.hosts[0].address}: its host key is not in {known}" in run.stderr
+        assert cli("terminate", "-y", "lab").returncode == 0
+    finally:
+        if (home / "clusters" / "lab.json").exists():
+            cli("terminate", "-y", "lab")
+
+
 def test_a_laptop_client_through_ipyparallels_own_ssh_tunnel(net, cli, home, tmp_path):
     """``Client(path, sshkey=...)``: ipyparallel tunnels each socket with ssh itself.  Its tunnel
     does not give the tunnelled sockets the CURVE keys (ipyparallel's Client._connect), so this

@@ -1,13 +1,15 @@
 """globular: an interactive IPython-parallel cluster on a set of machines, in one command.
 
-``globular.Cluster`` and ``globular.connect`` are the Python API (see globular.api).
+``globular.Cluster`` and ``globular.connect`` are the Python API (see globular.api);
+``globular.Client`` is ipyparallel's Client whose SSH tunnel carries the CURVE keys
+(see globular.plugins.ipcluster.client).
 """
 
 from globular.errors import GlobularError
 
 __version__ = "0.1.0"
 
-__all__ = ["Cluster", "GlobularError", "__version__", "connect"]
+__all__ = ["Client", "Cluster", "GlobularError", "__version__", "connect"]
 
 
 def __getattr__(name: str) -> object:
@@ -16,4 +18,8 @@ def __getattr__(name: str) -> object:
         from globular import api
 
         return getattr(api, name)
+    if name == "Client":
+        from globular.plugins.ipcluster.client import Client
+
+        return Client
     raise AttributeError(f"module 'globular' has no attribute {name!r}")

@@ -29,6 +29,10 @@ class LoopThread:
     def close(self) -> None:
         if self.loop.is_closed():
             return
+        try:  # the threads of its default executor (asyncssh reads keys there) go with it
+            self.call(self.loop.shutdown_default_executor(), 5)
+        except (TimeoutError, RuntimeError):
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         if not self.loop.is_running():

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 def connect(name: str, *, home: Path | None = None, timeout: float = 10.0) -> Client:
     """A ready ``ipyparallel.Client`` for running cluster ``name`` (through SSH when the
     master is remote: globular's own connection, with the cluster's key and known_hosts)."""
-    from globular.plugins.ipcluster.connect import connect as ipcluster_connect
+    from globular.plugins.ipcluster.client import connect as ipcluster_connect
 
     return ipcluster_connect(name, home=home, timeout=timeout)
 

@@ -107,6 +107,10 @@ class ClusterContext:
     def rents_machines(self) -> bool:
         return self.provider.rents_machines
 
+    @property
+    def login_key(self) -> str | None:
+        return self.provider.login_key()
+
     def runner(self, node: NodeRecord) -> Runner:
         return self.provider.runner(node)
 

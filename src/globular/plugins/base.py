@@ -69,6 +69,10 @@ class PluginContext(Protocol):
     def rents_machines(self) -> bool:
         """The nodes cost money while they exist (ec2): release them when idle."""
 
+    @property
+    def login_key(self) -> str | None:
+        """The private key file this machine logs in to the nodes with, when the config names one."""
+
     def runner(self, node: NodeRecord) -> Runner:
         """Runs commands, writes files, starts and stops processes on ``node``."""
 

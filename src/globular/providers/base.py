@@ -230,6 +230,11 @@ class NodeProvider(ABC):
         self.reporter: Reporter = NullReporter()  # the operation's progress; set by the cluster
         self.on_step: Callable[[NodeRecord, str], None] = lambda node, step: None  # a node reached a step
 
+    def login_key(self) -> str | None:
+        """The private key file this machine logs in to the nodes with, when the config names
+        one (for the client line ``start`` prints); None for nodes reached without a login."""
+        return None
+
     @classmethod
     def config_values(
         cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]

@@ -376,12 +376,12 @@ class EC2Provider(RemoteProvider):
             await asyncio.sleep(self.settings.poll_interval)
         self.reporter.end("ec2-running")
 
-    async def connect(self, host: SSHHost) -> asyncssh.SSHClientConnection:
+    async def connect(self, host: SSHHost, *, key: str | None = None) -> asyncssh.SSHClientConnection:
         """Like the ssh provider's, but a new instance's sshd may not answer yet: retry until boot_timeout."""
         deadline = time.monotonic() + self.settings.boot_timeout
         while True:
             try:
-                return await super().connect(host)
+                return await super().connect(host, key=key)
             except HostUnreachable:
                 if time.monotonic() > deadline:
                     raise

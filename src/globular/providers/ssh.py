@@ -178,12 +178,16 @@ class RemoteProvider(NodeProvider):
     def envs_dir(self) -> str:
         return posixpath.join(self.settings.remote_dir, "envs")
 
+    def login_key(self) -> str | None:
+        key = self.ssh_options().key
+        return str(Path(key).expanduser()) if key else None
+
     # -- connecting ------------------------------------------------------------
 
     def _host(self, node: NodeRecord) -> SSHHost:
         return SSHHost.parse(node.data["host"])
 
-    def _options(self, host: SSHHost) -> dict[str, Any]:
+    def _options(self, host: SSHHost, key: str | None = None) -> dict[str, Any]:
         # a host that stops answering is noticed after 3 missed keepalives: 3 x connect_timeout
         ssh = self.ssh_options()
         options: dict[str, Any] = {
@@ -195,17 +199,18 @@ class RemoteProvider(NodeProvider):
         user = host.user or self.settings.user
         if user:
             options["username"] = user
-        if ssh.key:
-            options["client_keys"] = [str(Path(ssh.key).expanduser())]
+        if key or ssh.key:
+            options["client_keys"] = [str(Path(key or ssh.key or "").expanduser())]
         # no known_hosts file: nothing is trusted
         options["known_hosts"] = str(ssh.known_hosts) if ssh.known_hosts.exists() else ([], [], [])
         return options
 
-    async def connect(self, host: SSHHost) -> asyncssh.SSHClientConnection:
+    async def connect(self, host: SSHHost, *, key: str | None = None) -> asyncssh.SSHClientConnection:
         """An authenticated connection to ``host``, its host key checked; errors name the host
-        (:class:`HostUnreachable` when it does not answer)."""
+        (:class:`HostUnreachable` when it does not answer).  ``key``: a private key file to
+        log in with instead of the provider's."""
         ssh = self.ssh_options()
-        if ssh.key and not Path(ssh.key).expanduser().is_file():
+        if not key and ssh.key and not Path(ssh.key).expanduser().is_file():
             raise GlobularError(f"{ssh.key_setting} {ssh.key} does not exist")
         limit = self.settings.connect_timeout
 
@@ -219,7 +224,7 @@ class RemoteProvider(NodeProvider):
         )
         async def attempt() -> asyncssh.SSHClientConnection:
             async with asyncio.timeout(limit + 5):
-                return await asyncssh.connect(host.host, **self._options(host))
+                return await asyncssh.connect(host.host, **self._options(host, key))
 
         try:
             try:
@@ -236,7 +241,8 @@ class RemoteProvider(NodeProvider):
                 why = f"its host key is not in {ssh.known_hosts} (ssh to it once, or set accept_new_host_keys = true)"
             raise GlobularError(f"cannot trust {host}: {why} [{exc.reason}]") from None
         except asyncssh.PermissionDenied:
-            raise GlobularError(f"{host} refused the login (check user, {ssh.key_setting} and your agent)") from None
+            which = f"the key {key}" if key else ssh.key_setting
+            raise GlobularError(f"{host} refused the login (check user, {which} and your agent)") from None
         except TimeoutError:
             raise HostUnreachable(f"cannot reach {host}: no answer within {limit:g}s") from None
         except (asyncssh.ConnectionLost, ConnectionResetError):

@@ -29,7 +29,7 @@ def shell(ctx: click.Context, name: str, code: str | None) -> None:
     `ipclient` is an ipyparallel Client and `ipview` = ipclient[:], e.g.
     ipview.map_async(lambda x: x**30, range(8)).get()
     """
-    from globular.plugins.ipcluster.connect import connect
+    from globular.plugins.ipcluster.client import connect
 
     client = connect(name)
     namespace = {"ipclient": client, "ipview": client[:], "Client": type(client)}

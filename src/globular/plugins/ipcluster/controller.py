@@ -29,6 +29,7 @@ BROADCAST_LEAVES = 2**BROADCAST_DEPTH
 PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
 CONTROLLER_PORTS = 18  # the controller and its schedulers listen on this many ports
 CONTROLLER_TIMEOUT = 60.0  # s for the controller to write its connection files
+CLUSTER_KEY = "globular_cluster"  # the client connection file's field that names its cluster
 
 
 def running_data(data: dict[str, Any], cluster: str) -> dict[str, Any]:
@@ -229,8 +230,10 @@ async def controller_ready(
                 master.name,
                 f"the controller took ports {outside} outside controller_ports = {settings.controller_ports}; widen the range",
             )
-    # Client(path) from this machine tunnels through ssh to the master by itself.
+    # Client(path) from this machine tunnels through ssh to the master by itself; the file
+    # names its cluster, whose record globular's Client reads for the key and known_hosts
     client_info["ssh"] = master.login or ""
+    client_info[CLUSTER_KEY] = ctx.name
     ctx.reporter.advance("controller")
     ctx.reporter.end("controller")
     return client_info, engine_info

@@ -76,6 +76,6 @@ class GlobularCluster(Cluster):  # type: ignore[misc]
     async def connect_client(self, **client_kwargs: Any) -> Any:
         import asyncio
 
-        from globular.plugins.ipcluster.connect import connect
+        from globular.plugins.ipcluster.client import connect
 
         return await asyncio.to_thread(connect, self.globular_name, home=Path(self.globular_home))

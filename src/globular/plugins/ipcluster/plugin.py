@@ -62,6 +62,16 @@ async def client_of(ctx: PluginContext) -> Client:
     return await open_client(running_data(ctx), ctx.name, ctx.runner(ctx.master))
 
 
+def client_lines(local_file: Path, local_master: bool, key: str | None) -> tuple[str, str]:
+    """The import and the ``Client(...)`` call that connect to the cluster from this machine:
+    ipyparallel's own for a master here; globular's (whose SSH tunnel carries the CURVE keys,
+    and does not race SIGHUP) for a remote master, in the seed's ``Client(path, sshkey=...)`` form."""
+    if local_master:
+        return "from ipyparallel import Client", f"Client({str(local_file)!r})"
+    key_arg = f", sshkey={key!r}" if key else ""
+    return "from globular import Client", f"Client({str(local_file)!r}{key_arg})"
+
+
 def settings_of(ctx: PluginContext) -> IPClusterSettings:
     """The settings of the cluster's IPCluster plugin (restart needs them)."""
     settings = ctx.settings_of(IPCluster)
@@ -137,7 +147,7 @@ class IPCluster(Plugin):
     def _report(
         self, ctx: PluginContext, local_file: Path, engines: int, elapsed: float, notebook: NotebookInfo | None
     ) -> PluginReport:
-        client_line = f"Client({str(local_file)!r})"
+        import_line, client_line = client_lines(local_file, ctx.master.is_local, ctx.login_key)
         warnings = []
         traffic = {
             "curve": "encrypted (CurveZMQ) and signed",
@@ -167,7 +177,7 @@ class IPCluster(Plugin):
             plugin=self.name,
             summary=summary,
             hints=[
-                "from ipyparallel import Client",
+                import_line,
                 f"rc = {client_line}",
                 "view = rc[:]",
                 f"# or: globular shell --ipcluster={ctx.name}",

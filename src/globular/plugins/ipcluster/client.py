@@ -1,0 +1,336 @@
+"""``from globular import Client``: ipyparallel's ``Client``, whose SSH tunnel works, encrypted.
+
+    from globular import Client
+    rc = Client('~/.globular/ipcluster/lab-ssh.json', sshkey='~/.ssh/id_lab')
+    rc[:].map_sync(lambda x: x**30, range(8))
+
+It *is* an ``ipyparallel.Client`` (a subclass), with the same arguments.  Where
+ipyparallel would tunnel (the file names an ``ssh`` server, or ``sshserver=``,
+``sshkey=`` or ``password=`` is given), ipyparallel's own tunnel has two faults:
+its ``Client._connect`` gives the CURVE keys to no socket it tunnels (against a
+cluster with ``encryption = curve`` it connects, then waits for ever), and
+pyzmq's ``ssh -f`` tunnel can be killed by the SIGHUP of the pty it closes at once
+("Hub connection request timed out").  This class forwards the controller's
+ports through one SSH connection of its own instead (asyncssh, in this process:
+no ``ssh`` subprocess, nothing that SIGHUP can kill), then hands ipyparallel a
+connection dict on 127.0.0.1, to which it connects every socket directly, with
+the CURVE keys.  The tunnel closes with the client.
+
+Whose key and known_hosts: ``sshkey`` when given; for a file that globular wrote
+(it names its cluster, and the cluster's record holds the same session key),
+otherwise the cluster's own key, user and known_hosts, as ``globular.connect``
+uses; for any other file (a plain ipcontroller's), ``~/.ssh/config``, your agent
+and default keys, and ``~/.ssh/known_hosts``.  A host key that is not known is
+refused.
+
+A client that fails to connect says why: a CURVE handshake the controller
+refused (a stale file: another server key), no answer at the address, or a
+controller that accepted the connection but did not answer in ``timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import ipyparallel
+
+from globular.aio import LoopThread
+from globular.errors import GlobularError
+from globular.paths import globular_home
+from globular.plugins.ipcluster.controller import CLUSTER_KEY, PORT_KEYS, record_data
+from globular.plugins.ipcluster.watch import ControllerWatch, HandshakeWatch, watch_controller
+from globular.providers.ssh_settings import SSHHost
+from globular.state import ClusterRecord, StateStore
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class TunnelError(GlobularError, OSError):
+    """The SSH tunnel to the controller could not be opened."""
+
+
+class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no type hints
+    """``ipyparallel.Client``, tunnelled through globular's own SSH connection when the
+    controller is remote, with the CURVE keys on every socket (see the module's doc)."""
+
+    def __init__(
+        self,
+        connection_info: str | os.PathLike[str] | dict[str, Any] | None = None,
+        *,
+        sshserver: str | None = None,
+        sshkey: str | os.PathLike[str] | None = None,
+        password: str | None = None,
+        paramiko: bool | None = None,  # accepted for ipyparallel's signature; asyncssh tunnels
+        timeout: float = 10,
+        _globular_cluster: tuple[ClusterRecord, Path] | None = None,  # globular.connect's
+        **kwargs: Any,
+    ) -> None:
+        self._globular_tunnel: _Tunnel | None = None
+        self._globular_watch: ControllerWatch | None = None
+        if connection_info is None and not (sshserver or sshkey or password):
+            super().__init__(timeout=timeout, **kwargs)  # the profile's file, as ipyparallel finds it
+            return
+        if connection_info is None:
+            connection_info = _profile_file(kwargs)
+        info = _load(connection_info)
+        cluster = _globular_cluster or _cluster_of(info, connection_info)
+        info.pop(CLUSTER_KEY, None)
+        record = cluster[0] if cluster else None
+        server = _ssh_server(info, sshserver, sshkey, password)
+        if server is None:
+            self._globular_connect(info, timeout, kwargs)
+        else:
+            tunnel = _Tunnel(server, sshkey=sshkey, password=password, cluster=cluster, timeout=timeout)
+            self._globular_tunnel = tunnel
+            try:
+                forwarded = tunnel.forward(info)
+                self._globular_connect(forwarded, timeout, kwargs)
+            except BaseException:
+                tunnel.close()
+                raise
+        if record is not None:
+            self._globular_watch = watch_controller(self, record.name)
+
+    def _globular_connect(self, info: dict[str, Any], timeout: float, kwargs: dict[str, Any]) -> None:
+        """ipyparallel's own connect, to a controller it reaches directly: every socket gets the
+        CURVE keys."""
+        super().__init__(info, timeout=timeout, **kwargs)
+
+    def _connect(self, sshserver: Any, ssh_kwargs: Any, timeout: float) -> None:
+        # the query socket is connected, its request not yet sent: watch its handshake from now
+        # on, and say what it saw if no answer comes (before ipyparallel closes the client)
+        watch = HandshakeWatch()
+        watch.attach(self._query_socket)
+        try:
+            super()._connect(sshserver, ssh_kwargs, timeout)
+        except TimeoutError as exc:
+            tunnel = getattr(self, "_globular_tunnel", None)
+            why = watch.why(self._config["registration"], self.curve_serverkey)
+            via = f" (through the SSH tunnel to {tunnel.host})" if tunnel is not None else ""
+            raise TimeoutError(f"{exc} after {timeout:g} s{via}: {why}") from None
+        finally:
+            watch.close()
+
+    def close(self, linger: int | None = None) -> None:
+        watch, self._globular_watch = getattr(self, "_globular_watch", None), None
+        if watch is not None:
+            watch.stop()
+        try:
+            super().close(linger)
+        finally:
+            tunnel, self._globular_tunnel = getattr(self, "_globular_tunnel", None), None
+            if tunnel is not None:
+                tunnel.close()
+
+
+def connect(name: str, *, home: Path | None = None, timeout: float = 10.0) -> Client:
+    """A ready :class:`Client` for running cluster ``name`` (``globular.connect``)."""
+    from globular.plugins.ipcluster.controller import connection_info
+
+    home = home or globular_home()
+    record = StateStore(home).get(name)
+    return Client(connection_info(record_data(record), record.name), timeout=timeout, _globular_cluster=(record, home))
+
+
+# -- what the connection file says -------------------------------------------------
+
+
+def _profile_file(kwargs: dict[str, Any]) -> Path:
+    """The controller's client file of the profile ``Client()`` would read."""
+    from IPython.core.profiledir import ProfileDir
+    from IPython.paths import get_ipython_dir
+
+    if kwargs.get("profile_dir"):
+        folder = Path(kwargs["profile_dir"]).expanduser()
+    else:
+        profile = ProfileDir.find_profile_dir_by_name(  # type: ignore[no-untyped-call]
+            kwargs.get("ipython_dir") or get_ipython_dir(), kwargs.get("profile") or "default"
+        )
+        folder = Path(profile.location)
+    cluster_id = kwargs.get("cluster_id")
+    return (
+        folder / "security" / (f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json")
+    )
+
+
+def _load(connection_info: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(connection_info, dict):
+        return dict(connection_info)
+    path = Path(connection_info).expanduser()
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OSError(f"Connection file {path} not found. Is a controller running?") from None
+    except ValueError as exc:
+        raise OSError(f"Connection file {path} is not JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise OSError(f"Connection file {path} holds no connection info")
+    return info
+
+
+def _cluster_of(info: dict[str, Any], source: Any) -> tuple[ClusterRecord, Path] | None:
+    """The record (and globular home) of the cluster whose file this is, when globular wrote
+    it and the cluster still runs with the same session key; else None."""
+    name = info.get(CLUSTER_KEY)
+    if not isinstance(name, str):
+        return None
+    homes = []
+    if not isinstance(source, dict):
+        path = Path(source).expanduser()
+        if path.parent.name == "ipcluster":
+            homes.append(path.parent.parent)
+    homes.append(globular_home())
+    for home in dict.fromkeys(homes):
+        if not (home / "clusters" / f"{name}.json").exists():
+            continue
+        try:
+            record = StateStore(home).get(name)
+            data = record_data(record)
+            recorded = json.loads(Path(data["connection_file"]).read_text())
+        except (GlobularError, OSError, ValueError, KeyError, TypeError):
+            continue
+        if recorded.get("key") == info.get("key"):
+            return record, home
+    return None
+
+
+def _ssh_server(info: dict[str, Any], sshserver: str | None, sshkey: Any, password: str | None) -> str | None:
+    """The ssh server ipyparallel would tunnel through (its rules), or None: no tunnel."""
+    ssh = sshserver or None
+    addr = str(info.get("interface", "tcp://127.0.0.1")).split("://", 1)[-1]
+    if not ssh and info.get("ssh"):
+        location = info.get("location")
+        if addr in LOOPBACK and location:
+            from ipyparallel.util import ip_for_host, is_local_ip
+
+            if not is_local_ip(ip_for_host(location)):
+                ssh = info["ssh"]
+        else:
+            ssh = info["ssh"]
+    if not ssh and (sshkey or password):
+        ssh = addr  # ipyparallel's default: ssh to the controller's own address
+    return ssh or None
+
+
+def _destination(info: dict[str, Any]) -> str:
+    """Where the controller listens, as the ssh server sees it."""
+    addr = str(info["interface"]).split("://", 1)[-1]
+    return "127.0.0.1" if addr in ("0.0.0.0", "*", "") else addr
+
+
+# -- the tunnel ---------------------------------------------------------------------
+
+
+class _Tunnel:
+    """The controller's ports forwarded to 127.0.0.1 through one asyncssh connection, held
+    by a thread of its own until :meth:`close`."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        sshkey: Any,
+        password: str | None,
+        cluster: tuple[ClusterRecord, Path] | None,
+        timeout: float,
+    ) -> None:
+        try:
+            self.host = SSHHost.parse(server)
+        except ValueError as exc:
+            raise TunnelError(f"sshserver {server!r}: {exc}") from None
+        self.key = str(Path(sshkey).expanduser()) if sshkey else None
+        if self.key and not Path(self.key).is_file():
+            raise TunnelError(f"sshkey {sshkey} does not exist")
+        self.password = password
+        self.cluster = cluster
+        self.timeout = timeout
+        self.provider: Any = None
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.thread = LoopThread("globular-client-tunnel")
+
+    def forward(self, info: dict[str, Any]) -> dict[str, Any]:
+        """``info`` with every port the client connects to forwarded here."""
+        try:
+            return self.thread.call(self._forward(info), self.timeout + 60)
+        except (TimeoutError, OSError, asyncssh.Error) as exc:
+            if isinstance(exc, GlobularError):
+                raise
+            raise TunnelError(f"cannot forward the controller's ports through {self.host}: {exc}") from None
+
+    async def _forward(self, info: dict[str, Any]) -> dict[str, Any]:
+        conn = await self._connection()
+        destination = _destination(info)
+        forwarded = dict(info, interface="tcp://127.0.0.1", location="127.0.0.1", ssh="")
+        for key in PORT_KEYS:
+            if key in info:
+                listener = await conn.forward_local_port("127.0.0.1", 0, destination, int(info[key]))
+                forwarded[key] = listener.get_port()
+        log.debug("controller %s ports forwarded through %s", destination, self.host)
+        return forwarded
+
+    async def _connection(self) -> asyncssh.SSHClientConnection:
+        if self.cluster is not None:  # the cluster's own connection: its key, user and known_hosts
+            from globular.providers.ssh import RemoteProvider
+            from globular.registry import make_provider
+
+            record, home = self.cluster
+            self.provider = make_provider(record.spec, cluster=record.name, home=home)
+            if isinstance(self.provider, RemoteProvider):
+                self.conn = await self.provider.connect(self.host, key=self.key)
+                return self.conn
+        known_hosts = Path("~/.ssh/known_hosts").expanduser()
+        if not known_hosts.is_file():
+            raise TunnelError(
+                f"cannot trust {self.host}: {known_hosts} does not exist (ssh to it once, to check and keep its host key)"
+            )
+        options: dict[str, Any] = {
+            "port": self.host.port,
+            "known_hosts": str(known_hosts),
+            "connect_timeout": self.timeout,
+            "keepalive_interval": 10,
+            "keepalive_count_max": 3,
+        }
+        if self.host.user:
+            options["username"] = self.host.user
+        if self.key:
+            options["client_keys"] = [self.key]
+        if self.password:
+            options["password"] = self.password
+        try:
+            self.conn = await asyncssh.connect(self.host.host, **options)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise TunnelError(
+                f"cannot trust {self.host}: its host key is not in {known_hosts}, or does not match "
+                f"(ssh to it once to check it) [{exc.reason}]"
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise TunnelError(f"{self.host} refused the login (pass sshkey=, or password=)") from None
+        except (OSError, asyncssh.Error) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            raise TunnelError(f"cannot reach {self.host}: {reason}") from None
+        return self.conn
+
+    def close(self) -> None:
+        if self.thread.loop.is_closed():
+            return
+        try:
+            self.thread.call(self._close(), 10)
+        except (TimeoutError, OSError, asyncssh.Error) as exc:
+            log.debug("closing the tunnel to %s: %s", self.host, exc)
+        finally:
+            self.thread.close()
+
+    async def _close(self) -> None:
+        conn, self.conn = self.conn, None
+        if self.provider is not None:
+            await self.provider.close()
+        if conn is not None:
+            conn.close()
+            await conn.wait_closed()
