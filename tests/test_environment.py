@@ -8,6 +8,7 @@ resolves the wheels here, ships them over SSH and builds the venvs there.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -515,10 +516,12 @@ def test_a_wheelhouse_folder_replaces_the_index(net, cli, home, tmp_path):
     )
     import ipyparallel
 
-    filled = resolve(
-        wanted(("pip", "globular"), (f"ipyparallel=={ipyparallel.__version__}", "ipcluster"), ("toolz", "test")),
-        Target.from_probe(json.loads(probe.stdout)),
-        tmp_path / "fill",
+    filled = asyncio.run(
+        resolve(
+            wanted(("pip", "globular"), (f"ipyparallel=={ipyparallel.__version__}", "ipcluster"), ("toolz", "test")),
+            Target.from_probe(json.loads(probe.stdout)),
+            tmp_path / "fill",
+        )
     )
     folder = tmp_path / "wheels-offline"
     folder.mkdir()
@@ -563,9 +566,13 @@ def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python
     )
     facts = json.loads(probe.stdout)
     assert target_platforms(facts)[-1].startswith("linux_") and facts["venv"] and facts["ready"] == []
-    house = resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
+    house = asyncio.run(
+        resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
+    )
     assert house.installer.get("wheel", "").startswith("uv-") and not house.installer["install"]
-    cached = resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
+    cached = asyncio.run(
+        resolve(wanted(("pip", "globular"), ("toolz", "test")), Target.from_probe(facts), tmp_path / "wheels")
+    )
     assert (cached.path, cached.wheels, cached.installer) == (
         house.path,
         house.wheels,

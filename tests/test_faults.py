@@ -87,6 +87,29 @@ def test_watchdog_restarts_a_dead_engine_and_retried_tasks_are_not_lost(cli, hom
     # the `home` fixture fails the test if an engine (or its nanny) outlived the supervisor
 
 
+def test_connect_right_after_start_every_time(cli, home, write_config):
+    """``globular.connect`` in this (long-lived) process right after ``start`` returns, with
+    curve on, 30 times in a row: every connection request is answered (a request that is not
+    says why: the handshake the client saw, in the TimeoutError)."""
+    from globular import connect
+
+    for attempt in range(30):
+        watchdog = "restart_dead_engines = True\n" if attempt % 2 else ""
+        config = str(write_config(config_text(f"{watchdog}encryption = curve\n")))
+        started = cli("-c", config, "start", "quick")
+        assert started.returncode == 0, (attempt, started.output)
+        try:
+            rc = connect("quick")
+            try:
+                assert len(rc.ids) == 2, (attempt, rc.ids)
+                assert rc[:].apply_sync(portable(lambda: 2)) == [2, 2]
+            finally:
+                rc.close()
+        finally:
+            stopped = cli("-c", config, "terminate", "-y", "quick")
+            assert stopped.returncode == 0, (attempt, stopped.output)
+
+
 def test_killed_engine_fails_a_running_map_and_listclusters_tells_the_truth(cli, home, write_config):
     import ipyparallel as ipp
 

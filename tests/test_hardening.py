@@ -217,6 +217,66 @@ def test_an_early_sigterm_is_one_word_and_no_asyncio_noise(home, write_config, c
     assert wait_until(lambda: not processes_of(home), timeout=10)
 
 
+def test_a_signal_while_the_wheelhouse_resolves_ends_start_at_once(home, write_config, tmp_path):
+    """pip runs in a child process that a cancel stops: a FIFO named like a wheel blocks pip in
+    open() for ever, and SIGTERM still ends `start` within seconds (exit 130), pip with it."""
+    import ipyparallel
+
+    wheelhouse = tmp_path / "wheels"
+    wheelhouse.mkdir()
+    os.mkfifo(wheelhouse / f"ipyparallel-{ipyparallel.__version__}-py3-none-any.whl")
+    managed = f"environment = managed\nwheelhouse = {wheelhouse}"
+    config = str(write_config(local_config(python=managed)))
+    proc = start_in_background(config, "fifo", home)
+
+    def pip_downloading() -> bool:
+        return any("pip" in argv and "download" in argv for _, argv in processes_of(home))
+
+    try:
+        assert wait_until(pip_downloading, timeout=60), proc.stderr
+        time.sleep(1)  # pip is in open() on the FIFO
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert time.monotonic() - sent < 5, err
+        assert "Interrupted." in err, err
+        assert wait_until(lambda: not processes_of(home), timeout=10), processes_of(home)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_interrupted_local_environment_build_leaves_no_installer_and_no_folder(home, write_config):
+    """SIGTERM while the node environment's installer (uv) runs: `start` ends (exit 130) with
+    the builder stopped so that it cleans up: no uv left running, no half-made folder."""
+    config = str(write_config(local_config(python="environment = managed\npackages = toolz")))
+    proc = start_in_background(config, "envint", home)
+
+    def installing() -> bool:
+        return any(
+            len(argv) > 2 and argv[0].endswith("/uv") and argv[1:3] == ["pip", "install"]
+            for _, argv in processes_of(home)
+        )
+
+    try:
+        assert wait_until(installing, timeout=240, interval=0.02), proc.stderr
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        left = processes_of(home)
+        assert not left, left  # at once: the installer went before globular exited
+        envs = home / "envs"
+        made = sorted(p.name for p in envs.iterdir() if not p.name.endswith(".lock")) if envs.exists() else []
+        assert made == [], made
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_status_flags_more_engines_than_expected(cli, home, write_config):
     """An engine that globular did not start joins the controller (a second ipcluster, a stray
     from elsewhere): status must not call that "ok"."""

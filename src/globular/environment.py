@@ -30,6 +30,7 @@ the notebook and every helper run from it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -37,21 +38,21 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from globular.errors import BadInput, CommandError, GlobularError, NodeError, NodeFailures
 from globular.fanout import each_node
 from globular.paths import private_dir
-from globular.providers.base import NODEENV_SOURCE
+from globular.providers.base import NODEENV_SOURCE, CommandResult, run_here
 from globular.spec import ClusterSpec
 from globular.state import NodeRecord
 
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when what goes into an environment changes
 PROBE_TIMEOUT = 30.0
 BUILD_TIMEOUT = 900.0
+RESOLVE_TIMEOUT = 1800.0  # s for pip to resolve and download one wheelhouse here
+INDEX_TIMEOUT = 30.0
 SPACE_FACTOR = 4  # a venv takes about this many times its wheels' size, while they are unpacked beside it
 SPACE_MARGIN = 64 * 2**20
 
@@ -171,6 +174,18 @@ def wanted_for(spec: ClusterSpec, plugins: list[Plugin], node: NodeRecord) -> Wa
     return Wanted(tuple(sorted(unique)), tuple(pairs), spec.environment.requirements, spec.environment.wheelhouse)
 
 
+def wheelhouse_contents(folder: str | None) -> list[tuple[str, int, int]] | None:
+    """What a ``wheelhouse = DIR`` holds (names, sizes, mtimes: no file is opened), so that
+    a wheel added to it makes a new wheelhouse here rather than being ignored."""
+    if not folder:
+        return None
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return []
+    return [(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()]
+
+
 def digest(wanted: Wanted, target: Target) -> str:
     """The name of a wheelhouse: what goes in, and for what Python."""
     requirements_text = Path(wanted.requirements_file).read_text() if wanted.requirements_file else None
@@ -180,6 +195,7 @@ def digest(wanted: Wanted, target: Target) -> str:
             "requirements": list(wanted.requirements),
             "requirements_file": requirements_text,
             "wheelhouse": wanted.wheelhouse,
+            "wheelhouse_contents": wheelhouse_contents(wanted.wheelhouse),
             "target": target.as_dict(),
         },
         sort_keys=True,
@@ -268,18 +284,66 @@ def _pip(*args: str) -> list[str]:
     return [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
 
 
-def _index_has(name: str) -> bool:
+async def _index_has(name: str) -> bool:
     """Does the package index know project ``name`` at all (in any form)?"""
-    done = subprocess.run(_pip("index", "versions", name), capture_output=True, text=True)
+    try:
+        done = await run_here(_pip("index", "versions", name), timeout=INDEX_TIMEOUT)
+    except (TimeoutError, OSError):
+        return True  # not known to be missing
     return done.returncode == 0
 
 
-def resolve(wanted: Wanted, target: Target, cache: Path) -> Wheelhouse:
+async def _pip_here(argv: list[str], what: str) -> CommandResult:
+    """pip in a child process of its own: a cancel (Ctrl-C, SIGTERM) kills it, and so does
+    RESOLVE_TIMEOUT (a wheelhouse file that blocks pip's open(), a huge requirements file)."""
+    try:
+        return await run_here(argv, timeout=RESOLVE_TIMEOUT)
+    except TimeoutError:
+        raise GlobularError(
+            f"{what}: pip did not finish in {RESOLVE_TIMEOUT / 60:g} minutes and was stopped "
+            "(a file in wheelhouse that cannot be read, an index that does not answer?)"
+        ) from None
+    except OSError as exc:
+        raise GlobularError(f"cannot run pip here to prepare the node environment: {exc}") from None
+
+
+async def _missing_project(output: str, wanted: Wanted) -> Callable[[str], bool] | None:
+    """For explain_pip_failure: which projects pip found no version of the index knows at all
+    (asked of the index now; None with a wheelhouse of the user's: no index is asked)."""
+    if wanted.wheelhouse:
+        return None
+    names = {
+        _project(m[1])
+        for m in re.finditer(
+            r"Could not find a version that satisfies the requirement (\S+) \(from versions: none\)", output
+        )
+    }
+    known = {name: await _index_has(name) for name in sorted(names)}
+    return lambda name: known.get(name, True)
+
+
+@contextlib.asynccontextmanager
+async def _locked(path: Path) -> AsyncIterator[None]:
+    """``path``'s file lock, waited for without blocking the event loop (a cancel ends the wait)."""
+    lock = FileLock(str(path))
+    while True:
+        try:
+            lock.acquire(timeout=0)
+            break
+        except Timeout:
+            await asyncio.sleep(0.1)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+async def resolve(wanted: Wanted, target: Target, cache: Path) -> Wheelhouse:
     """The wheelhouse for ``wanted`` on ``target``: from the cache, else made with pip download."""
     key = digest(wanted, target)
     private_dir(cache)
     final = cache / key
-    with FileLock(str(cache / f".{key}.lock")):
+    async with _locked(cache / f".{key}.lock"):
         manifest = final / "manifest.json"
         if manifest.is_file():
             data = json.loads(manifest.read_text())
@@ -307,19 +371,16 @@ def resolve(wanted: Wanted, target: Target, cache: Path) -> Wheelhouse:
             argv += list(wanted.requirements)
             started = time.monotonic()
             log.info("resolving node packages for %s: %s", target.describe(), " ".join(wanted.requirements))
-            try:
-                done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-            except OSError as exc:
-                raise GlobularError(f"cannot run pip here to prepare the node environment: {exc}") from None
+            done = await _pip_here(argv, "resolving the node packages")
             if done.returncode != 0:
                 if "No module named pip" in done.stderr:
                     raise GlobularError(f"preparing node environments needs pip here ({sys.executable} -m ensurepip)")
-                exists = None if wanted.wheelhouse else _index_has
+                output = done.stdout + "\n" + done.stderr
+                missing = await _missing_project(output, wanted)
                 raise PackageProblem(
-                    "cannot make the node environment: "
-                    + explain_pip_failure(done.stdout + "\n" + done.stderr, wanted, target, exists)
+                    "cannot make the node environment: " + explain_pip_failure(output, wanted, target, missing)
                 )
-            installer = _download_uv(tmp, target, wanted)
+            installer = await _download_uv(tmp, target, wanted)
             wheels = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".whl"))
             size = sum((tmp / w).stat().st_size for w in wheels)
             (tmp / "manifest.json").write_text(
@@ -347,7 +408,7 @@ def resolve(wanted: Wanted, target: Target, cache: Path) -> Wheelhouse:
 UV_REQUIREMENT = "uv>=0.5"
 
 
-def _download_uv(folder: Path, target: Target, wanted: Wanted) -> dict[str, Any]:
+async def _download_uv(folder: Path, target: Target, wanted: Wanted) -> dict[str, Any]:
     """Add uv's wheel for the nodes' platform (a static binary: it installs the wheels several
     times faster than pip).  ``{"wheel": name, "install": False}``: the installer's wheel, not to
     be installed (``install``: the user asked for uv too); ``{}``: none, the nodes use pip."""
@@ -370,7 +431,7 @@ def _download_uv(folder: Path, target: Target, wanted: Wanted) -> dict[str, Any]
     )
     if wanted.wheelhouse:
         argv += ["--no-index", "--find-links", wanted.wheelhouse]
-    done = subprocess.run([*argv, UV_REQUIREMENT], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    done = await _pip_here([*argv, UV_REQUIREMENT], "fetching uv's wheel for the nodes")
     added = [p.name for p in folder.iterdir() if p.name not in before and p.name.startswith("uv-")]
     if done.returncode != 0 or not added:
         log.info("no uv wheel for %s: the nodes install with pip", target.describe())
@@ -443,7 +504,7 @@ async def prepare(
         houses: dict[tuple[Wanted, Target], Wheelhouse] = {}
 
         async def make(key: tuple[Wanted, Target]) -> None:
-            houses[key] = await asyncio.to_thread(resolve, key[0], key[1], cache)
+            houses[key] = await resolve(key[0], key[1], cache)
             reporter.advance("wheels")
 
         try:

@@ -158,6 +158,7 @@ def build(req: Request) -> dict[str, Any]:
     token = secrets.token_hex(4)
     wheels = os.path.join(root, f".{name}-{token}.wheels")
     target = os.path.join(root, f"{name}-{token}")
+    log = os.path.join(root, f".{name}-{token}.log")
     try:
         # the wheels are received before the lock, so that every node's transfer runs at once
         received = _receive_wheels(sys.stdin.buffer, wheels)
@@ -182,7 +183,6 @@ def build(req: Request) -> dict[str, Any]:
                     and time.time() - os.lstat(path).st_mtime > STALE_SECONDS
                 ):
                     _remove(path)
-            log = os.path.join(root, f".{name}-{token}.log")
             with open(log, "w") as out:
                 made = subprocess.run(
                     [sys.executable, "-m", "venv", "--without-pip", target], stdout=out, stderr=subprocess.STDOUT
@@ -205,9 +205,14 @@ def build(req: Request) -> dict[str, Any]:
                 "python": os.path.join(link, "bin", "python"),
                 "seconds": time.monotonic() - started,
             }
-    except BaseException:
+    except BaseException as exc:
         if not _ready_target(root, name, target):
             shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # stopped: nobody reads its log
+            try:
+                os.unlink(log)
+            except OSError:
+                pass
         raise
     finally:
         shutil.rmtree(wheels, ignore_errors=True)

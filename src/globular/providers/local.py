@@ -51,7 +51,9 @@ class LocalRunner(Runner):
     ) -> CommandResult:
         log.debug("%s: %s", self.node.name, display(argv))
         try:
-            result = await run_here(argv, input=input, timeout=timeout, cwd=self.node.workdir)
+            # marked like every process globular starts: what it leaves behind is found by the mark
+            mark = {"GLOBULAR_MARK": self.mark} if self.mark else None
+            result = await run_here(argv, input=input, timeout=timeout, cwd=self.node.workdir, env=mark)
         except TimeoutError:  # before OSError, which it is a kind of
             raise CommandTimeout(self.node.name, display(argv), timeout) from None
         except OSError as exc:
