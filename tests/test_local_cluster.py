@@ -123,6 +123,34 @@ def test_restart_engines_keeps_connected_client_working(cli, home, write_config)
     assert cli("terminate", "--yes", "rs").returncode == 0
 
 
+def test_ipcluster_again_after_ipclusterstop_records_the_live_engines(cli, home, write_config):
+    """`runplugin ipcluster` on a running cluster is refused (no second engine set); after
+    `ipclusterstop` it starts engines again, forked (engine_fork), and the record holds the
+    pids of the engines that run, not those of the stopped ones."""
+    import psutil
+
+    config = str(write_config(
+        "[global]\ndefault_template = f\n[cluster f]\ncluster_size = 1\ncores_per_node = 2\nplugins = ipcluster\n"
+        "[plugin ipcluster]\nsetup_class = ipcluster\nmaster_engines = 2\n"
+    ))  # fmt: skip
+    assert cli("-c", config, "start", "again").returncode == 0
+    first = recorded_pids(read_record(home, "again"), "ipengine")
+    twice = cli("-c", config, "runplugin", "ipcluster", "again")
+    assert twice.returncode == 2, twice.output
+    assert "runs its controller and engines already" in twice.stderr
+    assert recorded_pids(read_record(home, "again"), "ipengine") == first
+    assert cli("-c", config, "runplugin", "ipclusterstop", "again").returncode == 0
+    assert all(gone(pid) for pid in first)
+    assert cli("-c", config, "runplugin", "ipcluster", "again").returncode == 0
+    recorded = recorded_pids(read_record(home, "again"), "ipengine")
+    live = sorted(p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "ipengine"
+                  and p.environ().get("GLOBULAR_HOME") == str(home))  # fmt: skip
+    assert len(recorded) == 2 and sorted(recorded) == live and not set(recorded) & set(first)
+    listing = cli("-c", config, "listclusters")
+    assert "2/2" in listing.stdout and " ok" in listing.stdout, listing.stdout
+    assert cli("terminate", "--yes", "again").returncode == 0
+
+
 def test_plugin_failure_stops_start_and_leaves_nothing(cli, home, write_config):
     config = write_config(
         "[global]\ndefault_template = t\n"

@@ -154,6 +154,8 @@ class PluginFailed(GlobularError):
         self.plugin = plugin
         self.hook = hook
         self.cause = cause
+        if isinstance(cause, GlobularError):
+            self.exit_code = cause.exit_code  # bad input stays exit code 2
         super().__init__(f"plugin {plugin!r} failed in {hook}: {cause}")
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
 from collections import Counter
 from pathlib import Path
@@ -137,7 +138,10 @@ async def fork_engines(
 ) -> list[ProcessRecord]:  # fmt: skip
     """Start ``engines`` (ids ``first``, ...) forked from one interpreter on ``node`` (see
     :mod:`~globular.plugins.ipcluster.forkstart`); their records, by pid and start time."""
-    request, out = f"{node.workdir}/run/engines-{first}.json", f"{node.workdir}/run/engines-{first}.pids.json"
+    # names of this start's own: a file of an earlier engine set (stopped, then started again
+    # with the same first id) must never be read as this one's pids
+    tag = f"{first}-{secrets.token_hex(4)}"
+    request, out = f"{node.workdir}/run/engines-{tag}.json", f"{node.workdir}/run/engines-{tag}.pids.json"
     plan = {
         "engines": [{"args": e.argv[1 + len(ENGINE_MODULE) :], "log": e.log} for e in engines],
         "nanny": settings.engine_nanny,

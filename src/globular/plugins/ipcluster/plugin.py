@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from globular.errors import GlobularError
+from globular.errors import BadInput, GlobularError
 from globular.fanout import each_node
 from globular.paths import connection_file_path, write_private
 from globular.plugins.base import NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
@@ -99,6 +99,11 @@ class IPCluster(Plugin):
         return encryption_of(self.settings, ctx.remote_nodes)
 
     async def run(self, ctx: PluginContext) -> PluginReport:
+        if ctx.plugin_data(DATA_KEY).get("connection_file"):
+            raise BadInput(
+                f"cluster {ctx.name!r} runs its controller and engines already: `globular runplugin "
+                f"ipclusterrestart {ctx.name}` starts new engines, `globular runplugin ipclusterstop {ctx.name}` stops them"
+            )
         started = time.monotonic()
         settings = self.settings
         master = ctx.master
