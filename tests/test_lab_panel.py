@@ -36,5 +36,17 @@ def test_the_panel_lists_a_running_cluster_waits_for_a_starting_one_and_forgets_
     (cluster,) = ClusterManager().load_clusters(profile_dirs=[str(profile)]).values()
     with pytest.raises(Exception, match="managed by globular: stop it with `globular terminate lab`"):
         cluster.stop_cluster_sync()
+    # a record that cannot be read for a moment (garbage, as a crash mid-write would leave)
+    # is not a gone cluster: its file stays, and it is listed again once the record reads
+    record_file = tmp_path / "home" / "clusters" / "lab.json"
+    good = record_file.read_bytes()
+    record_file.write_bytes(b"{not json")
+    assert listed() == {} and path.exists()
+    record_file.write_bytes(good)
+    assert len(listed()) == 1
+    # a long-lived server (one ClusterManager) stops listing a cluster terminated meanwhile
+    manager = ClusterManager()
+    assert len(manager.load_clusters(profile_dirs=[str(profile)])) == 1
     store.delete("lab")
-    assert listed() == {} and not path.exists()  # gone: the file goes too
+    assert manager.load_clusters(profile_dirs=[str(profile)]) == {}
+    assert not path.exists()  # gone: the file goes too

@@ -14,6 +14,17 @@ from globular.plugins.ipcluster.labpanel import panel_model
 from globular.plugins.ipcluster.roles import DATA_KEY
 
 
+GONE, UNREADABLE = "gone", "unreadable"
+
+
+class _Managed:
+    """Stands for the controller globular runs (ipyparallel's ClusterManager forgets a cached
+    cluster only once it had a controller and is no longer running)."""
+
+    state = "running"
+    running = True
+
+
 class GlobularCluster(Cluster):  # type: ignore[misc]
     """A globular cluster as ipyparallel's ClusterManager (the Lab panel) sees it."""
 
@@ -28,32 +39,40 @@ class GlobularCluster(Cluster):  # type: ignore[misc]
         self.globular_name = d["globular"]["name"]
         self.globular_home = d["globular"]["home"]
         record = self._record()
-        if record is None:  # gone (terminated elsewhere, or its record lost): forget the file
+        if record == GONE:  # terminated elsewhere, or its record removed: forget the file
             if self.cluster_file:
                 Path(self.cluster_file).unlink(missing_ok=True)
             raise NotRunning(f"globular cluster {self.globular_name} is gone")
+        if record == UNREADABLE:  # being written, or damaged: not listed now, its file kept
+            raise NotRunning(f"globular cluster {self.globular_name}: its record cannot be read now")
         if self._data() is None:  # still starting, or stopping
             raise NotRunning(f"globular cluster {self.globular_name} is {record.status}")
+        self.controller = _Managed()
         return self
 
     def _record(self) -> Any:
-        from globular.errors import GlobularError
+        """The record; GONE when there is none (only then), UNREADABLE when it cannot be read."""
+        from globular.errors import ClusterNotFound, GlobularError
         from globular.state import StateStore
 
         try:
             return StateStore(Path(self.globular_home)).get(self.globular_name)
-        except GlobularError:
-            return None
+        except ClusterNotFound:
+            return GONE
+        except (GlobularError, OSError, ValueError):
+            return UNREADABLE
 
     def _data(self) -> dict[str, Any] | None:
         """IPCluster's part of the record while the cluster runs; None otherwise."""
         record = self._record()
-        if record is None or record.status != "running":
+        if record in (GONE, UNREADABLE) or record.status != "running":
             return None
         data: dict[str, Any] | None = record.plugin_data.get(DATA_KEY)
         return data
 
     def _is_running(self) -> bool:
+        if self._record() == UNREADABLE:
+            return True  # not known to have stopped: listed as it was
         return self._data() is not None
 
     def to_dict(self) -> dict[str, Any]:
