@@ -13,7 +13,6 @@ from ipyparallel.cluster.launcher import NotRunning
 from globular.plugins.ipcluster.labpanel import panel_model
 from globular.plugins.ipcluster.roles import DATA_KEY
 
-
 GONE, UNREADABLE = "gone", "unreadable"
 
 
