@@ -465,3 +465,74 @@ def test_the_controllers_ports_are_none_that_other_processes_get_without_asking(
     ports = nodeproc.free_ports({"ip": "127.0.0.1", "count": 20})
     assert len(ports) == len(set(ports)) == 20
     assert all(20000 <= p < min(ephemeral, 49152) for p in ports), ports
+
+
+# -- settings that would break globular's own arguments, names and environment ----------------
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--IPEngine.url_file=/tmp/x",
+        "--profile-dir=/tmp/p",
+        "--BaseIPythonApplication.ipython_dir=/tmp/i",
+        "--url=tcp://x",
+    ],
+)
+def test_engine_args_may_not_change_what_globular_sets(arg):
+    from pydantic import ValidationError
+
+    from globular.plugins.ipcluster.settings import IPClusterSettings
+
+    with pytest.raises(ValidationError, match="globular sets"):
+        IPClusterSettings.model_validate({"engine_args": arg})
+
+
+def test_engine_env_values_on_one_line_and_bounded():
+    from pydantic import ValidationError
+
+    from globular.plugins.ipcluster.settings import IPClusterSettings
+
+    assert IPClusterSettings.model_validate({"engine_env": "A=1, B=2"}).engine_env == {"A": "1", "B": "2"}
+    with pytest.raises(ValidationError, match="the value of A spans lines"):
+        IPClusterSettings.model_validate({"engine_env": "A=1\nB=2"})
+    with pytest.raises(ValidationError, match="the value of BIG is 200000 bytes: at most 32768"):
+        IPClusterSettings.model_validate({"engine_env": "BIG=" + "x" * 200_000})
+
+
+@pytest.mark.parametrize(("value", "ok"), [("90", True), ("1:30:00", True), ("2-12", True), ("99:00", True),
+                                            ("1:99:99", False), ("1:30:60", False), ("2-24:00", False), ("UNLIMITED", True)])  # fmt: skip
+def test_slurm_time_limits_in_range(value, ok):
+    from pydantic import ValidationError
+
+    from globular.providers.slurm_settings import SlurmSettings
+
+    if ok:
+        assert SlurmSettings.model_validate({"time_limit": value}).time_limit == value
+    else:
+        with pytest.raises(ValidationError, match="is not a Slurm time"):
+            SlurmSettings.model_validate({"time_limit": value})
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        ("--comment=x", "globular sets --comment"),
+        ("--job-name=mine", "globular sets --job-name"),
+        ("-J mine", "globular sets -J"),
+        ("--output=/tmp/o", "globular sets --output"),
+        ("--wrap=true", "globular sets --wrap"),
+        ("--mem=8G ; rm", "';' is not an sbatch option"),
+        ("script.sh", "'script.sh' is not an sbatch option"),
+    ],
+)
+def test_sbatch_args_keep_globulars_own_options_and_take_no_script(args, why):
+    from pydantic import ValidationError
+
+    from globular.providers.slurm_settings import SlurmSettings
+
+    with pytest.raises(ValidationError, match=why):
+        SlurmSettings.model_validate({"sbatch_args": args})
+    assert SlurmSettings.model_validate({"sbatch_args": "--mem 8G --gres=gpu:1 -c 2"}).sbatch_args == [
+        "--mem", "8G", "--gres=gpu:1", "-c", "2"
+    ]  # fmt: skip

@@ -100,6 +100,8 @@ def spawn(req: Request) -> Any:
                 os.makedirs(log_dir, mode=0o700, exist_ok=True)
             cwd = os.path.expanduser(spec["cwd"]) if spec.get("cwd") else None
             if cwd:
+                if os.path.exists(cwd) and not os.path.isdir(cwd):
+                    raise Refused(f"cannot start {spec['argv'][0]} in {cwd}: it is not a folder")
                 os.makedirs(cwd, mode=0o700, exist_ok=True)
             with open(spec["log"], "ab") as log:
                 child = subprocess.Popen(

@@ -10,6 +10,22 @@ from globular.providers.ssh_settings import MAX_ENGINES_PER_NODE
 from globular.spec import ArgList, Settings
 
 # Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED
+# sbatch options globular sets itself: the mark that finds a cluster's jobs, their names, output
+_OWN_SBATCH_ARGS = ("--comment", "--job-name", "--output", "--error", "--wrap", "--parsable", "--chdir")
+_OWN_SHORT_ARGS = ("-J", "-o", "-e", "-D")
+
+
+def _time_fields_in_range(text: str) -> bool:
+    """Slurm's minutes, seconds (and hours, after days) stay below 60 (24)."""
+    if text.upper() in ("UNLIMITED", "INFINITE") or text.isdigit():
+        return True
+    days, _, clock = text.rpartition("-")
+    fields = [int(f) for f in clock.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        return fields[0] < 24 and all(f < 60 for f in fields[1:])
+    return all(f < 60 for f in fields[1:])  # MM:SS or HH:MM:SS: the first field may be large
+
+
 _TIME = re.compile(r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE)$", re.I)
 # a Slurm name (partition, account, qos): no spaces, no shell or option syntax
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+-]*$")
@@ -53,9 +69,24 @@ class SlurmSettings(Settings):
     @field_validator("time_limit")
     @classmethod
     def _time(cls, value: str | None) -> str | None:
-        if value is not None and not _TIME.match(value.strip()):
+        if value is not None and not (_TIME.match(value.strip()) and _time_fields_in_range(value.strip())):
             raise ValueError(f"{value!r} is not a Slurm time (minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED)")
         return value.strip() if value else value
+
+    @field_validator("sbatch_args")
+    @classmethod
+    def _sbatch_args(cls, args: list[str]) -> list[str]:
+        previous = ""
+        for arg in args:
+            name = arg.split("=", 1)[0]
+            if name in _OWN_SBATCH_ARGS or any(arg.startswith(short) and arg != "-" for short in _OWN_SHORT_ARGS):
+                raise ValueError(f"{arg!r}: globular sets {name} itself (it finds and names the jobs by it)")
+            # a word that no option before it takes is sbatch's script file: never ours to give
+            if not arg.startswith("-") and not (previous.startswith("--") and "=" not in previous):
+                if not (previous.startswith("-") and not previous.startswith("--") and len(previous) == 2):
+                    raise ValueError(f"{arg!r} is not an sbatch option (sbatch would take it as the job's script)")
+            previous = arg
+        return args
 
     @field_validator("partition", "account", "qos")
     @classmethod

@@ -90,7 +90,21 @@ def parse_duration(value: Any) -> Any:
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # ipengine arguments globular sets itself: an engine_args that changes them would break it
-_OWN_ENGINE_ARGS = ("--file", "--IPEngine.id", "--IPEngine.timeout", "--profile", "--ipython-dir", "--IPEngine.url")
+_OWN_ENGINE_ARGS = (
+    "--file",
+    "--url",
+    "--IPEngine.id",
+    "--IPEngine.timeout",
+    "--IPEngine.url",
+    "--IPEngine.url_file",
+    "--profile",
+    "--profile-dir",
+    "--ipython-dir",
+    "--BaseIPythonApplication.profile",
+    "--BaseIPythonApplication.ipython_dir",
+    "--ProfileDir.location",
+)
+MAX_ENV_VALUE = 32 * 1024  # bytes of one engine_env value (the kernel's limit for one is 128 KiB)
 
 
 def parse_env(value: Any) -> Any:
@@ -103,7 +117,11 @@ def parse_env(value: Any) -> Any:
             continue
         name, sep, text = part.partition("=")
         if not sep or not _ENV_NAME.match(name.strip()):
-            raise ValueError(f"{part!r} is not NAME=VALUE")
+            raise ValueError(f"{part[:60]!r} is not NAME=VALUE")
+        if "\n" in text or "\r" in text or "\0" in text:
+            raise ValueError(f"the value of {name.strip()} spans lines (separate variables with commas)")
+        if len(text.encode()) > MAX_ENV_VALUE:
+            raise ValueError(f"the value of {name.strip()} is {len(text.encode())} bytes: at most {MAX_ENV_VALUE}")
         found[name.strip()] = text.strip()
     return found
 
