@@ -82,9 +82,11 @@ class SlurmSettings(Settings):
             if name in _OWN_SBATCH_ARGS or any(arg.startswith(short) and arg != "-" for short in _OWN_SHORT_ARGS):
                 raise ValueError(f"{arg!r}: globular sets {name} itself (it finds and names the jobs by it)")
             # a word that no option before it takes is sbatch's script file: never ours to give
-            if not arg.startswith("-") and not (previous.startswith("--") and "=" not in previous):
-                if not (previous.startswith("-") and not previous.startswith("--") and len(previous) == 2):
-                    raise ValueError(f"{arg!r} is not an sbatch option (sbatch would take it as the job's script)")
+            takes_value = (previous.startswith("--") and "=" not in previous) or (
+                len(previous) == 2 and previous.startswith("-") and previous != "--"
+            )
+            if not arg.startswith("-") and not takes_value:
+                raise ValueError(f"{arg!r} is not an sbatch option (sbatch would take it as the job's script)")
             previous = arg
         return args
 
