@@ -98,16 +98,17 @@ def test_connect_right_after_start_every_time(cli, home, write_config):
         config = str(write_config(config_text(f"{watchdog}encryption = curve\n")))
         started = cli("-c", config, "start", "quick")
         assert started.returncode == 0, (attempt, started.output)
+        stopped = None
         try:
             rc = connect("quick")
             try:
-                assert len(rc.ids) == 2, (attempt, rc.ids)
-                assert rc[:].apply_sync(portable(lambda: 2)) == [2, 2]
+                ids, answers = rc.ids, rc[:].apply_sync(portable(lambda: 2))
             finally:
                 rc.close()
         finally:
             stopped = cli("-c", config, "terminate", "-y", "quick")
-            assert stopped.returncode == 0, (attempt, stopped.output)
+        assert len(ids) == 2 and answers == [2, 2], (attempt, ids, answers)
+        assert stopped.returncode == 0, (attempt, stopped.output)
 
 
 def test_killed_engine_fails_a_running_map_and_listclusters_tells_the_truth(cli, home, write_config):
