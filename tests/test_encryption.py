@@ -159,6 +159,8 @@ def check_clients_without_the_keys_get_no_answer(home: Path) -> None:
     from ipyparallel import Client
 
     info = json.loads((home / "ipcluster" / "sniffed-ssh.json").read_text())
+    assert "curve_serverkey" not in info  # kept where ipyparallel's own tunnelling Client cannot use it
+    info["curve_serverkey"] = info.pop("globular_curve_serverkey")
     info["ssh"] = ""
     no_curve = {k: v for k, v in info.items() if k != "curve_serverkey"}
     wrong_curve = dict(info, curve_serverkey=zmq.curve_keypair()[0].decode())

@@ -9,6 +9,7 @@ resolves the wheels here, ships them over SSH and builds the venvs there.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -110,6 +111,17 @@ def test_pip_failures_become_one_line_naming_package_origin_and_platform():
         "ERROR: Could not find a version that satisfies the requirement nosuch_pkg==0.1 (from versions: 1.0, 2.0)\n"
     )
     assert "no version of 'nosuch-pkg' satisfies 'nosuch_pkg==0.1'" in explain_pip_failure(versions, w, TARGET)
+    # a requirements file that includes itself: older pips crash with a RecursionError
+    looped = dataclasses.replace(w, requirements_file="/tmp/reqs.txt")
+    crash = "ERROR: Exception:\nTraceback (most recent call last):\n  ...\nRecursionError: maximum recursion depth exceeded\n"
+    assert explain_pip_failure(crash, looped, TARGET) == (
+        "requirements = /tmp/reqs.txt includes itself (-r), directly or through another file"
+    )
+    newer = "ERROR: /tmp/reqs.txt recursively references itself in reqs.txt\n"
+    assert explain_pip_failure(newer, looped, TARGET) == "/tmp/reqs.txt recursively references itself in reqs.txt"
+    assert explain_pip_failure("ERROR: Exception:\nOSError: [Errno 28] No space left on device\n", w, TARGET) == (
+        "OSError: [Errno 28] No space left on device"
+    )
 
 
 def cluster_config(tmp_path: Path, body: str) -> Config:
@@ -618,3 +630,17 @@ def test_a_node_line_says_when_its_environment_was_cached():
     assert step_label(node, "env") == "env"
     node.data["env"] = {"cached": True}
     assert step_label(node, "env") == "env cached" and step_label(node, "engines") == "engines"
+
+
+def test_a_full_disk_on_a_node_is_one_line_naming_enospc(monkeypatch, capsys):
+    """nodeenv on a node: an OSError (the disk filled mid-build) is one line with its errno's name."""
+    from globular import nodeenv
+
+    def fill(req):
+        raise OSError(28, "No space left on device", "/data/envs/x/lib")
+
+    monkeypatch.setitem(nodeenv.VERBS, "fill", fill)
+    with pytest.raises(SystemExit) as ended:
+        nodeenv.main(["nodeenv", "fill", "{}"])
+    assert ended.value.code == 3
+    assert capsys.readouterr().err == "No space left on device (ENOSPC): /data/envs/x/lib\n"

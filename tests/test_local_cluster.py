@@ -141,6 +141,8 @@ def test_ipcluster_again_after_ipclusterstop_records_the_live_engines(cli, home,
     assert recorded_pids(read_record(home, "again"), "ipengine") == first
     assert cli("-c", config, "runplugin", "ipclusterstop", "again").returncode == 0
     assert all(gone(pid) for pid in first)
+    stopped = cli("-c", config, "listclusters")  # not `ok`: nothing runs to connect to
+    assert "no controller and no engines: `globular runplugin ipcluster again` starts them" in stopped.stdout
     assert cli("-c", config, "runplugin", "ipcluster", "again").returncode == 0
     recorded = recorded_pids(read_record(home, "again"), "ipengine")
     live = sorted(p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "ipengine"

@@ -94,7 +94,7 @@ def remote_processes(net, folder) -> list[str]:
     return found
 
 
-def run_laptop_client(net, tmp_path, connection_file) -> subprocess.CompletedProcess:
+def run_laptop_client(net, tmp_path, connection_file, code: str | None = None) -> subprocess.CompletedProcess:
     """``Client(path, sshkey=key)`` in a fresh process whose ssh knows the hosts' key.
 
     The process runs in a private mount namespace where /etc/ssh/ssh_config
@@ -105,7 +105,7 @@ def run_laptop_client(net, tmp_path, connection_file) -> subprocess.CompletedPro
     """
     config = tmp_path / "ssh_config"
     config.write_text(f"Host *\n  UserKnownHostsFile {net.known_hosts}\n  StrictHostKeyChecking yes\n  BatchMode yes\n")
-    code = (
+    code = code or (
         "import signal, sys, json\n"
         "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
         "from ipyparallel import Client\n"
@@ -391,6 +391,21 @@ def test_the_line_start_prints_connects_from_a_laptop_every_time_encrypted(net, 
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         assert run.returncode == 1
         assert f"TunnelError: cannot trust root@{net.hosts[0].address}: its host key is not in {known}" in run.stderr
+        # ipyparallel's own Client cannot tunnel an encrypted cluster: it fails at once, it does
+        # not hang (the file keeps the server key where that Client does not look)
+        plain = (
+            "import signal, time\n"
+            "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"  # its tunnel's own race is not what this checks
+            "from ipyparallel import Client\n"
+            "began = time.monotonic()\n"
+            "try:\n"
+            f"    Client({str(path)!r}, sshkey={str(net.key)!r}, timeout=5)\n"
+            "except TimeoutError as exc:\n"
+            "    print('failed', round(time.monotonic() - began), exc)\n"
+        )
+        run = run_laptop_client(net, tmp_path, path, code=plain)
+        assert run.returncode == 0 and run.stdout.startswith("failed"), run.stdout + run.stderr[-3000:]
+        assert int(run.stdout.split()[1]) < 30 and "Hub connection request timed out" in run.stdout
         assert cli("terminate", "-y", "lab").returncode == 0
     finally:
         if (home / "clusters" / "lab.json").exists():

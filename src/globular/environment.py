@@ -271,8 +271,18 @@ def explain_pip_failure(stderr: str, wanted: Wanted, target: Target, exists: Any
                 )
             shown = versions if len(versions) < 120 else versions[:117] + "..."
             return f"no version of {name!r} satisfies {req!r} with a wheel for {target.describe()} (asked for by {who}; there are: {shown})"
+    if any(line.startswith("RecursionError") for line in lines):  # older pips on a -r loop
+        return (
+            f"requirements = {wanted.requirements_file} includes itself (-r), directly or through another file"
+            if wanted.requirements_file
+            else "pip ran out of stack (RecursionError) resolving the packages"
+        )
     errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
-    return errors[-1] if errors else (lines[-1] if lines else "pip failed without a message")
+    errors = [e for e in errors if e.strip() not in ("Exception:", "")]  # pip's crash header says nothing
+    if errors:
+        return errors[-1]
+    tail = [line for line in lines if line]
+    return tail[-1] if tail else "pip failed without a message"
 
 
 def _project(requirement: str) -> str:

@@ -342,6 +342,13 @@ def main(argv: list[str]) -> None:
     except Refused as exc:
         sys.stderr.write(f"{exc}\n")
         sys.exit(3)
+    except OSError as exc:  # a full disk, a folder it may not write: one line that says so
+        import errno
+
+        code = errno.errorcode.get(exc.errno or 0, "")
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"{exc.strerror or exc}{f' ({code})' if code else ''}{where}\n")
+        sys.exit(3)
 
 
 if __name__ == "__main__":

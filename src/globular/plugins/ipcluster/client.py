@@ -42,7 +42,7 @@ import ipyparallel
 from globular.aio import LoopThread
 from globular.errors import GlobularError
 from globular.paths import globular_home
-from globular.plugins.ipcluster.controller import CLUSTER_KEY, PORT_KEYS, record_data
+from globular.plugins.ipcluster.controller import CLUSTER_KEY, PORT_KEYS, record_data, with_serverkey
 from globular.plugins.ipcluster.watch import ControllerWatch, HandshakeWatch, watch_controller
 from globular.providers.ssh_settings import SSHHost
 from globular.state import ClusterRecord, StateStore
@@ -162,7 +162,7 @@ def _profile_file(kwargs: dict[str, Any]) -> Path:
 
 def _load(connection_info: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
     if isinstance(connection_info, dict):
-        return dict(connection_info)
+        return with_serverkey(dict(connection_info))
     path = Path(connection_info).expanduser()
     try:
         info = json.loads(path.read_text())
@@ -172,7 +172,7 @@ def _load(connection_info: str | os.PathLike[str] | dict[str, Any]) -> dict[str,
         raise OSError(f"Connection file {path} is not JSON: {exc}") from None
     if not isinstance(info, dict):
         raise OSError(f"Connection file {path} holds no connection info")
-    return info
+    return with_serverkey(info)
 
 
 def _cluster_of(info: dict[str, Any], source: Any) -> tuple[ClusterRecord, Path] | None:

@@ -30,6 +30,17 @@ PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "notification", 
 CONTROLLER_PORTS = 18  # the controller and its schedulers listen on this many ports
 CONTROLLER_TIMEOUT = 60.0  # s for the controller to write its connection files
 CLUSTER_KEY = "globular_cluster"  # the client connection file's field that names its cluster
+# In the connection file of a remote master, the controller's public key is kept under this name:
+# ipyparallel's own Client would tunnel (the file names an ssh server) and give the tunnelled
+# sockets no CURVE keys, so it would connect and then wait for ever; without the key its
+# connection request fails at once ("Hub connection request timed out").  globular's Client and
+# connection_info read it back.
+SERVERKEY_FIELD = "globular_curve_serverkey"
+NOTE_FIELD = "globular_note"
+CURVE_NOTE = (
+    "encrypted (CurveZMQ): connect with `from globular import Client`; ipyparallel's own Client "
+    "gives the sockets it tunnels through ssh no CURVE keys (see globular's README)"
+)
 
 
 def running_data(data: dict[str, Any], cluster: str) -> dict[str, Any]:
@@ -53,6 +64,15 @@ def connection_info(data: dict[str, Any], cluster: str) -> dict[str, Any]:
         raise GlobularError(f"the connection file of cluster {cluster!r} is missing: {path}") from None
     except (OSError, ValueError) as exc:
         raise GlobularError(f"cannot read the connection file {path}: {exc}") from None
+    return with_serverkey(info)
+
+
+def with_serverkey(info: dict[str, Any]) -> dict[str, Any]:
+    """A connection file's content as ipyparallel reads it: the controller's public key back
+    under ``curve_serverkey`` (see SERVERKEY_FIELD); ``info`` itself is changed."""
+    if info.get(SERVERKEY_FIELD):
+        info["curve_serverkey"] = info.pop(SERVERKEY_FIELD)
+    info.pop(NOTE_FIELD, None)
     return info
 
 
@@ -234,6 +254,9 @@ async def controller_ready(
     # names its cluster, whose record globular's Client reads for the key and known_hosts
     client_info["ssh"] = master.login or ""
     client_info[CLUSTER_KEY] = ctx.name
+    if master.login and client_info.get("curve_serverkey"):
+        client_info[SERVERKEY_FIELD] = client_info.pop("curve_serverkey")
+        client_info[NOTE_FIELD] = CURVE_NOTE
     ctx.reporter.advance("controller")
     ctx.reporter.end("controller")
     return client_info, engine_info

@@ -82,6 +82,8 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
     controller = "unknown" if up is None or not controllers else ("up" if up == len(controllers) else "down")
     if not controllers:
         controller = "not running"
+        if record.status == "running":  # stopped (ipclusterstop), or never started: nothing to connect to
+            status.condition = f"no controller and no engines: `globular runplugin ipcluster {record.name}` starts them"
     status.data.update(controller=controller, encryption=data.get("encryption"))
     status.columns["controller"] = controller
     if data.get("encryption"):
