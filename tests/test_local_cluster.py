@@ -47,6 +47,9 @@ def test_start_map_terminate_leaves_nothing(cli, home):
     security = f"{master}/.ipython/profile_default/security"
     assert mode(__import__("pathlib").Path(security, "ipcontroller-client.json")) == 0o600
     assert json.loads(conn.read_text())["key"]
+    # no ERROR in the controller's log: not even the engines' iopub greetings (see QUIET_WELCOMES)
+    controller_log = __import__("pathlib").Path(master, "logs", "controller.log").read_text()
+    assert " ERROR " not in controller_log and "Hub listening" in controller_log, controller_log
 
     listing = cli("listclusters")
     assert listing.returncode == 0

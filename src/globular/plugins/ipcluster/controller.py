@@ -29,6 +29,17 @@ BROADCAST_LEAVES = 2**BROADCAST_DEPTH
 PORT_KEYS = ("registration", "control", "mux", "task", "iopub", "notification", "broadcast")
 CONTROLLER_PORTS = 18  # the controller and its schedulers listen on this many ports
 CONTROLLER_TIMEOUT = 60.0  # s for the controller to write its connection files
+# ipykernel 7 greets every subscriber of an engine's iopub socket (JEP 65's iopub_welcome, which
+# ipyparallel 9 turns on by passing its session to IOPubThread); the controller's iopub relay
+# subscribes with no topic, so the hub's monitor gets one greeting per engine without a topic
+# and logs it as an ERROR it otherwise ignores.  Only those records are dropped.
+QUIET_WELCOMES = (
+    "import logging as _globular_logging\n"
+    "_globular_logging.getLogger('IPController').addFilter(\n"
+    "    lambda record: not (str(record.msg).startswith('Monitor message without topic')\n"
+    '                        and \'"msg_type": "iopub_welcome"\' in repr(record.args))\n'
+    ")\n"
+)
 CLUSTER_KEY = "globular_cluster"  # the client connection file's field that names its cluster
 # In the connection file of a remote master, the controller's public key is kept under this name:
 # ipyparallel's own Client would tunnel (the file names an ssh server) and give the tunnelled
@@ -158,7 +169,8 @@ async def launch_controller(
     # curve otherwise): clients and engines must both sign and know the server key.
     # The controller takes its engine ports in ENGINE_PORT_KEYS order, then the broadcast leaves.
     await userconfig.install(ctx, master, settings)  # the profile's ipcontroller_config.py, loaded first
-    config = userconfig.controller_config_prefix(settings) + f"c.IPController.engine_ports = {ports!r}\n"
+    config = userconfig.controller_config_prefix(settings) + QUIET_WELCOMES
+    config += f"c.IPController.engine_ports = {ports!r}\n"
     if others:
         config += f"c.IPController.ports = {others!r}\n"
     server_key = None
