@@ -104,3 +104,12 @@ def test_spawn_of_missing_program_fails_cleanly(runner, tmp_path):
     spec = ProcessSpec(argv=["/no/such/binary"], log=str(tmp_path / "x.log"), role="x")
     with pytest.raises(CommandError, match="cannot start '/no/such/binary'"):
         asyncio.run(runner.spawn([sleeper(tmp_path), spec]))
+
+
+def test_a_working_folder_that_is_a_file_is_named(runner, tmp_path):
+    """engine_workdir = /etc/passwd: said as a folder that is not one, not as 'File exists'."""
+    afile = tmp_path / "passwd"
+    afile.write_text("x")
+    spec = ProcessSpec(argv=[sys.executable, "-c", "pass"], log=str(tmp_path / "x.log"), role="x", cwd=str(afile))
+    with pytest.raises((CommandError, NodeError), match=f"in {afile}: it is not a folder"):
+        asyncio.run(runner.spawn([spec]))
