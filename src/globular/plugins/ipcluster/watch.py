@@ -57,17 +57,25 @@ class ControllerWatch:
         self.thread.start()
 
     def _watch(self) -> None:
+        # reads every event until stop(): a monitor whose events nobody reads blocks libzmq's I/O
+        # thread once its queue is full (and one whose reader is gone blocks it at the first
+        # event: libzmq #3575), and that thread serves every socket of the context
+        failed = False
         try:
             while not self.stopping.is_set():
-                if self.monitor.poll(200) and recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                if not self.monitor.poll(200):
+                    continue
+                event = recv_monitor_message(self.monitor)["event"]
+                if event == zmq.EVENT_DISCONNECTED and not failed:
+                    failed = True
                     log.warning("the controller of cluster %s is gone", self.cluster)
                     self.client._io_loop.add_callback(fail_outstanding, self.client, self.cluster)
-                    return
         except zmq.ZMQError:  # the client closed under us
             return
 
     def stop(self) -> None:
-        """Stop watching (before the client closes its sockets)."""
+        """Stop watching (before the client closes its sockets): the monitor is turned off on
+        the socket first, then its reader closed (the other order can block libzmq, #3575)."""
         self.stopping.set()
         self.thread.join(2)
         try:

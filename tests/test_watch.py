@@ -1,0 +1,99 @@
+"""The socket monitors of globular's clients (globular.plugins.ipcluster.watch), on real ZeroMQ
+sockets in this process: a controller that drops fails the outstanding results once, and the
+monitor never blocks libzmq's I/O thread (which serves every socket of the context)."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from globular.plugins.ipcluster.watch import ControllerWatch, judge, probe
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def add_callback(self, *args) -> None:
+        self.calls.append(args)
+
+
+class FakeClient:
+    """What ControllerWatch uses of an ipyparallel Client: its query socket and IO loop."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self._query_socket = socket
+        self._io_loop = FakeLoop()
+
+
+def exchange_works(ctx: zmq.Context, timeout: float = 3.0) -> bool:
+    """A fresh DEALER/ROUTER pair of ``ctx`` gets a message across (its I/O thread is not stuck)."""
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"ping")
+        return bool(router.poll(int(timeout * 1000)))
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+
+
+def test_a_controller_that_drops_again_and_again_never_blocks_the_io_thread():
+    """The controller goes and comes back on the same port several times (restart_dead_engines
+    brings it back there): the watch fails the outstanding results once, keeps reading its
+    events, and after stop() the context still works.  A monitor whose reader is closed
+    while it stays on (libzmq #3575) would block the I/O thread at the next event."""
+    ctx = zmq.Context()
+    stuck = False
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.reconnect_ivl = 20
+        router = ctx.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        client = FakeClient(dealer)
+        watch = ControllerWatch(client, "x")
+        for _ in range(5):  # connected, then dropped: DISCONNECTED each time
+            dealer.send(b"hello")
+            assert router.poll(3000)
+            router.recv_multipart()
+            router.close(linger=0)
+            time.sleep(0.1)
+            router = ctx.socket(zmq.ROUTER)
+            router.bind(f"tcp://127.0.0.1:{port}")
+        deadline = time.monotonic() + 3
+        while not client._io_loop.calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(client._io_loop.calls) == 1  # the results fail once, not at every drop
+        watch.stop()
+        assert not watch.thread.is_alive()
+        stuck = not exchange_works(ctx)
+        assert not stuck, "libzmq's I/O thread is blocked"
+        router.close(linger=0)
+        dealer.close(linger=0)
+    finally:
+        if not stuck:
+            ctx.term()
+
+
+def test_a_handshake_probe_tells_a_wrong_server_key_from_nothing_listening():
+    ctx = zmq.Context()
+    try:
+        server = ctx.socket(zmq.ROUTER)
+        public, secret = zmq.curve_keypair()
+        server.curve_server = True
+        server.curve_secretkey = secret
+        server.curve_publickey = public
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        url = f"tcp://127.0.0.1:{port}"
+        assert "handshake work" in judge(probe(url, public), url, curve=True)
+        wrong = zmq.curve_keypair()[0]
+        assert "refused the CURVE handshake" in judge(probe(url, wrong), url, curve=True)
+        server.unbind(url)
+        server.close(linger=0)
+        seen = probe(url, public, seconds=1.0)
+        assert judge(seen, url, curve=True).startswith(f"nothing answers at {url}")
+    finally:
+        ctx.term()
