@@ -111,6 +111,42 @@ def test_connect_right_after_start_every_time(cli, home, write_config):
         assert stopped.returncode == 0, (attempt, stopped.output)
 
 
+def test_a_client_that_outlives_two_controller_restarts_leaves_the_next_connect_working(cli, home, write_config):
+    """With restart_dead_engines the controller comes back on its ports: a connected client
+    sees it go twice.  A monitor left on without a reader would then block the process's
+    ZeroMQ I/O thread (libzmq #3575), and every later connection request in this process
+    would time out without reaching the controller ("Hub connection request timed out")."""
+    import threading
+
+    import psutil
+
+    from globular import connect
+
+    config = str(write_config(config_text("restart_dead_engines = True\nencryption = curve\n")))
+    assert cli("-c", config, "start", "twice").returncode == 0
+    supervisor = psutil.Process(recorded_pids(read_record(home, "twice"), "ipcontroller")[0])
+    rc = connect("twice")
+    second = None
+    try:
+        for _ in range(2):
+            (controller,) = supervisor.children()
+            controller.kill()
+            assert wait_until(lambda c=controller: [p.pid for p in supervisor.children()] not in ([], [c.pid]),
+                              timeout=30)  # fmt: skip
+            answered = threading.Event()  # rc's query socket is connected to the new controller
+            threading.Thread(target=lambda done=answered: (rc.queue_status(), done.set()), daemon=True).start()
+            assert answered.wait(30)
+        second = connect("twice", timeout=5)
+        ids = second.ids
+    finally:
+        rc.close()
+        if second is not None:
+            second.close()
+        stopped = cli("-c", config, "terminate", "-y", "twice")
+    assert sorted(ids) == [0, 1]
+    assert stopped.returncode == 0, stopped.output
+
+
 def test_killed_engine_fails_a_running_map_and_listclusters_tells_the_truth(cli, home, write_config):
     import ipyparallel as ipp
 
