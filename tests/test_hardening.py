@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, local_config, processes_of, read_record, recorded_pids, wait_until
+from conftest import TESTS, gone, local_config, processes_of, read_record, recorded_pids, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -102,7 +102,7 @@ def test_terminate_force_stops_the_processes_of_an_unreadable_record(cli, home, 
     assert forced.returncode == 0, forced.output
     assert "is forgotten" in forced.stdout and "unreadable" in forced.stderr
     assert wait_until(lambda: not processes_of(home), timeout=10), processes_of(home)
-    assert all(not Path(f"/proc/{pid}").exists() or stat.S_ISDIR(os.stat(f"/proc/{pid}").st_mode) for pid in pids)
+    assert all(gone(pid) for pid in pids), [pid for pid in pids if not gone(pid)]
     assert not path.exists() and not (home / "local" / "torn").exists()
     assert not (home / "ipcluster" / "torn-local.json").exists()
 

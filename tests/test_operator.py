@@ -144,14 +144,21 @@ def test_idle_shutdown_stops_the_cluster_when_no_task_ran_and_listclusters_shows
         header = next(line for line in listing.splitlines() if "health" in line)
         row = next(line for line in listing.splitlines() if line.split()[:1] == ["idle"])
         assert "idle shutdown" in header and re.search(r" in \d+s \(\d\d:\d\d\) ", row), listing
+        state_file = home / "local" / "idle" / "master" / "run" / "idle.json"
+        assert wait_until(state_file.exists, timeout=10)
+        first_deadline = json.loads(state_file.read_text())["deadline"]
         rc = connect("idle")
-        try:
-            for _ in range(4):  # work keeps it up past its first deadline
-                assert rc[:].apply_sync(time.sleep, 1.5) == [None, None]
+        try:  # work keeps it up past its first deadline: tasks until the watcher has seen one
+            while True:
+                assert rc[:].apply_sync(time.sleep, 0.5) == [None, None]
+                state = json.loads(state_file.read_text())
+                if state["deadline"] > first_deadline and time.time() > first_deadline + 0.5:
+                    break
+                assert time.time() < first_deadline + 20, state  # the watcher never saw the work
         finally:
             rc.close()
         record = read_record(home, "idle")
-        assert not any(gone(p) for p in recorded_pids(record))  # 6 s of work > 6 s idle: still up
+        assert not any(gone(p) for p in recorded_pids(record))  # past the first deadline: still up
         controller = recorded_pids(record, "ipcontroller")[0]
         assert wait_until(lambda: gone(controller), timeout=20)
         assert wait_until(lambda: all(gone(p) for p in recorded_pids(record, "ipengine")), timeout=20)

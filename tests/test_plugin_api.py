@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
+
 PLUGIN = textwrap.dedent(
     '''
     import click
@@ -40,6 +42,7 @@ setup_class = hello
 """
 
 
+@pytest.mark.cluster
 def test_an_installed_plugin_adds_a_command_and_status_columns(cli, home, tmp_path, write_config):
     site = tmp_path / "site"
     (site / "thirdparty_hello-0.1.dist-info").mkdir(parents=True)
