@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import gone, never_registering_python, read_record, recorded_pids, wait_until
+from conftest import gone, local_config, never_registering_python, read_record, recorded_pids, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -262,3 +262,28 @@ def test_an_engine_whose_registration_notice_the_client_missed_is_still_found(cl
     assert added.nodes == ["node001"]
     assert added.reports[0].data["ids"], added.reports
     assert terminated.returncode == 0, terminated.output
+
+
+def test_the_cli_as_a_user_reads_it(cli, home, write_config):
+    """Short helps that fit, `shell NAME` beside StarCluster's --ipcluster=NAME, `config show -c
+    TEMPLATE` as `start -c` takes it, and --output json on sshnode/sshmaster."""
+    listing = cli("--help")
+    commands = listing.stdout.split("Commands:", 1)[1].strip().splitlines()
+    assert len(commands) >= 15 and not any(line.rstrip().endswith("...") for line in commands), listing.stdout
+    config = str(write_config(local_config()))
+    assert cli("-c", config, "config", "show", "-c", "t").stdout == cli("-c", config, "config", "show", "t").stdout
+    assert cli("-c", config, "start", "clit").returncode == 0
+    try:
+        by_name = cli("shell", "clit", "-c", "print(len(ipclient.ids))")
+        starcluster = cli("shell", "--ipcluster=clit", "-c", "print(len(ipclient.ids))")
+        both = cli("shell", "clit", "--ipcluster=other", "-c", "pass")
+        ran = cli("sshnode", "--output", "json", "clit", "master", "echo", "hello")
+        no_command = cli("sshmaster", "--output", "json", "clit")
+    finally:
+        stopped = cli("terminate", "-y", "clit")
+    assert by_name.stdout.strip() == starcluster.stdout.strip() == "2", (by_name.output, starcluster.output)
+    assert both.returncode == 2 and "two clusters named" in both.stderr
+    result = json.loads(ran.stdout)
+    assert ran.returncode == 0 and result["command"] == "sshnode" and result["result"]["stdout"] == "hello\n"
+    assert no_command.returncode == 2 and "give a COMMAND" in json.loads(no_command.stdout)["error"]["message"]
+    assert stopped.returncode == 0

@@ -16,10 +16,10 @@ from rich.markup import escape
 from globular import __version__, operations
 from globular.aio import run_sync
 from globular.cli_config import config_group
-from globular.client import open_shell
+from globular.client import open_shell, run_on_node
 from globular.config import Config
 from globular.environment import clear_wheel_cache
-from globular.errors import ClusterNotFound, GlobularError, StateError
+from globular.errors import BadInput, ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
 from globular.logs import FORMAT, LOGGER
 from globular.paths import globular_home
@@ -76,7 +76,7 @@ def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
     LOGGER.propagate = False
 
 
-@cli.command()
+@cli.command(short_help="Start a cluster: nodes, controller, engines.")
 @click.option("-s", "--cluster-size", type=click.IntRange(min=1), help="Number of nodes (overrides cluster_size).")
 @click.option("-c", "--cluster-template", "template", help="[cluster TEMPLATE] to use (default: default_template).")
 @click.argument("name")
@@ -131,7 +131,7 @@ def _found_elsewhere(ctx: click.Context) -> tuple[list[operations.FoundCluster],
         return [], [f"could not look for clusters started elsewhere: {exc}"]
 
 
-@cli.command()
+@cli.command(short_help="List the clusters and their health.")
 @output_option
 @click.pass_context
 def listclusters(ctx: click.Context) -> None:
@@ -172,7 +172,7 @@ def listclusters(ctx: click.Context) -> None:
     out.result({"clusters": rows, "elsewhere": elsewhere, "problems": [str(p) for p in problems]}, text=text)
 
 
-@cli.command()
+@cli.command(short_help="Stop everything and release the nodes.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option(
     "--force",
@@ -235,12 +235,12 @@ def terminate(ctx: click.Context, yes: bool, force: bool, name: str) -> None:
     )
 
 
-@cli.group()
+@cli.group(short_help="Node environments: prune them.")
 def env() -> None:
     """Node environments: the venvs globular builds on the hosts (environment = managed)."""
 
 
-@env.command("prune")
+@env.command("prune", short_help="Remove node environments from the hosts.")
 @click.option(
     "-c", "--cluster-template", "template", help="[cluster TEMPLATE] whose hosts to clean (default: default_template)."
 )
@@ -270,7 +270,7 @@ def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
     out.result({"removed": removed, "wheelhouses_removed": count}, text=text)
 
 
-@cli.command()
+@cli.command(short_help="Run the preflight checks on every node.")
 @click.option("-s", "--cluster-size", type=click.IntRange(min=1), help="Nodes to check when NAME is not running.")
 @click.option("-c", "--cluster-template", "template", help="[cluster TEMPLATE] to check when NAME is not running.")
 @click.argument("name")
@@ -311,7 +311,7 @@ def check(ctx: click.Context, cluster_size: int | None, template: str | None, na
     ctx.exit(0 if ok else 1)
 
 
-@cli.command()
+@cli.command(short_help="Per node: steps, engines, load, problems.")
 @click.argument("name")
 @output_option
 @click.pass_context
@@ -351,15 +351,24 @@ def status(ctx: click.Context, name: str) -> None:
     ctx.exit(0 if report.ok else 1)
 
 
-@cli.command()
-@click.option("-n", "--num-nodes", "count", type=click.IntRange(min=1), default=1, show_default=True)
+@cli.command(short_help="Add nodes; their engines join live.")
+@click.option(
+    "-n",
+    "--num-nodes",
+    "count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many nodes to add.",
+)
 @click.option(
     "-H",
     "--host",
     "hosts",
     multiple=True,
     metavar="[USER@]HOST[:PORT]",
-    help="ssh provider: the host to use (repeat for several); default: the next unused hosts of node_hosts.",
+    help="Where to put a new node (repeat for several): a host (ssh provider; default: the next unused "
+    "of node_hosts) or a Slurm node (slurm; default: the one Slurm picks).",
 )
 @click.argument("name")
 @output_option
@@ -384,7 +393,7 @@ def addnode(ctx: click.Context, count: int, hosts: tuple[str, ...], name: str) -
     out.result({"name": name, "nodes": result.nodes, "elapsed": result.elapsed, "reports": result.reports}, text=text)
 
 
-@cli.command()
+@cli.command(short_help="Remove a node; its engines leave live.")
 @click.argument("name")
 @click.argument("node")
 @output_option
@@ -404,8 +413,9 @@ def removenode(ctx: click.Context, name: str, node: str) -> None:
     )
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(context_settings={"ignore_unknown_options": True}, short_help="A shell, or a command, on the master.")
 @click.option("-u", "--user", help="Log in as USER (default: the cluster's ssh user).")
+@output_option
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -413,23 +423,39 @@ def sshmaster(ctx: click.Context, user: str | None, name: str, command: tuple[st
     """Open a shell on the master of cluster NAME, or run COMMAND there.
 
     Uses the cluster's ssh key, port and known_hosts; on a local cluster, a
-    shell in the master's folder.  Exits with COMMAND's exit status.
+    shell in the master's folder.  Exits with COMMAND's exit status; with
+    --output json (COMMAND needed), its output and status as one document.
     """
-    ctx.exit(open_shell(name, "master", user=user, command=" ".join(command) or None))
+    _node_shell(ctx, name, "master", user, command)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(context_settings={"ignore_unknown_options": True}, short_help="A shell, or a command, on a node.")
 @click.option("-u", "--user", help="Log in as USER (default: the cluster's ssh user).")
+@output_option
 @click.argument("name")
 @click.argument("node")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def sshnode(ctx: click.Context, user: str | None, name: str, node: str, command: tuple[str, ...]) -> None:
-    """Open a shell on NODE (master, node001, ...) of cluster NAME, or run COMMAND there."""
-    ctx.exit(open_shell(name, node, user=user, command=" ".join(command) or None))
+    """Open a shell on NODE (master, node001, ...) of cluster NAME, or run COMMAND there.
+
+    Exits with COMMAND's exit status; with --output json (COMMAND needed), its
+    output and status as one document."""
+    _node_shell(ctx, name, node, user, command)
 
 
-@cli.command()
+def _node_shell(ctx: click.Context, name: str, node: str, user: str | None, command: tuple[str, ...]) -> None:
+    out = output(ctx)
+    if not out.json:
+        ctx.exit(open_shell(name, node, user=user, command=" ".join(command) or None))
+    if not command:
+        raise BadInput("with --output json, give a COMMAND to run (an interactive shell is not a document)")
+    done = run_on_node(name, node, user=user, command=" ".join(command))
+    out.result(done, ok=done.returncode == 0, text=lambda: None)
+    ctx.exit(done.returncode)
+
+
+@cli.command(short_help="Run a plugin (e.g. ipclusterrestart).")
 @click.argument("plugin")
 @click.argument("name")
 @output_option

@@ -6,16 +6,17 @@ import click
 from rich.markup import escape
 
 from globular.config import Config
+from globular.errors import BadInput
 from globular.reference import markdown, reference, resolved
 from globular.render import output, output_option
 
 
-@click.group("config")
+@click.group("config", short_help="The settings: reference, or a template's.")
 def config_group() -> None:
     """The settings globular reads: all of them, or one template's."""
 
 
-@config_group.command("reference")
+@config_group.command("reference", short_help="Every setting, with its type and default.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Markdown, as in docs/config.md.")
 @output_option
 @click.pass_context
@@ -37,13 +38,24 @@ def config_reference(ctx: click.Context, as_markdown: bool) -> None:
     out.result({"settings": entries}, text=text)
 
 
-@config_group.command("show")
+@config_group.command("show", short_help="A template as globular reads it.")
+@click.option(
+    "-c",
+    "--cluster-template",
+    "option_template",
+    metavar="TEMPLATE",
+    help="[cluster TEMPLATE] to show (as `start -c`).",
+)
 @click.argument("template", required=False)
 @output_option
 @click.pass_context
-def config_show(ctx: click.Context, template: str | None) -> None:
+def config_show(ctx: click.Context, option_template: str | None, template: str | None) -> None:
     """TEMPLATE (default: default_template) as globular reads it: after `extends`, validated,
-    with every default filled in; passwords and secret keys masked."""
+    with every default filled in; passwords and secret keys masked.  TEMPLATE may also be
+    given as `-c TEMPLATE`, as `start` takes it."""
+    if option_template and template and option_template != template:
+        raise BadInput(f"two templates named: {template} and -c {option_template}")
+    template = option_template or template
     out = output(ctx)
     spec = resolved(Config.load(ctx.find_root().obj["config"]), template)
 

@@ -81,3 +81,32 @@ def open_shell(name: str, node_name: str, *, user: str | None = None, command: s
         return subprocess.run(shell.argv, cwd=shell.cwd, env=shell.env, check=False).returncode
     except FileNotFoundError:
         raise GlobularError(f"cannot run {shell.argv[0]!r}: not found (install openssh-client)") from None
+
+
+@dataclass(frozen=True)
+class NodeCommand:
+    """A command run on a node, and what came of it."""
+
+    node: str
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_on_node(name: str, node_name: str, *, user: str | None = None, command: str) -> NodeCommand:
+    """Run ``command`` on a node (as ``sshnode`` does), its output captured: for ``--output json``."""
+    shell = node_shell(name, node_name, user=user, command=command)
+    try:
+        done = subprocess.run(
+            shell.argv,
+            cwd=shell.cwd,
+            env=shell.env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise GlobularError(f"cannot run {shell.argv[0]!r}: not found (install openssh-client)") from None
+    return NodeCommand(node_name, command, done.returncode, done.stdout, done.stderr)

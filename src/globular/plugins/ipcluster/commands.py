@@ -11,6 +11,7 @@ import click
 from rich.markup import escape
 
 from globular.aio import run_sync
+from globular.errors import BadInput
 from globular.paths import globular_home
 from globular.plugins.ipcluster.notebook import saved_notebook
 from globular.registry import make_provider
@@ -18,18 +19,28 @@ from globular.render import output, output_option
 from globular.state import StateStore
 
 
-@click.command()
-@click.option("--ipcluster", "name", required=True, metavar="NAME", help="Cluster to connect to.")
+@click.command(short_help="A Python shell connected to the cluster.")
+@click.option(
+    "--ipcluster", "ipcluster", metavar="NAME", help="Cluster to connect to (StarCluster's spelling of NAME)."
+)
 @click.option("-c", "--command", "code", help="Run CODE with ipclient and ipview defined, then exit.")
+@click.argument("cluster", metavar="[NAME]", required=False)
 @output_option
 @click.pass_context
-def shell(ctx: click.Context, name: str, code: str | None) -> None:
-    """A Python shell connected to cluster NAME.
+def shell(ctx: click.Context, ipcluster: str | None, code: str | None, cluster: str | None) -> None:
+    """A Python shell connected to cluster NAME (`globular shell NAME`, or StarCluster's
+    `globular shell --ipcluster=NAME`).
 
     `ipclient` is an ipyparallel Client and `ipview` = ipclient[:], e.g.
     ipview.map_async(lambda x: x**30, range(8)).get()
     """
     from globular.plugins.ipcluster.client import connect
+
+    if ipcluster and cluster and ipcluster != cluster:
+        raise BadInput(f"two clusters named: {cluster} and --ipcluster={ipcluster}")
+    name = ipcluster or cluster
+    if not name:
+        raise BadInput("name the cluster: `globular shell NAME` (or --ipcluster=NAME)")
 
     client = connect(name)
     namespace = {"ipclient": client, "ipview": client[:], "Client": type(client)}
@@ -72,7 +83,7 @@ async def forward_notebook(name: str, local_port: int, ready: Callable[[str], No
         await provider.close()
 
 
-@click.command()
+@click.command(short_help="The notebook's URL and password; --forward.")
 @click.option("--forward", is_flag=True, help="Forward a port of this machine to it over ssh (until Ctrl-C).")
 @click.option(
     "--port",
@@ -112,7 +123,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, name: str) -> N
             out.err.print("Forwarding stopped.")
 
 
-@click.command("restart-controller")
+@click.command("restart-controller", short_help="A new controller and engines (it died).")
 @click.argument("name")
 @output_option
 @click.pass_context
