@@ -16,10 +16,10 @@ from rich.markup import escape
 from globular import __version__, operations
 from globular.aio import run_sync
 from globular.cli_config import config_group
-from globular.client import open_shell, run_on_node
+from globular.cli_shell import sshmaster, sshnode
 from globular.config import Config
 from globular.environment import clear_wheel_cache
-from globular.errors import BadInput, ClusterNotFound, GlobularError, StateError
+from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
 from globular.logs import FORMAT, LOGGER
 from globular.paths import globular_home
@@ -413,48 +413,6 @@ def removenode(ctx: click.Context, name: str, node: str) -> None:
     )
 
 
-@cli.command(context_settings={"ignore_unknown_options": True}, short_help="A shell, or a command, on the master.")
-@click.option("-u", "--user", help="Log in as USER (default: the cluster's ssh user).")
-@output_option
-@click.argument("name")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def sshmaster(ctx: click.Context, user: str | None, name: str, command: tuple[str, ...]) -> None:
-    """Open a shell on the master of cluster NAME, or run COMMAND there.
-
-    Uses the cluster's ssh key, port and known_hosts; on a local cluster, a
-    shell in the master's folder.  Exits with COMMAND's exit status; with
-    --output json (COMMAND needed), its output and status as one document.
-    """
-    _node_shell(ctx, name, "master", user, command)
-
-
-@cli.command(context_settings={"ignore_unknown_options": True}, short_help="A shell, or a command, on a node.")
-@click.option("-u", "--user", help="Log in as USER (default: the cluster's ssh user).")
-@output_option
-@click.argument("name")
-@click.argument("node")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def sshnode(ctx: click.Context, user: str | None, name: str, node: str, command: tuple[str, ...]) -> None:
-    """Open a shell on NODE (master, node001, ...) of cluster NAME, or run COMMAND there.
-
-    Exits with COMMAND's exit status; with --output json (COMMAND needed), its
-    output and status as one document."""
-    _node_shell(ctx, name, node, user, command)
-
-
-def _node_shell(ctx: click.Context, name: str, node: str, user: str | None, command: tuple[str, ...]) -> None:
-    out = output(ctx)
-    if not out.json:
-        ctx.exit(open_shell(name, node, user=user, command=" ".join(command) or None))
-    if not command:
-        raise BadInput("with --output json, give a COMMAND to run (an interactive shell is not a document)")
-    done = run_on_node(name, node, user=user, command=" ".join(command))
-    out.result(done, ok=done.returncode == 0, text=lambda: None)
-    ctx.exit(done.returncode)
-
-
 @cli.command(short_help="Run a plugin (e.g. ipclusterrestart).")
 @click.argument("plugin")
 @click.argument("name")
@@ -482,6 +440,8 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
 
 
 cli.add_command(config_group)
+cli.add_command(sshmaster)
+cli.add_command(sshnode)
 for _plugin in plugin_classes():  # installed plugins' own commands (ipcluster: shell, notebook)
     _plugin.register_commands(cli)
 
