@@ -452,6 +452,14 @@ def test_slurm_settings_and_the_sbatch_command_they_make(tmp_path):
     assert {"--partition=gpu", "--time=1-02:00:00", "--cpus-per-task=4", "--nodelist=cn7", "--job-name=glb-c-node001",
             f"--comment={provider.mark('node001')}", "--mem=8G", "--gres=gpu:1"} <= set(argv)  # fmt: skip
     assert _seconds("1-02:00:00") == 93600 and _seconds("10:00") == 600 and _seconds("UNLIMITED") is None
+    # idle shutdown: a Slurm node gives itself back by ending its own job, and nothing else
+    node = NodeRecord(
+        name="node001", address="10.0.0.7", workdir=str(tmp_path), cores=4, python="python3", data={"job_id": "417"}
+    )
+    assert provider.release_commands(node) == [["scancel", "417"]]
+    assert provider.release_commands(NodeRecord(name="x", address="", workdir="", cores=1, python="python3")) == []
+    local = ClusterSpec(template="t", cluster_size=1, provider="local")
+    assert LocalProvider(local, cluster="c", home=tmp_path).release_commands(node) == []  # nothing to give back
     assert fraction_left("0:05:00", "1:00:00") == pytest.approx(1 / 12) and fraction_left("5:00", "NOT_SET") is None
 
 

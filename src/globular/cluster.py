@@ -111,6 +111,9 @@ class ClusterContext:
     def login_key(self) -> str | None:
         return self.provider.login_key()
 
+    def release_commands(self, node: NodeRecord) -> list[list[str]]:
+        return self.provider.release_commands(node)
+
     def runner(self, node: NodeRecord) -> Runner:
         return self.provider.runner(node)
 

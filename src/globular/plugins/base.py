@@ -69,6 +69,10 @@ class PluginContext(Protocol):
     def rents_machines(self) -> bool:
         """The nodes cost money while they exist (ec2): release them when idle."""
 
+    def release_commands(self, node: NodeRecord) -> list[list[str]]:
+        """How ``node`` gives itself back when idle (commands run there in turn until one
+        succeeds; empty: it cannot, or need not).  The provider decides."""
+
     @property
     def login_key(self) -> str | None:
         """The private key file this machine logs in to the nodes with, when the config names one."""

@@ -261,6 +261,12 @@ class NodeProvider(ABC):
         self.reporter: Reporter = NullReporter()  # the operation's progress; set by the cluster
         self.on_step: Callable[[NodeRecord, str], None] = lambda node, step: None  # a node reached a step
 
+    def release_commands(self, node: NodeRecord) -> list[list[str]]:
+        """How ``node`` gives itself back when it is idle (idle shutdown runs these on the node,
+        in turn, until one succeeds): empty when it cannot, or need not (the default: machines
+        that cost nothing while they exist).  A provider that rents machines says how."""
+        return []
+
     def login_key(self) -> str | None:
         """The private key file this machine logs in to the nodes with, when the config names
         one (for the client line ``start`` prints); None for nodes reached without a login."""

@@ -240,6 +240,10 @@ class EC2Provider(RemoteProvider):
 
     # -- nodes ---------------------------------------------------------------------
 
+    def release_commands(self, node: NodeRecord) -> list[list[str]]:
+        """The instance powers itself off (its shutdown behaviour terminates it)."""
+        return [["sudo", "-n", "shutdown", "-h", "now"], ["shutdown", "-h", "now"], ["poweroff"]]
+
     def ssh_options(self) -> SSHOptions:
         # a new instance's key is new: accepted, and the cluster's own known_hosts keeps it from then on
         known = self.home / "ec2" / f"{self.cluster}-{self.region}.known_hosts"

@@ -176,6 +176,11 @@ class SlurmProvider(NodeProvider):
     remote_nodes = True
     rents_machines = True  # a node holds an allocation (core-hours) while it exists; idle shutdown ends its job
 
+    def release_commands(self, node: NodeRecord) -> list[list[str]]:
+        """The node ends its own job (never the machine: it is the site's)."""
+        job = node.data.get("job_id")
+        return [["scancel", str(job)]] if job else []
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._query: asyncio.Future[dict[str, Job]] | None = None

@@ -26,23 +26,24 @@ async def start_idle_watchers(ctx: PluginContext, settings: IPClusterSettings, n
     rent machines, a watcher on every other node that powers it off once the controller is gone."""
     data = ctx.plugin_data(DATA_KEY)
     info = data["engine_info"]
-    rents = ctx.rents_machines
 
     async def start(node: NodeRecord) -> None:
+        release = ctx.release_commands(node)  # the provider says how a node gives itself back
         if node.is_master:
             request = {
                 "mode": "master",
                 "idle": settings.idle_shutdown,
-                "release": rents,
+                "release": release,
                 "connection_file": f"{profile_dir(node)}/security/ipcontroller-client.json",
                 "state_file": idle_state_file(node),
             }
-        elif rents:
+        elif release:
             request = {
                 "mode": "node",
                 "controller": controller_address(info),
                 "port": info["registration"],
                 "grace": 120,
+                "release": release,
             }
         else:
             return

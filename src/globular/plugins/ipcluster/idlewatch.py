@@ -7,10 +7,12 @@ the controller (``Client.shutdown(hub=True)``) and writes what it did to the
 state file.  The state file (``deadline``, ``last_activity``, ``shutdown``) is
 what ``listclusters`` shows.
 
-On every other node of a provider that rents machines (``mode = "node"``) it
-only watches the controller's address: once the controller has been gone for
-``grace`` seconds, the node powers itself off (instances are launched to
-terminate on shutdown).  The master does the same after its shutdown.
+On every other node whose provider says how a node gives itself back
+(``NodeProvider.release_commands``: a Slurm job ends itself with ``scancel``, an
+EC2 instance powers itself off and so terminates) it only watches the
+controller's address (``mode = "node"``): once the controller has been gone for
+``grace`` seconds, the node runs those commands.  The master does the same after
+its shutdown.  This program knows no provider: it runs the commands it is given.
 """
 
 from __future__ import annotations
@@ -31,20 +33,12 @@ def write_state(path: str, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def power_off() -> bool:
-    """Give this node back: end its Slurm job (never the machine: it is the site's), or power it off."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job:
+def release(commands: list[list[str]]) -> bool:
+    """Give this node back the way its provider said (``commands``, in turn, until one succeeds):
+    a Slurm node ends its job, a rented machine powers itself off."""
+    for argv in commands:
         try:
-            return (
-                subprocess.run(["scancel", job], stdin=subprocess.DEVNULL, capture_output=True, timeout=60).returncode
-                == 0
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-    for argv in (["sudo", "-n", "shutdown", "-h", "now"], ["shutdown", "-h", "now"], ["poweroff"]):
-        try:
-            if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0:
+            if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60).returncode == 0:
                 return True
         except (OSError, subprocess.TimeoutExpired):
             continue
@@ -92,7 +86,7 @@ def watch_master(req: dict[str, Any]) -> None:
     if req.get("release"):
         time.sleep(5)
         print("releasing this machine", flush=True)
-        power_off()
+        release(req["release"])
 
 
 def watch_node(req: dict[str, Any]) -> None:
@@ -106,7 +100,7 @@ def watch_node(req: dict[str, Any]) -> None:
             gone_since = time.monotonic()
         elif time.monotonic() - gone_since >= grace:
             print(f"the controller at {host}:{port} has been gone for {grace:g}s: releasing this machine", flush=True)
-            power_off()
+            release(req.get("release") or [])
             return
         time.sleep(10)
 
