@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from globular import nodeproc
-from globular.environment import environment_mode
 from globular.errors import BadInput, CommandError, CommandTimeout, ConnectionLost, NodeError
 from globular.fanout import each_node
 from globular.paths import private_dir
@@ -299,7 +298,6 @@ class SlurmProvider(NodeProvider):
         if hosts and len(hosts) != len(names):
             raise BadInput(f"{len(names)} nodes to add but {len(hosts)} Slurm nodes named")
         places: dict[str, str | None] = {name: hosts[i] if hosts else None for i, name in enumerate(names)}
-        system = environment_mode(self.spec, self.default_environment) == "system"
         nodes = [
             NodeRecord(
                 name=name,
@@ -322,16 +320,8 @@ class SlurmProvider(NodeProvider):
                 node.address = await node_address(state.node)
                 self.on_step(node, "ssh")  # "running": the job runs (its keeper answers below)
                 runner = self.runner(node)
-                facts = await runner.nodeproc(
-                    "prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []}, timeout=120
-                )
+                facts = await runner.nodeproc("prepare", {"dir": node.workdir}, timeout=120)
                 node.workdir = facts["workdir"]
-                if facts["missing"]:
-                    raise NodeError(
-                        node.name,
-                        f"ipyparallel is not installed for {facts['python']} on {state.node} "
-                        f"(python = {self.settings.python}); install it there, or drop environment = system",
-                    )
                 node.cores = self.settings.cores_per_node or facts["cpus"]
             except BaseException:
                 runner_ = self._runners.pop(node.name, None)

@@ -30,7 +30,6 @@ from typing import Any
 import asyncssh
 import tenacity
 
-from globular.environment import environment_mode
 from globular.errors import (
     BadInput,
     CommandError,
@@ -294,24 +293,14 @@ class RemoteProvider(NodeProvider):
                 self.on_step(node, "ssh")
                 node.address = conn.get_extra_info("peername")[0]
                 node.login = f"{conn.get_extra_info('username')}@{host.host}:{host.port}"
-                # with a managed environment the host's Python needs nothing but itself
-                system = environment_mode(self.spec, self.default_environment) == "system"
+                # what the node's Python must have is the plugins' to ask, in the preflight
                 try:
-                    facts = await runner.nodeproc(
-                        "prepare", {"dir": node.workdir, "modules": ["ipyparallel"] if system else []}
-                    )
+                    facts = await runner.nodeproc("prepare", {"dir": node.workdir})
                 except CommandError as exc:
                     raise NodeError(
                         node.name, f"{host}: cannot run {self.settings.python} ({exc.stderr.strip() or exc})"
                     ) from None
                 node.workdir = facts["workdir"]
-                if facts["missing"]:
-                    await self._remove_dir(node)
-                    raise NodeError(
-                        node.name,
-                        f"{host}: ipyparallel is not installed for {facts['python']} (python = {self.settings.python}); "
-                        "install it there, or drop environment = system and globular installs it",
-                    )
                 node.cores = self.settings.cores_per_node or facts["cpus"]
             except BaseException:
                 self._runners.pop(node.name, None)

@@ -131,7 +131,13 @@ class IPCluster(Plugin):
         """Can each node run its engines? Python, ipyparallel's version, the packer's module,
         jupyterlab on the master for the notebook, free cores, the controller's address."""
         settings = self.settings
-        modules = [Requirement("ipyparallel", compare=True)]
+        modules = [
+            Requirement(
+                "ipyparallel",
+                compare=True,
+                fix="install it there, or drop environment = system and globular installs it",
+            )
+        ]
         if settings.packer_spec.module:
             modules.append(Requirement(settings.packer_spec.module, load=True, need=f"packer = {settings.packer}"))
         master_modules = [Requirement("jupyterlab", need="enable_notebook")] if settings.enable_notebook else []

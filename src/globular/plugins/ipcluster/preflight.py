@@ -37,6 +37,7 @@ class Requirement:
     compare: bool = False
     load: bool = False
     need: str = ""
+    fix: str = ""  # how to get it, when it is not installed (else: pip install it on every node)
 
 
 def local_version(module: str) -> str | None:
@@ -65,6 +66,10 @@ def judge(check: NodeCheck, facts: dict[str, Any], wanted: list[Requirement]) ->
         )
     for req in wanted:
         found = facts["modules"].get(req.module, {})
+        if found.get("error") == "not installed" and req.fix:
+            check.modules[req.module] = None
+            check.problems.append(f"{req.module} is not installed for {facts['executable']}; {req.fix}")
+            continue
         if "error" in found:
             check.modules[req.module] = None
             check.problems.append(
