@@ -30,8 +30,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from globular.plugins.base import NodeCheck, PluginReport
 from globular.reporting import NODE_STEPS
+from globular.results import NodeCheck, PluginReport
 
 ENVELOPE_VERSION = 1
 PLAIN_WIDTH = 100_000  # piped output is never cut

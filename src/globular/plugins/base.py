@@ -14,19 +14,23 @@ core is part of the plugin API.  A plugin can also add CLI commands
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from globular.errors import GlobularError
 from globular.providers.base import Runner, StopResult
 from globular.reporting import Reporter
+from globular.results import NodeCheck, PluginReport
 from globular.spec import PluginSpec, Settings
 from globular.spec import Settings as SettingsModel
 from globular.state import ClusterRecord, NodeRecord, ProcessRecord
 
 if TYPE_CHECKING:
     import click
+
+# the plugin API: what plugins import from here (NodeCheck and PluginReport live in globular.results)
+__all__ = ["NodeCheck", "Plugin", "PluginContext", "PluginReport", "PluginStatus", "PreflightFailed", "StatusView"]
 
 
 class PluginContext(Protocol):
@@ -97,40 +101,6 @@ class PluginContext(Protocol):
 
     def node_step(self, node: NodeRecord, step: str) -> None:
         """``node`` reached ``step`` (``globular status`` shows it; see reporting.NODE_STEPS)."""
-
-
-@dataclass
-class PluginReport:
-    """What a hook wants the user to see, and data for programs."""
-
-    plugin: str
-    summary: list[tuple[str, str]] = field(default_factory=list)
-    hints: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class NodeCheck:
-    """A node's preflight: facts, and the problems that stop a start (warnings do not)."""
-
-    node: str
-    address: str
-    python: str | None = None
-    modules: dict[str, str | None] = field(default_factory=dict)  # name -> version (None: missing)
-    cpus: int | None = None
-    load: float | None = None
-    engines: int = 0
-    controller_reachable: bool | None = None
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
 
 
 class PreflightFailed(GlobularError):

@@ -1,0 +1,44 @@
+"""What operations and plugins hand back to be shown: a plugin's report, a node's preflight.
+
+Plain data, shared by the core, the plugins (:mod:`globular.plugins.base` re-exports them as
+part of the plugin API) and the renderer, which imports nothing of the plugins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PluginReport:
+    """What a hook wants the user to see, and data for programs."""
+
+    plugin: str
+    summary: list[tuple[str, str]] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NodeCheck:
+    """A node's preflight: facts, and the problems that stop a start (warnings do not)."""
+
+    node: str
+    address: str
+    python: str | None = None
+    modules: dict[str, str | None] = field(default_factory=dict)  # name -> version (None: missing)
+    cpus: int | None = None
+    load: float | None = None
+    engines: int = 0
+    controller_reachable: bool | None = None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
