@@ -97,9 +97,18 @@ def flaky_engine_python(folder: Path, fails: int) -> Path:
 def test_an_engine_that_dies_before_registering_is_started_again(cli, home, tmp_path, write_config):
     config = str(write_config(local_config(python=f"python = {flaky_engine_python(tmp_path, 1)}")))
     started = cli("-c", config, "start", "-s", "2", "flaky")
+    # each engine was started again the way its node's engines start: forked (engine_fork), so
+    # every node has two fork requests, the start's and the retry's
+    run = home / "local" / "flaky"
+    requests = {
+        n: [p for p in (run / n / "run").glob("engines-*.json") if ".pids." not in p.name]
+        for n in ("master", "node001")
+    }
+    requests = {n: len(found) for n, found in requests.items()}
     stopped = cli("terminate", "-y", "flaky")
     assert started.returncode == 0, started.output
     assert "died before it registered; starting it again" in started.stderr
+    assert requests == {"master": 2, "node001": 2}, requests
     assert stopped.returncode == 0, stopped.output
 
 

@@ -37,6 +37,7 @@ class ProcessRecord(BaseModel):
     start: int
     role: str
     log: str | None = None
+    ident: str | None = None  # what it stands for to whoever started it (an engine: its id), as given
 
 
 class NodeRecord(BaseModel):

@@ -47,6 +47,7 @@ class ProcessSpec:
     role: str
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    ident: str | None = None  # kept in its record as given (an engine's id), never parsed back
 
 
 @dataclass
@@ -192,10 +193,16 @@ class Runner(ABC):
             # interrupted while the node starts them: let it finish, and stop what it started
             # (the caller, cancelled, would never record them)
             started = await spawning
-            procs = [ProcessRecord(pid=p["pid"], start=p["start"], role=s.role) for p, s in zip(started, specs)]
+            procs = [
+                ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, ident=s.ident)
+                for p, s in zip(started, specs)
+            ]
             await self.stop(procs, timeout=5)
             raise
-        return [ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log) for p, s in zip(started, specs)]
+        return [
+            ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log, ident=s.ident)
+            for p, s in zip(started, specs)
+        ]
 
     async def alive(self, procs: list[ProcessRecord]) -> list[bool]:
         if not procs:

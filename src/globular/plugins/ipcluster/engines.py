@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import secrets
 import time
 from collections import Counter
@@ -83,6 +82,7 @@ def engine_spec(ctx: PluginContext, node: NodeRecord, engine_id: int, settings: 
         role=ENGINE,
         env=engine_env(ctx, node, settings),
         cwd=settings.engine_workdir or node.workdir,
+        ident=str(engine_id),
     )
 
 
@@ -166,7 +166,22 @@ async def fork_engines(
     except BaseException:
         await runner.stop([starter], timeout=5)  # and the engines it forked: its children
         raise
-    return [ProcessRecord(pid=p["pid"], start=p["start"], role=ENGINE, log=e.log) for p, e in zip(started, engines)]
+    return [
+        ProcessRecord(pid=p["pid"], start=p["start"], role=ENGINE, log=e.log, ident=e.ident)
+        for p, e in zip(started, engines)
+    ]
+
+
+async def restart_engine(
+    ctx: PluginContext, node: NodeRecord, engine_id: int, settings: IPClusterSettings
+) -> list[ProcessRecord]:
+    """Start engine ``engine_id`` of ``node`` again, the way its node's engines start (forked,
+    or its own Python); its records."""
+    spec = engine_spec(ctx, node, engine_id, settings)
+    runner = ctx.runner(node)
+    if settings.engine_fork:
+        return await fork_engines(runner, node, [spec], engine_id, spec.env, settings)
+    return await runner.spawn([spec])
 
 
 def engine_processes(node: NodeRecord) -> list[ProcessRecord]:
@@ -201,14 +216,13 @@ async def check_engines_alive(
         for proc, alive in zip(engines, await runner.alive(engines)):
             if alive:
                 continue
-            found = re.search(r"engine-(\d+)\.log$", proc.log or "")
-            engine_id = int(found[1]) if found and proc.role == ENGINE else None
+            engine_id = int(proc.ident) if proc.role == ENGINE and proc.ident else None  # as recorded
             retry = settings is not None and engine_id is not None and engine_id not in registered
             if retry and settings is not None and engine_id is not None and retried[engine_id] < ENGINE_RETRIES:
                 retried[engine_id] += 1
                 log.warning("%s: engine %d died before it registered; starting it again", node.name, engine_id)
                 await ctx.stop_processes(node, [proc])  # forget it (and whatever it left)
-                ctx.track(node, await runner.spawn([engine_spec(ctx, node, engine_id, settings)]))
+                ctx.track(node, await restart_engine(ctx, node, engine_id, settings))
                 continue
             tail = await runner.tail(proc.log) if proc.log else ""
             what = "engine" if proc.role == ENGINE else "engine supervisor"
