@@ -10,8 +10,9 @@ from pathlib import Path
 
 from globular.errors import BadInput, GlobularError
 from globular.paths import globular_home
+from globular.providers.base import NodeProvider
 from globular.registry import make_provider
-from globular.state import ClusterRecord, NodeRecord, StateStore
+from globular.state import NodeRecord, StateStore
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ def node_shell(
     home = home or globular_home()
     record = StateStore(home).get(name)
     node = record.node(node_name)
-    provider_argv = make_provider(record.spec, cluster=record.name, home=home).shell_argv(node, command)
+    provider = make_provider(record.spec, cluster=record.name, home=home)
+    provider_argv = provider.shell_argv(node, command)
     if provider_argv is not None:
         if user:
             raise BadInput(f"{node.name} of {name!r} is a {record.spec.provider} node: it takes no --user")
@@ -51,13 +53,12 @@ def node_shell(
         argv = [shell] if command is None else ["/bin/sh", "-c", command]
         env = dict(os.environ, IPYTHONDIR=f"{node.workdir}/.ipython", GLOBULAR_NODE=node.name, GLOBULAR_CLUSTER=name)
         return NodeShell(argv, cwd=node.workdir, env=env)
-    return NodeShell(_ssh_argv(record, node, user, command, home))
+    return NodeShell(_ssh_argv(provider, node, user, command))
 
 
-def _ssh_argv(record: ClusterRecord, node: NodeRecord, user: str | None, command: str | None, home: Path) -> list[str]:
+def _ssh_argv(provider: NodeProvider, node: NodeRecord, user: str | None, command: str | None) -> list[str]:
     from globular.providers.ssh import RemoteProvider
 
-    provider = make_provider(record.spec, cluster=record.name, home=home)
     assert isinstance(provider, RemoteProvider)  # a node with a login is a remote provider's
     options = provider.ssh_options()
     login_user, _, rest = (node.login or "").rpartition("@")

@@ -3,6 +3,49 @@
 A :class:`NodeProvider` creates, lists and terminates nodes.  A :class:`Runner`
 runs commands and writes files on one node; process control (start detached,
 check, stop by pid) is built on top of those two, the same for every provider.
+
+The contract, for whoever writes one (a provider registers under the
+``globular.providers`` entry point, as the built-ins do):
+
+- **What a provider implements.** ``name``, ``Settings`` (a pydantic model: the keys
+  of ``[cluster NAME]`` it reads), ``region`` (``local`` for this machine; where the
+  nodes are otherwise: it names the connection file ``<cluster>-<region>.json``),
+  :meth:`NodeProvider.create_nodes`, :meth:`NodeProvider.terminate_nodes` and
+  :meth:`NodeProvider.make_runner`.  Everything else has a default.
+- **A node is a record** (:class:`~globular.state.NodeRecord`) the provider fills in
+  ``create_nodes``: ``address`` (where the other nodes reach it), ``workdir`` (its folder,
+  made 0700), ``cores``, ``python``, and ``data`` for the provider's own fields.
+- **How a node is reached**, said by ``login``: ``None`` means this machine reaches the
+  node's addresses directly (the local provider, a Slurm job's compute node seen from the
+  login node): clients connect to the controller as it is.  ``"user@host:port"`` means it
+  is reached over SSH: clients tunnel through the runner's :meth:`Runner.forward_port`
+  (globular's own connection), and ``Client(path)`` reads the login from the connection
+  file.  ``remote_nodes`` says the nodes are other machines (traffic between them is
+  encrypted by default).  :class:`globular.providers.ssh.RemoteProvider` is the base for
+  machines reached by SSH (connecting with host keys checked, a node folder, its Python
+  checked, a long-lived helper per node): the ssh and ec2 providers differ only in where the
+  machines come from.
+- **Progress.** ``create_nodes`` calls ``on_ready(node)`` for each node as it is usable and
+  ``self.on_step(node, step)`` as it reaches a step of :data:`globular.reporting.NODE_STEPS`
+  (``provision``, ``ssh``; the later steps are the core's and the plugins'); a provider
+  whose steps are named otherwise says so in ``node.data["step_names"]`` (Slurm: ``ssh`` is
+  ``running``).  ``self.reporter`` takes bars for long waits (instances booting).
+- **A node's failure** raises :class:`~globular.errors.NodeError` naming it (several:
+  :class:`~globular.errors.NodeFailures`); whatever was made for the others is the
+  caller's to release, through ``terminate_nodes``, which must also take nodes that were
+  only half made.
+- **Giving nodes back.** ``rents_machines`` (they cost while they exist) turns on
+  idle release: :meth:`NodeProvider.release_commands` says what a node runs to give itself
+  back (Slurm: ``scancel`` its job; EC2: power off); :meth:`NodeProvider.release_cluster`
+  removes what the cluster shared (EC2's security group).
+- **What a node must have** (ipyparallel, a packer's module) is the plugins' business:
+  they ask in their preflight.  A provider never names them; with ``default_environment =
+  "managed"`` globular builds each node's Python environment (``envs_dir``).
+- **Optional:** ``status`` (columns and problems for ``globular status``), ``shell_argv``
+  (how ``sshnode`` opens a shell), ``login_key`` (the key the printed ``Client`` line
+  names), ``discover`` (clusters found without a record), ``max_nodes``/``size_problem``
+  (bounds checked before anything is recorded), ``config_values`` (keys read from other
+  sections of the config, as EC2's ``[aws info]``).
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ async def start_controller_and_engines(
     local_file = connection_file_path(ctx.home, ctx.name, ctx.region)
     write_private(local_file, json.dumps(client_info, indent=2).encode())
     data = ctx.plugin_data(DATA_KEY)
-    data.update(connection_file=str(local_file), engine_info=engine_info, packer=settings.packer, encryption=encryption)
+    data.update(connection_file=str(local_file), engine_info=engine_info, encryption=encryption)
     ctx.save()
     write_cluster_files(ctx)  # ipyparallel's JupyterLab panel lists it
     await client_import
