@@ -368,6 +368,28 @@ def test_the_core_does_not_reach_into_the_ipcluster_plugin():
         assert leaks == set(), f"{core} imports {leaks}"
 
 
+def every_import(path: Path) -> set[str]:
+    """Every module ``path`` imports (any package), wherever the import is."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_providers_name_no_plugin_and_no_environment_and_the_renderer_no_plugin():
+    """A provider never names what the plugins need (ipyparallel, ZeroMQ): the plugins ask in
+    their preflight; nor does it decide about node environments.  The renderer shows plain
+    data (globular.results), not the plugins' classes."""
+    banned = ("ipyparallel", "zmq", "globular.environment", "globular.plugins")
+    for path in sorted((SRC / "providers").glob("*.py")):
+        leaks = {m for m in every_import(path) if m.startswith(banned)}
+        assert leaks == set(), f"providers/{path.name} imports {sorted(leaks)}"
+    assert {m for m in every_import(SRC / "render.py") if m.startswith("globular.plugins")} == set()
+
+
 def test_modules_stay_readable():
     """No module over 500 lines unless its docstring says why (``Longer than most: ...``)."""
     long = {}
