@@ -1,4 +1,4 @@
-"""Node environments (globular.environment, globular.nodeenv).
+"""Node environments (globular.environment, and globular.node.env on the nodes).
 
 The first part is pure logic (milliseconds, no processes).  The rest runs on the
 netns test hosts with a bare Python (the standard library only, like a stranger's
@@ -518,10 +518,10 @@ def test_a_wheelhouse_folder_replaces_the_index(net, cli, home, tmp_path):
     """wheelhouse = DIR (air-gapped sites): pip resolves from DIR alone; a package that is not
     in it is named with the folder, whatever the index has."""
     from globular.environment import Target, resolve
-    from globular.providers.base import NODEENV_SOURCE
+    from globular.providers.base import NODE_SOURCE
 
     probe = subprocess.run(
-        [net.python, "-c", NODEENV_SOURCE, "probe", json.dumps({"root": str(tmp_path / "x")})],
+        [net.python, "-c", NODE_SOURCE, "env_probe", json.dumps({"root": str(tmp_path / "x")})],
         capture_output=True,
         text=True,
         check=True,
@@ -561,17 +561,17 @@ def test_a_wheelhouse_folder_replaces_the_index(net, cli, home, tmp_path):
 
 @pytest.mark.parametrize("installer", ["uv", "pip"])
 def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python, installer):
-    """globular.nodeenv's build, run as on a node: a tar stream of wheels on stdin, a venv
+    """globular.node.env's build, run as on a node: a tar stream of wheels on stdin, a venv
     made from a bare Python.  With uv's wheel named as the installer uv installs (and is not
     itself installed); without it, pip from its own wheel."""
     import io
     import tarfile
 
     from globular.environment import Target, resolve, target_platforms
-    from globular.providers.base import NODEENV_SOURCE
+    from globular.providers.base import NODE_SOURCE
 
     probe = subprocess.run(
-        [bare_python, "-c", NODEENV_SOURCE, "probe", json.dumps({"root": str(tmp_path / "envs")})],
+        [bare_python, "-c", NODE_SOURCE, "env_probe", json.dumps({"root": str(tmp_path / "envs")})],
         capture_output=True,
         text=True,
         check=True,
@@ -601,7 +601,7 @@ def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python
         "installer": house.installer if installer == "uv" else {},
     }
     built = subprocess.run(
-        [bare_python, "-c", NODEENV_SOURCE, "build", json.dumps(request)], input=buffer.getvalue(), capture_output=True
+        [bare_python, "-c", NODE_SOURCE, "env_build", json.dumps(request)], input=buffer.getvalue(), capture_output=True
     )
     assert built.returncode == 0, built.stderr.decode()
     reply = json.loads(built.stdout)
@@ -613,7 +613,7 @@ def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python
     )
     assert listed.returncode == 0 and listed.stdout.strip() == "True", listed.stderr
     again = subprocess.run(
-        [bare_python, "-c", NODEENV_SOURCE, "build", json.dumps(request)], input=buffer.getvalue(), capture_output=True
+        [bare_python, "-c", NODE_SOURCE, "env_build", json.dumps(request)], input=buffer.getvalue(), capture_output=True
     )
     assert json.loads(again.stdout)["cached"] is True
     assert sorted(p.name for p in (tmp_path / "envs").iterdir() if not p.name.startswith(".")) == [
@@ -633,14 +633,15 @@ def test_a_node_line_says_when_its_environment_was_cached():
 
 
 def test_a_full_disk_on_a_node_is_one_line_naming_enospc(monkeypatch, capsys):
-    """nodeenv on a node: an OSError (the disk filled mid-build) is one line with its errno's name."""
-    from globular import nodeenv
+    """A node program: an OSError (the disk filled mid-build) is one line with its errno's name."""
+    from globular import node
+    from globular.node.serve import main
 
     def fill(req):
         raise OSError(28, "No space left on device", "/data/envs/x/lib")
 
-    monkeypatch.setitem(nodeenv.VERBS, "fill", fill)
+    monkeypatch.setitem(node.VERBS, "fill", fill)
     with pytest.raises(SystemExit) as ended:
-        nodeenv.main(["nodeenv", "fill", "{}"])
+        main(["node", "fill", "{}"])
     assert ended.value.code == 3
     assert capsys.readouterr().err == "No space left on device (ENOSPC): /data/envs/x/lib\n"

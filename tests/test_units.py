@@ -390,6 +390,39 @@ def test_providers_name_no_plugin_and_no_environment_and_the_renderer_no_plugin(
     assert {m for m in every_import(SRC / "render.py") if m.startswith("globular.plugins")} == set()
 
 
+def test_the_node_programs_need_nothing_but_python():
+    """globular.node imports only the standard library and itself, and its modules joined into
+    one source (the one way they travel) run alone: every verb answers there as here."""
+    import subprocess
+
+    from globular import node
+
+    for path in sorted((SRC / "node").glob("*.py")):
+        outside = {
+            m for m in every_import(path)
+            if m.split(".")[0] not in sys.stdlib_module_names and not m.startswith("globular.node")
+        }  # fmt: skip
+        assert outside == set(), f"node/{path.name} imports {sorted(outside)}"
+    assert set(node.VERBS) >= {"spawn", "stop", "facts", "free_ports", "env_build", "env_probe"}
+    assert set(node.VERBS) > node.ANY_PYTHON
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", node.SOURCE, "free_ports"],
+        input=json.dumps({"ip": "127.0.0.1", "count": 2}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # -S: not even site-packages
+    assert done.returncode == 0 and len(json.loads(done.stdout)) == 2, done.stderr
+    refused = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", node.SOURCE, "remove_dir"],
+        input=json.dumps({"root": "/nonexistent", "path": "/etc"}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 3 and "refusing to remove /etc" in refused.stderr
+
+
 def test_modules_stay_readable():
     """No module over 500 lines unless its docstring says why (``Longer than most: ...``)."""
     long = {}
@@ -414,7 +447,7 @@ def test_no_test_asserts_in_a_finally_block():
 
 
 def test_the_node_helper_answers_each_request_by_its_id(tmp_path):
-    from globular import nodeproc
+    from globular.node.serve import serve
 
     log = tmp_path / "a.log"
     log.write_text("line one\nline two\n")
@@ -424,7 +457,7 @@ def test_the_node_helper_answers_each_request_by_its_id(tmp_path):
         {"id": 9, "verb": "read_json", "request": {}},
     ]
     out = io.StringIO()
-    nodeproc.serve(io.StringIO("".join(json.dumps(r) + "\n" for r in requests)), out)
+    serve(io.StringIO("".join(json.dumps(r) + "\n" for r in requests)), out)
     answers = {a["id"]: a for a in map(json.loads, out.getvalue().splitlines())}
     assert answers[7] == {"id": 7, "reply": "line two\n"}
     assert "refusing to remove /etc" in answers[8]["refused"]
@@ -489,10 +522,10 @@ def test_the_controllers_ports_are_none_that_other_processes_get_without_asking(
     """Engines (and their nannies, kernels) bind pyzmq's random ports, 49152 and up, while the
     controller starts; processes that bind port 0 get the kernel's ephemeral range.  The ports
     globular picks for the controller before it binds them are below both."""
-    from globular import nodeproc
+    from globular.node.probe import free_ports
 
     ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    ports = nodeproc.free_ports({"ip": "127.0.0.1", "count": 20})
+    ports = free_ports({"ip": "127.0.0.1", "count": 20})
     assert len(ports) == len(set(ports)) == 20
     assert all(20000 <= p < min(ephemeral, 49152) for p in ports), ports
 

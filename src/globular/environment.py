@@ -2,14 +2,14 @@
 
 (Longer than most modules: the local half of one capability, read top to bottom —
 the node's target, the wheelhouse resolved for it, and shipping it; the node's
-half is :mod:`globular.nodeenv`.)
+half is :mod:`globular.node`.)
 
 With ``environment = managed`` (the default of providers whose nodes are other
 machines), globular
 
 1. asks every node (at once) for its Python: version, implementation, ABI,
    platform, libc, whether it has ``venv``, the free space, and the
-   environments it already has (:mod:`globular.nodeenv`, run with the host's Python);
+   environments it already has (:mod:`globular.node`, run with the host's Python);
 2. resolves, **on this machine**, a wheelhouse for each distinct (package set,
    node platform) with pip (``pip download --only-binary=:all:`` for the nodes'
    platform tags): ipyparallel at exactly this machine's version and whatever the
@@ -52,7 +52,7 @@ from filelock import FileLock, Timeout
 from globular.errors import BadInput, CommandError, GlobularError, NodeError, NodeFailures
 from globular.fanout import each_node
 from globular.paths import private_dir
-from globular.providers.base import NODEENV_SOURCE, CommandResult, run_here
+from globular.providers.base import NODE_SOURCE, CommandResult, run_here
 from globular.spec import ClusterSpec
 from globular.state import NodeRecord
 
@@ -452,8 +452,8 @@ async def _download_uv(folder: Path, target: Target, wanted: Wanted) -> dict[str
 # -- on the nodes --------------------------------------------------------------------
 
 
-def _nodeenv(python: str, verb: str, request: dict[str, Any]) -> list[str]:
-    return [python, "-c", NODEENV_SOURCE, verb, json.dumps(request)]
+def _node_env(python: str, verb: str, request: dict[str, Any]) -> list[str]:
+    return [python, "-c", NODE_SOURCE, verb, json.dumps(request)]
 
 
 async def _call(
@@ -466,12 +466,12 @@ async def _call(
     input: bytes | None = None,
     timeout: float,
 ) -> Any:
-    result = await cluster.runner(node).run(_nodeenv(python, verb, request), input=input, timeout=timeout)
+    result = await cluster.runner(node).run(_node_env(python, verb, request), input=input, timeout=timeout)
     try:
         return json.loads(result.stdout)
     except ValueError:
         raise CommandError(
-            node.name, f"globular.nodeenv {verb}", result.returncode, result.stderr, result.stdout
+            node.name, f"globular.node {verb}", result.returncode, result.stderr, result.stdout
         ) from None
 
 
@@ -492,7 +492,7 @@ async def prepare(
     reporter.begin("env", "node environments", len(nodes))
     try:
         probes = await each_node(
-            nodes, lambda n: _call(cluster, n, base_python(n), "probe", {"root": root}, timeout=PROBE_TIMEOUT)
+            nodes, lambda n: _call(cluster, n, base_python(n), "env_probe", {"root": root}, timeout=PROBE_TIMEOUT)
         )
         problems = {n.name: "; ".join(p) for n in nodes if (p := probe_problems(probes[n.name]))}
         if problems:
@@ -540,7 +540,13 @@ async def prepare(
                 try:
                     request = {"root": root, "name": name, "installer": house.installer}
                     reply = await _call(
-                        cluster, node, facts["executable"], "build", request, input=house.tar(), timeout=BUILD_TIMEOUT
+                        cluster,
+                        node,
+                        facts["executable"],
+                        "env_build",
+                        request,
+                        input=house.tar(),
+                        timeout=BUILD_TIMEOUT,
                     )
                 except CommandError as exc:
                     if exc.returncode is None or exc.returncode == 3:
@@ -571,7 +577,7 @@ async def prune(cluster: PluginContext, provider: NodeProvider, keep: set[str]) 
 
     async def one(node: NodeRecord) -> list[str]:
         reply = await _call(
-            cluster, node, base_python(node), "prune", {"root": root, "keep": sorted(keep)}, timeout=120
+            cluster, node, base_python(node), "env_prune", {"root": root, "keep": sorted(keep)}, timeout=120
         )
         removed: list[str] = reply["removed"]
         return removed

@@ -297,8 +297,8 @@ async def force_terminate(name: str, *, home: Path | None = None, reporter: Repo
     its local files are removed; what could not be done (nodes on other machines
     the record no longer names reliably) is said in the warnings.  The record goes.
     """
-    from globular import nodeproc
     from globular.errors import StateError
+    from globular.node.proc import sweep
     from globular.providers.base import process_mark
 
     home, store, reporter = _home(home, reporter)
@@ -335,7 +335,7 @@ async def force_terminate(name: str, *, home: Path | None = None, reporter: Repo
                 await ctx.close()
         else:
             mark = process_mark(home, name)
-            swept = nodeproc.sweep({"mark": mark, "timeout": 5})
+            swept = sweep({"mark": mark, "timeout": 5})
             stopped = swept["stopped"] + swept["killed"]
             local = home / "local" / name
             if local.is_dir():

@@ -98,7 +98,7 @@ def step_times(node: NodeRecord) -> dict[str, float]:
 
 async def ask_node(provider: NodeProvider, node: NodeRecord, timeout: float = ASK_TIMEOUT) -> dict[str, Any]:
     """One round trip: which of ``node``'s recorded processes are alive and how many live
-    children each has, the node's load and uptime (nodeproc ``facts``)."""
+    children each has, the node's load and uptime (the node programs' ``facts``)."""
     procs = [p.model_dump() for p in node.processes]
     facts: dict[str, Any] = await provider.runner(node).nodeproc(
         "facts", {"procs": procs, "parents": procs}, timeout=timeout

@@ -61,17 +61,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from globular import nodeenv, nodeproc
+from globular import node
 from globular.errors import CommandError, NodeError
 from globular.reporting import NullReporter, Reporter
 from globular.spec import ClusterSpec, Settings
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord, ProcessRecord
 
-NODEPROC_SOURCE = Path(nodeproc.__file__).read_text()
-NODEENV_SOURCE = Path(nodeenv.__file__).read_text()
+NODE_SOURCE = node.SOURCE  # the node programs, joined: run as ``python -c NODE_SOURCE VERB``
 # scripts sent to the nodes as ``python -c SOURCE``: shown by module name in messages
-NODE_SCRIPTS = {NODEPROC_SOURCE: "globular.nodeproc", NODEENV_SOURCE: "globular.nodeenv"}
+NODE_SCRIPTS = {NODE_SOURCE: "globular.node"}
 
 
 @dataclass(frozen=True)
@@ -209,16 +208,16 @@ class Runner(ABC):
     # -- process control, the same on every provider ---------------------
 
     async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
-        """Ask the node's ``globular.nodeproc`` (standard library only, sent with the command)
+        """Ask the node's ``globular.node`` (standard library only, sent with the command)
         to do ``verb`` with ``request``; its JSON answer."""
         result = await self.run(
-            [self.node.python, "-c", NODEPROC_SOURCE, verb], input=json.dumps(request).encode(), timeout=timeout
+            [self.node.python, "-c", NODE_SOURCE, verb], input=json.dumps(request).encode(), timeout=timeout
         )
         try:
             return json.loads(result.stdout)
         except ValueError:
             raise CommandError(
-                self.node.name, f"globular.nodeproc {verb}", result.returncode, result.stderr, result.stdout
+                self.node.name, f"globular.node {verb}", result.returncode, result.stderr, result.stdout
             ) from None
 
     async def spawn(self, specs: list[ProcessSpec]) -> list[ProcessRecord]:
@@ -386,7 +385,7 @@ class NodeProvider(ABC):
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
         """Release the nodes.  Their recorded processes are stopped before this is called; a
         provider whose nodes outlive this (not a rented machine) first stops every process
-        still marked with a node (``globular.nodeproc`` ``sweep``): a start killed between spawning a
+        still marked with a node (``globular.node`` ``sweep``): a start killed between spawning a
         process and recording it leaves nothing behind."""
 
     @abstractmethod

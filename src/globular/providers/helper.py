@@ -1,9 +1,9 @@
-"""One long-lived ``globular.nodeproc`` per node, over the connection the runner holds (an SSH
+"""One long-lived ``globular.node`` per node, over the connection the runner holds (an SSH
 channel; for Slurm nodes, the pipes of an ``srun`` step).
 
 Every question an operation asks a node (facts, spawn, alive, stop, ...) used to be a new SSH
 command: a login shell (whose rc files may run a lot: ``pyenv init``, conda's hooks) and a new
-Python, per question, per node.  The helper is started once (``python -c <nodeproc> serve``) and
+Python, per question, per node.  The helper is started once (``python -c <node programs> serve``) and
 answers JSON lines on its stdin, each request in a thread of its own, until the connection
 closes.  It runs the node's Python, so that its answers (``facts``) are about that Python; when
 the node's Python changes (its environment was built), a new helper replaces the old one.
@@ -63,7 +63,7 @@ class NodeHelper:
 
     @classmethod
     def over_pipes(cls, process: asyncio.subprocess.Process, node: str, python: str) -> NodeHelper:
-        """The helper at the other end of a local process's pipes (``srun ... nodeproc relay``)."""
+        """The helper at the other end of a local process's pipes (``srun ... relay``)."""
         assert process.stdin and process.stdout and process.stderr
 
         async def lines() -> AsyncIterator[str]:
@@ -101,7 +101,7 @@ class NodeHelper:
                     future.set_result(message["reply"])
                 else:
                     future.set_exception(
-                        CommandError(self.node, "globular.nodeproc", 3 if "refused" in message else 1,
+                        CommandError(self.node, "globular.node", 3 if "refused" in message else 1,
                                      message.get("refused") or message.get("error") or "")
                     )  # fmt: skip
         except (asyncssh.Error, OSError, ValueError) as exc:
@@ -114,9 +114,7 @@ class NodeHelper:
                 pass
             for future in self.waiting.values():
                 if not future.done():
-                    future.set_exception(
-                        ConnectionLost(self.node, "globular.nodeproc serve", f"{why} {stderr}".strip())
-                    )
+                    future.set_exception(ConnectionLost(self.node, "globular.node serve", f"{why} {stderr}".strip()))
             self.waiting.clear()
 
     @property
@@ -133,7 +131,7 @@ class NodeHelper:
             async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel (SIGTERM)
                 return await future
         except TimeoutError:
-            raise CommandTimeout(self.node, f"globular.nodeproc {verb}", timeout) from None
+            raise CommandTimeout(self.node, f"globular.node {verb}", timeout) from None
         finally:
             self.waiting.pop(number, None)
 

@@ -18,8 +18,9 @@ from typing import Any
 
 from pydantic import Field
 
-from globular import nodeproc
 from globular.errors import BadInput, CommandError, CommandTimeout
+from globular.node import ANY_PYTHON, VERBS, Refused
+from globular.node.proc import sweep
 from globular.paths import private_dir, write_private
 from globular.providers.base import CommandResult, NodeProvider, Runner, display, run_here
 from globular.spec import Settings
@@ -65,18 +66,18 @@ class LocalRunner(Runner):
     async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
         """The node is this machine: a verb that any Python answers alike runs here, in a
         thread, instead of in an interpreter started for it (the same code, the same JSON)."""
-        if verb not in nodeproc.ANY_PYTHON and os.path.realpath(self.node.python) != os.path.realpath(sys.executable):
+        if verb not in ANY_PYTHON and os.path.realpath(self.node.python) != os.path.realpath(sys.executable):
             return await super().nodeproc(verb, request, timeout)
         log.debug("%s: nodeproc %s (in this process)", self.node.name, verb)
-        call = nodeproc.VERBS[verb]
+        call = VERBS[verb]
         try:
             async with asyncio.timeout(timeout):
                 reply = await asyncio.to_thread(call, json.loads(json.dumps(request)))
-        except nodeproc.Refused as exc:
-            raise CommandError(self.node.name, f"globular.nodeproc {verb}", 3, str(exc)) from None
+        except Refused as exc:
+            raise CommandError(self.node.name, f"globular.node {verb}", 3, str(exc)) from None
         except TimeoutError:
             raise CommandError(
-                self.node.name, f"globular.nodeproc {verb}", None, f"no answer within {timeout:g}s"
+                self.node.name, f"globular.node {verb}", None, f"no answer within {timeout:g}s"
             ) from None
         return json.loads(json.dumps(reply))
 
@@ -147,10 +148,10 @@ class LocalProvider(NodeProvider):
 
     async def terminate_nodes(self, nodes: list[NodeRecord]) -> None:
         for node in nodes:  # what a start killed between spawning and recording left (see NodeProvider)
-            swept = await asyncio.to_thread(nodeproc.sweep, {"mark": self.mark(node.name)})
+            swept = await asyncio.to_thread(sweep, {"mark": self.mark(node.name)})
             if swept["remaining"]:
                 raise CommandError(
-                    node.name, "globular.nodeproc sweep", 3, f"processes {swept['remaining']} survived SIGKILL"
+                    node.name, "globular.node sweep", 3, f"processes {swept['remaining']} survived SIGKILL"
                 )
         for node in nodes:
             workdir = self.root / node.name

@@ -7,9 +7,9 @@ the engines, under the same rules: a login node, shared by everyone, is no place
 long-running work, and many sites stop it there; a compute node's address is one the
 other compute nodes reach, and globular, on the login node, reaches it directly.
 
-The job's batch step runs ``globular.nodeproc keeper`` (standard library only, sent with
+The job's batch step runs ``globular.node keeper`` (standard library only, sent with
 the job script).  globular's helper on the node is ``srun --jobid=J --overlap ... python
--c <nodeproc> relay``, in the node's Python, answering the same JSON lines as the SSH
+-c <node programs> relay``, in the node's Python, answering the same JSON lines as the SSH
 helper; what it is asked to start (controller, engines) it hands to the keeper, so that it
 lives as long as the job (an ``srun`` step's processes end with the step, on sites whose
 Slurm tracks them with cgroups).  Every job carries the cluster's mark as its ``--comment``, so a cluster
@@ -31,12 +31,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from globular import nodeproc
 from globular.errors import BadInput, CommandError, CommandTimeout, ConnectionLost, NodeError
 from globular.fanout import each_node
+from globular.node.files import remove_dir
 from globular.paths import private_dir
 from globular.providers.base import (
-    NODEPROC_SOURCE,
+    NODE_SOURCE,
     CommandResult,
     NodeProvider,
     ProviderStatus,
@@ -101,7 +101,7 @@ class SlurmRunner(Runner):
                 log.debug("%s (job %s): starting its relay", self.node.name, self.node.data["job_id"])
                 try:
                     self._process = await asyncio.create_subprocess_exec(
-                        *self._srun([self.node.python, "-c", NODEPROC_SOURCE, "relay"]),
+                        *self._srun([self.node.python, "-c", NODE_SOURCE, "relay"]),
                         stdin=asyncio.subprocess.PIPE,
                         stdout=asyncio.subprocess.PIPE,
                         stderr=asyncio.subprocess.PIPE,
@@ -237,7 +237,7 @@ class SlurmProvider(NodeProvider):
 
     async def _submit(self, node: str, host: str | None) -> str:
         private_dir(self._cluster_dir() / "jobs")
-        script = JOB_SCRIPT.format(python=shlex.quote(self.settings.python), source=NODEPROC_SOURCE.rstrip("\n"))
+        script = JOB_SCRIPT.format(python=shlex.quote(self.settings.python), source=NODE_SOURCE.rstrip("\n"))
         try:
             done = await slurm(self.sbatch_argv(node, host), input=script.encode())
         except SlurmError as exc:
@@ -346,7 +346,7 @@ class SlurmProvider(NodeProvider):
                     await self.runner(node).nodeproc("remove_dir", request, timeout=60)
                 else:  # its processes ended with the job; its folder is on the shared file system
                     here = request | {"mark": None, "path": os.path.expanduser(node.workdir)}
-                    await asyncio.to_thread(nodeproc.remove_dir, here)
+                    await asyncio.to_thread(remove_dir, here)
             finally:
                 runner = self._runners.pop(node.name, None)
                 if runner is not None:

@@ -41,7 +41,7 @@ from globular.errors import (
 )
 from globular.fanout import each_node
 from globular.paths import private_dir
-from globular.providers.base import NODEPROC_SOURCE, CommandResult, NodeProvider, Runner, display
+from globular.providers.base import NODE_SOURCE, CommandResult, NodeProvider, Runner, display
 from globular.providers.helper import NodeHelper
 from globular.providers.ssh_settings import (
     RemoteSettings,
@@ -89,12 +89,12 @@ class SSHRunner(Runner):
                 if helper is not None:
                     helper.close()
                 conn = await self.connection()
-                command = self._command([self.node.python, "-c", NODEPROC_SOURCE, "serve"])
+                command = self._command([self.node.python, "-c", NODE_SOURCE, "serve"])
                 log.debug("%s (%s): starting its helper", self.node.name, self.node.login)
                 try:
                     helper = await NodeHelper.start(conn, self.node.name, self.node.python, command)
                 except (asyncssh.Error, OSError) as exc:
-                    raise ConnectionLost(self.node.name, "globular.nodeproc serve", str(exc)) from None
+                    raise ConnectionLost(self.node.name, "globular.node serve", str(exc)) from None
                 self._node_helper = helper
             return helper
 

@@ -9,13 +9,13 @@ import logging
 import secrets
 import time
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster import supervisor, userconfig
+from globular.plugins.ipcluster import userconfig
+from globular.plugins.ipcluster.node import source
 from globular.plugins.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.plugins.ipcluster.userconfig import engine_arguments
@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-SUPERVISOR_SOURCE = Path(supervisor.__file__).read_text()
+SUPERVISOR_SOURCE = source("supervisor")
 # read, not imported: it imports ipyparallel, which globular loads only when it needs a client
-FORKSTART_SOURCE = Path(supervisor.__file__).with_name("forkstart.py").read_text()
+FORKSTART_SOURCE = source("forkstart")
 ENGINE_MODULE = ["-m", "ipyparallel.engine"]  # an engine's argv: python, these, its arguments
 ENGINE_RETRIES = 2  # times an engine that dies before registering is started again
 RETIRE_GRACE = 3.0  # s the engines asked to shut down get before they are stopped by pid
@@ -137,7 +137,7 @@ async def fork_engines(
     settings: IPClusterSettings,
 ) -> list[ProcessRecord]:  # fmt: skip
     """Start ``engines`` (ids ``first``, ...) forked from one interpreter on ``node`` (see
-    :mod:`~globular.plugins.ipcluster.forkstart`); their records, by pid and start time."""
+    :mod:`~globular.plugins.ipcluster.node.forkstart`); their records, by pid and start time."""
     # names of this start's own: a file of an earlier engine set (stopped, then started again
     # with the same first id) must never be read as this one's pids
     tag = f"{first}-{secrets.token_hex(4)}"

@@ -1,20 +1,19 @@
-"""IPCluster's idle shutdown: the watchers (globular/idlewatch.py) started on the nodes."""
+"""IPCluster's idle shutdown: the watchers (its node program ``idlewatch``) started on the nodes."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from globular.fanout import each_node
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster import idlewatch
 from globular.plugins.ipcluster.controller import controller_address
+from globular.plugins.ipcluster.node import source
 from globular.plugins.ipcluster.roles import DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
 from globular.state import NodeRecord
 
-IDLEWATCH_SOURCE = Path(idlewatch.__file__).read_text()
+IDLEWATCH_SOURCE = source("idlewatch")
 
 
 def idle_state_file(master: NodeRecord) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from globular.errors import GlobularError
 from globular.plugins.base import NodeCheck, PluginContext
-from globular.providers.base import NODEPROC_SOURCE, ProcessSpec
+from globular.providers.base import NODE_SOURCE, ProcessSpec
 from globular.state import NodeRecord
 
 CHECK_TIMEOUT = 30.0
@@ -38,6 +38,10 @@ class Requirement:
     load: bool = False
     need: str = ""
     fix: str = ""  # how to get it, when it is not installed (else: pip install it on every node)
+
+
+# asked of each node's Python in the preflight's one round trip (the node programs know no pyzmq)
+CURVE_QUESTION = "import zmq\nanswer = bool(zmq.has('curve'))\n"
 
 
 def local_version(module: str) -> str | None:
@@ -135,7 +139,7 @@ async def run_preflight(
                 listener = await runner.spawn(
                     [
                         ProcessSpec(
-                            argv=[master.python, "-c", NODEPROC_SOURCE, "listen", json.dumps(request)],
+                            argv=[master.python, "-c", NODE_SOURCE, "listen", json.dumps(request)],
                             log=f"{master.workdir}/logs/preflight-listener.log",
                             role="preflight-listener",
                             cwd=master.workdir,
@@ -151,7 +155,7 @@ async def run_preflight(
             request = {
                 "modules": [r.module for r in wanted],
                 "load": [r.module for r in wanted if r.load],
-                "curve": curve,
+                "questions": {"curve": CURVE_QUESTION} if curve else {},
                 "folders": list((master_folders or {}).values()) if node.is_master else [],
             }
             try:
@@ -163,8 +167,9 @@ async def run_preflight(
             for setting, path in (master_folders or {}).items() if node.is_master else ():
                 if path in facts.get("not_folders", []):
                     check.problems.append(f"{setting} {path} exists and is not a folder")
-            if curve and facts.get("curve") is not True:
-                why = facts.get("curve") or "zmq.has('curve') is False: its libzmq was built without CURVE"
+            answer = facts.get("answers", {}).get("curve")
+            if curve and answer is not True:
+                why = answer or "zmq.has('curve') is False: its libzmq was built without CURVE"
                 check.problems.append(
                     f"encryption = curve needs pyzmq with CURVE support, which {facts['executable']} lacks ({why}); "
                     "install pyzmq's wheel there (pip install pyzmq), or set encryption = none"

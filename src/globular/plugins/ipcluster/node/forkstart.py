@@ -8,7 +8,7 @@ each engine as ``ipengine`` in ``comm``) where REQUEST is a JSON file (0600)::
      "nanny": true, "out": ".../run/engines-3.pids.json"}
 
 Runs in the node's Python, which has ipyparallel; otherwise the standard library only, like
-:mod:`globular.nodeproc`.  It imports ``ipyparallel.engine.app`` (with ipykernel and IPython,
+:mod:`globular.node`.  It imports ``ipyparallel.engine.app`` (with ipykernel and IPython,
 about 0.2 s of CPU) and nothing else: no thread, no zmq context, no event loop exists yet, so
 forking is safe.  Each engine is a forked child in a session of its own, its output in its log,
 running ``IPEngine.launch_instance(args)`` as ``python -m ipyparallel.engine args`` would.

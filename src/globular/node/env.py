@@ -1,8 +1,9 @@
 """Node environments, on the node: describe its Python, build a venv from shipped wheels, prune.
 
-Runs on the node as ``python -c <this source> VERB REQUEST-JSON`` with the host's
-own Python, so it uses the standard library only.  ``build`` reads a tar stream of
-wheels on stdin (its request is the argument: it holds no secret).
+Its verbs (``env_probe``, ``env_build``, ``env_prune``) run on the node as ``python -c
+SOURCE VERB REQUEST-JSON`` (:mod:`globular.node`) with the host's own Python, so it uses the
+standard library only.  ``env_build`` reads a tar stream of wheels on stdin (its request is
+the argument: it holds no secret).
 
 An environment is ``<root>/<name>``: a symbolic link to the folder
 ``<root>/<name>-<token>`` in which it was built.  The link is made (atomically,
@@ -23,14 +24,10 @@ import sys
 import time
 from typing import IO, Any
 
-Request = dict[str, Any]  # a verb's JSON request
+from globular.node.protocol import Refused, Request, verb
 
 MARKER = "globular-env.json"
 STALE_SECONDS = 3600  # a wheel folder this old belongs to no running build
-
-
-class Refused(Exception):
-    """The request cannot be carried out: exit status 3, the message on stderr."""
 
 
 def _root(req: Request) -> str:
@@ -67,7 +64,8 @@ def _libc() -> tuple[str | None, str | None]:
     return None, None
 
 
-def probe(req: Request) -> dict[str, Any]:
+@verb()
+def env_probe(req: Request) -> dict[str, Any]:
     """What building an environment here needs to know: the Python, its platform,
     whether it has ``venv``, the free space under ``root``, the environments ready there."""
     import importlib.util
@@ -142,7 +140,8 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
-def build(req: Request) -> dict[str, Any]:
+@verb()
+def env_build(req: Request) -> dict[str, Any]:
     """Build environment ``req["name"]`` under ``req["root"]`` from the wheels on stdin."""
     import fcntl
     import secrets
@@ -297,7 +296,8 @@ def _ready_target(root: str, name: str, target: str) -> bool:
     return os.path.islink(link) and os.readlink(link) == os.path.basename(target)
 
 
-def prune(req: Request) -> dict[str, Any]:
+@verb()
+def env_prune(req: Request) -> dict[str, Any]:
     """Remove every environment under ``root`` but those named in ``keep``; what was removed."""
     import fcntl
 
@@ -330,26 +330,3 @@ def prune(req: Request) -> dict[str, Any]:
     except OSError:
         pass
     return {"removed": removed, "root": root}
-
-
-VERBS = {"probe": probe, "build": build, "prune": prune}
-
-
-def main(argv: list[str]) -> None:
-    request = json.loads(argv[2]) if len(argv) > 2 else {}
-    try:
-        json.dump(VERBS[argv[1]](request), sys.stdout)
-    except Refused as exc:
-        sys.stderr.write(f"{exc}\n")
-        sys.exit(3)
-    except OSError as exc:  # a full disk, a folder it may not write: one line that says so
-        import errno
-
-        code = errno.errorcode.get(exc.errno or 0, "")
-        where = f": {exc.filename}" if exc.filename else ""
-        sys.stderr.write(f"{exc.strerror or exc}{f' ({code})' if code else ''}{where}\n")
-        sys.exit(3)
-
-
-if __name__ == "__main__":
-    main(sys.argv)

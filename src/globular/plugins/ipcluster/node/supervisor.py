@@ -8,7 +8,7 @@ where REQUEST is a JSON file (0600) naming the engines to run::
 (The controller runs under one too, with ``restart_args = ["--restore"]``: a controller
 that comes back on the same ports with its engines' state keeps them and their ids.)
 
-Standard library only, like :mod:`globular.nodeproc`.  Each engine runs in a
+Standard library only, like :mod:`globular.node`.  Each engine runs in a
 session of its own, as a child of the supervisor; when one exits, it is started
 again (without the id it first asked for: the controller gives it a fresh one),
 after a back-off that grows while it keeps dying at once (1 s, 2 s, ... 30 s).

@@ -1,0 +1,95 @@
+"""What a node is: its cores, its Python and modules (read from metadata), its addresses."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from globular.node.proc import _alive, children
+from globular.node.protocol import Request, verb
+
+
+def cpus() -> int:
+    """The cores this process may use: a Slurm job's allocation (SLURM_CPUS_ON_NODE), else the
+    CPUs it is allowed to run on, else the machine's."""
+    allocated = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    if allocated.isdigit() and int(allocated) > 0:
+        return int(allocated)
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@verb(any_python=True)
+def addresses(req: Request) -> Any:
+    """IPv4 address of each network interface: ``{"eth0": "10.0.0.5", ...}``."""
+    import fcntl
+    import socket
+    import struct
+
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            found[name] = socket.inet_ntoa(packed[20:24])
+    return found
+
+
+@verb()
+def facts(req: Request) -> Any:
+    """What preflight needs to know of this node: Python, cores, load, uptime, the version of
+    each module of ``req["modules"]`` (read from its metadata: no import), and the answers to a
+    plugin's ``req["questions"]`` (``{name: code}``: the code runs in this Python and sets
+    ``answer``; ipcluster asks whether pyzmq has CURVE), all in one round trip."""
+    import importlib
+    import importlib.metadata
+    import importlib.util
+
+    found: dict[str, dict[str, str | None]] = {}
+    for name in req.get("modules", []):
+        try:
+            if name in req.get("load", []):
+                importlib.import_module(name)
+            elif importlib.util.find_spec(name) is None:
+                found[name] = {"error": "not installed"}
+                continue
+            found[name] = {"version": importlib.metadata.version(name)}
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = {"version": None}
+        except Exception as exc:  # noqa: BLE001 - a broken install raises anything; its message is the answer
+            found[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    answers: dict[str, Any] = {}
+    for name, code in (req.get("questions") or {}).items():  # a plugin's own questions, in this Python
+        scope: dict[str, Any] = {}
+        try:
+            exec(compile(code, f"<question {name}>", "exec"), scope)
+            answers[name] = scope.get("answer")
+        except Exception as exc:  # noqa: BLE001 - a broken module: its message is the answer
+            answers[name] = f"{type(exc).__name__}: {exc}"
+    try:
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError):
+        uptime = None
+    return {
+        "alive": [_alive(p) for p in req.get("procs", [])],
+        "children": children({"procs": req.get("parents", [])}) if req.get("parents") else [],
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "executable": sys.executable,
+        "cpus": cpus(),
+        "load": list(os.getloadavg()),
+        "uptime": uptime,
+        "modules": found,
+        "answers": answers,
+        # folders something will be made in that exist as something else (a file)
+        "not_folders": [
+            p
+            for p in req.get("folders", [])
+            if os.path.lexists(os.path.expanduser(p)) and not os.path.isdir(os.path.expanduser(p))
+        ],
+    }
