@@ -313,7 +313,7 @@ class Config:
             raise self.error(str(exc), where, "provider") from None
         own = {k: v for k, v in values.items() if k not in common_keys}
         try:  # values the provider takes from sections of its own ([aws info], [key NAME])
-            provider_cls.config_values(own, sections, self.extra_sections)
+            own, sections = provider_cls.config_values(own, sections, self.extra_sections)
         except ConfigError as exc:
             raise self.error(exc.message, exc.section or section, exc.key) from None
         provider_settings = self._validate(

@@ -323,11 +323,13 @@ class NodeProvider(ABC):
 
     @classmethod
     def config_values(
-        cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]
-    ) -> None:
-        """Add to a template's ``values`` what the provider reads from other sections
-        (ec2: ``[aws info]``, ``[key NAME]``), recording in ``sections`` where each came
-        from; a problem is a :class:`ConfigError` naming its section and key."""
+        cls, values: Mapping[str, str], sections: Mapping[str, str], extra: Mapping[str, Mapping[str, str]]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """A template's ``values`` with what the provider reads from other sections (ec2:
+        ``[aws info]``, ``[key NAME]``) added, and ``sections`` with where each came from (new
+        dicts: the arguments stay as they are); a problem is a :class:`ConfigError` naming its
+        section and key."""
+        return dict(values), dict(sections)
 
     @classmethod
     def default_cluster_size(cls, settings: SettingsModel) -> int:

@@ -75,10 +75,12 @@ class EC2Provider(RemoteProvider):
 
     @classmethod
     def config_values(
-        cls, values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]
-    ) -> None:
+        cls, values: Mapping[str, str], sections: Mapping[str, str], extra: Mapping[str, Mapping[str, str]]
+    ) -> tuple[dict[str, str], dict[str, str]]:
         """Take ``[aws info]``, ``[key NAME]`` and ``[permission NAME]`` into the cluster's values."""
-        aws_config_values(values, sections, extra)
+        values, sections = dict(values), dict(sections)
+        aws_config_values(values, sections, extra)  # fills the copies
+        return values, sections
 
     @classmethod
     def max_nodes(cls, settings: SettingsModel) -> int | None:
