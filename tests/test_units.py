@@ -599,3 +599,18 @@ def test_sbatch_args_keep_globulars_own_options_and_take_no_script(args, why):
     assert SlurmSettings.model_validate({"sbatch_args": "--mem 8G --gres=gpu:1 -c 2"}).sbatch_args == [
         "--mem", "8G", "--gres=gpu:1", "-c", "2"
     ]  # fmt: skip
+
+
+def test_how_engines_start_is_decided_once_in_the_settings():
+    """restart_dead_engines' supervisor starts each engine itself: engine_fork is off with it,
+    and asking for both is refused, naming engine_fork."""
+    from pydantic import ValidationError
+
+    from globular.plugins.ipcluster.settings import IPClusterSettings
+
+    assert IPClusterSettings.model_validate({}).engine_fork is True
+    assert IPClusterSettings.model_validate({"restart_dead_engines": "true"}).engine_fork is False
+    with pytest.raises(ValidationError) as refused:
+        IPClusterSettings.model_validate({"restart_dead_engines": "true", "engine_fork": "true"})
+    (error,) = refused.value.errors()
+    assert error["ctx"]["key"] == "engine_fork" and "the supervisor starts each engine" in error["msg"]

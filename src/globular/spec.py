@@ -131,7 +131,8 @@ def validate_settings(
         return model.model_validate(dict(raw))
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = str(err["loc"][0]) if err["loc"] else None
+        # a check of several settings (a model validator) names the one it is about in its context
+        key = str(err["loc"][0]) if err["loc"] else (err.get("ctx") or {}).get("key")
         where = (sections or {}).get(key or "", section)
         if err["type"] == "extra_forbidden":
             known = ", ".join(sorted(model.model_fields)) or "none"

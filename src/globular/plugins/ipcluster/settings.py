@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from globular.spec import ArgList, Settings, shown
 from globular.state import NodeRecord
@@ -167,7 +168,8 @@ class IPClusterSettings(Settings):
     engine_fork: bool = Field(
         default=True,
         description="a node's engines (and their nannies) are forked from one Python that imported ipyparallel "
-        "once: about a third of the CPU an engine costs to start; False: each is its own `python -m ipyparallel.engine`",
+        "once: about a third of the CPU an engine costs to start; False: each is its own `python -m ipyparallel.engine` "
+        "(always so with restart_dead_engines, whose supervisor starts each engine)",
     )
     restart_dead_engines: bool = Field(
         default=False, description="a supervisor on each node restarts engines that die (they rejoin with new ids)"
@@ -216,6 +218,21 @@ class IPClusterSettings(Settings):
         description="an IPython profile here (NAME for ~/.ipython/profile_NAME, or a folder): its ipengine_config.py, "
         "ipcontroller_config.py and startup/ files are copied to the nodes",
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_start_engines(self) -> IPClusterSettings:
+        """How engines start is decided once, here: restart_dead_engines' supervisor starts each
+        engine as its own Python, so engine_fork is off with it (asked for both: refused)."""
+        if self.restart_dead_engines and self.engine_fork:
+            if "engine_fork" in self.model_fields_set:
+                raise PydanticCustomError(
+                    "conflicting_settings",
+                    "engine_fork = true and restart_dead_engines = true: the supervisor starts each engine "
+                    "itself; set engine_fork = false, or drop restart_dead_engines",
+                    {"key": "engine_fork"},  # the setting the error names (see spec.validated)
+                )
+            object.__setattr__(self, "engine_fork", False)  # the model is frozen: set while it is made
+        return self
 
     @property
     def allowed_ports(self) -> list[int] | None:
