@@ -111,6 +111,10 @@ def test_notebook_https_password_kernel_map_and_stop(cli, home, write_config, tm
     kernel = json.loads(body)["kernel"]["id"]
     printed = user.execute(kernel, MAP)
     assert printed.strip() == f"[0, 1] {[x**30 for x in range(8)]}"
+    # globular's Client is a drop-in there too (where globular is installed: on this machine's
+    # notebook; a remote master's environment has ipyparallel, whose Client() is the same there)
+    dropin = user.execute(kernel, MAP.replace("from ipyparallel import Client", "from globular import Client"))
+    assert dropin.strip() == f"[0, 1] {[x**30 for x in range(8)]}"
 
     shown = cli("notebook", "nb")
     assert shown.returncode == 0 and url in shown.stdout and password in shown.stdout
