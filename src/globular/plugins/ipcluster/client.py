@@ -84,24 +84,20 @@ class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no ty
         info.pop(CLUSTER_KEY, None)
         record = cluster[0] if cluster else None
         server = _ssh_server(info, sshserver, sshkey, password)
+        # ipyparallel connects to a controller it reaches directly (here, or through the tunnel's
+        # ports on 127.0.0.1): every socket gets the CURVE keys
         if server is None:
-            self._globular_connect(info, timeout, kwargs)
+            super().__init__(info, timeout=timeout, **kwargs)
         else:
             tunnel = _Tunnel(server, sshkey=sshkey, password=password, cluster=cluster, timeout=timeout)
             self._globular_tunnel = tunnel
             try:
-                forwarded = tunnel.forward(info)
-                self._globular_connect(forwarded, timeout, kwargs)
+                super().__init__(tunnel.forward(info), timeout=timeout, **kwargs)
             except BaseException:
                 tunnel.close()
                 raise
         if record is not None:
             self._globular_watch = watch_controller(self, record.name)
-
-    def _globular_connect(self, info: dict[str, Any], timeout: float, kwargs: dict[str, Any]) -> None:
-        """ipyparallel's own connect, to a controller it reaches directly: every socket gets the
-        CURVE keys."""
-        super().__init__(info, timeout=timeout, **kwargs)
 
     def _connect(self, sshserver: Any, ssh_kwargs: Any, timeout: float) -> None:
         # the query socket is connected, its request not yet sent: watch its handshake from now

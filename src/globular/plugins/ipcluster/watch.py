@@ -44,6 +44,18 @@ def _monitor(socket: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
     return pair
 
 
+def _unmonitor(socket: zmq.Socket[Any] | None, pair: zmq.Socket[Any] | None) -> None:
+    """Turn ``socket``'s monitor off, then close its reader ``pair``: in this order only (a
+    monitor left on without a reader blocks libzmq's I/O thread at its next event, #3575)."""
+    if socket is not None and not socket.closed:
+        try:
+            socket.monitor(None, 0)
+        except zmq.ZMQError:
+            pass
+    if pair is not None:
+        pair.close(linger=0)
+
+
 class ControllerWatch:
     """Fails a client's outstanding results when its connection to the controller drops."""
 
@@ -78,12 +90,7 @@ class ControllerWatch:
         the socket first, then its reader closed (the other order can block libzmq, #3575)."""
         self.stopping.set()
         self.thread.join(2)
-        try:
-            if not self.socket.closed:
-                self.socket.monitor(None, 0)
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
+        _unmonitor(self.socket, self.monitor)
 
 
 def watch_controller(client: Any, cluster: str) -> ControllerWatch:
@@ -138,13 +145,7 @@ class HandshakeWatch:
         return judge(seen, url, curve=bool(serverkey))
 
     def close(self) -> None:
-        if self.socket is not None and not self.socket.closed:
-            try:
-                self.socket.monitor(None, 0)
-            except zmq.ZMQError:
-                pass
-        if self.monitor is not None:
-            self.monitor.close(linger=0)
+        _unmonitor(self.socket, self.monitor)
         self.socket = self.monitor = None
 
 
@@ -169,8 +170,7 @@ def probe(url: str, serverkey: bytes | None, seconds: float = PROBE_SECONDS) -> 
                 seen.append(event)
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED or event in HANDSHAKE_FAILED:
                     break
-        sock.monitor(None, 0)
-        monitor.close(linger=0)
+        _unmonitor(sock, monitor)
         sock.close(linger=0)
         return seen
     finally:
