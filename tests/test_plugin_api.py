@@ -13,15 +13,13 @@ PLUGIN = textwrap.dedent(
     import click
     from globular.plugins.base import Plugin, PluginStatus
 
-    class Hello(Plugin):
-        @classmethod
-        def register_commands(cls, cli):
-            @cli.command()
-            @click.argument("name")
-            def hello(name):
-                """Greet NAME."""
-                click.echo(f"hello, {name}")
+    @click.command()
+    @click.argument("name")
+    def hello(name):
+        """Greet NAME."""
+        click.echo(f"hello, {name}")
 
+    class Hello(Plugin):
         async def status(self, view):
             nodes = {n.name: {"wave": f"o/ {n.name}"} for n in view.record.nodes}
             return PluginStatus(columns={"greeting": "hi"}, node_columns=nodes, data={"greeted": len(nodes)})
@@ -49,11 +47,14 @@ def test_an_installed_plugin_adds_a_command_and_status_columns(cli, home, tmp_pa
     (site / "thirdparty_hello.py").write_text(PLUGIN)
     info = site / "thirdparty_hello-0.1.dist-info"
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-hello\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[globular.plugins]\nhello = thirdparty_hello:Hello\n")
+    (info / "entry_points.txt").write_text(
+        "[globular.plugins]\nhello = thirdparty_hello:Hello\n[globular.commands]\nhello = thirdparty_hello:hello\n"
+    )
     env = {"PYTHONPATH": str(site)}
 
     helped = cli("--help", env=env)
     assert "hello" in helped.stdout and "Greet NAME." in helped.stdout
+    assert "--output" in cli("hello", "--help", env=env).stdout  # every command takes it
     greeted = cli("hello", "world", env=env)
     assert greeted.returncode == 0 and greeted.stdout.strip() == "hello, world"
     assert "No such command 'hello'" in cli("hello", "world").output  # not installed: not there

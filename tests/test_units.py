@@ -265,7 +265,7 @@ def test_judge_compares_major_versions_only_for_problems():
 
 
 def test_identical_warnings_from_many_nodes_are_shown_once():
-    from globular.render import group_warnings
+    from globular.cli.render import group_warnings
 
     pairs = [(f"node{i:03d}", "the node is busy") for i in range(1, 48)] + [("master", "Python 3.11.2 there")]
     lines = group_warnings(pairs)
@@ -273,7 +273,7 @@ def test_identical_warnings_from_many_nodes_are_shown_once():
 
 
 def test_json_output_is_one_versioned_envelope(monkeypatch):
-    from globular.render import Output
+    from globular.cli.render import Output
 
     buffer = io.StringIO()
     monkeypatch.setattr(sys, "stdout", buffer)
@@ -293,7 +293,7 @@ def test_json_output_is_one_versioned_envelope(monkeypatch):
 
 
 def test_piped_tables_are_never_cut(monkeypatch):
-    from globular.render import Output
+    from globular.cli.render import Output
 
     buffer = io.StringIO()
     monkeypatch.setattr(sys, "stdout", buffer)
@@ -361,11 +361,30 @@ def test_no_module_imports_itself_through_others():
     assert cycles == []
 
 
-def test_the_core_does_not_reach_into_the_ipcluster_plugin():
+def entry_point_modules(group: str) -> set[str]:
+    """The modules pyproject.toml's ``group`` entry points name."""
+    import tomllib
+
+    project = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())["project"]
+    return {value.partition(":")[0] for value in project["entry-points"][group].values()}
+
+
+def test_the_layers_hold():
+    """Nothing outside plugins/ imports the ipcluster plugin (the core finds it through the
+    registry); nothing outside cli/ imports cli/, except ``python -m globular`` and the command
+    modules the CLI itself loads through the ``globular.commands`` entry points."""
     graph = module_graph()
-    for core in ("globular.cluster", "globular.operations", "globular.status", "globular.client", "globular.cli"):
-        leaks = {m for m in graph[core] if m.startswith("globular.plugins.ipcluster")}
-        assert leaks == set(), f"{core} imports {leaks}"
+    commands = entry_point_modules("globular.commands")
+    assert commands == {"globular.plugins.ipcluster.commands"}
+    for name, imports in sorted(graph.items()):
+        if not name.startswith("globular.plugins"):
+            leaks = {m for m in imports if m.startswith("globular.plugins.ipcluster")}
+            assert leaks == set(), f"{name} imports {sorted(leaks)}"
+        if not name.startswith("globular.cli") and name not in {*commands, "globular.__main__"}:  # python -m globular
+            leaks = {m for m in imports if m == "globular.cli" or m.startswith("globular.cli.")}
+            assert leaks == set(), f"{name} imports {sorted(leaks)}"
+    for name in commands:  # command-line code only: what the commands do is in the plugin's other modules
+        assert not graph[name] & {"globular.registry", "globular.state", "globular.providers.base"}, graph[name]
 
 
 def every_import(path: Path) -> set[str]:
@@ -387,7 +406,7 @@ def test_providers_name_no_plugin_and_no_environment_and_the_renderer_no_plugin(
     for path in sorted((SRC / "providers").glob("*.py")):
         leaks = {m for m in every_import(path) if m.startswith(banned)}
         assert leaks == set(), f"providers/{path.name} imports {sorted(leaks)}"
-    assert {m for m in every_import(SRC / "render.py") if m.startswith("globular.plugins")} == set()
+    assert {m for m in every_import(SRC / "cli" / "render.py") if m.startswith("globular.plugins")} == set()
 
 
 def test_the_node_programs_need_nothing_but_python():

@@ -2,7 +2,7 @@
 
 ``globular.Cluster`` and ``globular.connect`` are the Python API (see globular.api);
 ``globular.Client`` is ipyparallel's Client whose SSH tunnel carries the CURVE keys
-(see globular.plugins.ipcluster.client).
+(the ipcluster plugin's, found through the plugin registry: see globular.client.connect).
 """
 
 from globular.errors import GlobularError
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> object:
 
         return getattr(api, name)
     if name == "Client":
-        from globular.plugins.ipcluster.client import Client
+        from globular.client.connect import client_class
 
-        return Client
+        return client_class()
     raise AttributeError(f"module 'globular' has no attribute {name!r}")

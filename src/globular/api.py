@@ -28,17 +28,18 @@ from globular.state import ClusterRecord, StateStore
 if TYPE_CHECKING:
     from ipyparallel import Client
 
-    from globular.plugins.base import NodeCheck
     from globular.reporting import Reporter
+    from globular.results import NodeCheck
     from globular.status import ClusterStatusReport
 
 
 def connect(name: str, *, home: Path | None = None, timeout: float = 10.0) -> Client:
     """A ready ``ipyparallel.Client`` for running cluster ``name`` (through SSH when the
     master is remote: globular's own connection, with the cluster's key and known_hosts)."""
-    from globular.plugins.ipcluster.client import connect as ipcluster_connect
+    from globular.client.connect import connect as plugin_connect
 
-    return ipcluster_connect(name, home=home, timeout=timeout)
+    client: Client = plugin_connect(name, home=home, timeout=timeout)
+    return client
 
 
 class Cluster:

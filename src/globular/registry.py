@@ -1,7 +1,8 @@
 """Finding providers and plugins.
 
 Built-ins register through the same entry points third parties use:
-``globular.providers`` and ``globular.plugins``.
+``globular.providers``, ``globular.plugins`` and ``globular.commands`` (click commands
+added to the ``globular`` CLI).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import logging
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from globular.plugins.base import Plugin
 from globular.providers.base import NodeProvider
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PROVIDER_GROUP = "globular.providers"
 PLUGIN_GROUP = "globular.plugins"
+COMMAND_GROUP = "globular.commands"
 
 # StarCluster's class paths, accepted as they are in old config files.
 STARCLUSTER_ALIASES = {
@@ -129,4 +132,26 @@ def plugin_classes() -> list[type[Plugin]]:
             continue
         if isinstance(cls, type) and issubclass(cls, Plugin) and cls not in found:
             found.append(cls)
+    return found
+
+
+def commands() -> list[Any]:
+    """Every installed ``globular.commands`` entry point's click command, by name.
+
+    One that cannot be loaded, or is not a click command, is left out with a warning in
+    the log, as a broken plugin is.
+    """
+    import click
+
+    found: list[Any] = []
+    for name, target in sorted(_group(COMMAND_GROUP).items()):
+        try:
+            command = load_object(target)
+        except RegistryError as exc:
+            log.warning("command %s (%s) cannot be loaded: %s", name, target, exc)
+            continue
+        if not isinstance(command, click.Command):
+            log.warning("command %s (%s) is not a click command", name, target)
+            continue
+        found.append(command)
     return found

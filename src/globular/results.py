@@ -1,4 +1,5 @@
-"""What operations and plugins hand back to be shown: a plugin's report, a node's preflight.
+"""What operations and plugins hand back to be shown: a plugin's report, a node's preflight
+(and :func:`age`, how a duration reads wherever it is shown).
 
 Plain data, shared by the core, the plugins (:mod:`globular.plugins.base` re-exports them as
 part of the plugin API) and the renderer, which imports nothing of the plugins.
@@ -42,3 +43,13 @@ class NodeCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
+
+
+def age(seconds: float) -> str:
+    """``42s``, ``7m``, ``3h05m``: a duration as status shows it."""
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"

@@ -7,8 +7,10 @@ are).  Its typed settings are the rest of that section, validated by its
 removal and shutdown run in reverse order.
 
 Everything a hook may touch is in :class:`PluginContext`; nothing else of the
-core is part of the plugin API.  A plugin can also add CLI commands
-(:meth:`Plugin.register_commands`) and status columns (:meth:`Plugin.status`).
+core is part of the plugin API.  A plugin can also add status columns
+(:meth:`Plugin.status`), offer a client for the clusters it runs (:meth:`Plugin.client_for`,
+what ``globular.connect`` returns) and add CLI commands: click commands named under the
+``globular.commands`` entry point group (see :mod:`globular.cli`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from globular.errors import GlobularError
 from globular.providers.base import Runner, StopResult
@@ -25,9 +27,6 @@ from globular.results import NodeCheck, PluginReport
 from globular.spec import PluginSpec, Settings
 from globular.spec import Settings as SettingsModel
 from globular.state import ClusterRecord, NodeRecord, ProcessRecord
-
-if TYPE_CHECKING:
-    import click
 
 # the plugin API: what plugins import from here (NodeCheck and PluginReport live in globular.results)
 __all__ = ["NodeCheck", "Plugin", "PluginContext", "PluginReport", "PluginStatus", "PreflightFailed", "StatusView"]
@@ -180,8 +179,15 @@ class Plugin:
         return spec.model_copy(update={"settings": {**spec.settings, **hidden}}) if hidden else spec
 
     @classmethod
-    def register_commands(cls, cli: click.Group) -> None:
-        """Add commands to the ``globular`` CLI (called once for every installed plugin class)."""
+    def client_for(cls, record: ClusterRecord, home: Path, timeout: float) -> Any | None:
+        """A ready client for running cluster ``record`` if this plugin started what it talks to
+        (``globular.connect``, ``Cluster.connect``, ``globular shell``); None: not this plugin's."""
+        return None
+
+    @classmethod
+    def client_class(cls) -> type | None:
+        """The client class users import as ``globular.Client`` (None: this plugin has none)."""
+        return None
 
     def node_packages(self, node: NodeRecord) -> list[str]:
         """Requirements (``name``, ``name==1.2``, ``name>=2``) this plugin needs in ``node``'s

@@ -25,6 +25,13 @@ The contract, for whoever writes one (a provider registers under the
   machines reached by SSH (connecting with host keys checked, a node folder, its Python
   checked, a long-lived helper per node): the ssh and ec2 providers differ only in where the
   machines come from.
+- **Asking a node.** :meth:`Runner.nodeproc` asks the node programs (:mod:`globular.node`,
+  stdlib only, shipped as one source: :data:`NODE_SOURCE`) one question each; the default
+  runs ``python -c NODE_SOURCE VERB`` per question.  A runner for machines further away
+  subclasses :class:`globular.providers.helper.HelperRunner` and says only how the node's
+  one long-lived helper starts (``start_helper``: SSH runs ``serve`` on a channel, Slurm a
+  ``relay`` in a job step); the base starts it on first use and again when it ended or the
+  node's Python changed.
 - **Progress.** ``create_nodes`` calls ``on_ready(node)`` for each node as it is usable and
   ``self.on_step(node, step)`` as it reaches a step of :data:`globular.reporting.NODE_STEPS`
   (``provision``, ``ssh``; the later steps are the core's and the plugins'); a provider

@@ -7,6 +7,10 @@ Python, per question, per node.  The helper is started once (``python -c <node p
 answers JSON lines on its stdin, each request in a thread of its own, until the connection
 closes.  It runs the node's Python, so that its answers (``facts``) are about that Python; when
 the node's Python changes (its environment was built), a new helper replaces the old one.
+
+:class:`HelperRunner` is the base for a provider's runner that keeps one: it starts the helper
+on first use and again when the node's Python changed or the helper ended; a provider says
+only how a helper starts on its nodes (:meth:`HelperRunner.start_helper`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import asyncio
 import itertools
 import json
 import logging
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncssh
 
 from globular.errors import CommandError, CommandTimeout, ConnectionLost
+from globular.providers.base import Runner
+from globular.state import NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +145,39 @@ class NodeHelper:
     def close(self) -> None:
         self._close()
         self.reader.cancel()
+
+
+class HelperRunner(Runner):
+    """A runner whose node questions (:meth:`nodeproc`) go to the node's one long-lived helper."""
+
+    def __init__(self, node: NodeRecord):
+        super().__init__(node)
+        self._node_helper: NodeHelper | None = None
+        self._helper_lock = asyncio.Lock()
+
+    @abstractmethod
+    async def start_helper(self) -> NodeHelper:
+        """A new helper on the node, running ``self.node.python -c NODE_SOURCE serve`` (or a relay
+        to it); a failure to start raises :class:`~globular.errors.NodeError` naming the node."""
+
+    @property
+    def helper_running(self) -> bool:
+        return self._node_helper is not None and self._node_helper.alive
+
+    async def helper(self) -> NodeHelper:
+        """The node's helper: the running one, else a new one (the first, or the node's Python changed)."""
+        async with self._helper_lock:
+            helper = self._node_helper
+            if helper is None or not helper.alive or helper.python != self.node.python:
+                await self.close_helper()
+                helper = self._node_helper = await self.start_helper()
+            return helper
+
+    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+        helper = await self.helper()
+        return await helper.ask(verb, request, timeout)
+
+    async def close_helper(self) -> None:
+        helper, self._node_helper = self._node_helper, None
+        if helper is not None:
+            helper.close()

@@ -45,7 +45,7 @@ from globular.providers.base import (
     display,
     run_here,
 )
-from globular.providers.helper import NodeHelper
+from globular.providers.helper import HelperRunner, NodeHelper
 from globular.providers.slurm_jobs import (
     PENDING,
     RUNNING,
@@ -76,15 +76,13 @@ class JobEnded(NodeError):
     """The node's job is over: Slurm has stopped everything that ran in it."""
 
 
-class SlurmRunner(Runner):
+class SlurmRunner(HelperRunner):
     """Does work on a node's job: through its keeper (the helper), or in an ``srun`` step."""
 
     def __init__(self, node: NodeRecord, state: Callable[[str], Awaitable[Job]]):
         super().__init__(node)
         self._job_state = state
-        self._helper: NodeHelper | None = None
         self._process: asyncio.subprocess.Process | None = None
-        self._lock = asyncio.Lock()
 
     def _srun(self, argv: list[str]) -> list[str]:
         """``argv`` in a new step of the node's job."""
@@ -93,24 +91,23 @@ class SlurmRunner(Runner):
     def _no_srun(self, exc: OSError) -> CommandError:
         return CommandError(self.node.name, "srun", 127, f"cannot run srun here: {exc.strerror or exc}")
 
-    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
-        async with self._lock:
-            helper = self._helper
-            if helper is None or not helper.alive or helper.python != self.node.python:
-                await self._close_helper()
-                log.debug("%s (job %s): starting its relay", self.node.name, self.node.data["job_id"])
-                try:
-                    self._process = await asyncio.create_subprocess_exec(
-                        *self._srun([self.node.python, "-c", NODE_SOURCE, "relay"]),
-                        stdin=asyncio.subprocess.PIPE,
-                        stdout=asyncio.subprocess.PIPE,
-                        stderr=asyncio.subprocess.PIPE,
-                    )
-                except OSError as exc:
-                    raise self._no_srun(exc) from None
-                helper = self._helper = NodeHelper.over_pipes(self._process, self.node.name, self.node.python)
+    async def start_helper(self) -> NodeHelper:
+        """The relay, in a step of the node's job, to the keeper the job script started."""
+        log.debug("%s (job %s): starting its relay", self.node.name, self.node.data["job_id"])
         try:
-            return await helper.ask(verb, request, timeout)
+            self._process = await asyncio.create_subprocess_exec(
+                *self._srun([self.node.python, "-c", NODE_SOURCE, "relay"]),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise self._no_srun(exc) from None
+        return NodeHelper.over_pipes(self._process, self.node.name, self.node.python)
+
+    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+        try:
+            return await super().nodeproc(verb, request, timeout)
         except ConnectionLost:
             job = await self._job_state(self.node.data["job_id"])
             if job.state not in PENDING | RUNNING:
@@ -150,10 +147,9 @@ class SlurmRunner(Runner):
             path = posixpath.join(self.node.workdir, path)
         await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
 
-    async def _close_helper(self) -> None:
-        helper, process, self._helper, self._process = self._helper, self._process, None, None
-        if helper is not None:
-            helper.close()
+    async def close_helper(self) -> None:
+        await super().close_helper()
+        process, self._process = self._process, None
         if process is not None:
             try:
                 await asyncio.wait_for(process.wait(), 5)
@@ -162,7 +158,7 @@ class SlurmRunner(Runner):
                 await process.wait()
 
     async def close(self) -> None:
-        await self._close_helper()
+        await self.close_helper()
 
 
 class SlurmProvider(NodeProvider):

@@ -42,7 +42,7 @@ from globular.errors import (
 from globular.fanout import each_node
 from globular.paths import private_dir
 from globular.providers.base import NODE_SOURCE, CommandResult, NodeProvider, Runner, display
-from globular.providers.helper import NodeHelper
+from globular.providers.helper import HelperRunner, NodeHelper
 from globular.providers.ssh_settings import (
     RemoteSettings,
     SSHHost,
@@ -59,7 +59,7 @@ CONNECT_ATTEMPTS = 6  # when the host's sshd drops new connections (MaxStartups)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 
-class SSHRunner(Runner):
+class SSHRunner(HelperRunner):
     """Runs commands on a node over one SSH connection (opened on first use)."""
 
     def __init__(self, node: NodeRecord, connect: Callable[[], Awaitable[asyncssh.SSHClientConnection]]):
@@ -68,8 +68,6 @@ class SSHRunner(Runner):
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
         self._forwards: dict[tuple[str, int], asyncssh.SSHListener] = {}
-        self._node_helper: NodeHelper | None = None
-        self._helper_lock = asyncio.Lock()
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
@@ -77,26 +75,14 @@ class SSHRunner(Runner):
                 self._conn = await self._connect()
             return self._conn
 
-    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
-        """Asked of the node's long-lived helper (see :mod:`globular.providers.helper`)."""
-        helper = await self._helper()
-        return await helper.ask(verb, request, timeout)
-
-    async def _helper(self) -> NodeHelper:
-        async with self._helper_lock:
-            helper = self._node_helper
-            if helper is None or not helper.alive or helper.python != self.node.python:
-                if helper is not None:
-                    helper.close()
-                conn = await self.connection()
-                command = self._command([self.node.python, "-c", NODE_SOURCE, "serve"])
-                log.debug("%s (%s): starting its helper", self.node.name, self.node.login)
-                try:
-                    helper = await NodeHelper.start(conn, self.node.name, self.node.python, command)
-                except (asyncssh.Error, OSError) as exc:
-                    raise ConnectionLost(self.node.name, "globular.node serve", str(exc)) from None
-                self._node_helper = helper
-            return helper
+    async def start_helper(self) -> NodeHelper:
+        conn = await self.connection()
+        command = self._command([self.node.python, "-c", NODE_SOURCE, "serve"])
+        log.debug("%s (%s): starting its helper", self.node.name, self.node.login)
+        try:
+            return await NodeHelper.start(conn, self.node.name, self.node.python, command)
+        except (asyncssh.Error, OSError) as exc:
+            raise ConnectionLost(self.node.name, "globular.node serve", str(exc)) from None
 
     def _command(self, argv: list[str]) -> str:
         return f"cd {shlex.quote(self.node.workdir)} 2>/dev/null; exec {shlex.join(argv)}"
@@ -128,7 +114,7 @@ class SSHRunner(Runner):
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         if not posixpath.isabs(path):
             path = posixpath.join(self.node.workdir, path)
-        if self._node_helper is not None and self._node_helper.alive:  # one round trip, no new shell
+        if self.helper_running:  # one round trip, no new shell
             await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
             return
         tmp = f"{path}.tmp-{secrets.token_hex(4)}"
@@ -146,9 +132,7 @@ class SSHRunner(Runner):
         return "127.0.0.1", self._forwards[(host, port)].get_port()
 
     async def close(self) -> None:
-        if self._node_helper is not None:
-            self._node_helper.close()
-            self._node_helper = None
+        await self.close_helper()
         forwards, self._forwards = list(self._forwards.values()), {}
         for listener in forwards:
             listener.close()

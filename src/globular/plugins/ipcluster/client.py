@@ -42,7 +42,7 @@ import ipyparallel
 from globular.aio import LoopThread
 from globular.errors import GlobularError
 from globular.paths import globular_home
-from globular.plugins.ipcluster.controller import CLUSTER_KEY, PORT_KEYS, record_data, with_serverkey
+from globular.plugins.ipcluster.controller import CLUSTER_KEY, forwarded_info, record_data, with_serverkey
 from globular.plugins.ipcluster.watch import ControllerWatch, HandshakeWatch, watch_controller
 from globular.providers.ssh_settings import SSHHost
 from globular.state import ClusterRecord, StateStore
@@ -215,12 +215,6 @@ def _ssh_server(info: dict[str, Any], sshserver: str | None, sshkey: Any, passwo
     return ssh or None
 
 
-def _destination(info: dict[str, Any]) -> str:
-    """Where the controller listens, as the ssh server sees it."""
-    addr = str(info["interface"]).split("://", 1)[-1]
-    return "127.0.0.1" if addr in ("0.0.0.0", "*", "") else addr
-
-
 # -- the tunnel ---------------------------------------------------------------------
 
 
@@ -262,13 +256,13 @@ class _Tunnel:
 
     async def _forward(self, info: dict[str, Any]) -> dict[str, Any]:
         conn = await self._connection()
-        destination = _destination(info)
-        forwarded = dict(info, interface="tcp://127.0.0.1", location="127.0.0.1", ssh="")
-        for key in PORT_KEYS:
-            if key in info:
-                listener = await conn.forward_local_port("127.0.0.1", 0, destination, int(info[key]))
-                forwarded[key] = listener.get_port()
-        log.debug("controller %s ports forwarded through %s", destination, self.host)
+
+        async def forward(host: str, port: int) -> int:
+            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
+            return listener.get_port()
+
+        forwarded = await forwarded_info(info, forward)
+        log.debug("controller %s ports forwarded through %s", info.get("interface"), self.host)
         return forwarded
 
     async def _connection(self) -> asyncssh.SSHClientConnection:

@@ -1,22 +1,16 @@
-"""IPCluster's commands, added to the ``globular`` CLI through
-:meth:`~globular.plugins.base.Plugin.register_commands`: ``shell`` and ``notebook``."""
+"""IPCluster's commands, added to the ``globular`` CLI through the ``globular.commands`` entry
+points: ``shell``, ``notebook`` and ``restart-controller``.  Command-line code only: what
+they do is in the plugin's modules, what they show goes through :mod:`globular.cli.render`."""
 
 from __future__ import annotations
-
-import asyncio
-from collections.abc import Callable
-from typing import Any
 
 import click
 from rich.markup import escape
 
 from globular.aio import run_sync
+from globular.cli.render import output, output_option
 from globular.errors import BadInput
-from globular.paths import globular_home
-from globular.plugins.ipcluster.notebook import saved_notebook
-from globular.registry import make_provider
-from globular.render import output, output_option
-from globular.state import StateStore
+from globular.plugins.ipcluster.notebook import forward_notebook, notebook_info
 
 
 @click.command(short_help="A Python shell connected to the cluster.")
@@ -54,33 +48,6 @@ def shell(ctx: click.Context, ipcluster: str | None, code: str | None, cluster: 
             IPython.start_ipython(argv=[], user_ns=namespace)
     finally:
         client.close()
-
-
-def notebook_info(name: str) -> dict[str, Any]:
-    """The notebook server of cluster ``name``: url, port, directory, fingerprint, and the
-    password when globular made it up (it is kept on this machine only, 0600)."""
-    home = globular_home()
-    record = StateStore(home).get(name)
-    return saved_notebook(home, record.name, record.region)
-
-
-async def forward_notebook(name: str, local_port: int, ready: Callable[[str], None]) -> None:
-    """Forward ``127.0.0.1:local_port`` to the notebook server on the master over ssh,
-    until cancelled; ``ready(url)`` is called once it listens."""
-    from globular.errors import BadInput
-
-    home = globular_home()
-    record = StateStore(home).get(name)
-    info = notebook_info(name)
-    if record.master.is_local:
-        raise BadInput(f"the master of {name!r} is reached from here without ssh: open {info['url']} directly")
-    provider = make_provider(record.spec, cluster=record.name, home=home)
-    try:
-        host, port = await provider.runner(record.master).forward_port(info["address"], info["port"], local_port)
-        ready(f"https://{host}:{port}/")
-        await asyncio.Event().wait()
-    finally:
-        await provider.close()
 
 
 @click.command(short_help="The notebook's URL and password; --forward.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,10 +102,22 @@ async def reachable_info(runner: Runner, info: dict[str, Any]) -> dict[str, Any]
     """
     if runner.node.is_local:
         return info
-    host = controller_address(info)
+
+    async def forward(host: str, port: int) -> int:
+        return (await runner.forward_port(host, port))[1]
+
+    return await forwarded_info(info, forward)
+
+
+async def forwarded_info(info: dict[str, Any], forward: Callable[[str, int], Awaitable[int]]) -> dict[str, Any]:
+    """``info`` with each controller port forwarded to 127.0.0.1 by ``forward(host, port)``
+    (which returns the local port), as ipyparallel's Client reads it: no ssh, no tunnel of its own."""
+    address = controller_address(info)
+    host = "127.0.0.1" if address in ("0.0.0.0", "*", "") else address  # as the ssh server sees it
     forwarded = dict(info, interface="tcp://127.0.0.1", location="127.0.0.1", ssh="")
     for key in PORT_KEYS:
-        forwarded[key] = (await runner.forward_port(host, info[key]))[1]
+        if key in info:
+            forwarded[key] = await forward(host, int(info[key]))
     return forwarded
 
 

@@ -20,17 +20,19 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from globular.errors import GlobularError, NodeError
-from globular.paths import write_private
+from globular.errors import BadInput, GlobularError, NodeError
+from globular.paths import globular_home, write_private
 from globular.plugins.base import PluginContext
 from globular.plugins.ipcluster.roles import DATA_KEY
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
-from globular.state import NodeRecord
+from globular.registry import make_provider
+from globular.state import NodeRecord, StateStore
 
 if TYPE_CHECKING:
     from globular.plugins.ipcluster.tls import CertPair
@@ -240,3 +242,28 @@ def saved_notebook(home: Path, name: str, region: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise GlobularError(f"cluster {name!r} runs no notebook server (enable_notebook = true starts one)") from None
     return saved
+
+
+def notebook_info(name: str) -> dict[str, Any]:
+    """The notebook server of cluster ``name``: url, port, directory, fingerprint, and the
+    password when globular made it up (it is kept on this machine only, 0600)."""
+    home = globular_home()
+    record = StateStore(home).get(name)
+    return saved_notebook(home, record.name, record.region)
+
+
+async def forward_notebook(name: str, local_port: int, ready: Callable[[str], None]) -> None:
+    """Forward ``127.0.0.1:local_port`` to the notebook server on the master over ssh,
+    until cancelled; ``ready(url)`` is called once it listens."""
+    home = globular_home()
+    record = StateStore(home).get(name)
+    info = notebook_info(name)
+    if record.master.is_local:
+        raise BadInput(f"the master of {name!r} is reached from here without ssh: open {info['url']} directly")
+    provider = make_provider(record.spec, cluster=record.name, home=home)
+    try:
+        host, port = await provider.runner(record.master).forward_port(info["address"], info["port"], local_port)
+        ready(f"https://{host}:{port}/")
+        await asyncio.Event().wait()
+    finally:
+        await provider.close()

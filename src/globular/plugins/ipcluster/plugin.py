@@ -45,10 +45,9 @@ from globular.plugins.ipcluster.notebook import (
 from globular.plugins.ipcluster.preflight import Requirement, local_version, run_preflight
 from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
-from globular.state import NodeRecord
+from globular.state import ClusterRecord, NodeRecord
 
 if TYPE_CHECKING:
-    import click
     from ipyparallel import Client
 
 
@@ -80,6 +79,16 @@ def settings_of(ctx: PluginContext) -> IPClusterSettings:
     return settings
 
 
+def cluster_encryption(ctx: PluginContext, settings: IPClusterSettings) -> str:
+    """The cluster's encryption, decided once (the setting, else curve when a node is remote)
+    and kept in the record: preflight, start, the report and a new controller read it there."""
+    data = ctx.plugin_data(DATA_KEY)
+    if data.get("encryption") not in ("curve", "none"):
+        data["encryption"] = encryption_of(settings, ctx.remote_nodes)
+    encryption: str = data["encryption"]
+    return encryption
+
+
 class IPCluster(Plugin):
     """Controller on the master, engines on every node; StarCluster's IPCluster."""
 
@@ -88,15 +97,21 @@ class IPCluster(Plugin):
     settings: IPClusterSettings
 
     @classmethod
-    def register_commands(cls, cli: click.Group) -> None:
-        from globular.plugins.ipcluster.commands import notebook, restart_controller, shell
+    def client_for(cls, record: ClusterRecord, home: Path, timeout: float) -> Any | None:
+        if DATA_KEY not in record.plugin_data:
+            return None  # this plugin never ran here
+        from globular.plugins.ipcluster.client import connect
 
-        cli.add_command(shell)
-        cli.add_command(notebook)
-        cli.add_command(restart_controller)
+        return connect(record.name, home=home, timeout=timeout)
+
+    @classmethod
+    def client_class(cls) -> type | None:
+        from globular.plugins.ipcluster.client import Client
+
+        return Client
 
     def encryption(self, ctx: PluginContext) -> str:
-        return encryption_of(self.settings, ctx.remote_nodes)
+        return cluster_encryption(ctx, self.settings)
 
     async def run(self, ctx: PluginContext) -> PluginReport:
         if ctx.plugin_data(DATA_KEY).get("connection_file"):
@@ -380,8 +395,7 @@ class IPClusterRestartController(Plugin):
         old = await stop_engines_and_controller(ctx)
         for key in ("engine_ids", "next_engine_id", "engines"):
             data.pop(key, None)
-        encryption = data.get("encryption") or encryption_of(settings, ctx.remote_nodes)
-        local_file, total = await start_controller_and_engines(ctx, settings, encryption)
+        local_file, total = await start_controller_and_engines(ctx, settings, cluster_encryption(ctx, settings))
         if settings.idle_shutdown:
             await start_idle_watchers(ctx, settings, ctx.nodes)
         return PluginReport(

@@ -15,7 +15,7 @@ from globular.plugins.ipcluster.engines import engine_node
 from globular.plugins.ipcluster.idle import idle_state_file
 from globular.plugins.ipcluster.roles import CONTROLLER, ENGINE, SUPERVISOR
 from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for
-from globular.render import age
+from globular.results import age
 
 if TYPE_CHECKING:
     from ipyparallel import Client

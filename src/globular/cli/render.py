@@ -54,15 +54,6 @@ def to_data(value: Any) -> Any:
     return value
 
 
-def age(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-
-
 def group_warnings(pairs: Iterable[tuple[str, str]]) -> list[str]:
     """``(node, warning)`` pairs -> one line per distinct warning, naming its nodes."""
     nodes: dict[str, list[str]] = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
+from globular.cli.render import output, output_option
 from globular.config import Config
 from globular.errors import BadInput
 from globular.reference import markdown, reference, resolved
-from globular.render import output, output_option
 
 
 @click.group("config", short_help="The settings: reference, or a template's.")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from globular.client import open_shell, run_on_node
+from globular.cli.render import output, output_option
+from globular.client.nodeshell import open_shell, run_on_node
 from globular.errors import BadInput
-from globular.render import output, output_option
 
 
 @click.command(context_settings={"ignore_unknown_options": True}, short_help="A shell, or a command, on the master.")

@@ -1,7 +1,7 @@
 """The ``globular`` command: each command calls the library, which returns data, and hands it
-to the one renderer (:class:`globular.render.Output`).  Exit codes are decided in :func:`main`:
+to the one renderer (:class:`globular.cli.render.Output`).  Exit codes are decided in :func:`main`:
 0 success, 1 an operation failed, 2 bad input, 130 interrupted.  Installed plugins add their
-own commands (:meth:`globular.plugins.base.Plugin.register_commands`); ``config`` is in cli_config.
+own commands through the ``globular.commands`` entry points; ``config`` is in cli/config.py.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ from rich.markup import escape
 
 from globular import __version__, operations
 from globular.aio import run_sync
-from globular.cli_config import config_group
-from globular.cli_shell import sshmaster, sshnode
+from globular.cli.config import config_group
+from globular.cli.render import Output, output, output_option
+from globular.cli.ssh import sshmaster, sshnode
 from globular.config import Config
 from globular.environment import clear_wheel_cache
 from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
 from globular.logs import FORMAT, LOGGER
 from globular.paths import globular_home
-from globular.registry import plugin_classes
-from globular.render import Output, age, output, output_option
+from globular.registry import commands
+from globular.results import age
 from globular.state import StateStore, check_cluster_name
 
 
@@ -442,8 +443,10 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
 cli.add_command(config_group)
 cli.add_command(sshmaster)
 cli.add_command(sshnode)
-for _plugin in plugin_classes():  # installed plugins' own commands (ipcluster: shell, notebook)
-    _plugin.register_commands(cli)
+for _command in commands():  # installed plugins' commands (ipcluster: shell, notebook, restart-controller)
+    if not any(param.name == "output" for param in _command.params):
+        output_option(_command)
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,15 @@
+"""The ``globular`` command line: click commands over the library, and the one renderer.
+
+``main`` (the console script) and ``cli`` (the click group) are in :mod:`globular.cli.main`;
+``config`` in :mod:`globular.cli.config`; ``sshmaster``/``sshnode`` in :mod:`globular.cli.ssh`;
+the renderer in :mod:`globular.cli.render`.  Installed plugins add commands through the
+``globular.commands`` entry points (ipcluster's ``shell``, ``notebook`` and
+``restart-controller`` come that way too); each gets ``--output`` if it lacks it.
+
+Nothing outside this package imports it, except the modules those entry points name: they
+are command-line code, and render through :func:`globular.cli.render.output`.
+"""
+
+from globular.cli.main import cli, main
+
+__all__ = ["cli", "main"]
