@@ -225,12 +225,16 @@ def env_cache(tmp_path_factory) -> Path:
 
 
 @contextmanager
-def bare_hosts(workdir: Path, count: int, python: str, env_cache: Path | None = None, first: int = 11) -> Iterator:
+def bare_hosts(
+    workdir: Path, count: int, python: str, env_cache: Path | None = None, first: int = 11,
+    path: dict[str, str] | None = None,
+) -> Iterator:  # fmt: skip
     """``count`` netns test hosts (tests/testhosts.py) whose ``python`` is a bare one, with the
-    shared environment cache at hand (``share_env_cache``); all removed on exit."""
+    shared environment cache at hand (``share_env_cache``); ``path``: host name -> a folder
+    first on its sessions' PATH (a stand-in nvidia-smi); all removed on exit."""
     import testhosts
 
-    hosts = testhosts.HostNet(workdir=workdir, first=first)
+    hosts = testhosts.HostNet(workdir=workdir, first=first, path=path or {})
     hosts.up(count)
     hosts.python = python  # type: ignore[attr-defined]
     hosts.env_cache = env_cache  # type: ignore[attr-defined]

@@ -26,7 +26,7 @@ HOSTS = 4
 def slurm(tmp_path_factory, bare_python, env_cache):
     workdir = tmp_path_factory.mktemp("slurm")
     with bare_hosts(workdir / "net", HOSTS, bare_python, env_cache) as net:
-        cluster = testslurm.Slurm(net, workdir / "slurm").up()
+        cluster = testslurm.Slurm(net, workdir / "slurm", gpus=2).up()  # gres the GPU test asks for
         before = os.environ.get("SLURM_CONF")
         os.environ.update(cluster.env)  # the CLI runs and the test's own squeue find it
         try:
@@ -218,3 +218,45 @@ def test_idle_shutdown_ends_the_masters_job(slurm, cli, home, tmp_path):
         stopped = cli("terminate", "-y", "idle", timeout=300)
     assert stopped.returncode == 0, stopped.output
     assert jobs_of(slurm, "idle") == {}
+
+
+def test_gpu_engines_stay_within_the_jobs_gpus(slurm, cli, home, tmp_path):
+    """gpus_per_node = 1 on nodes of 2 GPUs: the job is given one (Slurm's CUDA_VISIBLE_DEVICES),
+    and gpu_engines = auto starts one engine, pinned to that GPU's UUID (stand-in nvidia-smi)."""
+    from gpu_standin import LAYOUTS, standin_nvidia_smi
+
+    smi = standin_nvidia_smi(tmp_path / "smi", "two")
+    env = {"PATH": f"{smi}:{os.environ['PATH']}"}  # sbatch passes it on to the jobs, as it does by default
+    config = slurm_config(slurm, tmp_path, home, cluster="environment = system\ngpus_per_node = 1\n",
+                          python=sys.executable, cores=2, ipcluster="gpu_engines = auto\n")  # fmt: skip
+    started = cli("-c", config, "start", "-s", "2", "gpu", timeout=300, env=env)
+    try:
+        assert started.returncode == 0, started.output
+        seen = subprocess.run(
+            [sys.executable, "-c", GPU_SEEN, "gpu"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **env},
+        )
+    finally:
+        stopped = cli("terminate", "-y", "gpu", timeout=300, env=env)
+    assert seen.returncode == 0, seen.stderr
+    given = json.loads(seen.stdout)
+    assert len(given) == 2, given  # one engine per node: the one GPU of each job, not the node's two
+    for one in given:
+        index = int(one["slurm"].split(",")[0])  # the job's GPU, as Slurm numbers them
+        assert one["cuda"] == LAYOUTS["two"][index]["uuid"] and one["order"] == "PCI_BUS_ID", one
+    assert stopped.returncode == 0, stopped.output
+
+
+GPU_SEEN = """
+import globular, json, sys
+client = globular.connect(sys.argv[1])
+def seen():
+    import os
+    return {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "order": os.environ.get("CUDA_DEVICE_ORDER"),
+            "slurm": os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS") or ""}
+print(json.dumps(client[:].apply_sync(seen)))
+client.close()
+"""

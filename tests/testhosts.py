@@ -29,6 +29,7 @@ from pathlib import Path
 SUBNET = "198.18.0"
 GATEWAY = f"{SUBNET}.1"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sshd's, for root
 
 
 def available() -> str | None:
@@ -60,6 +61,7 @@ class HostNet:
     tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])  # names stay within 15 chars
     hosts: list[Host] = field(default_factory=list)
     first: int = 11  # the last octet of host1's address
+    path: dict[str, str] = field(default_factory=dict)  # host name -> a folder first on its sessions' PATH
 
     @property
     def bridge(self) -> str:
@@ -124,6 +126,7 @@ class HostNet:
             "UsePAM no\nStrictModes no\nPidFile none\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
             # a client that vanished (its host's link cut) must not leave a session behind
             "ClientAliveInterval 5\nClientAliveCountMax 2\n"
+            + (f"SetEnv PATH={self.path[host.name]}:{DEFAULT_PATH}\n" if host.name in self.path else "")
         )
         log = open(self.workdir / f"sshd_{host.name}.log", "ab")  # noqa: SIM115 - sshd's, until it stops
         proc = subprocess.Popen(

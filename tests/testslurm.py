@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -97,6 +98,7 @@ class Slurm:
     pids: dict[str, int] = field(default_factory=dict)  # daemon -> pid
     ctld_port: int = 6817
     slurmd_port: int = 6818
+    gpus: int = 0  # GPUs per node, as Slurm's gres (gres.conf naming fake devices: nothing reads them)
 
     @property
     def conf(self) -> Path:
@@ -134,9 +136,21 @@ class Slurm:
             self.workdir / "munged.out",
         )  # fmt: skip
         _wait((self.workdir / "munge.sock").exists, "munged's socket", self.workdir / "munged.out")
+        gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
         nodes = "\n".join(
-            f"NodeName={h.name} NodeAddr={h.address} CPUs={CPUS_PER_NODE} State=UNKNOWN" for h in self.net.hosts
+            f"NodeName={h.name} NodeAddr={h.address} CPUs={CPUS_PER_NODE}{gres} State=UNKNOWN" for h in self.net.hosts
         )
+        if self.gpus:
+            nodes = "GresTypes=gpu\n" + nodes
+            (self.workdir / "dev").mkdir(exist_ok=True)
+            lines = []
+            for host in self.net.hosts:
+                for i in range(self.gpus):  # character devices like /dev/null: Slurm only stats them
+                    device = self.workdir / "dev" / f"{host.name}-nvidia{i}"
+                    if not device.exists():
+                        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+                    lines.append(f"NodeName={host.name} Name=gpu File={device}")
+            (self.workdir / "gres.conf").write_text("\n".join(lines) + "\n")
         self.conf.write_text(
             CONF.format(
                 controller=socket.gethostname().split(".")[0],

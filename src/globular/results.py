@@ -33,6 +33,7 @@ class NodeCheck:
     cpus: int | None = None
     load: float | None = None
     engines: int = 0
+    gpus: list[str] = field(default_factory=list)  # the UUIDs of the GPUs its engines get
     controller_reachable: bool | None = None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

@@ -96,21 +96,38 @@ def step_times(node: NodeRecord) -> dict[str, float]:
     return times
 
 
-async def ask_node(provider: NodeProvider, node: NodeRecord, timeout: float = ASK_TIMEOUT) -> dict[str, Any]:
+async def ask_node(
+    provider: NodeProvider, node: NodeRecord, timeout: float = ASK_TIMEOUT, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One round trip: which of ``node``'s recorded processes are alive and how many live
-    children each has, the node's load and uptime (the node programs' ``facts``)."""
+    children each has, the node's load and uptime (the node programs' ``facts``), and what the
+    plugins asked for besides (``extra``: ipcluster's GPUs)."""
     procs = [p.model_dump() for p in node.processes]
     facts: dict[str, Any] = await provider.runner(node).nodeproc(
-        "facts", {"procs": procs, "parents": procs}, timeout=timeout
+        "facts", {**(extra or {}), "procs": procs, "parents": procs}, timeout=timeout
     )
     return facts
 
 
-async def ask_nodes(record: ClusterRecord, provider: NodeProvider) -> dict[str, dict[str, Any] | BaseException]:
+def facts_requests(record: ClusterRecord, deep: bool) -> dict[str, Any]:
+    """What the record's plugins want asked of every node besides (:meth:`Plugin.facts_request`)."""
+    extra: dict[str, Any] = {}
+    for spec in record.spec.plugins:
+        try:
+            extra.update(load_plugin(spec).facts_request(record, deep))
+        except (GlobularError, RegistryError, ValueError):
+            continue  # the plugin's status says what is wrong with it
+    return extra
+
+
+async def ask_nodes(
+    record: ClusterRecord, provider: NodeProvider, deep: bool = False
+) -> dict[str, dict[str, Any] | BaseException]:
     """:func:`ask_node` for every node at once; a node that fails gives its error."""
+    extra = facts_requests(record, deep)
 
     async def one(node: NodeRecord) -> dict[str, Any]:
-        return await asyncio.wait_for(ask_node(provider, node), ASK_TIMEOUT + 5)
+        return await asyncio.wait_for(ask_node(provider, node, extra=extra), ASK_TIMEOUT + 5)
 
     answers = await asyncio.gather(*(one(n) for n in record.nodes), return_exceptions=True)
     for answer in answers:
@@ -166,7 +183,7 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
     provider = make_provider(record.spec, cluster=record.name, home=home)
     try:
         jobs = await provider_status(provider, record)
-        facts = await ask_nodes(record, provider)
+        facts = await ask_nodes(record, provider, deep=True)
         statuses = await plugin_statuses(StatusView(record, facts, provider.runner, home, deep=True))
     finally:
         await provider.close()

@@ -298,13 +298,16 @@ def check(ctx: click.Context, cluster_size: int | None, template: str | None, na
     ok = all(c.ok for c in checks)
 
     def text() -> None:
-        table = out.table("node", "address", "python", "ipyparallel", "cores", "load", "controller reachable", "result")
+        gpus = any(c.gpus for c in checks)
+        columns = ["node", "address", "python", "ipyparallel", "cores", *(["gpus"] if gpus else [])]
+        table = out.table(*columns, "engines", "load", "controller reachable", "result")
         for c in checks:
             reach = {True: "yes", False: "[red]no[/]", None: "-"}[c.controller_reachable]
             result = "[green]ok[/]" if c.ok else f"[red]{escape('; '.join(c.problems))}[/]"
             load = str(c.load if c.load is not None else "-")
             ipp = c.modules.get("ipyparallel") or "-"
-            table.add_row(c.node, c.address, c.python or "-", ipp, str(c.cpus or "-"), load, reach, result)
+            cells = [c.node, c.address, c.python or "-", ipp, str(c.cpus or "-"), *([str(len(c.gpus))] if gpus else [])]
+            table.add_row(*cells, str(c.engines), load, reach, result)
         out.print(table)
         out.warnings(checks)
 

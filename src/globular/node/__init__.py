@@ -9,7 +9,8 @@ loader, so that a node needs nothing but Python.
 
 - :mod:`~globular.node.protocol`: the request, the refusal, the verb registry;
 - :mod:`~globular.node.proc`: processes, started detached, checked and stopped by pid;
-- :mod:`~globular.node.facts`: what the node is (cores, Python, modules, addresses);
+- :mod:`~globular.node.gpus`: its GPUs, as ``nvidia-smi`` lists them;
+- :mod:`~globular.node.facts`: what the node is (cores, GPUs, Python, modules, addresses);
 - :mod:`~globular.node.files`: files and node folders;
 - :mod:`~globular.node.probe`: ports and connections as the node sees them;
 - :mod:`~globular.node.env`: node environments (a venv built from shipped wheels, pruned);
@@ -25,7 +26,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-MODULES = ("protocol", "proc", "facts", "files", "probe", "env", "serve")  # in the order they are joined
+MODULES = ("protocol", "proc", "gpus", "facts", "files", "probe", "env", "serve")  # in the order they are joined
 _OWN_IMPORT = re.compile(r"^from globular\.node(?:\.\w+)? import (?:\([^)]*\)|[^\n]*)\n", re.M)
 _FUTURE = "from __future__ import annotations\n"
 
@@ -40,7 +41,7 @@ def source(modules: tuple[str, ...] = MODULES, main: str = "main(sys.argv)") -> 
 
 SOURCE = source()
 
-from globular.node import env, facts, files, probe, proc, serve  # noqa: E402 - every verb registered
+from globular.node import env, facts, files, gpus, probe, proc, serve  # noqa: E402 - every verb registered
 from globular.node.protocol import ANY_PYTHON, VERBS, Refused  # noqa: E402
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "env",
     "facts",
     "files",
+    "gpus",
     "probe",
     "proc",
     "serve",

@@ -1,4 +1,4 @@
-"""What a node is: its cores, its Python and modules (read from metadata), its addresses."""
+"""What a node is: its cores, GPUs (asked for), its Python and modules (read from metadata), its addresses."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Any
 
+from globular.node.gpus import gpu_devices
 from globular.node.proc import _alive, children
 from globular.node.protocol import Request, verb
 
@@ -45,7 +46,8 @@ def facts(req: Request) -> Any:
     """What preflight needs to know of this node: Python, cores, load, uptime, the version of
     each module of ``req["modules"]`` (read from its metadata: no import), and the answers to a
     plugin's ``req["questions"]`` (``{name: code}``: the code runs in this Python and sets
-    ``answer``; ipcluster asks whether pyzmq has CURVE), all in one round trip."""
+    ``answer``; ipcluster asks whether pyzmq has CURVE), and with ``req["gpus"]`` the GPUs this
+    process may use (:func:`~globular.node.gpus.gpu_devices`), all in one round trip."""
     import importlib
     import importlib.metadata
     import importlib.util
@@ -86,6 +88,7 @@ def facts(req: Request) -> Any:
         "uptime": uptime,
         "modules": found,
         "answers": answers,
+        "gpus": gpu_devices() if req.get("gpus") else None,
         # folders something will be made in that exist as something else (a file)
         "not_folders": [
             p

@@ -178,6 +178,12 @@ class Plugin:
         hidden = {k: "(not kept)" for k in cls.secret_settings if spec.settings.get(k) is not None}
         return spec.model_copy(update={"settings": {**spec.settings, **hidden}}) if hidden else spec
 
+    def facts_request(self, record: ClusterRecord, deep: bool) -> dict[str, Any]:
+        """What to ask every node besides, in status's one round trip (keys of the ``facts``
+        request of :mod:`globular.node.facts`; ipcluster: ``{"gpus": True}``).  The answers are
+        in :attr:`StatusView.facts`.  ``deep``: ``globular status``, not ``listclusters``."""
+        return {}
+
     @classmethod
     def client_for(cls, record: ClusterRecord, home: Path, timeout: float) -> Any | None:
         """A ready client for running cluster ``record`` if this plugin started what it talks to

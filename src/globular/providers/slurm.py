@@ -227,6 +227,8 @@ class SlurmProvider(NodeProvider):
             argv.append(f"--constraint={s.constraint}")
         if s.cores_per_node:
             argv.append(f"--cpus-per-task={s.cores_per_node}")
+        if s.gpus_per_node:
+            argv.append(f"--gpus-per-node={s.gpus_per_node}")
         if host:
             argv.append(f"--nodelist={host}")
         return argv + s.sbatch_args

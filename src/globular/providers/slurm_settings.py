@@ -48,6 +48,13 @@ class SlurmSettings(Settings):
         description="cores each node's job asks for (sbatch --cpus-per-task), one engine each; "
         "default: what the allocation gives (SLURM_CPUS_ON_NODE)",
     )
+    gpus_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="GPUs each node's job asks for (sbatch --gpus-per-node); with ipcluster's gpu_engines, "
+        "its engines are pinned within what the job is given (Slurm's CUDA_VISIBLE_DEVICES)",
+    )
     sbatch_args: ArgList = Field(
         default_factory=list,
         description="more sbatch arguments, split like a shell would but never run by one",

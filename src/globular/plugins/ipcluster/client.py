@@ -114,6 +114,18 @@ class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no ty
         finally:
             watch.close()
 
+    def gpu_engines(self) -> dict[int, str]:
+        """Engine id -> the UUID of the GPU it holds (``gpu_engines``); CPU engines are left out."""
+        from globular.plugins.ipcluster.gpus import gpu_engines
+
+        return gpu_engines(self)
+
+    def gpu_view(self) -> Any:
+        """A DirectView over the GPU engines only: ``rc.gpu_view().map_sync(train, shards)``."""
+        from globular.plugins.ipcluster.gpus import gpu_view
+
+        return gpu_view(self)
+
     def close(self, linger: int | None = None) -> None:
         watch, self._globular_watch = getattr(self, "_globular_watch", None), None
         if watch is not None:

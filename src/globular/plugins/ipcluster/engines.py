@@ -15,6 +15,7 @@ from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
 from globular.plugins.base import PluginContext
 from globular.plugins.ipcluster import userconfig
+from globular.plugins.ipcluster.gpus import assign, gpu_env, held, node_devices
 from globular.plugins.ipcluster.node import source
 from globular.plugins.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings
@@ -66,8 +67,11 @@ def engine_env(ctx: PluginContext, node: NodeRecord, settings: IPClusterSettings
     }
 
 
-def engine_spec(ctx: PluginContext, node: NodeRecord, engine_id: int, settings: IPClusterSettings) -> ProcessSpec:
-    """How engine ``engine_id`` of ``node`` is started (it asks the controller for that id)."""
+def engine_spec(
+    ctx: PluginContext, node: NodeRecord, engine_id: int, settings: IPClusterSettings, gpu: str | None = None
+) -> ProcessSpec:
+    """How engine ``engine_id`` of ``node`` is started (it asks the controller for that id),
+    pinned to GPU ``gpu`` (a UUID) under ``gpu_engines``."""
     return ProcessSpec(
         argv=[
             node.python,
@@ -80,10 +84,15 @@ def engine_spec(ctx: PluginContext, node: NodeRecord, engine_id: int, settings: 
         ],
         log=f"{node.workdir}/logs/engine-{engine_id}.log",
         role=ENGINE,
-        env=engine_env(ctx, node, settings),
+        env=engine_env(ctx, node, settings) | gpu_env(settings, gpu),
         cwd=settings.engine_workdir or node.workdir,
         ident=str(engine_id),
     )
+
+
+def own_env(engine: ProcessSpec, common: dict[str, str]) -> dict[str, str]:
+    """What of ``engine``'s environment differs from the one its starter runs with (its GPU)."""
+    return {k: v for k, v in (engine.env or {}).items() if common.get(k) != v}
 
 
 async def start_engines(
@@ -110,10 +119,17 @@ async def start_engines(
     await userconfig.install(ctx, node, settings)
     env = engine_env(ctx, node, settings)
     ids = claim_engine_ids(ctx, node, count, floor)
-    engines = [engine_spec(ctx, node, engine_id, settings) for engine_id in ids]
+    data = ctx.plugin_data(DATA_KEY)
+    gpu_of = assign(ids, node_devices(data, node.name)) if settings.gpu_engines != "none" else {}
+    if gpu_of:  # which engine holds which GPU, as they are given
+        data.setdefault("gpu_engines", {}).update({str(i): uuid for i, uuid in gpu_of.items() if uuid})
+    engines = [engine_spec(ctx, node, engine_id, settings, gpu_of.get(engine_id)) for engine_id in ids]
     if settings.restart_dead_engines:
         request = f"{node.workdir}/run/engines-{ids[0]}.json"
-        plan = {"engines": [{"argv": e.argv, "log": e.log} for e in engines], "restart_id_arg": "--IPEngine.id="}
+        plan = {
+            "engines": [{"argv": e.argv, "log": e.log, "env": own_env(e, env)} for e in engines],
+            "restart_id_arg": "--IPEngine.id=",
+        }
         await runner.write_file(request, json.dumps(plan).encode(), 0o600)
         supervised = ProcessSpec(
             argv=[node.python, "-c", SUPERVISOR_SOURCE, request],
@@ -143,7 +159,7 @@ async def fork_engines(
     tag = f"{first}-{secrets.token_hex(4)}"
     request, out = f"{node.workdir}/run/engines-{tag}.json", f"{node.workdir}/run/engines-{tag}.pids.json"
     plan = {
-        "engines": [{"args": e.argv[1 + len(ENGINE_MODULE) :], "log": e.log} for e in engines],
+        "engines": [{"args": e.argv[1 + len(ENGINE_MODULE) :], "log": e.log, "env": own_env(e, env)} for e in engines],
         "nanny": settings.engine_nanny,
         "out": out,
     }
@@ -177,7 +193,8 @@ async def restart_engine(
 ) -> list[ProcessRecord]:
     """Start engine ``engine_id`` of ``node`` again, the way its node's engines start (forked,
     or its own Python); its records."""
-    spec = engine_spec(ctx, node, engine_id, settings)
+    gpu = held(ctx.plugin_data(DATA_KEY), [engine_id]).get(engine_id)
+    spec = engine_spec(ctx, node, engine_id, settings, gpu)
     runner = ctx.runner(node)
     if settings.engine_fork:
         return await fork_engines(runner, node, [spec], engine_id, spec.env, settings)

@@ -33,6 +33,7 @@ from globular.plugins.ipcluster.controller import (
 )
 from globular.plugins.ipcluster.controller import running_data as _running_data
 from globular.plugins.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
+from globular.plugins.ipcluster.gpus import engine_count
 from globular.plugins.ipcluster.idle import start_idle_watchers
 from globular.plugins.ipcluster.labpanel import remove_cluster_files, write_cluster_files
 from globular.plugins.ipcluster.notebook import (
@@ -96,6 +97,9 @@ class IPCluster(Plugin):
     secret_settings = frozenset({"notebook_passwd"})
     settings: IPClusterSettings
 
+    def facts_request(self, record: ClusterRecord, deep: bool) -> dict[str, Any]:
+        return {"gpus": True} if deep and self.settings.gpu_engines != "none" else {}
+
     @classmethod
     def client_for(cls, record: ClusterRecord, home: Path, timeout: float) -> Any | None:
         if DATA_KEY not in record.plugin_data:
@@ -158,17 +162,35 @@ class IPCluster(Plugin):
         master_modules = [Requirement("jupyterlab", need="enable_notebook")] if settings.enable_notebook else []
         running = ctx.plugin_data(DATA_KEY).get("engine_info") or {}
         ip = controller_address(running) if running else await controller_ip(ctx, settings)
-        return await run_preflight(
+        checks = await run_preflight(
             ctx,
             nodes,
             modules=modules,
             master_modules=master_modules,
             curve=self.encryption(ctx) == "curve",
+            gpu_settings=settings if settings.gpu_engines != "none" else None,
             engines={n.name: engines_for(n, settings) for n in nodes},
             controller_ip=ip,
             port_candidates=settings.allowed_ports,
             master_folders={"notebook_directory": notebook_folder(settings)} if settings.enable_notebook else None,
         )
+        # two nodes of one machine (local nodes) see the same GPUs
+        known = ctx.plugin_data(DATA_KEY).get("gpus") or {}
+        names = {n.name for n in nodes}
+        holder = {d["uuid"]: node for node, devices in known.items() if node not in names for d in devices}
+        for check in checks:
+            shared = sorted({holder[u] for u in check.gpus if u in holder})
+            if shared:
+                check.warnings.append(
+                    f"its GPUs are {' and '.join(shared)}'s too (the same machine): their engines share them"
+                )
+            for uuid in check.gpus:
+                holder.setdefault(uuid, check.node)
+        return checks
+
+    def _gpu_note(self, ctx: PluginContext) -> str:
+        held = len(ctx.plugin_data(DATA_KEY).get("gpu_engines") or {})
+        return f", {held} of them on a GPU each" if held else ""
 
     def _report(
         self, ctx: PluginContext, local_file: Path, engines: int, elapsed: float, notebook: NotebookInfo | None
@@ -180,7 +202,7 @@ class IPCluster(Plugin):
             "none": "signed, not encrypted" + ("" if ctx.remote_nodes else " (loopback only)"),
         }[self.encryption(ctx)]
         summary = [
-            ("engines", f"{engines} on {len(ctx.nodes)} nodes"),
+            ("engines", f"{engines} on {len(ctx.nodes)} nodes" + self._gpu_note(ctx)),
             ("controller", f"{ctx.master.name} ({ctx.master.address})"),
             ("traffic", traffic),
             ("connection file", str(local_file)),
@@ -214,7 +236,7 @@ class IPCluster(Plugin):
 
     async def on_add_node(self, ctx: PluginContext, node: NodeRecord) -> PluginReport | None:
         data = running_data(ctx)
-        count = engines_for(node, self.settings)
+        count = engine_count(data, node, self.settings)
         client = await client_of(ctx)
         try:
             floor = max(client.ids, default=-1) + 1
@@ -253,6 +275,7 @@ class IPCluster(Plugin):
             )
         finally:
             client.close()
+        (ctx.plugin_data(DATA_KEY).get("gpus") or {}).pop(node.name, None)
 
     async def on_shutdown(self, ctx: PluginContext) -> None:
         await stop_ipcluster(ctx)
@@ -273,7 +296,7 @@ async def start_controller_and_engines(
     controller, engine_info = await launch_controller(ctx, settings, curve=encryption == "curve")
     # Engines start with the controller, not after it: their registration
     # request waits on the (pre-chosen) registration port until it listens.
-    counts = {node.name: engines_for(node, settings) for node in ctx.nodes}
+    counts = {node.name: engine_count(ctx.plugin_data(DATA_KEY), node, settings) for node in ctx.nodes}
     ctx.reporter.begin("engine-start", "starting engines on nodes", len(ctx.nodes))
     started_ids = await each_node(
         ctx.nodes,
@@ -320,7 +343,10 @@ async def stop_ipcluster(ctx: PluginContext) -> int:
     if data.get("connection_file"):
         Path(data["connection_file"]).unlink(missing_ok=True)
     remove_cluster_files(ctx)
+    gpus = data.get("gpus")  # what the nodes have stays true: `runplugin ipcluster` starts on it again
     data.clear()
+    if gpus:
+        data["gpus"] = gpus
     ctx.save()
     return stopped
 
@@ -335,7 +361,7 @@ class IPClusterRestartEngines(Plugin):
         client = await client_of(ctx)
         try:
             old = set(client.ids)
-            counts = {node.name: engines_for(node, settings) for node in ctx.nodes}
+            counts = {node.name: engine_count(data, node, settings) for node in ctx.nodes}
             ctx.reporter.begin("restart", "restarting engines (nodes)", len(ctx.nodes))
             floor = max(old, default=-1) + 1
             wanted: dict[int, str] = {}

@@ -21,6 +21,9 @@ from typing import Any
 
 from globular.errors import GlobularError
 from globular.plugins.base import NodeCheck, PluginContext
+from globular.plugins.ipcluster.gpus import judge_gpus
+from globular.plugins.ipcluster.roles import DATA_KEY
+from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for
 from globular.providers.base import NODE_SOURCE, ProcessSpec
 from globular.state import NodeRecord
 
@@ -113,9 +116,13 @@ async def run_preflight(
     port_candidates: list[int] | None,
     curve: bool = False,
     master_folders: dict[str, str] | None = None,
+    gpu_settings: IPClusterSettings | None = None,
     timeout: float = CHECK_TIMEOUT,
 ) -> list[NodeCheck]:
-    """Check ``nodes``; returns a NodeCheck per node (raise nothing: the caller decides)."""
+    """Check ``nodes``; returns a NodeCheck per node (raise nothing: the caller decides).
+
+    With ``gpu_settings`` (``gpu_engines`` set), each node's GPUs are asked for in the same round
+    trip, judged, and the ones its engines get kept in the record (``gpus``, by node)."""
     master = ctx.master
     checks = {n.name: NodeCheck(node=n.name, address=n.address, engines=engines.get(n.name, 0)) for n in nodes}
     ctx.reporter.begin("preflight", "preflight checks (nodes)", len(nodes))
@@ -157,12 +164,19 @@ async def run_preflight(
                 "load": [r.module for r in wanted if r.load],
                 "questions": {"curve": CURVE_QUESTION} if curve else {},
                 "folders": list((master_folders or {}).values()) if node.is_master else [],
+                "gpus": gpu_settings is not None,
             }
             try:
                 facts = await runner.nodeproc("facts", request, timeout=timeout)
             except GlobularError as exc:
                 check.problems.append(str(exc).removeprefix(f"{node.name}: "))
                 return
+            if gpu_settings is not None:
+                devices, gpu_problems = judge_gpus(facts.get("gpus"), gpu_settings)
+                check.problems += gpu_problems
+                check.gpus = [d["uuid"] for d in devices]
+                check.engines = engines_for(node, gpu_settings, len(devices))
+                ctx.plugin_data(DATA_KEY).setdefault("gpus", {})[node.name] = devices
             judge(check, facts, wanted)
             for setting, path in (master_folders or {}).items() if node.is_master else ():
                 if path in facts.get("not_folders", []):

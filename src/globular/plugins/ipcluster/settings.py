@@ -140,6 +140,20 @@ def _check_local_file(path: str | None) -> str | None:
     return path
 
 
+def _gpu_engines(value: Any) -> Any:
+    text = str(value).strip().lower()
+    if text in ("0", "no", "off", "false", "none"):
+        return "none"
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) <= 1024:
+        return int(text)
+    raise PydanticCustomError("gpu_engines", "expected auto, none, or the number of GPU engines per node (1-1024)")
+
+
+GpuEngines = Annotated[Literal["auto", "none"] | int, BeforeValidator(_gpu_engines)]
+
+
 class IPClusterSettings(Settings):
     enable_notebook: bool = Field(default=False, description="JupyterLab on the master, HTTPS and password only")
     notebook_passwd: str | None = Field(default=None, description="default: a random one, shown once by start")
@@ -154,6 +168,20 @@ class IPClusterSettings(Settings):
     )
     master_engines: int | None = Field(
         default=None, ge=0, description="engines on the master; default cores - 1 (at least 1)"
+    )
+    gpu_engines: GpuEngines = Field(
+        default="none",
+        description="auto: one engine per GPU a node has (nvidia-smi's, within what its allocation or "
+        "CUDA_VISIBLE_DEVICES leaves; a MIG device counts as one), each pinned to its GPU by UUID with "
+        "CUDA_DEVICE_ORDER=PCI_BUS_ID; N: N per node (a node with fewer fails the preflight); none: one "
+        "engine per core, GPUs not looked at. A node with no GPU keeps one engine per core under auto",
+    )
+    cpu_engines: int | None = Field(
+        default=None,
+        ge=0,
+        description="CPU engines beside a GPU node's GPU engines (with gpu_engines; default 0: a GPU node's "
+        "cores feed its GPUs, and a CPU engine would starve them), each with CUDA_VISIBLE_DEVICES empty "
+        "so that it never takes a GPU by accident",
     )
     heartbeat_period: int = Field(
         default=200,
@@ -232,6 +260,13 @@ class IPClusterSettings(Settings):
                     {"key": "engine_fork"},  # the setting the error names (see spec.validated)
                 )
             object.__setattr__(self, "engine_fork", False)  # the model is frozen: set while it is made
+        if self.cpu_engines is not None and self.gpu_engines == "none":
+            raise PydanticCustomError(
+                "conflicting_settings",
+                "cpu_engines counts the CPU engines beside a GPU node's GPU engines: set gpu_engines "
+                "(auto or a number), or drop cpu_engines",
+                {"key": "cpu_engines"},
+            )
         return self
 
     @property
@@ -254,8 +289,18 @@ def encryption_of(settings: IPClusterSettings, remote_nodes: bool) -> str:
     return settings.encryption or ("curve" if remote_nodes else "none")
 
 
-def engines_for(node: NodeRecord, settings: IPClusterSettings) -> int:
-    """Engines on ``node``: one per core; the master keeps a core for the controller."""
+def gpus_used(settings: IPClusterSettings, gpus: int) -> int:
+    """How many of a node's ``gpus`` get an engine (0: none, the node runs CPU engines)."""
+    if settings.gpu_engines == "none" or not gpus:
+        return 0
+    return gpus if settings.gpu_engines == "auto" else min(int(settings.gpu_engines), gpus)
+
+
+def engines_for(node: NodeRecord, settings: IPClusterSettings, gpus: int = 0) -> int:
+    """Engines on ``node``: one per core, the master keeping a core for the controller; a node
+    with ``gpus`` (under ``gpu_engines``): its GPU engines, and ``cpu_engines`` beside them."""
+    if gpus_used(settings, gpus):
+        return gpus_used(settings, gpus) + (settings.cpu_engines or 0)
     if node.is_master:
         if settings.master_engines is not None:
             return settings.master_engines

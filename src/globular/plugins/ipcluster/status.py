@@ -12,9 +12,10 @@ from globular.errors import GlobularError
 from globular.plugins.base import PluginStatus, StatusView
 from globular.plugins.ipcluster.controller import open_client, record_data
 from globular.plugins.ipcluster.engines import engine_node
+from globular.plugins.ipcluster.gpus import engine_count, gpu_status
 from globular.plugins.ipcluster.idle import idle_state_file
 from globular.plugins.ipcluster.roles import CONTROLLER, ENGINE, SUPERVISOR
-from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for
+from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.results import age
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
     expected_total = data.get("engines")
     running_total = 0
     for node in record.nodes:
-        expected = engines_for(node, settings) if data else 0
+        expected = engine_count(data, node, settings) if data else 0
         alive = view.alive(node, ENGINE)
         running = None if alive is None else alive + (view.children(node, SUPERVISOR) or 0)
         running_total += running or 0
@@ -133,6 +134,8 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
             stamp = time.strftime("%H:%M:%S", time.localtime(idle["shutdown"]))
             status.condition = f"idle shutdown at {stamp}: `globular terminate {record.name}` releases the nodes"
 
+    if settings.gpu_engines != "none" and data:
+        gpu_status(view, data, status)
     if not view.deep or not data or controller == "down":
         return status
     registered, why = await _registered(view)
@@ -141,9 +144,9 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
         node_data = status.node_data[node.name]
         node_data["engines_registered"] = count
         expected, running = node_data["engines_expected"], node_data["engines_running"]
-        status.node_columns[node.name] = {
-            "engines run/reg/exp": f"{'?' if running is None else running}/{'?' if count is None else count}/{expected}"
-        }
+        status.node_columns[node.name]["engines run/reg/exp"] = (
+            f"{'?' if running is None else running}/{'?' if count is None else count}/{expected}"
+        )
         if node.name not in status.node_problems and count is not None and count > expected:
             status.node_states[node.name] = "engines"
             status.node_problems[node.name] = (

@@ -127,6 +127,7 @@ def run_engine(spec: dict[str, Any], nanny: bool) -> int:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        os.environ.update(spec.get("env") or {})  # its own (its GPU), before anything can read it
         if nanny and hasattr(engine_app, "start_nanny"):
             fork_nanny()
         sys.argv = ["ipengine", *spec["args"]]

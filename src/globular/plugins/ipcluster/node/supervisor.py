@@ -3,7 +3,7 @@
 Started (``restart_dead_engines = True``) as ``python -c <this source> REQUEST``
 where REQUEST is a JSON file (0600) naming the engines to run::
 
-    {"engines": [{"argv": [...], "log": "..."}], "restart_id_arg": "--IPEngine.id=", "restart_args": []}
+    {"engines": [{"argv": [...], "log": "...", "env": {...}}], "restart_id_arg": "--IPEngine.id=", "restart_args": []}
 
 (The controller runs under one too, with ``restart_args = ["--restore"]``: a controller
 that comes back on the same ports with its engines' state keeps them and their ids.)
@@ -39,6 +39,7 @@ class Slot:
     def __init__(self, spec: dict[str, Any], id_arg: str, restart_args: list[str]):
         self.argv = list(spec["argv"])
         self.log = spec["log"]
+        self.env = dict(os.environ, **spec["env"]) if spec.get("env") else None  # its own (its GPU)
         self.id_arg = id_arg
         self.restart_args = restart_args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -61,6 +62,7 @@ class Slot:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 umask=0o077,
+                env=self.env,
             )
         self.started = time.monotonic()
 
