@@ -263,3 +263,16 @@ def share_env_cache(cache: Path, home: Path, remote_dir: Path) -> None:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(target)
+
+
+def ssh_config(path: Path, hosts, remote_dir: Path, ipcluster: str = "", cluster: str = "") -> Path:
+    """A config whose template ``lab`` is the ssh provider on test ``hosts`` (their bare Python,
+    one core each) running ipcluster with ``ipcluster`` settings."""
+    path.write_text(
+        "[global]\ndefault_template = lab\n[cluster lab]\nprovider = ssh\n"
+        f"node_hosts = {', '.join(f'root@{h.address}' for h in hosts.hosts)}\n"
+        f"ssh_key = {hosts.key}\nknown_hosts = {hosts.known_hosts}\npython = {hosts.python}\n"
+        f"remote_dir = {remote_dir}\ncores_per_node = 1\nplugins = ipcluster\n{cluster}"
+        f"[plugin ipcluster]\nsetup_class = ipcluster\n{ipcluster}"
+    )
+    return path

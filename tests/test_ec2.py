@@ -8,6 +8,7 @@ addresses, so the SSH bring-up, the controller and the engines are real.
 
 from __future__ import annotations
 
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -92,7 +93,10 @@ def account(moto_url, net):
     return Account(moto_url, net.key)
 
 
-def ec2_config(account: Account, net, tmp_path, *, cluster: str = "", plugins: str = "ipcluster", aws: str = "") -> str:
+def ec2_config(
+    account: Account, net, tmp_path, *, cluster: str = "", plugins: str = "ipcluster", aws: str = "",
+    ipcluster: str = "", python: str | None = None,
+) -> str:  # fmt: skip
     """A config for ``cloud``; the instances' Python is bare, and their environment (built by
     globular) is shared with the other tests, as an AMI's would be after its first start."""
     share_env_cache(net.env_cache, tmp_path / "globular-home", tmp_path / "hosts")
@@ -106,10 +110,10 @@ def ec2_config(account: Account, net, tmp_path, *, cluster: str = "", plugins: s
         "[cluster cloud]\nprovider = ec2\nkeyname = testkey\n"
         f"node_image_id = {account.ami}\nnode_instance_type = t3.micro\nsubnet_id = {account.subnet}\n"
         "permission = 198.18.0.0/24\nuser = root\n"
-        f"python = {net.python}\nremote_dir = {tmp_path / 'hosts'}\n"
+        f"python = {python or net.python}\nremote_dir = {tmp_path / 'hosts'}\n"
         "cores_per_node = 1\npoll_interval = 0.2\nboot_timeout = 60\nconnect_timeout = 3\n"
         f"plugins = {plugins}\n{cluster}"
-        "[plugin ipcluster]\nsetup_class = ipcluster\n"
+        f"[plugin ipcluster]\nsetup_class = ipcluster\n{ipcluster}"
     )
     return str(path)
 
@@ -302,3 +306,63 @@ def test_ec2_config_sections_are_checked_with_file_section_and_key(tmp_path):
         err = caught.value
         assert (err.section, err.key) == (section, key), str(err)
         assert message in str(err) and str(err).startswith("cfg"), str(err)
+
+
+NOTEBOOK = {
+    "cells": [{"cell_type": "code", "id": "c1", "metadata": {}, "execution_count": None, "outputs": [],
+               "source": "import ipyparallel as ipp\nrc = ipp.Client()"}],
+    "metadata": {}, "nbformat": 4, "nbformat_minor": 5,
+}  # fmt: skip
+
+
+def write_notebook(started_stdout: str, home: Path, password: str) -> None:
+    """A notebook written the way JupyterLab writes one (the contents API), and its checkpoint."""
+    import ssl
+
+    from notebook_client import Jupyter
+
+    url = next(line.split()[-1] for line in started_stdout.splitlines() if line.strip().startswith("notebook "))
+    cert = next((home / "tls").glob("*/cert.pem")).read_text()
+    lab = Jupyter(url, ssl.create_default_context(cadata=cert))
+    assert lab.login(password)[0] == 302
+    status, _, body = lab.request("PUT", "/api/contents/analysis.ipynb", {"type": "notebook", "content": NOTEBOOK})
+    assert status in (200, 201), body
+    assert lab.request("POST", "/api/contents/analysis.ipynb/checkpoints")[0] == 201
+
+
+def test_terminate_copies_the_notebooks_home_first_and_stops_when_it_cannot(
+    account, net, cli, home, tmp_path, terminated
+):
+    """The master's notebooks are copied home before anything is released (byte for byte, the
+    checkpoints left out); a copy that cannot be made stops terminate with nothing released,
+    and --discard-notebooks goes on without them."""
+    notebooks = tmp_path / "notebooks"  # the master's notebook folder (the hosts share this disk)
+    config = ec2_config(account, net, tmp_path, cluster="environment = system\n", python=sys.executable,
+                        ipcluster=f"enable_notebook = true\nnotebook_passwd = lab-password-1\nnotebook_directory = {notebooks}\n")  # fmt: skip
+    before = account.snapshot()
+    started = cli("-c", config, "start", "-s", "1", "nbs", timeout=300)
+    terminated("nbs", config)
+    assert started.returncode == 0, started.output
+    write_notebook(started.stdout, home, "lab-password-1")
+    (notebooks / "scratch").symlink_to("/etc")  # a link out of the folder: not copied, so terminate stops
+    refused = cli("-c", config, "terminate", "-y", "nbs", timeout=300)
+    assert refused.returncode == 1, refused.output
+    assert (
+        "the notebooks of nbs were not copied home" in refused.stderr and "scratch (a link to /etc)" in refused.stderr
+    )
+    assert "--discard-notebooks" in refused.stderr
+    assert len(account.live()) == 1 and (home / "clusters" / "nbs.json").exists()  # nothing released
+    (notebooks / "scratch").unlink()
+    done = cli("-c", config, "terminate", "-y", "nbs", timeout=300)
+    assert done.returncode == 0, done.output
+    [copy] = (home / "notebooks").glob("nbs-*/*/analysis.ipynb")
+    assert copy.read_bytes() == (notebooks / "analysis.ipynb").read_bytes()
+    assert not list((home / "notebooks").rglob("*checkpoint*")) and str(copy.parent) in " ".join(done.stdout.split())
+    assert account.snapshot() == before
+
+    again = cli("-c", config, "start", "-s", "1", "nbs", timeout=300)
+    assert again.returncode == 0, again.output
+    (notebooks / "scratch").symlink_to("/etc")
+    discarded = cli("-c", config, "terminate", "-y", "--discard-notebooks", "nbs", timeout=300)
+    assert discarded.returncode == 0, discarded.output
+    assert "not copied home (discarded)" in discarded.stdout and account.snapshot() == before

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 import testhosts
-from conftest import bare_hosts, local_config, read_record, recorded_pids, share_env_cache
+from conftest import bare_hosts, local_config, read_record, recorded_pids, share_env_cache, ssh_config
 
 pytestmark = pytest.mark.cluster
 
@@ -117,14 +117,7 @@ def test_engine_settings_and_a_profile_reach_engines_on_ssh_hosts(cli, home, tmp
         remote_dir = tmp_path / "hosts"
         share_env_cache(env_cache, home, remote_dir)
         workdir = "~/globular-engine-work"  # the node user's home, expanded there
-        config = tmp_path / "config"
-        config.write_text(
-            "[global]\ndefault_template = lab\n[cluster lab]\nprovider = ssh\n"
-            f"node_hosts = {', '.join(f'root@{h.address}' for h in net.hosts)}\n"
-            f"ssh_key = {net.key}\nknown_hosts = {net.known_hosts}\npython = {net.python}\n"
-            f"remote_dir = {remote_dir}\ncores_per_node = 1\nplugins = ipcluster\n"
-            f"[plugin ipcluster]\nsetup_class = ipcluster\n{engine_settings(tmp_path, workdir)}"
-        )
+        config = ssh_config(tmp_path / "config", net, remote_dir, engine_settings(tmp_path, workdir))
         started = cli("-c", str(config), "start", "lab", timeout=600)
         try:
             assert started.returncode == 0, started.output

@@ -185,20 +185,13 @@ def test_gpu_and_cpu_hosts_over_ssh(cli, home, tmp_path, bare_python, env_cache)
     """host1 has two GPUs (its sessions' PATH holds the stand-in), host2 none: under
     gpu_engines = auto host1 runs an engine per GPU, host2 one per core with no GPU visible."""
     import testhosts  # noqa: F401 - skips with the fixture's reason where hosts cannot be made
-    from conftest import bare_hosts, share_env_cache
+    from conftest import bare_hosts, share_env_cache, ssh_config
 
     smi = standin_nvidia_smi(tmp_path / "smi", "two")
     with bare_hosts(tmp_path / "net", 2, bare_python, env_cache, path={"host1": str(smi)}) as net:
         remote_dir = tmp_path / "hosts"
         share_env_cache(env_cache, home, remote_dir)
-        config = tmp_path / "config"
-        config.write_text(
-            "[global]\ndefault_template = lab\n[cluster lab]\nprovider = ssh\n"
-            f"node_hosts = {', '.join(f'root@{h.address}' for h in net.hosts)}\n"
-            f"ssh_key = {net.key}\nknown_hosts = {net.known_hosts}\npython = {net.python}\n"
-            f"remote_dir = {remote_dir}\ncores_per_node = 1\nplugins = ipcluster\n"
-            "[plugin ipcluster]\nsetup_class = ipcluster\ngpu_engines = auto\n"
-        )
+        config = ssh_config(tmp_path / "config", net, remote_dir, "gpu_engines = auto\n")
         started = cli("-c", str(config), "start", "lab", timeout=600)
         try:
             assert started.returncode == 0, started.output

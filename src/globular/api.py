@@ -5,6 +5,7 @@
     rc = cluster.connect()                                  # a ready ipyparallel.Client
     rc[:].map_sync(lambda x: x**30, range(8))
     cluster.add_nodes(2); cluster.remove_node("node002"); cluster.restart_engines()
+    cluster.put("data/", "."); cluster.get("results", "here/")   # files in and out
     cluster.terminate()
 
     rc = globular.connect("iptest")   # from any process or notebook on the machine that started it
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from globular.reporting import Reporter
     from globular.results import NodeCheck
     from globular.status import ClusterStatusReport
+    from globular.transfer import NodeTransfer
 
 
 def connect(name: str, *, home: Path | None = None, timeout: float = 10.0) -> Client:
@@ -113,5 +115,28 @@ class Cluster:
     def check(self) -> builtins.list[NodeCheck]:
         return _run(operations.check(self.name, home=self.home, reporter=self.reporter))
 
-    def terminate(self) -> None:
-        _run(operations.terminate(self.name, home=self.home, reporter=self.reporter))
+    def put(
+        self, sources: str | Path | builtins.list[str | Path], remote: str = ".", *,
+        nodes: builtins.list[str] | None = None, checksum: bool = False,
+    ) -> builtins.list[NodeTransfer]:  # fmt: skip
+        """Copy files and folders into folder ``remote`` of every node (``globular put``); a relative
+        ``remote`` is relative to the engines' working folder.  What each node's copy did."""
+        from globular import transfer
+
+        listed = [sources] if isinstance(sources, (str, Path)) else sources
+        return _run(transfer.put(self.name, listed, remote, nodes=nodes, checksum=checksum, home=self.home,
+                                 reporter=self.reporter))  # fmt: skip
+
+    def get(
+        self, remote: str, local: str | Path = ".", *, nodes: builtins.list[str] | None = None, checksum: bool = False
+    ) -> builtins.list[NodeTransfer]:
+        """Copy ``remote`` of the master (or of ``nodes``, each under ``local/<node>/``) into ``local``."""
+        from globular import transfer
+
+        return _run(transfer.get(self.name, remote, local, nodes=nodes, checksum=checksum, home=self.home,
+                                 reporter=self.reporter))  # fmt: skip
+
+    def terminate(self, *, discard_notebooks: bool = False) -> None:
+        """Stop everything and release the nodes; the master's notebooks are copied home first
+        (``~/.globular/notebooks/``) unless ``discard_notebooks``."""
+        _run(operations.terminate(self.name, discard=discard_notebooks, home=self.home, reporter=self.reporter))

@@ -52,7 +52,8 @@ from filelock import FileLock, Timeout
 from globular.errors import BadInput, CommandError, GlobularError, NodeError, NodeFailures
 from globular.fanout import each_node
 from globular.paths import private_dir
-from globular.providers.base import NODE_SOURCE, CommandResult, run_here
+from globular.providers.base import NODE_SOURCE, CommandResult
+from globular.providers.here import run_here
 from globular.spec import ClusterSpec
 from globular.state import NodeRecord
 
@@ -491,9 +492,13 @@ async def prepare(
     root = provider.envs_dir()
     reporter.begin("env", "node environments", len(nodes))
     try:
-        probes = await each_node(
-            nodes, lambda n: _call(cluster, n, base_python(n), "env_probe", {"root": root}, timeout=PROBE_TIMEOUT)
-        )
+
+        async def probe(node: NodeRecord) -> Any:
+            if base_python(node) == node.python:  # the helper runs it already: one round trip, no new Python
+                return await cluster.runner(node).nodeproc("env_probe", {"root": root}, timeout=PROBE_TIMEOUT)
+            return await _call(cluster, node, base_python(node), "env_probe", {"root": root}, timeout=PROBE_TIMEOUT)
+
+        probes = await each_node(nodes, probe)
         problems = {n.name: "; ".join(p) for n in nodes if (p := probe_problems(probes[n.name]))}
         if problems:
             raise NodeFailures({name: GlobularError(text) for name, text in problems.items()})

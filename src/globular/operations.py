@@ -69,6 +69,7 @@ class TerminateResult:
     processes_killed: int
     elapsed: float
     warnings: list[str] = field(default_factory=list)
+    reports: list[PluginReport] = field(default_factory=list)  # what the plugins kept (the notebooks)
 
 
 def _home(home: Path | None, reporter: Reporter | None) -> tuple[Path, StateStore, Reporter]:
@@ -269,8 +270,12 @@ async def prune_environments(
     return await _on_template_nodes(f"prune-{spec.template}"[:63], spec, home, reporter, work)
 
 
-async def terminate(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> TerminateResult:
-    """Stop every process of the cluster, release its nodes, forget it."""
+async def terminate(
+    name: str, *, discard: bool = False, home: Path | None = None, reporter: Reporter | None = None
+) -> TerminateResult:
+    """Stop every process of the cluster, release its nodes, forget it.  First each plugin keeps
+    what the user would lose (ipcluster: the notebooks, copied home), unless ``discard``; if
+    that fails, nothing is stopped or released."""
     started = time.monotonic()
     async with opened(name, home, reporter) as ctx:
         plugins: list[Plugin] = []
@@ -282,9 +287,12 @@ async def terminate(name: str, *, home: Path | None = None, reporter: Reporter |
                 warnings.append(str(exc))
         nodes = len(ctx.nodes)
         log.info("terminating cluster %s: %d nodes", name, nodes)
+        reports = await ctx.run_hooks(plugins, "before_terminate", discard)
         warnings += await ctx.teardown(plugins)
         stopped = ctx.stopped
-        return TerminateResult(name, nodes, stopped.stopped, stopped.killed, time.monotonic() - started, warnings)
+        return TerminateResult(
+            name, nodes, stopped.stopped, stopped.killed, time.monotonic() - started, warnings, reports
+        )
 
 
 async def force_terminate(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> TerminateResult:
@@ -305,7 +313,7 @@ async def force_terminate(name: str, *, home: Path | None = None, reporter: Repo
     started = time.monotonic()
     check_cluster_name(name)
     try:
-        return await terminate(name, home=home, reporter=reporter)
+        return await terminate(name, discard=True, home=home, reporter=reporter)
     except ClusterNotFound:
         raise
     except (GlobularError, OSError) as exc:

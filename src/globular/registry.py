@@ -117,41 +117,37 @@ def make_provider(spec: ClusterSpec, *, cluster: str, home: Path) -> NodeProvide
     return provider_class(spec.provider)(spec, cluster=cluster, home=home)
 
 
-def plugin_classes() -> list[type[Plugin]]:
-    """Every installed plugin class (the ``globular.plugins`` entry points), each once.
-
-    One that cannot be loaded is left out, with a warning in the log: a broken
-    third-party plugin must not break the commands that do not use it.
-    """
-    found: list[type[Plugin]] = []
-    for name, target in sorted(_group(PLUGIN_GROUP).items()):
+def _installed(group: str, what: str) -> list[object]:
+    """Every object ``group``'s entry points name, by name; one that cannot be loaded is left
+    out, with a warning in the log: a broken third-party plugin must not break the commands
+    that do not use it."""
+    found = []
+    for name, target in sorted(_group(group).items()):
         try:
-            cls = load_object(target)
+            found.append(load_object(target))
         except RegistryError as exc:
-            log.warning("plugin %s (%s) cannot be loaded: %s", name, target, exc)
-            continue
+            log.warning("%s %s (%s) cannot be loaded: %s", what, name, target, exc)
+    return found
+
+
+def plugin_classes() -> list[type[Plugin]]:
+    """Every installed plugin class (the ``globular.plugins`` entry points), each once."""
+    found: list[type[Plugin]] = []
+    for cls in _installed(PLUGIN_GROUP, "plugin"):
         if isinstance(cls, type) and issubclass(cls, Plugin) and cls not in found:
             found.append(cls)
     return found
 
 
 def commands() -> list[Any]:
-    """Every installed ``globular.commands`` entry point's click command, by name.
-
-    One that cannot be loaded, or is not a click command, is left out with a warning in
-    the log, as a broken plugin is.
-    """
+    """Every installed ``globular.commands`` entry point's click command (one that is not a
+    click command is left out, with a warning in the log)."""
     import click
 
     found: list[Any] = []
-    for name, target in sorted(_group(COMMAND_GROUP).items()):
-        try:
-            command = load_object(target)
-        except RegistryError as exc:
-            log.warning("command %s (%s) cannot be loaded: %s", name, target, exc)
-            continue
-        if not isinstance(command, click.Command):
-            log.warning("command %s (%s) is not a click command", name, target)
-            continue
-        found.append(command)
+    for command in _installed(COMMAND_GROUP, "command"):
+        if isinstance(command, click.Command):
+            found.append(command)
+        else:
+            log.warning("command %r is not a click command", command)
     return found

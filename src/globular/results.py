@@ -1,5 +1,5 @@
 """What operations and plugins hand back to be shown: a plugin's report, a node's preflight
-(and :func:`age`, how a duration reads wherever it is shown).
+(and :func:`age` and :func:`size_text`, how a duration and a size read wherever they are shown).
 
 Plain data, shared by the core, the plugins (:mod:`globular.plugins.base` re-exports them as
 part of the plugin API) and the renderer, which imports nothing of the plugins.
@@ -54,3 +54,12 @@ def age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60}m"
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def size_text(n: float) -> str:
+    """``512 B``, ``3.0 MB``, ``1.2 GB``: a size as the reports show it (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

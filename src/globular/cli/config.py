@@ -1,13 +1,18 @@
-"""``globular config``: the reference of every setting, and a template resolved."""
+"""``globular config`` (the reference of every setting, a template resolved) and ``globular env``
+(node environments)."""
 
 from __future__ import annotations
 
 import click
 from rich.markup import escape
 
+from globular import operations
+from globular.aio import run_sync
 from globular.cli.render import output, output_option
 from globular.config import Config
+from globular.environment import clear_wheel_cache
 from globular.errors import BadInput
+from globular.paths import globular_home
 from globular.reference import markdown, reference, resolved
 
 
@@ -70,3 +75,38 @@ def config_show(ctx: click.Context, option_template: str | None, template: str |
         out.grid(rows)
 
     out.result(spec, text=text)
+
+
+@click.group(short_help="Node environments: prune them.")
+def env() -> None:
+    """Node environments: the venvs globular builds on the hosts (environment = managed)."""
+
+
+@env.command("prune", short_help="Remove node environments from the hosts.")
+@click.option(
+    "-c", "--cluster-template", "template", help="[cluster TEMPLATE] whose hosts to clean (default: default_template)."
+)
+@click.option("--wheels", is_flag=True, help="Also empty this machine's wheelhouse cache (~/.globular/wheels).")
+@output_option
+@click.pass_context
+def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
+    """Remove the node environments from the hosts of a template.
+
+    Environments that a running cluster of this machine uses are kept.  The next
+    start builds what it needs again (from the wheelhouse cache here, offline).
+    """
+    out = output(ctx)
+    spec = Config.load(ctx.find_root().obj["config"]).cluster_spec(template)
+    with out.reporter() as reporter:
+        removed = run_sync(operations.prune_environments(spec, reporter=reporter), sigterm_cancels=True)
+    cache = globular_home() / "wheels"
+    count = clear_wheel_cache(cache) if wheels else None
+
+    def text() -> None:
+        for node, names in removed.items():
+            listed = f" ({', '.join(names)})" if names else ""
+            out.say(f"{escape(node)}: {len(names)} environment{'s' if len(names) != 1 else ''} removed{escape(listed)}")
+        if count is not None:
+            out.say(f"this machine: {count} wheelhouse{'s' if count != 1 else ''} removed from {escape(str(cache))}")
+
+    out.result({"removed": removed, "wheelhouses_removed": count}, text=text)

@@ -15,11 +15,11 @@ from rich.markup import escape
 
 from globular import __version__, operations
 from globular.aio import run_sync
-from globular.cli.config import config_group
+from globular.cli.config import config_group, env
+from globular.cli.data import get, put
 from globular.cli.render import Output, output, output_option
 from globular.cli.ssh import sshmaster, sshnode
 from globular.config import Config
-from globular.environment import clear_wheel_cache
 from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
 from globular.logs import FORMAT, LOGGER
@@ -179,15 +179,25 @@ def listclusters(ctx: click.Context) -> None:
     "--force",
     is_flag=True,
     help="Whatever fails (an unreadable record, a node that is gone): stop every process marked with the "
-    "cluster that can be reached, release what can be released, forget the cluster, and say what was left.",
+    "cluster that can be reached, release what can be released, forget the cluster, and say what was left "
+    "(the notebooks are not copied home).",
+)
+@click.option(
+    "--discard-notebooks",
+    is_flag=True,
+    help="Do not copy the master's notebooks home first (terminate stops when that copy fails, or is too big).",
 )
 @click.argument("name")
 @output_option
 @click.pass_context
-def terminate(ctx: click.Context, yes: bool, force: bool, name: str) -> None:
+def terminate(ctx: click.Context, yes: bool, force: bool, discard_notebooks: bool, name: str) -> None:
     """Terminate cluster NAME: stop all its processes and release its nodes.
 
-    A cluster another machine started (ec2: found by its tags; slurm: by its jobs' comments) is terminated too.
+    With the notebook on a remote master, its notebook folder is first copied
+    home, into ~/.globular/notebooks/NAME-REGION/TIME/ (only what changed since
+    the last copy travels); if that fails, nothing is released.  A cluster
+    another machine started (ec2: found by its tags; slurm: by its jobs'
+    comments) is terminated too.
     """
     out = output(ctx)
     store = StateStore(globular_home())
@@ -223,52 +233,20 @@ def terminate(ctx: click.Context, yes: bool, force: bool, name: str) -> None:
     if not yes:
         click.confirm(f"Terminate cluster {name} ({len(record.nodes)} nodes, {record.status})?", abort=True)
     with out.reporter() as reporter:
-        result = run(operations.terminate(name, reporter=reporter))
+        result = run(operations.terminate(name, discard=discard_notebooks, reporter=reporter))
     for warning in result.warnings:
         out.warn(warning)
     killed = f" ({result.processes_killed} needed SIGKILL)" if result.processes_killed else ""
-    out.result(
-        result,
-        text=lambda: out.say(
-            f"Terminated cluster [bold]{escape(name)}[/]: {result.nodes} nodes released, "
-            f"{result.processes_stopped} processes stopped{killed} in {result.elapsed:.1f} s"
-        ),
-    )
-
-
-@cli.group(short_help="Node environments: prune them.")
-def env() -> None:
-    """Node environments: the venvs globular builds on the hosts (environment = managed)."""
-
-
-@env.command("prune", short_help="Remove node environments from the hosts.")
-@click.option(
-    "-c", "--cluster-template", "template", help="[cluster TEMPLATE] whose hosts to clean (default: default_template)."
-)
-@click.option("--wheels", is_flag=True, help="Also empty this machine's wheelhouse cache (~/.globular/wheels).")
-@output_option
-@click.pass_context
-def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
-    """Remove the node environments from the hosts of a template.
-
-    Environments that a running cluster of this machine uses are kept.  The next
-    start builds what it needs again (from the wheelhouse cache here, offline).
-    """
-    out = output(ctx)
-    spec = load_config(ctx).cluster_spec(template)
-    with out.reporter() as reporter:
-        removed = run(operations.prune_environments(spec, reporter=reporter))
-    cache = globular_home() / "wheels"
-    count = clear_wheel_cache(cache) if wheels else None
 
     def text() -> None:
-        for node, names in removed.items():
-            listed = f" ({', '.join(names)})" if names else ""
-            out.say(f"{escape(node)}: {len(names)} environment{'s' if len(names) != 1 else ''} removed{escape(listed)}")
-        if count is not None:
-            out.say(f"this machine: {count} wheelhouse{'s' if count != 1 else ''} removed from {escape(str(cache))}")
+        out.say(
+            f"Terminated cluster [bold]{escape(name)}[/]: {result.nodes} nodes released, "
+            f"{result.processes_stopped} processes stopped{killed} in {result.elapsed:.1f} s"
+        )
+        for report in result.reports:
+            out.report(report)
 
-    out.result({"removed": removed, "wheelhouses_removed": count}, text=text)
+    out.result(result, text=text)
 
 
 @cli.command(short_help="Run the preflight checks on every node.")
@@ -444,6 +422,9 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
 
 
 cli.add_command(config_group)
+cli.add_command(env)
+cli.add_command(put)
+cli.add_command(get)
 cli.add_command(sshmaster)
 cli.add_command(sshnode)
 for _command in commands():  # installed plugins' commands (ipcluster: shell, notebook, restart-controller)

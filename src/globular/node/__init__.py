@@ -12,6 +12,7 @@ loader, so that a node needs nothing but Python.
 - :mod:`~globular.node.gpus`: its GPUs, as ``nvidia-smi`` lists them;
 - :mod:`~globular.node.facts`: what the node is (cores, GPUs, Python, modules, addresses);
 - :mod:`~globular.node.files`: files and node folders;
+- :mod:`~globular.node.transfer`: ``put``/``get``'s side: listings, checksums, files in chunks;
 - :mod:`~globular.node.probe`: ports and connections as the node sees them;
 - :mod:`~globular.node.env`: node environments (a venv built from shipped wheels, pruned);
 - :mod:`~globular.node.serve`: one verb, the helper, Slurm's keeper and relay.
@@ -26,7 +27,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-MODULES = ("protocol", "proc", "gpus", "facts", "files", "probe", "env", "serve")  # in the order they are joined
+MODULES = (
+    "protocol",
+    "proc",
+    "gpus",
+    "facts",
+    "files",
+    "transfer",
+    "probe",
+    "env",
+    "serve",
+)  # in the order they are joined
 _OWN_IMPORT = re.compile(r"^from globular\.node(?:\.\w+)? import (?:\([^)]*\)|[^\n]*)\n", re.M)
 _FUTURE = "from __future__ import annotations\n"
 
@@ -41,7 +52,7 @@ def source(modules: tuple[str, ...] = MODULES, main: str = "main(sys.argv)") -> 
 
 SOURCE = source()
 
-from globular.node import env, facts, files, gpus, probe, proc, serve  # noqa: E402 - every verb registered
+from globular.node import env, facts, files, gpus, probe, proc, serve, transfer  # noqa: E402 - every verb registered
 from globular.node.protocol import ANY_PYTHON, VERBS, Refused  # noqa: E402
 
 __all__ = [
@@ -58,4 +69,5 @@ __all__ = [
     "proc",
     "serve",
     "source",
+    "transfer",
 ]

@@ -178,6 +178,17 @@ class Plugin:
         hidden = {k: "(not kept)" for k in cls.secret_settings if spec.settings.get(k) is not None}
         return spec.model_copy(update={"settings": {**spec.settings, **hidden}}) if hidden else spec
 
+    async def before_terminate(self, ctx: PluginContext, discard: bool) -> PluginReport | None:
+        """Before ``terminate`` stops or releases anything: keep what the user would lose
+        (ipcluster copies the notebooks home).  Raising stops the terminate, nothing released;
+        ``discard`` (``--discard-notebooks``, ``--force``): the user chose to lose it."""
+        return None
+
+    def working_folder(self, node: NodeRecord) -> str | None:
+        """Where this plugin's processes on ``node`` work (``~`` is the node user's home); a
+        relative path of ``globular put``/``get`` is relative to it.  None: the node's folder."""
+        return None
+
     def facts_request(self, record: ClusterRecord, deep: bool) -> dict[str, Any]:
         """What to ask every node besides, in status's one round trip (keys of the ``facts``
         request of :mod:`globular.node.facts`; ipcluster: ``{"gpus": True}``).  The answers are

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from globular import node
-from globular.errors import CommandError, NodeError
+from globular.errors import CommandError, GlobularError, NodeError
 from globular.reporting import NullReporter, Reporter
 from globular.spec import ClusterSpec, Settings
 from globular.spec import Settings as SettingsModel
@@ -124,57 +124,7 @@ def process_mark(home: Path, cluster: str, node: str | None = None) -> str:
     return f"{home_id}/{cluster}" + (f"/{node}" if node else "")
 
 
-async def run_here(
-    argv: list[str],
-    *,
-    input: bytes | None = None,
-    timeout: float | None = None,
-    cwd: str | None = None,
-    env: Mapping[str, str] | None = None,
-) -> CommandResult:
-    """Run ``argv`` on this machine, its output captured (``env``: added to this process's).
-    A process that cannot start raises OSError; one that outlives ``timeout`` (TimeoutError),
-    or whose caller is cancelled, is stopped first: SIGTERM, so that it cleans up after itself
-    (a node environment's builder stops its installer and removes its half-made folder), then
-    SIGKILL after STOP_GRACE seconds.  Not ``wait_for``: on Python 3.11 it can swallow a
-    cancel (the CLI's SIGTERM)."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        env={**os.environ, **env} if env else None,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate(input)
-    except (TimeoutError, asyncio.CancelledError):
-        await _stop_child(proc)
-        raise
-    return CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
-
-
-STOP_GRACE = 3.0  # s a command stopped by a cancel or a timeout has to clean up before SIGKILL
-
-
-async def _stop_child(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        try:
-            proc.terminate()
-        except ProcessLookupError:
-            pass
-    try:
-        async with asyncio.timeout(STOP_GRACE):
-            await proc.wait()
-    except (TimeoutError, asyncio.CancelledError):
-        pass
-    if proc.returncode is None:
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-        await proc.wait()
+CHUNK = 1 << 20  # bytes per request when files go through the node programs
 
 
 def display(argv: list[str]) -> str:
@@ -271,6 +221,74 @@ class Runner(ABC):
             pids = ", ".join(str(p.pid) for p in remaining)
             raise NodeError(self.node.name, f"processes {pids} survived SIGKILL")
         return StopResult(reply["stopped"], reply["killed"], remaining)
+
+    # -- files in and out (``globular put`` / ``get``) ---------------------
+
+    async def tree(self, root: str, skip: Sequence[str] = (), hidden: bool = True) -> dict[str, Any]:
+        """What ``root`` holds on the node (:func:`globular.node.transfer.list_tree`)."""
+        request = {"root": root, "skip": list(skip), "hidden": hidden}
+        found: dict[str, Any] = await self.nodeproc("tree", request, timeout=120)
+        return found
+
+    async def upload(self, local: Path, remote: str, progress: Callable[[int], None]) -> None:
+        """Copy file ``local`` to the absolute path ``remote`` on the node, under a temporary name
+        renamed once whole, with ``local``'s mtime; ``progress(n)`` for every n bytes sent.  This
+        default goes in chunks through the node programs (a Slurm job's helper); runners with a
+        file channel of their own (SFTP) do better."""
+        import base64
+        import secrets
+
+        st = local.stat()
+        tag = secrets.token_hex(4)
+        offset = 0
+        try:
+            with local.open("rb") as f:
+                while True:
+                    block = await asyncio.to_thread(f.read, CHUNK)
+                    last = offset + len(block) >= st.st_size
+                    request = {"path": remote, "tag": tag, "offset": offset, "data": base64.b64encode(block).decode(),
+                               "last": last, "mtime": int(st.st_mtime), "mode": st.st_mode & 0o777}  # fmt: skip
+                    await self.nodeproc("chunk_write", request, timeout=120)
+                    offset += len(block)
+                    progress(len(block))
+                    if last:
+                        return
+        except BaseException:
+            await asyncio.shield(self._discard(remote, tag))
+            raise
+
+    async def _discard(self, remote: str, tag: str) -> None:
+        try:
+            await self.nodeproc("discard_part", {"path": remote, "tag": tag}, timeout=30)
+        except GlobularError:
+            pass
+
+    async def download(self, remote: str, local: Path, size: int, mtime: int, progress: Callable[[int], None]) -> None:
+        """Copy file ``remote`` (``size`` bytes) of the node to ``local``, under a temporary name
+        renamed once whole, with mtime ``mtime``."""
+        import base64
+
+        part = local.with_name(f".{local.name}.part-{os.getpid()}")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with part.open("wb") as f:
+                offset = 0
+                while offset < size:
+                    request = {"path": remote, "offset": offset, "size": CHUNK}
+                    data = base64.b64decode(await self.nodeproc("chunk_read", request, timeout=120))
+                    if not data:
+                        raise NodeError(self.node.name, f"{remote} shrank while it was read ({offset} of {size} bytes)")
+                    await asyncio.to_thread(f.write, data)
+                    offset += len(data)
+                    progress(len(data))
+            os.utime(part, (mtime, mtime))
+            os.replace(part, local)
+        finally:
+            part.unlink(missing_ok=True)
+
+    async def sha256(self, paths: list[str]) -> dict[str, str | None]:
+        found: dict[str, str | None] = await self.nodeproc("sha256", {"paths": paths}, timeout=600)
+        return found
 
     async def tail(self, path: str, nbytes: int = 4000) -> str:
         text: str = await self.nodeproc("tail", {"path": path, "bytes": nbytes})

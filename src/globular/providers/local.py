@@ -22,7 +22,8 @@ from globular.errors import BadInput, CommandError, CommandTimeout
 from globular.node import ANY_PYTHON, VERBS, Refused
 from globular.node.proc import sweep
 from globular.paths import private_dir, write_private
-from globular.providers.base import CommandResult, NodeProvider, Runner, display, run_here
+from globular.providers.base import CommandResult, NodeProvider, Runner, display
+from globular.providers.here import run_here
 from globular.spec import Settings
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
@@ -44,6 +45,23 @@ class LocalSettings(Settings):
     python: str | None = Field(
         default=None, description="interpreter for controller and engines; default: globular's own"
     )
+
+
+def copy_whole(source: Path, target: Path, progress: Callable[[int], None]) -> None:
+    """Copy ``source`` to ``target`` under a temporary name renamed once whole, mtime and mode kept."""
+    import secrets
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
+    try:
+        with source.open("rb") as src, part.open("wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+                progress(len(block))
+        shutil.copystat(source, part)
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 class LocalRunner(Runner):
@@ -80,6 +98,13 @@ class LocalRunner(Runner):
                 self.node.name, f"globular.node {verb}", None, f"no answer within {timeout:g}s"
             ) from None
         return json.loads(json.dumps(reply))
+
+    async def upload(self, local: Path, remote: str, progress: Callable[[int], None]) -> None:
+        """A plain copy (the node is this machine)."""
+        await asyncio.to_thread(copy_whole, local, Path(remote).expanduser(), progress)
+
+    async def download(self, remote: str, local: Path, size: int, mtime: int, progress: Callable[[int], None]) -> None:
+        await asyncio.to_thread(copy_whole, Path(remote).expanduser(), local, progress)
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         target = Path(self.node.workdir, path)

@@ -43,9 +43,9 @@ from globular.providers.base import (
     Runner,
     StopResult,
     display,
-    run_here,
 )
 from globular.providers.helper import HelperRunner, NodeHelper
+from globular.providers.here import run_here
 from globular.providers.slurm_jobs import (
     PENDING,
     RUNNING,

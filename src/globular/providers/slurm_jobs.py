@@ -9,7 +9,8 @@ import logging
 from dataclasses import dataclass
 
 from globular.errors import GlobularError
-from globular.providers.base import CommandResult, display, run_here
+from globular.providers.base import CommandResult, display
+from globular.providers.here import run_here
 
 log = logging.getLogger(__name__)
 PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "RESV_DEL_HOLD", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED"}

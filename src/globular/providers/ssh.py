@@ -59,6 +59,18 @@ CONNECT_ATTEMPTS = 6  # when the host's sshd drops new connections (MaxStartups)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 
+def _by_increments(progress: Callable[[int], None]) -> Callable[[bytes, bytes, int, int], None]:
+    """asyncssh's progress handler (bytes copied so far) as ``progress(bytes since the last call)``."""
+    done = 0
+
+    def handler(_src: bytes, _dst: bytes, copied: int, _total: int) -> None:
+        nonlocal done
+        progress(copied - done)
+        done = copied
+
+    return handler
+
+
 class SSHRunner(HelperRunner):
     """Runs commands on a node over one SSH connection (opened on first use)."""
 
@@ -68,6 +80,7 @@ class SSHRunner(HelperRunner):
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
         self._forwards: dict[tuple[str, int], asyncssh.SSHListener] = {}
+        self._sftp: asyncssh.SFTPClient | None = None
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
@@ -125,6 +138,46 @@ class SSHRunner(HelperRunner):
         )
         await self._run(command, f"write {path}", input=data, timeout=60, check=True)
 
+    async def _sftp_client(self) -> asyncssh.SFTPClient:
+        conn = await self.connection()
+        async with self._lock:
+            if self._sftp is None:
+                self._sftp = await conn.start_sftp_client()
+            return self._sftp
+
+    async def upload(self, local: Path, remote: str, progress: Callable[[int], None]) -> None:
+        """Over SFTP on the node's own SSH connection: to a temporary name, renamed once whole."""
+        sftp = await self._sftp_client()
+        part = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.part-{secrets.token_hex(4)}")
+        try:
+            await sftp.makedirs(posixpath.dirname(remote), exist_ok=True)
+            await sftp.put(str(local), part, preserve=True, progress_handler=_by_increments(progress))
+            await sftp.posix_rename(part, remote)
+        except BaseException as exc:
+            await asyncio.shield(self._remove_quietly(sftp, part))
+            if isinstance(exc, (asyncssh.Error, OSError)):
+                raise ConnectionLost(self.node.name, f"sftp put {remote}", str(exc)) from None
+            raise
+
+    async def download(self, remote: str, local: Path, size: int, mtime: int, progress: Callable[[int], None]) -> None:
+        sftp = await self._sftp_client()
+        local.parent.mkdir(parents=True, exist_ok=True)
+        part = local.with_name(f".{local.name}.part-{secrets.token_hex(4)}")
+        try:
+            await sftp.get(remote, str(part), preserve=True, progress_handler=_by_increments(progress))
+            os.replace(part, local)
+        except (asyncssh.Error, OSError) as exc:
+            raise ConnectionLost(self.node.name, f"sftp get {remote}", str(exc)) from None
+        finally:
+            part.unlink(missing_ok=True)
+
+    @staticmethod
+    async def _remove_quietly(sftp: asyncssh.SFTPClient, path: str) -> None:
+        try:
+            await sftp.remove(path)
+        except (asyncssh.Error, OSError):
+            pass
+
     async def forward_port(self, host: str, port: int, local_port: int = 0) -> tuple[str, int]:
         if (host, port) not in self._forwards:
             conn = await self.connection()
@@ -133,6 +186,9 @@ class SSHRunner(HelperRunner):
 
     async def close(self) -> None:
         await self.close_helper()
+        if self._sftp is not None:
+            self._sftp.exit()
+            self._sftp = None
         forwards, self._forwards = list(self._forwards.values()), {}
         for listener in forwards:
             listener.close()

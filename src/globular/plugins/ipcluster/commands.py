@@ -59,18 +59,36 @@ def shell(ctx: click.Context, ipcluster: str | None, code: str | None, cluster: 
     default=0,
     help="Local port for --forward (default: a free one).",
 )
+@click.option("--save", is_flag=True, help="Copy the notebook folder home now, as terminate does.")
 @click.argument("name")
 @output_option
 @click.pass_context
-def notebook(ctx: click.Context, forward: bool, local_port: int, name: str) -> None:
+def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, name: str) -> None:
     """Show the URL and password of cluster NAME's notebook server.
 
     The server speaks HTTPS only, with a self-signed certificate whose
     fingerprint is shown (your browser asks you to accept it once; it is kept
     across starts of the same cluster).  With ssh nodes, --forward makes it
-    reachable at https://127.0.0.1:PORT/ through the ssh connection.
+    reachable at https://127.0.0.1:PORT/ through the ssh connection.  --save
+    copies the master's notebook folder into ~/.globular/notebooks/NAME-REGION/TIME/
+    (what terminate does first; only what changed since the last copy travels).
     """
     out = output(ctx)
+    if save:
+        from globular.paths import globular_home
+        from globular.plugins.ipcluster.keep import save_cluster_notebooks
+
+        saved = run_sync(save_cluster_notebooks(name, globular_home()), sigterm_cancels=True)
+        if saved is None:
+            out.result(
+                {"saved": None}, text=lambda: out.say(f"The notebooks of {escape(name)} are on this machine already.")
+            )
+        else:
+            out.result(saved, text=lambda: out.say(
+                f"Saved {saved.files} files of {escape(saved.source)} to [bold]{escape(str(saved.folder))}[/]"
+                f" ({saved.copied} copied, {saved.bytes / 1e6:.1f} MB)"
+            ))  # fmt: skip
+        return
     info = notebook_info(name)
     rows = [
         ("notebook", info["url"]),

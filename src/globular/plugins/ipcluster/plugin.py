@@ -97,6 +97,31 @@ class IPCluster(Plugin):
     secret_settings = frozenset({"notebook_passwd"})
     settings: IPClusterSettings
 
+    def working_folder(self, node: NodeRecord) -> str | None:
+        return self.settings.engine_workdir or None
+
+    async def before_terminate(self, ctx: PluginContext, discard: bool) -> PluginReport | None:
+        """The master's notebooks copied home (see :mod:`~globular.plugins.ipcluster.keep`)."""
+        from globular.plugins.ipcluster.keep import not_saved, save_notebooks
+
+        if not self.settings.enable_notebook or not ctx.nodes:
+            return None
+        folder = notebook_folder(self.settings)
+        if not ctx.remote_nodes:
+            return PluginReport(plugin=self.name, summary=[("notebooks", f"kept in {folder} (this machine's)")])
+        if discard:
+            return PluginReport(plugin=self.name, summary=[("notebooks", "not copied home (discarded)")])
+        try:
+            saved = await save_notebooks(
+                ctx.name, ctx.region, ctx.master, ctx.runner(ctx.master), self.settings, ctx.home
+            )
+        except GlobularError as exc:
+            raise not_saved(ctx.name, exc) from None
+        what = f"{saved.files} files in {saved.folder}" + (
+            f" ({saved.copied} copied, the rest unchanged)" if saved.copied != saved.files else ""
+        )
+        return PluginReport(plugin=self.name, summary=[("notebooks", what)], data={"notebooks": str(saved.folder)})
+
     def facts_request(self, record: ClusterRecord, deep: bool) -> dict[str, Any]:
         return {"gpus": True} if deep and self.settings.gpu_engines != "none" else {}
 
@@ -197,6 +222,11 @@ class IPCluster(Plugin):
     ) -> PluginReport:
         import_line, client_line = client_lines(local_file, ctx.master.is_local, ctx.login_key)
         warnings = []
+        if notebook is not None and self.settings.idle_shutdown and ctx.rents_machines:
+            warnings.append(
+                "idle shutdown releases the master from the master itself: its notebooks are not copied home "
+                f"then (`globular notebook --save {ctx.name}` copies them)"
+            )
         traffic = {
             "curve": "encrypted (CurveZMQ) and signed",
             "none": "signed, not encrypted" + ("" if ctx.remote_nodes else " (loopback only)"),

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, ByteSize, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from globular.spec import ArgList, Settings, shown
@@ -158,6 +158,11 @@ class IPClusterSettings(Settings):
     enable_notebook: bool = Field(default=False, description="JupyterLab on the master, HTTPS and password only")
     notebook_passwd: str | None = Field(default=None, description="default: a random one, shown once by start")
     notebook_directory: str | None = Field(default=None, description="relative to home, or absolute; default: home")
+    notebook_save_limit: ByteSize = Field(
+        default=ByteSize(1_000_000_000),
+        description="terminate copies the notebook folder home first (~/.globular/notebooks/); over this size "
+        "it refuses, saying the size (1 GB, 500 MB, ...)",
+    )
     notebook_port: int = Field(default=8888, ge=1, le=65535, description="the next free one is taken if it is in use")
     notebook_certfile: str | None = Field(
         default=None, description="your own certificate (PEM); default: a self-signed one"

@@ -1,0 +1,135 @@
+"""Files in and out of a node (``globular put`` / ``get``), the node's side: a folder's listing,
+checksums, and a file written or read in chunks, for runners without a file channel of their
+own (a Slurm job's helper; SSH nodes use SFTP, local nodes a plain copy).
+
+A file being received is written to a temporary name beside it (``.NAME.part-XXXX``) and renamed
+once whole: an interrupted transfer never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from globular.node.protocol import Refused, Request, verb
+
+PART = ".part-"  # temporary names: .NAME.part-XXXXXXXX
+
+
+def part_name(path: str, tag: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}{PART}{tag}")
+
+
+def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True) -> dict[str, Any]:
+    """What ``root`` holds, never following a link: ``{"root": real path, "kind": "dir" | "file" |
+    None, "files": {rel: [size, mtime]}, "links": {rel: target}, "special": [rel]}`` (``skip``:
+    names of folders left out, as ``.ipynb_checkpoints``; ``hidden=False``: names starting with
+    a dot left out, as JupyterLab hides them; temporary names are always left out)."""
+    root = os.path.abspath(os.path.expanduser(root))
+    found: dict[str, Any] = {"root": root, "kind": None, "files": {}, "links": {}, "special": []}
+    try:
+        top = os.lstat(root)
+    except FileNotFoundError:
+        return found
+
+    def note(rel: str, st: os.stat_result, path: str) -> None:
+        if stat.S_ISREG(st.st_mode):
+            found["files"][rel] = [st.st_size, int(st.st_mtime)]
+        elif stat.S_ISLNK(st.st_mode):
+            found["links"][rel] = os.readlink(path)
+        elif not stat.S_ISDIR(st.st_mode):
+            found["special"].append(rel)
+
+    if not stat.S_ISDIR(top.st_mode):
+        found["kind"] = "file"
+        note(os.path.basename(root), top, root)
+        return found
+    found["kind"] = "dir"
+    for folder, dirs, files in os.walk(root):  # a link to a folder is listed, never entered
+        kept = []
+        for name in sorted(dirs):
+            path = os.path.join(folder, name)
+            if not hidden and name.startswith("."):
+                continue
+            if os.path.islink(path):
+                note(os.path.relpath(path, root), os.lstat(path), path)
+            elif name not in skip and (hidden or not name.startswith(".")):
+                kept.append(name)
+        dirs[:] = kept
+        for name in sorted(files):
+            if name.startswith(".") and (PART in name or not hidden):
+                continue  # a transfer's temporary name, or hidden
+            path = os.path.join(folder, name)
+            note(os.path.relpath(path, root), os.lstat(path), path)
+    return found
+
+
+@verb(any_python=True)
+def tree(req: Request) -> Any:
+    """:func:`list_tree` of ``req["root"]`` (``~`` is the node user's home)."""
+    return list_tree(req["root"], tuple(req.get("skip", ())), bool(req.get("hidden", True)))
+
+
+@verb(any_python=True)
+def sha256(req: Request) -> Any:
+    """The SHA-256 of each file of ``req["paths"]`` (None: not a file)."""
+    import hashlib
+
+    found: dict[str, str | None] = {}
+    for path in req["paths"]:
+        digest = hashlib.sha256()
+        try:
+            with open(os.path.expanduser(path), "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            found[path] = digest.hexdigest()
+        except OSError:
+            found[path] = None
+    return found
+
+
+@verb(any_python=True)
+def chunk_write(req: Request) -> Any:
+    """Write ``req["data"]`` (base64) at ``req["offset"]`` of the temporary name of ``req["path"]``
+    (``req["tag"]``); with ``req["last"]``, give it ``req["mtime"]`` and its final name."""
+    import base64
+
+    path = os.path.expanduser(req["path"])
+    if ".." in path.split(os.sep):
+        raise Refused(f"refusing to write {path}: it climbs out with '..'")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    part = part_name(path, req["tag"])
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if req["offset"] == 0 else 0)
+    fd = os.open(part, flags, 0o600)
+    try:
+        os.lseek(fd, int(req["offset"]), os.SEEK_SET)
+        os.write(fd, base64.b64decode(req["data"]))
+    finally:
+        os.close(fd)
+    if req.get("last"):
+        os.chmod(part, int(req.get("mode", 0o644)))
+        os.utime(part, (int(req["mtime"]), int(req["mtime"])))
+        os.replace(part, path)
+    return True
+
+
+@verb(any_python=True)
+def chunk_read(req: Request) -> Any:
+    """``req["size"]`` bytes of ``req["path"]`` from ``req["offset"]``, base64."""
+    import base64
+
+    with open(os.path.expanduser(req["path"]), "rb") as f:
+        f.seek(int(req["offset"]))
+        return base64.b64encode(f.read(int(req["size"]))).decode()
+
+
+@verb(any_python=True)
+def discard_part(req: Request) -> Any:
+    """Remove the temporary name of ``req["path"]`` (``req["tag"]``): a transfer that stopped."""
+    try:
+        os.unlink(part_name(os.path.expanduser(req["path"]), req["tag"]))
+    except FileNotFoundError:
+        return False
+    return True

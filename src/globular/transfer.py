@@ -1,0 +1,322 @@
+"""Files in and out of a running cluster: ``globular put`` / ``get``, ``Cluster.put`` / ``get``.
+
+``put`` sends files and folders to every node at once (or to the nodes named); ``get`` brings
+a file or folder back from the master (or the nodes named: each node's copy under
+``LOCAL/<node>/``).  A relative REMOTE is relative to the engines' working folder on each node
+(the plugins say which: :meth:`~globular.plugins.base.Plugin.working_folder`), so what you put
+is where your engines' ``open("data.csv")`` looks.  REMOTE (for ``put``) and LOCAL (for ``get``)
+are folders, made if missing; what is copied goes inside, by its own name, as ``cp -r`` does.
+
+Only what changed is sent: a file whose size and modification time (to the second) match is
+left alone, or whose SHA-256 matches with ``checksum``.  Each file goes to a temporary name
+beside its own and is renamed once whole: an interrupted copy never leaves a file that looks
+complete.  The runner decides how bytes travel (SFTP on the node's SSH connection, a plain
+copy for local nodes, the job's helper on Slurm).  Links out of the tree and special files
+(fifos, sockets, devices) are refused by name, as is any received name that climbs out (``..``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from globular.errors import BadInput, NodeError, NodeFailures
+from globular.fanout import each_node
+from globular.paths import globular_home
+from globular.providers.base import Runner
+from globular.registry import make_provider, resolve_plugin
+from globular.reporting import NullReporter, Reporter
+from globular.results import size_text
+from globular.state import ClusterRecord, NodeRecord, StateStore
+
+
+@dataclass
+class NodeTransfer:
+    """What one node's copy did."""
+
+    node: str
+    target: str  # where the files went: a folder on the node (put), or here (get)
+    sent: int = 0  # files copied
+    skipped: int = 0  # files already there, unchanged
+    bytes: int = 0
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)  # the files copied, relative to target
+    present: list[str] = field(default_factory=list)  # get: every file the source holds, relative to target
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: Path
+    rel: str  # where it goes, relative to REMOTE
+    size: int
+    mtime: int
+
+
+def local_files(sources: Sequence[Path]) -> list[LocalFile]:
+    """The files ``sources`` name, each with the name it has under REMOTE; BadInput names a
+    source that is missing, a link out of its folder, or a special file."""
+    found: dict[str, LocalFile] = {}
+
+    def add(path: Path, rel: str) -> None:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise BadInput(f"{path}: not a regular file (a fifo, socket or device): refused")
+        if rel in found:
+            raise BadInput(f"{path} and {found[rel].path} would both be {rel}")
+        found[rel] = LocalFile(path, rel, st.st_size, int(st.st_mtime))
+
+    for named in sources:
+        source = Path(named).expanduser()
+        if not source.exists():
+            raise BadInput(f"{source}: no such file or folder")
+        if not source.is_dir():
+            add(source, source.name)
+            continue
+        top = source.resolve()
+        for folder, dirs, files in os.walk(source):
+            dirs.sort()
+            for name in [*sorted(files), *(d for d in dirs if Path(folder, d).is_symlink())]:
+                path = Path(folder, name)
+                rel = f"{source.resolve().name}/{path.relative_to(source).as_posix()}"
+                if path.is_symlink():
+                    target = path.resolve()
+                    if not target.is_relative_to(top):
+                        raise BadInput(f"{path}: a link out of {source} (to {os.readlink(path)}): refused")
+                    if target.is_dir():
+                        continue  # its files are sent where they are in the tree
+                add(path, rel)
+    return sorted(found.values(), key=lambda f: f.rel)
+
+
+def safe_rel(rel: str, where: str) -> str:
+    """``rel`` if it stays inside the folder it is relative to (a name a node sent back)."""
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise NodeError(where, f"refusing the name {rel!r}: it would be written outside the folder")
+    return rel
+
+
+def working_folder(record: ClusterRecord, node: NodeRecord) -> str:
+    """The engines' working folder on ``node``: the first plugin's that names one, else the node's folder."""
+    for spec in record.spec.plugins:
+        _, cls = resolve_plugin(spec.setup_class)
+        folder = cls.from_spec(spec).working_folder(node)
+        if folder:
+            return folder
+    return node.workdir
+
+
+def _nodes(record: ClusterRecord, names: Sequence[str] | None, default: list[NodeRecord]) -> list[NodeRecord]:
+    return [record.node(n) for n in dict.fromkeys(names)] if names else default
+
+
+def _remote_base(record: ClusterRecord, node: NodeRecord, remote: str) -> str:
+    if posixpath.isabs(remote) or remote == "~" or remote.startswith("~/"):
+        return remote
+    return posixpath.join(working_folder(record, node), remote)
+
+
+async def _same(runner: Runner, wanted: list[tuple[LocalFile, str]]) -> set[str]:
+    """Which of ``wanted`` (a local file, its path there) have the same SHA-256 on the node."""
+    import hashlib
+
+    if not wanted:
+        return set()
+    theirs = await runner.sha256([remote for _, remote in wanted])
+
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+    return {f.rel for f, remote in wanted if theirs.get(remote) == await asyncio.to_thread(digest, f.path)}
+
+
+async def put(
+    name: str,
+    sources: Sequence[str | Path],
+    remote: str = ".",
+    *,
+    nodes: Sequence[str] | None = None,
+    checksum: bool = False,
+    home: Path | None = None,
+    reporter: Reporter | None = None,
+) -> list[NodeTransfer]:
+    """Copy ``sources`` into folder ``remote`` of every node of cluster ``name`` (or ``nodes``)."""
+    home = home or globular_home()
+    reporter = reporter or NullReporter()
+    record = StateStore(home).get(name)
+    targets = _nodes(record, nodes, record.nodes)
+    files = local_files([Path(s) for s in sources])
+    provider = make_provider(record.spec, cluster=record.name, home=home)
+
+    async def one(node: NodeRecord) -> NodeTransfer:
+        started = time.monotonic()
+        runner = provider.runner(node)
+        listing = await runner.tree(_remote_base(record, node, remote))
+        if listing["kind"] == "file":
+            raise NodeError(node.name, f"{listing['root']} is a file: the place to put into must be a folder")
+        root, there = listing["root"], listing["files"]
+        done = NodeTransfer(node.name, root)
+        todo = []
+        for f in files:
+            theirs = there.get(f.rel)
+            if theirs and theirs[0] == f.size and (checksum or theirs[1] == f.mtime):
+                todo.append((f, True))  # the same unless its checksum says otherwise
+            else:
+                todo.append((f, False))
+        unchanged = await _same(runner, [(f, posixpath.join(root, f.rel)) for f, maybe in todo if maybe and checksum])
+        unchanged |= {f.rel for f, maybe in todo if maybe and not checksum}
+        send = [f for f, _ in todo if f.rel not in unchanged]
+        done.skipped = len(files) - len(send)
+        key = f"put:{node.name}"
+        if send:
+            reporter.begin(key, f"{node.name}: bytes sent", sum(f.size for f in send))
+        try:
+            for f in send:
+                await runner.upload(f.path, posixpath.join(root, f.rel), lambda n: reporter.advance(key, n))
+                done.sent, done.bytes = done.sent + 1, done.bytes + f.size
+                done.files.append(f.rel)
+        finally:
+            if send:
+                reporter.end(key)
+        done.seconds = round(time.monotonic() - started, 3)
+        return done
+
+    try:
+        results = await each_node(targets, one)
+    finally:
+        await provider.close()
+    return [results[n.name] for n in targets]
+
+
+async def get(
+    name: str,
+    remote: str,
+    local: str | Path = ".",
+    *,
+    nodes: Sequence[str] | None = None,
+    checksum: bool = False,
+    home: Path | None = None,
+    reporter: Reporter | None = None,
+) -> list[NodeTransfer]:
+    """Copy file or folder ``remote`` of the master (or of ``nodes``: each under ``local/<node>/``)
+    into folder ``local``."""
+    home = home or globular_home()
+    record = StateStore(home).get(name)
+    targets = _nodes(record, nodes, [record.master])
+    provider = make_provider(record.spec, cluster=record.name, home=home)
+    try:
+        return await fetch(
+            targets, provider.runner, lambda node: _remote_base(record, node, remote), Path(local),
+            checksum=checksum, reporter=reporter,
+        )  # fmt: skip
+    finally:
+        await provider.close()
+
+
+class TooBig(BadInput):
+    """What would be copied is over the bound asked for."""
+
+
+async def fetch(
+    targets: list[NodeRecord],
+    runner_of: Callable[[NodeRecord], Runner],
+    remote_of: Callable[[NodeRecord], str],
+    local: Path,
+    *,
+    checksum: bool = False,
+    skip: Sequence[str] = (),
+    hidden: bool = True,
+    max_bytes: int | None = None,
+    into_name: bool = True,
+    reporter: Reporter | None = None,
+) -> list[NodeTransfer]:
+    """:func:`get` from ``targets``, through ``runner_of`` (a plugin's context's runners), of
+    the file or folder ``remote_of(node)``.
+
+    ``skip``: folder names left out; ``hidden=False``: dot-names left out; ``max_bytes``: over
+    it, :class:`TooBig` and nothing copied; ``into_name=False``: a folder's files go straight
+    into ``local`` (not into ``local/<its name>/``)."""
+    reporter = reporter or NullReporter()
+    local = local.expanduser()
+    if local.exists() and not local.is_dir():
+        raise BadInput(f"{local} is a file: the place to get into must be a folder")
+
+    async def one(node: NodeRecord) -> NodeTransfer:
+        started = time.monotonic()
+        runner = runner_of(node)
+        listing = await runner.tree(remote_of(node), skip, hidden)
+        if listing["kind"] is None:
+            raise NodeError(node.name, f"{listing['root']}: no such file or folder")
+        refused = [*(f"{rel} (a link to {to})" for rel, to in listing["links"].items()), *listing["special"]]
+        if refused:
+            raise NodeError(node.name, "refused (links and special files are not copied): " + ", ".join(refused))
+        total = sum(size for size, _ in listing["files"].values())
+        if max_bytes is not None and total > max_bytes:
+            raise TooBig(
+                f"{node.name}: {listing['root']} holds {size_text(total)}, over the {size_text(max_bytes)} bound"
+            )
+        root = listing["root"]
+        into = local / node.name if len(targets) > 1 else local
+        if listing["kind"] == "dir":
+            into = into / posixpath.basename(root.rstrip("/")) if into_name else into
+            sources = {rel: posixpath.join(root, rel) for rel in listing["files"]}
+        else:
+            sources = {posixpath.basename(root): root}
+        done = NodeTransfer(node.name, str(into), present=sorted(sources))
+        plan = []
+        for rel, path in sorted(sources.items()):
+            size, mtime = listing["files"][rel]
+            mine = into / safe_rel(rel, node.name)
+            same = mine.is_file() and mine.stat().st_size == size and (checksum or int(mine.stat().st_mtime) == mtime)
+            plan.append((LocalFile(mine, rel, size, mtime), path, same))
+        if checksum:
+            unchanged = await _same(runner, [(f, path) for f, path, same in plan if same])
+            plan = [(f, path, same and f.rel in unchanged) for f, path, same in plan]
+        key = f"get:{node.name}"
+        wanted = sum(f.size for f, _, same in plan if not same)
+        if wanted:
+            reporter.begin(key, f"{node.name}: bytes received", wanted)
+        try:
+            for f, path, same in plan:
+                if same:
+                    done.skipped += 1
+                    continue
+                await runner.download(path, f.path, f.size, f.mtime, lambda n: reporter.advance(key, n))
+                done.sent, done.bytes = done.sent + 1, done.bytes + f.size
+                done.files.append(f.rel)
+        finally:
+            if wanted:
+                reporter.end(key)
+        done.seconds = round(time.monotonic() - started, 3)
+        return done
+
+    try:
+        results = await each_node(targets, one)
+    except NodeFailures as exc:
+        too_big = [e for e in exc.failures.values() if isinstance(e, TooBig)]
+        if too_big and len(exc.failures) == 1:
+            raise too_big[0] from None  # the one reason, as it is: the user chooses
+        raise
+    return [results[n.name] for n in targets]
+
+
+def summary(transfers: list[NodeTransfer]) -> dict[str, Any]:
+    """Totals over the nodes, for a one-line report."""
+    return {
+        "nodes": len(transfers),
+        "sent": sum(t.sent for t in transfers),
+        "skipped": sum(t.skipped for t in transfers),
+        "bytes": sum(t.bytes for t in transfers),
+        "seconds": max((t.seconds for t in transfers), default=0.0),
+    }

@@ -1,0 +1,238 @@
+"""Files in and out (issue 29): ``globular put`` / ``get`` on local nodes and on ssh test hosts
+whose Python is a bare one; what is refused, what is sent again, what an interrupt leaves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import testhosts
+from conftest import bare_hosts, local_config, share_env_cache, ssh_config, wait_until
+from globular.errors import BadInput, NodeError
+from globular.node.transfer import PART, list_tree
+from globular.transfer import local_files, safe_rel
+
+SHA = """
+import globular, json, sys
+client = globular.connect(sys.argv[1])
+def sums(names):
+    import hashlib, os
+    out = {"cwd": os.getcwd()}
+    for name in names:
+        with open(name, "rb") as f:  # relative: the engine's working folder
+            out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
+print(json.dumps(client[:].apply_sync(sums, json.loads(sys.argv[2]))))
+client.close()
+"""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_data(folder: Path, big: int) -> dict[str, str]:
+    """A folder of three files (one of ``big`` bytes); their SHA-256 by the name the engines open."""
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.csv").write_text("x,y\n1,2\n")
+    (folder / "sub" / "b.txt").write_text("hello\n")
+    with (folder / "sub" / "big.bin").open("wb") as f:
+        for _ in range(big // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    return {f"{folder.name}/{p.relative_to(folder).as_posix()}": sha256(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def engines_read(name: str, names: list[str]) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-c", SHA, name, json.dumps(names)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+# -- pure logic ------------------------------------------------------------------------------
+
+
+def test_what_is_refused_before_anything_is_sent(tmp_path):
+    data = tmp_path / "data"
+    (data / "in").mkdir(parents=True)
+    (data / "in" / "f.txt").write_text("1")
+    (data / "here").symlink_to(data / "in" / "f.txt")  # inside the tree: its bytes are sent
+    assert [f.rel for f in local_files([data])] == ["data/here", "data/in/f.txt"]
+    (data / "out").symlink_to("/etc/hostname")
+    with pytest.raises(BadInput, match=r"data/out: a link out of .*data \(to /etc/hostname\): refused"):
+        local_files([data])
+    (data / "out").unlink()
+    os.mkfifo(data / "pipe")
+    with pytest.raises(BadInput, match=r"data/pipe: not a regular file"):
+        local_files([data])
+    with pytest.raises(BadInput, match="no such file or folder"):
+        local_files([tmp_path / "missing"])
+    for bad in ("../x", "/etc/passwd", "a/../../b", ""):
+        with pytest.raises(NodeError, match="outside the folder"):
+            safe_rel(bad, "node001")
+    assert safe_rel("a/b.txt", "node001") == "a/b.txt"
+
+
+def test_a_listing_never_follows_links_and_hides_what_jupyter_hides(tmp_path):
+    (tmp_path / "nb" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "nb" / "a.ipynb").write_text("{}")
+    (tmp_path / "nb" / ".ipynb_checkpoints" / "a-checkpoint.ipynb").write_text("{}")
+    (tmp_path / "nb" / ".hidden").write_text("x")
+    (tmp_path / "nb" / f".b.ipynb{PART}1234").write_text("half")
+    (tmp_path / "nb" / "etc").symlink_to("/etc")
+    listing = list_tree(str(tmp_path / "nb"), skip=(".ipynb_checkpoints",), hidden=False)
+    assert list(listing["files"]) == ["a.ipynb"] and listing["links"] == {"etc": "/etc"}
+    everything = list_tree(str(tmp_path / "nb"))
+    assert sorted(everything["files"]) == [".hidden", ".ipynb_checkpoints/a-checkpoint.ipynb", "a.ipynb"]
+    assert list_tree(str(tmp_path / "none"))["kind"] is None
+
+
+# -- local nodes ------------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_put_and_get_on_local_nodes(cli, home, write_config, tmp_path):
+    config = str(write_config(local_config()))
+    sums = make_data(tmp_path / "data", 2 << 20)
+    started = cli("-c", config, "start", "-s", "2", "files")
+    assert started.returncode == 0, started.output
+    try:
+        put = cli("put", "files", str(tmp_path / "data"), ".", "--output", "json")
+        again = cli("put", "files", str(tmp_path / "data"), ".", "--output", "json")
+        seen = engines_read("files", sorted(sums))
+        got = cli("get", "files", "data", str(tmp_path / "back"), "-n", "master", "-n", "node001")
+        one = cli("get", "files", "data/a.csv", str(tmp_path / "one"))
+    finally:
+        stopped = cli("terminate", "-y", "files")
+    assert put.returncode == 0, put.output
+    assert json.loads(put.stdout)["result"]["sent"] == 6 and json.loads(again.stdout)["result"]["sent"] == 0
+    assert json.loads(again.stdout)["result"]["skipped"] == 6
+    assert len(seen) == 2 and all({k: v for k, v in s.items() if k != "cwd"} == sums for s in seen)
+    assert got.returncode == 0, got.output
+    for node in ("master", "node001"):
+        assert {f"data/{p.relative_to(tmp_path / 'back' / node / 'data').as_posix()}": sha256(p)
+                for p in (tmp_path / "back" / node / "data").rglob("*") if p.is_file()} == sums  # fmt: skip
+    assert one.returncode == 0 and (tmp_path / "one" / "a.csv").read_text() == "x,y\n1,2\n", one.output
+    assert stopped.returncode == 0, stopped.output
+
+
+# -- ssh test hosts with a bare Python ----------------------------------------------------------
+
+BIG = 200 << 20
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(testhosts.available() is not None, reason=str(testhosts.available()))
+def test_put_and_get_on_three_ssh_hosts(cli, home, tmp_path, bare_python, env_cache):
+    sums = make_data(tmp_path / "data", BIG)
+    with bare_hosts(tmp_path / "net", 3, bare_python, env_cache) as net:
+        remote_dir = tmp_path / "hosts"
+        share_env_cache(env_cache, home, remote_dir)
+        config = ssh_config(tmp_path / "config", net, remote_dir)
+        started = cli("-c", str(config), "start", "lab", timeout=600)
+        try:
+            assert started.returncode == 0, started.output
+            put = cli("put", "lab", str(tmp_path / "data"), ".", "--output", "json", timeout=600)
+            assert put.returncode == 0, put.output
+            seen = engines_read("lab", sorted(sums))
+            again = cli("put", "lab", str(tmp_path / "data"), ".", "--output", "json", timeout=300)
+            got = cli("get", "lab", "data", str(tmp_path / "back"), *(a for n in ("master", "node001", "node002")
+                      for a in ("-n", n)), timeout=600)  # fmt: skip
+            interrupted = interrupt_a_put(tmp_path, remote_dir)
+        finally:
+            stopped = cli("terminate", "-y", "lab", timeout=300)
+    result = json.loads(put.stdout)["result"]
+    assert result["sent"] == 9 and result["bytes"] == 3 * sum(
+        (tmp_path / "data").joinpath(*k.split("/")[1:]).stat().st_size for k in sums
+    )
+    assert len(seen) == 3 and all({k: v for k, v in s.items() if k != "cwd"} == sums for s in seen), seen
+    assert json.loads(again.stdout)["result"]["sent"] == 0, again.stdout  # nothing changed: nothing sent
+    assert got.returncode == 0, got.output
+    for node in ("master", "node001", "node002"):
+        back = tmp_path / "back" / node / "data"
+        assert {f"data/{p.relative_to(back).as_posix()}": sha256(p) for p in back.rglob("*") if p.is_file()} == sums
+    assert interrupted["returncode"] == 130, interrupted
+    assert interrupted["complete_looking"] == [] and interrupted["parts_left"] == [], interrupted
+    assert stopped.returncode == 0, stopped.output
+
+
+def interrupt_a_put(tmp_path: Path, remote_dir: Path) -> dict:
+    """SIGINT to a `globular put` of a new 200 MB file while its bytes flow: what it leaves."""
+    new = tmp_path / "fresh"
+    new.mkdir()
+    with (new / "huge.bin").open("wb") as f:
+        for _ in range(BIG // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, "-m", "globular", "put", "lab", str(new), "."], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+    def parts() -> list[Path]:
+        return [p for p in remote_dir.rglob(f".huge.bin{PART}*")]
+
+    assert wait_until(lambda: any(p.stat().st_size > 0 for p in parts()), timeout=120), "no transfer started"
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    size = (new / "huge.bin").stat().st_size
+    finals = [p for p in remote_dir.rglob("fresh/huge.bin")]
+    return {
+        "returncode": proc.returncode,
+        "stderr": err.decode()[-2000:],
+        "complete_looking": [str(p) for p in finals if p.stat().st_size != size],  # a final name is whole, or absent
+        "parts_left": [str(p) for p in parts()],
+    }
+
+
+def test_each_notebook_copy_is_whole_and_only_what_changed_travels(tmp_path):
+    """save_notebooks through a local node's runner: a second copy with nothing changed is the
+    first; a changed file makes a new copy whose unchanged files share the first's bytes, and a
+    file gone from the master is gone from the new copy."""
+    import asyncio
+
+    from globular.plugins.ipcluster.keep import save_notebooks
+    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.providers.local import LocalRunner
+    from globular.state import NodeRecord
+
+    folder = tmp_path / "nb"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.ipynb").write_text("{}")
+    (folder / "sub" / "b.ipynb").write_text('{"b": 1}')
+    (folder / "gone.ipynb").write_text("{}")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "a-checkpoint.ipynb").write_text("{}")
+    master = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path / "w"), cores=1, python=sys.executable)
+    settings = IPClusterSettings(enable_notebook=True, notebook_directory=str(folder))
+    home = tmp_path / "home"
+
+    def save():
+        return asyncio.run(save_notebooks("c", "ssh", master, LocalRunner(master), settings, home))
+
+    first = save()
+    assert first.files == 3 and first.copied == 3 and not (first.folder / ".ipynb_checkpoints").exists()
+    assert save().folder == first.folder  # nothing changed: the last copy stands
+    os.utime(folder / "a.ipynb", (1, 1))  # changed (its time)
+    (folder / "gone.ipynb").unlink()
+    second = save()
+    assert second.folder != first.folder and second.copied == 1 and second.files == 2
+    assert sorted(p.relative_to(second.folder).as_posix() for p in second.folder.rglob("*.ipynb")) == [
+        "a.ipynb",
+        "sub/b.ipynb",
+    ]
+    assert (second.folder / "sub" / "b.ipynb").stat().st_ino == (first.folder / "sub" / "b.ipynb").stat().st_ino
+    assert (first.folder / "gone.ipynb").exists()  # earlier copies are left as they were
+    too_small = IPClusterSettings(enable_notebook=True, notebook_directory=str(folder), notebook_save_limit="3 B")
+    with pytest.raises(BadInput, match="holds 10 B, over the 3 B bound"):
+        asyncio.run(save_notebooks("c", "ssh", master, LocalRunner(master), too_small, home))
