@@ -23,6 +23,29 @@ def cpus() -> int:
         return os.cpu_count() or 1
 
 
+def usage() -> dict[str, Any]:
+    """CPU time (busy and total jiffies since boot, from /proc/stat: two samples make a percent)
+    and memory (total and available bytes, /proc/meminfo); None where the node has no /proc."""
+    found: dict[str, Any] = {"cpu": None, "memory": None}
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        found["cpu"] = [sum(fields) - idle, sum(fields)]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        meminfo = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                meminfo[key] = int(value.split()[0]) * 1024
+        found["memory"] = [meminfo["MemTotal"], meminfo.get("MemAvailable", meminfo.get("MemFree", 0))]
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    return found
+
+
 @verb(any_python=True)
 def addresses(req: Request) -> Any:
     """IPv4 address of each network interface: ``{"eth0": "10.0.0.5", ...}``."""
@@ -89,6 +112,7 @@ def facts(req: Request) -> Any:
         "modules": found,
         "answers": answers,
         "gpus": gpu_devices() if req.get("gpus") else None,
+        "usage": usage() if req.get("usage") else None,
         # folders something will be made in that exist as something else (a file)
         "not_folders": [
             p

@@ -4,6 +4,9 @@ they do is in the plugin's modules, what they show goes through :mod:`globular.c
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import click
 from rich.markup import escape
 
@@ -135,3 +138,139 @@ def restart_controller(ctx: click.Context, name: str) -> None:
             out.report(result.report)
 
     out.result({"name": name, "elapsed": result.elapsed, "report": result.report}, text=text)
+
+
+def _frame_view(frame: Any) -> Any:
+    """One frame of ``globular top`` as rich renderables."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from globular.results import size_text
+
+    head = Text.assemble(
+        (f"{frame.cluster}  ", "bold"),
+        f"tasks: {frame.waiting} waiting, {frame.running} running, {frame.done} done in 10 s "
+        f"({frame.per_second:g}/s), ",
+        (f"{frame.failed} failed", "red" if frame.failed else ""),
+        "; engines ",
+        (f"{frame.registered}/{frame.expected}", "red" if frame.registered < frame.expected else "green"),
+        " registered" + (f"; slowest: {frame.slowest}" if frame.slowest else ""),
+    )
+    table = Table(box=None, pad_edge=False)
+    for column in ("node", "cpu", "memory", "load", "gpus", "engines busy/idle/dead"):
+        table.add_column(column)
+    for row in frame.nodes:
+        if not row.answering:
+            table.add_row(Text(row.node, "red"), Text("not answering", "red"), "", "", "", "")
+            continue
+        memory = f"{size_text(row.memory_used)}/{size_text(row.memory_total)}" if row.memory_total else "-"
+        gpus = ", ".join(
+            f"{g.get('utilization') if g.get('utilization') is not None else '?'}% "
+            f"{(g.get('memory_used_mib') or 0) / 1024:.0f}/{(g.get('memory_total_mib') or 0) / 1024:.0f}G"
+            for g in row.gpus
+        )
+        engines = Text.assemble(f"{row.busy}/{row.idle}/", (str(row.dead), "bold red" if row.dead else ""))
+        cpu = "-" if row.cpu is None else f"{row.cpu:.0f}%"
+        table.add_row(row.node, cpu, memory, "-" if row.load is None else f"{row.load:.2f}", gpus or "-", engines)
+    events = [Text(f"! {e}", "yellow") for e in frame.events]
+    return Group(head, table, *events)
+
+
+@click.command(short_help="A live view: nodes, engines, tasks per second.")
+@click.option("--once", is_flag=True, help="One frame, then exit (with --output json: one document).")
+@click.option(
+    "--interval", type=click.FloatRange(0.2, 60), default=1.0, show_default=True, help="Seconds between refreshes."
+)
+@click.argument("name")
+@output_option
+@click.pass_context
+def top(ctx: click.Context, once: bool, interval: float, name: str) -> None:
+    """A live view of cluster NAME, refreshed every second: each node's CPU, memory, load,
+    GPUs and engines (busy, idle, dead); tasks waiting, running, done in the last 10 s and
+    per second, failed; engines registered against expected; the slowest node; what changed
+    (an engine that left or joined, a node that stopped answering).  q or Ctrl-C quits.
+
+    The numbers come from the controller (queue_status, the hub's task records) and from
+    one round trip per node through globular's own helper: no agent, no new port.
+    """
+    import sys
+
+    from globular.paths import globular_home
+    from globular.plugins.ipcluster.top import Watch
+
+    out = output(ctx)
+    home = globular_home()
+
+    async def one() -> Any:
+        watch = Watch(name, home)
+        try:
+            await watch.open()
+            await watch.frame()  # the CPU percent is between two samples
+            await asyncio.sleep(min(interval, 0.5))
+            return await watch.frame()
+        finally:
+            await watch.close()
+
+    if once or out.json or not out.console.is_terminal:
+        frame = run_sync(one(), sigterm_cancels=True)
+        out.result(frame, text=lambda: out.print(_frame_view(frame)))
+        return
+    from rich.live import Live
+
+    keys = _Keys(sys.stdin)
+
+    async def live() -> None:
+        watch = Watch(name, home)
+        try:
+            await watch.open()
+            with Live(console=out.console, auto_refresh=False, transient=False) as view:
+                while True:
+                    view.update(_frame_view(await watch.frame()), refresh=True)
+                    deadline = asyncio.get_running_loop().time() + interval
+                    while asyncio.get_running_loop().time() < deadline:
+                        if keys.pressed("q"):
+                            return
+                        await asyncio.sleep(0.05)
+        finally:
+            await watch.close()
+
+    try:
+        with keys:
+            run_sync(live(), sigterm_cancels=True)
+    except KeyboardInterrupt:
+        pass
+
+
+class _Keys:
+    """Single keys from a terminal (cbreak mode while inside ``with``; the terminal as it was after)."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.saved: Any = None
+
+    def __enter__(self) -> _Keys:
+        import termios
+        import tty
+
+        if self.stream.isatty():
+            self.saved = termios.tcgetattr(self.stream.fileno())
+            tty.setcbreak(self.stream.fileno())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import termios
+
+        if self.saved is not None:
+            termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self.saved)
+
+    def pressed(self, key: str) -> bool:
+        import os
+        import select
+
+        if self.saved is None:
+            return False
+        while select.select([self.stream], [], [], 0)[0]:
+            if os.read(self.stream.fileno(), 1).decode(errors="replace") == key:
+                return True
+        return False
