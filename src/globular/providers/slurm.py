@@ -36,6 +36,7 @@ from globular.fanout import each_node
 from globular.node.files import remove_dir
 from globular.paths import private_dir
 from globular.providers.base import (
+    CHUNK,
     NODE_SOURCE,
     CommandResult,
     NodeProvider,
@@ -100,6 +101,7 @@ class SlurmRunner(HelperRunner):
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                limit=4 * CHUNK,  # an answer is one line: a file's chunk (base64) is longer than asyncio's 64 KiB
             )
         except OSError as exc:
             raise self._no_srun(exc) from None

@@ -59,6 +59,9 @@ CONNECT_ATTEMPTS = 6  # when the host's sshd drops new connections (MaxStartups)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 
+SFTP_BLOCK = 128 * 1024  # bytes per SFTP request (asyncssh's default, 16 KiB, costs a round of Python work per 16 KiB)
+
+
 def _by_increments(progress: Callable[[int], None]) -> Callable[[bytes, bytes, int, int], None]:
     """asyncssh's progress handler (bytes copied so far) as ``progress(bytes since the last call)``."""
     done = 0
@@ -151,7 +154,9 @@ class SSHRunner(HelperRunner):
         part = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.part-{secrets.token_hex(4)}")
         try:
             await sftp.makedirs(posixpath.dirname(remote), exist_ok=True)
-            await sftp.put(str(local), part, preserve=True, progress_handler=_by_increments(progress))
+            await sftp.put(
+                str(local), part, preserve=True, block_size=SFTP_BLOCK, progress_handler=_by_increments(progress)
+            )
             await sftp.posix_rename(part, remote)
         except BaseException as exc:
             await asyncio.shield(self._remove_quietly(sftp, part))
@@ -164,7 +169,9 @@ class SSHRunner(HelperRunner):
         local.parent.mkdir(parents=True, exist_ok=True)
         part = local.with_name(f".{local.name}.part-{secrets.token_hex(4)}")
         try:
-            await sftp.get(remote, str(part), preserve=True, progress_handler=_by_increments(progress))
+            await sftp.get(
+                remote, str(part), preserve=True, block_size=SFTP_BLOCK, progress_handler=_by_increments(progress)
+            )
             os.replace(part, local)
         except (asyncssh.Error, OSError) as exc:
             raise ConnectionLost(self.node.name, f"sftp get {remote}", str(exc)) from None
