@@ -633,3 +633,35 @@ def test_how_engines_start_is_decided_once_in_the_settings():
         IPClusterSettings.model_validate({"restart_dead_engines": "true", "engine_fork": "true"})
     (error,) = refused.value.errors()
     assert error["ctx"]["key"] == "engine_fork" and "the supervisor starts each engine" in error["msg"]
+
+
+def test_nodes_that_share_a_file_system_prune_it_at_once(tmp_path):
+    """Hosts with one home prune the same envs folder at the same moment (env prune runs on
+    every node at once): none of them may fail on a name another has just removed."""
+    import threading
+
+    from globular.node.env import env_prune
+
+    for attempt in range(40):
+        root = tmp_path / f"envs{attempt}"
+        root.mkdir()
+        for i in range(3):
+            name = f"{i:020x}"
+            (root / f"{name}-abcd").mkdir()
+            (root / f"{name}-abcd" / "marker").write_text("x")
+            (root / name).symlink_to(f"{name}-abcd")
+            (root / f".{name}.lock").write_text("")
+        errors: list[BaseException] = []
+
+        def prune(root=root, errors=errors) -> None:
+            try:
+                env_prune({"root": str(root), "keep": []})
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=prune) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and not root.exists(), (attempt, errors)

@@ -296,6 +296,13 @@ def _ready_target(root: str, name: str, target: str) -> bool:
     return os.path.islink(link) and os.readlink(link) == os.path.basename(target)
 
 
+def _unlink_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 @verb()
 def env_prune(req: Request) -> dict[str, Any]:
     """Remove every environment under ``root`` but those named in ``keep``; what was removed."""
@@ -309,21 +316,32 @@ def env_prune(req: Request) -> dict[str, Any]:
     import re
 
     names = {e.lstrip(".").split("-")[0].split(".")[0] for e in os.listdir(root)}
+    # Nodes that share a file system prune the same folder at once.  The lock keeps a build out;
+    # two pruners can still both hold a lock (one took the lock file another had just unlinked),
+    # so every removal here tolerates a name that is already gone.
     for name in sorted(n for n in names - keep if re.fullmatch(r"[0-9a-f]{20}", n)):
         lock_path = os.path.join(root, f".{name}.lock")
-        with open(lock_path, "a") as lock:
+        try:
+            lock = open(lock_path, "a")  # noqa: SIM115 - held across the removal below
+        except FileNotFoundError:  # another node removed the whole folder meanwhile
+            break
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # being built right now: leave it
-            for entry in os.listdir(root):
+            try:
+                entries = os.listdir(root)
+            except FileNotFoundError:
+                entries = []
+            for entry in entries:
                 if entry == name or entry.startswith((f"{name}-", f".{name}-")):
                     path = os.path.join(root, entry)
                     if os.path.islink(path):
-                        os.unlink(path)
+                        _unlink_if_there(path)
                     else:
                         shutil.rmtree(path, ignore_errors=True)
-            os.unlink(lock_path)
+            _unlink_if_there(lock_path)
         removed.append(name)
     try:
         os.rmdir(root)
