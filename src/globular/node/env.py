@@ -311,11 +311,12 @@ def env_prune(req: Request) -> dict[str, Any]:
     root = _root(req)
     keep = set(req.get("keep", []))
     removed: list[str] = []
-    if not os.path.isdir(root):
-        return {"removed": removed, "root": root}
     import re
 
-    names = {e.lstrip(".").split("-")[0].split(".")[0] for e in os.listdir(root)}
+    try:
+        names = {e.lstrip(".").split("-")[0].split(".")[0] for e in os.listdir(root)}
+    except (FileNotFoundError, NotADirectoryError):  # none here, or another node removed the folder just now
+        return {"removed": removed, "root": root}
     # Nodes that share a file system prune the same folder at once.  The lock keeps a build out;
     # two pruners can still both hold a lock (one took the lock file another had just unlinked),
     # so every removal here tolerates a name that is already gone.
