@@ -665,3 +665,61 @@ def test_nodes_that_share_a_file_system_prune_it_at_once(tmp_path):
         for t in threads:
             t.join()
         assert errors == [] and not root.exists(), (attempt, errors)
+
+
+def test_the_top_page_watches_while_asked_and_stops_after(monkeypatch):
+    """labtop.Watcher: frames and history while the page asks; closed once nobody asked; an
+    error (the cluster gone) shown, and a later request tries again."""
+    from globular.plugins.ipcluster import labtop, top
+
+    made: list[FakeWatch] = []
+
+    class FakeWatch:
+        def __init__(self, name: str, home: Path):
+            self.closed, self.n = False, 0
+            made.append(self)
+            if name == "gone":
+                raise GlobularError("cluster 'gone' not found")
+
+        async def open(self) -> None:
+            pass
+
+        async def frame(self) -> top.Frame:
+            self.n += 1
+            return top.Frame("c", float(self.n), [], 0, self.n, 0, float(self.n), 0, 1, 1, None, [], {"completed": 0})
+
+        async def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(top, "Watch", FakeWatch)
+
+    async def scenario() -> tuple[dict, dict, bool, dict]:
+        watcher = labtop.Watcher("c", Path("/nowhere"), interval=0.01, linger=0.1)
+        first = watcher.ask()
+        await asyncio.sleep(0.05)
+        later = watcher.ask()
+        await asyncio.sleep(0.3)  # nobody asks: it stops
+        stopped = watcher.task is not None and watcher.task.done() and made[0].closed
+        gone = labtop.Watcher("gone", Path("/nowhere"), interval=0.01, linger=0.1)
+        gone.ask()
+        await asyncio.sleep(0.02)
+        return first, later, stopped, gone.ask()
+
+    first, later, stopped, gone = asyncio.run(scenario())
+    assert first["frame"] is None and first["history"] == []
+    assert later["frame"]["running"] == len(later["history"]) >= 2
+    assert [p["busy"] for p in later["history"]] == list(range(1, len(later["history"]) + 1))
+    assert stopped
+    assert gone["error"] == "cluster 'gone' not found" and gone["frame"] is None
+
+
+def test_installing_globular_enables_the_top_page():
+    import tomllib
+
+    from globular.plugins.ipcluster import labtop
+
+    root = Path(__file__).parent.parent
+    files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    [config] = files["etc/jupyter/jupyter_server_config.d"]
+    assert json.loads((root / config).read_text()) == {"ServerApp": {"jpserver_extensions": {labtop.EXTENSION: True}}}
+    assert labtop._jupyter_server_extension_points() == [{"module": labtop.EXTENSION}]

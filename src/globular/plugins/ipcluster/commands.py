@@ -98,6 +98,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, nam
         ("password", info.get("password") or "the notebook_passwd of your config"),
         ("certificate", info["fingerprint"]),
         ("directory", info["directory"]),
+        *([("top page", info["top"])] if info.get("top") else []),
     ]
     out.result(info, text=lambda: out.grid(rows))
     if forward:

@@ -96,8 +96,12 @@ async def start_notebook(
     from jupyter_server.auth.security import passwd
 
     runner = ctx.runner(master)
-    facts = await runner.nodeproc("prepare", {"dir": notebook_folder(settings), "modules": ["jupyterlab"]})
-    if facts["missing"]:
+    # the top page (labtop) needs globular and this machine's records: a master that is this machine
+    here = master.is_local and not ctx.remote_nodes
+    modules = ["jupyterlab", "globular"] if here else ["jupyterlab"]
+    facts = await runner.nodeproc("prepare", {"dir": notebook_folder(settings), "modules": modules})
+    top_page = here and "globular" not in facts["missing"]
+    if "jupyterlab" in facts["missing"]:
         raise NodeError(
             master.name, f"jupyterlab is not installed for {facts['python']}: enable_notebook needs it on the master"
         )
@@ -130,6 +134,11 @@ async def start_notebook(
         },
         "LabApp": {"check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
     }
+    if top_page:
+        from globular.plugins.ipcluster.labtop import EXTENSION
+
+        config["ServerApp"]["jpserver_extensions"] = {EXTENSION: True}
+        config["ServerApp"]["tornado_settings"] = {"globular_home": str(ctx.home)}
     await runner.write_file(
         f"{jupyter}/config/jupyter_server_config.json", json.dumps(config, indent=1).encode(), 0o600
     )
@@ -174,6 +183,8 @@ async def start_notebook(
         "directory": directory,
         "fingerprint": cert.fingerprint,
     }
+    if top_page:
+        saved["top"] = f"{url}globular/top/{ctx.name}"
     if info.password:
         saved["password"] = info.password
     write_private(notebook_file(ctx), json.dumps(saved, indent=2).encode())
