@@ -1,6 +1,6 @@
 """Scale: start, restart and terminate on N SSH hosts, and how often a start succeeds.
 
-    sudo .venv/bin/python benchmarks/bench_scale.py [--sizes 1,4,16,32] [--repeats 1] [--failure-rate 32x20]
+    sudo .venv/bin/python benchmarks/bench_scale.py [--sizes 1,4,16,32] [--repeats 1] [--failure-rate 32x20] [--managed]
 
 Needs root, sshd and iproute2: it makes the netns test hosts of tests/testhosts.py
 (198.18.0.0/24), one engine per host (``cores_per_node = 1``, ``environment =
@@ -10,11 +10,13 @@ outside as a user sees them; then the same three with plain ipyparallel's own SS
 launcher (``ipp.Cluster(engine_launcher_class="ssh")``, controller here on the bridge
 address, one engine per host), interleaved; then, once a round, ``addnode -n 8`` to a running
 1-host cluster against a second engine set of plain's SSH launcher on 8 new hosts (timed until
-the new engines registered); then the ratios issue 16 asks for: restart /
+the new engines registered); with ``--managed``, each round also starts and terminates the same
+size with ``environment = managed`` (the default path; its environments built by an untimed
+first start), so managed / system compares the two in the same rounds; then the ratios issue 16 asks for: restart /
 start of the same cluster, terminate of N / terminate of 1, and globular / plain.  The
 CPU columns are the whole machine's busy CPU-seconds during terminate: every test host
 shares this machine's cores, so what would run on N machines at once queues here (see
-the README).  ``--no-plain`` leaves plain ipyparallel out.  With ``--failure-rate NxK``
+docs/benchmarks.md).  ``--no-plain`` leaves plain ipyparallel out.  With ``--failure-rate NxK``
 it also starts and terminates an N-host cluster K times and counts the starts that
 succeed.  Opt-in (not in scripts/test): 1, 4, 16, 32 hosts take about 5 minutes on 2
 cores without plain ipyparallel (whose launcher starts hosts one after another: about 4 s
@@ -50,7 +52,7 @@ python = {python}
 remote_dir = {remote_dir}
 cores_per_node = 1
 connect_timeout = 10
-environment = system
+environment = {environment}
 plugins = ipcluster
 [plugin ipcluster]
 setup_class = ipcluster
@@ -135,10 +137,13 @@ class Plain:
 
 
 class Globular:
-    def __init__(self, root: Path, net: testhosts.HostNet):
+    def __init__(self, root: Path, net: testhosts.HostNet, environment: str = "system"):
+        """``environment = managed``: globular's default path on ssh hosts, the hosts' environments
+        built by a first start and cached (its own home and node folders)."""
         self.root, self.net = root, net
-        self.env = dict(os.environ, GLOBULAR_HOME=str(root / "home"), COLUMNS="200")
-        self.config = root / "config"
+        tag = "" if environment == "system" else f"-{environment}"
+        self.env = dict(os.environ, GLOBULAR_HOME=str(root / f"home{tag}"), COLUMNS="200")
+        self.config = root / f"config{tag}"
         hosts = ", ".join(f"root@{h.address}" for h in net.hosts)
         self.config.write_text(
             CONFIG.format(
@@ -146,7 +151,8 @@ class Globular:
                 key=net.key,
                 known_hosts=net.known_hosts,
                 python=sys.executable,
-                remote_dir=root / "nodes",
+                remote_dir=root / f"nodes{tag}",
+                environment=environment,
             )
         )
 
@@ -186,6 +192,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--failure-rate", default="", help="NxK: start N hosts K times, count the successes")
     parser.add_argument("--no-plain", action="store_true", help="leave plain ipyparallel out")
+    parser.add_argument(
+        "--managed", action="store_true", help="also start each size with environment = managed (cached), interleaved"
+    )
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results-scale.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -197,6 +206,10 @@ def main() -> None:
     outcomes: list[str] = []
     try:
         glob, plain = Globular(root, net), Plain(root, net)
+        managed = Globular(root, net, "managed") if args.managed else None
+        if managed is not None:  # the first start builds the environments: not timed
+            managed.must("start", "-s", str(max(sizes)), "b")
+            managed.must("terminate", "-y", "b")
         for round_ in range(args.repeats):
             for n in sizes:
                 start_cpu = busy_cpu()
@@ -209,6 +222,11 @@ def main() -> None:
                 cpu = busy_cpu() - cpu
                 figures = {"start": start, "start cpu": start_cpu, **phases, "restart": restart,
                            "terminate": terminate, "terminate cpu": cpu}  # fmt: skip
+                if managed is not None:
+                    m_start = managed.must("start", "-s", str(n), "b")
+                    m_env = managed.phases().get("step env", 0.0)
+                    m_terminate = managed.must("terminate", "-y", "b")
+                    figures |= {"managed start": m_start, "managed step env": m_env, "managed terminate": m_terminate}
                 if not args.no_plain:
                     p_start, p_restart, p_terminate, p_cpu = plain.round(n)
                     figures |= {"plain start": p_start, "plain restart": p_restart, "plain terminate": p_terminate,
@@ -251,6 +269,14 @@ def main() -> None:
     for n in sizes:
         steps = "  ".join(f"{med[f'step {p} {n}']:>10.2f}" for p in PHASES if f"step {p} {sizes[0]}" in med)
         print(f"{n:>5}  {steps}  {med[f'start cpu {n}']:>11.2f}")
+    if managed is not None:
+        print("\nenvironment = managed (cached) against system, same rounds")
+        print(f"{'hosts':>5}  {'system s':>8}  {'managed s':>9}  {'managed/system':>14}  {'env step s':>10}  "
+              f"{'terminate m/s':>13}")  # fmt: skip
+        for n in sizes:
+            print(f"{n:>5}  {med[f'start {n}']:>8.2f}  {med[f'managed start {n}']:>9.2f}  "
+                  f"{med[f'managed start {n}'] / med[f'start {n}']:>14.2f}  {med[f'managed step env {n}']:>10.2f}  "
+                  f"{med[f'managed terminate {n}'] / med[f'terminate {n}']:>13.2f}")  # fmt: skip
     if not args.no_plain:
         print("\nplain ipyparallel (SSH launcher), and globular / plain")
         print(f"{'hosts':>5}  {'start s':>8}  {'restart s':>9}  {'terminate s':>11}  {'term CPU-s':>10}  "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -276,3 +277,32 @@ def ssh_config(path: Path, hosts, remote_dir: Path, ipcluster: str = "", cluster
         f"[plugin ipcluster]\nsetup_class = ipcluster\n{ipcluster}"
     )
     return path
+
+
+def screenshot(name: str) -> Path | None:
+    """Where a test saves the picture ``name`` for the docs (``scripts/screenshots`` sets
+    ``GLOBULAR_SCREENSHOTS`` to ``docs/_static/screenshots``); None when no one asked."""
+    folder = os.environ.get("GLOBULAR_SCREENSHOTS")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / name
+
+
+def terminal_picture(text: str, name: str, title: str, width: int = 160, home: Path | None = None) -> None:
+    """``text`` (what a terminal showed) as an SVG terminal picture for the docs, if asked for
+    (the test's ``home`` shown as ``~/.globular``)."""
+    path = screenshot(name)
+    if path is None:
+        return
+    if home is not None:
+        text = text.replace(str(home), "~/.globular")
+    import io
+
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(record=True, width=width, file=io.StringIO(), force_terminal=True)
+    console.print(Text.from_ansi(text.rstrip()))
+    svg = console.export_svg(title=title)
+    path.write_text(re.sub(r",\s*url\([^)]*\) format\([^)]*\)", "", svg))  # no web fonts: the docs stay offline

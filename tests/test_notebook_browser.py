@@ -12,6 +12,8 @@ import shutil
 
 import pytest
 
+from conftest import screenshot
+
 pytestmark = pytest.mark.cluster
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -44,6 +46,8 @@ def test_log_in_open_a_notebook_and_read_the_engine_ids(cli, home, write_config,
                 try:
                     page.goto(url + "lab")
                     assert "/login" in page.url  # no password, no lab
+                    if picture := screenshot("lab-login.png"):
+                        page.screenshot(path=str(picture))
                     page.fill("input[name=password]", password + "-wrong")
                     page.click("#login_submit")
                     expect(page.get_by_text("Invalid credentials")).to_be_visible()
@@ -69,6 +73,8 @@ def test_log_in_open_a_notebook_and_read_the_engine_ids(cli, home, write_config,
                     item = page.locator(".ipp-ClusterListingItem", has_text="globular-web")
                     expect(item).to_contain_text("State: running")
                     expect(item).to_contain_text("Number of engines: 2")
+                    if picture := screenshot("clusters-panel.png"):
+                        page.screenshot(path=str(picture))
                     item.get_by_role("button", name=re.compile("stop", re.I)).click()  # refused: still running
                     expect(page.get_by_text(re.compile("managed by globular"))).to_be_visible()
                     page.get_by_role("button", name="Close").click()

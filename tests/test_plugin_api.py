@@ -1,30 +1,15 @@
 """A third party's plugin, installed the way pip installs one (a dist-info with entry points),
-adds a CLI command and status columns without the core naming it."""
+adds a CLI command and status columns without the core naming it.  The plugin is the worked
+example of the docs (docs/examples/hello_plugin.py, shown in docs/contributing/plugin.md)."""
 
 from __future__ import annotations
 
 import json
-import textwrap
+from pathlib import Path
 
 import pytest
 
-PLUGIN = textwrap.dedent(
-    '''
-    import click
-    from globular.plugins.base import Plugin, PluginStatus
-
-    @click.command()
-    @click.argument("name")
-    def hello(name):
-        """Greet NAME."""
-        click.echo(f"hello, {name}")
-
-    class Hello(Plugin):
-        async def status(self, view):
-            nodes = {n.name: {"wave": f"o/ {n.name}"} for n in view.record.nodes}
-            return PluginStatus(columns={"greeting": "hi"}, node_columns=nodes, data={"greeted": len(nodes)})
-    '''
-)
+PLUGIN = (Path(__file__).parent.parent / "docs" / "examples" / "hello_plugin.py").read_text()  # the docs' example
 
 CONFIG = """
 [global]

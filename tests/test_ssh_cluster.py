@@ -101,7 +101,7 @@ def run_laptop_client(net, tmp_path, connection_file, code: str | None = None) -
     points ssh at the test known_hosts, so nothing of this machine's ssh setup
     is touched.  It ignores SIGHUP: pyzmq's openssh tunnel backgrounds
     ``ssh -f`` under a pty that pexpect closes, and the forked ssh is killed by
-    that SIGHUP before it detaches (README, "Connecting from your laptop").
+    that SIGHUP before it detaches (docs/connecting.md, "Connecting from your laptop").
     """
     config = tmp_path / "ssh_config"
     config.write_text(f"Host *\n  UserKnownHostsFile {net.known_hosts}\n  StrictHostKeyChecking yes\n  BatchMode yes\n")
@@ -417,7 +417,7 @@ def test_the_line_start_prints_connects_from_a_laptop_every_time_encrypted(net, 
 def test_a_laptop_client_through_ipyparallels_own_ssh_tunnel(net, cli, home, tmp_path):
     """``Client(path, sshkey=...)``: ipyparallel tunnels each socket with ssh itself.  Its tunnel
     does not give the tunnelled sockets the CURVE keys (ipyparallel's Client._connect), so this
-    path needs encryption = none (README, "Connecting from your laptop")."""
+    path needs encryption = none (docs/connecting.md, "Connecting from your laptop")."""
     config = ssh_config(
         net, tmp_path, hosts=", ".join(f"root@{h.address}" for h in net.hosts[:2]), ipcluster="encryption = none\n"
     )

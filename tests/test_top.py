@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import read_record, wait_until
+from conftest import read_record, terminal_picture, wait_until
 
 pytestmark = [
     pytest.mark.cluster,
@@ -69,8 +69,10 @@ class Tmux:
         subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "30", f"env {env_words} {command}"],
                        check=True)  # fmt: skip
 
-    def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
+    def screen(self, ansi: bool = False) -> str:
+        escapes = ["-e"] if ansi else []
+        return subprocess.run(["tmux", "capture-pane", "-p", *escapes, "-t", self.name], capture_output=True,
+                              text=True).stdout  # fmt: skip
 
     def alive(self) -> bool:
         return subprocess.run(["tmux", "has-session", "-t", self.name], capture_output=True).returncode == 0
@@ -87,6 +89,7 @@ def test_top_shows_busy_engines_tasks_per_second_then_idle_and_a_dead_engine(cli
     config = str(write_config(CONFIG))
     started = cli("-c", config, "start", "-s", "3", "live")
     assert started.returncode == 0, started.output
+    terminal_picture(started.stderr + started.stdout, "start.svg", "globular start -s 3 live", home=home)
     session = Tmux(f"top{os.getpid()}", f"{sys.executable} -m globular top live",
                    {"GLOBULAR_HOME": home, "PATH": os.environ["PATH"], "COLUMNS": "160", "LINES": "30"})  # fmt: skip
     try:
@@ -94,6 +97,8 @@ def test_top_shows_busy_engines_tasks_per_second_then_idle_and_a_dead_engine(cli
         busy = wait_until(lambda: "running" in session.screen() and " 0 running" not in session.screen()
                           and "(0/s)" not in session.screen(), timeout=60)  # fmt: skip
         during = session.screen()
+        terminal_picture(session.screen(ansi=True), "top.svg", "globular top live")
+        terminal_picture(cli("status", "live").stdout, "status.svg", "globular status live", home=home)
         assert mapping.wait(timeout=120) == 0
         idle = wait_until(lambda: " 0 running" in session.screen() and node_line(session.screen(), "node001")[-1] == "0/2/0",
                           timeout=30)  # fmt: skip

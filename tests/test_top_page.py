@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import screenshot
+
 pytestmark = pytest.mark.cluster
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -136,7 +138,7 @@ def test_the_top_page_plots_tasks_per_second_and_shows_the_controllers_counts(cl
                     completed = sum(s["completed"] for k, s in theirs.items() if k != "unassigned")
                     expect(page.locator("#completed")).to_have_text(str(completed), timeout=20_000)
                     expect(page.locator("#running")).to_have_text("0")
-                    page.screenshot(path=str(shot), full_page=True)
+                    page.screenshot(path=str(screenshot("top-page.png") or shot), full_page=True)
                     page.locator("#plot").screenshot(path=str(plot_shot))
                     numbers = {k: page.locator(f"#{k}").inner_text() for k in ("registered", "expected", "waiting")}
                     nodes = page.locator("#nodes tbody tr").evaluate_all("rows => rows.map(r => r.dataset.node)")

@@ -484,12 +484,12 @@ def test_the_node_helper_answers_each_request_by_its_id(tmp_path):
 
 
 def test_the_config_reference_in_docs_is_current():
-    """docs/config.md is generated from the settings models: regenerate it when they change
-    (`globular config reference --markdown > docs/config.md`)."""
+    """docs/reference/config.md is generated from the settings models: regenerate it when they change
+    (`globular config reference --markdown > docs/reference/config.md`)."""
     from globular.reference import markdown, reference
 
-    docs = SRC.parent.parent / "docs" / "config.md"
-    assert docs.read_text() == markdown(reference()), "docs/config.md is stale: regenerate it"
+    docs = SRC.parent.parent / "docs" / "reference" / "config.md"
+    assert docs.read_text() == markdown(reference()), "docs/reference/config.md is stale: regenerate it"
     keys = {(e.section, e.key) for e in reference()}
     assert ("[cluster] provider = ssh", "node_hosts") in keys and ("[cluster]", "packages") in keys
     assert ("[plugin NAME] setup_class = ipcluster", "encryption") in keys

@@ -1,6 +1,6 @@
 """The config reference, generated from the settings models themselves so that it cannot drift:
 every section, key, type, default and description of the core, of every installed provider
-and of every installed plugin (``globular config reference``; ``docs/config.md`` is its
+and of every installed plugin (``globular config reference``; ``docs/reference/config.md`` is its
 Markdown, checked by the tests to be current).  And one template resolved
 (``globular config show``), with its defaults, secrets masked."""
 
@@ -76,7 +76,7 @@ def reference() -> list[Entry]:
 
 
 def markdown(entries: list[Entry]) -> str:
-    """The reference as Markdown (``docs/config.md``)."""
+    """The reference as Markdown (``docs/reference/config.md``)."""
     lines = [
         "# Configuration reference",
         "",

@@ -145,4 +145,6 @@ def validate_settings(
             message = err["msg"] if len(err["msg"]) <= 200 else err["msg"][:150] + "..."
             if value is not None:
                 message += f", got {shown(value)}"
+                if re.search(r"\s[#;]", str(value)):
+                    message += " (a comment goes on a line of its own: '# ...' after a value is part of it)"
         raise ConfigError(message, file=file, section=where, key=key) from None

@@ -22,7 +22,7 @@ def config_group() -> None:
 
 
 @config_group.command("reference", short_help="Every setting, with its type and default.")
-@click.option("--markdown", "as_markdown", is_flag=True, help="Markdown, as in docs/config.md.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Markdown, as in docs/reference/config.md.")
 @output_option
 @click.pass_context
 def config_reference(ctx: click.Context, as_markdown: bool) -> None:

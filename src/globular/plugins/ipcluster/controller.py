@@ -51,7 +51,7 @@ SERVERKEY_FIELD = "globular_curve_serverkey"
 NOTE_FIELD = "globular_note"
 CURVE_NOTE = (
     "encrypted (CurveZMQ): connect with `from globular import Client`; ipyparallel's own Client "
-    "gives the sockets it tunnels through ssh no CURVE keys (see globular's README)"
+    "gives the sockets it tunnels through ssh no CURVE keys (see globular's docs: connecting.md, 'Connecting from your laptop')"
 )
 
 
