@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,14 @@ def test_bare_hosts_get_user_packages_and_a_second_start_installs_nothing(net, c
     assert all(n["steps"]["env cached"] < 1.0 for n in status["nodes"]), status["nodes"]
     assert ((folder / "bin" / "python").lstat().st_mtime_ns, folder.stat().st_mtime_ns) == built
     assert elapsed < 30, elapsed
+    # a cached environment costs no second Python on the node: the helper started with the host's
+    # Python answers the env probe, the preflight (its module answers kept in the environment by the
+    # first start) and the rest; the environment's Python runs the engines only
+    this_start = (home / "logs" / "lab.log").read_text().split("starting cluster lab")[-1]
+    helpers = Counter(re.findall(r"(\w+) \(root@[^)]*\): starting its helper", this_start))
+    assert helpers == {"master": 1, "node001": 1, "node002": 1}, this_start
+    assert "nodeproc facts" not in this_start and "nodeproc node_facts" in this_start
+    assert (folder / "globular-preflight.json").is_file()
     assert cli("terminate", "-y", "lab").returncode == 0
     assert (tmp_path / "hosts" / "envs").is_dir()  # terminate leaves the cache
 

@@ -723,3 +723,64 @@ def test_installing_globular_enables_the_top_page():
     [config] = files["etc/jupyter/jupyter_server_config.d"]
     assert json.loads((root / config).read_text()) == {"ServerApp": {"jpserver_extensions": {labtop.EXTENSION: True}}}
     assert labtop._jupyter_server_extension_points() == [{"module": labtop.EXTENSION}]
+
+
+def test_the_helper_of_the_hosts_python_answers_what_any_python_answers():
+    """Once a node's environment is made its Python changes; the helper already running (the
+    host's Python) still answers the questions any Python answers alike, so a cached
+    environment starts no second Python; a question about the environment's own Python (its
+    modules) gets a helper of that Python."""
+    from globular.providers.helper import HelperRunner
+
+    class FakeHelper:
+        def __init__(self, python: str):
+            self.python, self.alive, self.asked = python, True, []
+
+        async def ask(self, verb: str, request: dict, timeout: float) -> dict:
+            self.asked.append(verb)
+            return {}
+
+        def close(self) -> None:
+            self.alive = False
+
+    class FakeRunner(HelperRunner):
+        async def start_helper(self):  # type: ignore[override]
+            started.append(FakeHelper(self.node.python))
+            return started[-1]
+
+        async def run(self, argv, *, input=None, timeout=60.0, check=True):  # type: ignore[override]
+            raise AssertionError("no command runs")
+
+        async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+            await self.nodeproc("write", {"path": path})
+
+    started: list[FakeHelper] = []
+    node = NodeRecord(name="node001", address="198.18.0.12", workdir="/w", cores=1, python="/usr/bin/python3")
+    runner = FakeRunner(node)
+
+    async def scenario() -> None:
+        await runner.nodeproc("env_probe", {})
+        node.python = "/w/envs/e1/bin/python"  # the environment is made
+        for verb in ("read_json", "node_facts", "free_ports", "write", "spawn", "wait_files", "alive"):
+            await runner.nodeproc(verb, {})
+        assert len(started) == 1
+        await runner.nodeproc("facts", {"modules": ["ipyparallel"]})  # its modules: its own Python
+        await runner.nodeproc("spawn", {})
+
+    asyncio.run(scenario())
+    assert [h.python for h in started] == ["/usr/bin/python3", "/w/envs/e1/bin/python"]
+    assert started[0].asked[-1] == "alive" and not started[0].alive
+    assert started[1].asked == ["facts", "spawn"]
+
+
+def test_preflight_answers_are_kept_per_environment_and_question():
+    from globular.plugins.ipcluster.preflight import answers_file, answers_key
+
+    bare = NodeRecord(name="n", address="a", workdir="/w", cores=1, python="/usr/bin/python3")
+    managed = bare.model_copy(update={"data": {"env": {"root": "/w/envs", "name": "e1", "cached": True}}})
+    assert answers_file(bare) is None
+    assert answers_file(managed) == "/w/envs/e1/globular-preflight.json"
+    one = {"modules": ["ipyparallel", "zmq"], "load": ["zmq"], "questions": {"curve": "x"}}
+    assert answers_key(one) == answers_key({**one, "modules": ["zmq", "ipyparallel"]})
+    assert answers_key(one) != answers_key({**one, "questions": {}})
+    assert answers_key(one) != answers_key({**one, "modules": ["ipyparallel", "zmq", "msgpack"]})

@@ -66,11 +66,10 @@ def addresses(req: Request) -> Any:
 
 @verb()
 def facts(req: Request) -> Any:
-    """What preflight needs to know of this node: Python, cores, load, uptime, the version of
-    each module of ``req["modules"]`` (read from its metadata: no import), and the answers to a
-    plugin's ``req["questions"]`` (``{name: code}``: the code runs in this Python and sets
-    ``answer``; ipcluster asks whether pyzmq has CURVE), and with ``req["gpus"]`` the GPUs this
-    process may use (:func:`~globular.node.gpus.gpu_devices`), all in one round trip."""
+    """What preflight needs to know of this node: :func:`node_facts`, and of this Python the
+    version of each module of ``req["modules"]`` (read from its metadata: no import) and the
+    answers to a plugin's ``req["questions"]`` (``{name: code}``: the code runs in this Python
+    and sets ``answer``; ipcluster asks whether pyzmq has CURVE), all in one round trip."""
     import importlib
     import importlib.metadata
     import importlib.util
@@ -96,6 +95,15 @@ def facts(req: Request) -> Any:
             answers[name] = scope.get("answer")
         except Exception as exc:  # noqa: BLE001 - a broken module: its message is the answer
             answers[name] = f"{type(exc).__name__}: {exc}"
+    return {**node_facts(req), "modules": found, "answers": answers}
+
+
+@verb(any_python=True)
+def node_facts(req: Request) -> Any:
+    """Of the node, whatever Python asks: cores, load, uptime, this Python's version, which of
+    ``req["procs"]`` are alive, with ``req["gpus"]`` the GPUs this process may use
+    (:func:`~globular.node.gpus.gpu_devices`), with ``req["usage"]`` CPU and memory samples,
+    and which of ``req["folders"]`` exist as something else."""
     try:
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
@@ -109,8 +117,8 @@ def facts(req: Request) -> Any:
         "cpus": cpus(),
         "load": list(os.getloadavg()),
         "uptime": uptime,
-        "modules": found,
-        "answers": answers,
+        "modules": {},
+        "answers": {},
         "gpus": gpu_devices() if req.get("gpus") else None,
         "usage": usage() if req.get("usage") else None,
         # folders something will be made in that exist as something else (a file)

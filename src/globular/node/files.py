@@ -35,7 +35,7 @@ def wait_files(req: Request) -> Any:
         time.sleep(0.02)
 
 
-@verb()
+@verb(any_python=True)
 def write(req: Request) -> Any:
     """Write ``req["data"]`` (base64) to ``req["path"]`` atomically, with mode ``req["mode"]``;
     the folder is made (0700) if need be.  (It travels on stdin: it may be a secret.)"""

@@ -26,6 +26,7 @@ from typing import Any
 import asyncssh
 
 from globular.errors import CommandError, CommandTimeout, ConnectionLost
+from globular.node import ANY_PYTHON
 from globular.providers.base import Runner
 from globular.state import NodeRecord
 
@@ -164,17 +165,19 @@ class HelperRunner(Runner):
     def helper_running(self) -> bool:
         return self._node_helper is not None and self._node_helper.alive
 
-    async def helper(self) -> NodeHelper:
-        """The node's helper: the running one, else a new one (the first, or the node's Python changed)."""
+    async def helper(self, any_python: bool = False) -> NodeHelper:
+        """The node's helper: the running one, else a new one (the first, or the node's Python
+        changed, as it does once the node's environment is made: unless ``any_python``, for a
+        question any Python answers alike, which the running one answers)."""
         async with self._helper_lock:
             helper = self._node_helper
-            if helper is None or not helper.alive or helper.python != self.node.python:
+            if helper is None or not helper.alive or (helper.python != self.node.python and not any_python):
                 await self.close_helper()
                 helper = self._node_helper = await self.start_helper()
             return helper
 
     async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
-        helper = await self.helper()
+        helper = await self.helper(any_python=verb in ANY_PYTHON)
         return await helper.ask(verb, request, timeout)
 
     async def close_helper(self) -> None:

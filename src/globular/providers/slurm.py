@@ -64,6 +64,7 @@ from globular.state import NodeRecord, ProcessRecord
 
 log = logging.getLogger(__name__)
 POLL = 1.0  # seconds between squeue calls while jobs wait
+FIRST_POLL = 0.1  # ... after the first: doubled up to POLL (one squeue for all the jobs waited for)
 JOB_SCRIPT = """#!/bin/sh
 # a globular node: the keeper of what globular starts here (see globular.providers.slurm)
 exec {python} -c "$(cat <<'GLOBULAR_NODEPROC'
@@ -259,9 +260,10 @@ class SlurmProvider(NodeProvider):
 
     async def _wait_running(self, node: NodeRecord, job: str) -> Job:
         began = time.monotonic()
+        delay = FIRST_POLL  # a job that starts at once is seen at once; one that waits, each POLL s
         try:
             while True:
-                state = await self._state(job)
+                state = await self._state(job, every=delay)
                 waited = time.monotonic() - began
                 if state.state in RUNNING:
                     return state
@@ -275,7 +277,8 @@ class SlurmProvider(NodeProvider):
                         node.name,
                         f"job {job} still {why} after {self.settings.queue_timeout:g}s (queue_timeout); cancelled",
                     )
-                await asyncio.sleep(POLL)
+                await asyncio.sleep(delay)
+                delay = min(POLL, delay * 2)
         finally:
             self._watched.discard(job)
 

@@ -12,9 +12,11 @@ warnings (a different minor version, more engines than free cores) do not.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.metadata
 import ipaddress
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,8 @@ from globular.plugins.ipcluster.roles import DATA_KEY
 from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for
 from globular.providers.base import NODE_SOURCE, ProcessSpec
 from globular.state import NodeRecord
+
+log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 30.0
 
@@ -45,6 +49,25 @@ class Requirement:
 
 # asked of each node's Python in the preflight's one round trip (the node programs know no pyzmq)
 CURVE_QUESTION = "import zmq\nanswer = bool(zmq.has('curve'))\n"
+ANSWERS_FILE = "globular-preflight.json"
+
+
+def answers_file(node: NodeRecord) -> str | None:
+    """Where the node's managed environment keeps what its Python answered the preflight: its
+    modules and a plugin's questions do not change while it exists (it is made once, under a
+    name that is the digest of its packages, and never changed).  None for a Python globular
+    did not make.  With the answers kept, a later start asks only the node's own facts, which
+    the helper already running answers: no second Python on the node."""
+    env = node.data.get("env") or {}
+    if not env.get("root") or not env.get("name"):
+        return None
+    return f"{env['root']}/{env['name']}/{ANSWERS_FILE}"
+
+
+def answers_key(request: dict[str, Any]) -> str:
+    """The questions of a preflight request (modules, modules loaded, plugin questions), as a key."""
+    asked = [sorted(request["modules"]), sorted(request["load"]), request["questions"]]
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def local_version(module: str) -> str | None:
@@ -166,8 +189,18 @@ async def run_preflight(
                 "folders": list((master_folders or {}).values()) if node.is_master else [],
                 "gpus": gpu_settings is not None,
             }
+            kept, key = answers_file(node), answers_key(request)
+            known: dict[str, Any] = {}
             try:
-                facts = await runner.nodeproc("facts", request, timeout=timeout)
+                if kept is not None:
+                    found = await runner.nodeproc("read_json", {"path": kept}, timeout=timeout)
+                    known = found if isinstance(found, dict) else {}
+                if isinstance(known.get(key), dict):  # this environment answered these questions before
+                    facts = await runner.nodeproc("node_facts", request, timeout=timeout)
+                    facts |= {**known[key], "executable": node.python}
+                    kept = None  # nothing new to keep
+                else:
+                    facts = await runner.nodeproc("facts", request, timeout=timeout)
             except GlobularError as exc:
                 check.problems.append(str(exc).removeprefix(f"{node.name}: "))
                 return
@@ -202,6 +235,12 @@ async def run_preflight(
                     check.problems.append(
                         f"cannot reach the controller's address {controller_ip}:{port} ({reply.get('error')})"
                     )
+            if kept is not None and not check.problems:  # a good answer, kept for the next start
+                known[key] = {k: facts[k] for k in ("python", "modules", "answers")}
+                try:
+                    await runner.write_file(kept, json.dumps(known).encode(), 0o644)
+                except GlobularError as exc:  # not kept (a read-only environment): asked again next time
+                    log.info("%s: the preflight's answers are not kept in %s: %s", node.name, kept, exc)
             ctx.reporter.advance("preflight")
 
         async with asyncio.timeout(timeout + 10):
