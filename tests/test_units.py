@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -784,3 +785,40 @@ def test_preflight_answers_are_kept_per_environment_and_question():
     assert answers_key(one) == answers_key({**one, "modules": ["zmq", "ipyparallel"]})
     assert answers_key(one) != answers_key({**one, "questions": {}})
     assert answers_key(one) != answers_key({**one, "modules": ["ipyparallel", "zmq", "msgpack"]})
+
+
+def test_slurm_waiters_share_one_squeue_and_never_read_one_older_than_their_sleep(tmp_path, monkeypatch):
+    """Nodes waiting for their jobs share each squeue; a node that slept sees a newer one (a master
+    once read its first PENDING for 1.5 s while the other jobs were seen running at 0.75 s)."""
+    import globular.providers.slurm as slurm_provider
+    from globular.providers.slurm import SlurmProvider
+    from globular.providers.slurm_jobs import Job
+
+    calls: list[tuple[float, list[str]]] = []
+    runs_at = {"1": 0.3, "2": 0.2, "3": 0.2}  # seconds after the start
+
+    async def fake_jobs(ids: list[str]) -> dict[str, Job]:
+        now = time.monotonic() - began
+        calls.append((now, ids))
+        await asyncio.sleep(0.005)
+        return {i: Job(i, "RUNNING" if now >= runs_at[i] else "PENDING", node="h") for i in ids}
+
+    monkeypatch.setattr(slurm_provider, "jobs", fake_jobs)
+    spec = ClusterSpec(template="t", cluster_size=3, provider="slurm", provider_settings={"remote_dir": str(tmp_path)})
+    provider = SlurmProvider(spec, cluster="c", home=tmp_path)
+    nodes = {job: NodeRecord(name=f"n{job}", address="", workdir="/w", cores=1, python="p") for job in runs_at}
+
+    async def wait_all() -> dict[str, float]:
+        async def one(job: str) -> tuple[str, float]:
+            await provider._wait_running(nodes[job], job)
+            return job, time.monotonic() - began
+
+        return dict(await asyncio.gather(*(one(job) for job in runs_at)))
+
+    began = time.monotonic()
+    seen = asyncio.run(wait_all())
+    for job, at in seen.items():  # seen within one poll (0.1, 0.2, 0.4 s ...) of running, never a stale answer
+        assert runs_at[job] <= at < runs_at[job] + 0.25, (job, at, calls)
+    after_first = [ids for t, ids in calls[3:]]
+    assert after_first and all(ids == sorted(set(ids)) and len(ids) > 1 for ids in after_first[:2]), calls
+    assert len(calls) <= 3 + 6, calls  # three first looks, then one squeue a round for all of them

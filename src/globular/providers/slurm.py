@@ -183,6 +183,7 @@ class SlurmProvider(NodeProvider):
         super().__init__(*args, **kwargs)
         self._query: asyncio.Future[dict[str, Job]] | None = None
         self._queried = 0.0
+        self._asked: set[str] = set()  # the jobs self._query asks of
         self._watched: set[str] = set()
 
     @property
@@ -248,22 +249,22 @@ class SlurmProvider(NodeProvider):
     async def _one(self, job: str) -> Job:
         return (await jobs([job]))[job]
 
-    async def _state(self, job: str, every: float = POLL) -> Job:
-        """``job``'s state, from one ``squeue`` for every job this provider waits for (at most one
-        every ``every`` s, however many nodes ask)."""
+    async def _state(self, job: str, since: float) -> Job:
+        """``job``'s state, from an ``squeue`` begun at ``since`` or later: one for every job this
+        provider waits for, however many nodes ask (a node that slept since its last look never
+        reads an older answer)."""
         self._watched.add(job)
-        if self._query is None or (self._query.done() and time.monotonic() - self._queried >= every):
-            self._queried = time.monotonic()
-            self._query = asyncio.ensure_future(jobs(sorted(self._watched)))
-        states = await asyncio.shield(self._query)
-        return states.get(job) or (await jobs([job]))[job]
+        if self._query is None or self._queried < since or job not in self._asked:
+            self._queried, self._asked = time.monotonic(), set(self._watched)
+            self._query = asyncio.ensure_future(jobs(sorted(self._asked)))
+        return (await asyncio.shield(self._query))[job]  # jobs() answers for every id asked
 
     async def _wait_running(self, node: NodeRecord, job: str) -> Job:
-        began = time.monotonic()
+        began = since = time.monotonic()
         delay = FIRST_POLL  # a job that starts at once is seen at once; one that waits, each POLL s
         try:
             while True:
-                state = await self._state(job, every=delay)
+                state = await self._state(job, since)
                 waited = time.monotonic() - began
                 if state.state in RUNNING:
                     return state
@@ -277,6 +278,7 @@ class SlurmProvider(NodeProvider):
                         node.name,
                         f"job {job} still {why} after {self.settings.queue_timeout:g}s (queue_timeout); cancelled",
                     )
+                since = time.monotonic()
                 await asyncio.sleep(delay)
                 delay = min(POLL, delay * 2)
         finally:
@@ -356,10 +358,12 @@ class SlurmProvider(NodeProvider):
                     await runner.close()
                 await cancel([job])
             deadline = time.monotonic() + 60  # "terminate leaves no job": wait until Slurm has ended it
+            since = time.monotonic()
             try:
                 while time.monotonic() < deadline:
-                    if (await self._state(job, every=0.3)).state not in PENDING | RUNNING:
+                    if (await self._state(job, since)).state not in PENDING | RUNNING:
                         break
+                    since = time.monotonic()
                     await asyncio.sleep(0.1)
             finally:
                 self._watched.discard(job)
