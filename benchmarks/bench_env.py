@@ -35,24 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import testhosts
-
-CONFIG = """\
-[global]
-default_template = bench
-[cluster bench]
-provider = ssh
-node_hosts = {hosts}
-ssh_key = {key}
-known_hosts = {known_hosts}
-python = {python}
-remote_dir = {remote_dir}
-cores_per_node = 1
-connect_timeout = 5
-environment = {environment}
-plugins = ipcluster
-[plugin ipcluster]
-setup_class = ipcluster
-"""
+from common import ssh_config
 
 
 def bare_python(folder: Path) -> str:
@@ -73,13 +56,13 @@ class Runner:
         config = self.root / "config"
         python = self.bare if environment == "managed" else sys.executable
         config.write_text(
-            CONFIG.format(
-                hosts=", ".join(f"root@{h.address}" for h in self.net.hosts[:hosts]),
-                key=self.net.key,
-                known_hosts=self.net.known_hosts,
+            ssh_config(
+                self.net,
+                self.net.hosts[:hosts],
                 python=python,
                 remote_dir=remote_dir,
                 environment=environment,
+                connect_timeout=5,
             )
         )
         started = time.perf_counter()

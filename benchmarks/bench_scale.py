@@ -39,24 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import testhosts
-
-CONFIG = """\
-[global]
-default_template = bench
-[cluster bench]
-provider = ssh
-node_hosts = {hosts}
-ssh_key = {key}
-known_hosts = {known_hosts}
-python = {python}
-remote_dir = {remote_dir}
-cores_per_node = 1
-connect_timeout = 10
-environment = {environment}
-plugins = ipcluster
-[plugin ipcluster]
-setup_class = ipcluster
-"""
+from common import ssh_config
 
 
 def busy_cpu() -> float:
@@ -144,16 +127,8 @@ class Globular:
         tag = "" if environment == "system" else f"-{environment}"
         self.env = dict(os.environ, GLOBULAR_HOME=str(root / f"home{tag}"), COLUMNS="200")
         self.config = root / f"config{tag}"
-        hosts = ", ".join(f"root@{h.address}" for h in net.hosts)
         self.config.write_text(
-            CONFIG.format(
-                hosts=hosts,
-                key=net.key,
-                known_hosts=net.known_hosts,
-                python=sys.executable,
-                remote_dir=root / f"nodes{tag}",
-                environment=environment,
-            )
+            ssh_config(net, net.hosts, python=sys.executable, remote_dir=root / f"nodes{tag}", environment=environment)
         )
 
     def cmd(self, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:

@@ -15,6 +15,12 @@ For each size N, interleaved, each round:
   listening on the bridge address), timed until ``wait_for_engines(N)``; then
   ``stop_cluster``.
 
+Before each timed start the queue is left to settle: no job of the round before, and
+SETTLE seconds without one.  Slurm schedules a batch job at most ``batch_sched_delay`` (3 s by
+default) after its last scheduling pass, and a job's end starts one: without the pause, whoever
+starts just after the other's jobs ended waits up to 3 s more for its own, and that
+depends on the order of the rounds, not on the system measured.
+
 Prints the medians and globular / plain; opt-in (not in scripts/test).
 """
 
@@ -51,7 +57,22 @@ master_engines = 1
 """
 
 
-def globular_round(root: Path, env: dict[str, str], n: int) -> float:
+SETTLE = 4.0  # s without a job before a timed start: more than Slurm's default batch_sched_delay (3 s)
+
+
+def settle() -> None:
+    """Wait until the queue is empty, then SETTLE s more (see the module's doc)."""
+    deadline = time.monotonic() + 120
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout.strip():
+        if time.monotonic() > deadline:
+            raise RuntimeError("jobs of the round before are still queued after 120 s")
+        time.sleep(0.2)
+    time.sleep(SETTLE)
+
+
+def globular_round(root: Path, env: dict[str, str], n: int) -> tuple[float, float]:
+    """The start's seconds, and the longest a node's job waited to run (its "running" step)."""
+
     def cmd(*args: str) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [sys.executable, "-m", "globular", "-c", str(root / "config"), *args],
@@ -61,11 +82,16 @@ def globular_round(root: Path, env: dict[str, str], n: int) -> float:
             raise RuntimeError(f"globular {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
         return done
 
+    settle()
     began = time.perf_counter()
     cmd("start", "-s", str(n), "b")
     took = time.perf_counter() - began
+    nodes = json.loads(cmd("status", "b", "--output", "json").stdout)["result"]["nodes"]
+    waited = max(
+        sum(t for step, t in node["steps"].items() if step.split()[0] in ("queued", "running")) for node in nodes
+    )
     cmd("terminate", "-y", "b")
-    return took
+    return took, waited
 
 
 def plain_round(root: Path, n: int, index: int) -> float:
@@ -79,6 +105,7 @@ def plain_round(root: Path, n: int, index: int) -> float:
         log_level=40,
     )
     cluster.config.SlurmEngineSetLauncher.options = "--cpus-per-task=1"
+    settle()
     began = time.perf_counter()
     cluster.start_cluster_sync()
     client = cluster.connect_client_sync()
@@ -100,6 +127,8 @@ def main() -> None:
     hosts = max(4, -(-max(sizes) // testslurm.CPUS_PER_NODE))
     began = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="globular-bench-slurm-"))
+    here = Path.cwd()
+    os.chdir(root)  # ipyparallel's Slurm launcher writes its slurm_engine.sbatch into the current folder
     net = testhosts.HostNet(workdir=root / "net").up(hosts)
     slurm = testslurm.Slurm(net, root / "slurm")
     samples: dict[str, list[float]] = {}
@@ -110,23 +139,31 @@ def main() -> None:
         (root / "config").write_text(CONFIG.format(python=sys.executable, remote_dir=root / "shared"))
         for index in range(args.repeats):
             for n in sizes:
-                g = globular_round(root, env, n)
+                g, waited = globular_round(root, env, n)
                 p = plain_round(root, n, index)
                 samples.setdefault(f"globular {n}", []).append(g)
+                samples.setdefault(f"job wait {n}", []).append(waited)
                 samples.setdefault(f"plain {n}", []).append(p)
-                print(f"round {index + 1}, {n} nodes: globular {g:.2f} s, plain ipyparallel {p:.2f} s", flush=True)
+                print(
+                    f"round {index + 1}, {n} nodes: globular {g:.2f} s (jobs running after {waited:.2f} s),"
+                    f" plain ipyparallel {p:.2f} s",
+                    flush=True,
+                )
     finally:
+        os.chdir(here)
         slurm.down()
         net.down()
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(
-        f"\n{'nodes':>5}  {'globular s':>10}  {'plain ipp s':>11}  {'globular/plain':>14}  (medians of {args.repeats})"
+        f"\n{'nodes':>5}  {'globular s':>10}  {'job wait s':>10}  {'plain ipp s':>11}  {'globular/plain':>14}"
+        f"  (medians of {args.repeats})"
     )
     for n in sizes:
         g, p = med[f"globular {n}"], med[f"plain {n}"]
         spread = max(samples[f"plain {n}"]) - min(samples[f"plain {n}"])
-        print(f"{n:>5}  {g:>10.2f}  {p:>11.2f}  {g / p:>14.2f}  (plain's spread {spread:.2f} s)")
+        w = med[f"job wait {n}"]
+        print(f"{n:>5}  {g:>10.2f}  {w:>10.2f}  {p:>11.2f}  {g / p:>14.2f}  (plain's spread {spread:.2f} s)")
     print(f"({time.perf_counter() - began:.0f} s in all; samples in {args.json})")
     args.json.write_text(json.dumps({"samples": samples, "medians": med}, indent=1))
 

@@ -27,23 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import testhosts
-
-CONFIG = """\
-[global]
-default_template = bench
-[cluster bench]
-provider = ssh
-node_hosts = {hosts}
-ssh_key = {key}
-known_hosts = {known_hosts}
-python = {python}
-remote_dir = {remote_dir}
-cores_per_node = 1
-environment = system
-plugins = ipcluster
-[plugin ipcluster]
-setup_class = ipcluster
-"""
+from common import ssh_config
 
 
 def fresh(path: Path, mb: int) -> Path:
@@ -75,10 +59,7 @@ def main() -> None:
             hosts = net.hosts[:size]
             env = dict(os.environ, GLOBULAR_HOME=str(work / f"home{size}"))
             config = work / f"config{size}"
-            config.write_text(CONFIG.format(
-                hosts=", ".join(f"root@{h.address}" for h in hosts), key=net.key, known_hosts=net.known_hosts,
-                python=sys.executable, remote_dir=work / f"nodes{size}",
-            ))  # fmt: skip
+            config.write_text(ssh_config(net, hosts, python=sys.executable, remote_dir=work / f"nodes{size}"))
             globular(env, "-c", str(config), "start", "-s", str(size), "bench")
             put, scp = [], []
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -277,6 +278,16 @@ def ssh_config(path: Path, hosts, remote_dir: Path, ipcluster: str = "", cluster
         f"[plugin ipcluster]\nsetup_class = ipcluster\n{ipcluster}"
     )
     return path
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, driven by playwright (no download)
+
+
+def needs_chromium() -> list[pytest.MarkDecorator]:
+    """The marks of a browser test: skipped without Chromium, except in CI (a missing browser fails there)."""
+    if os.path.exists(CHROMIUM) or os.environ.get("CI"):
+        return []
+    return [pytest.mark.skip(reason="needs chromium (apt-get install chromium)")]
 
 
 def screenshot(name: str) -> Path | None:

@@ -6,19 +6,14 @@ root).  On failure a screenshot is saved and its path is in the failure message.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 
 import pytest
 
-from conftest import screenshot
+from conftest import CHROMIUM, needs_chromium, screenshot
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, *needs_chromium()]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):  # in CI a missing browser is a failure
-    pytestmark = [pytestmark, pytest.mark.skip(reason="needs chromium (apt-get install chromium)")]
 
 CONFIG = (
     "[global]\ndefault_template = t\n"

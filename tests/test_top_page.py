@@ -9,9 +9,7 @@ numbers are the controller's own, and the frame endpoint refuses a request witho
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -20,13 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import screenshot
+from conftest import CHROMIUM, needs_chromium, screenshot
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, *needs_chromium()]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):  # in CI a missing browser is a failure
-    pytestmark = [pytestmark, pytest.mark.skip(reason="needs chromium (apt-get install chromium)")]
 
 CONFIG = (
     "[global]\ndefault_template = t\n"

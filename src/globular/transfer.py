@@ -22,7 +22,7 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -141,6 +141,28 @@ async def _same(runner: Runner, wanted: list[tuple[LocalFile, str]]) -> set[str]
     return {f.rel for f, remote in wanted if theirs.get(remote) == await asyncio.to_thread(digest, f.path)}
 
 
+async def _copy_each(
+    done: NodeTransfer,
+    files: list[LocalFile],
+    copy: Callable[[LocalFile, Callable[[int], None]], Awaitable[None]],
+    reporter: Reporter,
+    key: str,
+    label: str,
+) -> None:
+    """Copy ``files`` in turn with ``copy`` (given a progress callback), as one progress bar of
+    their bytes, counting each in ``done`` as it lands."""
+    if not files:
+        return
+    reporter.begin(key, label, sum(f.size for f in files))
+    try:
+        for f in files:
+            await copy(f, lambda n: reporter.advance(key, n))
+            done.sent, done.bytes = done.sent + 1, done.bytes + f.size
+            done.files.append(f.rel)
+    finally:
+        reporter.end(key)
+
+
 async def put(
     name: str,
     sources: Sequence[str | Path],
@@ -167,28 +189,18 @@ async def put(
             raise NodeError(node.name, f"{listing['root']} is a file: the place to put into must be a folder")
         root, there = listing["root"], listing["files"]
         done = NodeTransfer(node.name, root)
-        todo = []
-        for f in files:
-            theirs = there.get(f.rel)
-            if theirs and theirs[0] == f.size and (checksum or theirs[1] == f.mtime):
-                todo.append((f, True))  # the same unless its checksum says otherwise
-            else:
-                todo.append((f, False))
-        unchanged = await _same(runner, [(f, posixpath.join(root, f.rel)) for f, maybe in todo if maybe and checksum])
-        unchanged |= {f.rel for f, maybe in todo if maybe and not checksum}
-        send = [f for f, _ in todo if f.rel not in unchanged]
+        maybe = [f for f in files if (t := there.get(f.rel)) and t[0] == f.size and (checksum or t[1] == f.mtime)]
+        if checksum:  # the same size: the same only if the SHA-256 says so
+            unchanged = await _same(runner, [(f, posixpath.join(root, f.rel)) for f in maybe])
+        else:
+            unchanged = {f.rel for f in maybe}
+        send = [f for f in files if f.rel not in unchanged]
         done.skipped = len(files) - len(send)
-        key = f"put:{node.name}"
-        if send:
-            reporter.begin(key, f"{node.name}: bytes sent", sum(f.size for f in send))
-        try:
-            for f in send:
-                await runner.upload(f.path, posixpath.join(root, f.rel), lambda n: reporter.advance(key, n))
-                done.sent, done.bytes = done.sent + 1, done.bytes + f.size
-                done.files.append(f.rel)
-        finally:
-            if send:
-                reporter.end(key)
+
+        async def upload(f: LocalFile, progress: Callable[[int], None]) -> None:
+            await runner.upload(f.path, posixpath.join(root, f.rel), progress)
+
+        await _copy_each(done, send, upload, reporter, f"put:{node.name}", f"{node.name}: bytes sent")
         done.seconds = round(time.monotonic() - started, 3)
         return done
 
@@ -283,21 +295,14 @@ async def fetch(
         if checksum:
             unchanged = await _same(runner, [(f, path) for f, path, same in plan if same])
             plan = [(f, path, same and f.rel in unchanged) for f, path, same in plan]
-        key = f"get:{node.name}"
-        wanted = sum(f.size for f, _, same in plan if not same)
-        if wanted:
-            reporter.begin(key, f"{node.name}: bytes received", wanted)
-        try:
-            for f, path, same in plan:
-                if same:
-                    done.skipped += 1
-                    continue
-                await runner.download(path, f.path, f.size, f.mtime, lambda n: reporter.advance(key, n))
-                done.sent, done.bytes = done.sent + 1, done.bytes + f.size
-                done.files.append(f.rel)
-        finally:
-            if wanted:
-                reporter.end(key)
+        remote_path = {f.rel: path for f, path, _ in plan}
+        done.skipped = sum(same for _, _, same in plan)
+
+        async def download(f: LocalFile, progress: Callable[[int], None]) -> None:
+            await runner.download(remote_path[f.rel], f.path, f.size, f.mtime, progress)
+
+        wanted = [f for f, _, same in plan if not same]
+        await _copy_each(done, wanted, download, reporter, f"get:{node.name}", f"{node.name}: bytes received")
         done.seconds = round(time.monotonic() - started, 3)
         return done
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.roles import DATA_KEY, local_ipython_dir, profile_dir
+from globular.plugins.ipcluster.roles import DATA_KEY, local_ipython_dir, master_is_here, profile_dir
 
 PREFIX = "globular-"  # the cluster_id of globular's clusters in ipyparallel's cluster files
 CLASS = "globular.plugins.ipcluster.labcluster.GlobularCluster"  # imported by ipyparallel only
@@ -40,7 +40,7 @@ def default_profile() -> Path:
 def cluster_files(ctx: PluginContext) -> list[Path]:
     """Where ``ctx``'s cluster is written for the panel (see the module's doc)."""
     folders = [default_profile()]
-    if ctx.master.is_local and not ctx.remote_nodes:  # the local provider: the master is this machine
+    if master_is_here(ctx):
         folders.append(Path(profile_dir(ctx.master)))
     return [folder / "security" / f"cluster-{PREFIX}{ctx.name}.json" for folder in folders]
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from globular.errors import BadInput, GlobularError, NodeError
 from globular.paths import globular_home, write_private
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.roles import DATA_KEY
+from globular.plugins.ipcluster.roles import DATA_KEY, master_is_here
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
 from globular.registry import make_provider
@@ -97,7 +97,7 @@ async def start_notebook(
 
     runner = ctx.runner(master)
     # the top page (labtop) needs globular and this machine's records: a master that is this machine
-    here = master.is_local and not ctx.remote_nodes
+    here = master is ctx.master and master_is_here(ctx)
     modules = ["jupyterlab", "globular"] if here else ["jupyterlab"]
     facts = await runner.nodeproc("prepare", {"dir": notebook_folder(settings), "modules": modules})
     top_page = here and "globular" not in facts["missing"]

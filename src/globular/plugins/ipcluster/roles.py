@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from globular.state import NodeRecord
+
+if TYPE_CHECKING:
+    from globular.plugins.base import PluginContext
 
 CONTROLLER = "ipcontroller"
 ENGINE = "ipengine"
@@ -26,3 +30,9 @@ def local_ipython_dir() -> Path:
     """This machine's IPython folder, as IPython finds it (``$IPYTHONDIR``, else ``~/.ipython``),
     without importing IPython (ipyparallel's import may be under way in another thread)."""
     return Path(os.environ.get("IPYTHONDIR") or "~/.ipython").expanduser()
+
+
+def master_is_here(ctx: PluginContext) -> bool:
+    """The master is this machine (the local provider): its folders and this machine's are one,
+    and what runs there finds globular and this machine's records."""
+    return ctx.master.is_local and not ctx.remote_nodes

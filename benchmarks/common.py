@@ -1,0 +1,47 @@
+"""What the SSH benchmarks share: the config of a cluster on the netns test hosts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CONFIG = """\
+[global]
+default_template = bench
+[cluster bench]
+provider = ssh
+node_hosts = {hosts}
+ssh_key = {key}
+known_hosts = {known_hosts}
+python = {python}
+remote_dir = {remote_dir}
+cores_per_node = 1
+connect_timeout = {connect_timeout}
+environment = {environment}
+plugins = ipcluster
+[plugin ipcluster]
+setup_class = ipcluster
+"""
+
+
+def ssh_config(
+    net: Any,
+    hosts: Sequence[Any],
+    *,
+    python: str,
+    remote_dir: Path,
+    environment: str = "system",
+    connect_timeout: int = 10,
+) -> str:
+    """The config (template ``bench``) of the ssh provider on ``hosts`` of test net ``net``
+    (tests/testhosts.py), one engine each, in ``python`` with ``environment``."""
+    return CONFIG.format(
+        hosts=", ".join(f"root@{h.address}" for h in hosts),
+        key=net.key,
+        known_hosts=net.known_hosts,
+        python=python,
+        remote_dir=remote_dir,
+        environment=environment,
+        connect_timeout=connect_timeout,
+    )
