@@ -12,7 +12,8 @@ address, one engine per host), interleaved; then, once a round, ``addnode -n 8``
 1-host cluster against a second engine set of plain's SSH launcher on 8 new hosts (timed until
 the new engines registered); with ``--managed``, each round also starts and terminates the same
 size with ``environment = managed`` (the default path; its environments built by an untimed
-first start), so managed / system compares the two in the same rounds; then the ratios issue 16 asks for: restart /
+first start), so managed / system compares the two in the same rounds (with the env step, a
+node's median, and the env phase: from the last node's setup to the last node's environment); then the ratios issue 16 asks for: restart /
 start of the same cluster, terminate of N / terminate of 1, and globular / plain.  The
 CPU columns are the whole machine's busy CPU-seconds during terminate: every test host
 shares this machine's cores, so what would run on N machines at once queues here (see
@@ -155,6 +156,14 @@ class Globular:
             for step in sorted(steps, key=PHASES.index)
         }
 
+    def env_phase(self) -> float:
+        """How long the nodes' environments took, all nodes together: from the last node's setup
+        to the last node's environment (a node's own env step also holds its wait for the
+        slowest node's setup, since every node's environment is seen to at once)."""
+        record = json.loads((Path(self.env["GLOBULAR_HOME"]) / "clusters" / "b.json").read_text())
+        steps = [node["steps"] for node in record["nodes"]]
+        return max(s["env"] for s in steps) - max(s["setup"] for s in steps)
+
     def must(self, *args: str) -> float:
         took, done = self.cmd(*args)
         if done.returncode != 0:
@@ -201,8 +210,14 @@ def main() -> None:
                 if managed is not None:
                     m_start = managed.must("start", "-s", str(n), "b")
                     m_env = managed.phases().get("step env", 0.0)
+                    m_phase = managed.env_phase()
                     m_terminate = managed.must("terminate", "-y", "b")
-                    figures |= {"managed start": m_start, "managed step env": m_env, "managed terminate": m_terminate}
+                    figures |= {
+                        "managed start": m_start,
+                        "managed step env": m_env,
+                        "managed env phase": m_phase,
+                        "managed terminate": m_terminate,
+                    }
                 if not args.no_plain:
                     p_start, p_restart, p_terminate, p_cpu = plain.round(n)
                     figures |= {"plain start": p_start, "plain restart": p_restart, "plain terminate": p_terminate,
@@ -248,10 +263,11 @@ def main() -> None:
     if managed is not None:
         print("\nenvironment = managed (cached) against system, same rounds")
         print(f"{'hosts':>5}  {'system s':>8}  {'managed s':>9}  {'managed/system':>14}  {'env step s':>10}  "
-              f"{'terminate m/s':>13}")  # fmt: skip
+              f"{'env phase s':>11}  {'terminate m/s':>13}")  # fmt: skip
         for n in sizes:
             print(f"{n:>5}  {med[f'start {n}']:>8.2f}  {med[f'managed start {n}']:>9.2f}  "
                   f"{med[f'managed start {n}'] / med[f'start {n}']:>14.2f}  {med[f'managed step env {n}']:>10.2f}  "
+                  f"{med[f'managed env phase {n}']:>11.2f}  "
                   f"{med[f'managed terminate {n}'] / med[f'terminate {n}']:>13.2f}")  # fmt: skip
     if not args.no_plain:
         print("\nplain ipyparallel (SSH launcher), and globular / plain")

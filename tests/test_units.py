@@ -817,8 +817,8 @@ def test_slurm_waiters_share_one_squeue_and_never_read_one_older_than_their_slee
 
     began = time.monotonic()
     seen = asyncio.run(wait_all())
-    for job, at in seen.items():  # seen within one poll (0.1, 0.2, 0.4 s ...) of running, never a stale answer
-        assert runs_at[job] <= at < runs_at[job] + 0.25, (job, at, calls)
+    for job, at in seen.items():  # seen at the first or second look after it runs (polls at 0.1, 0.3, 0.7 s ...),
+        assert runs_at[job] <= at < runs_at[job] + 0.7, (job, at, calls)  # never after a stale answer (1.5 s)
     after_first = [ids for t, ids in calls[3:]]
     assert after_first and all(ids == sorted(set(ids)) and len(ids) > 1 for ids in after_first[:2]), calls
     assert len(calls) <= 3 + 6, calls  # three first looks, then one squeue a round for all of them
