@@ -822,3 +822,36 @@ def test_slurm_waiters_share_one_squeue_and_never_read_one_older_than_their_slee
     after_first = [ids for t, ids in calls[3:]]
     assert after_first and all(ids == sorted(set(ids)) and len(ids) > 1 for ids in after_first[:2]), calls
     assert len(calls) <= 3 + 6, calls  # three first looks, then one squeue a round for all of them
+
+
+def test_engine_ids_go_to_the_nodes_in_the_records_order_whichever_answers_first(tmp_path, monkeypatch):
+    """The master's engines are 0, 1 ... even when another node's files are written first (the
+    ids were claimed after the writes: a GPU test once found the master's GPU engines at e1, e2)."""
+    from globular.fanout import each_node
+    from globular.plugins.ipcluster import engines
+    from globular.plugins.ipcluster.roles import DATA_KEY
+
+    ctx = memory_cluster(tmp_path, ["master", "node001"])
+    asyncio.run(ctx.reconcile([], prepare=False))
+
+    async def write_file(self: Runner, path: str, data: bytes, mode: int = 0o600) -> None:
+        await asyncio.sleep(0.05 if self.node.is_master else 0)  # the master answers last
+
+    class Claimed(Exception):
+        pass
+
+    async def install(*args: object) -> None:
+        pass
+
+    def engine_spec(*args: object) -> None:
+        raise Claimed  # what follows the claim is not this test's
+
+    monkeypatch.setattr(MemoryRunner, "write_file", write_file)
+    monkeypatch.setattr(engines.userconfig, "install", install)
+    monkeypatch.setattr(engines, "engine_spec", engine_spec)
+    counts = {"master": 2, "node001": 1}
+    with pytest.raises(NodeFailures):
+        asyncio.run(
+            each_node(ctx.nodes, lambda n: engines.start_engines(ctx, n, counts[n.name], {}, IPClusterSettings()))
+        )
+    assert ctx.plugin_data(DATA_KEY)["engine_ids"] == {"0": "master", "1": "master", "2": "node001"}

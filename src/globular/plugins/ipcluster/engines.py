@@ -114,15 +114,17 @@ async def start_engines(
     """
     if count <= 0:
         return {}
-    runner = ctx.runner(node)
-    await runner.write_file(engine_file(node), json.dumps(engine_info).encode(), 0o600)
-    await userconfig.install(ctx, node, settings)
-    env = engine_env(ctx, node, settings)
+    # the ids are claimed before the first await: nodes started together (in the record's
+    # order, the master first) get theirs in that order, whichever node answers first
     ids = claim_engine_ids(ctx, node, count, floor)
     data = ctx.plugin_data(DATA_KEY)
     gpu_of = assign(ids, node_devices(data, node.name)) if settings.gpu_engines != "none" else {}
     if gpu_of:  # which engine holds which GPU, as they are given
         data.setdefault("gpu_engines", {}).update({str(i): uuid for i, uuid in gpu_of.items() if uuid})
+    runner = ctx.runner(node)
+    await runner.write_file(engine_file(node), json.dumps(engine_info).encode(), 0o600)
+    await userconfig.install(ctx, node, settings)
+    env = engine_env(ctx, node, settings)
     engines = [engine_spec(ctx, node, engine_id, settings, gpu_of.get(engine_id)) for engine_id in ids]
     if settings.restart_dead_engines:
         request = f"{node.workdir}/run/engines-{ids[0]}.json"
