@@ -724,6 +724,10 @@ def test_installing_globular_enables_the_top_page():
     [config] = files["etc/jupyter/jupyter_server_config.d"]
     assert json.loads((root / config).read_text()) == {"ServerApp": {"jpserver_extensions": {labtop.EXTENSION: True}}}
     assert labtop._jupyter_server_extension_points() == [{"module": labtop.EXTENSION}]
+    # the page's script goes into the wheel beside the module, and is the page's
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "labtop.html" in data["globular.plugins.ipcluster"]
+    assert "setTimeout(tick, 1000)" in labtop.page_body() and 'replace(/\\/$/, "")' in labtop.page_body()
 
 
 def test_the_helper_of_the_hosts_python_answers_what_any_python_answers():

@@ -14,6 +14,8 @@ Routes, under the server's ``base_url``:
   per second and busy engines over the last ten minutes), refreshed each second from
 - ``globular/top/NAME/frame``: the latest frame and the history, as JSON.
 
+The page's table, plot and script are ``labtop.html`` beside this module (package data).
+
 A cluster is watched (the same :class:`~globular.plugins.ipcluster.top.Watch` the terminal
 view uses: one ``queue_status`` and one round trip per node through globular's helper a
 second) from its first request until nobody asked for 30 seconds.
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import html
+import importlib.resources
 import json
 import logging
 import time
@@ -140,7 +144,7 @@ def _handlers() -> list[tuple[str, type[web.RequestHandler]]]:
     class Page(JupyterHandler):
         @web.authenticated
         def get(self, name: str) -> None:
-            self.finish(PAGE_HEAD.format(title=f"globular top {html.escape(name)}") + PAGE_BODY)
+            self.finish(PAGE_HEAD.format(title=f"globular top {html.escape(name)}") + page_body())
 
     class Frame(JupyterHandler):
         @web.authenticated
@@ -172,74 +176,8 @@ th {{ border-bottom: 1px solid #999; }} td:first-child, th:first-child {{ text-a
 </style></head><body><h2>{title}</h2>
 """
 
-PAGE_BODY = """<div id=error></div>
-<div id=summary>tasks: <span class=num id=waiting>-</span> waiting, <span class=num id=running>-</span> running,
-<span class=num id=done>-</span> done in 10 s (<span class=num id=per-second>-</span>/s),
-<span class=num id=failed>-</span> failed, <span class=num id=completed>-</span> completed in all;
-engines <span class=num id=registered>-</span>/<span class=num id=expected>-</span> registered;
-slowest: <span id=slowest>-</span></div>
-<table id=nodes><thead><tr><th>node</th><th>cpu</th><th>memory</th><th>load</th><th>gpus</th>
-<th>busy</th><th>idle</th><th>dead</th></tr></thead><tbody></tbody></table>
-<svg id=plot width=720 height=220 viewBox="0 0 720 220" data-points=0 data-peak-rate=0 data-peak-busy=0>
-<polyline class=rate points=""/><polyline class=busy points=""/>
-<text x=8 y=16 fill="#1f77b4" id=rate-label>tasks/s</text><text x=8 y=34 fill="#d62728" id=busy-label>busy engines</text>
-<text x=712 y=214 text-anchor=end fill="#666" id=span-label></text></svg>
-<ul id=events></ul>
-<script>
-const token = new URLSearchParams(location.search).get("token");
-const url = location.pathname.replace(/\\/$/, "") + "/frame" + (token ? "?token=" + encodeURIComponent(token) : "");
-const $ = (id) => document.getElementById(id);
-const gib = (b) => (b / 2 ** 30).toFixed(1);
-function cell(row, text, cls) { const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; }
-function plot(history) {
-  const svg = $("plot"), w = 720, h = 220, top = 44, now = Date.now() / 1000;
-  const span = Math.max(60, now - (history.length ? history[0].time : now));
-  const peakRate = Math.max(0, ...history.map((p) => p.per_second));
-  const peakBusy = Math.max(0, ...history.map((p) => p.busy));
-  const line = (key, peak) => history.map((p) => [
-    (w * (1 - (now - p.time) / span)).toFixed(1), (h - 4 - (h - top) * (peak ? p[key] / peak : 0)).toFixed(1)
-  ].join(",")).join(" ");
-  svg.querySelector(".rate").setAttribute("points", line("per_second", peakRate));
-  svg.querySelector(".busy").setAttribute("points", line("busy", peakBusy));
-  svg.dataset.points = history.length; svg.dataset.peakRate = peakRate; svg.dataset.peakBusy = peakBusy;
-  $("rate-label").textContent = "tasks/s (peak " + peakRate + ")";
-  $("busy-label").textContent = "busy engines (peak " + peakBusy + ")";
-  $("span-label").textContent = "last " + Math.round(span / 60) + " min";
-}
-function show(data) {
-  $("error").textContent = data.error || "";
-  const f = data.frame;
-  if (!f) return;
-  for (const key of ["waiting", "running", "done", "failed", "registered", "expected"]) $(key).textContent = f[key];
-  $("per-second").textContent = f.per_second;
-  $("completed").textContent = f.queue_status.completed;
-  $("slowest").textContent = f.slowest || "-";
-  $("registered").className = "num" + (f.registered < f.expected ? " bad" : "");
-  const body = $("nodes").tBodies[0];
-  body.replaceChildren();
-  for (const n of f.nodes) {
-    const row = body.insertRow(); row.dataset.node = n.node;
-    cell(row, n.node);
-    if (!n.answering) { cell(row, "not answering", "bad"); continue; }
-    cell(row, n.cpu === null ? "-" : Math.round(n.cpu) + "%");
-    cell(row, n.memory_total ? gib(n.memory_used) + "/" + gib(n.memory_total) + " GiB" : "-");
-    cell(row, n.load === null ? "-" : n.load.toFixed(2));
-    cell(row, n.gpus.map((g) => (g.utilization ?? "?") + "% " + ((g.memory_used_mib || 0) / 1024).toFixed(0)
-      + "/" + ((g.memory_total_mib || 0) / 1024).toFixed(0) + "G").join(", ") || "-");
-    cell(row, n.busy, "busy"); cell(row, n.idle, "idle"); cell(row, n.dead, n.dead ? "dead bad" : "dead");
-  }
-  $("events").replaceChildren(...f.events.map((e) => {
-    const li = document.createElement("li"); li.className = "event"; li.textContent = e; return li;
-  }));
-  plot(data.history);
-}
-async function tick() {
-  try {
-    const reply = await fetch(url, { credentials: "same-origin", cache: "no-store" });
-    if (reply.ok) show(await reply.json()); else $("error").textContent = "the server answered " + reply.status;
-  } catch (e) { $("error").textContent = "the server does not answer: " + e; }
-  setTimeout(tick, 1000);
-}
-tick();
-</script></body></html>
-"""
+
+@functools.cache
+def page_body() -> str:
+    """The page's table, plot and script: ``labtop.html`` beside this module (package data)."""
+    return (importlib.resources.files("globular.plugins.ipcluster") / "labtop.html").read_text(encoding="utf-8")
