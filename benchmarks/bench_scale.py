@@ -13,8 +13,9 @@ address, one engine per host), interleaved; then, once a round, ``addnode -n 8``
 the new engines registered); with ``--managed``, each round also starts and terminates the same
 size with ``environment = managed`` (the default path; its environments built by an untimed
 first start), so managed / system compares the two in the same rounds (with the env step, a
-node's median, and the env phase: from the last node's setup to the last node's environment); then the ratios issue 16 asks for: restart /
-start of the same cluster, terminate of N / terminate of 1, and globular / plain.  The
+node's median, and the env phase: from the last node's setup to the last node's environment);
+then the ratios issue 16 asks for: restart / start of the same cluster, terminate of N /
+terminate of 1, and globular / plain.  The
 CPU columns are the whole machine's busy CPU-seconds during terminate: every test host
 shares this machine's cores, so what would run on N machines at once queues here (see
 docs/benchmarks.md).  ``--no-plain`` leaves plain ipyparallel out.  With ``--failure-rate NxK``

@@ -97,7 +97,7 @@ async def start_notebook(
 
     runner = ctx.runner(master)
     # the top page (labtop) needs globular and this machine's records: a master that is this machine
-    here = master is ctx.master and master_is_here(ctx)
+    here = master_is_here(ctx)
     modules = ["jupyterlab", "globular"] if here else ["jupyterlab"]
     facts = await runner.nodeproc("prepare", {"dir": notebook_folder(settings), "modules": modules})
     top_page = here and "globular" not in facts["missing"]
