@@ -23,6 +23,9 @@ from pathlib import Path
 import ipyparallel as ipp
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_env
+
 PACKERS = {"json": ("json", "json"), "pickle": ("pickle", "pickle"), "msgpack": ("msgpack.packb", "msgpack.unpackb")}
 CONFIG = """\
 [global]
@@ -48,7 +51,7 @@ class Globular:
     def __init__(self, root: Path):
         self.home = root / "home"
         self.config = root / "config"
-        self.env = dict(os.environ, GLOBULAR_HOME=str(self.home), COLUMNS="200")
+        self.env = command_env(GLOBULAR_HOME=str(self.home), COLUMNS="200")
 
     def cmd(self, *args: str) -> float:
         started = time.perf_counter()

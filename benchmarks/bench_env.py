@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import testhosts
-from common import ssh_config
+from common import command_env, ssh_config
 
 
 def bare_python(folder: Path) -> str:
@@ -50,7 +49,7 @@ def bare_python(folder: Path) -> str:
 class Runner:
     def __init__(self, root: Path, net: testhosts.HostNet, bare: str):
         self.root, self.net, self.bare = root, net, bare
-        self.env = dict(os.environ, GLOBULAR_HOME=str(root / "home"), COLUMNS="200")
+        self.env = command_env(GLOBULAR_HOME=str(root / "home"), COLUMNS="200")
 
     def start(self, hosts: int, *, environment: str, remote_dir: Path) -> float:
         config = self.root / "config"

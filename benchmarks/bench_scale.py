@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import testhosts
-from common import ssh_config
+from common import command_env, ssh_config
 
 
 def busy_cpu() -> float:
@@ -127,7 +127,7 @@ class Globular:
         built by a first start and cached (its own home and node folders)."""
         self.root, self.net = root, net
         tag = "" if environment == "system" else f"-{environment}"
-        self.env = dict(os.environ, GLOBULAR_HOME=str(root / f"home{tag}"), COLUMNS="200")
+        self.env = command_env(GLOBULAR_HOME=str(root / f"home{tag}"), COLUMNS="200")
         self.config = root / f"config{tag}"
         self.config.write_text(
             ssh_config(net, net.hosts, python=sys.executable, remote_dir=root / f"nodes{tag}", environment=environment)

@@ -10,6 +10,8 @@ For each size N, interleaved, each round:
   controller in the first; ``environment = system``, this machine's venv, which the hosts
   share), timed from the outside until the command returns with every engine registered;
   then ``terminate``;
+- globular from Python: the same start through ``globular.operations.start`` in this process,
+  like for like with plain's ``Cluster`` (neither pays an interpreter's start-up and imports);
 - plain ipyparallel: ``ipp.Cluster(engine_launcher_class="slurm", n=N)`` (its
   SlurmEngineSetLauncher: one sbatch of N tasks, ``srun ipengine``; the controller here,
   listening on the bridge address), timed until ``wait_for_engines(N)``; then
@@ -40,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import testhosts
 import testslurm
+from common import command_env
 
 CONFIG = """\
 [global]
@@ -94,6 +97,22 @@ def globular_round(root: Path, env: dict[str, str], n: int) -> tuple[float, floa
     return took, waited
 
 
+def python_round(root: Path, n: int) -> float:
+    """The start's seconds through the library, in this process (see the module's doc)."""
+    import asyncio
+
+    from globular import operations
+    from globular.config import Config
+
+    spec = Config.load(root / "config").cluster_spec(None, n)
+    settle()
+    began = time.perf_counter()
+    asyncio.run(operations.start("p", spec, home=root / "home"))
+    took = time.perf_counter() - began
+    asyncio.run(operations.terminate("p", home=root / "home"))
+    return took
+
+
 def plain_round(root: Path, n: int, index: int) -> float:
     import ipyparallel as ipp
 
@@ -135,18 +154,20 @@ def main() -> None:
     try:
         slurm.up()
         os.environ.update(slurm.env)
-        env = dict(os.environ, GLOBULAR_HOME=str(root / "home"), COLUMNS="200")
+        env = command_env(GLOBULAR_HOME=str(root / "home"), COLUMNS="200")
         (root / "config").write_text(CONFIG.format(python=sys.executable, remote_dir=root / "shared"))
         for index in range(args.repeats):
             for n in sizes:
                 g, waited = globular_round(root, env, n)
                 p = plain_round(root, n, index)
+                y = python_round(root, n)
                 samples.setdefault(f"globular {n}", []).append(g)
                 samples.setdefault(f"job wait {n}", []).append(waited)
                 samples.setdefault(f"plain {n}", []).append(p)
+                samples.setdefault(f"from Python {n}", []).append(y)
                 print(
                     f"round {index + 1}, {n} nodes: globular {g:.2f} s (jobs running after {waited:.2f} s),"
-                    f" plain ipyparallel {p:.2f} s",
+                    f" plain ipyparallel {p:.2f} s, globular from Python {y:.2f} s",
                     flush=True,
                 )
     finally:
@@ -156,14 +177,17 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(
-        f"\n{'nodes':>5}  {'globular s':>10}  {'job wait s':>10}  {'plain ipp s':>11}  {'globular/plain':>14}"
-        f"  (medians of {args.repeats})"
+        f"\n{'nodes':>5}  {'globular s':>10}  {'job wait s':>10}  {'from Python s':>13}  {'plain ipp s':>11}"
+        f"  {'globular/plain':>14}  {'Python/plain':>12}  (medians of {args.repeats})"
     )
     for n in sizes:
-        g, p = med[f"globular {n}"], med[f"plain {n}"]
+        g, p, y = med[f"globular {n}"], med[f"plain {n}"], med[f"from Python {n}"]
         spread = max(samples[f"plain {n}"]) - min(samples[f"plain {n}"])
         w = med[f"job wait {n}"]
-        print(f"{n:>5}  {g:>10.2f}  {w:>10.2f}  {p:>11.2f}  {g / p:>14.2f}  (plain's spread {spread:.2f} s)")
+        print(
+            f"{n:>5}  {g:>10.2f}  {w:>10.2f}  {y:>13.2f}  {p:>11.2f}  {g / p:>14.2f}  {y / p:>12.2f}"
+            f"  (plain's spread {spread:.2f} s)"
+        )
     print(f"({time.perf_counter() - began:.0f} s in all; samples in {args.json})")
     args.json.write_text(json.dumps({"samples": samples, "medians": med}, indent=1))
 

@@ -24,6 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_env
+
 CONFIG = """\
 [global]
 default_template = t
@@ -70,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout's SIGTERM still terminates the cluster
     home = Path(tempfile.mkdtemp(prefix="bench-top-"))
-    env = dict(os.environ, GLOBULAR_HOME=str(home / "home"), COLUMNS="160", LINES="30")
+    env = command_env(GLOBULAR_HOME=str(home / "home"), COLUMNS="160", LINES="30")
     (home / "config").write_text(CONFIG)
     globular = [sys.executable, "-m", "globular"]
     subprocess.run([*globular, "-c", str(home / "config"), "start", "-s", "2", "bench"], env=env, check=True,

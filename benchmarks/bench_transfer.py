@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import testhosts
-from common import ssh_config
+from common import command_env, ssh_config
 
 
 def fresh(path: Path, mb: int) -> Path:
@@ -57,7 +57,7 @@ def main() -> None:
     try:
         for size in sizes:
             hosts = net.hosts[:size]
-            env = dict(os.environ, GLOBULAR_HOME=str(work / f"home{size}"))
+            env = command_env(GLOBULAR_HOME=str(work / f"home{size}"))
             config = work / f"config{size}"
             config.write_text(ssh_config(net, hosts, python=sys.executable, remote_dir=work / f"nodes{size}"))
             globular(env, "-c", str(config), "start", "-s", str(size), "bench")

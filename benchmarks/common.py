@@ -1,10 +1,23 @@
-"""What the SSH benchmarks share: the config of a cluster on the netns test hosts."""
+"""What the benchmarks share: the environment of the ``globular`` commands they time, and the
+config of a cluster on the netns test hosts."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """This process's environment with ``extra``, for a ``globular`` command, which writes its
+    bytecode as a pip-installed globular has it: an environment that sets
+    PYTHONDONTWRITEBYTECODE (some CI images and sandboxes do) would have every command compile
+    globular's modules anew, about 0.1 s that no installed copy pays."""
+    env = dict(os.environ, **extra)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
 
 CONFIG = """\
 [global]

@@ -814,7 +814,7 @@ def test_slurm_waiters_share_one_squeue_and_never_read_one_older_than_their_slee
 
     async def wait_all() -> dict[str, float]:
         async def one(job: str) -> tuple[str, float]:
-            await provider._wait_running(nodes[job], job)
+            await provider._wait_running(nodes[job], job, None)
             return job, time.monotonic() - began
 
         return dict(await asyncio.gather(*(one(job) for job in runs_at)))
@@ -826,6 +826,48 @@ def test_slurm_waiters_share_one_squeue_and_never_read_one_older_than_their_slee
     after_first = [ids for t, ids in calls[3:]]
     assert after_first and all(ids == sorted(set(ids)) and len(ids) > 1 for ids in after_first[:2]), calls
     assert len(calls) <= 3 + 6, calls  # three first looks, then one squeue a round for all of them
+
+
+def test_a_job_is_seen_running_as_its_log_changes_not_at_the_next_squeue(tmp_path, monkeypatch):
+    """The keeper's first line in the job log makes the waiter ask Slurm at once; a log that was
+    there before (a node of that name in an earlier cluster) and does not change, does not."""
+    import globular.providers.slurm as slurm_provider
+    from globular.providers.slurm import SlurmProvider
+    from globular.providers.slurm_jobs import Job
+
+    monkeypatch.setattr(slurm_provider, "FIRST_POLL", 0.6)
+    monkeypatch.setattr(slurm_provider, "POLL", 0.6)
+    calls: list[float] = []
+
+    async def fake_jobs(ids: list[str]) -> dict[str, Job]:
+        now = time.monotonic() - began
+        calls.append(now)
+        return {i: Job(i, "RUNNING" if now >= 0.2 else "PENDING", node="h") for i in ids}
+
+    monkeypatch.setattr(slurm_provider, "jobs", fake_jobs)
+    spec = ClusterSpec(template="t", cluster_size=2, provider="slurm", provider_settings={"remote_dir": str(tmp_path)})
+    provider = SlurmProvider(spec, cluster="c", home=tmp_path)
+    logs = tmp_path / "c" / "jobs"
+    logs.mkdir(parents=True)
+    (logs / "old.log").write_text("globular keeper of job 7 on h: an earlier cluster's\n")
+    new, old = (NodeRecord(name=n, address="", workdir="/w", cores=1, python="p") for n in ("new", "old"))
+    marks = {n.name: provider._log_mark(n.name) for n in (new, old)}  # as bring_up takes them, before sbatch
+
+    async def keeper_starts() -> None:
+        await asyncio.sleep(0.25)
+        (logs / "new.log").write_text("globular keeper of job 1 on h: /tmp/globular-0-1/keeper.sock\n")
+
+    async def wait(node: NodeRecord, job: str) -> float:
+        await provider._wait_running(node, job, marks[node.name])
+        return time.monotonic() - began
+
+    async def both() -> list[float]:
+        return await asyncio.gather(wait(new, "1"), wait(old, "2"), keeper_starts())
+
+    began = time.monotonic()
+    seen_new, seen_old, _ = asyncio.run(both())
+    assert 0.25 <= seen_new < 0.45, (seen_new, calls)  # within a look or two (LOG_POLL) of the line
+    assert seen_old >= 0.6, (seen_old, calls)  # its unchanged log: the poll's squeue, FIRST_POLL s on
 
 
 def test_engine_ids_go_to_the_nodes_in_the_records_order_whichever_answers_first(tmp_path, monkeypatch):

@@ -1,3 +1,3 @@
-from globular.cli import main
+from globular.cli import entry
 
-main()
+entry()

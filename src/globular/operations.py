@@ -8,9 +8,11 @@ rendering is the caller's business.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -77,6 +79,22 @@ def _home(home: Path | None, reporter: Reporter | None) -> tuple[Path, StateStor
     return home, StateStore(home), reporter or NullReporter()
 
 
+def warm_imports(plugins: list[Plugin]) -> None:
+    """Import the plugins' :attr:`~globular.plugins.base.Plugin.warm_modules` in a thread while
+    the provider makes the nodes (time spent waiting), not later, on the way of the start."""
+    modules = sorted({module for plugin in plugins for module in plugin.warm_modules})
+
+    def load() -> None:
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # noqa: BLE001 - the hook that needs it says why, later
+                log.debug("warming up: cannot import %s: %s", module, exc)
+
+    if modules:
+        threading.Thread(target=load, name="globular-warm-imports", daemon=True).start()
+
+
 @asynccontextmanager
 async def opened(name: str, home: Path | None, reporter: Reporter | None) -> AsyncIterator[ClusterContext]:
     """Cluster ``name``, locked for one operation, logged to its log file, closed afterwards."""
@@ -117,6 +135,7 @@ async def start(
     """
     plugins = [load_plugin(p) for p in spec.plugins]  # fail before anything exists
     started = time.monotonic()
+    warm_imports(plugins)
     kept = spec.model_copy(update={"plugins": [type(p).redacted(s) for p, s in zip(plugins, spec.plugins)]})
     async with created(name, kept, home, reporter) as ctx:
         log.info("starting cluster %s: %d nodes, provider %s", name, spec.cluster_size, spec.provider)
@@ -186,6 +205,7 @@ async def add_nodes(
                 f"the {ctx.record.spec.provider} provider allows at most {limit}"
             )
         plugins = ctx.plugins()
+        warm_imports(plugins)
         ctx.record.desired += node_names(count, ctx.record.desired)
         log.info("cluster %s: adding %d nodes", name, count)
         ctx.save()

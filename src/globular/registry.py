@@ -7,6 +7,7 @@ added to the ``globular`` CLI).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from importlib.metadata import entry_points
@@ -51,8 +52,15 @@ class RegistryError(LookupError):
     """A name that does not resolve; the message says why."""
 
 
+@functools.cache
+def _read_group(group: str) -> tuple[tuple[str, str], ...]:
+    # each reading lists every installed package: read a group once a process (a command
+    # looks at three, several times)
+    return tuple((ep.name, ep.value) for ep in entry_points(group=group))
+
+
 def _group(group: str) -> dict[str, str]:
-    return {ep.name: ep.value for ep in entry_points(group=group)}
+    return dict(_read_group(group))
 
 
 def plugin_names() -> list[str]:

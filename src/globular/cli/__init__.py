@@ -10,6 +10,6 @@ Nothing outside this package imports it, except the modules those entry points n
 are command-line code, and render through :func:`globular.cli.render.output`.
 """
 
-from globular.cli.main import cli, main
+from globular.cli.main import cli, entry, main
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "entry", "main"]

@@ -163,6 +163,9 @@ class Plugin:
     secret_settings: ClassVar[frozenset[str]] = frozenset()
     # the plugin only works where globular makes the node environment (it installs packages)
     needs_managed_environment: ClassVar[bool] = False
+    # modules the hooks import in globular's own process (ipcluster: ipyparallel, for its
+    # client): ``start`` and ``addnode`` import them in a thread while the nodes are made
+    warm_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, settings: SettingsModel):
         self.name = name

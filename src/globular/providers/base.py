@@ -432,10 +432,10 @@ class NodeProvider(ABC):
         return process_mark(self.home, self.cluster, node)
 
     async def close(self) -> None:
-        """Close every runner's connections."""
+        """Close every runner's connections, all at once (a Slurm node's relay step takes a
+        moment to end)."""
         runners, self._runners = list(self._runners.values()), {}
-        for runner in runners:
-            await runner.close()
+        await asyncio.gather(*(runner.close() for runner in runners))
 
     async def release_cluster(self) -> None:
         """After the last node is released: remove whatever else the provider made for

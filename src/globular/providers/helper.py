@@ -21,14 +21,15 @@ import json
 import logging
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-
-import asyncssh
+from typing import TYPE_CHECKING, Any
 
 from globular.errors import CommandError, CommandTimeout, ConnectionLost
 from globular.node import ANY_PYTHON
 from globular.providers.base import Runner
 from globular.state import NodeRecord
+
+if TYPE_CHECKING:
+    import asyncssh
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,12 @@ class NodeHelper:
         lines: AsyncIterator[str],
         stderr: Callable[[], Awaitable[str]],
         close: Callable[[], None],
+        broken: tuple[type[BaseException], ...] = (OSError,),
     ):
         self.node = node
         self.python = python
         self._send, self._lines, self._stderr, self._close = send, lines, stderr, close
+        self._broken = broken  # what the transport raises when its connection breaks
         self.ids = itertools.count()
         self.waiting: dict[int, asyncio.Future[Any]] = {}
         self.reader = asyncio.ensure_future(self._read())
@@ -56,6 +59,8 @@ class NodeHelper:
     @classmethod
     async def start(cls, conn: asyncssh.SSHClientConnection, node: str, python: str, command: str) -> NodeHelper:
         """The helper on an SSH channel of ``conn``, running ``command``."""
+        import asyncssh  # here, not above: the Slurm and local providers never load it
+
         process = await conn.create_process(command, encoding="utf-8")
 
         def close() -> None:
@@ -66,8 +71,9 @@ class NodeHelper:
             process.close()
 
         return cls(
-            node, python, send=process.stdin.write, lines=aiter(process.stdout), stderr=process.stderr.read, close=close
-        )
+            node, python, send=process.stdin.write, lines=aiter(process.stdout), stderr=process.stderr.read,
+            close=close, broken=(asyncssh.Error, OSError),
+        )  # fmt: skip
 
     @classmethod
     def over_pipes(cls, process: asyncio.subprocess.Process, node: str, python: str) -> NodeHelper:
@@ -99,6 +105,8 @@ class NodeHelper:
 
     async def _read(self) -> None:
         why = "its helper ended"
+        broken: tuple[type[BaseException], ...] = (*self._broken, ValueError)  # ValueError: not JSON
+        slow: tuple[type[BaseException], ...] = (*self._broken, TimeoutError)
         try:
             async for line in self._lines:
                 message = json.loads(line)
@@ -112,13 +120,13 @@ class NodeHelper:
                         CommandError(self.node, "globular.node", 3 if "refused" in message else 1,
                                      message.get("refused") or message.get("error") or "")
                     )  # fmt: skip
-        except (asyncssh.Error, OSError, ValueError) as exc:
+        except broken as exc:
             why = f"its helper's connection broke: {exc}"
         finally:
             stderr = ""
             try:
                 stderr = (await asyncio.wait_for(self._stderr(), 1)).strip()[-2000:]
-            except (asyncssh.Error, OSError, TimeoutError):
+            except slow:
                 pass
             for future in self.waiting.values():
                 if not future.done():

@@ -65,6 +65,7 @@ from globular.state import NodeRecord, ProcessRecord
 log = logging.getLogger(__name__)
 POLL = 1.0  # seconds between squeue calls while jobs wait
 FIRST_POLL = 0.1  # ... after the first: doubled up to POLL (one squeue for all the jobs waited for)
+LOG_POLL = 0.05  # s between looks at a waiting job's log, where its keeper writes a line as it starts
 JOB_SCRIPT = """#!/bin/sh
 # a globular node: the keeper of what globular starts here (see globular.providers.slurm)
 exec {python} -c "$(cat <<'GLOBULAR_NODEPROC'
@@ -259,9 +260,34 @@ class SlurmProvider(NodeProvider):
             self._query = asyncio.ensure_future(jobs(sorted(self._asked)))
         return (await asyncio.shield(self._query))[job]  # jobs() answers for every id asked
 
-    async def _wait_running(self, node: NodeRecord, job: str) -> Job:
+    def _log_path(self, node: str) -> Path:
+        return self._cluster_dir() / "jobs" / f"{node}.log"
+
+    def _log_mark(self, node: str) -> tuple[int, int] | None:
+        """The size and time of ``node``'s job log, or None while there is none."""
+        try:
+            found = os.stat(self._log_path(node))
+        except OSError:
+            return None
+        return found.st_size, found.st_mtime_ns
+
+    async def _log_moved(self, node: str, before: tuple[int, int] | None, seconds: float) -> tuple[int, int] | None:
+        """Wait up to ``seconds`` for ``node``'s job log to differ from ``before``; its mark then."""
+        deadline = time.monotonic() + seconds
+        while True:
+            now = self._log_mark(node)
+            if now != before or time.monotonic() >= deadline:
+                return now
+            await asyncio.sleep(LOG_POLL)
+
+    async def _wait_running(self, node: NodeRecord, job: str, mark: tuple[int, int] | None) -> Job:
+        """Wait until ``job`` runs.  Slurm is asked (``squeue``) after FIRST_POLL s, then each
+        time twice as long up to POLL s, and at once when the job's log (``mark``: as it was
+        before ``sbatch``) changes: the keeper writes its first line there as it starts.  The
+        log is on the shared file system, whose client may show a change late (NFS caches
+        attributes for seconds); the polls do not depend on it."""
         began = since = time.monotonic()
-        delay = FIRST_POLL  # a job that starts at once is seen at once; one that waits, each POLL s
+        delay = FIRST_POLL
         try:
             while True:
                 state = await self._state(job, since)
@@ -278,15 +304,17 @@ class SlurmProvider(NodeProvider):
                         node.name,
                         f"job {job} still {why} after {self.settings.queue_timeout:g}s (queue_timeout); cancelled",
                     )
-                since = time.monotonic()
-                await asyncio.sleep(delay)
+                since = time.monotonic()  # an squeue another node begins while this one sleeps will do
+                moved = await self._log_moved(node.name, mark, delay)
+                if moved != mark:  # ... unless the job's log changed: then only a newer one
+                    since, mark = time.monotonic(), moved
                 delay = min(POLL, delay * 2)
         finally:
             self._watched.discard(job)
 
     def _job_log(self, node: str) -> str:
         try:
-            return (self._cluster_dir() / "jobs" / f"{node}.log").read_text(errors="replace")[-4000:]
+            return self._log_path(node).read_text(errors="replace")[-4000:]
         except OSError:
             return ""
 
@@ -316,11 +344,12 @@ class SlurmProvider(NodeProvider):
         ]
 
         async def bring_up(node: NodeRecord) -> NodeRecord:
+            mark = self._log_mark(node.name)  # before the job can write to it
             job = await self._submit(node.name, places[node.name])
             node.data["job_id"] = job
             try:
                 self.on_step(node, "provision")
-                state = await self._wait_running(node, job)
+                state = await self._wait_running(node, job, mark)
                 node.data["slurm_node"] = state.node
                 node.address = await node_address(state.node)
                 self.on_step(node, "ssh")  # "running": the job runs (its keeper answers below)
@@ -367,7 +396,7 @@ class SlurmProvider(NodeProvider):
                     await asyncio.sleep(0.1)
             finally:
                 self._watched.discard(job)
-            (self._cluster_dir() / "jobs" / f"{node.name}.log").unlink(missing_ok=True)
+            self._log_path(node.name).unlink(missing_ok=True)
 
         await each_node(nodes, release)
 

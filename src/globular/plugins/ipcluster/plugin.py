@@ -95,6 +95,7 @@ class IPCluster(Plugin):
 
     Settings = IPClusterSettings
     secret_settings = frozenset({"notebook_passwd"})
+    warm_modules = ("ipyparallel",)  # its Client waits for the engines
     settings: IPClusterSettings
 
     def working_folder(self, node: NodeRecord) -> str | None:
@@ -321,7 +322,7 @@ async def start_controller_and_engines(
 ) -> tuple[Path, int]:
     """A controller on the master and its engines on every node, registered; the client
     connection file written here.  Returns that file and how many engines run."""
-    # the client library loads while the processes start
+    # the client library loads while the processes start (if start's warm-up has not loaded it)
     client_import = asyncio.create_task(asyncio.to_thread(importlib.import_module, "ipyparallel"))
     controller, engine_info = await launch_controller(ctx, settings, curve=encryption == "curve")
     # Engines start with the controller, not after it: their registration
