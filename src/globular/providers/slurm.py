@@ -215,7 +215,6 @@ class SlurmProvider(NodeProvider):
     def sbatch_argv(self, node: str, host: str | None = None) -> list[str]:
         """The ``sbatch`` command of ``node``'s job (the script goes on its stdin)."""
         s = self.settings
-        jobs = self._cluster_dir() / "jobs"
         argv = [
             "sbatch",
             "--parsable",
@@ -223,7 +222,7 @@ class SlurmProvider(NodeProvider):
             f"--comment={self.mark(node)}",
             "--nodes=1",
             "--ntasks=1",
-            f"--output={jobs / node}.log",
+            f"--output={self._log_path(node)}",  # where the waiter watches for the keeper's line
             "--open-mode=append",
         ]
         options = {"partition": s.partition, "account": s.account, "qos": s.qos, "time": s.time_limit}
