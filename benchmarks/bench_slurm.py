@@ -18,10 +18,11 @@ For each size N, interleaved, each round:
   ``stop_cluster``.
 
 Before each timed start the queue is left to settle: no job of the round before, and
-SETTLE seconds without one.  Slurm schedules a batch job at most ``batch_sched_delay`` (3 s by
-default) after its last scheduling pass, and a job's end starts one: without the pause, whoever
-starts just after the other's jobs ended waits up to 3 s more for its own, and that
-depends on the order of the rounds, not on the system measured.
+SETTLE seconds without a job or a scheduling pass (``sdiag``'s counts of main and backfill
+passes).  Slurm schedules a batch job no sooner than ``batch_sched_delay`` (3 s by default)
+after its last scheduling pass, and a job's end starts one, as does the periodic pass (every
+``sched_interval``, 60 s): without the pause, whoever submits just after a pass waits up to 3 s
+more for its jobs, and that depends on when the rounds fall, not on the system measured.
 
 Prints the medians and globular / plain; opt-in (not in scripts/test).
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -60,17 +62,30 @@ master_engines = 1
 """
 
 
-SETTLE = 4.0  # s without a job before a timed start: more than Slurm's default batch_sched_delay (3 s)
+SETTLE = 4.0  # s without a job or a scheduling pass before a timed start: more than Slurm's batch_sched_delay (3 s)
+
+
+def scheduling_passes() -> tuple[int, int]:
+    """How many main and backfill scheduling passes slurmctld has made (``sdiag``)."""
+    out = subprocess.run(["sdiag"], capture_output=True, text=True, check=True).stdout
+    main, backfill = out.split("Main schedule statistics")[1].split("Backfilling stats")
+    return tuple(int(re.search(r"Total cycles:\s+(\d+)", part).group(1)) for part in (main, backfill))  # type: ignore[return-value]
 
 
 def settle() -> None:
-    """Wait until the queue is empty, then SETTLE s more (see the module's doc)."""
-    deadline = time.monotonic() + 120
-    while subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout.strip():
+    """Wait until the queue is empty and slurmctld has made no scheduling pass for SETTLE s
+    (see the module's doc)."""
+    deadline = time.monotonic() + 180
+    quiet_since, passes = time.monotonic(), None
+    while True:
         if time.monotonic() > deadline:
-            raise RuntimeError("jobs of the round before are still queued after 120 s")
-        time.sleep(0.2)
-    time.sleep(SETTLE)
+            raise RuntimeError("the queue did not settle in 180 s (jobs of the round before, or passes)")
+        now = scheduling_passes()
+        if subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout.strip() or now != passes:
+            quiet_since, passes = time.monotonic(), now
+        elif time.monotonic() - quiet_since >= SETTLE:
+            return
+        time.sleep(0.1)
 
 
 def globular_round(root: Path, env: dict[str, str], n: int) -> tuple[float, float]:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,13 @@ import psutil
 import pytest
 
 TESTS = Path(__file__).parent
+
+# The tests interrupt commands with SIGINT, which Python turns into KeyboardInterrupt only in a
+# process that does not ignore it.  A shell without job control starts what it puts in the
+# background (``pytest ... &``) ignoring SIGINT, and exec keeps that: every command a test runs
+# would then ignore Ctrl-C.  A handler here is reset to the default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass

@@ -150,7 +150,11 @@ def test_put_and_get_on_three_ssh_hosts(cli, home, tmp_path, bare_python, env_ca
             again = cli("put", "lab", str(tmp_path / "data"), ".", "--output", "json", timeout=300)
             got = cli("get", "lab", "data", str(tmp_path / "back"), *(a for n in ("master", "node001", "node002")
                       for a in ("-n", n)), timeout=600)  # fmt: skip
-            interrupted = interrupt_a_put(tmp_path, remote_dir)
+            net.limit_rate("100mbit")  # 200 MB: 16 s a host, however fast this machine
+            try:
+                interrupted = interrupt_a_put(tmp_path, remote_dir)
+            finally:
+                net.limit_rate(None)
         finally:
             stopped = cli("terminate", "-y", "lab", timeout=300)
     result = json.loads(put.stdout)["result"]

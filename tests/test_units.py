@@ -901,3 +901,29 @@ def test_engine_ids_go_to_the_nodes_in_the_records_order_whichever_answers_first
             each_node(ctx.nodes, lambda n: engines.start_engines(ctx, n, counts[n.name], {}, IPClusterSettings()))
         )
     assert ctx.plugin_data(DATA_KEY)["engine_ids"] == {"0": "master", "1": "master", "2": "node001"}
+
+
+def test_slurm_asks_a_hosts_address_once_for_all_the_nodes_there(tmp_path, monkeypatch):
+    import globular.providers.slurm as slurm_provider
+    from globular.providers.slurm import SlurmProvider
+
+    asked: list[str] = []
+
+    async def node_address(host: str) -> str:
+        asked.append(host)
+        await asyncio.sleep(0.01)
+        if host == "bad" and asked.count("bad") == 1:
+            raise GlobularError("scontrol: timed out")
+        return {"h1": "198.18.0.11", "h2": "198.18.0.12", "bad": "198.18.0.13"}[host]
+
+    monkeypatch.setattr(slurm_provider, "node_address", node_address)
+    spec = ClusterSpec(template="t", cluster_size=3, provider="slurm", provider_settings={"remote_dir": str(tmp_path)})
+    provider = SlurmProvider(spec, cluster="c", home=tmp_path)
+
+    async def addresses() -> list[str | BaseException]:
+        first = await asyncio.gather(*(provider._address(h) for h in ("h1", "h1", "h2", "bad")), return_exceptions=True)
+        return [*first, await provider._address("bad"), await provider._address("h1")]
+
+    found = asyncio.run(addresses())
+    assert found[0] == found[1] == found[5] == "198.18.0.11" and found[2] == "198.18.0.12" and found[4] == "198.18.0.13"
+    assert isinstance(found[3], GlobularError) and asked == ["h1", "h2", "bad", "bad"]  # a failed one is asked again

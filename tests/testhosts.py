@@ -178,6 +178,16 @@ class HostNet:
             timeout=timeout,
         )
 
+    def limit_rate(self, rate: str | None) -> None:
+        """Cap what each host receives at ``rate`` (tc's units: ``"100mbit"``), or lift the cap
+        (None): a transfer that lasts long enough to be interrupted on any machine."""
+        for index in range(1, len(self.hosts) + 1):
+            veth = f"gv{self.tag}h{index}"
+            if rate is None:
+                sh("tc", "qdisc", "del", "dev", veth, "root", check=False)
+            else:
+                sh("tc", "qdisc", "replace", "dev", veth, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "1s")
+
     def down(self) -> None:
         """Stop every sshd (by pid), delete the namespaces and the bridge. Idempotent."""
         for host in self.hosts:

@@ -186,6 +186,7 @@ class SlurmProvider(NodeProvider):
         self._queried = 0.0
         self._asked: set[str] = set()  # the jobs self._query asks of
         self._watched: set[str] = set()
+        self._addresses: dict[str, asyncio.Future[str]] = {}  # Slurm node → its address (one scontrol each)
 
     @property
     def region(self) -> str:
@@ -311,6 +312,13 @@ class SlurmProvider(NodeProvider):
         finally:
             self._watched.discard(job)
 
+    def _address(self, host: str) -> asyncio.Future[str]:
+        """Slurm node ``host``'s address, asked once however many of this start's nodes run there."""
+        found = self._addresses.get(host)
+        if found is None or (found.done() and (found.cancelled() or found.exception() is not None)):
+            found = self._addresses[host] = asyncio.ensure_future(node_address(host))
+        return found
+
     def _job_log(self, node: str) -> str:
         try:
             return self._log_path(node).read_text(errors="replace")[-4000:]
@@ -350,10 +358,13 @@ class SlurmProvider(NodeProvider):
                 self.on_step(node, "provision")
                 state = await self._wait_running(node, job, mark)
                 node.data["slurm_node"] = state.node
-                node.address = await node_address(state.node)
+                address = self._address(state.node)  # asked while the relay starts: it needs none
                 self.on_step(node, "ssh")  # "running": the job runs (its keeper answers below)
                 runner = self.runner(node)
-                facts = await runner.nodeproc("prepare", {"dir": node.workdir}, timeout=120)
+                try:
+                    facts = await runner.nodeproc("prepare", {"dir": node.workdir}, timeout=120)
+                finally:
+                    node.address = await asyncio.shield(address)
                 node.workdir = facts["workdir"]
                 node.cores = self.settings.cores_per_node or facts["cpus"]
             except BaseException:

@@ -223,13 +223,13 @@ async def run_preflight(
                 )
             if port is not None:
                 reply = {}
-                for _ in range(20):  # the listener may still be starting
+                for _ in range(100):  # the listener may still be starting (a Python's start: ~0.1 s)
                     reply = await runner.nodeproc(
                         "connect", {"host": controller_ip, "port": port, "timeout": 3}, timeout=timeout
                     )
                     if reply["ok"] or reply.get("error") not in ("Connection refused", None):
                         break
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.02)
                 check.controller_reachable = reply["ok"]
                 if not reply["ok"]:
                     check.problems.append(
