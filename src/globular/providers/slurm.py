@@ -317,6 +317,7 @@ class SlurmProvider(NodeProvider):
         found = self._addresses.get(host)
         if found is None or (found.done() and (found.cancelled() or found.exception() is not None)):
             found = self._addresses[host] = asyncio.ensure_future(node_address(host))
+            found.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure no node waits for: seen
         return found
 
     def _job_log(self, node: str) -> str:
@@ -363,8 +364,10 @@ class SlurmProvider(NodeProvider):
                 runner = self.runner(node)
                 try:
                     facts = await runner.nodeproc("prepare", {"dir": node.workdir}, timeout=120)
-                finally:
-                    node.address = await asyncio.shield(address)
+                except BaseException:
+                    await asyncio.wait([address])  # its answer (or error) is another node's, not this failure's
+                    raise
+                node.address = await asyncio.shield(address)
                 node.workdir = facts["workdir"]
                 node.cores = self.settings.cores_per_node or facts["cpus"]
             except BaseException:
