@@ -109,7 +109,7 @@ def test_a_marker_crosses_the_network_only_without_encryption(net, cli, home, tm
             marker = secrets.token_hex(16)
             # node001's side of the bridge: every frame between it and the master (frames the
             # bridge forwards from port to port never reach the bridge device itself)
-            with Sniffer(f"gv{net.tag}h2") as sniffer:
+            with Sniffer(net.veth(2)) as sniffer:
                 answer = client[:].apply_sync(echo, marker)
                 client[:].push({"payload": marker * 4}, block=True)
                 pulled = client[:].pull("payload", block=True)

@@ -109,7 +109,7 @@ class HostNet:
 
     def _host(self, index: int) -> Host:
         host = Host(name=f"host{index}", netns=f"glb{self.tag}h{index}", address=f"{SUBNET}.{self.first - 1 + index}")
-        veth = f"gv{self.tag}h{index}"
+        veth = self.veth(index)
         sh("ip", "netns", "add", host.netns)
         self.hosts.append(host)  # recorded before anything else, so down() removes it
         sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
@@ -178,11 +178,15 @@ class HostNet:
             timeout=timeout,
         )
 
+    def veth(self, index: int) -> str:
+        """The root namespace's end of host ``index``'s link to the bridge."""
+        return f"gv{self.tag}h{index}"
+
     def limit_rate(self, rate: str | None) -> None:
         """Cap what each host receives at ``rate`` (tc's units: ``"100mbit"``), or lift the cap
         (None): a transfer that lasts long enough to be interrupted on any machine."""
         for index in range(1, len(self.hosts) + 1):
-            veth = f"gv{self.tag}h{index}"
+            veth = self.veth(index)
             if rate is None:
                 sh("tc", "qdisc", "del", "dev", veth, "root", check=False)
             else:

@@ -362,12 +362,8 @@ class SlurmProvider(NodeProvider):
                 address = self._address(state.node)  # asked while the relay starts: it needs none
                 self.on_step(node, "ssh")  # "running": the job runs (its keeper answers below)
                 runner = self.runner(node)
-                try:
-                    facts = await runner.nodeproc("prepare", {"dir": node.workdir}, timeout=120)
-                except BaseException:
-                    await asyncio.wait([address])  # its answer (or error) is another node's, not this failure's
-                    raise
-                node.address = await asyncio.shield(address)
+                facts = await runner.nodeproc("prepare", {"dir": node.workdir}, timeout=120)
+                node.address = await asyncio.shield(address)  # shared: this node's cancel must not end it
                 node.workdir = facts["workdir"]
                 node.cores = self.settings.cores_per_node or facts["cpus"]
             except BaseException:
