@@ -64,14 +64,48 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (``item.rep_call``): fixtures see whether the test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def terminate_every_cluster(home: Path, env: dict[str, str] | None = None) -> list[str]:
+    """``globular terminate --force`` of every cluster recorded in ``home`` (a test that failed
+    half-way leaves its clusters running: they go before the leak check, which then finds only
+    what terminate could not stop).  The clusters named."""
+    names = sorted(p.stem for p in (home / "clusters").glob("*.json"))
+    for name in names:
+        full_env = {**os.environ, "GLOBULAR_HOME": str(home), **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "globular", "terminate", "--force", "-y", name],
+                capture_output=True,
+                timeout=120,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            pass  # what it could not stop, the leak check kills
+    return names
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """GLOBULAR_HOME for this test; fails the test if a process it started is left behind."""
+def home(tmp_path, monkeypatch, request):
+    """GLOBULAR_HOME for this test; fails the test if a process it started is left behind.  When
+    the test failed, its clusters are terminated first (a failure is reported once, and leaves
+    nothing running for the tests after it)."""
     path = tmp_path / "globular-home"
     monkeypatch.setenv("GLOBULAR_HOME", str(path))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # where the Lab panel's cluster files go
     monkeypatch.delenv("GLOBULAR_CONFIG", raising=False)
     yield path
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        terminate_every_cluster(path)
     leaked = processes_of(path, tmp_path)
     for proc, _ in leaked:
         try:

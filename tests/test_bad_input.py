@@ -39,6 +39,9 @@ EXPECTED = {
 }
 
 
+PYDANTIC_WORDING = ("Input should", "Value error", "validation error", "Assertion failed")
+
+
 def test_the_corpus_is_all_checked():
     assert sorted(p.name for p in CORPUS.iterdir()) == sorted(EXPECTED)
 
@@ -58,7 +61,7 @@ def test_each_broken_file_is_one_clear_line_and_exit_code_2(cli, name):
     if key:
         assert f"] {key}:" in line, line
     assert fragment in line, line
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "Warning" not in result.stderr
 
 
 def _load_every_template(text: str) -> None:
@@ -70,6 +73,7 @@ def _load_every_template(text: str) -> None:
     except ConfigError as exc:
         message = str(exc)
         assert message.startswith("fuzz.ini") and "\n" not in message, message  # one line, naming the file
+        assert not any(w in message for w in PYDANTIC_WORDING), message  # in globular's words
         if exc.key:
             assert f"{exc.key}:" in message or f"{exc.key} " in message, message  # ... and the key
 

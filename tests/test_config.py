@@ -118,7 +118,7 @@ def test_bad_value_names_key_and_value():
     exc = error_of("[cluster a]\ncluster_size = three\n", "a")
     assert exc.key == "cluster_size" and "'three'" in str(exc)
     exc = error_of("[cluster a]\ncluster_size = 0\n", "a")
-    assert "greater than or equal to 1" in str(exc)
+    assert "must be at least 1, got '0'" in str(exc)
 
 
 def test_plugin_settings_are_typed():
@@ -268,7 +268,7 @@ def test_ssh_hosts_parse_and_size_defaults_to_every_host():
         ({"hosts": "a:99999"}, "node_hosts", "is not a host"),
         ({"hosts": ""}, "node_hosts", "lists no host"),
         ({"size": 4}, "node_hosts", "4 nodes asked for, but there are only 3 hosts"),
-        ({"extra": "connect_timeout = 0"}, "connect_timeout", "greater than 0"),
+        ({"extra": "connect_timeout = 0"}, "connect_timeout", "must be more than 0, got '0'"),
         ({"extra": "cluster_size = 5"}, "node_hosts", "5 nodes asked for"),
         ({"plugin": "controller_ports = 10000-10005"}, "controller_ports", "at least 20 ports"),
         ({"plugin": "controller_ports = 80-200"}, "controller_ports", "1024-65535"),
@@ -293,7 +293,7 @@ def test_encryption_is_curve_where_nodes_are_other_machines_unless_set():
     text = "[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\nencryption = tls\n"
     with pytest.raises(ConfigError) as bad:
         Config.from_text(text, file="c.ini").cluster_spec("a")
-    assert str(bad.value).startswith("c.ini:5 [plugin ipcluster] encryption: Input should be 'curve' or 'none'")
+    assert str(bad.value) == "c.ini:5 [plugin ipcluster] encryption: expected curve or none, got 'tls'"
 
 
 def test_config_show_resolves_a_template_with_defaults_and_masks_secrets(cli, write_config):
@@ -311,5 +311,113 @@ def test_config_show_resolves_a_template_with_defaults_and_masks_secrets(cli, wr
     assert data["template"] == "child" and data["cluster_size"] == 3  # from base, through extends
     assert data["provider_settings"]["cores_per_node"] == 1
     assert data["plugins"][0]["settings"]["notebook_passwd"] == "********"
+    effective = {(s["section"], s["key"]): (s["value"], s["source"]) for s in data["settings"]}
+    assert effective[("cluster", "cluster_size")] == ("3", "[cluster base] (extends)")
+    assert effective[("provider local", "cores_per_node")] == ("1", "set")
+    assert effective[("environment", "environment")] == ("system", "default (the local provider's)")
+    assert effective[("plugin ipcluster", "encryption")] == ("none", "default")  # what a local cluster uses
+    assert effective[("plugin ipcluster", "notebook_save_limit")] == ("1 GB", "default")
+    assert effective[("plugin ipcluster", "heartbeat_period")] == ("200 ms", "default")
+    assert effective[("plugin ipcluster", "notebook_passwd")] == ("********", "set")
+    assert {"packages", "requirements", "wheelhouse"} <= {key for section, key in effective if section == "environment"}
+    assert not any("None" in v or "[" in v or "{" in v for v, _ in effective.values()), effective  # no reprs
     listed = cli("config", "reference")
     assert listed.returncode == 0 and "node_hosts" in listed.stdout and "idle_shutdown" in listed.stdout
+
+
+def test_config_show_says_what_an_ssh_cluster_will_use(cli, write_config, tmp_path):
+    key = tmp_path / "id_lab"
+    key.write_text("")
+    config = write_config(
+        f"[cluster lab]\nprovider = ssh\nnode_hosts = h1, h2\nssh_key = {key}\nplugins = ipcluster\n"
+        "[plugin ipcluster]\nsetup_class = ipcluster\nidle_shutdown = 90m\nengine_env = A=1, B=2\n"
+    )
+    shown = cli("-c", str(config), "config", "show", "lab", "--output", "json")
+    assert shown.returncode == 0, shown.output
+    effective = {(s["section"], s["key"]): s["value"] for s in json.loads(shown.stdout)["result"]["settings"]}
+    assert effective[("plugin ipcluster", "encryption")] == "curve"  # nodes on other machines
+    assert effective[("environment", "environment")] == "managed"
+    assert effective[("provider ssh", "cores_per_node")] == "the host's cores"
+    assert effective[("provider ssh", "connect_timeout")] == "10 s"
+    assert effective[("plugin ipcluster", "idle_shutdown")] == "1h30m"
+    assert effective[("plugin ipcluster", "engine_env")] == "A=1, B=2"
+    assert effective[("plugin ipcluster", "setup_class")].endswith(":IPCluster")
+    text = cli("-c", str(config), "config", "show", "lab").stdout
+    assert "curve" in text and "None" not in text
+
+
+def test_a_builtin_plugin_named_without_a_section_runs_with_its_defaults():
+    spec = Config.from_text("[cluster a]\nplugins = ipcluster, ipclusterrestart\n", file="c.ini").cluster_spec("a")
+    assert [p.name for p in spec.plugins] == ["ipcluster", "ipclusterrestart"]
+    assert spec.plugins[0].setup_class.endswith(":IPCluster") and spec.plugins[0].settings["packer"] == "json"
+    exc = error_of("[cluster a]\nplugins = nosuchplugin\n", "a")
+    assert (exc.section, exc.key) == ("cluster a", "plugins")
+    assert "no [plugin nosuchplugin] section and no installed plugin of that name" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "said"),
+    [
+        ("provider = ssh\nnode_hosts = h\nssh_key = {tmp}/nope", "ssh_key", "{tmp}/nope is not a file here"),
+        ("provider = local\npython = {tmp}/nope/python", "python", "{tmp}/nope/python is not a program here"),
+        ("plugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\nnotebook_certfile = {tmp}/c.pem",
+         "notebook_certfile", "{tmp}/c.pem is not a file here"),
+        ("plugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\nprofile = {tmp}/noprofile",
+         "profile", "no such folder"),
+        ("provider = ec2\nkeyname = k\nnode_image_id = ami-1\n[key k]\nkey_location = {tmp}/k.pem",
+         "key_location", "{tmp}/k.pem is not a file here"),
+    ],
+)  # fmt: skip
+def test_every_setting_that_names_a_file_is_checked_when_the_config_is_read(tmp_path, body, key, said):
+    text = "[cluster a]\n" + body.format(tmp=tmp_path) + "\n"
+    with pytest.raises(ConfigError) as bad:
+        Config.from_text(text, file="c.ini").cluster_spec("a")
+    assert bad.value.key == key and bad.value.line is not None, str(bad.value)
+    assert said.format(tmp=tmp_path) in str(bad.value)
+
+
+def test_a_running_clusters_settings_are_not_checked_again_for_files(tmp_path):
+    """A record read again (terminate, addnode) never fails because a file the config named is gone."""
+    from globular.plugins.ipcluster.settings import IPClusterSettings
+
+    startup = tmp_path / "startup.py"
+    startup.write_text("")
+    text = (
+        f"[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\nengine_startup = {startup}\n"
+    )
+    spec = Config.from_text(text, file="c.ini").cluster_spec("a")
+    startup.unlink()
+    assert IPClusterSettings.model_validate(spec.plugins[0].settings).engine_startup == str(startup)
+
+
+def test_an_unknown_key_gets_the_nearest_known_one_of_any_section_of_its_kind():
+    exc = error_of("[cluster a]\nprovider = ssh\nnode_hosts = h\nssh_kye = x\n", "a")
+    assert "did you mean ssh_key?" in str(exc)
+    exc = error_of("[cluster a]\nprovider = ssh\nnode_hosts = h\nkeyname = k\n", "a")
+    assert "it is a setting of provider ec2" in str(exc)
+    exc = error_of("[cluster a]\nenable_notebok = true\n", "a")
+    assert "did you mean enable_notebook (a setting of [plugin ipcluster])?" in str(exc)
+    exc = error_of("[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\npaker = json\n", "a")
+    assert "did you mean packer?" in str(exc)
+    exc = error_of("[cluster a]\nzzzzzz = 1\n", "a")
+    assert "did you mean" not in str(exc) and "unknown setting" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("[cluster a]\ncluster_size = three\n", "expected a whole number, got 'three'"),
+        ("[cluster a]\nenvironment = maybe\n", "expected managed or system, got 'maybe'"),
+        ("[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\nenable_notebook = perhaps\n",
+         "expected true or false (also: yes/no, on/off, 1/0), got 'perhaps'"),
+        ("[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\nnotebook_save_limit = lots\n",
+         "expected a size such as 500 MB, 1 GB or 2 GiB, got 'lots'"),
+        ("[cluster a]\nplugins = ipcluster\n[plugin ipcluster]\nsetup_class = ipcluster\nheartbeat_period = 10\n",
+         "must be at least 50, got '10'"),
+        ("[cluster a]\nprovider = ssh\nnode_hosts = h\nconnect_timeout = soon\n", "expected a number, got 'soon'"),
+    ],
+)  # fmt: skip
+def test_errors_are_in_globulars_words_not_pydantics(text, said):
+    exc = error_of(text, "a")
+    assert said in str(exc)
+    assert not any(w in str(exc) for w in ("Input should", "Value error", "validation error", "pydantic"))

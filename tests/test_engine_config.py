@@ -108,7 +108,8 @@ def test_bad_engine_settings_are_one_line_errors(cli, home, write_config, tmp_pa
         assert said in done.stderr and "[plugin ipcluster]" in done.stderr and len(done.stderr.splitlines()) == 1
     config = write_config(local_config("profile = nosuchprofile\n"))
     done = cli("-c", str(config), "start", "bad")
-    assert done.returncode != 0 and "profile = nosuchprofile: there is no" in done.stderr, done.output
+    assert done.returncode == 2 and "[plugin ipcluster] profile: there is no" in done.stderr, done.output
+    assert "ipython profile create nosuchprofile" in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 @pytest.mark.skipif(testhosts.available() is not None, reason=str(testhosts.available()))

@@ -164,9 +164,13 @@ def test_missing_certificate_fails_start_before_anything_runs(cli, home, write_c
         )
     )
     result = cli("-c", config, "start", "nb3")
-    assert result.returncode == 1
-    assert f"notebook_certfile {tmp_path}/nope.pem: no such file" in result.stderr
+    assert result.returncode == 2  # checked as the config is read: file, line, section, key
+    assert (
+        result.stderr.strip()
+        == f"error: {config}:10 [plugin ipcluster] notebook_certfile: {tmp_path}/nope.pem is not a file here"
+    )
     assert not (home / "clusters" / "nb3.json").exists()
-    half = str(write_config(CONFIG.format(extra=f"notebook_certfile = {tmp_path}/nope.pem\n"), name="half"))
+    (tmp_path / "cert.pem").write_text("")
+    half = str(write_config(CONFIG.format(extra=f"notebook_certfile = {tmp_path}/cert.pem\n"), name="half"))
     result = cli("-c", half, "start", "nb3")
     assert result.returncode == 1 and "notebook_certfile and notebook_keyfile go together" in result.stderr

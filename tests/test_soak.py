@@ -74,7 +74,7 @@ def test_cycles_leak_no_process_fd_or_namespace(home, tmp_path, encryption):
     path.write_text(CONFIG.format(encryption=encryption))
     config = Config.load(path)
     spec = config.cluster_spec()
-    restart = config.plugin_spec("ipclusterrestart", builtin_fallback=True)
+    restart = config.plugin_spec("ipclusterrestart")
     netns_before = namespaces()
     baseline = None
     deadline = time.monotonic() + minutes * 60

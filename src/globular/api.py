@@ -104,7 +104,7 @@ class Cluster:
         """Kill every engine and start new ones against the same controller (ipclusterrestart)."""
         from globular.config import Config
 
-        spec = Config.builtin().plugin_spec("ipclusterrestart", builtin_fallback=True)
+        spec = Config.builtin().plugin_spec("ipclusterrestart")
         _run(operations.run_plugin(self.name, spec, home=self.home, reporter=self.reporter))
 
     def status(self) -> ClusterStatusReport:

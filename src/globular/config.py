@@ -26,6 +26,7 @@ from globular.spec import (
     PluginSpec,
     Settings,
     check_requirements,
+    did_you_mean,
     validate_settings,
 )
 
@@ -183,8 +184,11 @@ class Config:
             elif kind in KEYED_KINDS or kind in SINGLE_KINDS:
                 config.extra_sections[section] = values
             else:
+                hint = did_you_mean(
+                    kind, dict.fromkeys(("global", "cluster", "plugin", "aws info", "key", "permission"), "")
+                )
                 raise ConfigError(
-                    f"unknown section type {kind!r} (known: global, cluster NAME, plugin NAME, "
+                    f"unknown section type {kind!r}{hint} (known: global, cluster NAME, plugin NAME, "
                     "aws info, key NAME, permission NAME)",
                     file=file,
                     section=section,
@@ -275,6 +279,14 @@ class Config:
                 sections[key] = f"cluster {name}"
         return values, sections
 
+    def sources(self, template: str) -> dict[str, str]:
+        """Where each value of ``template`` (resolved: a valid one) is written: key -> section
+        (``cluster base`` for a key inherited through ``extends``, ``aws info``, ``key NAME``)."""
+        values, sections = self._merged(template)
+        provider = values.get("provider", ClusterSettings.model_fields["provider"].default).strip()
+        own = {k: v for k, v in values.items() if k not in ClusterSettings.model_fields}
+        return provider_class(provider).config_values(own, sections, self.extra_sections)[1]
+
     def loadable_specs(self) -> list[ClusterSpec]:
         """The spec of every template that loads (a broken one is reported by the commands that use it)."""
         specs = []
@@ -322,6 +334,7 @@ class Config:
             section=section,
             sections=sections,
             owner=f"provider {common.provider!r}",
+            known=lambda: cluster_keys(common.provider),
         )
         twice = sorted({name for name in common.plugins if common.plugins.count(name) > 1})
         if twice:
@@ -389,13 +402,11 @@ class Config:
             wheelhouse=path("wheelhouse", common.wheelhouse, want_dir=True),
         )
 
-    def plugin_spec(
-        self, name: str, *, referenced_from: str | None = None, builtin_fallback: bool = False
-    ) -> PluginSpec:
+    def plugin_spec(self, name: str, *, referenced_from: str | None = None) -> PluginSpec:
         """The ``[plugin NAME]`` section, resolved and validated.
 
-        With ``builtin_fallback``, a built-in plugin name (``ipclusterrestart``)
-        works without a section of its own.
+        An installed plugin's name (``ipcluster``, ``ipclusterrestart``) works without a section
+        of its own: its settings are then its defaults.
         """
         section = f"plugin {name}"
         if name in self.plugins:
@@ -403,11 +414,14 @@ class Config:
             setup_class = raw.pop("setup_class", None)
             if not setup_class:
                 raise self.error("missing setup_class (the plugin's class)", section, "setup_class")
-        elif builtin_fallback and name in plugin_names():
+        elif name in plugin_names():
             raw, setup_class = {}, name
         else:
             raise self.error(
-                f"names plugin {name!r} but there is no [plugin {name}] section", referenced_from, "plugins"
+                f"names plugin {name!r}, but there is no [plugin {name}] section and no installed plugin of "
+                f"that name (installed: {', '.join(plugin_names())})",
+                referenced_from,
+                "plugins",
             )
         try:
             canonical, cls = resolve_plugin(setup_class.strip())
@@ -420,6 +434,32 @@ class Config:
             owner=f"plugin class {cls.__name__}",
         )
         return PluginSpec(name=name, setup_class=canonical, settings=settings.model_dump(mode="json"))
+
+
+def cluster_keys(provider: str) -> dict[str, str]:
+    """Every key a ``[cluster]`` section may hold: those of every template and of ``provider``
+    (-> ""), and those of the other installed providers and of the plugins (-> whose they are)."""
+    from globular.registry import PLUGIN_GROUP, PROVIDER_GROUP, _group
+
+    keys = dict.fromkeys(ClusterSettings.model_fields, "")
+    for name in sorted(_group(PROVIDER_GROUP)):
+        try:
+            fields = provider_class(name).Settings.model_fields
+        except RegistryError:  # a broken third-party provider says so when it is used
+            continue
+        for key in fields:
+            if name == provider:
+                keys[key] = ""
+            else:
+                keys.setdefault(key, f"a setting of provider {name}")
+    for name in sorted(_group(PLUGIN_GROUP)):
+        try:
+            _, plugin = resolve_plugin(name)
+        except RegistryError:
+            continue
+        for key in plugin.Settings.model_fields:
+            keys.setdefault(key, f"a setting of [plugin {name}]")
+    return keys
 
 
 def _split_header(section: str) -> tuple[str, str]:

@@ -2,18 +2,22 @@
 every section, key, type, default and description of the core, of every installed provider
 and of every installed plugin (``globular config reference``; ``docs/reference/config.md`` is its
 Markdown, checked by the tests to be current).  And one template resolved
-(``globular config show``), with its defaults, secrets masked."""
+(``globular config show``): every key, the value the cluster will use in words and units, and
+where it comes from; secrets masked."""
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ByteSize
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from globular.config import ClusterSettings, Config, GlobalSettings
-from globular.registry import PLUGIN_GROUP, PROVIDER_GROUP, _group, load_object
+from globular.registry import PLUGIN_GROUP, PROVIDER_GROUP, _group, load_object, provider_class, resolve_plugin
 from globular.spec import ClusterSpec, Settings
 
 SECRET_KEYS = frozenset({"notebook_passwd", "aws_secret_access_key", "aws_session_token"})
@@ -51,7 +55,7 @@ def entries_of(section: str, model: type[Settings]) -> list[Entry]:
         elif field.default_factory is not None:
             default = "(empty)"
         else:
-            default = "(none)" if field.default is None else str(field.default)
+            default = "(none)" if field.default is None else in_words(field.default, field)
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         kind = str(extra.get("reference_type") or _type_name(field.annotation))  # a model may name its own
         found.append(Entry(section, key, kind, default, field.description or ""))
@@ -93,12 +97,154 @@ def markdown(entries: list[Entry]) -> str:
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
 
-def resolved(config: Config, template: str | None = None) -> ClusterSpec:
-    """Template ``template`` after ``extends``, validated, with every default; secrets masked."""
-    spec = config.cluster_spec(template)
+def resolved(spec: ClusterSpec) -> ClusterSpec:
+    """``spec`` (a template after ``extends``, validated, with every default) with its secrets masked."""
 
     def masked(values: dict[str, Any]) -> dict[str, Any]:
         return {k: ("********" if k in SECRET_KEYS and v not in (None, "") else v) for k, v in values.items()}
 
     plugins = [p.model_copy(update={"settings": masked(p.settings)}) for p in spec.plugins]
     return spec.model_copy(update={"provider_settings": masked(spec.provider_settings), "plugins": plugins})
+
+
+# -- values in words ---------------------------------------------------------------
+
+_DECIMAL = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3))
+_BINARY = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def in_bytes(count: int) -> str:
+    """``1000000000`` -> ``1 GB``; ``2147483648`` -> ``2 GiB``; else a decimal figure (``1.5 GB``)."""
+    for unit, size in (*_DECIMAL, *_BINARY):
+        if count >= size and count % size == 0:
+            return f"{count // size} {unit}"
+    for unit, size in _DECIMAL:
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} bytes"
+
+
+def in_duration(seconds: float) -> str:
+    """``5400`` -> ``1h30m``; ``90`` -> ``1m30s``, as the settings take them."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def in_words(value: Any, field: FieldInfo | None = None) -> str:
+    """A setting's value as a person writes it in the config: ``true``, ``1 GB``, ``10 s``,
+    ``30m``, ``numpy>=2, scipy``, ``A=1, B=2`` (never a Python repr)."""
+    extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+    unit = extra.get("unit")
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and field is not None and field.annotation is ByteSize:
+        return in_bytes(value)
+    if isinstance(value, int | float):
+        if unit == "duration":
+            return in_duration(value)
+        return _number(value) + (f" {unit}" if unit else "")
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value) if value else "(empty)"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) if value else "(empty)"
+    return str(value)
+
+
+def _default_in_words(field: FieldInfo) -> str | None:
+    """What an unset setting means, from its description (``...; default: the host's cores``):
+    the words after "default", up to the end of that clause."""
+    found = re.search(r"\bdefault:?\s+(.+)", field.description or "")
+    if not found:
+        return None
+    words, depth = found.group(1), 0
+    for i, char in enumerate(words):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0 or (depth == 0 and (char in ";:" or words[i : i + 2] == ". ")):
+            words = words[:i]
+            break
+    return words.strip() or None
+
+
+@dataclass
+class ShownSetting:
+    """One line of ``config show``: a key, the value the cluster will use, where it comes from."""
+
+    section: str  # "cluster", "provider ssh", "environment", "plugin ipcluster"
+    key: str
+    value: str
+    source: str  # "[cluster lab]", "[cluster base] (extends)", "[aws info]", "default", "the ssh provider's default"
+
+
+def _source(where: str | None, template: str) -> str:
+    """Where a value of ``template`` comes from, in words (``where``: the section it is written in)."""
+    if where is None:
+        return "default"
+    if where == f"cluster {template}":
+        return "set"
+    if where.startswith("cluster "):
+        return f"[{where}] (extends)"
+    return f"[{where}]"
+
+
+def _model_lines(
+    section: str, model: type[Settings], values: dict[str, Any], sources: dict[str, str], decided: dict[str, str]
+) -> list[ShownSetting]:
+    lines = []
+    for key, field in model.model_fields.items():
+        value = values.get(key)
+        source = sources.get(key, "default")
+        if key in decided and source == "default":
+            text = decided[key]  # what the cluster will use, the setting left to it
+        elif value is None or value == "":
+            text = _default_in_words(field) or "(none)"
+        elif key in SECRET_KEYS:
+            text = "********"
+        else:
+            text = in_words(value, field)
+        lines.append(ShownSetting(section, key, text, source))
+    return lines
+
+
+def template_settings(config: Config, spec: ClusterSpec) -> list[ShownSetting]:
+    """Every key of ``spec``'s template (resolved by ``config``): the value the cluster will use,
+    in words and units, and its source (set in the template, inherited, another section, default)."""
+    where = {key: _source(section, spec.template) for key, section in config.sources(spec.template).items()}
+    provider = provider_class(spec.provider)
+    decided = provider.effective_settings(provider.Settings.model_validate(spec.provider_settings), spec.cluster_size)
+    env = spec.environment
+    lines = [
+        ShownSetting("cluster", "cluster_size", str(spec.cluster_size), where.get("cluster_size", "default")),
+        ShownSetting("cluster", "provider", spec.provider, where.get("provider", "default")),
+        ShownSetting("cluster", "plugins", in_words([p.name for p in spec.plugins]), where.get("plugins", "default")),
+        *_model_lines(f"provider {spec.provider}", provider.Settings, spec.provider_settings, where, decided),
+        ShownSetting(
+            "environment",
+            "environment",
+            env.mode or provider.default_environment,
+            where.get("environment", f"default (the {spec.provider} provider's)"),
+        ),
+        ShownSetting("environment", "packages", in_words(env.packages), where.get("packages", "default")),
+        ShownSetting("environment", "requirements", env.requirements or "(none)", where.get("requirements", "default")),
+        ShownSetting("environment", "wheelhouse", env.wheelhouse or "(none)", where.get("wheelhouse", "default")),
+    ]
+    for plugin in spec.plugins:
+        _, cls = resolve_plugin(plugin.setup_class)
+        written = config.plugins.get(plugin.name, {})
+        sources = dict.fromkeys(written, "set")
+        decided = cls.effective_settings(cls.Settings.model_validate(plugin.settings), provider.remote_nodes)
+        lines.append(
+            ShownSetting(
+                f"plugin {plugin.name}", "setup_class", plugin.setup_class, sources.get("setup_class", "its name")
+            )
+        )
+        lines += _model_lines(f"plugin {plugin.name}", cls.Settings, plugin.settings, sources, decided)
+    return lines

@@ -6,13 +6,16 @@ commands (``addnode``, ``runplugin``) use the settings the cluster started with.
 
 from __future__ import annotations
 
+import difflib
 import re
+import shutil
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo
 
 from globular.errors import ConfigError
 
@@ -54,6 +57,49 @@ def check_requirements(values: list[str]) -> list[str]:
                 f"{value!r} is not a package requirement such as numpy or numpy>=2 ({str(exc).splitlines()[0]})"
             ) from None
     return values
+
+
+READING_CONFIG = "reading_config"  # validation context: the settings come from the config file now
+
+
+def _here(kind: Literal["file", "folder", "program"], value: str) -> str | None:
+    """Why ``value`` does not name a ``kind`` on this machine (None: it does)."""
+    path = Path(value).expanduser()
+    if kind == "program":
+        return None if shutil.which(str(path)) else f"{value} is not a program here (a path, or a name on PATH)"
+    if kind == "folder":
+        return None if path.is_dir() else f"{value} is not a folder here"
+    return None if path.is_file() else f"{value} is not a file here"
+
+
+def path_here(kind: Literal["file", "folder", "program"]) -> AfterValidator:
+    """A setting that names a file, folder or program on this machine: checked when the config
+    is read (the error names file, line, section and key), not when a running cluster's record
+    is read again (the file may have gone since; what uses it says so then)."""
+
+    def check(value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and (info.context or {}).get(READING_CONFIG):
+            problem = _here(kind, value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
+
+
+FileHere = Annotated[str | None, path_here("file")]  # a file on this machine (~ expanded)
+ProgramHere = Annotated[str | None, path_here("program")]  # a program on this machine: a path, or a name on PATH
+
+
+def checked_when_read(check: Callable[[str], None]) -> AfterValidator:
+    """A check of a setting's value run when the config is read (``check`` raises ValueError)."""
+
+    def run(value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and (info.context or {}).get(READING_CONFIG):
+            check(value)
+        return value
+
+    return AfterValidator(run)
 
 
 class Settings(BaseModel):
@@ -107,6 +153,61 @@ def _wants_int(annotation: Any) -> bool:
     return False
 
 
+def did_you_mean(key: str, known: Mapping[str, str]) -> str:
+    """`` (did you mean X?)`` for the key of ``known`` nearest to ``key`` (its value: where that
+    key belongs, when not here), or nothing when none is near."""
+    near = difflib.get_close_matches(key.lower(), list(known), n=1, cutoff=0.7)
+    if not near:
+        return ""
+    where = known[near[0]]
+    if near[0] == key.lower():  # the key itself, of another kind of section
+        return f"; it is {where}"
+    return f"; did you mean {near[0]}{f' ({where})' if where else ''}?"
+
+
+def _in_words(err: Mapping[str, Any]) -> str:
+    """A validation error in globular's words (pydantic's own, "Input should be ...", never reach a user)."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    fixed = {
+        "bool_parsing": "expected true or false (also: yes/no, on/off, 1/0)",
+        "bool_type": "expected true or false",
+        "int_parsing": "expected a whole number",
+        "int_type": "expected a whole number",
+        "int_from_float": "expected a whole number",
+        "float_parsing": "expected a number",
+        "float_type": "expected a number",
+        "string_type": "expected text",
+        "list_type": "expected a comma-separated list",
+        "dict_type": "expected NAME=VALUE pairs",
+        "byte_size": "expected a size such as 500 MB, 1 GB or 2 GiB",
+        "byte_size_unit": "expected a size such as 500 MB, 1 GB or 2 GiB",
+        "finite_number": "expected a finite number",
+    }
+    if kind in fixed:
+        return fixed[kind]
+    bounds = {
+        "greater_than_equal": ("ge", "at least"),
+        "greater_than": ("gt", "more than"),
+        "less_than_equal": ("le", "at most"),
+        "less_than": ("lt", "less than"),
+    }
+    if kind in bounds:
+        name, words = bounds[kind]
+        bound = ctx.get(name)
+        return f"must be {words} {int(bound) if isinstance(bound, float) and bound.is_integer() else bound}"
+    if kind == "literal_error":
+        return "expected " + str(ctx.get("expected", "")).replace("'", "")
+    if kind in ("string_too_long", "too_long"):
+        return f"too long (at most {ctx.get('max_length')})"
+    if kind in ("string_too_short", "too_short"):
+        return f"too short (at least {ctx.get('min_length')})"
+    if str(err["msg"]).startswith(("Input should", "Value error", "Assertion failed")):  # anything not named above
+        return "not a valid value for this setting"
+    return str(err["msg"])  # a PydanticCustomError: globular's own words already
+
+
 def validate_settings(
     model: type[Settings],
     raw: Mapping[str, Any],
@@ -115,11 +216,15 @@ def validate_settings(
     section: str,
     sections: Mapping[str, str] | None = None,
     owner: str = "",
+    known: Callable[[], Mapping[str, str]] | None = None,
 ) -> Settings:
-    """Validate ``raw`` against ``model``; the first problem becomes a ConfigError.
+    """Validate ``raw`` (a section of the config file being read) against ``model``; the first
+    problem becomes a ConfigError, in globular's words.
 
     ``sections`` maps a key to the section it was written in (for keys inherited
-    through ``extends``), so the error names the right one.
+    through ``extends``), so the error names the right one.  ``known``: every key such a
+    section may hold (key -> where it belongs, when not here), for an unknown key's
+    "did you mean"; default: ``model``'s own.
     """
     for name, value in raw.items():  # INI values are text: "1_0" and "1.0" are not whole numbers to a person
         field = model.model_fields.get(name)
@@ -128,22 +233,25 @@ def validate_settings(
             where = (sections or {}).get(name, section)
             raise ConfigError(f"expected a whole number, got {shown(value)}", file=file, section=where, key=name)
     try:
-        return model.model_validate(dict(raw))
+        return model.model_validate(dict(raw), context={READING_CONFIG: True})
     except ValidationError as exc:
         err = exc.errors()[0]
         # a check of several settings (a model validator) names the one it is about in its context
         key = str(err["loc"][0]) if err["loc"] else (err.get("ctx") or {}).get("key")
         where = (sections or {}).get(key or "", section)
         if err["type"] == "extra_forbidden":
-            known = ", ".join(sorted(model.model_fields)) or "none"
-            message = f"unknown setting{' for ' + owner if owner else ''} (known: {known})"
+            names = known() if known else dict.fromkeys(model.model_fields, "")
+            valid = ", ".join(sorted(k for k, elsewhere in names.items() if not elsewhere)) or "none"
+            hint = did_you_mean(key or "", names)
+            message = f"unknown setting{' for ' + owner if owner else ''}{hint} (known: {valid})"
         elif err["type"] == "missing" and key in model.model_fields:
             about = model.model_fields[key].description
             message = f"required setting is missing{f' ({about})' if about else ''}"
         else:
             value = raw.get(key) if key else None
-            message = err["msg"] if len(err["msg"]) <= 200 else err["msg"][:150] + "..."
-            if value is not None:
+            message = _in_words(err)
+            message = message if len(message) <= 200 else message[:150] + "..."
+            if value is not None and not message.startswith((str(value), shown(value))):  # named first already
                 message += f", got {shown(value)}"
                 if re.search(r"\s[#;]", str(value)):
                     message += " (a comment goes on a line of its own: '# ...' after a value is part of it)"

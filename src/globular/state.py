@@ -103,7 +103,7 @@ RESERVED_NAMES = frozenset({"envs"})  # <remote_dir>/envs holds the node environ
 def check_cluster_name(name: str) -> str:
     if name in RESERVED_NAMES:
         raise BadInput(f"invalid cluster name {name!r}: it is reserved (node environments live in <remote_dir>/{name})")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise BadInput(
             f"invalid cluster name {name!r}: use letters, digits, '.', '_' and '-' (up to 63, not starting with a symbol)"
         )

@@ -1,7 +1,8 @@
 """The ``globular`` command line: click commands over the library, and the one renderer.
 
 ``main`` (the console script) and ``cli`` (the click group) are in :mod:`globular.cli.main`;
-``config`` in :mod:`globular.cli.config`; ``sshmaster``/``sshnode`` in :mod:`globular.cli.ssh`;
+``config`` in :mod:`globular.cli.config`; the root group and the options every command takes in
+:mod:`globular.cli.group`; ``sshmaster``/``sshnode`` in :mod:`globular.cli.ssh`;
 the renderer in :mod:`globular.cli.render`.  Installed plugins add commands through the
 ``globular.commands`` entry points (ipcluster's ``shell``, ``notebook`` and
 ``restart-controller`` come that way too); each gets ``--output`` if it lacks it.

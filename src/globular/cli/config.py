@@ -13,7 +13,7 @@ from globular.config import Config
 from globular.environment import clear_wheel_cache
 from globular.errors import BadInput
 from globular.paths import globular_home
-from globular.reference import markdown, reference, resolved
+from globular.reference import markdown, reference, resolved, template_settings
 
 
 @click.group("config", short_help="The settings: reference, or a template's.")
@@ -56,25 +56,35 @@ def config_reference(ctx: click.Context, as_markdown: bool) -> None:
 @click.pass_context
 def config_show(ctx: click.Context, option_template: str | None, template: str | None) -> None:
     """TEMPLATE (default: default_template) as globular reads it: after `extends`, validated,
-    with every default filled in; passwords and secret keys masked.  TEMPLATE may also be
-    given as `-c TEMPLATE`, as `start` takes it."""
+    every key with the value the cluster will use (defaults and what the provider or a plugin
+    decides filled in, in units: 1 GB, 10 s, 30m) and where it comes from: set in the template,
+    inherited from another through `extends`, another section ([aws info], [key NAME]), or
+    the default.  Passwords and secret keys are masked.  TEMPLATE may also be given as
+    `-c TEMPLATE`, as `start` takes it.  With --output json: the resolved template, and its
+    `settings` as these lines."""
     if option_template and template and option_template != template:
         raise BadInput(f"two templates named: {template} and -c {option_template}")
     template = option_template or template
     out = output(ctx)
-    spec = resolved(Config.load(ctx.find_root().obj["config"]), template)
+    config = Config.load(ctx.find_root().obj["config"])
+    spec = config.cluster_spec(template)
+    lines = template_settings(config, spec)
 
     def text() -> None:
-        rows = [("template", spec.template), ("config file", spec.config_file or "(built-in)")]
-        rows += [("cluster_size", str(spec.cluster_size)), ("provider", spec.provider)]
-        rows += [(f"  {k}", str(v)) for k, v in spec.provider_settings.items()]
-        rows += [("environment", spec.environment.mode or "(the provider's default)")]
-        for plugin in spec.plugins:
-            rows += [(f"plugin {plugin.name}", plugin.setup_class)]
-            rows += [(f"  {k}", str(v)) for k, v in plugin.settings.items()]
-        out.grid(rows)
+        out.grid([("template", spec.template), ("config file", spec.config_file or "(built-in)")])
+        table = out.table("section", "key", "value", "source")
+        section = None
+        for line in lines:
+            table.add_row(
+                escape(line.section) if line.section != section else "",
+                line.key,
+                escape(line.value),
+                escape(line.source),
+            )
+            section = line.section
+        out.print(table)
 
-    out.result(spec, text=text)
+    out.result({**resolved(spec).model_dump(mode="json"), "settings": lines}, text=text)
 
 
 @click.group(short_help="Node environments: prune them.")

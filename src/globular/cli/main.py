@@ -7,7 +7,6 @@ own commands through the ``globular.commands`` entry points; ``config`` is in cl
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import sys
 import threading
@@ -20,12 +19,12 @@ from globular import __version__, operations
 from globular.aio import run_sync
 from globular.cli.config import config_group, env
 from globular.cli.data import get, put
+from globular.cli.group import VERBOSITY_HELP, GlobularGroup, every_command_takes_output_and_verbose, log_to_stderr
 from globular.cli.render import Output, output, output_option
 from globular.cli.ssh import sshmaster, sshnode
 from globular.config import Config
 from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
-from globular.logs import FORMAT, LOGGER
 from globular.paths import globular_home
 from globular.registry import commands
 from globular.results import age
@@ -42,7 +41,7 @@ def load_config(ctx: click.Context) -> Config:
     return Config.load(ctx.find_root().obj["config"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GlobularGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-c",
     "--config",
@@ -51,7 +50,7 @@ def load_config(ctx: click.Context) -> Config:
     help="Config file (StarCluster INI format). Default: $GLOBULAR_CONFIG, else ~/.globular/config, "
     "else a built-in template (local provider, ipcluster plugin).",
 )
-@click.option("-v", "--verbose", count=True, help="Log what globular does to stderr (-vv: every command it runs).")
+@click.option("-v", "--verbose", count=True, help=VERBOSITY_HELP)
 @output_option
 @click.version_option(__version__, prog_name="globular")
 @click.pass_context
@@ -72,12 +71,7 @@ def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
     logged to ~/.globular/logs/NAME.log.
     """
     ctx.ensure_object(dict)["config"] = config
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT if verbose else "%(levelname)s: %(message)s"))
-    handler.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.DEBUG)
-    LOGGER.propagate = False
+    log_to_stderr(ctx.obj, verbose)
 
 
 @cli.command(short_help="Start a cluster: nodes, controller, engines.")
@@ -123,10 +117,7 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
 
 def _found_elsewhere(ctx: click.Context) -> tuple[list[operations.FoundCluster], list[str]]:
     """Clusters that the config's accounts (ec2, slurm) hold and another machine started (or a lost record)."""
-    try:
-        specs = load_config(ctx).loadable_specs()
-    except GlobularError:
-        return [], []
+    specs = load_config(ctx).loadable_specs()  # a config named by -c that is not there is an error
     if not specs:
         return [], []
     try:
@@ -412,7 +403,7 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
     record = StateStore(globular_home()).get(name)
     spec = next((p for p in record.spec.plugins if p.name == plugin), None)
     if spec is None:
-        spec = load_config(ctx).plugin_spec(plugin, builtin_fallback=True)
+        spec = load_config(ctx).plugin_spec(plugin)
     with out.reporter() as reporter:
         result = run(operations.run_plugin(name, spec, reporter=reporter))
 
@@ -424,16 +415,11 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
     out.result({"plugin": plugin, "name": name, "elapsed": result.elapsed, "report": result.report}, text=text)
 
 
-cli.add_command(config_group)
-cli.add_command(env)
-cli.add_command(put)
-cli.add_command(get)
-cli.add_command(sshmaster)
-cli.add_command(sshnode)
-for _command in commands():  # installed plugins' commands (ipcluster: shell, notebook, restart-controller)
-    if not any(param.name == "output" for param in _command.params):
-        output_option(_command)
-    cli.add_command(_command)
+for _command in [config_group, env, put, get, sshmaster, sshnode, *commands()]:
+    cli.add_command(_command)  # commands() are installed plugins' (ipcluster: shell, notebook, top, ...)
+
+
+every_command_takes_output_and_verbose(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,12 +8,29 @@ from globular.cli.render import output, output_option
 from globular.client.nodeshell import open_shell, run_on_node
 from globular.errors import BadInput
 
+# Everything after the cluster (and the node) is the remote command, its options included, as with
+# `ssh HOST COMMAND`: globular's own options go before NAME.
+REMOTE_COMMAND = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
-@click.command(context_settings={"ignore_unknown_options": True}, short_help="A shell, or a command, on the master.")
+
+def _remote_command(ctx: click.Context, param: click.Parameter, words: tuple[str, ...]) -> tuple[str, ...]:
+    """COMMAND as given; one that starts with an option (``sshnode lab node002 -u root``) is
+    globular's option in the wrong place, not a command: said at once (``--`` first runs it)."""
+    if words and words[0].startswith("-") and words[0] != "--":
+        before = "NAME NODE" if ctx.command.name == "sshnode" else "NAME"
+        raise click.UsageError(
+            f"{' '.join(words)!r} is not a command: everything after {before} is the command to run; "
+            f"globular's options go before NAME (`globular {ctx.command.name} {words[0]} ... {before}`)",
+            ctx,
+        )
+    return words[1:] if words[:1] == ("--",) else words  # `-- ls -l`: the separator is not part of it
+
+
+@click.command(context_settings=REMOTE_COMMAND, short_help="A shell, or a command, on the master.")
 @click.option("-u", "--user", help="Log in as USER (default: the cluster's ssh user).")
 @output_option
 @click.argument("name")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, callback=_remote_command)
 @click.pass_context
 def sshmaster(ctx: click.Context, user: str | None, name: str, command: tuple[str, ...]) -> None:
     """Open a shell on the master of cluster NAME, or run COMMAND there.
@@ -21,22 +38,36 @@ def sshmaster(ctx: click.Context, user: str | None, name: str, command: tuple[st
     Uses the cluster's ssh key, port and known_hosts; on a local cluster, a
     shell in the master's folder.  Exits with COMMAND's exit status; with
     --output json (COMMAND needed), its output and status as one document.
+
+    Everything after NAME is COMMAND, its options included; globular's own
+    options (-u, --output, -v) go before NAME:
+
+    \b
+    globular sshmaster lab ps -u root         runs `ps -u root` on the master
+    globular sshmaster -u root lab ps aux     logs in as root, runs `ps aux`
+    globular sshmaster --output json lab df -h
     """
     _node_shell(ctx, name, "master", user, command)
 
 
-@click.command(context_settings={"ignore_unknown_options": True}, short_help="A shell, or a command, on a node.")
+@click.command(context_settings=REMOTE_COMMAND, short_help="A shell, or a command, on a node.")
 @click.option("-u", "--user", help="Log in as USER (default: the cluster's ssh user).")
 @output_option
 @click.argument("name")
 @click.argument("node")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, callback=_remote_command)
 @click.pass_context
 def sshnode(ctx: click.Context, user: str | None, name: str, node: str, command: tuple[str, ...]) -> None:
     """Open a shell on NODE (master, node001, ...) of cluster NAME, or run COMMAND there.
 
     Exits with COMMAND's exit status; with --output json (COMMAND needed), its
-    output and status as one document."""
+    output and status as one document.  Everything after NODE is COMMAND, its
+    options included; globular's own options (-u, --output, -v) go before NAME:
+
+    \b
+    globular sshnode lab node001 df -h
+    globular sshnode -u root lab node001 ls -la /tmp
+    """
     _node_shell(ctx, name, node, user, command)
 
 

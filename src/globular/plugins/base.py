@@ -176,6 +176,13 @@ class Plugin:
         return cls(spec.name, cls.Settings.model_validate(spec.settings))
 
     @classmethod
+    def effective_settings(cls, settings: SettingsModel, remote_nodes: bool) -> dict[str, str]:
+        """What the cluster will use, in words, for settings left unset whose value the plugin
+        decides from the cluster (``config show``); ``remote_nodes``: the provider's nodes are
+        other machines.  ipcluster: ``encryption`` is curve there."""
+        return {}
+
+    @classmethod
     def redacted(cls, spec: PluginSpec) -> PluginSpec:
         """``spec`` with secret settings replaced, for the state record."""
         hidden = {k: "(not kept)" for k in cls.secret_settings if spec.settings.get(k) is not None}

@@ -357,6 +357,12 @@ class NodeProvider(ABC):
         return dict(values), dict(sections)
 
     @classmethod
+    def effective_settings(cls, settings: SettingsModel, cluster_size: int) -> dict[str, str]:
+        """What a cluster of ``cluster_size`` nodes will use, in words, for settings left unset
+        whose value the provider decides here (``config show``; local: the cores per node)."""
+        return {}
+
+    @classmethod
     def default_cluster_size(cls, settings: SettingsModel) -> int:
         """Nodes to start when neither the config nor ``-s`` says."""
         return 2

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, Field
 
 from globular.errors import ConfigError
 from globular.providers.ssh_settings import RemoteSettings
+from globular.spec import did_you_mean, path_here
 
 AWS_INFO_KEYS = (
     "aws_access_key_id",
@@ -52,7 +53,7 @@ class EC2Settings(RemoteSettings):
     master_image_id: str | None = Field(default=None, description="default: node_image_id")
     master_instance_type: str | None = Field(default=None, description="default: node_instance_type")
     keyname: str = Field(description="the EC2 key pair; its [key NAME] section gives key_location")
-    key_location: str = Field(description="the private key of keyname (from [key NAME])")
+    key_location: Annotated[str, path_here("file")] = Field(description="the private key of keyname (from [key NAME])")
     subnet_id: str | None = Field(default=None, description="default: the default VPC's default subnet")
     spot_bid: float | None = Field(default=None, gt=0, description="max price per hour (USD): spot instances")
     permission: Annotated[str | None, AfterValidator(_check_cidr)] = Field(
@@ -78,9 +79,15 @@ class EC2Settings(RemoteSettings):
     max_nodes: int = Field(
         default=100, ge=1, le=1000, description="the most instances one cluster may have (start and addnode)"
     )
-    connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds one SSH attempt may take")
-    boot_timeout: float = Field(default=600.0, gt=0, description="seconds to wait for running and SSH")
-    poll_interval: float = Field(default=5.0, gt=0, le=60, description="seconds between state checks")
+    connect_timeout: float = Field(
+        default=10.0, gt=0, le=600, description="seconds one SSH attempt may take", json_schema_extra={"unit": "s"}
+    )
+    boot_timeout: float = Field(
+        default=600.0, gt=0, description="seconds to wait for running and SSH", json_schema_extra={"unit": "s"}
+    )
+    poll_interval: float = Field(
+        default=5.0, gt=0, le=60, description="seconds between state checks", json_schema_extra={"unit": "s"}
+    )
 
 
 def aws_config_values(values: dict[str, str], sections: dict[str, str], extra: Mapping[str, Mapping[str, str]]) -> None:
@@ -88,8 +95,9 @@ def aws_config_values(values: dict[str, str], sections: dict[str, str], extra: M
     section_of = sections.copy()
     for key, value in (extra.get("aws info") or {}).items():
         if key not in AWS_INFO_KEYS:
+            hint = did_you_mean(key, dict.fromkeys(AWS_INFO_KEYS, ""))
             raise ConfigError(
-                f"unknown setting (known: {', '.join(AWS_INFO_KEYS)})", file=None, section="aws info", key=key
+                f"unknown setting{hint} (known: {', '.join(AWS_INFO_KEYS)})", file=None, section="aws info", key=key
             )
         if key not in values:  # a template's own value wins
             values[key] = value

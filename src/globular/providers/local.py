@@ -24,7 +24,7 @@ from globular.node.proc import sweep
 from globular.paths import private_dir, write_private
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
 from globular.providers.here import run_here
-from globular.spec import Settings
+from globular.spec import ProgramHere, Settings
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 
 OVERSUBSCRIBE = 8  # at most this many nodes, and engines per node, per core of this machine
+
+
+def shared_cores(nodes: int) -> int:
+    """Engines per node when cores_per_node is unset: this machine's cores shared by ``nodes``."""
+    return max(1, (os.cpu_count() or 1) // max(1, nodes))
 
 
 def local_limit() -> int:
@@ -42,7 +47,7 @@ class LocalSettings(Settings):
     cores_per_node: int | None = Field(
         default=None, ge=1, description=f"engines per node (at most {OVERSUBSCRIBE} per core); default: cores / nodes"
     )
-    python: str | None = Field(
+    python: ProgramHere = Field(
         default=None, description="interpreter for controller and engines; default: globular's own"
     )
 
@@ -145,9 +150,13 @@ class LocalProvider(NodeProvider):
 
     def cores_per_node(self, nodes: int) -> int:
         """``cores_per_node``, else this machine's cores shared by the cluster's ``nodes``."""
-        if self.settings.cores_per_node:
-            return self.settings.cores_per_node
-        return max(1, (os.cpu_count() or 1) // max(1, nodes))
+        return self.settings.cores_per_node or shared_cores(nodes)
+
+    @classmethod
+    def effective_settings(cls, settings: SettingsModel, cluster_size: int) -> dict[str, str]:
+        cores = os.cpu_count() or 1
+        shared = f"{shared_cores(cluster_size)} (this machine's {cores} cores shared by {cluster_size} nodes)"
+        return {"cores_per_node": shared, "python": sys.executable}
 
     async def create_nodes(
         self,

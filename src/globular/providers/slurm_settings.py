@@ -71,12 +71,13 @@ class SlurmSettings(Settings):
         gt=0,
         le=7 * 86400,
         description="seconds start waits for PENDING jobs; then it cancels them and fails with Slurm's reason",
+        json_schema_extra={"unit": "s"},
     )
 
     @field_validator("time_limit")
     @classmethod
     def _time(cls, value: str | None) -> str | None:
-        if value is not None and not (_TIME.match(value.strip()) and _time_fields_in_range(value.strip())):
+        if value is not None and not (_TIME.fullmatch(value.strip()) and _time_fields_in_range(value.strip())):
             raise ValueError(f"{value!r} is not a Slurm time (minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED)")
         return value.strip() if value else value
 
@@ -100,6 +101,6 @@ class SlurmSettings(Settings):
     @field_validator("partition", "account", "qos")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME.match(value):
+        if value is not None and not _NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a Slurm name")
         return value

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from globular.spec import CommaList, Settings
+from globular.spec import CommaList, FileHere, Settings
 
 MAX_ENGINES_PER_NODE = 1024
 _HOST = re.compile(r"^(?:(?P<user>[^@\s:]+)@)?(?P<host>[^@\s:\[\]]+|\[[0-9a-fA-F:.]+\])(?::(?P<port>\d{1,5}))?$")
@@ -26,7 +26,7 @@ class SSHHost:
 
     @classmethod
     def parse(cls, text: str) -> SSHHost:
-        match = _HOST.match(text.strip())
+        match = _HOST.fullmatch(text.strip())
         if not match or not 0 < int(match["port"] or 22) < 65536:
             raise ValueError(f"{text!r} is not a host (expected [user@]host[:port])")
         return cls(host=match["host"].strip("[]"), port=int(match["port"] or 22), user=match["user"])
@@ -72,7 +72,9 @@ class RemoteSettings(Settings):
     cores_per_node: int | None = Field(
         default=None, ge=1, le=MAX_ENGINES_PER_NODE, description="engines per node; default: the host's cores"
     )
-    connect_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds to wait for a host to answer")
+    connect_timeout: float = Field(
+        default=10.0, gt=0, le=600, description="seconds to wait for a host to answer", json_schema_extra={"unit": "s"}
+    )
 
 
 class SSHSettings(RemoteSettings):
@@ -80,7 +82,7 @@ class SSHSettings(RemoteSettings):
         description="[user@]host[:port], ...; the first is the master unless master_host says otherwise"
     )
     master_host: Annotated[str | None, AfterValidator(_check_host)] = None
-    ssh_key: str | None = Field(
+    ssh_key: FileHere = Field(
         default=None, description="private key file; the agent and ~/.ssh/config's keys are also tried"
     )
     known_hosts: str | None = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")

@@ -129,7 +129,7 @@ def restart_controller(ctx: click.Context, name: str) -> None:
     from globular.config import Config
 
     out = output(ctx)
-    spec = Config.builtin().plugin_spec("ipclusterrestartcontroller", builtin_fallback=True)
+    spec = Config.builtin().plugin_spec("ipclusterrestartcontroller")
     with out.reporter() as reporter:
         result = run_sync(operations.run_plugin(name, spec, reporter=reporter), sigterm_cancels=True)
 

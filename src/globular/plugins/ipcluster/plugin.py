@@ -46,6 +46,7 @@ from globular.plugins.ipcluster.notebook import (
 from globular.plugins.ipcluster.preflight import Requirement, local_version, run_preflight
 from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
+from globular.spec import Settings as SettingsModel
 from globular.state import ClusterRecord, NodeRecord
 
 if TYPE_CHECKING:
@@ -100,6 +101,11 @@ class IPCluster(Plugin):
 
     def working_folder(self, node: NodeRecord) -> str | None:
         return self.settings.engine_workdir or None
+
+    @classmethod
+    def effective_settings(cls, settings: SettingsModel, remote_nodes: bool) -> dict[str, str]:
+        assert isinstance(settings, IPClusterSettings)
+        return {"encryption": encryption_of(settings, remote_nodes)}
 
     async def before_terminate(self, ctx: PluginContext, discard: bool) -> PluginReport | None:
         """The master's notebooks copied home (see :mod:`~globular.plugins.ipcluster.keep`)."""

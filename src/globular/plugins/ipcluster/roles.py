@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from globular.errors import GlobularError
 from globular.state import NodeRecord
 
 if TYPE_CHECKING:
@@ -30,6 +31,19 @@ def local_ipython_dir() -> Path:
     """This machine's IPython folder, as IPython finds it (``$IPYTHONDIR``, else ``~/.ipython``),
     without importing IPython (ipyparallel's import may be under way in another thread)."""
     return Path(os.environ.get("IPYTHONDIR") or "~/.ipython").expanduser()
+
+
+def local_profile(name: str) -> Path:
+    """The folder of profile ``name`` here: a folder, or ``profile_NAME`` in IPython's folder."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    if "/" in name:
+        raise GlobularError(f"profile = {name}: no such folder")
+    folder = local_ipython_dir() / f"profile_{name}"
+    if not folder.is_dir():
+        raise GlobularError(f"profile = {name}: there is no {folder} (ipython profile create {name} makes one)")
+    return folder
 
 
 def master_is_here(ctx: PluginContext) -> bool:

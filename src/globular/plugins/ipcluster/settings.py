@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, BeforeValidator, ByteSize, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from globular.spec import ArgList, Settings, shown
+from globular.errors import GlobularError
+from globular.plugins.ipcluster.roles import local_profile
+from globular.spec import ArgList, FileHere, Settings, checked_when_read, shown
 from globular.state import NodeRecord
 
 DEATH_WINDOW_MS = 5000  # the controller drops an engine silent for this long
@@ -117,7 +118,7 @@ def parse_env(value: Any) -> Any:
         if not part:
             continue
         name, sep, text = part.partition("=")
-        if not sep or not _ENV_NAME.match(name.strip()):
+        if not sep or not _ENV_NAME.fullmatch(name.strip()):
             raise ValueError(f"{part[:60]!r} is not NAME=VALUE")
         if "\n" in text or "\r" in text or "\0" in text:
             raise ValueError(f"the value of {name.strip()} spans lines (separate variables with commas)")
@@ -134,10 +135,11 @@ def _check_engine_args(args: list[str]) -> list[str]:
     return args
 
 
-def _check_local_file(path: str | None) -> str | None:
-    if path is not None and not Path(path).expanduser().is_file():
-        raise ValueError(f"{path} is not a file here")
-    return path
+def _check_profile(name: str) -> None:
+    try:
+        local_profile(name)
+    except GlobularError as exc:
+        raise ValueError(str(exc).removeprefix(f"profile = {name}: ")) from None
 
 
 def _gpu_engines(value: Any) -> Any:
@@ -164,10 +166,10 @@ class IPClusterSettings(Settings):
         "it refuses, saying the size (1 GB, 500 MB, ...)",
     )
     notebook_port: int = Field(default=8888, ge=1, le=65535, description="the next free one is taken if it is in use")
-    notebook_certfile: str | None = Field(
+    notebook_certfile: FileHere = Field(
         default=None, description="your own certificate (PEM); default: a self-signed one"
     )
-    notebook_keyfile: str | None = Field(default=None, description="the key of notebook_certfile (PEM, unencrypted)")
+    notebook_keyfile: FileHere = Field(default=None, description="the key of notebook_certfile (PEM, unencrypted)")
     packer: Annotated[str, AfterValidator(_check_packer)] = Field(
         default="json", description=f"how messages are serialized: {', '.join(PACKERS)}"
     )
@@ -193,6 +195,7 @@ class IPClusterSettings(Settings):
         ge=50,
         le=60_000,
         description="controller heartbeat, ms; engines register on a beat, dead ones are noticed after 5 s or 10 beats",
+        json_schema_extra={"unit": "ms"},
     )
     engine_nanny: bool = Field(
         default=True,
@@ -211,8 +214,11 @@ class IPClusterSettings(Settings):
         default=None,
         gt=0,
         description="30m, 2h: when no task ran for that long, stop engines and controller (and release rented machines)",
+        json_schema_extra={"unit": "duration"},
     )
-    engine_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for engines to register")
+    engine_timeout: float = Field(
+        default=120.0, gt=0, description="seconds to wait for engines to register", json_schema_extra={"unit": "s"}
+    )
     controller_interface: Annotated[str | None, AfterValidator(_check_interface)] = Field(
         default=None,
         description="interface name (eth0) or address the controller listens on; default: the master's address",
@@ -238,7 +244,7 @@ class IPClusterSettings(Settings):
         examples=["OMP_NUM_THREADS=4, MY_DATA=/scratch/data"],
         json_schema_extra={"reference_type": "NAME=VALUE, ..."},
     )
-    engine_startup: Annotated[str | None, AfterValidator(_check_local_file)] = Field(
+    engine_startup: FileHere = Field(
         default=None, description="a Python file here, copied to the nodes and run on every engine as it starts"
     )
     engine_workdir: str | None = Field(
@@ -246,7 +252,7 @@ class IPClusterSettings(Settings):
         description="the engines' working folder on the nodes (made if missing; ~ is the node user's home); "
         "default: the node's folder",
     )
-    profile: str | None = Field(
+    profile: Annotated[str | None, checked_when_read(_check_profile)] = Field(
         default=None,
         description="an IPython profile here (NAME for ~/.ipython/profile_NAME, or a folder): its ipengine_config.py, "
         "ipcontroller_config.py and startup/ files are copied to the nodes",

@@ -15,25 +15,12 @@ from pathlib import Path
 
 from globular.errors import GlobularError
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.roles import local_ipython_dir, profile_dir
+from globular.plugins.ipcluster.roles import local_profile, profile_dir
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.state import NodeRecord
 
 USER_CONTROLLER_CONFIG = "user_ipcontroller_config.py"  # the profile's ipcontroller_config.py, on the master
 STARTUP_SCRIPT = "globular_engine_startup.py"  # engine_startup, in each node's profile folder
-
-
-def local_profile(name: str) -> Path:
-    """The folder of profile ``name`` here: a folder, or ``profile_NAME`` in IPython's folder."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return folder
-    if "/" in name:
-        raise GlobularError(f"profile = {name}: no such folder")
-    folder = local_ipython_dir() / f"profile_{name}"
-    if not folder.is_dir():
-        raise GlobularError(f"profile = {name}: there is no {folder} (ipython profile create {name} makes one)")
-    return folder
 
 
 def user_files(settings: IPClusterSettings) -> dict[str, bytes]:
