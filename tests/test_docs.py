@@ -138,12 +138,14 @@ def test_the_worked_provider_example_runs_a_cluster(cli, home, tmp_path, write_c
     assert not (root / "mine" / "master").exists() and not (root / "mine" / "node001").exists()
 
 
-def test_the_readme_config_is_a_valid_config():
+def test_the_readme_config_is_a_valid_config(tmp_path, monkeypatch):
     from globular.config import Config
     from globular.plugins.ipcluster.settings import IPClusterSettings
 
     readme = (DOCS.parent / "README.md").read_text()
     [ini] = re.findall(r"^```ini\n(.*?)^```", readme, re.S | re.M)
+    monkeypatch.setenv("HOME", str(tmp_path))  # where the reader's ssh_key is
+    make_stand_ins(read_ini(ini), tmp_path, tmp_path)
     spec = Config.from_text(ini, file="README.md").cluster_spec()
     assert spec.provider == "ssh" and len(spec.provider_settings["node_hosts"]) == 3
     settings = IPClusterSettings.model_validate(spec.plugins[0].settings)

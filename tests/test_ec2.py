@@ -268,9 +268,15 @@ def test_a_node_that_never_answers_ssh_fails_the_start_and_everything_is_release
     assert not (home / "clusters" / "half.json").exists()
 
 
-def test_ec2_config_sections_are_checked_with_file_section_and_key(tmp_path):
+def test_ec2_config_sections_are_checked_with_file_section_and_key(tmp_path, monkeypatch):
     from globular.config import Config
     from globular.errors import ConfigError
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the key files the configs name: ~/.ssh/k.pem, ./x
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "k.pem").write_text("")
+    (tmp_path / "x").write_text("")
 
     base = "[cluster c]\nprovider = ec2\nkeyname = k\nnode_image_id = ami-1\npermission = 203.0.113.7/32\n"
     spec = Config.from_text(
@@ -299,6 +305,7 @@ def test_ec2_config_sections_are_checked_with_file_section_and_key(tmp_path):
             "node_image_id",
             "required",
         ),
+        base + "[key k]\nkey_location = ~/.ssh/gone.pem\n": ("key k", "key_location", "is not a file here"),
     }
     for text, (section, key, message) in cases.items():
         with pytest.raises(ConfigError) as caught:

@@ -165,7 +165,7 @@ def did_you_mean(key: str, known: Mapping[str, str]) -> str:
     return f"; did you mean {near[0]}{f' ({where})' if where else ''}?"
 
 
-def _in_words(err: Mapping[str, Any]) -> str:
+def error_in_words(err: Mapping[str, Any]) -> str:
     """A validation error in globular's words (pydantic's own, "Input should be ...", never reach a user)."""
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind in ("value_error", "assertion_error") and "error" in ctx:
@@ -249,10 +249,10 @@ def validate_settings(
             message = f"required setting is missing{f' ({about})' if about else ''}"
         else:
             value = raw.get(key) if key else None
-            message = _in_words(err)
+            message = error_in_words(err)
             message = message if len(message) <= 200 else message[:150] + "..."
             if value is not None and not message.startswith((str(value), shown(value))):  # named first already
                 message += f", got {shown(value)}"
-                if re.search(r"\s[#;]", str(value)):
-                    message += " (a comment goes on a line of its own: '# ...' after a value is part of it)"
+            if value is not None and re.search(r"\s[#;]", str(value)):
+                message += " (a comment goes on a line of its own: '# ...' after a value is part of it)"
         raise ConfigError(message, file=file, section=where, key=key) from None

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from globular.errors import BadInput, ClusterBusy, ClusterExists, ClusterNotFound, GlobularError, StateError
 from globular.paths import private_dir, write_private
-from globular.spec import ClusterSpec
+from globular.spec import ClusterSpec, error_in_words
 
 STATE_VERSION = 2  # 2: the desired node set (``desired``); version 1 records are read too
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -161,7 +161,11 @@ class StateStore:
         try:
             return ClusterRecord.model_validate(raw)
         except ValidationError as exc:
-            raise StateError(f"state file {path} is invalid: {exc.errors()[0]['msg']}") from None
+            err = exc.errors()[0]
+            where = ".".join(str(part) for part in err["loc"])
+            raise StateError(
+                f"state file {path} is invalid: {where + ': ' if where else ''}{error_in_words(err)}"
+            ) from None
 
     def _write(self, record: ClusterRecord) -> None:
         record.updated = time.time()
