@@ -18,7 +18,7 @@ from pydantic import AfterValidator, Field
 
 from globular.errors import BadInput, ConfigError, GlobularError
 from globular.paths import default_config_path
-from globular.registry import RegistryError, plugin_names, provider_class, resolve_plugin
+from globular.registry import RegistryError, plugin_names, provider_class, provider_names, resolve_plugin
 from globular.spec import (
     ClusterSpec,
     CommaList,
@@ -439,10 +439,8 @@ class Config:
 def cluster_keys(provider: str) -> dict[str, str]:
     """Every key a ``[cluster]`` section may hold: those of every template and of ``provider``
     (-> ""), and those of the other installed providers and of the plugins (-> whose they are)."""
-    from globular.registry import PLUGIN_GROUP, PROVIDER_GROUP, _group
-
     keys = dict.fromkeys(ClusterSettings.model_fields, "")
-    for name in sorted(_group(PROVIDER_GROUP)):
+    for name in provider_names():
         try:
             fields = provider_class(name).Settings.model_fields
         except RegistryError:  # a broken third-party provider says so when it is used
@@ -452,7 +450,7 @@ def cluster_keys(provider: str) -> dict[str, str]:
                 keys[key] = ""
             else:
                 keys.setdefault(key, f"a setting of provider {name}")
-    for name in sorted(_group(PLUGIN_GROUP)):
+    for name in plugin_names():
         try:
             _, plugin = resolve_plugin(name)
         except RegistryError:

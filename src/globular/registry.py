@@ -67,6 +67,10 @@ def plugin_names() -> list[str]:
     return sorted(_group(PLUGIN_GROUP))
 
 
+def provider_names() -> list[str]:
+    return sorted(_group(PROVIDER_GROUP))
+
+
 def load_object(target: str) -> object:
     """Import ``module:attr`` or ``module.attr``."""
     if ":" in target:

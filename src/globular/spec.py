@@ -62,37 +62,18 @@ def check_requirements(values: list[str]) -> list[str]:
 READING_CONFIG = "reading_config"  # validation context: the settings come from the config file now
 
 
-def _here(kind: Literal["file", "folder", "program"], value: str) -> str | None:
+def _here(kind: Literal["file", "program"], value: str) -> str | None:
     """Why ``value`` does not name a ``kind`` on this machine (None: it does)."""
     path = Path(value).expanduser()
     if kind == "program":
         return None if shutil.which(str(path)) else f"{value} is not a program here (a path, or a name on PATH)"
-    if kind == "folder":
-        return None if path.is_dir() else f"{value} is not a folder here"
     return None if path.is_file() else f"{value} is not a file here"
 
 
-def path_here(kind: Literal["file", "folder", "program"]) -> AfterValidator:
-    """A setting that names a file, folder or program on this machine: checked when the config
-    is read (the error names file, line, section and key), not when a running cluster's record
-    is read again (the file may have gone since; what uses it says so then)."""
-
-    def check(value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and (info.context or {}).get(READING_CONFIG):
-            problem = _here(kind, value)
-            if problem:
-                raise ValueError(problem)
-        return value
-
-    return AfterValidator(check)
-
-
-FileHere = Annotated[str | None, path_here("file")]  # a file on this machine (~ expanded)
-ProgramHere = Annotated[str | None, path_here("program")]  # a program on this machine: a path, or a name on PATH
-
-
 def checked_when_read(check: Callable[[str], None]) -> AfterValidator:
-    """A check of a setting's value run when the config is read (``check`` raises ValueError)."""
+    """A check of a setting's value (``check`` raises ValueError) run when the config is read,
+    where the error names file, line, section and key; not when a running cluster's record is
+    read again (a file may have gone since: what uses it says so then)."""
 
     def run(value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and (info.context or {}).get(READING_CONFIG):
@@ -100,6 +81,21 @@ def checked_when_read(check: Callable[[str], None]) -> AfterValidator:
         return value
 
     return AfterValidator(run)
+
+
+def path_here(kind: Literal["file", "program"]) -> AfterValidator:
+    """A setting that names a file or a program on this machine (checked when read)."""
+
+    def check(value: str) -> None:
+        problem = _here(kind, value)
+        if problem:
+            raise ValueError(problem)
+
+    return checked_when_read(check)
+
+
+FileHere = Annotated[str | None, path_here("file")]  # a file on this machine (~ expanded)
+ProgramHere = Annotated[str | None, path_here("program")]  # a program on this machine: a path, or a name on PATH
 
 
 class Settings(BaseModel):
