@@ -38,6 +38,14 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 
     return done
 
 
+def build_backend_pins() -> list[str]:
+    """The build backend's versions uv.lock's builds use (pyproject's [tool.uv] build-constraint-dependencies)."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return list(pyproject["tool"]["uv"]["build-constraint-dependencies"])
+
+
 def this_environments_versions(path: Path) -> Path:
     """A pip constraints file of this environment's versions (globular's own left out): the fresh
     venv gets what the suite runs against (uv.lock's, or the newest with --latest)."""
@@ -52,13 +60,21 @@ def this_environments_versions(path: Path) -> Path:
 def test_the_wheel_installs_into_a_fresh_venv_and_runs_a_cluster(tmp_path, home):
     source = checkout_copy(tmp_path / "checkout")
     dist = tmp_path / "dist"
-    # no isolation: the build backend is the locked setuptools of this environment
-    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(source)])
+    backend = tmp_path / "build-constraints.txt"  # the build backend at the version the lock's builds use
+    backend.write_text("\n".join(build_backend_pins()) + "\n")
+    run(
+        [sys.executable, "-m", "build", "--outdir", str(dist), str(source)],
+        env={**os.environ, "PIP_CONSTRAINT": str(backend)},
+    )
     [sdist] = dist.glob("globular-*.tar.gz")
     [wheel] = dist.glob("globular-*-py3-none-any.whl")
     assert sdist.stat().st_size > 0
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
+        [wheel_info] = [n for n in names if n.endswith(".dist-info/WHEEL")]
+        generator = archive.read(wheel_info).decode()
+    pinned = build_backend_pins()[0].replace("==", " (") + ")"  # "setuptools (84.2.1)"
+    assert f"Generator: {pinned}" in generator, generator
     assert any(n.endswith(f".data/data/{SERVER_CONFIG}") for n in names), names  # the top page's server config
     assert "globular/plugins/ipcluster/labtop.html" in names
 
