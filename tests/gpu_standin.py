@@ -4,7 +4,10 @@ for the two commands globular runs (``--query-gpu=... --format=csv,noheader,noun
 
 Layouts: ``two`` (two H100s), ``mig`` (an A100 in MIG mode with two 3g.20gb devices, beside a
 whole A100), ``broken`` (the driver does not answer, as after a kernel update), ``none`` (the CLI
-is there and lists nothing).
+is there and lists nothing); and hostile ones: ``bad-index`` (an index that is not a number),
+``not-utf8`` (a name with bytes that are not UTF-8), ``duplicate`` (one UUID listed twice),
+``hung`` (it never answers, and starts a child that would outlive it).  The layout is read from
+``folder/layout`` at each call, so a test can change it under a running cluster.
 """
 
 from __future__ import annotations
@@ -43,7 +46,14 @@ LAYOUTS: dict[str, list[dict[str, object]]] = {
         {**A100, "index": "1", "uuid": "GPU-0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d", "pci.bus_id": "00000000:0F:00.0"},
     ],
     "none": [],
-}
+    "bad-index": [{**H100, "index": "GPU0", "uuid": "GPU-6e1f3a4c-2b9d-4c7e-9a1b-3f5d8e2c7a10", "pci.bus_id": "0:18"}],
+    "not-utf8": [{**H100, "index": "0", "uuid": "GPU-6e1f3a4c-2b9d-4c7e-9a1b-3f5d8e2c7a10", "pci.bus_id": "0:18",
+                  "name": "NVIDIA \udcff\udcfe H100"}],
+    "duplicate": [
+        {**H100, "index": "0", "uuid": "GPU-6e1f3a4c-2b9d-4c7e-9a1b-3f5d8e2c7a10", "pci.bus_id": "00000000:18:00.0"},
+        {**H100, "index": "1", "uuid": "GPU-6e1f3a4c-2b9d-4c7e-9a1b-3f5d8e2c7a10", "pci.bus_id": "00000000:2A:00.0"},
+    ],
+}  # fmt: skip
 
 BROKEN = (
     "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
@@ -53,13 +63,20 @@ BROKEN = (
 PROGRAM = textwrap.dedent(
     """\
     #!/usr/bin/python3
-    import json, sys
-    LAYOUT = json.loads({layout!r})
+    import json, os, subprocess, sys, time
+    LAYOUTS = json.loads({layouts!r})
     BROKEN = {broken!r}
+    name = open({layout_file!r}).read().strip()
     args = sys.argv[1:]
-    if LAYOUT is None:
+    if name == "broken":
         sys.stdout.write(BROKEN)
         sys.exit(9)
+    if name == "hung":  # never answers; its child would outlive it if only it were killed
+        child = subprocess.Popen(["sleep", "300"])
+        with open({calls!r} + ".hung", "a") as f:
+            f.write(f"{{os.getpid()}} {{child.pid}}\\n")
+        time.sleep(300)
+    LAYOUT = LAYOUTS[name]
     with open({calls!r}, "a") as f:
         f.write(" ".join(args) + "\\n")
     if args == ["-L"]:
@@ -73,20 +90,36 @@ PROGRAM = textwrap.dedent(
         sys.stderr.write("stand-in nvidia-smi: only --query-gpu=... --format=csv,noheader,nounits and -L\\n")
         sys.exit(2)
     for gpu in LAYOUT:
-        print(", ".join(str(gpu.get(field, "[N/A]")) for field in query.split(",")))
+        line = ", ".join(str(gpu.get(field, "[N/A]")) for field in query.split(","))
+        sys.stdout.buffer.write(line.encode("utf-8", "surrogateescape") + b"\\n")  # not-utf8: raw bytes
     """
 )
 
 
 def standin_nvidia_smi(folder: Path, layout: str) -> Path:
-    """A folder holding ``nvidia-smi`` for ``layout`` (put it first on PATH); what it was asked
-    is appended to ``folder/calls``."""
+    """A folder holding ``nvidia-smi`` for ``layout`` (put it first on PATH; :func:`set_layout`
+    changes it); what it was asked is appended to ``folder/calls``, and a hung one's pid and its
+    child's to ``folder/calls.hung``."""
     folder.mkdir(parents=True, exist_ok=True)
-    spec = None if layout == "broken" else LAYOUTS[layout]
     program = folder / "nvidia-smi"
-    program.write_text(PROGRAM.format(layout=json.dumps(spec), broken=BROKEN, calls=str(folder / "calls")))
+    program.write_text(
+        PROGRAM.format(
+            layouts=json.dumps(LAYOUTS), broken=BROKEN, calls=str(folder / "calls"), layout_file=str(folder / "layout")
+        )
+    )
     program.chmod(0o755)
+    set_layout(folder, layout)
     return folder
+
+
+def set_layout(folder: Path, layout: str) -> None:
+    (folder / "layout").write_text(layout)
+
+
+def hung_pids(folder: Path) -> list[int]:
+    """The pids of the hung stand-ins that ran, and of their children."""
+    path = folder / "calls.hung"
+    return [int(p) for line in (path.read_text().splitlines() if path.exists() else []) for p in line.split()]
 
 
 def uuids(layout: str) -> list[str]:

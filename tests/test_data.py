@@ -226,6 +226,7 @@ def test_each_notebook_copy_is_whole_and_only_what_changed_travels(tmp_path):
 
     first = save()
     assert first.files == 3 and first.copied == 3 and not (first.folder / ".ipynb_checkpoints").exists()
+    assert first.source == str(folder)  # the master's folder, not the temporary one here
     assert save().folder == first.folder  # nothing changed: the last copy stands
     os.utime(folder / "a.ipynb", (1, 1))  # changed (its time)
     (folder / "gone.ipynb").unlink()
@@ -240,3 +241,108 @@ def test_each_notebook_copy_is_whole_and_only_what_changed_travels(tmp_path):
     too_small = IPClusterSettings(enable_notebook=True, notebook_directory=str(folder), notebook_save_limit="3 B")
     with pytest.raises(BadInput, match="holds 10 B, over the 3 B bound"):
         asyncio.run(save_notebooks("c", "ssh", master, LocalRunner(master), too_small, home))
+
+
+# -- hostile nodes: what a get brings home ---------------------------------------------------------
+
+
+def local_fetch(tmp_path: Path, folder: Path, runner=None) -> Path:
+    """``fetch`` of ``folder`` from a local node (this machine) into ``tmp_path/back``, in process."""
+    import asyncio
+
+    from globular.providers.local import LocalRunner
+    from globular.state import NodeRecord
+    from globular.transfer import fetch
+
+    node = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path / "w"), cores=1, python=sys.executable)
+    runner = runner or LocalRunner(node)
+    asyncio.run(fetch([node], lambda _: runner, lambda _: str(folder), tmp_path / "back"))
+    return tmp_path / "back" / folder.name
+
+
+def test_get_never_brings_home_setuid_setgid_or_sticky_bits(tmp_path):
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    for name, mode in (("setuid", 0o4755), ("setgid", 0o2750), ("sticky", 0o1777), ("plain", 0o640)):
+        (folder / name).write_text("#!/bin/sh\n")
+        os.chmod(folder / name, mode)
+    back = local_fetch(tmp_path, folder)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name, mode in (("setuid", 0o755), ("setgid", 0o750), ("sticky", 0o777), ("plain", 0o640)):
+        assert (back / name).stat().st_mode & 0o7777 == mode & ~umask, name
+
+
+def test_a_local_get_refuses_a_file_swapped_for_a_link_after_the_listing(tmp_path):
+    """The node's file is listed, then swapped for a link to a secret before it is copied (a hook
+    in the runner's download makes the swap happen exactly there): the copy refuses it."""
+    from globular.errors import NodeFailures
+    from globular.providers.local import LocalRunner
+    from globular.state import NodeRecord
+
+    secret = tmp_path / "shadow"
+    secret.write_text("root:TOP-SECRET-HASH:19000:0:99999:7:::\n")
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("harmless\n")
+    node = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path / "w"), cores=1, python=sys.executable)
+
+    class Swapping(LocalRunner):
+        async def download(self, remote, local, size, mtime, progress):
+            os.unlink(remote)
+            os.symlink(secret, remote)  # between the listing and the copy
+            return await super().download(remote, local, size, mtime, progress)
+
+    with pytest.raises(NodeFailures) as failed:
+        local_fetch(tmp_path, folder, Swapping(node))
+    assert "notes.txt: refused, it is a link now" in str(failed.value)
+    back = tmp_path / "back"
+    assert not any(b"TOP-SECRET" in p.read_bytes() for p in back.rglob("*") if p.is_file())
+
+
+def test_a_local_get_reads_no_more_than_the_listed_size(tmp_path):
+    from globular.providers.local import LocalRunner
+    from globular.state import NodeRecord
+
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    (folder / "log.txt").write_text("0123456789")
+    node = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path / "w"), cores=1, python=sys.executable)
+
+    class Growing(LocalRunner):
+        async def download(self, remote, local, size, mtime, progress):
+            with open(remote, "a") as f:
+                f.write("and a lot more written meanwhile")
+            return await super().download(remote, local, size, mtime, progress)
+
+    back = local_fetch(tmp_path, folder, Growing(node))
+    assert (back / "log.txt").read_text() == "0123456789"
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(testhosts.available() is not None, reason=str(testhosts.available()))
+def test_a_get_over_ssh_drops_setuid_and_carries_names_that_are_not_utf8(cli, home, tmp_path, bare_python, env_cache):
+    with bare_hosts(tmp_path / "net", 1, bare_python, env_cache) as net:
+        remote_dir = tmp_path / "hosts"
+        share_env_cache(env_cache, home, remote_dir)
+        config = ssh_config(tmp_path / "config", net, remote_dir)
+        started = cli("-c", str(config), "start", "lab", timeout=600)
+        try:
+            assert started.returncode == 0, started.output
+            [master] = json.loads((home / "clusters" / "lab.json").read_text())["nodes"]
+            scratch = Path(master["workdir"]) / "scratch"
+            scratch.mkdir()
+            (scratch / "tool").write_text("#!/bin/sh\n")
+            os.chmod(scratch / "tool", 0o4755)
+            odd = os.fsencode(scratch) + b"/caf\xe9-\xff.txt"  # Latin-1 and a stray byte: not UTF-8
+            with open(odd, "wb") as f:
+                f.write(b"odd name\n")
+            got = cli("get", "lab", "scratch", str(tmp_path / "back"), timeout=300)
+        finally:
+            stopped = cli("terminate", "-y", "lab", timeout=300)
+    assert got.returncode == 0, got.output
+    back = tmp_path / "back" / "scratch"
+    assert (back / "tool").stat().st_mode & 0o7000 == 0 and (back / "tool").stat().st_mode & 0o111
+    with open(os.fsencode(back) + b"/caf\xe9-\xff.txt", "rb") as f:
+        assert f.read() == b"odd name\n"
+    assert stopped.returncode == 0, stopped.output

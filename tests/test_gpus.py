@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from conftest import local_config, read_record
+from conftest import gone, local_config, read_record
 from globular.node.gpus import parse_gpu_query, parse_mig, restrict_gpus
-from gpu_standin import LAYOUTS, standin_nvidia_smi, uuids
+from gpu_standin import LAYOUTS, hung_pids, set_layout, standin_nvidia_smi, uuids
 
 SEEN = """
 import globular, json, sys
@@ -72,6 +72,46 @@ def test_the_allocation_restricts_the_gpus():
     assert restrict_gpus(devices, {"CUDA_VISIBLE_DEVICES": ""}) == ([], "CUDA_VISIBLE_DEVICES")
     assert restrict_gpus(devices, {"CUDA_VISIBLE_DEVICES": "0,-1,1"})[0] == [devices[0]]  # CUDA stops at -1
     assert restrict_gpus(devices, {"SLURM_JOB_GPUS": "1"}) == ([devices[1]], "SLURM_JOB_GPUS")
+
+
+def test_a_uuid_prefix_that_names_several_gpus_is_invalid_as_for_cuda():
+    devices = parse_gpu_query(QUERY_OUT.replace("GPU-b3c8", "GPU-6e1f"))  # both UUIDs start GPU-6e1f
+    assert restrict_gpus(devices, {"CUDA_VISIBLE_DEVICES": "GPU-6e1f"})[0] == []  # CUDA keeps none
+    assert restrict_gpus(devices, {"CUDA_VISIBLE_DEVICES": "0,GPU-6e1f,1"})[0] == [devices[0]]  # stops there
+    assert restrict_gpus(devices, {"CUDA_VISIBLE_DEVICES": devices[1]["uuid"]})[0] == [devices[1]]
+    assert restrict_gpus(devices, {"CUDA_VISIBLE_DEVICES": "GPU-nope,0"})[0] == []  # no match: invalid too
+
+
+@pytest.mark.parametrize("layout", ["bad-index", "not-utf8", "duplicate", "hung"])
+def test_unexpected_nvidia_smi_output_is_a_node_problem_not_a_traceback(tmp_path, monkeypatch, layout):
+    """The node program itself, against the stand-in: an answer, never an exception; a hung one is
+    stopped after SMI_TIMEOUT with the child it started."""
+    import time
+
+    from globular.node.gpus import SMI_TIMEOUT, gpu_devices
+    from globular.plugins.ipcluster.gpus import judge_gpus
+    from globular.plugins.ipcluster.settings import IPClusterSettings
+
+    folder = standin_nvidia_smi(tmp_path / "smi", layout)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")  # where gpu_devices finds nvidia-smi
+    started = time.monotonic()
+    answer = gpu_devices({})
+    took = time.monotonic() - started
+    devices, problems = judge_gpus(answer, IPClusterSettings(gpu_engines="auto"))
+    if layout == "not-utf8":
+        assert problems == [] and "\ufffd" in devices[0]["name"]  # replaced, the GPU still used
+        return
+    assert devices == [] and len(problems) == 1, (answer, problems)
+    said = {
+        "bad-index": "unexpected output line 'GPU0, GPU-6e1f3a4c",
+        "duplicate": "lists GPU GPU-6e1f3a4c-2b9d-4c7e-9a1b-3f5d8e2c7a10 more than once",
+        "hung": f"no answer within {SMI_TIMEOUT:g} s (stopped)",
+    }[layout]
+    assert said in problems[0], problems
+    if layout == "hung":
+        assert took < SMI_TIMEOUT + 3
+        pids = hung_pids(folder)
+        assert len(pids) == 2 and all(gone(pid) for pid in pids)  # the stand-in and its child
 
 
 def test_engine_counts_and_gpu_judgement():
@@ -175,6 +215,41 @@ def test_a_node_without_the_gpus_asked_for_fails_the_preflight(
         assert "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver" in started.stderr
     assert cli("listclusters", env=env).stdout.count("gpu") == 0  # nothing left: no record, no process
     assert not (home / "clusters" / "gpu.json").exists() or read_record(home, "gpu")["status"] != "running"
+
+
+@pytest.mark.cluster
+def test_a_hung_nvidia_smi_holds_status_and_top_no_longer_than_its_timeout(cli, home, write_config, tmp_path):
+    """nvidia-smi stops answering under a running GPU cluster: `status` and `top --once` end
+    within the node's nvidia-smi timeout and a node round trip, name the problem, and leave no
+    nvidia-smi (nor the child it started) running."""
+    import time
+
+    from globular.node.gpus import SMI_TIMEOUT
+
+    folder = standin_nvidia_smi(tmp_path / "smi", "two")
+    env = on_path(folder)
+    started = cli("-c", str(write_config(local_config("gpu_engines = auto"))), "start", "-s", "1", "hung", env=env)
+    assert started.returncode == 0, started.output
+    try:
+        set_layout(folder, "hung")
+        began = time.monotonic()
+        status = cli("status", "hung", env=env, timeout=120)
+        status_took = time.monotonic() - began
+        began = time.monotonic()
+        top = cli("top", "hung", "--once", "--output", "json", env=env, timeout=120)
+        top_took = time.monotonic() - began
+        pids = hung_pids(folder)
+    finally:
+        set_layout(folder, "two")
+        stopped = cli("terminate", "-y", "hung", env=env)
+    assert status.returncode == 1 and f"no answer within {SMI_TIMEOUT:g} s" in status.stdout + status.stderr, (
+        status.output
+    )
+    assert status_took < SMI_TIMEOUT + 10, status_took
+    assert top.returncode == 0, top.output
+    assert top_took < 2 * SMI_TIMEOUT + 10, top_took  # two frames, each asking the node once
+    assert pids and all(gone(pid) for pid in pids), pids  # each hung nvidia-smi and its child
+    assert stopped.returncode == 0, stopped.output
 
 
 # -- ssh hosts with a bare Python: one with GPUs, one without ---------------------------------

@@ -630,3 +630,45 @@ def test_many_connections_at_once_get_through_sshds_maxstartups(net, tmp_path):
 
     outcomes = asyncio.run(many())
     assert outcomes == ["ok"] * 40, [o for o in outcomes if o != "ok"]
+
+
+SILENT = """
+import sys, time
+from globular import Client
+began = time.monotonic()
+try:
+    Client(sys.argv[1], sshkey=sys.argv[2], timeout=3)
+except TimeoutError as exc:
+    print(round(time.monotonic() - began), exc)
+"""
+
+
+def test_a_frozen_or_dead_controller_behind_the_tunnel_is_not_called_a_stale_key(net, cli, home, tmp_path):
+    """globular's Client through its SSH tunnel, whose local end always accepts: a frozen
+    controller (SIGSTOP) is said to be frozen, a dead one (nothing listens on the master) to be
+    not running; neither is blamed on the connection file's key."""
+    config = ssh_config(net, tmp_path, hosts=f"root@{net.hosts[0].address}")
+    started = cli("-c", config, "start", "lab")
+    assert started.returncode == 0, started.output
+    path = str(home / "ipcluster" / "lab-ssh.json")
+    [controller] = recorded_pids(read_record(home, "lab"), "ipcontroller")
+    try:
+        os.kill(controller, signal.SIGSTOP)
+        frozen = subprocess.run([sys.executable, "-c", SILENT, path, str(net.key)], capture_output=True, text=True,
+                                timeout=120, cwd=tmp_path)  # fmt: skip
+        os.kill(controller, signal.SIGCONT)
+        # dead, with its schedulers (forked: they hold its listening sockets, which would still accept)
+        os.killpg(controller, signal.SIGKILL)
+        assert wait_until(lambda: not psutil.pid_exists(controller) or psutil.Process(controller).status() == "zombie")
+        dead = subprocess.run([sys.executable, "-c", SILENT, path, str(net.key)], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)  # fmt: skip
+    finally:
+        stopped = cli("terminate", "-y", "lab")
+    for run in (frozen, dead):
+        assert run.returncode == 0 and run.stdout, run.stderr[-3000:]
+        assert "stale" not in run.stdout and "curve_serverkey" not in run.stdout, run.stdout
+    assert "through the SSH tunnel" in frozen.stdout and "never answered the CURVE handshake" in frozen.stdout, (
+        frozen.stdout
+    )
+    assert "nothing listens at the controller's address" in dead.stdout and "not running" in dead.stdout, dead.stdout
+    assert stopped.returncode == 0, stopped.output

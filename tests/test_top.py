@@ -159,3 +159,46 @@ def test_one_frame_as_json_has_queue_status_counts(cli, home, write_config, tmp_
     assert after["queue_status"]["completed"] == sum(s["completed"] for k, s in done.items() if k != "unassigned")
     assert after["running"] == 0 and after["waiting"] == 0
     assert stopped.returncode == 0, stopped.output
+
+
+def test_top_never_hangs_on_a_controller_that_stopped_answering(cli, home, write_config):
+    """The controller frozen (SIGSTOP): `top --once` ends within its deadline and says so; the
+    live view says "controller not answering since ..." and quits on q, and on Ctrl-C, within a
+    second, while a frame is being made."""
+    config = str(write_config(CONFIG))
+    started = cli("-c", config, "start", "-s", "1", "frozen")
+    assert started.returncode == 0, started.output
+    [controller] = [
+        p["pid"] for p in read_record(home, "frozen")["nodes"][0]["processes"] if p["role"] == "ipcontroller"
+    ]
+    env = {"GLOBULAR_HOME": home, "PATH": os.environ["PATH"], "COLUMNS": "160", "LINES": "30"}
+    sessions = []
+    try:
+        os.kill(controller, signal.SIGSTOP)
+        began = time.monotonic()
+        once = cli("top", "frozen", "--once", "--output", "json", timeout=60)
+        once_took = time.monotonic() - began
+        results = {}
+        for key in ("q", "C-c"):
+            session = Tmux(f"frozen{key[0]}{os.getpid()}", f"{sys.executable} -m globular top frozen", env)
+            sessions.append(session)
+            results[key] = wait_until(lambda s=session: "controller not answering since" in s.screen(), timeout=30)
+            shown = session.screen()
+            time.sleep(1.5)  # the next frame is being made now, waiting on the controller
+            subprocess.run(["tmux", "send-keys", "-t", session.name, key], check=True)
+            sent = time.monotonic()
+            quit_in_time = wait_until(lambda s=session: not s.alive(), timeout=10)
+            results[key] = (results[key], shown, quit_in_time, time.monotonic() - sent)
+    finally:
+        os.kill(controller, signal.SIGCONT)
+        for session in sessions:
+            session.kill()
+        stopped = cli("terminate", "-y", "frozen")
+    assert once.returncode == 0, once.output
+    frame = json.loads(once.stdout)["result"]
+    assert frame["controller_problem"].startswith("controller not answering since"), frame
+    assert once_took < 20, once_took  # two frames, each waiting 3 s at most on the controller
+    for key, (said, shown, quit_in_time, took) in results.items():
+        assert said, shown
+        assert quit_in_time and took < 1.5, (key, took)
+    assert stopped.returncode == 0, stopped.output

@@ -105,3 +105,41 @@ def test_a_handshake_probe_tells_a_wrong_server_key_from_nothing_listening():
     finally:
         if ctx is not None:
             ctx.term()
+
+
+def test_the_top_pages_watchers_are_for_cluster_names_only_and_go_when_unused(tmp_path):
+    """The JupyterLab top page makes a watcher per cluster name asked for: a name that cannot be a
+    cluster's is a 404, and watchers nobody asked for a while are dropped (made-up names do not
+    pile up in the server)."""
+    import types
+
+    import pytest
+    from tornado import web
+
+    from globular.plugins.ipcluster import labtop
+
+    handler = types.SimpleNamespace(settings={"globular_home": str(tmp_path)})
+    for bad in ("x" * 64, "-x", "a/b", ".."):
+        with pytest.raises(web.HTTPError):
+            labtop._watcher(handler, bad)
+    first = labtop._watcher(handler, "made-up-1")
+    assert labtop._watcher(handler, "made-up-1") is first
+    first.asked -= labtop.LINGER + 1  # nobody asked for longer than LINGER, and no watch runs
+    labtop._watcher(handler, "made-up-2")
+    assert [name for _, name in handler.settings["globular_watchers"]] == ["made-up-2"]
+
+
+def test_a_frame_older_than_three_intervals_is_marked_stale():
+    import asyncio
+
+    from globular.plugins.ipcluster import labtop
+
+    async def ask(age: float) -> dict:
+        watcher = labtop.Watcher("c", __import__("pathlib").Path("/nonexistent"))
+        watcher.task = asyncio.get_running_loop().create_future()  # "watching": ask starts nothing
+        watcher.latest = {"time": time.time() - age}
+        return watcher.ask()
+
+    fresh, old = asyncio.run(ask(1.0)), asyncio.run(ask(12.0))
+    assert not fresh["stale"] and round(fresh["age"]) == 1
+    assert old["stale"] and round(old["age"]) == 12

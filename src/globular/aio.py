@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -37,6 +37,36 @@ class LoopThread:
         self.thread.join(5)
         if not self.loop.is_running():
             self.loop.close()
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a daemon thread of its own, awaited.  Unlike ``asyncio.to_thread`` (the
+    loop's default executor, which ``asyncio.run`` waits for as it ends), a call that hangs (a
+    controller that stopped answering, a blocked socket) never holds up Ctrl-C, the loop's end
+    or the process's exit: whoever awaits it can give up on it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # given up on (cancelled) meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, error = fn(*args, **kwargs), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task, whatever it is
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has ended: nobody waits any more
+            pass
+
+    threading.Thread(target=work, name=f"globular-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future
 
 
 def _quiet_about_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

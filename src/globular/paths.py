@@ -19,6 +19,26 @@ def default_config_path() -> Path:
     return Path(env).expanduser() if env else globular_home() / "config"
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc; else set and set back)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def landed_mode(mode: int) -> int:
+    """The mode a file fetched from a node gets here: the node's permission bits, never setuid,
+    setgid or sticky (a node is not trusted to plant a setuid program at home), less the umask."""
+    return mode & 0o777 & ~umask()
+
+
 def private_dir(path: Path) -> Path:
     """Create ``path`` readable by the owner only, and every missing folder above it too
     (0700 whatever the umask; folders that were there already are left as they are)."""

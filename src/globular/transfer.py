@@ -29,7 +29,7 @@ from typing import Any
 
 from globular.errors import BadInput, NodeError, NodeFailures
 from globular.fanout import each_node
-from globular.paths import globular_home
+from globular.paths import globular_home, landed_mode
 from globular.providers.base import Runner
 from globular.registry import make_provider, resolve_plugin
 from globular.reporting import NullReporter, Reporter
@@ -49,6 +49,7 @@ class NodeTransfer:
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)  # the files copied, relative to target
     present: list[str] = field(default_factory=list)  # get: every file the source holds, relative to target
+    source: str = ""  # get: the file or folder copied, on the node (its real path)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class LocalFile:
     rel: str  # where it goes, relative to REMOTE
     size: int
     mtime: int
+    mode: int = 0o644  # get: the node's permission bits (what lands here is landed_mode of them)
 
 
 def local_files(sources: Sequence[Path]) -> list[LocalFile]:
@@ -273,7 +275,7 @@ async def fetch(
         refused = [*(f"{rel} (a link to {to})" for rel, to in listing["links"].items()), *listing["special"]]
         if refused:
             raise NodeError(node.name, "refused (links and special files are not copied): " + ", ".join(refused))
-        total = sum(size for size, _ in listing["files"].values())
+        total = sum(entry[0] for entry in listing["files"].values())
         if max_bytes is not None and total > max_bytes:
             raise TooBig(
                 f"{node.name}: {listing['root']} holds {size_text(total)}, over the {size_text(max_bytes)} bound"
@@ -285,13 +287,13 @@ async def fetch(
             sources = {rel: posixpath.join(root, rel) for rel in listing["files"]}
         else:
             sources = {posixpath.basename(root): root}
-        done = NodeTransfer(node.name, str(into), present=sorted(sources))
+        done = NodeTransfer(node.name, str(into), present=sorted(sources), source=root)
         plan = []
         for rel, path in sorted(sources.items()):
-            size, mtime = listing["files"][rel]
+            size, mtime, *mode = listing["files"][rel]  # a node program of before the mode: none
             mine = into / safe_rel(rel, node.name)
             same = mine.is_file() and mine.stat().st_size == size and (checksum or int(mine.stat().st_mtime) == mtime)
-            plan.append((LocalFile(mine, rel, size, mtime), path, same))
+            plan.append((LocalFile(mine, rel, size, mtime, *mode), path, same))
         if checksum:
             unchanged = await _same(runner, [(f, path) for f, path, same in plan if same])
             plan = [(f, path, same and f.rel in unchanged) for f, path, same in plan]
@@ -300,6 +302,7 @@ async def fetch(
 
         async def download(f: LocalFile, progress: Callable[[int], None]) -> None:
             await runner.download(remote_path[f.rel], f.path, f.size, f.mtime, progress)
+            os.chmod(f.path, landed_mode(f.mode))  # the node's bits: never setuid, setgid, sticky
 
         wanted = [f for f, _, same in plan if not same]
         await _copy_each(done, wanted, download, reporter, f"get:{node.name}", f"{node.name}: bytes received")

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from typing import Any
 
 SMI_QUERY = "index,uuid,name,memory.total,pci.bus_id,memory.used,utilization.gpu"
-SMI_TIMEOUT = 30.0
+SMI_TIMEOUT = 5.0  # s nvidia-smi may take (it answers in well under a second when the driver is sound)
 # where the driver's CLI lives when PATH lacks it (containers, WSL)
 SMI_PLACES = ("/usr/bin/nvidia-smi", "/usr/local/nvidia/bin/nvidia-smi", "/usr/lib/wsl/lib/nvidia-smi")
 MIG_LINE = re.compile(r"^\s+MIG\s+(?P<profile>\S+)\s+Device\s+(?P<index>\d+):\s+\(UUID:\s*(?P<uuid>MIG-[^)\s]+)\)")
@@ -38,15 +39,33 @@ def _smi_path() -> str | None:
 
 
 def _smi_run(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=SMI_TIMEOUT, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        lines = [line.strip() for line in (done.stdout + "\n" + done.stderr).splitlines() if line.strip()]
-        raise RuntimeError(lines[0] if lines else f"exit status {done.returncode}")
-    return done.stdout
+    """What ``argv`` (nvidia-smi) prints, as text (bytes that are not UTF-8 replaced); a hung one is
+    killed with everything it started (its own process group) after SMI_TIMEOUT."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=SMI_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            proc.communicate(timeout=1)
+        except subprocess.TimeoutExpired:  # a child that left the group keeps the pipes: not waited for
+            pass
+        raise RuntimeError(f"no answer within {SMI_TIMEOUT:g} s (stopped)") from None
+    stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    if proc.returncode != 0:
+        lines = [line.strip() for line in (stdout + "\n" + stderr).splitlines() if line.strip()]
+        raise RuntimeError(lines[0] if lines else f"exit status {proc.returncode}")
+    return stdout
 
 
 def parse_gpu_query(text: str) -> list[dict[str, Any]]:
-    """``nvidia-smi --query-gpu=SMI_QUERY --format=csv,noheader,nounits`` -> one dict per GPU."""
+    """``nvidia-smi --query-gpu=SMI_QUERY --format=csv,noheader,nounits`` -> one dict per GPU; a
+    line that is not one (an index that is not a number) is a RuntimeError that quotes it."""
     gpus = []
     for line in text.splitlines():
         fields = [f.strip() for f in line.split(",")]
@@ -55,6 +74,8 @@ def parse_gpu_query(text: str) -> list[dict[str, Any]]:
         index, uuid, name, total, bus = fields[:5]
         used = _smi_number(fields[5]) if len(fields) > 5 else None
         util = _smi_number(fields[6]) if len(fields) > 6 else None
+        if not index.isdigit() or not uuid:
+            raise RuntimeError(f"unexpected output line {line.strip()[:120]!r}")
         gpus.append(
             {
                 "index": int(index),
@@ -104,6 +125,9 @@ def restrict_gpus(devices: list[dict[str, Any]], environ: dict[str, str]) -> tup
                 match = [d for d in devices if d["uuid"].startswith(entry) or d.get("gpu_uuid", "").startswith(entry)]
                 if not entry.startswith(("GPU-", "MIG-")):
                     match += [d for d in devices if d["uuid"].startswith(("GPU-" + entry, "MIG-" + entry))]
+                gpus = {d.get("gpu_uuid") or d["uuid"] for d in match}
+                if not match or len(gpus) > 1:
+                    break  # CUDA stops at an entry that names no device, or several: it is invalid
             kept += [d for d in match if d not in kept]
         return kept, "CUDA_VISIBLE_DEVICES"
     job = environ.get("SLURM_JOB_GPUS") or environ.get("SLURM_STEP_GPUS")

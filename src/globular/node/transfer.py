@@ -24,7 +24,7 @@ def part_name(path: str, tag: str) -> str:
 
 def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True) -> dict[str, Any]:
     """What ``root`` holds, never following a link: ``{"root": real path, "kind": "dir" | "file" |
-    None, "files": {rel: [size, mtime]}, "links": {rel: target}, "special": [rel]}`` (``skip``:
+    None, "files": {rel: [size, mtime, mode]}, "links": {rel: target}, "special": [rel]}`` (``skip``:
     names of folders left out, as ``.ipynb_checkpoints``; ``hidden=False``: names starting with
     a dot left out, as JupyterLab hides them; temporary names are always left out)."""
     root = os.path.abspath(os.path.expanduser(root))
@@ -36,7 +36,7 @@ def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True) -> dic
 
     def note(rel: str, st: os.stat_result, path: str) -> None:
         if stat.S_ISREG(st.st_mode):
-            found["files"][rel] = [st.st_size, int(st.st_mtime)]
+            found["files"][rel] = [st.st_size, int(st.st_mtime), stat.S_IMODE(st.st_mode)]
         elif stat.S_ISLNK(st.st_mode):
             found["links"][rel] = os.readlink(path)
         elif not stat.S_ISDIR(st.st_mode):

@@ -7,6 +7,7 @@ a folder under ``~/.globular/local/<cluster>/<node>``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pydantic import Field
 from globular.errors import BadInput, CommandError, CommandTimeout
 from globular.node import ANY_PYTHON, VERBS, Refused
 from globular.node.proc import sweep
-from globular.paths import private_dir, write_private
+from globular.paths import landed_mode, private_dir, write_private
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
 from globular.providers.here import run_here
 from globular.spec import ProgramHere, Settings
@@ -52,21 +53,38 @@ class LocalSettings(Settings):
     )
 
 
-def copy_whole(source: Path, target: Path, progress: Callable[[int], None]) -> None:
-    """Copy ``source`` to ``target`` under a temporary name renamed once whole, mtime and mode kept."""
+def copy_whole(source: Path, target: Path, progress: Callable[[int], None], size: int | None = None) -> None:
+    """Copy ``source`` to ``target`` under a temporary name renamed once whole, its mtime kept and
+    its permission bits but setuid, setgid and sticky (then the umask's).  ``source`` is opened
+    without following a link, must be a regular file once open (what was listed may have been
+    swapped for a link or a FIFO since), and at most ``size`` bytes of it are read."""
     import secrets
+    import stat
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
     try:
-        with source.open("rb") as src, part.open("wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-                progress(len(block))
-        shutil.copystat(source, part)
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadInput(f"{source}: refused, it is a link now (it was a file when listed)") from None
+        raise
+    with os.fdopen(fd, "rb") as src:
+        st = os.fstat(src.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BadInput(f"{source}: refused, it is not a regular file now (it was when listed)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
+        try:
+            left = st.st_size if size is None else size
+            with part.open("wb") as dst:
+                while left > 0 and (block := src.read(min(1 << 20, left))):
+                    dst.write(block)
+                    left -= len(block)
+                    progress(len(block))
+            os.chmod(part, landed_mode(stat.S_IMODE(st.st_mode)))
+            os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.replace(part, target)
+        finally:
+            part.unlink(missing_ok=True)
 
 
 class LocalRunner(Runner):
@@ -109,7 +127,7 @@ class LocalRunner(Runner):
         await asyncio.to_thread(copy_whole, local, Path(remote).expanduser(), progress)
 
     async def download(self, remote: str, local: Path, size: int, mtime: int, progress: Callable[[int], None]) -> None:
-        await asyncio.to_thread(copy_whole, Path(remote).expanduser(), local, progress)
+        await asyncio.to_thread(copy_whole, Path(remote).expanduser(), local, progress, size)
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         target = Path(self.node.workdir, path)

@@ -149,15 +149,23 @@ class SSHRunner(HelperRunner):
             return self._sftp
 
     async def upload(self, local: Path, remote: str, progress: Callable[[int], None]) -> None:
-        """Over SFTP on the node's own SSH connection: to a temporary name, renamed once whole."""
+        """Over SFTP on the node's own SSH connection: to a temporary name, renamed once whole.
+        Names travel as bytes: one that is not UTF-8 arrives as it is."""
         sftp = await self._sftp_client()
-        part = posixpath.join(posixpath.dirname(remote), f".{posixpath.basename(remote)}.part-{secrets.token_hex(4)}")
+        target = os.fsencode(remote)
+        part = posixpath.join(
+            posixpath.dirname(target), b"." + posixpath.basename(target) + f".part-{secrets.token_hex(4)}".encode()
+        )
         try:
-            await sftp.makedirs(posixpath.dirname(remote), exist_ok=True)
+            await sftp.makedirs(posixpath.dirname(target), exist_ok=True)
             await sftp.put(
-                str(local), part, preserve=True, block_size=SFTP_BLOCK, progress_handler=_by_increments(progress)
+                os.fsencode(local),
+                part,
+                preserve=True,
+                block_size=SFTP_BLOCK,
+                progress_handler=_by_increments(progress),
             )
-            await sftp.posix_rename(part, remote)
+            await sftp.posix_rename(part, target)
         except BaseException as exc:
             await asyncio.shield(self._remove_quietly(sftp, part))
             if isinstance(exc, (asyncssh.Error, OSError)):
@@ -168,10 +176,11 @@ class SSHRunner(HelperRunner):
         sftp = await self._sftp_client()
         local.parent.mkdir(parents=True, exist_ok=True)
         part = local.with_name(f".{local.name}.part-{secrets.token_hex(4)}")
-        try:
+        try:  # no preserve: the node's mode bits are not taken (see transfer.get), its mtime is
             await sftp.get(
-                remote, str(part), preserve=True, block_size=SFTP_BLOCK, progress_handler=_by_increments(progress)
+                os.fsencode(remote), os.fsencode(part), block_size=SFTP_BLOCK, progress_handler=_by_increments(progress)
             )
+            os.utime(part, (mtime, mtime))
             os.replace(part, local)
         except (asyncssh.Error, OSError) as exc:
             raise ConnectionLost(self.node.name, f"sftp get {remote}", str(exc)) from None
@@ -179,7 +188,7 @@ class SSHRunner(HelperRunner):
             part.unlink(missing_ok=True)
 
     @staticmethod
-    async def _remove_quietly(sftp: asyncssh.SFTPClient, path: str) -> None:
+    async def _remove_quietly(sftp: asyncssh.SFTPClient, path: bytes) -> None:
         try:
             await sftp.remove(path)
         except (asyncssh.Error, OSError):

@@ -109,6 +109,10 @@ class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no ty
         except TimeoutError as exc:
             tunnel = getattr(self, "_globular_tunnel", None)
             why = watch.why(self._config["registration"], self.curve_serverkey)
+            if tunnel is not None:  # its local end always accepts: ask whether the far end does
+                closed = tunnel.far_end_refuses(self._config["registration"])
+                if closed:
+                    why = closed
             via = f" (through the SSH tunnel to {tunnel.host})" if tunnel is not None else ""
             raise TimeoutError(f"{exc} after {timeout:g} s{via}: {why}") from None
         finally:
@@ -255,6 +259,7 @@ class _Tunnel:
         self.timeout = timeout
         self.provider: Any = None
         self.conn: asyncssh.SSHClientConnection | None = None
+        self.far: dict[int, tuple[str, int]] = {}  # a forwarded port here -> the controller's (host, port)
         self.thread = LoopThread("globular-client-tunnel")
 
     def forward(self, info: dict[str, Any]) -> dict[str, Any]:
@@ -266,11 +271,37 @@ class _Tunnel:
                 raise
             raise TunnelError(f"cannot forward the controller's ports through {self.host}: {exc}") from None
 
+    def far_end_refuses(self, local_url: str) -> str | None:
+        """Why the controller port that ``local_url`` (a forwarded port here) stands for refuses a
+        connection at the tunnel's far end (nothing listens there: the controller is not
+        running), or None when it accepts, or cannot be asked."""
+        try:
+            return self.thread.call(self._far_end_refuses(local_url), self.timeout)
+        except (TimeoutError, OSError, asyncssh.Error):
+            return None
+
+    async def _far_end_refuses(self, local_url: str) -> str | None:
+        port = int(local_url.rsplit(":", 1)[1])
+        far = self.far.get(port)
+        if far is None or self.conn is None:
+            return None
+        try:
+            _, writer = await self.conn.open_connection(*far)
+        except asyncssh.ChannelOpenError as exc:
+            return (
+                f"nothing listens at the controller's address {far[0]}:{far[1]} on {self.host} ({exc.reason}): "
+                "the controller is not running (`globular status` says why; `globular restart-controller` "
+                "starts a new one)"
+            )
+        writer.close()
+        return None
+
     async def _forward(self, info: dict[str, Any]) -> dict[str, Any]:
         conn = await self._connection()
 
         async def forward(host: str, port: int) -> int:
             listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
+            self.far[listener.get_port()] = (host, port)
             return listener.get_port()
 
         forwarded = await forwarded_info(info, forward)

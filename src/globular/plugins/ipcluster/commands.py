@@ -175,7 +175,8 @@ def _frame_view(frame: Any) -> Any:
         cpu = "-" if row.cpu is None else f"{row.cpu:.0f}%"
         table.add_row(row.node, cpu, memory, "-" if row.load is None else f"{row.load:.2f}", gpus or "-", engines)
     events = [Text(f"! {e}", "yellow") for e in frame.events]
-    return Group(head, table, *events)
+    silent = [Text(f"{frame.controller_problem}: the task numbers are its last answer's", "bold red")]
+    return Group(head, *(silent if frame.controller_problem else []), table, *events)
 
 
 @click.command(short_help="A live view: nodes, engines, tasks per second.")
@@ -206,8 +207,7 @@ def top(ctx: click.Context, once: bool, interval: float, name: str) -> None:
     async def one() -> Any:
         watch = Watch(name, home)
         try:
-            await watch.open()
-            await watch.frame()  # the CPU percent is between two samples
+            await watch.frame()  # the CPU percent is between two samples (the first connects)
             await asyncio.sleep(min(interval, 0.5))
             return await watch.frame()
         finally:
@@ -221,18 +221,29 @@ def top(ctx: click.Context, once: bool, interval: float, name: str) -> None:
 
     keys = _Keys(sys.stdin)
 
+    async def unless_quit(work: Any) -> Any:
+        """``work``'s result, or None as soon as q is pressed (``work`` is then cancelled): the
+        keys are read while a frame is being made, whatever the controller does."""
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            if keys.pressed("q"):
+                task.cancel()
+                return None
+            await asyncio.wait({task}, timeout=0.05)
+        return task.result()
+
     async def live() -> None:
         watch = Watch(name, home)
         try:
-            await watch.open()
             with Live(console=out.console, auto_refresh=False, transient=False) as view:
+                view.update(f"{name}: asking the nodes and the controller... (q quits)", refresh=True)
                 while True:
-                    view.update(_frame_view(await watch.frame()), refresh=True)
-                    deadline = asyncio.get_running_loop().time() + interval
-                    while asyncio.get_running_loop().time() < deadline:
-                        if keys.pressed("q"):
-                            return
-                        await asyncio.sleep(0.05)
+                    frame = await unless_quit(watch.frame())
+                    if frame is None:
+                        return
+                    view.update(_frame_view(frame), refresh=True)
+                    if await unless_quit(asyncio.sleep(interval, result=True)) is None:
+                        return
         finally:
             await watch.close()
 

@@ -3,13 +3,13 @@ for, and reached from this machine (through SSH when the master is remote)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from globular.aio import in_thread
 from globular.errors import GlobularError, NodeError
 from globular.plugins.base import PluginContext
 from globular.plugins.ipcluster import userconfig
@@ -121,13 +121,40 @@ async def forwarded_info(info: dict[str, Any], forward: Callable[[str, int], Awa
     return forwarded
 
 
+ANSWER_TIMEOUT = 10.0  # s a request of globular's own clients waits for the controller's answer
+
+
+class ControllerSilent(GlobularError):
+    """The controller took a request and gave no answer in time: frozen (SIGSTOP), overloaded,
+    or gone behind a link that never says so."""
+
+
+def answer_within(client: Any, seconds: float = ANSWER_TIMEOUT) -> Any:
+    """``client``'s requests to the controller (``queue_status``, ``db_query``, ...) raise
+    :class:`ControllerSilent` after ``seconds`` instead of waiting for ever, as ipyparallel's
+    own wait does.  The answer is matched to its request by id on the client's IO thread, so one
+    that comes late is dropped there and the next request is not confused.  For globular's own
+    clients (top, status, start): a user's client, and a long ``db_query`` of theirs, are left as
+    ipyparallel makes them."""
+
+    def send_recv(*args: Any, **kwargs: Any) -> Any:
+        future = client._send(*args, **kwargs)
+        if not future.wait(seconds):
+            raise ControllerSilent(f"the controller did not answer within {seconds:g} s (frozen, or unreachable)")
+        return future.result()
+
+    client._send_recv = send_recv
+    return client
+
+
 async def open_client(data: dict[str, Any], cluster: str, runner: Runner, timeout: float = 10.0) -> Client:
     """A Client for the controller of ``cluster`` (IPCluster's record part ``data``); ``runner``
-    is the master's (its SSH connection carries the traffic when the master is remote)."""
+    is the master's (its SSH connection carries the traffic when the master is remote).  Each
+    request it makes waits at most :data:`ANSWER_TIMEOUT` for its answer."""
     from ipyparallel import Client
 
     info = await reachable_info(runner, connection_info(data, cluster))
-    return await asyncio.to_thread(Client, info, timeout=timeout)
+    return answer_within(await in_thread(Client, info, timeout=timeout))
 
 
 async def controller_ip(ctx: PluginContext, settings: IPClusterSettings) -> str:

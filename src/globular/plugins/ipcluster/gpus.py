@@ -24,6 +24,12 @@ def judge_gpus(answer: dict[str, Any] | None, settings: IPClusterSettings) -> tu
     devices: list[dict[str, Any]] = list(answer.get("devices") or [])
     if answer.get("error"):
         return [], [f"gpu_engines = {settings.gpu_engines}: nvidia-smi failed: {answer['error']}"]
+    uuids = [d["uuid"] for d in devices]
+    twice = sorted({u for u in uuids if uuids.count(u) > 1})
+    if twice:  # two engines would be pinned to one GPU
+        return [], [
+            f"gpu_engines = {settings.gpu_engines}: nvidia-smi lists GPU {twice[0]} more than once (a broken driver or a stand-in?)"
+        ]
     wanted = settings.gpu_engines
     if isinstance(wanted, int) and len(devices) < wanted:
         has = describe(devices) if devices else "no GPU" + ("" if answer.get("smi") else " (no nvidia-smi)")

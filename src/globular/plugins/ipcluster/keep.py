@@ -71,14 +71,14 @@ async def save_notebooks(
             (part / rel).unlink()
         if last is not None and done.sent == 0 and present == _files(last):
             shutil.rmtree(part)
-            return SavedNotebooks(last, len(present), 0, 0, done.target)
+            return SavedNotebooks(last, len(present), 0, 0, done.source)
         target = base / stamp
         suffix = 1
         while target.exists():
             suffix += 1
             target = base / f"{stamp}-{suffix}"
         os.replace(part, target)
-        return SavedNotebooks(target, len(present), done.sent, done.bytes, done.target)
+        return SavedNotebooks(target, len(present), done.sent, done.bytes, done.source)
     finally:
         shutil.rmtree(part, ignore_errors=True)
 

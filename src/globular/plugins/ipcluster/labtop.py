@@ -49,6 +49,7 @@ EXTENSION = __name__
 INTERVAL = 1.0  # seconds between frames
 LINGER = 30.0  # a cluster nobody asked about for this long is no longer watched
 HISTORY = 600  # frames kept (ten minutes at one a second)
+STALE = 3.0  # a frame older than this many intervals is marked stale on the page
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
@@ -71,12 +72,20 @@ class Watcher:
         self.asked = time.monotonic()
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
+        age = time.time() - self.latest["time"] if self.latest else None
         return {
             "cluster": self.name,
             "frame": self.latest,
+            "age": age,  # s since the frame was made: the watch may be waiting on a node or the controller
+            "stale": age is not None and age > STALE * max(self.interval, 1.0),
             "history": [{"time": t, "per_second": r, "busy": b} for t, r, b in self.history],
             "error": self.error,
         }
+
+    @property
+    def idle(self) -> bool:
+        """Nobody asked for a while and nothing is being watched: it can be forgotten."""
+        return (self.task is None or self.task.done()) and time.monotonic() - self.asked > self.linger
 
     async def _run(self) -> None:
         from globular.errors import GlobularError
@@ -85,7 +94,6 @@ class Watcher:
         watch: Watch | None = None
         try:
             watch = Watch(self.name, self.home)
-            await watch.open()
             while time.monotonic() - self.asked < self.linger:
                 frame = await watch.frame()
                 self.latest = dataclasses.asdict(frame)
@@ -117,7 +125,15 @@ def _home(handler: web.RequestHandler) -> Path:
 
 
 def _watcher(handler: web.RequestHandler, name: str) -> Watcher:
+    """The watcher of cluster ``name`` (a valid cluster name, else 404); those nobody asked
+    for a while are forgotten as another is asked for (made-up names do not pile up)."""
+    from globular.state import NAME_PATTERN
+
+    if not NAME_PATTERN.fullmatch(name):
+        raise web.HTTPError(404)
     watchers: dict[tuple[str, str], Watcher] = handler.settings.setdefault("globular_watchers", {})
+    for key in [k for k, w in watchers.items() if w.idle]:
+        del watchers[key]
     home = _home(handler)
     key = (str(home), name)
     if key not in watchers:

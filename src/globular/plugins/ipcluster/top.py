@@ -22,8 +22,9 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from globular.aio import in_thread
 from globular.errors import GlobularError
-from globular.plugins.ipcluster.controller import record_data
+from globular.plugins.ipcluster.controller import ControllerSilent, answer_within, record_data
 from globular.plugins.ipcluster.gpus import engine_count
 from globular.plugins.ipcluster.roles import ENGINE
 from globular.plugins.ipcluster.settings import IPClusterSettings
@@ -32,7 +33,11 @@ from globular.registry import make_provider, resolve_plugin
 from globular.state import ClusterRecord, StateStore
 
 WINDOW = 10.0  # seconds of history the rates are over
-ASK_TIMEOUT = 10.0
+ASK_TIMEOUT = 10.0  # s a node may take to answer
+CONTROLLER_TIMEOUT = 3.0  # s the controller may take: longer, and the frame says it is not answering
+CONNECT_TIMEOUT = 5.0  # s to connect to it
+CONNECT_AGAIN = 10.0  # s after a connection that failed, before the next try (the frames meanwhile say so)
+NOT_ANSWERING = (ControllerSilent, TimeoutError, OSError)  # OSError: the tunnel too (TunnelError)
 
 
 @dataclass
@@ -65,6 +70,10 @@ class Frame:
     slowest: str | None
     events: list[str]
     queue_status: dict[str, Any]  # ipyparallel's own, summed: unassigned, queue, tasks, completed
+    # None while the controller answers; else what is wrong ("not answering since 12:03:04"),
+    # and the task numbers are those of its last answer (controller_answered)
+    controller_problem: str | None = None
+    controller_answered: float | None = None  # when it last answered (time.time())
 
 
 def settings_of_record(record: ClusterRecord) -> IPClusterSettings:
@@ -91,15 +100,49 @@ class Watch:
         self.answering: dict[str, bool] = {}
         self.events: deque[str] = deque(maxlen=6)
         self.dead_seen: set[tuple[str, int]] = set()
+        self.last_answer: tuple[float, dict[Any, Any]] | None = None  # when, and queue_status then
+        self.silent_since: float | None = None
+        self.connect_again = 0.0  # monotonic time of the next try to connect, after one failed
+        self.connect_error = ""
 
-    async def open(self) -> None:
-        from globular.client.connect import connect
+    async def _connected(self) -> Any:
+        """The client, connected now if it was not (a controller that never answered: tried
+        again CONNECT_AGAIN s after the last try)."""
+        if self.client is None:
+            from globular.client.connect import connect
 
-        self.client = await asyncio.to_thread(connect, self.record.name, home=self.home, timeout=10)
+            if time.monotonic() < self.connect_again:
+                raise ControllerSilent(self.connect_error)
+            try:
+                client = await in_thread(connect, self.record.name, home=self.home, timeout=CONNECT_TIMEOUT)
+            except NOT_ANSWERING as exc:
+                self.connect_again, self.connect_error = time.monotonic() + CONNECT_AGAIN, str(exc)
+                raise
+            self.client = answer_within(client, CONTROLLER_TIMEOUT)
+        return self.client
+
+    async def _ask_controller(self) -> tuple[dict[Any, Any], int, str | None]:
+        """queue_status and the failures since the last frame; when the controller does not
+        answer in time, its last answer (no failures) and what is wrong."""
+        try:
+            await self._connected()
+            status, failed = await in_thread(self._controller)
+        except NOT_ANSWERING as exc:
+            now = time.time()
+            if self.silent_since is None:
+                self.silent_since = now
+                self.events.append(f"the controller stopped answering ({exc})")
+            since = time.strftime("%H:%M:%S", time.localtime(self.silent_since))
+            return (self.last_answer[1] if self.last_answer else {}), 0, f"controller not answering since {since}"
+        if self.silent_since is not None:
+            self.events.append("the controller answers again")
+            self.silent_since = None
+        self.last_answer = (time.time(), status)
+        return status, failed, None
 
     async def close(self) -> None:
         if self.client is not None:
-            self.client.close()
+            self.client.close(linger=0)  # nothing it still meant to send holds up the exit
         await self.provider.close()
 
     async def _facts(self) -> dict[str, dict[str, Any] | BaseException]:
@@ -132,7 +175,7 @@ class Watch:
 
     async def frame(self) -> Frame:
         self.record = StateStore(self.home).get(self.record.name)  # nodes added or removed meanwhile
-        facts, (status, failed) = await asyncio.gather(self._facts(), asyncio.to_thread(self._controller))
+        facts, (status, failed, problem) = await asyncio.gather(self._facts(), self._ask_controller())
         now = time.time()
         data = record_data(self.record)
         engines = {int(k): v for k, v in status.items() if k != "unassigned"}
@@ -201,6 +244,8 @@ class Watch:
             slowest=slowest,
             events=list(self.events),
             queue_status=sums,
+            controller_problem=problem,
+            controller_answered=self.last_answer[0] if self.last_answer else None,
         )
 
     def _usage(self, row: NodeRow, answer: dict[str, Any]) -> None:

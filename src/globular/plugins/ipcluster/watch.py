@@ -191,9 +191,14 @@ def judge(seen: list[int], url: str, *, curve: bool) -> str:
             f"the connection to {url} and its {mechanism} work, but the controller did not answer "
             "the connection request in time (busy, or stopped: its log says)"
         )
-    if zmq.EVENT_CONNECTED in seen:
+    if zmq.EVENT_CONNECTED in seen and zmq.EVENT_DISCONNECTED in seen[seen.index(zmq.EVENT_CONNECTED) :]:
         return (
             f"the controller at {url} took the connection, then dropped it before the {mechanism} "
             "completed: its encryption or curve_serverkey differs from the connection file's (a stale file?)"
+        )
+    if zmq.EVENT_CONNECTED in seen:  # a wrong key is refused at once: this is a controller that does not answer
+        return (
+            f"the controller at {url} took the connection but never answered the {mechanism}: it is frozen "
+            "or overloaded (`globular status` says which; `globular restart-controller` starts a new one)"
         )
     return f"nothing answers at {url} (the controller is not running, or not reachable from here)"
