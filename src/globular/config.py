@@ -184,9 +184,7 @@ class Config:
             elif kind in KEYED_KINDS or kind in SINGLE_KINDS:
                 config.extra_sections[section] = values
             else:
-                hint = did_you_mean(
-                    kind, dict.fromkeys(("global", "cluster", "plugin", "aws info", "key", "permission"), "")
-                )
+                hint = did_you_mean(kind, dict.fromkeys((*SINGLE_KINDS, *KEYED_KINDS), ""))
                 raise ConfigError(
                     f"unknown section type {kind!r}{hint} (known: global, cluster NAME, plugin NAME, "
                     "aws info, key NAME, permission NAME)",

@@ -18,7 +18,8 @@ from pydantic_core import PydanticUndefined
 
 from globular.config import ClusterSettings, Config, GlobalSettings
 from globular.registry import PLUGIN_GROUP, PROVIDER_GROUP, _group, load_object, provider_class, resolve_plugin
-from globular.spec import ClusterSpec, Settings
+from globular.results import size_text
+from globular.spec import ClusterSpec, Settings, number_text
 
 SECRET_KEYS = frozenset({"notebook_passwd", "aws_secret_access_key", "aws_session_token"})
 
@@ -109,19 +110,17 @@ def resolved(spec: ClusterSpec) -> ClusterSpec:
 
 # -- values in words ---------------------------------------------------------------
 
-_DECIMAL = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3))
-_BINARY = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+_UNITS = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("TiB", 2**40), ("GiB", 2**30),
+          ("MiB", 2**20), ("KiB", 2**10))  # fmt: skip
 
 
 def in_bytes(count: int) -> str:
-    """``1000000000`` -> ``1 GB``; ``2147483648`` -> ``2 GiB``; else a decimal figure (``1.5 GB``)."""
-    for unit, size in (*_DECIMAL, *_BINARY):
+    """``1000000000`` -> ``1 GB``; ``2147483648`` -> ``2 GiB``: a whole number of a unit when there
+    is one, else as the reports show sizes (``1.5 GB``)."""
+    for unit, size in _UNITS:
         if count >= size and count % size == 0:
             return f"{count // size} {unit}"
-    for unit, size in _DECIMAL:
-        if count >= size:
-            return f"{count / size:.3g} {unit}"
-    return f"{count} bytes"
+    return size_text(count)
 
 
 def in_duration(seconds: float) -> str:
@@ -131,10 +130,6 @@ def in_duration(seconds: float) -> str:
     minutes, secs = divmod(rest, 60)
     text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
     return text or "0s"
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def in_words(value: Any, field: FieldInfo | None = None) -> str:
@@ -151,7 +146,7 @@ def in_words(value: Any, field: FieldInfo | None = None) -> str:
     if isinstance(value, int | float):
         if unit == "duration":
             return in_duration(value)
-        return _number(value) + (f" {unit}" if unit else "")
+        return number_text(value) + (f" {unit}" if unit else "")
     if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value) if value else "(empty)"
     if isinstance(value, dict):

@@ -149,6 +149,11 @@ def _wants_int(annotation: Any) -> bool:
     return False
 
 
+def number_text(value: float) -> str:
+    """``10.0`` -> ``10``, ``0.5`` -> ``0.5``: a number as a person writes it in a config."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def did_you_mean(key: str, known: Mapping[str, str]) -> str:
     """`` (did you mean X?)`` for the key of ``known`` nearest to ``key`` (its value: where that
     key belongs, when not here), or nothing when none is near."""
@@ -192,7 +197,7 @@ def error_in_words(err: Mapping[str, Any]) -> str:
     if kind in bounds:
         name, words = bounds[kind]
         bound = ctx.get(name)
-        return f"must be {words} {int(bound) if isinstance(bound, float) and bound.is_integer() else bound}"
+        return f"must be {words} {number_text(bound) if isinstance(bound, int | float) else bound}"
     if kind == "literal_error":
         return "expected " + str(ctx.get("expected", "")).replace("'", "")
     if kind in ("string_too_long", "too_long"):
