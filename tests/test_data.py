@@ -133,15 +133,21 @@ def test_put_and_get_on_local_nodes(cli, home, write_config, tmp_path):
 BIG = 200 << 20
 
 
+def start_lab(cli, home: Path, tmp_path: Path, net, env_cache: Path):
+    """``globular start lab`` on the test hosts ``net`` (the shared environment cache at hand):
+    the hosts' ``remote_dir``, and what start did."""
+    remote_dir = tmp_path / "hosts"
+    share_env_cache(env_cache, home, remote_dir)
+    config = ssh_config(tmp_path / "config", net, remote_dir)
+    return remote_dir, cli("-c", str(config), "start", "lab", timeout=600)
+
+
 @pytest.mark.cluster
 @pytest.mark.skipif(testhosts.available() is not None, reason=str(testhosts.available()))
 def test_put_and_get_on_three_ssh_hosts(cli, home, tmp_path, bare_python, env_cache):
     sums = make_data(tmp_path / "data", BIG)
     with bare_hosts(tmp_path / "net", 3, bare_python, env_cache) as net:
-        remote_dir = tmp_path / "hosts"
-        share_env_cache(env_cache, home, remote_dir)
-        config = ssh_config(tmp_path / "config", net, remote_dir)
-        started = cli("-c", str(config), "start", "lab", timeout=600)
+        remote_dir, started = start_lab(cli, home, tmp_path, net, env_cache)
         try:
             assert started.returncode == 0, started.output
             put = cli("put", "lab", str(tmp_path / "data"), ".", "--output", "json", timeout=600)
@@ -246,16 +252,24 @@ def test_each_notebook_copy_is_whole_and_only_what_changed_travels(tmp_path):
 # -- hostile nodes: what a get brings home ---------------------------------------------------------
 
 
-def local_fetch(tmp_path: Path, folder: Path, runner=None) -> Path:
-    """``fetch`` of ``folder`` from a local node (this machine) into ``tmp_path/back``, in process."""
+def local_fetch(tmp_path: Path, folder: Path, before_copy=None) -> Path:
+    """``fetch`` of ``folder`` from a local node (this machine) into ``tmp_path/back``, in process;
+    ``before_copy(path)`` runs on each node file after the listing, just before its copy (where
+    a hostile node changes it)."""
     import asyncio
 
     from globular.providers.local import LocalRunner
     from globular.state import NodeRecord
     from globular.transfer import fetch
 
+    class Runner(LocalRunner):
+        async def download(self, remote, local, size, mtime, progress):
+            if before_copy is not None:
+                before_copy(remote)
+            return await super().download(remote, local, size, mtime, progress)
+
     node = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path / "w"), cores=1, python=sys.executable)
-    runner = runner or LocalRunner(node)
+    runner = Runner(node)
     asyncio.run(fetch([node], lambda _: runner, lambda _: str(folder), tmp_path / "back"))
     return tmp_path / "back" / folder.name
 
@@ -277,45 +291,34 @@ def test_a_local_get_refuses_a_file_swapped_for_a_link_after_the_listing(tmp_pat
     """The node's file is listed, then swapped for a link to a secret before it is copied (a hook
     in the runner's download makes the swap happen exactly there): the copy refuses it."""
     from globular.errors import NodeFailures
-    from globular.providers.local import LocalRunner
-    from globular.state import NodeRecord
 
     secret = tmp_path / "shadow"
     secret.write_text("root:TOP-SECRET-HASH:19000:0:99999:7:::\n")
     folder = tmp_path / "scratch"
     folder.mkdir()
     (folder / "notes.txt").write_text("harmless\n")
-    node = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path / "w"), cores=1, python=sys.executable)
 
-    class Swapping(LocalRunner):
-        async def download(self, remote, local, size, mtime, progress):
-            os.unlink(remote)
-            os.symlink(secret, remote)  # between the listing and the copy
-            return await super().download(remote, local, size, mtime, progress)
+    def swap(remote: str) -> None:
+        os.unlink(remote)
+        os.symlink(secret, remote)  # between the listing and the copy
 
     with pytest.raises(NodeFailures) as failed:
-        local_fetch(tmp_path, folder, Swapping(node))
+        local_fetch(tmp_path, folder, swap)
     assert "notes.txt: refused, it is a link now" in str(failed.value)
     back = tmp_path / "back"
     assert not any(b"TOP-SECRET" in p.read_bytes() for p in back.rglob("*") if p.is_file())
 
 
 def test_a_local_get_reads_no_more_than_the_listed_size(tmp_path):
-    from globular.providers.local import LocalRunner
-    from globular.state import NodeRecord
-
     folder = tmp_path / "scratch"
     folder.mkdir()
     (folder / "log.txt").write_text("0123456789")
-    node = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path / "w"), cores=1, python=sys.executable)
 
-    class Growing(LocalRunner):
-        async def download(self, remote, local, size, mtime, progress):
-            with open(remote, "a") as f:
-                f.write("and a lot more written meanwhile")
-            return await super().download(remote, local, size, mtime, progress)
+    def grow(remote: str) -> None:
+        with open(remote, "a") as f:
+            f.write("and a lot more written meanwhile")
 
-    back = local_fetch(tmp_path, folder, Growing(node))
+    back = local_fetch(tmp_path, folder, grow)
     assert (back / "log.txt").read_text() == "0123456789"
 
 
@@ -323,10 +326,7 @@ def test_a_local_get_reads_no_more_than_the_listed_size(tmp_path):
 @pytest.mark.skipif(testhosts.available() is not None, reason=str(testhosts.available()))
 def test_a_get_over_ssh_drops_setuid_and_carries_names_that_are_not_utf8(cli, home, tmp_path, bare_python, env_cache):
     with bare_hosts(tmp_path / "net", 1, bare_python, env_cache) as net:
-        remote_dir = tmp_path / "hosts"
-        share_env_cache(env_cache, home, remote_dir)
-        config = ssh_config(tmp_path / "config", net, remote_dir)
-        started = cli("-c", str(config), "start", "lab", timeout=600)
+        _, started = start_lab(cli, home, tmp_path, net, env_cache)
         try:
             assert started.returncode == 0, started.output
             [master] = json.loads((home / "clusters" / "lab.json").read_text())["nodes"]
