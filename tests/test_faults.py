@@ -3,10 +3,12 @@ mid-start, and the engine watchdog (``restart_dead_engines``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -218,3 +220,49 @@ def test_globular_killed_mid_start_leaves_a_readable_record_that_terminate_clean
     assert all(gone(p) for p in pids)
     assert not (home / "clusters" / "killed.json").exists()
     assert "No clusters" in cli("-c", config, "listclusters").stdout
+
+
+def test_an_engine_alive_but_dropped_by_the_controller_is_degraded_everywhere(cli, home, write_config):
+    """An engine frozen (SIGSTOP) past the controller's heartbeat window is dropped by it and
+    ignored for good once it runs again: alive, never given a task.  listclusters, top and
+    status (and their JSON) say so, not `2/2 ok`."""
+    from globular import connect
+
+    config = str(write_config(config_text()))
+    assert cli("-c", config, "start", "frozen").returncode == 0
+    victim = recorded_pids(read_record(home, "frozen"), "ipengine")[0]
+    rc = connect("frozen")
+    try:
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: len(rc.ids) == 1, timeout=30, interval=0.5)  # dropped after 8 s
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        time.sleep(3)  # it runs again: its heart beats, and the controller ignores it
+        assert len(rc.ids) == 1 and not gone(victim)
+    finally:
+        rc.close()
+    listing = cli("-c", config, "listclusters")
+    line = row(listing.stdout, "frozen")
+    assert "degraded: 1 of 2 running engines not registered with the controller (on master)" in line, listing.output
+    assert "globular runplugin ipclusterrestart frozen" in line
+    listed = json.loads(cli("-c", config, "listclusters", "--output", "json").stdout)["result"]["clusters"]
+    [entry] = [c for c in listed if c["name"] == "frozen"]
+    assert not entry["ok"] and entry["health"].startswith("degraded: 1 of 2"), entry
+
+    frame = json.loads(cli("top", "--once", "frozen", "--output", "json").stdout)["result"]
+    assert (frame["registered"], frame["expected"]) == (1, 2), frame
+    status = cli("status", "frozen", "--output", "json")
+    report = json.loads(status.stdout)["result"]
+    assert status.returncode == 1 and not report["ok"], status.output
+    assert (report["engines_registered"], report["engines_unregistered"]) == (1, 1), report
+    [master] = report["nodes"]
+    assert (master["engines_running"], master["engines_registered"], master["engines_expected"]) == (2, 1, 2)
+    assert master["problem"] == "1 of 2 engines running but not registered", master
+
+    restarted = cli("-c", config, "runplugin", "ipclusterrestart", "frozen")
+    assert restarted.returncode == 0, restarted.output
+    assert gone(victim)
+    assert " ok" in row(cli("-c", config, "listclusters").stdout, "frozen")
+    assert cli("-c", config, "terminate", "-y", "frozen").returncode == 0

@@ -167,3 +167,34 @@ def test_idle_shutdown_stops_the_cluster_when_no_task_ran_and_listclusters_shows
     finally:
         stopped = cli("-c", config, "terminate", "-y", "idle")
     assert stopped.returncode == 0, stopped.output
+
+
+def test_idle_shutdown_is_not_held_off_by_the_task_of_an_engine_that_died(cli, home, write_config):
+    """The controller's queue_status keeps a dead engine, and the task it died running, for
+    ever: the watcher and top count only registered engines, so the cluster still goes idle."""
+    from globular import connect
+
+    config = str(write_config(CONFIG.format(extra="idle_shutdown = 6s\n")))
+    assert cli("-c", config, "start", "orphan").returncode == 0
+    try:
+        record = read_record(home, "orphan")
+        rc = connect("orphan")
+        try:
+            assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+            victim = rc[0].apply_async(time.sleep, 300)  # direct: queued on engine 0 alone
+            assert wait_until(lambda: rc.queue_status(0)["queue"] == 1, timeout=10)
+            master = next(n for n in record["nodes"] if n["name"] == "master")
+            [engine] = [p["pid"] for p in master["processes"] if p["role"] == "ipengine"]
+            os.kill(engine, signal.SIGKILL)
+            assert wait_until(lambda: rc.ids == [1], timeout=30)
+            assert rc.queue_status()[0]["queue"] == 1  # ipyparallel's own answer: still "busy"
+            frame = json.loads(cli("top", "--once", "orphan", "--output", "json").stdout)["result"]
+            assert (frame["registered"], frame["waiting"], frame["running"]) == (1, 0, 0), frame
+            del victim
+        finally:
+            rc.close()
+        controller = recorded_pids(record, "ipcontroller")[0]
+        assert wait_until(lambda: gone(controller), timeout=40)
+    finally:
+        stopped = cli("-c", config, "terminate", "-y", "orphan")
+    assert stopped.returncode == 0, stopped.output

@@ -672,3 +672,52 @@ def test_a_frozen_or_dead_controller_behind_the_tunnel_is_not_called_a_stale_key
     )
     assert "nothing listens at the controller's address" in dead.stdout and "not running" in dead.stdout, dead.stdout
     assert stopped.returncode == 0, stopped.output
+
+
+def test_a_node_cut_off_past_the_heartbeat_window_gets_its_engine_back(net, cli, home, tmp_path):
+    """node001's link goes down for 20 s (a real partition: its network namespace's eth0).  The
+    controller drops its engine after 8 s and would ignore it for good once the link is back;
+    the engine gives up first (6.3 s without a heartbeat), the supervisor starts it again, and
+    it registers as soon as the controller can be reached: the cluster is whole again, and
+    listclusters says ok only then."""
+    from globular import connect
+
+    victim = net.hosts[1]
+    config = ssh_config(
+        net, tmp_path, hosts=f"root@{net.hosts[0].address}, root@{victim.address}",
+        ipcluster="restart_dead_engines = True\n",
+    )  # fmt: skip
+    started = cli("-c", config, "start", "-s", "2", "cut", timeout=240)
+    assert started.returncode == 0, started.output
+    record = read_record(home, "cut")
+    node001 = next(n for n in record["nodes"] if n["name"] == "node001")
+    [supervisor] = [psutil.Process(p["pid"]) for p in node001["processes"] if p["role"] == "engine-supervisor"]
+    [engine] = supervisor.children()
+    rc = connect("cut")
+    try:
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+        first = set(rc.ids)
+        testhosts.sh("ip", "-n", victim.netns, "link", "set", "eth0", "down")
+        try:
+            cut = time.monotonic()
+            assert wait_until(lambda: not engine.is_running(), timeout=15), "the engine outlived the partition"
+            gave_up = time.monotonic() - cut
+            assert wait_until(lambda: len(rc.ids) == 1, timeout=15)  # the controller dropped it
+            assert 5 < gave_up < 10, gave_up
+            listing = cli("-c", config, "listclusters")
+            assert "cut" in listing.stdout and " ok" not in next(
+                line for line in listing.stdout.splitlines() if line.split()[:1] == ["cut"]
+            ), listing.output
+            time.sleep(max(0.0, 20 - (time.monotonic() - cut)))
+        finally:
+            testhosts.sh("ip", "-n", victim.netns, "link", "set", "eth0", "up")
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=60), rc.ids
+        assert set(rc.ids) != first  # a new engine, with a new id
+        assert rc[:].apply_sync(portable(lambda: 1)) == [1, 1]
+    finally:
+        rc.close()
+    listing = cli("-c", config, "listclusters")
+    assert " ok" in next(line for line in listing.stdout.splitlines() if line.split()[:1] == ["cut"]), listing.output
+    stopped = cli("-c", config, "terminate", "-y", "cut")
+    assert stopped.returncode == 0, stopped.output
+    assert not remote_processes(net, tmp_path / "hosts")

@@ -18,7 +18,7 @@ from globular.plugins.ipcluster import userconfig
 from globular.plugins.ipcluster.gpus import assign, gpu_env, held, node_devices
 from globular.plugins.ipcluster.node import source
 from globular.plugins.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
-from globular.plugins.ipcluster.settings import IPClusterSettings
+from globular.plugins.ipcluster.settings import IPClusterSettings, engine_heartbeat_misses
 from globular.plugins.ipcluster.userconfig import engine_arguments
 from globular.providers.base import ProcessSpec, Runner
 from globular.state import NodeRecord, ProcessRecord
@@ -80,6 +80,7 @@ def engine_spec(
             f"--IPEngine.id={engine_id}",
             f"--IPEngine.timeout={ENGINE_REGISTRATION_TIMEOUT}",
             f"--IPEngine.enable_nanny={settings.engine_nanny}",
+            f"--IPEngine.max_heartbeat_misses={engine_heartbeat_misses(settings.heartbeat_period)}",
             *engine_arguments(node, settings),
         ],
         log=f"{node.workdir}/logs/engine-{engine_id}.log",
@@ -392,7 +393,7 @@ async def retire_engines(ctx: PluginContext, client: Client, nodes: list[NodeRec
             log.info("%s: the controller did not relay the shutdown of engines %s: %s", ctx.name, sorted(ids), exc)
         else:
             # An engine that shuts down on request unregisters at once; one stopped by a signal
-            # first is dropped only after the controller's heartbeat window (5 s).  Give the
+            # first is dropped only after the controller's heartbeat window (8 s).  Give the
             # request its moment, then stop by pid whatever happened.
             deadline = time.monotonic() + RETIRE_GRACE
             next_ask = time.monotonic() + 0.5

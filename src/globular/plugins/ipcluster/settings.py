@@ -15,7 +15,8 @@ from globular.plugins.ipcluster.roles import local_profile
 from globular.spec import ArgList, FileHere, Settings, checked_when_read, shown
 from globular.state import NodeRecord
 
-DEATH_WINDOW_MS = 5000  # the controller drops an engine silent for this long
+DEATH_WINDOW_MS = 8000  # the controller drops an engine silent for this long
+HB_CHECK_EXTRA_MS = 500  # an engine checks for the controller's pings every heartbeat + this (ipyparallel's rule)
 MIN_CONTROLLER_PORTS = 20  # the controller and its schedulers listen on 18 ports
 
 
@@ -194,7 +195,8 @@ class IPClusterSettings(Settings):
         default=200,
         ge=50,
         le=60_000,
-        description="controller heartbeat, ms; engines register on a beat, dead ones are noticed after 5 s or 10 beats",
+        description="controller heartbeat, ms; engines register on a beat, dead ones are noticed after 8 s or 10 beats; "
+        "an engine that hears no beat for a little less than that exits (it could never register again)",
         json_schema_extra={"unit": "ms"},
     )
     engine_nanny: bool = Field(
@@ -291,8 +293,22 @@ class IPClusterSettings(Settings):
 
 
 def heartbeat_misses(period_ms: int) -> int:
-    """Missed beats before the controller drops an engine: about 5 s, and at least ipyparallel's 10."""
+    """Missed beats before the controller drops an engine: about 8 s, and at least ipyparallel's 10."""
     return max(10, math.ceil(DEATH_WINDOW_MS / period_ms))
+
+
+def engine_heartbeat_misses(period_ms: int) -> int:
+    """Checks without a ping from the controller before an engine exits (``IPEngine.max_heartbeat_misses``).
+
+    The controller drops an engine it has not heard for :func:`heartbeat_misses` beats, and then
+    ignores it for good ("ignoring new heart"): an engine cut off that long (a partition, a
+    controller that stalled) would live on unregistered, never given a task again.  So each
+    engine gives up first, at least two checks before the controller would drop it: it exits,
+    and is dead (``status``), or is started again by the supervisor (``restart_dead_engines``)
+    and registers anew once the controller is back.  ipyparallel's default (50 checks, 35 s at
+    200 ms) leaves half a minute in which neither side acts."""
+    check = period_ms + HB_CHECK_EXTRA_MS
+    return max(1, (heartbeat_misses(period_ms) * period_ms - 2 * check) // check)
 
 
 def encryption_of(settings: IPClusterSettings, remote_nodes: bool) -> str:

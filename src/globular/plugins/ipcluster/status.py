@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from globular.errors import GlobularError
@@ -17,6 +18,7 @@ from globular.plugins.ipcluster.idle import idle_state_file
 from globular.plugins.ipcluster.roles import CONTROLLER, ENGINE, SUPERVISOR
 from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.results import age
+from globular.state import ClusterRecord
 
 if TYPE_CHECKING:
     from ipyparallel import Client
@@ -25,11 +27,14 @@ log = logging.getLogger(__name__)
 ASK_TIMEOUT = 10.0
 
 
-def registered_per_node(client: Client, mapping: dict[str, str]) -> dict[str, int]:
+def registered_per_node(client: Client, mapping: dict[str, str], ask: bool = True) -> dict[str, int] | None:
     """Engines registered with the controller, per node (``mapping``: engine id -> node);
-    engines a supervisor restarted (ids not in it) are asked where they run."""
+    engines a supervisor restarted (ids not in it) are asked where they run, unless not ``ask``
+    (then None where there are such engines: a busy engine answers only after its task)."""
     counts: dict[str, int] = {}
     strays = [i for i in client.ids if str(i) not in mapping]
+    if strays and not ask:
+        return None
     for engine_id in client.ids:
         node = mapping.get(str(engine_id))
         if node:
@@ -40,8 +45,19 @@ def registered_per_node(client: Client, mapping: dict[str, str]) -> dict[str, in
     return counts
 
 
-async def _registered(view: StatusView) -> tuple[dict[str, int] | None, str | None]:
-    """Registered engines per node, or why the controller cannot tell."""
+@dataclass
+class Registered:
+    """What the controller says of the engines: how many it has registered, per node where
+    known (None: engines restarted by a supervisor were not asked where they run)."""
+
+    total: int
+    per_node: dict[str, int] | None
+
+
+async def _registered(view: StatusView) -> tuple[Registered | None, str | None]:
+    """The engines the controller has registered, or why it cannot tell.  The quick status
+    (``listclusters``) asks only for the ids; the deep one (``status``) also asks engines
+    restarted by a supervisor where they run."""
     data = record_data(view.record)
     try:
         client = await asyncio.wait_for(
@@ -52,12 +68,35 @@ async def _registered(view: StatusView) -> tuple[dict[str, int] | None, str | No
     except Exception as exc:  # noqa: BLE001 - ipyparallel's own errors (TimeoutError subclasses, zmq errors)
         return None, f"{type(exc).__name__}: {exc}"
     try:
-        return await asyncio.to_thread(registered_per_node, client, data.get("engine_ids", {})), None
+        mapping = data.get("engine_ids", {})
+        per_node = await asyncio.to_thread(registered_per_node, client, mapping, view.deep)
+        return Registered(len(client.ids), per_node), None
     except Exception as exc:  # noqa: BLE001 - an engine that does not answer where it runs
         log.info("engines of %s did not say where they run: %s", view.record.name, exc)
         return None, f"engines did not answer: {type(exc).__name__}: {exc}"
     finally:
         client.close()
+
+
+def _unregistered(status: PluginStatus, record: ClusterRecord, registered: Registered) -> None:
+    """Engines alive but not registered (cut off from the controller for longer than its
+    heartbeat window, or frozen that long): the cluster is degraded, whatever the processes say."""
+    running = status.data.get("engines_running")
+    if running is None or registered.total >= running:
+        return
+    missing = running - registered.total
+    where = ""
+    if registered.per_node is not None:
+        short = [
+            name for name, node in status.node_data.items()
+            if (node["engines_running"] or 0) > registered.per_node.get(name, 0)
+        ]  # fmt: skip
+        where = f" (on {', '.join(short)})" if short else ""
+    status.data["engines_unregistered"] = missing
+    status.condition = status.condition or (
+        f"degraded: {missing} of {running} running engines not registered with the controller{where}; "
+        f"`globular runplugin ipclusterrestart {record.name}` starts them again"
+    )
 
 
 def _idle_column(state: dict[str, Any] | None) -> str:
@@ -99,7 +138,11 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
         alive = view.alive(node, ENGINE)
         running = None if alive is None else alive + (view.children(node, SUPERVISOR) or 0)
         running_total += running or 0
-        status.node_data[node.name] = {"engines_running": running, "engines_expected": expected}
+        status.node_data[node.name] = {
+            "engines_running": running,
+            "engines_registered": None,
+            "engines_expected": expected,
+        }
         status.node_columns[node.name] = {"engines run/reg/exp": f"{'?' if running is None else running}/?/{expected}"}
         if running is not None and running > expected:
             status.node_states[node.name] = "engines"
@@ -136,25 +179,30 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
 
     if settings.gpu_engines != "none" and data:
         gpu_status(view, data, status)
-    if not view.deep or not data or controller == "down":
+    if not data or controller != "up" or record.status != "running":
         return status
     registered, why = await _registered(view)
+    if registered is None:
+        status.problems.append(f"the controller does not answer a client ({why})")
+        return status
+    status.data["engines_registered"] = registered.total
+    _unregistered(status, record, registered)
+    if registered.per_node is None or not view.deep:
+        return status
     for node in record.nodes:
-        count = None if registered is None else registered.get(node.name, 0)
+        count = registered.per_node.get(node.name, 0)
         node_data = status.node_data[node.name]
         node_data["engines_registered"] = count
         expected, running = node_data["engines_expected"], node_data["engines_running"]
         status.node_columns[node.name]["engines run/reg/exp"] = (
-            f"{'?' if running is None else running}/{'?' if count is None else count}/{expected}"
+            f"{'?' if running is None else running}/{count}/{expected}"
         )
-        if node.name not in status.node_problems and count is not None and count > expected:
+        if node.name not in status.node_problems and count > expected:
             status.node_states[node.name] = "engines"
             status.node_problems[node.name] = (
                 f"{count} engines registered, {expected} expected: {count - expected} that globular did not start"
             )
-        elif node.name not in status.node_problems and count is not None and expected and count < expected:
+        elif node.name not in status.node_problems and expected and count < expected:
             status.node_states[node.name] = "engines"
             status.node_problems[node.name] = f"{expected - count} of {expected} engines running but not registered"
-    if registered is None and record.status == "running":
-        status.problems.append(f"the controller does not answer a client ({why})")
     return status

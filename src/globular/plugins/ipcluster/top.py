@@ -157,8 +157,12 @@ class Watch:
         return {n.name: a for n, a in zip(self.record.nodes, answers)}
 
     def _controller(self) -> tuple[dict[Any, Any], int]:
-        """queue_status, and the tasks that failed since the last frame (the hub's records)."""
-        status = self.client.queue_status()
+        """queue_status of the registered engines and the unassigned tasks (the controller's own
+        answer keeps every engine it ever had, a dead one's unfinished tasks included), and the
+        tasks that failed since the last frame (the hub's records)."""
+        answer = self.client.queue_status()
+        registered = set(self.client.ids)
+        status = {k: v for k, v in answer.items() if k == "unassigned" or k in registered}
         since = self.last_check
         self.last_check = time.time()
         failed = 0

@@ -64,7 +64,10 @@ def watch_master(req: dict[str, Any]) -> None:
     write_state(req["state_file"], state)
     while True:
         status = client.queue_status()
-        engines = {k: v for k, v in status.items() if k != "unassigned"}
+        # the controller's queue_status keeps every engine it ever had, a dead one's unfinished
+        # tasks included (its ids never shrink): only the registered ones say what is busy
+        registered = set(client.ids)
+        engines = {k: v for k, v in status.items() if k in registered}
         busy = status.get("unassigned", 0) > 0 or any(v.get("queue") or v.get("tasks") for v in engines.values())
         done = sum(v.get("completed", 0) for v in engines.values())
         now = time.time()
