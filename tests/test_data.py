@@ -3,21 +3,23 @@ whose Python is a bare one; what is refused, what is sent again, what an interru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import testhosts
 from conftest import bare_hosts, local_config, share_env_cache, ssh_config, wait_until
-from globular.errors import BadInput, NodeError
+from globular.errors import BadInput, FileFailed, NodeError
 from globular.node.transfer import PART, list_tree
-from globular.transfer import local_files, safe_rel
+from globular.transfer import TooBig, local_files, safe_rel
 
 SHA = """
 import globular, json, sys
@@ -70,6 +72,16 @@ def test_what_is_refused_before_anything_is_sent(tmp_path):
     (data / "in" / "f.txt").write_text("1")
     (data / "here").symlink_to(data / "in" / "f.txt")  # inside the tree: its bytes are sent
     assert [f.rel for f in local_files([data])] == ["data/here", "data/in/f.txt"]
+    (tmp_path / "latest").symlink_to(data)  # a link named: sent under its own name, as cp -r does
+    assert [f.rel for f in local_files([tmp_path / "latest"])] == ["latest/here", "latest/in/f.txt"]
+    (tmp_path / "latest").unlink()
+    (data / "in").chmod(0)  # a folder put cannot read: named, not silently left out
+    try:
+        if os.geteuid() != 0:  # root reads it anyway
+            with pytest.raises(FileFailed, match=r"cannot read .*data/in: Permission denied \(EACCES\)"):
+                local_files([data])
+    finally:
+        (data / "in").chmod(0o755)
     (data / "out").symlink_to("/etc/hostname")
     with pytest.raises(BadInput, match=r"data/out: a link out of .*data \(to /etc/hostname\): refused"):
         local_files([data])
@@ -156,6 +168,12 @@ def test_put_and_get_on_three_ssh_hosts(cli, home, tmp_path, bare_python, env_ca
             again = cli("put", "lab", str(tmp_path / "data"), ".", "--output", "json", timeout=300)
             got = cli("get", "lab", "data", str(tmp_path / "back"), *(a for n in ("master", "node001", "node002")
                       for a in ("-n", n)), timeout=600)  # fmt: skip
+            with (
+                small_disk(tmp_path / "full-there", host=net.hosts[1]) as there,
+                small_disk(tmp_path / "full-here") as here,
+            ):
+                full_there = cli("put", "lab", str(tmp_path / "data"), str(there), "-n", "node001", timeout=300)
+                full_here = cli("get", "lab", "data", str(here), timeout=300)
             net.limit_rate("100mbit")  # 200 MB: 16 s a host, however fast this machine
             try:
                 interrupted = interrupt_a_put(tmp_path, remote_dir)
@@ -173,9 +191,31 @@ def test_put_and_get_on_three_ssh_hosts(cli, home, tmp_path, bare_python, env_ca
     for node in ("master", "node001", "node002"):
         back = tmp_path / "back" / node / "data"
         assert {f"data/{p.relative_to(back).as_posix()}": sha256(p) for p in back.rglob("*") if p.is_file()} == sums
+    # a full disk, there or here, is said to be one, with the file's path: not a lost connection
+    assert full_there.returncode == 1 and "lost its connection" not in full_there.stderr, full_there.output
+    assert f"node001: cannot write {tmp_path / 'full-there'}/data/" in full_there.stderr, full_there.stderr
+    assert f"free in {tmp_path / 'full-there'}/data/sub for 209.7 MB (a full disk)" in full_there.stderr, (
+        full_there.stderr
+    )
+    assert full_here.returncode == 1 and f"cannot write {tmp_path / 'full-here'}/data/" in full_here.stderr
+    assert "No space left on device (ENOSPC)" in full_here.stderr, full_here.stderr
     assert interrupted["returncode"] == 130, interrupted
     assert interrupted["complete_looking"] == [] and interrupted["parts_left"] == [], interrupted
     assert stopped.returncode == 0, stopped.output
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "64k", host=None):
+    """A tmpfs of ``size`` at ``path``, here or in test host ``host``'s mount namespace (its sshd
+    runs under `ip netns exec`, which has one of its own): a disk that fills up at once;
+    unmounted after, whatever happened."""
+    path.mkdir()
+    inside = ["nsenter", "-t", str(host.sshd_pid), "-m", "--"] if host is not None else []
+    testhosts.sh(*inside, "mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        testhosts.sh(*inside, "umount", "-l", str(path), check=False)
 
 
 def interrupt_a_put(tmp_path: Path, remote_dir: Path) -> dict:
@@ -244,9 +284,56 @@ def test_each_notebook_copy_is_whole_and_only_what_changed_travels(tmp_path):
     ]
     assert (second.folder / "sub" / "b.ipynb").stat().st_ino == (first.folder / "sub" / "b.ipynb").stat().st_ino
     assert (first.folder / "gone.ipynb").exists()  # earlier copies are left as they were
+    assert (second.folder / "a.ipynb").stat().st_mode & 0o222 == 0  # a snapshot: no edit in place reaches older copies
     too_small = IPClusterSettings(enable_notebook=True, notebook_directory=str(folder), notebook_save_limit="3 B")
-    with pytest.raises(BadInput, match="holds 10 B, over the 3 B bound"):
+    with pytest.raises(TooBig, match=r"the notebooks of .* alone hold 10 B, over notebook_save_limit \(3 B\)"):
         asyncio.run(save_notebooks("c", "ssh", master, LocalRunner(master), too_small, home))
+
+
+def test_a_whole_home_as_the_notebook_folder_keeps_the_notebooks_and_names_the_rest(tmp_path):
+    """notebook_directory unset: the folder is the master's home, with a conda install, a venv,
+    links, a FIFO and a big file in it.  The notebooks and the small files beside them are
+    kept, up to notebook_save_limit; the rest is left out and named, never a refusal; a copy
+    killed half-way (its .part folder) is swept by the next save."""
+    import asyncio
+
+    from globular.plugins.ipcluster.keep import left_out_text, save_notebooks
+    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.providers.local import LocalRunner
+    from globular.state import NodeRecord
+
+    folder = tmp_path / "home"
+    (folder / "project").mkdir(parents=True)
+    (folder / "project" / "run.ipynb").write_text("{}" * 100)
+    (folder / "project" / "small.csv").write_text("x\n" * 10)
+    (folder / "big.h5").write_bytes(b"\0" * 5000)
+    (folder / "miniforge3" / "conda-meta").mkdir(parents=True)
+    (folder / "miniforge3" / "lib.py").write_text("pass\n")
+    (folder / "env" / "lib").mkdir(parents=True)
+    (folder / "env" / "pyvenv.cfg").write_text("home = /usr\n")
+    (folder / ".bashrc").write_text("alias x=y\n")
+    (folder / "etc").symlink_to("/etc")
+    (folder / "shadow").symlink_to("/etc/shadow")
+    os.mkfifo(folder / "pipe")
+    master = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path / "w"), cores=1, python=sys.executable)
+    settings = IPClusterSettings(enable_notebook=True, notebook_directory=str(folder), notebook_save_limit="1 kB")
+    home = tmp_path / "globular"
+    stale = home / "notebooks" / "c-ssh" / ".20260101-000000.part-999999"  # a save killed with kill -9
+    stale.mkdir(parents=True)
+    (stale / "half.ipynb").write_text("{")
+    saved = asyncio.run(save_notebooks("c", "ssh", master, LocalRunner(master), settings, home))
+    kept = sorted(p.relative_to(saved.folder).as_posix() for p in saved.folder.rglob("*") if p.is_file())
+    assert kept == ["project/run.ipynb", "project/small.csv"]
+    assert sorted(saved.left_out) == [
+        "big.h5 (5.0 KB: over notebook_save_limit)",
+        "env/ (a Python environment)",
+        "etc (a link to /etc)",
+        "miniforge3/ (a Python environment)",
+        "pipe (not a regular file)",
+        "shadow (a link to /etc/shadow)",
+    ]
+    assert left_out_text(saved.left_out, shown=2).endswith(" and 4 more (--output json lists them)")
+    assert not stale.exists()
 
 
 # -- hostile nodes: what a get brings home ---------------------------------------------------------
@@ -346,3 +433,47 @@ def test_a_get_over_ssh_drops_setuid_and_carries_names_that_are_not_utf8(cli, ho
     with open(os.fsencode(back) + b"/caf\xe9-\xff.txt", "rb") as f:
         assert f.read() == b"odd name\n"
     assert stopped.returncode == 0, stopped.output
+
+
+def test_the_next_transfer_sweeps_what_a_killed_one_left_and_spares_a_live_one(tmp_path):
+    """kill -9 of a put or a get leaves its temporary file (hidden from listings) for ever: the
+    next transfer of that folder removes the ones untouched for STALE_PART, on the node and here,
+    and leaves a fresh one (a transfer running beside it) alone."""
+    from globular.node.transfer import STALE_PART
+
+    folder = tmp_path / "results"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.csv").write_text("1\n")
+    old = time.time() - STALE_PART - 60
+
+    def part(where: Path, name: str, stale: bool) -> Path:
+        path = where / f".{name}.part-0123abcd"
+        path.write_bytes(b"\0" * 1000)
+        if stale:
+            os.utime(path, (old, old))
+        return path
+
+    node_stale, node_live = part(folder / "sub", "big.h5", True), part(folder, "live.h5", False)
+    back = tmp_path / "back" / "results" / "sub"
+    back.mkdir(parents=True)
+    here_stale, here_live = part(back, "a.csv", True), part(back.parent, "other", False)
+    landed = local_fetch(tmp_path, folder)
+    assert (landed / "sub" / "a.csv").read_text() == "1\n"
+    assert not node_stale.exists() and not here_stale.exists()
+    assert node_live.exists() and here_live.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_a_full_disk_here_is_named_with_the_file_not_a_traceback(tmp_path):
+    from globular.errors import FileFailed, NodeFailures
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(os.urandom(200_000))
+    with small_disk(tmp_path / "back"), pytest.raises(NodeFailures) as caught:
+        local_fetch(tmp_path, folder)
+    assert isinstance(caught.value.failures["master"], FileFailed)
+    assert str(caught.value) == (
+        f"master: cannot write {tmp_path / 'back' / 'results' / 'big.bin'}: No space left on device (ENOSPC)"
+    )
+    assert not any(p.name.startswith(".big.bin.part-") for p in (tmp_path / "back").rglob("*"))

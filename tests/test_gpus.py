@@ -132,6 +132,10 @@ def test_engine_counts_and_gpu_judgement():
     _, problems = judge_gpus({"devices": [], "smi": None}, IPClusterSettings(gpu_engines=1))
     assert problems == ["gpu_engines = 1 needs 1 GPUs; the node has no GPU (no nvidia-smi)"]
     assert assign([4, 5, 6], devices) == {4: devices[0]["uuid"], 5: devices[1]["uuid"], 6: None}
+    many = [{**devices[0], "index": i, "uuid": f"GPU-{i:04d}"} for i in range(2000)]  # a driver gone mad
+    used, problems = judge_gpus({**answer, "devices": many}, auto, cores=2)
+    assert used == many[:16] and problems == []  # auto: at most eight GPU engines a core
+    assert judge_gpus(answer, auto, cores=1) == (devices, [])  # 2 GPUs on 1 core (a Slurm job's): both
 
 
 # -- real engines on the local provider --------------------------------------------------------

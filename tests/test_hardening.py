@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -338,13 +339,21 @@ def test_a_dead_controller_fails_outstanding_results_and_restart_controller_brin
     finally:
         rc.close()
     down = cli("status", "phoenix")
+    began = time.monotonic()
     restarted = cli("restart-controller", "phoenix")
+    took = time.monotonic() - began
     again = cli("shell", "--ipcluster=phoenix", "-c", "print(sorted(ipview.apply_sync(lambda: 7)))")
     stopped = cli("terminate", "-y", "phoenix")
     assert failed_after < 5, failed_after  # not ipyparallel's wait for ever
     assert down.returncode == 1 and "controller down" in down.stdout, down.output
     assert restarted.returncode == 0, restarted.output
     assert "Controller of phoenix restarted" in restarted.stdout and "2 started" in restarted.stdout
+    # each node's line times its engines from the restart, not from the cluster's start
+    steps = [line for line in restarted.stderr.splitlines() if line.startswith(("master ", "node001 "))]
+    assert len(steps) == 2 and all(float(re.search(r"engines (\d+\.\d)s", line)[1]) < took for line in steps), (
+        took,
+        restarted.stderr,
+    )
     assert again.returncode == 0 and again.stdout.strip() == "[7, 7]", again.output
     assert stopped.returncode == 0, stopped.output
 

@@ -160,3 +160,65 @@ def test_the_controller_is_not_reachable_from_another_network(cli, home, write_c
         testhosts.sh("ip", "link", "del", veth, check=False)
         stopped = cli("-c", config, "terminate", "-y", "walled")
     assert stopped.returncode == 0, stopped.output
+
+
+def test_a_client_is_told_what_is_wrong_with_its_connection_file_or_key(tmp_path, caplog):
+    """Each error names the file and what to do, in globular's words (no bare ValueError, no
+    KeyImportError, no blame on known_hosts for an empty file); a key others can read is
+    refused as OpenSSH refuses it; a connection file others can read is used, with a warning."""
+    import logging
+    import os
+
+    import asyncssh
+
+    from globular import Client
+    from globular.plugins.ipcluster.client import ConnectionFileError, TunnelError
+
+    good = {"interface": "tcp://127.0.0.1", "registration": 1, "key": "k", "ssh": ""}
+
+    def written(content, mode=0o600) -> Path:
+        path = tmp_path / f"conn-{secrets.token_hex(3)}.json"
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        path.chmod(mode)
+        return path
+
+    for content, said in [
+        ({**good, "registration": "not-a-port"}, "registration is 'not-a-port', not a port number (1-65535)"),
+        ({}, "has no interface, registration, key: not a client connection file; a client connection file is"),
+        ([1, 2], "holds no connection info"),
+        ("{not json", "is not JSON"),
+        ({**good, "interface": "10.0.0.5"}, "interface is '10.0.0.5', not an address like tcp://10.0.0.5"),
+    ]:
+        path = written(content)
+        with pytest.raises(ConnectionFileError) as caught:
+            Client(str(path), sshkey=str(tmp_path / "whatever"), timeout=1)
+        assert str(path) in str(caught.value) and said in str(caught.value), caught.value
+    with pytest.raises(ConnectionFileError, match="not found. Is a controller running"):
+        Client(str(tmp_path / "missing.json"), sshkey=str(tmp_path / "whatever"), timeout=1)
+
+    key = tmp_path / "id_test"
+    key.write_text(asyncssh.generate_private_key("ssh-ed25519").export_private_key().decode())
+    key.chmod(0o644)
+    passwd = tmp_path / "passwd"
+    passwd.write_text(Path("/etc/passwd").read_text())
+    passwd.chmod(0o600)
+    locked = tmp_path / "id_locked"
+    locked.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key("pkcs8-pem", passphrase="p"))
+    locked.chmod(0o600)
+    conn = written(good)
+    for sshkey, said in [
+        (key, f"sshkey {key} is readable by others (0644), so ssh would refuse it too; chmod 600 {key}"),
+        (passwd, f"sshkey {passwd}: not a private key (OpenSSH, PEM or PKCS#8)"),
+        (locked, f"sshkey {locked}: it has a passphrase: load it into ssh-agent"),
+        (tmp_path / "nokey", f"sshkey {tmp_path / 'nokey'} does not exist"),
+    ]:
+        with pytest.raises(TunnelError) as caught:
+            Client(str(conn), sshserver="root@198.18.0.99", sshkey=str(sshkey), timeout=1)
+        assert str(caught.value) == said
+
+    shared = written(good, 0o644)
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(TunnelError):  # read, with a warning, then the (refused) key
+        Client(str(shared), sshserver="root@198.18.0.99", sshkey=str(key), timeout=1)
+    assert f"connection file {shared} is readable by others (0644)" in caplog.text
+    assert os.stat(shared).st_mode & 0o777 == 0o644  # told, not changed

@@ -6,6 +6,7 @@ one line the CLI prints, and ``exit_code`` is what the CLI exits with.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 
 
@@ -52,6 +53,16 @@ class ConfigError(GlobularError):
             where.append(self.key)
         prefix = " ".join(where)
         return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class FileFailed(GlobularError):
+    """A file could not be read or written (here, or on a node): the message names it, and why
+    in the system's words with the error's name (``No space left on device (ENOSPC)``)."""
+
+    def __init__(self, action: str, path: object, exc: OSError, where: str | None = None):
+        code = errno.errorcode.get(exc.errno or 0, "")
+        why = f"{exc.strerror or exc}" + (f" ({code})" if code else "")
+        super().__init__(f"{where + ': ' if where else ''}cannot {action} {path}: {why}")
 
 
 class ClusterNotFound(GlobularError):

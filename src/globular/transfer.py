@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from globular.errors import BadInput, NodeError, NodeFailures
+from globular.errors import BadInput, FileFailed, GlobularError, NodeError, NodeFailures
 from globular.fanout import each_node
+from globular.node.transfer import sweep_parts
 from globular.paths import globular_home, landed_mode
 from globular.providers.base import Runner
 from globular.registry import make_provider, resolve_plugin
@@ -50,6 +51,7 @@ class NodeTransfer:
     files: list[str] = field(default_factory=list)  # the files copied, relative to target
     present: list[str] = field(default_factory=list)  # get: every file the source holds, relative to target
     source: str = ""  # get: the file or folder copied, on the node (its real path)
+    left_out: list[str] = field(default_factory=list)  # get: what the source holds and was not copied, "rel (why)"
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,10 @@ def local_files(sources: Sequence[Path]) -> list[LocalFile]:
     found: dict[str, LocalFile] = {}
 
     def add(path: Path, rel: str) -> None:
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise FileFailed("read", path, exc) from None
         if not stat.S_ISREG(st.st_mode):
             raise BadInput(f"{path}: not a regular file (a fifo, socket or device): refused")
         if rel in found:
@@ -82,11 +87,12 @@ def local_files(sources: Sequence[Path]) -> list[LocalFile]:
             add(source, source.name)
             continue
         top = source.resolve()
-        for folder, dirs, files in os.walk(source):
+        own_name = Path(os.path.abspath(source)).name or top.name  # a link named: its own name, as cp -r keeps it
+        for folder, dirs, files in os.walk(source, onerror=_unreadable):
             dirs.sort()
             for name in [*sorted(files), *(d for d in dirs if Path(folder, d).is_symlink())]:
                 path = Path(folder, name)
-                rel = f"{source.resolve().name}/{path.relative_to(source).as_posix()}"
+                rel = f"{own_name}/{path.relative_to(source).as_posix()}"
                 if path.is_symlink():
                     target = path.resolve()
                     if not target.is_relative_to(top):
@@ -95,6 +101,11 @@ def local_files(sources: Sequence[Path]) -> list[LocalFile]:
                         continue  # its files are sent where they are in the tree
                 add(path, rel)
     return sorted(found.values(), key=lambda f: f.rel)
+
+
+def _unreadable(exc: OSError) -> None:
+    """A folder ``put`` cannot list: named, never silently left out."""
+    raise FileFailed("read", exc.filename, exc)
 
 
 def safe_rel(rel: str, where: str) -> str:
@@ -238,8 +249,15 @@ async def get(
         await provider.close()
 
 
-class TooBig(BadInput):
-    """What would be copied is over the bound asked for."""
+class TooBig(GlobularError):
+    """What would be copied is over the bound asked for (refused: exit 1, like any operation
+    that could not be done; the user chooses what to copy)."""
+
+
+Selection = Callable[[str, dict[str, Any]], tuple[dict[str, list[int]], list[str]]]
+"""Given a node's name and its listing (:func:`globular.node.transfer.list_tree`): the files to
+copy (rel -> [size, mtime, mode]) and what is left out, each ``"rel (why)"``; may raise
+:class:`TooBig`.  The default refuses any link or special file, and the whole copy over ``max_bytes``."""
 
 
 async def fetch(
@@ -253,14 +271,17 @@ async def fetch(
     hidden: bool = True,
     max_bytes: int | None = None,
     into_name: bool = True,
+    select: Selection | None = None,
+    envs: bool = True,
     reporter: Reporter | None = None,
 ) -> list[NodeTransfer]:
     """:func:`get` from ``targets``, through ``runner_of`` (a plugin's context's runners), of
     the file or folder ``remote_of(node)``.
 
-    ``skip``: folder names left out; ``hidden=False``: dot-names left out; ``max_bytes``: over
-    it, :class:`TooBig` and nothing copied; ``into_name=False``: a folder's files go straight
-    into ``local`` (not into ``local/<its name>/``)."""
+    ``skip``: folder names left out; ``hidden=False``: dot-names left out; ``envs=False``: Python
+    environments left out; ``max_bytes``: over it, :class:`TooBig` and nothing copied;
+    ``into_name=False``: a folder's files go straight into ``local`` (not into ``local/<its
+    name>/``); ``select``: what of the listing is copied (see :data:`Selection`)."""
     reporter = reporter or NullReporter()
     local = local.expanduser()
     if local.exists() and not local.is_dir():
@@ -269,28 +290,23 @@ async def fetch(
     async def one(node: NodeRecord) -> NodeTransfer:
         started = time.monotonic()
         runner = runner_of(node)
-        listing = await runner.tree(remote_of(node), skip, hidden)
+        listing = await runner.tree(remote_of(node), skip, hidden, envs)
         if listing["kind"] is None:
             raise NodeError(node.name, f"{listing['root']}: no such file or folder")
-        refused = [*(f"{rel} (a link to {to})" for rel, to in listing["links"].items()), *listing["special"]]
-        if refused:
-            raise NodeError(node.name, "refused (links and special files are not copied): " + ", ".join(refused))
-        total = sum(entry[0] for entry in listing["files"].values())
-        if max_bytes is not None and total > max_bytes:
-            raise TooBig(
-                f"{node.name}: {listing['root']} holds {size_text(total)}, over the {size_text(max_bytes)} bound"
-            )
+        files, left_out = (select or _whole(max_bytes))(node.name, listing)
         root = listing["root"]
         into = local / node.name if len(targets) > 1 else local
         if listing["kind"] == "dir":
             into = into / posixpath.basename(root.rstrip("/")) if into_name else into
-            sources = {rel: posixpath.join(root, rel) for rel in listing["files"]}
+            sources = {rel: posixpath.join(root, rel) for rel in files}
         else:
             sources = {posixpath.basename(root): root}
-        done = NodeTransfer(node.name, str(into), present=sorted(sources), source=root)
+        if into.is_dir():  # what a get of the same, killed here, left
+            await asyncio.to_thread(sweep_parts, str(into), None if listing["kind"] == "dir" else set(sources))
+        done = NodeTransfer(node.name, str(into), present=sorted(sources), source=root, left_out=left_out)
         plan = []
         for rel, path in sorted(sources.items()):
-            size, mtime, *mode = listing["files"][rel]  # a node program of before the mode: none
+            size, mtime, *mode = files[rel]  # a node program of before the mode: none
             mine = into / safe_rel(rel, node.name)
             same = mine.is_file() and mine.stat().st_size == size and (checksum or int(mine.stat().st_mtime) == mtime)
             plan.append((LocalFile(mine, rel, size, mtime, *mode), path, same))
@@ -317,6 +333,21 @@ async def fetch(
             raise too_big[0] from None  # the one reason, as it is: the user chooses
         raise
     return [results[n.name] for n in targets]
+
+
+def _whole(max_bytes: int | None) -> Selection:
+    """``get``'s rule: every file, or nothing (a link or a special file refused, by name; over ``max_bytes``)."""
+
+    def select(node: str, listing: dict[str, Any]) -> tuple[dict[str, list[int]], list[str]]:
+        refused = [*(f"{rel} (a link to {to})" for rel, to in listing["links"].items()), *listing["special"]]
+        if refused:
+            raise NodeError(node, "refused (links and special files are not copied): " + ", ".join(refused))
+        total = sum(entry[0] for entry in listing["files"].values())
+        if max_bytes is not None and total > max_bytes:
+            raise TooBig(f"{node}: {listing['root']} holds {size_text(total)}, over the {size_text(max_bytes)} bound")
+        return listing["files"], []
+
+    return select
 
 
 def summary(transfers: list[NodeTransfer]) -> dict[str, Any]:

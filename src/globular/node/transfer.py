@@ -15,6 +15,7 @@ from typing import Any
 from globular.node.protocol import Refused, Request, verb
 
 PART = ".part-"  # temporary names: .NAME.part-XXXXXXXX
+STALE_PART = 600.0  # s: a temporary name untouched this long was left by a transfer that was killed
 
 
 def part_name(path: str, tag: str) -> str:
@@ -22,13 +23,52 @@ def part_name(path: str, tag: str) -> str:
     return os.path.join(folder, f".{name}{PART}{tag}")
 
 
-def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True) -> dict[str, Any]:
+ENV_MARKS = ("pyvenv.cfg", "conda-meta")  # a folder holding one of these is a Python environment
+
+
+def stale_part(path: str, name: str, now: float) -> bool:
+    """Whether ``path`` is a transfer's temporary file untouched for :data:`STALE_PART` (a live
+    transfer writes its own all the time; ``kill -9`` of one leaves it for ever)."""
+    if not (name.startswith(".") and PART in name):
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_PART
+
+
+def sweep_parts(root: str, only: set[str] | None = None) -> list[str]:
+    """Remove the stale temporary files under ``root`` (see :func:`stale_part`), or only those
+    of the files named ``only`` directly in it; what was removed."""
+    import time
+
+    removed, now = [], time.time()
+    for folder, dirs, files in os.walk(root):
+        if only is not None:
+            dirs[:] = []
+        for name in files:
+            path = os.path.join(folder, name)
+            if only is not None and not any(name.startswith(f".{mine}{PART}") for mine in only):
+                continue
+            if stale_part(path, name, now):
+                try:
+                    os.unlink(path)
+                    removed.append(os.path.relpath(path, root))
+                except OSError:
+                    pass
+    return removed
+
+
+def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True, envs: bool = True) -> dict[str, Any]:
     """What ``root`` holds, never following a link: ``{"root": real path, "kind": "dir" | "file" |
-    None, "files": {rel: [size, mtime, mode]}, "links": {rel: target}, "special": [rel]}`` (``skip``:
-    names of folders left out, as ``.ipynb_checkpoints``; ``hidden=False``: names starting with
-    a dot left out, as JupyterLab hides them; temporary names are always left out)."""
+    None, "files": {rel: [size, mtime, mode]}, "links": {rel: target}, "special": [rel], "envs":
+    [rel]}`` (``skip``: names of folders left out, as ``.ipynb_checkpoints``; ``hidden=False``:
+    names starting with a dot left out, as JupyterLab hides them; ``envs=False``: Python
+    environments (a venv, a conda install) left out and named in ``envs``; temporary names are
+    always left out)."""
     root = os.path.abspath(os.path.expanduser(root))
-    found: dict[str, Any] = {"root": root, "kind": None, "files": {}, "links": {}, "special": []}
+    found: dict[str, Any] = {"root": root, "kind": None, "files": {}, "links": {}, "special": [], "envs": []}
     try:
         top = os.lstat(root)
     except FileNotFoundError:
@@ -55,7 +95,11 @@ def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True) -> dic
                 continue
             if os.path.islink(path):
                 note(os.path.relpath(path, root), os.lstat(path), path)
-            elif name not in skip and (hidden or not name.startswith(".")):
+            elif name in skip or (not hidden and name.startswith(".")):
+                continue
+            elif not envs and any(os.path.lexists(os.path.join(path, mark)) for mark in ENV_MARKS):
+                found["envs"].append(os.path.relpath(path, root))
+            else:
                 kept.append(name)
         dirs[:] = kept
         for name in sorted(files):
@@ -68,8 +112,15 @@ def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True) -> dic
 
 @verb(any_python=True)
 def tree(req: Request) -> Any:
-    """:func:`list_tree` of ``req["root"]`` (``~`` is the node user's home)."""
-    return list_tree(req["root"], tuple(req.get("skip", ())), bool(req.get("hidden", True)))
+    """:func:`list_tree` of ``req["root"]`` (``~`` is the node user's home), once the stale
+    temporary files of killed transfers under it are removed (``req["sweep"]``)."""
+    if req.get("sweep"):
+        folder = os.path.abspath(os.path.expanduser(req["root"]))
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            sweep_parts(folder)
+    return list_tree(
+        req["root"], tuple(req.get("skip", ())), bool(req.get("hidden", True)), bool(req.get("envs", True))
+    )
 
 
 @verb(any_python=True)

@@ -224,9 +224,12 @@ class Runner(ABC):
 
     # -- files in and out (``globular put`` / ``get``) ---------------------
 
-    async def tree(self, root: str, skip: Sequence[str] = (), hidden: bool = True) -> dict[str, Any]:
-        """What ``root`` holds on the node (:func:`globular.node.transfer.list_tree`)."""
-        request = {"root": root, "skip": list(skip), "hidden": hidden}
+    async def tree(
+        self, root: str, skip: Sequence[str] = (), hidden: bool = True, envs: bool = True, sweep: bool = True
+    ) -> dict[str, Any]:
+        """What ``root`` holds on the node (:func:`globular.node.transfer.list_tree`); ``sweep``:
+        first remove what killed transfers left there (:func:`globular.node.transfer.sweep_parts`)."""
+        request = {"root": root, "skip": list(skip), "hidden": hidden, "envs": envs, "sweep": sweep}
         found: dict[str, Any] = await self.nodeproc("tree", request, timeout=120)
         return found
 

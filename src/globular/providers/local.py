@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from globular.errors import BadInput, CommandError, CommandTimeout
+from globular.errors import BadInput, CommandError, CommandTimeout, FileFailed
 from globular.node import ANY_PYTHON, VERBS, Refused
 from globular.node.proc import sweep
 from globular.paths import landed_mode, private_dir, write_private
@@ -66,23 +66,31 @@ def copy_whole(source: Path, target: Path, progress: Callable[[int], None], size
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise BadInput(f"{source}: refused, it is a link now (it was a file when listed)") from None
-        raise
+        raise FileFailed("read", source, exc) from None
     with os.fdopen(fd, "rb") as src:
         st = os.fstat(src.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise BadInput(f"{source}: refused, it is not a regular file now (it was when listed)")
-        target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             left = st.st_size if size is None else size
             with part.open("wb") as dst:
-                while left > 0 and (block := src.read(min(1 << 20, left))):
+                while left > 0:
+                    try:
+                        block = src.read(min(1 << 20, left))
+                    except OSError as exc:
+                        raise FileFailed("read", source, exc) from None
+                    if not block:
+                        break
                     dst.write(block)
                     left -= len(block)
                     progress(len(block))
             os.chmod(part, landed_mode(stat.S_IMODE(st.st_mode)))
             os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.replace(part, target)
+        except OSError as exc:  # this side: a full disk, a folder not writable
+            raise FileFailed("write", target, exc) from None
         finally:
             part.unlink(missing_ok=True)
 

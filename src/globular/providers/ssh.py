@@ -35,6 +35,7 @@ from globular.errors import (
     CommandError,
     CommandTimeout,
     ConnectionLost,
+    FileFailed,
     GlobularError,
     HostUnreachable,
     NodeError,
@@ -50,6 +51,7 @@ from globular.providers.ssh_settings import (
     SSHSettings,
     hosts_in_order,
 )
+from globular.results import size_text
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
@@ -168,7 +170,15 @@ class SSHRunner(HelperRunner):
             await sftp.posix_rename(part, target)
         except BaseException as exc:
             await asyncio.shield(self._remove_quietly(sftp, part))
-            if isinstance(exc, (asyncssh.Error, OSError)):
+            if isinstance(exc, asyncssh.SFTPError):  # the node's sftp-server refused (it says only "Failure")
+                why = (
+                    await self._no_room(sftp, target, local.stat().st_size)
+                    or f"the node's SFTP server said {exc.reason!r}"
+                )
+                raise NodeError(self.node.name, f"cannot write {remote}: {why}") from None
+            if isinstance(exc, OSError):  # this side: the file to send
+                raise FileFailed("read", local, exc) from None
+            if isinstance(exc, asyncssh.Error):
                 raise ConnectionLost(self.node.name, f"sftp put {remote}", str(exc)) from None
             raise
 
@@ -182,10 +192,28 @@ class SSHRunner(HelperRunner):
             )
             os.utime(part, (mtime, mtime))
             os.replace(part, local)
-        except (asyncssh.Error, OSError) as exc:
+        except asyncssh.SFTPError as exc:  # the node's sftp-server refused
+            raise NodeError(self.node.name, f"cannot read {remote}: {exc.reason}") from None
+        except OSError as exc:  # this side: a full disk, a folder not writable
+            raise FileFailed("write", local, exc) from None
+        except asyncssh.Error as exc:
             raise ConnectionLost(self.node.name, f"sftp get {remote}", str(exc)) from None
         finally:
             part.unlink(missing_ok=True)
+
+    @staticmethod
+    async def _no_room(sftp: asyncssh.SFTPClient, target: bytes, size: int) -> str:
+        """``no room: 12 KB free in /x for 200 MB (a full disk)`` when that is why a write
+        failed (OpenSSH's sftp-server says only "Failure"), else empty."""
+        folder = posixpath.dirname(target)
+        try:
+            found = await sftp.statvfs(folder)
+        except (asyncssh.Error, OSError):
+            return ""
+        free = found.bavail * found.frsize
+        if free >= size:
+            return ""
+        return f"no room: {size_text(free)} free in {os.fsdecode(folder)} for {size_text(size)} (a full disk)"
 
     @staticmethod
     async def _remove_quietly(sftp: asyncssh.SFTPClient, path: bytes) -> None:

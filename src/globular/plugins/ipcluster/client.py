@@ -42,7 +42,7 @@ import ipyparallel
 from globular.aio import LoopThread
 from globular.errors import GlobularError
 from globular.paths import globular_home
-from globular.plugins.ipcluster.controller import CLUSTER_KEY, forwarded_info, record_data, with_serverkey
+from globular.plugins.ipcluster.controller import CLUSTER_KEY, PORT_KEYS, forwarded_info, record_data, with_serverkey
 from globular.plugins.ipcluster.watch import ControllerWatch, HandshakeWatch, watch_controller
 from globular.providers.ssh_settings import SSHHost
 from globular.state import ClusterRecord, StateStore
@@ -54,6 +54,13 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class TunnelError(GlobularError, OSError):
     """The SSH tunnel to the controller could not be opened."""
+
+
+class ConnectionFileError(GlobularError, OSError):
+    """A connection file that is missing, unreadable, or not a client connection file."""
+
+
+REQUIRED_KEYS = ("interface", "registration", "key")  # what a client cannot connect without
 
 
 class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no type hints
@@ -173,18 +180,49 @@ def _profile_file(kwargs: dict[str, Any]) -> Path:
 
 
 def _load(connection_info: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    """A connection file's content (or a dict of it), checked: the keys a client needs, each
+    port a port; a file readable by others (it holds the key that runs code on every engine)
+    is used with a warning, as OpenSSH warns of a world-readable config."""
     if isinstance(connection_info, dict):
-        return with_serverkey(dict(connection_info))
+        return with_serverkey(_checked(dict(connection_info), "the connection info"))
     path = Path(connection_info).expanduser()
+    fix = "a client connection file is ~/.globular/ipcluster/<cluster>-<region>.json, or the controller's ipcontroller-client.json"
     try:
-        info = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
-        raise OSError(f"Connection file {path} not found. Is a controller running?") from None
+        raise ConnectionFileError(f"connection file {path} not found. Is a controller running?") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConnectionFileError(
+            f"connection file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    try:
+        info = json.loads(text)
     except ValueError as exc:
-        raise OSError(f"Connection file {path} is not JSON: {exc}") from None
+        raise ConnectionFileError(f"connection file {path} is not JSON ({exc}); {fix}") from None
     if not isinstance(info, dict):
-        raise OSError(f"Connection file {path} holds no connection info")
-    return with_serverkey(info)
+        raise ConnectionFileError(f"connection file {path} holds no connection info; {fix}")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077 and path.stat().st_uid == os.getuid():
+        log.warning(
+            "connection file %s is readable by others (%04o): its key runs code on every engine; chmod 600 %s",
+            path, mode, path,
+        )  # fmt: skip
+    return with_serverkey(_checked(info, f"connection file {path}", fix))
+
+
+def _checked(info: dict[str, Any], what: str, fix: str = "") -> dict[str, Any]:
+    missing = [key for key in REQUIRED_KEYS if key not in info]
+    if missing:
+        raise ConnectionFileError(
+            f"{what} has no {', '.join(missing)}: not a client connection file" + (f"; {fix}" if fix else "")
+        )
+    for key in PORT_KEYS:
+        value = info.get(key)
+        if key in info and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536):
+            raise ConnectionFileError(f"{what}: {key} is {value!r}, not a port number (1-65535)")
+    if not isinstance(info["interface"], str) or "://" not in info["interface"]:
+        raise ConnectionFileError(f"{what}: interface is {info['interface']!r}, not an address like tcp://10.0.0.5")
+    return info
 
 
 def _cluster_of(info: dict[str, Any], source: Any) -> tuple[ClusterRecord, Path] | None:
@@ -234,6 +272,29 @@ def _ssh_server(info: dict[str, Any], sshserver: str | None, sshkey: Any, passwo
 # -- the tunnel ---------------------------------------------------------------------
 
 
+def _check_key(path: Path) -> None:
+    """``sshkey`` as OpenSSH takes it: a private key file, readable by its owner alone."""
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TunnelError(f"sshkey {path} does not exist") from None
+    except OSError as exc:
+        raise TunnelError(f"sshkey {path} cannot be read: {exc.strerror}") from None
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():  # OpenSSH: "UNPROTECTED PRIVATE KEY FILE!"
+        raise TunnelError(
+            f"sshkey {path} is readable by others ({st.st_mode & 0o777:04o}), so ssh would refuse it too; chmod 600 {path}"
+        )
+    try:
+        asyncssh.import_private_key(data)
+    except asyncssh.KeyImportError:
+        encrypted = b"ENCRYPTED" in data or b"bcrypt" in data
+        why = (
+            "it has a passphrase: load it into ssh-agent" if encrypted else "not a private key (OpenSSH, PEM or PKCS#8)"
+        )
+        raise TunnelError(f"sshkey {path}: {why}") from None
+
+
 class _Tunnel:
     """The controller's ports forwarded to 127.0.0.1 through one asyncssh connection, held
     by a thread of its own until :meth:`close`."""
@@ -252,8 +313,8 @@ class _Tunnel:
         except ValueError as exc:
             raise TunnelError(f"sshserver {server!r}: {exc}") from None
         self.key = str(Path(sshkey).expanduser()) if sshkey else None
-        if self.key and not Path(self.key).is_file():
-            raise TunnelError(f"sshkey {sshkey} does not exist")
+        if self.key:
+            _check_key(Path(self.key))
         self.password = password
         self.cluster = cluster
         self.timeout = timeout

@@ -79,7 +79,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, nam
     out = output(ctx)
     if save:
         from globular.paths import globular_home
-        from globular.plugins.ipcluster.keep import save_cluster_notebooks
+        from globular.plugins.ipcluster.keep import left_out_text, save_cluster_notebooks
 
         saved = run_sync(save_cluster_notebooks(name, globular_home()), sigterm_cancels=True)
         if saved is None:
@@ -89,7 +89,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, nam
         else:
             out.result(saved, text=lambda: out.say(
                 f"Saved {saved.files} files of {escape(saved.source)} to [bold]{escape(str(saved.folder))}[/]"
-                f" ({saved.copied} copied, {saved.bytes / 1e6:.1f} MB)"
+                f" ({saved.copied} copied, {saved.bytes / 1e6:.1f} MB){escape(left_out_text(saved.left_out))}"
             ))  # fmt: skip
         return
     info = notebook_info(name)

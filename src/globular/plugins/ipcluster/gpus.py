@@ -11,15 +11,24 @@ Which engine holds which GPU is kept in the record too (``gpu_engines``: engine 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from globular.plugins.base import PluginStatus, StatusView
 from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for, gpus_used
 from globular.state import NodeRecord
 
+log = logging.getLogger(__name__)
+GPU_ENGINES_PER_CORE = 8  # gpu_engines = auto: at most this many GPU engines a core
 
-def judge_gpus(answer: dict[str, Any] | None, settings: IPClusterSettings) -> tuple[list[dict[str, Any]], list[str]]:
-    """The devices a node's engines get, and its problems, from its ``gpus`` fact."""
+
+def judge_gpus(
+    answer: dict[str, Any] | None, settings: IPClusterSettings, cores: int | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The devices a node's engines get, and its problems, from its ``gpus`` fact; under
+    ``gpu_engines = auto``, at most :data:`GPU_ENGINES_PER_CORE` a core (``cores``): a Slurm job
+    may hold 4 GPUs on 1 core, and one engine per GPU (or MIG slice) is right there, but a node
+    that lists thousands (a broken driver) must not start thousands of engines."""
     answer = answer or {}
     devices: list[dict[str, Any]] = list(answer.get("devices") or [])
     if answer.get("error"):
@@ -35,7 +44,12 @@ def judge_gpus(answer: dict[str, Any] | None, settings: IPClusterSettings) -> tu
         has = describe(devices) if devices else "no GPU" + ("" if answer.get("smi") else " (no nvidia-smi)")
         within = f" (within its {answer['restricted_by']})" if answer.get("restricted_by") else ""
         return devices, [f"gpu_engines = {wanted} needs {wanted} GPUs; the node has {has}{within}"]
-    return devices[: gpus_used(settings, len(devices))], []
+    used = devices[: gpus_used(settings, len(devices))]
+    bound = GPU_ENGINES_PER_CORE * cores if cores is not None else None
+    if wanted == "auto" and bound is not None and len(used) > bound:
+        log.warning("gpu_engines = auto: %d GPUs listed on %d cores: %d GPU engines", len(used), cores, bound)
+        used = used[:bound]
+    return used, []
 
 
 def describe(devices: list[dict[str, Any]]) -> str:

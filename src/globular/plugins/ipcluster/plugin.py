@@ -109,7 +109,7 @@ class IPCluster(Plugin):
 
     async def before_terminate(self, ctx: PluginContext, discard: bool) -> PluginReport | None:
         """The master's notebooks copied home (see :mod:`~globular.plugins.ipcluster.keep`)."""
-        from globular.plugins.ipcluster.keep import not_saved, save_notebooks
+        from globular.plugins.ipcluster.keep import left_out_text, not_saved, save_notebooks
 
         if not self.settings.enable_notebook or not ctx.nodes:
             return None
@@ -127,7 +127,11 @@ class IPCluster(Plugin):
         what = f"{saved.files} files in {saved.folder}" + (
             f" ({saved.copied} copied, the rest unchanged)" if saved.copied != saved.files else ""
         )
-        return PluginReport(plugin=self.name, summary=[("notebooks", what)], data={"notebooks": str(saved.folder)})
+        return PluginReport(
+            plugin=self.name,
+            summary=[("notebooks", what + left_out_text(saved.left_out))],
+            data={"notebooks": str(saved.folder), "notebooks_left_out": saved.left_out},
+        )
 
     def facts_request(self, record: ClusterRecord, deep: bool) -> dict[str, Any]:
         return {"gpus": True} if deep and self.settings.gpu_engines != "none" else {}
@@ -388,6 +392,15 @@ async def stop_ipcluster(ctx: PluginContext) -> int:
     return stopped
 
 
+def mark_restart(nodes: list[NodeRecord]) -> None:
+    """Each node's engine steps are measured from now (the restart), not from the node's start."""
+    now = time.time()
+    for node in nodes:
+        for step in ("engines", "registered"):
+            node.steps.pop(step, None)
+        node.steps["restart"] = now
+
+
 class IPClusterRestartEngines(Plugin):
     """Kill every engine on every node and start new ones against the same controller."""
 
@@ -403,10 +416,7 @@ class IPClusterRestartEngines(Plugin):
             floor = max(old, default=-1) + 1
             wanted: dict[int, str] = {}
 
-            for node in ctx.nodes:  # each node's steps are measured from the restart, not from the start
-                for step in ("engines", "registered"):
-                    node.steps.pop(step, None)
-                node.steps["restart"] = time.time()
+            mark_restart(ctx.nodes)
             # one shutdown request for every old engine, one wait for them to leave (one client:
             # its sockets serve one thread at a time), then the new engines everywhere at once
             await retire_engines(ctx, client, ctx.nodes)
@@ -458,6 +468,7 @@ class IPClusterRestartController(Plugin):
         old = await stop_engines_and_controller(ctx)
         for key in ("engine_ids", "next_engine_id", "engines"):
             data.pop(key, None)
+        mark_restart(ctx.nodes)
         local_file, total = await start_controller_and_engines(ctx, settings, cluster_encryption(ctx, settings))
         if settings.idle_shutdown:
             await start_idle_watchers(ctx, settings, ctx.nodes)

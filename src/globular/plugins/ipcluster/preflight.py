@@ -205,7 +205,7 @@ async def run_preflight(
                 check.problems.append(str(exc).removeprefix(f"{node.name}: "))
                 return
             if gpu_settings is not None:
-                devices, gpu_problems = judge_gpus(facts.get("gpus"), gpu_settings)
+                devices, gpu_problems = judge_gpus(facts.get("gpus"), gpu_settings, node.cores)
                 check.problems += gpu_problems
                 check.gpus = [d["uuid"] for d in devices]
                 check.engines = engines_for(node, gpu_settings, len(devices))

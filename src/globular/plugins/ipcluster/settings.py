@@ -163,8 +163,9 @@ class IPClusterSettings(Settings):
     notebook_directory: str | None = Field(default=None, description="relative to home, or absolute; default: home")
     notebook_save_limit: ByteSize = Field(
         default=ByteSize(1_000_000_000),
-        description="terminate copies the notebook folder home first (~/.globular/notebooks/); over this size "
-        "it refuses, saying the size (1 GB, 500 MB, ...)",
+        description="terminate copies the notebooks home first (~/.globular/notebooks/), and the files beside "
+        "them, smallest first, up to this size (1 GB, 500 MB, ...); the rest is named, not copied; notebooks "
+        "alone over it: terminate refuses, saying their size",
     )
     notebook_port: int = Field(default=8888, ge=1, le=65535, description="the next free one is taken if it is in use")
     notebook_certfile: FileHere = Field(
