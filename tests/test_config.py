@@ -49,7 +49,7 @@ def test_builtin_default_when_no_config_file(tmp_path, monkeypatch):
     assert spec.provider == "local"
     assert spec.template == "local"
     assert [p.name for p in spec.plugins] == ["ipcluster"]
-    assert spec.plugins[0].setup_class == "globular.plugins.ipcluster.plugin:IPCluster"
+    assert spec.plugins[0].setup_class == "globular.ipcluster.plugin:IPCluster"
     assert spec.config_file is None
 
 
@@ -58,7 +58,7 @@ def test_starcluster_docs_block_works_as_is():
     assert spec.template == "smallcluster"
     assert spec.cluster_size == 2
     plugin = spec.plugins[0]
-    assert plugin.setup_class == "globular.plugins.ipcluster.plugin:IPCluster"
+    assert plugin.setup_class == "globular.ipcluster.plugin:IPCluster"
     assert plugin.settings["enable_notebook"] is True
     assert plugin.settings["packer"] == "pickle"
     assert plugin.settings["notebook_directory"] == "notebooks"
@@ -284,7 +284,7 @@ def test_ssh_and_controller_settings_errors_name_the_key(kwargs, key, fragment):
 
 
 def test_encryption_is_curve_where_nodes_are_other_machines_unless_set():
-    from globular.plugins.ipcluster.settings import IPClusterSettings, encryption_of
+    from globular.ipcluster.settings import IPClusterSettings, encryption_of
 
     assert encryption_of(IPClusterSettings(), remote_nodes=True) == "curve"
     assert encryption_of(IPClusterSettings(), remote_nodes=False) == "none"
@@ -378,7 +378,7 @@ def test_every_setting_that_names_a_file_is_checked_when_the_config_is_read(tmp_
 
 def test_a_running_clusters_settings_are_not_checked_again_for_files(tmp_path):
     """A record read again (terminate, addnode) never fails because a file the config named is gone."""
-    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.ipcluster.settings import IPClusterSettings
 
     startup = tmp_path / "startup.py"
     startup.write_text("")

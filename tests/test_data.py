@@ -251,8 +251,8 @@ def test_each_notebook_copy_is_whole_and_only_what_changed_travels(tmp_path):
     file gone from the master is gone from the new copy."""
     import asyncio
 
-    from globular.plugins.ipcluster.keep import save_notebooks
-    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.ipcluster.keep import save_notebooks
+    from globular.ipcluster.settings import IPClusterSettings
     from globular.providers.local import LocalRunner
     from globular.state import NodeRecord
 
@@ -297,8 +297,8 @@ def test_a_whole_home_as_the_notebook_folder_keeps_the_notebooks_and_names_the_r
     killed half-way (its .part folder) is swept by the next save."""
     import asyncio
 
-    from globular.plugins.ipcluster.keep import left_out_text, save_notebooks
-    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.ipcluster.keep import left_out_text, save_notebooks
+    from globular.ipcluster.settings import IPClusterSettings
     from globular.providers.local import LocalRunner
     from globular.state import NodeRecord
 

@@ -140,7 +140,7 @@ def test_the_worked_provider_example_runs_a_cluster(cli, home, tmp_path, write_c
 
 def test_the_readme_config_is_a_valid_config(tmp_path, monkeypatch):
     from globular.config import Config
-    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.ipcluster.settings import IPClusterSettings
 
     readme = (DOCS.parent / "README.md").read_text()
     [ini] = re.findall(r"^```ini\n(.*?)^```", readme, re.S | re.M)

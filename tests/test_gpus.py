@@ -88,9 +88,9 @@ def test_unexpected_nvidia_smi_output_is_a_node_problem_not_a_traceback(tmp_path
     stopped after SMI_TIMEOUT with the child it started."""
     import time
 
+    from globular.ipcluster.gpus import judge_gpus
+    from globular.ipcluster.settings import IPClusterSettings
     from globular.node.gpus import SMI_TIMEOUT, gpu_devices
-    from globular.plugins.ipcluster.gpus import judge_gpus
-    from globular.plugins.ipcluster.settings import IPClusterSettings
 
     folder = standin_nvidia_smi(tmp_path / "smi", layout)
     monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")  # where gpu_devices finds nvidia-smi
@@ -115,8 +115,8 @@ def test_unexpected_nvidia_smi_output_is_a_node_problem_not_a_traceback(tmp_path
 
 
 def test_engine_counts_and_gpu_judgement():
-    from globular.plugins.ipcluster.gpus import assign, judge_gpus
-    from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for
+    from globular.ipcluster.gpus import assign, judge_gpus
+    from globular.ipcluster.settings import IPClusterSettings, engines_for
     from globular.state import NodeRecord
 
     node = NodeRecord(name="node001", address="198.18.0.11", workdir="/w", cores=8, python="python3")

@@ -76,7 +76,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_a_cluster(tmp_path, home)
     pinned = build_backend_pins()[0].replace("==", " (") + ")"  # "setuptools (84.2.1)"
     assert f"Generator: {pinned}" in generator, generator
     assert any(n.endswith(f".data/data/{SERVER_CONFIG}") for n in names), names  # the top page's server config
-    assert "globular/plugins/ipcluster/labtop.html" in names
+    assert "globular/ipcluster/labtop.html" in names
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)])

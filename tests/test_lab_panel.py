@@ -1,4 +1,4 @@
-"""The cluster files ipyparallel's Lab panel reads (globular.plugins.ipcluster.labpanel/labcluster),
+"""The cluster files ipyparallel's Lab panel reads (globular.ipcluster.labpanel/labcluster),
 against records on disk; the panel itself is in test_notebook_browser.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from globular.plugins.ipcluster.labpanel import panel_model
+from globular.ipcluster.labpanel import panel_model
 from globular.spec import ClusterSpec
 from globular.state import ClusterRecord, StateStore
 

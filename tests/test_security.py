@@ -172,7 +172,7 @@ def test_a_client_is_told_what_is_wrong_with_its_connection_file_or_key(tmp_path
     import asyncssh
 
     from globular import Client
-    from globular.plugins.ipcluster.client import ConnectionFileError, TunnelError
+    from globular.ipcluster.client import ConnectionFileError, TunnelError
 
     good = {"interface": "tcp://127.0.0.1", "registration": 1, "key": "k", "ssh": ""}
 

@@ -237,7 +237,9 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
         assert cli("sshnode", "lab", "node002", "exit 7").returncode == 7
 
         full = cli("-c", config, "addnode", "lab")
-        assert full.returncode == 1 and "only 0 of the 3 hosts in node_hosts are unused" in full.stderr
+        assert full.returncode == 2, full.output  # the rule start checks its size with, before anything changes
+        assert "the cluster would have 4 nodes; 4 nodes asked for, but there are only 3 hosts" in full.stderr
+        assert "addnode --host" in full.stderr
         added = cli("addnode", "-H", f"root@{net.hosts[3].address}", "lab")
         assert added.returncode == 0, added.output
         assert "Added node003 to lab" in added.stdout

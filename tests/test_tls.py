@@ -6,7 +6,7 @@ import stat
 
 from cryptography import x509
 
-from globular.plugins.ipcluster.tls import kept_certificate, make_certificate
+from globular.ipcluster.tls import kept_certificate, make_certificate
 
 
 def test_certificate_names_the_address_and_is_kept(tmp_path):

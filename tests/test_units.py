@@ -18,9 +18,9 @@ import pytest
 
 from globular.cluster import ClusterContext, node_names
 from globular.errors import GlobularError, NodeFailures, PluginFailed
+from globular.ipcluster.preflight import Requirement, judge
+from globular.ipcluster.settings import IPClusterSettings, engines_for, parse_duration, port_range
 from globular.plugins.base import NodeCheck, Plugin, PluginContext
-from globular.plugins.ipcluster.preflight import Requirement, judge
-from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for, parse_duration, port_range
 from globular.providers.base import CommandResult, NodeProvider, Runner, StopResult
 from globular.providers.local import LocalProvider
 from globular.reporting import NullReporter
@@ -370,22 +370,99 @@ def entry_point_modules(group: str) -> set[str]:
     return {value.partition(":")[0] for value in project["entry-points"][group].values()}
 
 
-def test_the_layers_hold():
-    """Nothing outside plugins/ imports the ipcluster plugin (the core finds it through the
-    registry); nothing outside cli/ imports cli/, except ``python -m globular`` and the command
-    modules the CLI itself loads through the ``globular.commands`` entry points."""
-    graph = module_graph()
+ROOMS = (  # the folders and top-level modules of src/globular, lowest first: each imports only those before it
+    "errors", "paths", "results", "aio", "limits", "logs", "node", "spec", "state", "fanout", "reporting",
+    "providers", "plugins", "environment", "registry", "config", "reference", "cluster", "transfer",
+    "operations", "status", "client", "ipcluster", "api", "cli", "__main__",
+)  # fmt: skip
+PLUGIN_API = ("errors", "providers", "reporting", "results", "spec", "state", "plugins")
+
+
+def room_of(module: str) -> str:
+    """A module's room: its folder under globular/, or itself when it is a top-level module."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "globular"
+
+
+def room_graph() -> dict[str, dict[str, set[str]]]:
+    """Room -> rooms it imports -> the modules that do (the package's ``__init__``, its public face, aside)."""
+    rooms: dict[str, dict[str, set[str]]] = {}
+    for name, imports in module_graph().items():
+        if name == "globular":
+            continue
+        for target in imports:
+            if room_of(target) not in (room_of(name), "globular"):
+                rooms.setdefault(room_of(name), {}).setdefault(room_of(target), set()).add(name)
+    return rooms
+
+
+def test_the_rooms_import_downward_only():
+    """The folder-level import graph of src/globular: every room imports only rooms below it in
+    ROOMS (so there is no circle), with no names allowed by exception; plugins/ (the plugin API
+    third parties build on) imports only the API's rooms; nothing outside providers/ names a
+    provider's own module (they are found through the registry); the commands the CLI loads
+    through the globular.commands entry points live in cli/."""
+    graph = room_graph()
+    present = {room_of(n) for n in module_graph()} - {"globular"}
+    assert present <= set(ROOMS), f"rooms missing from ROOMS: {sorted(present - set(ROOMS))}"
+    for room, targets in sorted(graph.items()):
+        for target, by in sorted(targets.items()):
+            assert ROOMS.index(target) < ROOMS.index(room), f"{sorted(by)} ({room}) import {target}, above it"
+    assert set(graph.get("plugins", {})) <= set(PLUGIN_API), graph["plugins"]
+    for name, classes in sorted(provider_classes_named().items()):
+        assert room_of(name) == "providers", f"{name} names a provider's own class: {sorted(classes)}"
     commands = entry_point_modules("globular.commands")
-    assert commands == {"globular.plugins.ipcluster.commands"}
-    for name, imports in sorted(graph.items()):
-        if not name.startswith("globular.plugins"):
-            leaks = {m for m in imports if m.startswith("globular.plugins.ipcluster")}
-            assert leaks == set(), f"{name} imports {sorted(leaks)}"
-        if not name.startswith("globular.cli") and name not in {*commands, "globular.__main__"}:  # python -m globular
-            leaks = {m for m in imports if m == "globular.cli" or m.startswith("globular.cli.")}
-            assert leaks == set(), f"{name} imports {sorted(leaks)}"
-    for name in commands:  # command-line code only: what the commands do is in the plugin's other modules
-        assert not graph[name] & {"globular.registry", "globular.state", "globular.providers.base"}, graph[name]
+    assert {room_of(m) for m in commands} == {"cli"}, commands
+
+
+def provider_classes_named() -> dict[str, set[str]]:
+    """Module -> the providers' and runners' own classes it imports (a subclass of NodeProvider or
+    Runner, not the interface itself), wherever the import is."""
+    import importlib
+
+    from globular.providers.base import NodeProvider, Runner
+
+    found: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        name = ".".join(path.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("globular.providers."):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    value = getattr(module, alias.name, None)
+                    own = isinstance(value, type) and issubclass(value, (NodeProvider, Runner))
+                    if own and value not in (NodeProvider, Runner):
+                        found.setdefault(name, set()).add(alias.name)
+    return found
+
+
+def test_every_verb_asked_of_a_node_is_one_the_node_programs_answer():
+    """What the core and the plugins ask through ``nodeproc`` (a string anywhere in src) is a verb
+    of globular.node, so any provider's runner answers it by running the node programs."""
+    import re
+
+    from globular import node
+
+    asked = {m for path in SRC.rglob("*.py") for m in re.findall(r'nodeproc\(\s*"([a-z_]+)"', path.read_text())}
+    assert asked and asked <= set(node.VERBS), sorted(asked - set(node.VERBS))
+
+
+def test_the_old_ipcluster_path_is_the_same_modules():
+    """globular.plugins.ipcluster[.X] (where the plugin was; users' Lab cluster files name it) is
+    globular.ipcluster[.X], the same module objects, in whichever order they are imported."""
+    import subprocess
+
+    code = (
+        "import globular.plugins.ipcluster.labcluster as a, globular.ipcluster.labcluster as b\n"
+        "from globular.plugins.ipcluster.labpanel import CLASS\n"
+        "import globular.ipcluster.settings as c\n"
+        "from globular.plugins.ipcluster.settings import IPClusterSettings\n"
+        "import importlib\n"
+        "print(a is b, c.IPClusterSettings is IPClusterSettings, b.__spec__.name,"
+        " importlib.import_module(CLASS.rpartition('.')[0]) is b)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True", "True", "globular.ipcluster.labcluster", "True"], done.stderr
 
 
 def every_import(path: Path) -> set[str]:
@@ -565,7 +642,7 @@ def test_the_controllers_ports_are_none_that_other_processes_get_without_asking(
 def test_engine_args_may_not_change_what_globular_sets(arg):
     from pydantic import ValidationError
 
-    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.ipcluster.settings import IPClusterSettings
 
     with pytest.raises(ValidationError, match="globular sets"):
         IPClusterSettings.model_validate({"engine_args": arg})
@@ -574,7 +651,7 @@ def test_engine_args_may_not_change_what_globular_sets(arg):
 def test_engine_env_values_on_one_line_and_bounded():
     from pydantic import ValidationError
 
-    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.ipcluster.settings import IPClusterSettings
 
     assert IPClusterSettings.model_validate({"engine_env": "A=1, B=2"}).engine_env == {"A": "1", "B": "2"}
     with pytest.raises(ValidationError, match="the value of A spans lines"):
@@ -626,7 +703,7 @@ def test_how_engines_start_is_decided_once_in_the_settings():
     and asking for both is refused, naming engine_fork."""
     from pydantic import ValidationError
 
-    from globular.plugins.ipcluster.settings import IPClusterSettings
+    from globular.ipcluster.settings import IPClusterSettings
 
     assert IPClusterSettings.model_validate({}).engine_fork is True
     assert IPClusterSettings.model_validate({"restart_dead_engines": "true"}).engine_fork is False
@@ -671,7 +748,7 @@ def test_nodes_that_share_a_file_system_prune_it_at_once(tmp_path):
 def test_the_top_page_watches_while_asked_and_stops_after(monkeypatch):
     """labtop.Watcher: frames and history while the page asks; closed once nobody asked; an
     error (the cluster gone) shown, and a later request tries again."""
-    from globular.plugins.ipcluster import labtop, top
+    from globular.ipcluster import labtop, top
 
     made: list[FakeWatch] = []
 
@@ -717,7 +794,7 @@ def test_the_top_page_watches_while_asked_and_stops_after(monkeypatch):
 def test_installing_globular_enables_the_top_page():
     import tomllib
 
-    from globular.plugins.ipcluster import labtop
+    from globular.ipcluster import labtop
 
     root = Path(__file__).parent.parent
     files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
@@ -726,7 +803,7 @@ def test_installing_globular_enables_the_top_page():
     assert labtop._jupyter_server_extension_points() == [{"module": labtop.EXTENSION}]
     # the page's script goes into the wheel beside the module, and is the page's
     data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert "labtop.html" in data["globular.plugins.ipcluster"]
+    assert "labtop.html" in data["globular.ipcluster"]
     assert "setTimeout(tick, 1000)" in labtop.page_body() and 'replace(/\\/$/, "")' in labtop.page_body()
 
 
@@ -779,7 +856,7 @@ def test_the_helper_of_the_hosts_python_answers_what_any_python_answers():
 
 
 def test_preflight_answers_are_kept_per_environment_and_question():
-    from globular.plugins.ipcluster.preflight import answers_file, answers_key
+    from globular.ipcluster.preflight import answers_file, answers_key
 
     bare = NodeRecord(name="n", address="a", workdir="/w", cores=1, python="/usr/bin/python3")
     managed = bare.model_copy(update={"data": {"env": {"root": "/w/envs", "name": "e1", "cached": True}}})
@@ -874,8 +951,8 @@ def test_engine_ids_go_to_the_nodes_in_the_records_order_whichever_answers_first
     """The master's engines are 0, 1 ... even when another node's files are written first (the
     ids were claimed after the writes: a GPU test once found the master's GPU engines at e1, e2)."""
     from globular.fanout import each_node
-    from globular.plugins.ipcluster import engines
-    from globular.plugins.ipcluster.roles import DATA_KEY
+    from globular.ipcluster import engines
+    from globular.ipcluster.roles import DATA_KEY
 
     ctx = memory_cluster(tmp_path, ["master", "node001"])
     asyncio.run(ctx.reconcile([], prepare=False))

@@ -1,4 +1,4 @@
-"""The socket monitors of globular's clients (globular.plugins.ipcluster.watch), on real ZeroMQ
+"""The socket monitors of globular's clients (globular.ipcluster.watch), on real ZeroMQ
 sockets in this process: a controller that drops fails the outstanding results once, and the
 monitor never blocks libzmq's I/O thread (which serves every socket of the context)."""
 
@@ -8,7 +8,7 @@ import time
 
 import zmq
 
-from globular.plugins.ipcluster.watch import ControllerWatch, judge, probe
+from globular.ipcluster.watch import ControllerWatch, judge, probe
 
 
 class FakeLoop:
@@ -116,7 +116,7 @@ def test_the_top_pages_watchers_are_for_cluster_names_only_and_go_when_unused(tm
     import pytest
     from tornado import web
 
-    from globular.plugins.ipcluster import labtop
+    from globular.ipcluster import labtop
 
     handler = types.SimpleNamespace(settings={"globular_home": str(tmp_path)})
     for bad in ("x" * 64, "-x", "a/b", ".."):
@@ -132,7 +132,7 @@ def test_the_top_pages_watchers_are_for_cluster_names_only_and_go_when_unused(tm
 def test_a_frame_older_than_three_intervals_is_marked_stale():
     import asyncio
 
-    from globular.plugins.ipcluster import labtop
+    from globular.ipcluster import labtop
 
     async def ask(age: float) -> dict:
         watcher = labtop.Watcher("c", __import__("pathlib").Path("/nonexistent"))

@@ -5,7 +5,13 @@
 (the ipcluster plugin's, found through the plugin registry: see globular.client.connect).
 """
 
+import importlib.abc
+import importlib.util
+import sys
 import warnings
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 
 from globular.errors import GlobularError
 
@@ -25,6 +31,37 @@ def _quiet_libraries() -> None:
 
 
 _quiet_libraries()
+
+
+class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``globular.plugins.ipcluster[.X]`` is ``globular.ipcluster[.X]``, the same module objects:
+    the ipcluster plugin moved out of plugins/ (which holds the plugin API alone), and Lab cluster
+    files, records and users' imports that name the old path keep working."""
+
+    OLD, NEW = "globular.plugins.ipcluster", "globular.ipcluster"
+
+    def __init__(self) -> None:
+        self.specs: dict[str, ModuleSpec | None] = {}  # a module's own spec, given back once aliased
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname != self.OLD and not fullname.startswith(self.OLD + "."):
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType:
+        module = importlib.import_module(self.NEW + spec.name[len(self.OLD) :])
+        self.specs[spec.name] = module.__spec__  # the import system sets the alias's spec on it
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        for alias, own in list(self.specs.items()):
+            if own is not None and own.name == module.__name__:
+                module.__spec__ = self.specs.pop(alias)
+
+
+sys.meta_path.insert(0, _Moved())  # before the path finder, which would load a second copy
 
 __all__ = ["Client", "Cluster", "GlobularError", "__version__", "connect"]
 

@@ -198,12 +198,10 @@ async def add_nodes(
     started = time.monotonic()
     async with opened(name, home, reporter) as ctx:
         ctx.require_running()
-        limit = type(ctx.provider).max_nodes(ctx.provider.settings)
-        if limit is not None and len(ctx.record.desired) + count > limit:
-            raise BadInput(
-                f"-n {count}: the cluster would have {len(ctx.record.desired) + count} nodes; "
-                f"the {ctx.record.spec.provider} provider allows at most {limit}"
-            )
+        total = len(ctx.record.desired) + count
+        problem = None if hosts else type(ctx.provider).size_problem(ctx.provider.settings, total)
+        if problem is not None:  # the rule start checks its size with, checked before anything changes
+            raise BadInput(f"-n {count}: the cluster would have {total} nodes; {problem[1]}")
         plugins = ctx.plugins()
         warm_imports(plugins)
         ctx.record.desired += node_names(count, ctx.record.desired)

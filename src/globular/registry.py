@@ -12,11 +12,12 @@ import importlib
 import logging
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from globular.plugins.base import Plugin
-from globular.providers.base import NodeProvider
-from globular.spec import ClusterSpec
+if TYPE_CHECKING:
+    from globular.plugins.base import Plugin
+    from globular.providers.base import NodeProvider
+    from globular.spec import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def load_object(target: str) -> object:
 
 
 def provider_class(name: str) -> type[NodeProvider]:
+    from globular.providers.base import NodeProvider
+
     targets = _group(PROVIDER_GROUP)
     if name not in targets:
         raise RegistryError(f"unknown provider {name!r} (available: {', '.join(sorted(targets)) or 'none'})")
@@ -106,6 +109,8 @@ def resolve_plugin(setup_class: str) -> tuple[str, type[Plugin]]:
     dotted path (``globular.plugins.ipcluster.IPCluster``), or any importable
     dotted path to a :class:`Plugin` subclass.
     """
+    from globular.plugins.base import Plugin
+
     if setup_class in UNSUPPORTED:
         raise RegistryError(UNSUPPORTED[setup_class])
     targets = _group(PLUGIN_GROUP)
@@ -144,6 +149,8 @@ def _installed(group: str, what: str) -> list[object]:
 
 def plugin_classes() -> list[type[Plugin]]:
     """Every installed plugin class (the ``globular.plugins`` entry points), each once."""
+    from globular.plugins.base import Plugin
+
     found: list[type[Plugin]] = []
     for cls in _installed(PLUGIN_GROUP, "plugin"):
         if isinstance(cls, type) and issubclass(cls, Plugin) and cls not in found:

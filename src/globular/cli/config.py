@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from rich.markup import escape
 
-from globular import operations
-from globular.aio import run_sync
+from globular.cli.group import Later
 from globular.cli.render import output, output_option
-from globular.config import Config
-from globular.environment import clear_wheel_cache
 from globular.errors import BadInput
 from globular.paths import globular_home
-from globular.reference import markdown, reference, resolved, template_settings
+
+if TYPE_CHECKING:
+    from globular import aio, environment, operations, reference
+    from globular import config as configs
+else:  # imported by the commands that use them, when they run
+    aio, configs, environment = Later("globular.aio"), Later("globular.config"), Later("globular.environment")
+    operations, reference = Later("globular.operations"), Later("globular.reference")
 
 
 @click.group("config", short_help="The settings: reference, or a template's.")
@@ -29,9 +34,9 @@ def config_reference(ctx: click.Context, as_markdown: bool) -> None:
     """Every section and key, with its type, default and description: the core's, and those of
     every installed provider and plugin (generated from their settings models)."""
     out = output(ctx)
-    entries = reference()
+    entries = reference.reference()
     if as_markdown:
-        click.echo(markdown(entries), nl=False)
+        click.echo(reference.markdown(entries), nl=False)
         return
 
     def text() -> None:
@@ -66,9 +71,9 @@ def config_show(ctx: click.Context, option_template: str | None, template: str |
         raise BadInput(f"two templates named: {template} and -c {option_template}")
     template = option_template or template
     out = output(ctx)
-    config = Config.load(ctx.find_root().obj["config"])
+    config = configs.Config.load(ctx.find_root().obj["config"])
     spec = config.cluster_spec(template)
-    lines = template_settings(config, spec)
+    lines = reference.template_settings(config, spec)
 
     def text() -> None:
         out.grid([("template", spec.template), ("config file", spec.config_file or "(built-in)")])
@@ -84,7 +89,7 @@ def config_show(ctx: click.Context, option_template: str | None, template: str |
             section = line.section
         out.print(table)
 
-    out.result({**resolved(spec).model_dump(mode="json"), "settings": lines}, text=text)
+    out.result({**reference.resolved(spec).model_dump(mode="json"), "settings": lines}, text=text)
 
 
 @click.group(short_help="Node environments: prune them.")
@@ -106,11 +111,11 @@ def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
     start builds what it needs again (from the wheelhouse cache here, offline).
     """
     out = output(ctx)
-    spec = Config.load(ctx.find_root().obj["config"]).cluster_spec(template)
+    spec = configs.Config.load(ctx.find_root().obj["config"]).cluster_spec(template)
     with out.reporter() as reporter:
-        removed = run_sync(operations.prune_environments(spec, reporter=reporter), sigterm_cancels=True)
+        removed = aio.run_sync(operations.prune_environments(spec, reporter=reporter), sigterm_cancels=True)
     cache = globular_home() / "wheels"
-    count = clear_wheel_cache(cache) if wheels else None
+    count = environment.clear_wheel_cache(cache) if wheels else None
 
     def text() -> None:
         for node, names in removed.items():

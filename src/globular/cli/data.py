@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from rich.markup import escape
 
-from globular import transfer
-from globular.aio import run_sync
+from globular.cli.group import Later
 from globular.cli.render import Output, output, output_option
 from globular.errors import BadInput
 from globular.results import size_text
+
+if TYPE_CHECKING:
+    from globular import aio, transfer
+else:  # imported by the commands that use them, when they run
+    aio, transfer = Later("globular.aio"), Later("globular.transfer")
 
 
 def _show(out: Output, verb: str, transfers: list[transfer.NodeTransfer]) -> None:
@@ -45,7 +51,7 @@ def put(ctx: click.Context, nodes: tuple[str, ...], checksum: bool, name: str, p
         raise BadInput("put needs LOCAL... and REMOTE: `globular put NAME data.csv .`")
     out = output(ctx)
     with out.reporter() as reporter:
-        done = run_sync(
+        done = aio.run_sync(
             transfer.put(name, paths[:-1], paths[-1], nodes=nodes or None, checksum=checksum, reporter=reporter),
             sigterm_cancels=True,
         )
@@ -70,7 +76,7 @@ def get(ctx: click.Context, nodes: tuple[str, ...], checksum: bool, name: str, r
     """
     out = output(ctx)
     with out.reporter() as reporter:
-        done = run_sync(
+        done = aio.run_sync(
             transfer.get(name, remote, local, nodes=nodes or None, checksum=checksum, reporter=reporter),
             sigterm_cancels=True,
         )

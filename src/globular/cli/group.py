@@ -4,6 +4,7 @@ after its name: ``--output`` and ``-v``."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
@@ -12,6 +13,19 @@ import click
 
 from globular.cli.render import output_option
 from globular.logs import FORMAT, LOGGER
+
+
+class Later:
+    """A module imported on first use: the CLI imports what a command needs when it runs, so
+    that ``--help`` and a quick command do not pay for every library (pydantic, asyncssh, the
+    environment builder).  For mypy, each user imports the module itself under TYPE_CHECKING."""
+
+    def __init__(self, module: str) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module(self._module), name)
+
 
 # StarCluster's commands that globular has under another name, or not at all: what to type instead
 INSTEAD = {

@@ -10,34 +10,47 @@ import atexit
 import os
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
 
-from globular import __version__, operations
-from globular.aio import run_sync
+from globular import __version__
 from globular.cli.config import config_group, env
 from globular.cli.data import get, put
-from globular.cli.group import VERBOSITY_HELP, GlobularGroup, every_command_takes_output_and_verbose, log_to_stderr
+from globular.cli.group import (
+    VERBOSITY_HELP,
+    GlobularGroup,
+    Later,
+    every_command_takes_output_and_verbose,
+    log_to_stderr,
+)
 from globular.cli.render import Output, output, output_option
 from globular.cli.ssh import sshmaster, sshnode
-from globular.config import Config
 from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
 from globular.paths import globular_home
 from globular.registry import commands
 from globular.results import age
-from globular.state import StateStore, check_cluster_name
+
+if TYPE_CHECKING:
+    from globular import operations, state
+    from globular.config import Config
+else:  # imported by the commands that use them, when they run
+    operations, state = Later("globular.operations"), Later("globular.state")
 
 
 def run(coro: Any) -> Any:
     """Run a library coroutine; SIGTERM cancels it like Ctrl-C does, so the library's
     cleanup runs (a half-started cluster is undone)."""
+    from globular.aio import run_sync
+
     return run_sync(coro, sigterm_cancels=True)
 
 
 def load_config(ctx: click.Context) -> Config:
+    from globular.config import Config
+
     return Config.load(ctx.find_root().obj["config"])
 
 
@@ -93,7 +106,7 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
     fails, everything already started is stopped again.
     """
     out = output(ctx)
-    check_cluster_name(name)
+    state.check_cluster_name(name)
     spec = load_config(ctx).cluster_spec(template, cluster_size)
     out.say(
         f"Starting cluster [bold]{escape(name)}[/] from template [bold]{escape(spec.template)}[/]: "
@@ -139,7 +152,7 @@ def listclusters(ctx: click.Context) -> None:
     from globular.status import health_of_all, listed
 
     out = output(ctx)
-    records, problems = StateStore(globular_home()).list()
+    records, problems = state.StateStore(globular_home()).list()
     found, warnings = _found_elsewhere(ctx)
     checked = run(health_of_all(records, globular_home())) if records else {}
     rows = [listed(record, checked[record.name]) for record in records]
@@ -194,7 +207,7 @@ def terminate(ctx: click.Context, yes: bool, force: bool, discard_notebooks: boo
     comments) is terminated too.
     """
     out = output(ctx)
-    store = StateStore(globular_home())
+    store = state.StateStore(globular_home())
     if force:
         if not yes:
             click.confirm(f"Force the termination of cluster {name}?", abort=True)
@@ -263,7 +276,7 @@ def check(ctx: click.Context, cluster_size: int | None, template: str | None, na
     """
     out = output(ctx)
     spec = None
-    if not StateStore(globular_home()).exists(name):
+    if not state.StateStore(globular_home()).exists(name):
         spec = load_config(ctx).cluster_spec(template, cluster_size)
     with out.reporter() as reporter:
         checks = run(operations.check(name, spec, reporter=reporter))
@@ -302,7 +315,7 @@ def status(ctx: click.Context, name: str) -> None:
     from globular.status import cluster_status
 
     out = output(ctx)
-    record = StateStore(globular_home()).get(name)
+    record = state.StateStore(globular_home()).get(name)
     report = run(cluster_status(record, globular_home()))
 
     def text() -> None:
@@ -315,10 +328,10 @@ def status(ctx: click.Context, name: str) -> None:
         table = out.table("node", "address", "state", "steps", *extra, "load", "up", "problem")
         for n in report.nodes:
             steps = " ".join(f"{k} {v:.1f}s" for k, v in n.steps.items())
-            state = n.state if not n.problem else f"[red]{n.state}[/]"
+            shown = n.state if not n.problem else f"[red]{n.state}[/]"
             load = "-" if n.load is None else str(n.load)
             columns = (n.columns.get(c, "-") for c in extra)
-            table.add_row(n.name, n.address, state, steps, *columns, load, age(n.uptime), escape(n.problem or ""))
+            table.add_row(n.name, n.address, shown, steps, *columns, load, age(n.uptime), escape(n.problem or ""))
         out.print(table)
         for problem in report.problems:
             out.problem(problem)
@@ -400,7 +413,7 @@ def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
     PLUGIN is a [plugin PLUGIN] section of the config, or a built-in plugin.
     """
     out = output(ctx)
-    record = StateStore(globular_home()).get(name)
+    record = state.StateStore(globular_home()).get(name)
     spec = next((p for p in record.spec.plugins if p.name == plugin), None)
     if spec is None:
         spec = load_config(ctx).plugin_spec(plugin)

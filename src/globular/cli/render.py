@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 import click
-from pydantic import BaseModel
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -43,7 +42,7 @@ def to_data(value: Any) -> Any:
         return to_data(value.to_dict())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, BaseModel):
+    if hasattr(value, "model_dump") and hasattr(type(value), "model_fields"):  # a pydantic model
         return value.model_dump(mode="json")
     if isinstance(value, dict):
         return {str(k): to_data(v) for k, v in value.items()}

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
+from globular.cli.group import Later
 from globular.cli.render import output, output_option
-from globular.client.nodeshell import open_shell, run_on_node
 from globular.errors import BadInput
+
+if TYPE_CHECKING:
+    from globular.client import nodeshell
+else:  # imported by the commands that use it, when they run
+    nodeshell = Later("globular.client.nodeshell")
 
 # Everything after the cluster (and the node) is the remote command, its options included, as with
 # `ssh HOST COMMAND`: globular's own options go before NAME.
@@ -74,9 +81,9 @@ def sshnode(ctx: click.Context, user: str | None, name: str, node: str, command:
 def _node_shell(ctx: click.Context, name: str, node: str, user: str | None, command: tuple[str, ...]) -> None:
     out = output(ctx)
     if not out.json:
-        ctx.exit(open_shell(name, node, user=user, command=" ".join(command) or None))
+        ctx.exit(nodeshell.open_shell(name, node, user=user, command=" ".join(command) or None))
     if not command:
         raise BadInput("with --output json, give a COMMAND to run (an interactive shell is not a document)")
-    done = run_on_node(name, node, user=user, command=" ".join(command))
+    done = nodeshell.run_on_node(name, node, user=user, command=" ".join(command))
     out.result(done, ok=done.returncode == 0, text=lambda: None)
     ctx.exit(done.returncode)

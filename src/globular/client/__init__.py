@@ -3,6 +3,6 @@
 on its nodes (:mod:`globular.client.nodeshell`).
 
 ipyparallel's own client side (``globular.Client``, the JupyterLab panel's cluster class) is
-the ipcluster plugin's: :mod:`globular.plugins.ipcluster.client` and
-:mod:`globular.plugins.ipcluster.labcluster`, reached from here through the plugin registry.
+the ipcluster plugin's: :mod:`globular.ipcluster.client` and
+:mod:`globular.ipcluster.labcluster`, reached from here through the plugin registry.
 """

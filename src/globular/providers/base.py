@@ -31,7 +31,13 @@ The contract, for whoever writes one (a provider registers under the
   subclasses :class:`globular.providers.helper.HelperRunner` and says only how the node's
   one long-lived helper starts (``start_helper``: SSH runs ``serve`` on a channel, Slurm a
   ``relay`` in a job step); the base starts it on first use and again when it ended or the
-  node's Python changed.
+  node's Python changed.  The verbs a node answers, whatever its provider, are
+  :data:`globular.node.VERBS`: ``prepare`` (its folder, 0700), ``facts``/``node_facts``,
+  ``spawn``/``alive``/``stop``/``sweep`` (processes, by pid and start time, and by mark),
+  ``tree``/``chunk_read``/``chunk_write``/``sha256`` (files), ``remove_dir`` (a marked folder,
+  when the node goes), ``env_*`` (its Python environment), ``free_ports``, ``addresses``,
+  ``tail``/``logs``, ``read_json``/``write``; a provider answers them all by running the node
+  programs there, and overrides a method only to do better (SFTP for files).
 - **Progress.** ``create_nodes`` calls ``on_ready(node)`` for each node as it is usable and
   ``self.on_step(node, step)`` as it reaches a step of :data:`globular.reporting.NODE_STEPS`
   (``provision``, ``ssh``; the later steps are the core's and the plugins'); a provider
@@ -48,8 +54,13 @@ The contract, for whoever writes one (a provider registers under the
 - **What a node must have** (ipyparallel, a packer's module) is the plugins' business:
   they ask in their preflight.  A provider never names them; with ``default_environment =
   "managed"`` globular builds each node's Python environment (``envs_dir``).
-- **Optional:** ``status`` (columns and problems for ``globular status``), ``shell_argv``
-  (how ``sshnode`` opens a shell), ``login_key`` (the key the printed ``Client`` line
+- **How a node is reached from here**, for every provider (the defaults fit nodes that are
+  this machine): :meth:`NodeProvider.shell_argv` (a shell or a command on a node, for
+  ``sshnode``/``sshmaster``), :meth:`Runner.forward_port` (a port as the node sees it, for
+  ``globular.Client``, the notebook forward and ``top``), :meth:`Runner.port_refuses` (why
+  nothing answers there), :meth:`NodeProvider.login_with` (a key given by the user).  No
+  caller looks at the provider's class or parses ``login``.
+- **Optional:** ``status`` (columns and problems for ``globular status``), ``login_key`` (the key the printed ``Client`` line
   names), ``discover`` (clusters found without a record), ``max_nodes``/``size_problem``
   (bounds checked before anything is recorded), ``config_values`` (keys read from other
   sections of the config, as EC2's ``[aws info]``).
@@ -58,45 +69,35 @@ The contract, for whoever writes one (a provider registers under the
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import os
-import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from globular import node
-from globular.errors import CommandError, GlobularError, NodeError
+from globular.errors import BadInput, GlobularError
+from globular.providers.runner import (
+    CHUNK,
+    NODE_SCRIPTS,
+    NODE_SOURCE,
+    CommandResult,
+    NodeShell,
+    ProcessSpec,
+    Runner,
+    StopResult,
+    display,
+    process_mark,
+)
 from globular.reporting import NullReporter, Reporter
 from globular.spec import ClusterSpec, Settings
 from globular.spec import Settings as SettingsModel
-from globular.state import NodeRecord, ProcessRecord
+from globular.state import NodeRecord
 
-NODE_SOURCE = node.SOURCE  # the node programs, joined: run as ``python -c NODE_SOURCE VERB``
-# scripts sent to the nodes as ``python -c SOURCE``: shown by module name in messages
-NODE_SCRIPTS = {NODE_SOURCE: "globular.node"}
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@dataclass
-class ProcessSpec:
-    """A process to start on a node."""
-
-    argv: list[str]
-    log: str
-    role: str
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    ident: str | None = None  # kept in its record as given (an engine's id), never parsed back
+__all__ = [
+    "CHUNK", "NODE_SCRIPTS", "NODE_SOURCE", "CommandResult", "NodeProvider", "NodeShell", "ProcessSpec",
+    "ProviderStatus", "Runner", "StopResult", "display", "process_mark",
+]  # fmt: skip
 
 
 @dataclass
@@ -107,213 +108,6 @@ class ProviderStatus:
     node_problems: dict[str, str] = field(default_factory=dict)  # node -> what is wrong with it
     node_states: dict[str, str] = field(default_factory=dict)  # node -> its state, where a problem says
     warnings: list[str] = field(default_factory=list)  # the cluster works, but soon may not
-
-
-@dataclass(frozen=True)
-class StopResult:
-    stopped: int
-    killed: int
-    remaining: list[ProcessRecord]
-
-
-def process_mark(home: Path, cluster: str, node: str | None = None) -> str:
-    """What every process globular starts for ``cluster`` carries as GLOBULAR_MARK in its
-    environment: ``<home id>/<cluster>/<node>`` (without a node: the prefix of every node's).
-    The home id keeps clusters of the same name under other globular homes apart."""
-    home_id = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
-    return f"{home_id}/{cluster}" + (f"/{node}" if node else "")
-
-
-CHUNK = 1 << 20  # bytes per request when files go through the node programs
-
-
-def display(argv: list[str]) -> str:
-    """A command for messages; the process-control script is shown by name."""
-    if len(argv) >= 3 and argv[1] == "-c" and argv[2] in NODE_SCRIPTS:
-        argv = [argv[0], "-m", NODE_SCRIPTS[argv[2]], *argv[3:]]
-    return shlex.join(argv)
-
-
-class Runner(ABC):
-    """Does work on one node."""
-
-    def __init__(self, node: NodeRecord):
-        self.node = node
-        self.mark: str | None = None  # GLOBULAR_MARK of the processes it starts (set by its provider)
-
-    @abstractmethod
-    async def run(
-        self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
-    ) -> CommandResult:
-        """Run ``argv`` on the node; with ``check``, a non-zero exit raises CommandError."""
-
-    @abstractmethod
-    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        """Write ``data`` to ``path`` on the node (atomically, with ``mode``)."""
-
-    async def close(self) -> None:
-        """Release connections."""
-
-    async def forward_port(self, host: str, port: int, local_port: int = 0) -> tuple[str, int]:
-        """An address on this machine that reaches ``host:port`` as the node sees it
-        (at ``local_port`` when one is asked for and forwarding is needed).
-
-        Local nodes need no forwarding; remote runners tunnel through their connection.
-        """
-        return host, port
-
-    # -- process control, the same on every provider ---------------------
-
-    async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
-        """Ask the node's ``globular.node`` (standard library only, sent with the command)
-        to do ``verb`` with ``request``; its JSON answer."""
-        result = await self.run(
-            [self.node.python, "-c", NODE_SOURCE, verb], input=json.dumps(request).encode(), timeout=timeout
-        )
-        try:
-            return json.loads(result.stdout)
-        except ValueError:
-            raise CommandError(
-                self.node.name, f"globular.node {verb}", result.returncode, result.stderr, result.stdout
-            ) from None
-
-    async def spawn(self, specs: list[ProcessSpec]) -> list[ProcessRecord]:
-        """Start detached processes; they outlive this runner and the globular process."""
-        if not specs:
-            return []
-        request = {
-            "procs": [{"argv": s.argv, "log": s.log, "env": s.env, "cwd": s.cwd} for s in specs],
-            "mark": self.mark,
-        }
-        spawning = asyncio.ensure_future(self.nodeproc("spawn", request))
-        try:
-            started = await asyncio.shield(spawning)
-        except asyncio.CancelledError:
-            # interrupted while the node starts them: let it finish, and stop what it started
-            # (the caller, cancelled, would never record them)
-            started = await spawning
-            procs = [
-                ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, ident=s.ident)
-                for p, s in zip(started, specs)
-            ]
-            await self.stop(procs, timeout=5)
-            raise
-        return [
-            ProcessRecord(pid=p["pid"], start=p["start"], role=s.role, log=s.log, ident=s.ident)
-            for p, s in zip(started, specs)
-        ]
-
-    async def alive(self, procs: list[ProcessRecord]) -> list[bool]:
-        if not procs:
-            return []
-        alive: list[bool] = await self.nodeproc("alive", {"procs": [p.model_dump() for p in procs]})
-        return alive
-
-    async def stop(self, procs: list[ProcessRecord], timeout: float = 10.0) -> StopResult:
-        """SIGTERM each process group, SIGKILL after ``timeout`` s; returns what it did."""
-        if not procs:
-            return StopResult(0, 0, [])
-        reply = await self.nodeproc(
-            "stop", {"procs": [p.model_dump() for p in procs], "timeout": timeout}, timeout=timeout + 30
-        )
-        remaining = [ProcessRecord.model_validate(p) for p in reply["remaining"]]
-        if remaining:
-            pids = ", ".join(str(p.pid) for p in remaining)
-            raise NodeError(self.node.name, f"processes {pids} survived SIGKILL")
-        return StopResult(reply["stopped"], reply["killed"], remaining)
-
-    # -- files in and out (``globular put`` / ``get``) ---------------------
-
-    async def tree(
-        self, root: str, skip: Sequence[str] = (), hidden: bool = True, envs: bool = True, sweep: bool = True
-    ) -> dict[str, Any]:
-        """What ``root`` holds on the node (:func:`globular.node.transfer.list_tree`); ``sweep``:
-        first remove what killed transfers left there (:func:`globular.node.transfer.sweep_parts`)."""
-        request = {"root": root, "skip": list(skip), "hidden": hidden, "envs": envs, "sweep": sweep}
-        found: dict[str, Any] = await self.nodeproc("tree", request, timeout=120)
-        return found
-
-    async def upload(self, local: Path, remote: str, progress: Callable[[int], None]) -> None:
-        """Copy file ``local`` to the absolute path ``remote`` on the node, under a temporary name
-        renamed once whole, with ``local``'s mtime; ``progress(n)`` for every n bytes sent.  This
-        default goes in chunks through the node programs (a Slurm job's helper); runners with a
-        file channel of their own (SFTP) do better."""
-        import base64
-        import secrets
-
-        st = local.stat()
-        tag = secrets.token_hex(4)
-        offset = 0
-        try:
-            with local.open("rb") as f:
-                while True:
-                    block = await asyncio.to_thread(f.read, CHUNK)
-                    last = offset + len(block) >= st.st_size
-                    request = {"path": remote, "tag": tag, "offset": offset, "data": base64.b64encode(block).decode(),
-                               "last": last, "mtime": int(st.st_mtime), "mode": st.st_mode & 0o777}  # fmt: skip
-                    await self.nodeproc("chunk_write", request, timeout=120)
-                    offset += len(block)
-                    progress(len(block))
-                    if last:
-                        return
-        except BaseException:
-            await asyncio.shield(self._discard(remote, tag))
-            raise
-
-    async def _discard(self, remote: str, tag: str) -> None:
-        try:
-            await self.nodeproc("discard_part", {"path": remote, "tag": tag}, timeout=30)
-        except GlobularError:
-            pass
-
-    async def download(self, remote: str, local: Path, size: int, mtime: int, progress: Callable[[int], None]) -> None:
-        """Copy file ``remote`` (``size`` bytes) of the node to ``local``, under a temporary name
-        renamed once whole, with mtime ``mtime``."""
-        import base64
-
-        part = local.with_name(f".{local.name}.part-{os.getpid()}")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with part.open("wb") as f:
-                offset = 0
-                while offset < size:
-                    request = {"path": remote, "offset": offset, "size": CHUNK}
-                    data = base64.b64decode(await self.nodeproc("chunk_read", request, timeout=120))
-                    if not data:
-                        raise NodeError(self.node.name, f"{remote} shrank while it was read ({offset} of {size} bytes)")
-                    await asyncio.to_thread(f.write, data)
-                    offset += len(data)
-                    progress(len(data))
-            os.utime(part, (mtime, mtime))
-            os.replace(part, local)
-        finally:
-            part.unlink(missing_ok=True)
-
-    async def sha256(self, paths: list[str]) -> dict[str, str | None]:
-        found: dict[str, str | None] = await self.nodeproc("sha256", {"paths": paths}, timeout=600)
-        return found
-
-    async def tail(self, path: str, nbytes: int = 4000) -> str:
-        text: str = await self.nodeproc("tail", {"path": path, "bytes": nbytes})
-        return text
-
-    async def wait_files(self, paths: list[str], *, watch: list[ProcessRecord], timeout: float) -> dict[str, Any]:
-        """Wait for JSON files to appear; fails with the log of a watched process that died."""
-        reply = await self.nodeproc(
-            "wait_files",
-            {"files": paths, "watch": [p.model_dump() for p in watch], "timeout": timeout},
-            timeout=timeout + 30,
-        )
-        if "files" in reply:
-            files: dict[str, Any] = reply["files"]
-            return files
-        if "dead" in reply:
-            dead = [p for p in watch if p.pid in {d["pid"] for d in reply["dead"]}]
-            proc = dead[0] if dead else watch[0]
-            log = await self.tail(proc.log) if proc.log else ""
-            raise NodeError(self.node.name, f"{proc.role} (pid {proc.pid}) exited; its log ({proc.log}) ends:", log)
-        names = ", ".join(paths)
-        raise NodeError(self.node.name, f"timed out after {timeout:g}s waiting for {names}")
 
 
 class NodeProvider(ABC):
@@ -458,10 +252,25 @@ class NodeProvider(ABC):
         """What the provider knows of ``nodes`` beyond their processes (default: nothing)."""
         return None
 
-    def shell_argv(self, node: NodeRecord, command: str | None) -> list[str] | None:
-        """How ``globular sshnode`` opens a shell on ``node`` (or runs ``command`` there), if the
-        provider has its own way (Slurm: ``srun --pty``); None: ssh, or a local shell."""
-        return None
+    def shell_argv(self, node: NodeRecord, command: str | None, user: str | None = None) -> NodeShell:
+        """How ``globular sshnode`` opens a shell on ``node`` (or runs ``command`` there), run
+        here: ``ssh`` with the cluster's key for machines reached by SSH, ``srun --pty`` for a
+        Slurm job's node.  This default: the node is this machine, so the user's shell in the
+        node's folder.  ``user`` (log in as): only providers that log in take it."""
+        if not node.is_local:
+            raise GlobularError(f"{node.name}: the {self.name} provider opens no shell on its nodes")
+        if user:
+            raise BadInput(f"{node.name} of {self.cluster!r} is a {self.name} node: it takes no --user")
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        argv = [shell] if command is None else ["/bin/sh", "-c", command]
+        env = dict(
+            os.environ, IPYTHONDIR=f"{node.workdir}/.ipython", GLOBULAR_NODE=node.name, GLOBULAR_CLUSTER=self.cluster
+        )
+        return NodeShell(argv, cwd=node.workdir, env=env)
+
+    def login_with(self, key: str) -> None:
+        """Log in to the nodes with the private key file ``key`` instead of the configured one
+        (``Client(path, sshkey=...)`` of a cluster's file).  Providers without a login ignore it."""
 
     async def discover(self) -> dict[str, list[NodeRecord]]:
         """Clusters this provider's account holds, whoever started them: name → nodes.

@@ -40,6 +40,7 @@ from globular.providers.base import (
     NODE_SOURCE,
     CommandResult,
     NodeProvider,
+    NodeShell,
     ProviderStatus,
     Runner,
     StopResult,
@@ -204,11 +205,13 @@ class SlurmProvider(NodeProvider):
     def _cluster_dir(self) -> Path:
         return Path(self.settings.remote_dir).expanduser() / self.cluster
 
-    def shell_argv(self, node: NodeRecord, command: str | None) -> list[str] | None:
+    def shell_argv(self, node: NodeRecord, command: str | None, user: str | None = None) -> NodeShell:
+        if user:
+            raise BadInput(f"{node.name} of {self.cluster!r} is a {self.name} node: it takes no --user")
         job = node.data.get("job_id")
         base = ["srun", f"--jobid={job}", "--overlap", "--nodes=1", "--ntasks=1", f"--chdir={node.workdir}"]
-        return base + (
-            ["--pty", os.environ.get("SHELL") or "/bin/sh"] if command is None else ["/bin/sh", "-c", command]
+        return NodeShell(
+            base + (["--pty", os.environ.get("SHELL") or "/bin/sh"] if command is None else ["/bin/sh", "-c", command])
         )
 
     # -- jobs -------------------------------------------------------------------

@@ -16,14 +16,12 @@ wheels, process requests) travels on stdin, never on a command line.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import posixpath
-import secrets
 import shlex
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +31,14 @@ import tenacity
 from globular.errors import (
     BadInput,
     CommandError,
-    CommandTimeout,
-    ConnectionLost,
-    FileFailed,
     GlobularError,
     HostUnreachable,
     NodeError,
 )
 from globular.fanout import each_node
 from globular.paths import private_dir
-from globular.providers.base import NODE_SOURCE, CommandResult, NodeProvider, Runner, display
-from globular.providers.helper import HelperRunner, NodeHelper
+from globular.providers.base import NodeProvider, NodeShell, Runner
+from globular.providers.ssh_runner import SSHRunner
 from globular.providers.ssh_settings import (
     RemoteSettings,
     SSHHost,
@@ -51,7 +46,6 @@ from globular.providers.ssh_settings import (
     SSHSettings,
     hosts_in_order,
 )
-from globular.results import size_text
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
@@ -59,190 +53,6 @@ log = logging.getLogger(__name__)
 MAX_ENGINES_PER_NODE = 1024
 CONNECT_ATTEMPTS = 6  # when the host's sshd drops new connections (MaxStartups)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
-
-
-SFTP_BLOCK = 128 * 1024  # bytes per SFTP request (asyncssh's default, 16 KiB, costs a round of Python work per 16 KiB)
-
-
-def _by_increments(progress: Callable[[int], None]) -> Callable[[bytes, bytes, int, int], None]:
-    """asyncssh's progress handler (bytes copied so far) as ``progress(bytes since the last call)``."""
-    done = 0
-
-    def handler(_src: bytes, _dst: bytes, copied: int, _total: int) -> None:
-        nonlocal done
-        progress(copied - done)
-        done = copied
-
-    return handler
-
-
-class SSHRunner(HelperRunner):
-    """Runs commands on a node over one SSH connection (opened on first use)."""
-
-    def __init__(self, node: NodeRecord, connect: Callable[[], Awaitable[asyncssh.SSHClientConnection]]):
-        super().__init__(node)
-        self._connect = connect
-        self._conn: asyncssh.SSHClientConnection | None = None
-        self._lock = asyncio.Lock()
-        self._forwards: dict[tuple[str, int], asyncssh.SSHListener] = {}
-        self._sftp: asyncssh.SFTPClient | None = None
-
-    async def connection(self) -> asyncssh.SSHClientConnection:
-        async with self._lock:
-            if self._conn is None:
-                self._conn = await self._connect()
-            return self._conn
-
-    async def start_helper(self) -> NodeHelper:
-        conn = await self.connection()
-        command = self._command([self.node.python, "-c", NODE_SOURCE, "serve"])
-        log.debug("%s (%s): starting its helper", self.node.name, self.node.login)
-        try:
-            return await NodeHelper.start(conn, self.node.name, self.node.python, command)
-        except (asyncssh.Error, OSError) as exc:
-            raise ConnectionLost(self.node.name, "globular.node serve", str(exc)) from None
-
-    def _command(self, argv: list[str]) -> str:
-        return f"cd {shlex.quote(self.node.workdir)} 2>/dev/null; exec {shlex.join(argv)}"
-
-    async def run(
-        self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
-    ) -> CommandResult:
-        return await self._run(self._command(argv), display(argv), input=input, timeout=timeout, check=check)
-
-    async def _run(
-        self, command: str, shown: str, *, input: bytes | None, timeout: float | None, check: bool
-    ) -> CommandResult:
-        conn = await self.connection()
-        log.debug("%s (%s): %s", self.node.name, self.node.login, shown)
-        try:
-            done = await conn.run(command, input=input, encoding=None, timeout=timeout, check=False)
-        except asyncssh.TimeoutError:
-            raise CommandTimeout(self.node.name, shown, timeout) from None
-        except (asyncssh.Error, OSError) as exc:
-            raise ConnectionLost(self.node.name, shown, f"ssh connection to {self.node.login} lost: {exc}") from None
-        returncode = done.exit_status if done.exit_status is not None else 255
-        out, err = done.stdout or b"", done.stderr or b""
-        assert isinstance(out, bytes) and isinstance(err, bytes)  # encoding=None
-        result = CommandResult(returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-        if check and returncode != 0:
-            raise CommandError(self.node.name, shown, returncode, result.stderr, result.stdout)
-        return result
-
-    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        if not posixpath.isabs(path):
-            path = posixpath.join(self.node.workdir, path)
-        if self.helper_running:  # one round trip, no new shell
-            await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
-            return
-        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-        q = shlex.quote
-        command = (
-            f"umask 077 && mkdir -p {q(posixpath.dirname(path))} && cat > {q(tmp)} "
-            f"&& chmod {mode:o} {q(tmp)} && mv -f {q(tmp)} {q(path)}"
-        )
-        await self._run(command, f"write {path}", input=data, timeout=60, check=True)
-
-    async def _sftp_client(self) -> asyncssh.SFTPClient:
-        conn = await self.connection()
-        async with self._lock:
-            if self._sftp is None:
-                self._sftp = await conn.start_sftp_client()
-            return self._sftp
-
-    async def upload(self, local: Path, remote: str, progress: Callable[[int], None]) -> None:
-        """Over SFTP on the node's own SSH connection: to a temporary name, renamed once whole.
-        Names travel as bytes: one that is not UTF-8 arrives as it is."""
-        sftp = await self._sftp_client()
-        target = os.fsencode(remote)
-        part = posixpath.join(
-            posixpath.dirname(target), b"." + posixpath.basename(target) + f".part-{secrets.token_hex(4)}".encode()
-        )
-        try:
-            await sftp.makedirs(posixpath.dirname(target), exist_ok=True)
-            await sftp.put(
-                os.fsencode(local),
-                part,
-                preserve=True,
-                block_size=SFTP_BLOCK,
-                progress_handler=_by_increments(progress),
-            )
-            await sftp.posix_rename(part, target)
-        except BaseException as exc:
-            await asyncio.shield(self._remove_quietly(sftp, part))
-            if isinstance(exc, asyncssh.SFTPError):  # the node's sftp-server refused (it says only "Failure")
-                why = (
-                    await self._no_room(sftp, target, local.stat().st_size)
-                    or f"the node's SFTP server said {exc.reason!r}"
-                )
-                raise NodeError(self.node.name, f"cannot write {remote}: {why}") from None
-            if isinstance(exc, OSError):  # this side: the file to send
-                raise FileFailed("read", local, exc) from None
-            if isinstance(exc, asyncssh.Error):
-                raise ConnectionLost(self.node.name, f"sftp put {remote}", str(exc)) from None
-            raise
-
-    async def download(self, remote: str, local: Path, size: int, mtime: int, progress: Callable[[int], None]) -> None:
-        sftp = await self._sftp_client()
-        local.parent.mkdir(parents=True, exist_ok=True)
-        part = local.with_name(f".{local.name}.part-{secrets.token_hex(4)}")
-        try:  # no preserve: the node's mode bits are not taken (see transfer.get), its mtime is
-            await sftp.get(
-                os.fsencode(remote), os.fsencode(part), block_size=SFTP_BLOCK, progress_handler=_by_increments(progress)
-            )
-            os.utime(part, (mtime, mtime))
-            os.replace(part, local)
-        except asyncssh.SFTPError as exc:  # the node's sftp-server refused
-            raise NodeError(self.node.name, f"cannot read {remote}: {exc.reason}") from None
-        except OSError as exc:  # this side: a full disk, a folder not writable
-            raise FileFailed("write", local, exc) from None
-        except asyncssh.Error as exc:
-            raise ConnectionLost(self.node.name, f"sftp get {remote}", str(exc)) from None
-        finally:
-            part.unlink(missing_ok=True)
-
-    @staticmethod
-    async def _no_room(sftp: asyncssh.SFTPClient, target: bytes, size: int) -> str:
-        """``no room: 12 KB free in /x for 200 MB (a full disk)`` when that is why a write
-        failed (OpenSSH's sftp-server says only "Failure"), else empty."""
-        folder = posixpath.dirname(target)
-        try:
-            found = await sftp.statvfs(folder)
-        except (asyncssh.Error, OSError):
-            return ""
-        free = found.bavail * found.frsize
-        if free >= size:
-            return ""
-        return f"no room: {size_text(free)} free in {os.fsdecode(folder)} for {size_text(size)} (a full disk)"
-
-    @staticmethod
-    async def _remove_quietly(sftp: asyncssh.SFTPClient, path: bytes) -> None:
-        try:
-            await sftp.remove(path)
-        except (asyncssh.Error, OSError):
-            pass
-
-    async def forward_port(self, host: str, port: int, local_port: int = 0) -> tuple[str, int]:
-        if (host, port) not in self._forwards:
-            conn = await self.connection()
-            self._forwards[(host, port)] = await conn.forward_local_port("127.0.0.1", local_port, host, port)
-        return "127.0.0.1", self._forwards[(host, port)].get_port()
-
-    async def close(self) -> None:
-        await self.close_helper()
-        if self._sftp is not None:
-            self._sftp.exit()
-            self._sftp = None
-        forwards, self._forwards = list(self._forwards.values()), {}
-        for listener in forwards:
-            listener.close()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-            try:
-                await asyncio.wait_for(conn.wait_closed(), 5)
-            except (TimeoutError, OSError, asyncssh.Error):
-                pass
 
 
 class RemoteProvider(NodeProvider):
@@ -253,6 +63,7 @@ class RemoteProvider(NodeProvider):
     settings: RemoteSettings
     default_environment = "managed"
     remote_nodes = True
+    _key_given: str | None = None  # login_with's
 
     @abstractmethod
     def ssh_options(self) -> SSHOptions:
@@ -264,6 +75,25 @@ class RemoteProvider(NodeProvider):
     def login_key(self) -> str | None:
         key = self.ssh_options().key
         return str(Path(key).expanduser()) if key else None
+
+    def login_with(self, key: str) -> None:
+        self._key_given = key
+
+    def shell_argv(self, node: NodeRecord, command: str | None, user: str | None = None) -> NodeShell:
+        """``ssh`` with the cluster's key, port and known_hosts (OpenSSH's own client: a terminal
+        that behaves as the user's ``ssh`` does); a command runs in the node's folder."""
+        options = self.ssh_options()
+        host = SSHHost.parse(node.login) if node.login else self._host(node)  # the user it logged in as
+        argv = ["ssh", "-p", str(host.port)]
+        if options.key:
+            argv += ["-i", str(Path(options.key).expanduser())]
+        if options.known_hosts:
+            argv += ["-o", f"UserKnownHostsFile={options.known_hosts}"]
+        argv += ["-o", "StrictHostKeyChecking=" + ("accept-new" if options.accept_new_host_keys else "yes")]
+        argv.append(f"{user or host.user or self.settings.user or ''}@{host.host}".removeprefix("@"))
+        if command is not None:
+            argv += ["--", f"cd {shlex.quote(node.workdir)} 2>/dev/null; {command}"]
+        return NodeShell(argv)
 
     # -- connecting ------------------------------------------------------------
 
@@ -293,6 +123,7 @@ class RemoteProvider(NodeProvider):
         (:class:`HostUnreachable` when it does not answer).  ``key``: a private key file to
         log in with instead of the provider's."""
         ssh = self.ssh_options()
+        key = key or self._key_given
         if not key and ssh.key and not Path(ssh.key).expanduser().is_file():
             raise GlobularError(f"{ssh.key_setting} {ssh.key} does not exist")
         limit = self.settings.connect_timeout
@@ -438,7 +269,10 @@ class SSHProvider(RemoteProvider):
         assert isinstance(settings, SSHSettings)
         count = len(hosts_in_order(settings))
         if size > count:
-            return "node_hosts", f"{size} nodes asked for, but there are only {count} hosts"
+            return "node_hosts", (
+                f"{size} nodes asked for, but there are only {count} hosts in node_hosts "
+                "(add hosts there, or name a new one with addnode --host)"
+            )
         return None
 
     def ssh_options(self) -> SSHOptions:

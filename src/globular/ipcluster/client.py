@@ -41,9 +41,17 @@ import ipyparallel
 
 from globular.aio import LoopThread
 from globular.errors import GlobularError
+from globular.ipcluster.controller import (
+    CLUSTER_KEY,
+    PORT_KEYS,
+    forwarded_info,
+    reachable_info,
+    record_data,
+    with_serverkey,
+)
+from globular.ipcluster.watch import ControllerWatch, HandshakeWatch, watch_controller
 from globular.paths import globular_home
-from globular.plugins.ipcluster.controller import CLUSTER_KEY, PORT_KEYS, forwarded_info, record_data, with_serverkey
-from globular.plugins.ipcluster.watch import ControllerWatch, HandshakeWatch, watch_controller
+from globular.providers.base import Runner
 from globular.providers.ssh_settings import SSHHost
 from globular.state import ClusterRecord, StateStore
 
@@ -127,13 +135,13 @@ class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no ty
 
     def gpu_engines(self) -> dict[int, str]:
         """Engine id -> the UUID of the GPU it holds (``gpu_engines``); CPU engines are left out."""
-        from globular.plugins.ipcluster.gpus import gpu_engines
+        from globular.ipcluster.gpus import gpu_engines
 
         return gpu_engines(self)
 
     def gpu_view(self) -> Any:
         """A DirectView over the GPU engines only: ``rc.gpu_view().map_sync(train, shards)``."""
-        from globular.plugins.ipcluster.gpus import gpu_view
+        from globular.ipcluster.gpus import gpu_view
 
         return gpu_view(self)
 
@@ -151,7 +159,7 @@ class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no ty
 
 def connect(name: str, *, home: Path | None = None, timeout: float = 10.0) -> Client:
     """A ready :class:`Client` for running cluster ``name`` (``globular.connect``)."""
-    from globular.plugins.ipcluster.controller import connection_info
+    from globular.ipcluster.controller import connection_info
 
     home = home or globular_home()
     record = StateStore(home).get(name)
@@ -319,6 +327,7 @@ class _Tunnel:
         self.cluster = cluster
         self.timeout = timeout
         self.provider: Any = None
+        self.runner: Runner | None = None  # the master's, when the cluster is known: its provider reaches it
         self.conn: asyncssh.SSHClientConnection | None = None
         self.far: dict[int, tuple[str, int]] = {}  # a forwarded port here -> the controller's (host, port)
         self.thread = LoopThread("globular-client-tunnel")
@@ -344,20 +353,38 @@ class _Tunnel:
     async def _far_end_refuses(self, local_url: str) -> str | None:
         port = int(local_url.rsplit(":", 1)[1])
         far = self.far.get(port)
-        if far is None or self.conn is None:
+        if far is None:
             return None
-        try:
-            _, writer = await self.conn.open_connection(*far)
-        except asyncssh.ChannelOpenError as exc:
-            return (
-                f"nothing listens at the controller's address {far[0]}:{far[1]} on {self.host} ({exc.reason}): "
-                "the controller is not running (`globular status` says why; `globular restart-controller` "
-                "starts a new one)"
-            )
-        writer.close()
-        return None
+        if self.runner is not None:
+            why = await self.runner.port_refuses(*far)
+        elif self.conn is not None:
+            try:
+                _, writer = await self.conn.open_connection(*far)
+            except asyncssh.ChannelOpenError as exc:
+                why = exc.reason or "refused"
+            else:
+                writer.close()
+                why = None
+        else:
+            return None
+        if why is None:
+            return None
+        return (
+            f"nothing listens at the controller's address {far[0]}:{far[1]} on {self.host} ({why}): "
+            "the controller is not running (`globular status` says why; `globular restart-controller` "
+            "starts a new one)"
+        )
 
     async def _forward(self, info: dict[str, Any]) -> dict[str, Any]:
+        if self.cluster is not None:  # the cluster's own provider reaches its master: its key, user and known_hosts
+            from globular.registry import make_provider
+
+            record, home = self.cluster
+            self.provider = make_provider(record.spec, cluster=record.name, home=home)
+            if self.key:
+                self.provider.login_with(self.key)
+            self.runner = self.provider.runner(record.master)
+            return await reachable_info(self.runner, info, self.far)
         conn = await self._connection()
 
         async def forward(host: str, port: int) -> int:
@@ -370,15 +397,7 @@ class _Tunnel:
         return forwarded
 
     async def _connection(self) -> asyncssh.SSHClientConnection:
-        if self.cluster is not None:  # the cluster's own connection: its key, user and known_hosts
-            from globular.providers.ssh import RemoteProvider
-            from globular.registry import make_provider
-
-            record, home = self.cluster
-            self.provider = make_provider(record.spec, cluster=record.name, home=home)
-            if isinstance(self.provider, RemoteProvider):
-                self.conn = await self.provider.connect(self.host, key=self.key)
-                return self.conn
+        """A connection of its own, for a connection file that is not a known cluster's."""
         known_hosts = Path("~/.ssh/known_hosts").expanduser()
         if not known_hosts.is_file():
             raise TunnelError(

@@ -22,30 +22,30 @@ from typing import TYPE_CHECKING, Any
 
 from globular.errors import BadInput, GlobularError
 from globular.fanout import each_node
-from globular.paths import connection_file_path, write_private
-from globular.plugins.base import NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
-from globular.plugins.ipcluster.controller import (
+from globular.ipcluster.controller import (
     controller_address,
     controller_ip,
     controller_ready,
     launch_controller,
     open_client,
 )
-from globular.plugins.ipcluster.controller import running_data as _running_data
-from globular.plugins.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
-from globular.plugins.ipcluster.gpus import engine_count
-from globular.plugins.ipcluster.idle import start_idle_watchers
-from globular.plugins.ipcluster.labpanel import remove_cluster_files, write_cluster_files
-from globular.plugins.ipcluster.notebook import (
+from globular.ipcluster.controller import running_data as _running_data
+from globular.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
+from globular.ipcluster.gpus import engine_count
+from globular.ipcluster.idle import start_idle_watchers
+from globular.ipcluster.labpanel import remove_cluster_files, write_cluster_files
+from globular.ipcluster.notebook import (
     NotebookInfo,
     notebook_certificate,
     notebook_folder,
     start_notebook,
     stop_notebook,
 )
-from globular.plugins.ipcluster.preflight import Requirement, local_version, run_preflight
-from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir
-from globular.plugins.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
+from globular.ipcluster.preflight import Requirement, local_version, run_preflight
+from globular.ipcluster.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir
+from globular.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
+from globular.paths import connection_file_path, write_private
+from globular.plugins.base import NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
 from globular.spec import Settings as SettingsModel
 from globular.state import ClusterRecord, NodeRecord
 
@@ -108,8 +108,8 @@ class IPCluster(Plugin):
         return {"encryption": encryption_of(settings, remote_nodes)}
 
     async def before_terminate(self, ctx: PluginContext, discard: bool) -> PluginReport | None:
-        """The master's notebooks copied home (see :mod:`~globular.plugins.ipcluster.keep`)."""
-        from globular.plugins.ipcluster.keep import left_out_text, not_saved, save_notebooks
+        """The master's notebooks copied home (see :mod:`~globular.ipcluster.keep`)."""
+        from globular.ipcluster.keep import left_out_text, not_saved, save_notebooks
 
         if not self.settings.enable_notebook or not ctx.nodes:
             return None
@@ -134,19 +134,19 @@ class IPCluster(Plugin):
         )
 
     def facts_request(self, record: ClusterRecord, deep: bool) -> dict[str, Any]:
-        return {"gpus": True} if deep and self.settings.gpu_engines != "none" else {}
+        return {"gpus": True} if deep and self.settings.wants_gpus else {}
 
     @classmethod
     def client_for(cls, record: ClusterRecord, home: Path, timeout: float) -> Any | None:
         if DATA_KEY not in record.plugin_data:
             return None  # this plugin never ran here
-        from globular.plugins.ipcluster.client import connect
+        from globular.ipcluster.client import connect
 
         return connect(record.name, home=home, timeout=timeout)
 
     @classmethod
     def client_class(cls) -> type | None:
-        from globular.plugins.ipcluster.client import Client
+        from globular.ipcluster.client import Client
 
         return Client
 
@@ -204,7 +204,7 @@ class IPCluster(Plugin):
             modules=modules,
             master_modules=master_modules,
             curve=self.encryption(ctx) == "curve",
-            gpu_settings=settings if settings.gpu_engines != "none" else None,
+            gpu_settings=settings if settings.wants_gpus else None,
             engines={n.name: engines_for(n, settings) for n in nodes},
             controller_ip=ip,
             port_candidates=settings.allowed_ports,
@@ -322,7 +322,7 @@ class IPCluster(Plugin):
         await stop_ipcluster(ctx)
 
     async def status(self, view: StatusView) -> PluginStatus:
-        from globular.plugins.ipcluster.status import ipcluster_status
+        from globular.ipcluster.status import ipcluster_status
 
         return await ipcluster_status(view, self.settings)
 

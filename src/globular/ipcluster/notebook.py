@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from globular.errors import BadInput, GlobularError, NodeError
+from globular.ipcluster.roles import DATA_KEY, master_is_here
+from globular.ipcluster.settings import IPClusterSettings
 from globular.paths import globular_home, write_private
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.roles import DATA_KEY, master_is_here
-from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
 from globular.registry import make_provider
 from globular.state import NodeRecord, StateStore
 
 if TYPE_CHECKING:
-    from globular.plugins.ipcluster.tls import CertPair
+    from globular.ipcluster.tls import CertPair
 
 NOTEBOOK = "notebook"  # process role
 
@@ -60,7 +60,7 @@ def tls_folder(home: Path, name: str, region: str) -> Path:
 
 
 def notebook_certificate(ctx: PluginContext, settings: IPClusterSettings, address: str) -> CertPair:
-    from globular.plugins.ipcluster.tls import (  # cryptography loads only when a notebook is wanted
+    from globular.ipcluster.tls import (  # cryptography loads only when a notebook is wanted
         kept_certificate,
         load_certificate,
     )
@@ -135,7 +135,7 @@ async def start_notebook(
         "LabApp": {"check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
     }
     if top_page:
-        from globular.plugins.ipcluster.labtop import EXTENSION
+        from globular.ipcluster.labtop import EXTENSION
 
         config["ServerApp"]["jpserver_extensions"] = {EXTENSION: True}
         config["ServerApp"]["tornado_settings"] = {"globular_home": str(ctx.home)}

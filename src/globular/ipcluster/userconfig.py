@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from globular.errors import GlobularError
+from globular.ipcluster.roles import local_profile, profile_dir
+from globular.ipcluster.settings import IPClusterSettings
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.roles import local_profile, profile_dir
-from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.state import NodeRecord
 
 USER_CONTROLLER_CONFIG = "user_ipcontroller_config.py"  # the profile's ipcontroller_config.py, on the master

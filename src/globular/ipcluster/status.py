@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from globular.errors import GlobularError
+from globular.ipcluster.controller import open_client, record_data
+from globular.ipcluster.engines import engine_node
+from globular.ipcluster.gpus import engine_count, gpu_status
+from globular.ipcluster.idle import idle_state_file
+from globular.ipcluster.roles import CONTROLLER, ENGINE, SUPERVISOR
+from globular.ipcluster.settings import IPClusterSettings
 from globular.plugins.base import PluginStatus, StatusView
-from globular.plugins.ipcluster.controller import open_client, record_data
-from globular.plugins.ipcluster.engines import engine_node
-from globular.plugins.ipcluster.gpus import engine_count, gpu_status
-from globular.plugins.ipcluster.idle import idle_state_file
-from globular.plugins.ipcluster.roles import CONTROLLER, ENGINE, SUPERVISOR
-from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.results import age
 from globular.state import ClusterRecord
 
@@ -177,7 +177,7 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
             stamp = time.strftime("%H:%M:%S", time.localtime(idle["shutdown"]))
             status.condition = f"idle shutdown at {stamp}: `globular terminate {record.name}` releases the nodes"
 
-    if settings.gpu_engines != "none" and data:
+    if settings.wants_gpus and data:
         gpu_status(view, data, status)
     if not data or controller != "up" or record.status != "running":
         return status

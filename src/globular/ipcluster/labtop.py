@@ -16,7 +16,7 @@ Routes, under the server's ``base_url``:
 
 The page's table, plot and script are ``labtop.html`` beside this module (package data).
 
-A cluster is watched (the same :class:`~globular.plugins.ipcluster.top.Watch` the terminal
+A cluster is watched (the same :class:`~globular.ipcluster.top.Watch` the terminal
 view uses: one ``queue_status`` and one round trip per node through globular's helper a
 second) from its first request until nobody asked for 30 seconds.
 
@@ -89,7 +89,7 @@ class Watcher:
 
     async def _run(self) -> None:
         from globular.errors import GlobularError
-        from globular.plugins.ipcluster.top import Watch
+        from globular.ipcluster.top import Watch
 
         watch: Watch | None = None
         try:
@@ -196,4 +196,4 @@ th {{ border-bottom: 1px solid #999; }} td:first-child, th:first-child {{ text-a
 @functools.cache
 def page_body() -> str:
     """The page's table, plot and script: ``labtop.html`` beside this module (package data)."""
-    return (importlib.resources.files("globular.plugins.ipcluster") / "labtop.html").read_text(encoding="utf-8")
+    return (importlib.resources.files("globular.ipcluster") / "labtop.html").read_text(encoding="utf-8")

@@ -5,15 +5,20 @@ they do is in the plugin's modules, what they show goes through :mod:`globular.c
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
 
-from globular.aio import run_sync
+from globular.cli.group import Later
 from globular.cli.render import output, output_option
 from globular.errors import BadInput
-from globular.plugins.ipcluster.notebook import forward_notebook, notebook_info
+
+if TYPE_CHECKING:
+    from globular import aio
+    from globular.ipcluster import notebook as notebooks
+else:  # imported by the commands that use them, when they run
+    aio, notebooks = Later("globular.aio"), Later("globular.ipcluster.notebook")
 
 
 @click.command(short_help="A Python shell connected to the cluster.")
@@ -31,7 +36,7 @@ def shell(ctx: click.Context, ipcluster: str | None, code: str | None, cluster: 
     `ipclient` is an ipyparallel Client and `ipview` = ipclient[:], e.g.
     ipview.map_async(lambda x: x**30, range(8)).get()
     """
-    from globular.plugins.ipcluster.client import connect
+    from globular.ipcluster.client import connect
 
     if ipcluster and cluster and ipcluster != cluster:
         raise BadInput(f"two clusters named: {cluster} and --ipcluster={ipcluster}")
@@ -78,10 +83,10 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, nam
     """
     out = output(ctx)
     if save:
+        from globular.ipcluster.keep import left_out_text, save_cluster_notebooks
         from globular.paths import globular_home
-        from globular.plugins.ipcluster.keep import left_out_text, save_cluster_notebooks
 
-        saved = run_sync(save_cluster_notebooks(name, globular_home()), sigterm_cancels=True)
+        saved = aio.run_sync(save_cluster_notebooks(name, globular_home()), sigterm_cancels=True)
         if saved is None:
             out.result(
                 {"saved": None}, text=lambda: out.say(f"The notebooks of {escape(name)} are on this machine already.")
@@ -92,7 +97,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, nam
                 f" ({saved.copied} copied, {saved.bytes / 1e6:.1f} MB){escape(left_out_text(saved.left_out))}"
             ))  # fmt: skip
         return
-    info = notebook_info(name)
+    info = notebooks.notebook_info(name)
     rows = [
         ("notebook", info["url"]),
         ("password", info.get("password") or "the notebook_passwd of your config"),
@@ -107,7 +112,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, nam
             out.err.print(f"Forwarding [bold]{escape(url)}[/] to the master; Ctrl-C stops it.")
 
         try:
-            run_sync(forward_notebook(name, local_port, ready), sigterm_cancels=True)
+            aio.run_sync(notebooks.forward_notebook(name, local_port, ready), sigterm_cancels=True)
         except KeyboardInterrupt:
             out.err.print("Forwarding stopped.")
 
@@ -131,7 +136,7 @@ def restart_controller(ctx: click.Context, name: str) -> None:
     out = output(ctx)
     spec = Config.builtin().plugin_spec("ipclusterrestartcontroller")
     with out.reporter() as reporter:
-        result = run_sync(operations.run_plugin(name, spec, reporter=reporter), sigterm_cancels=True)
+        result = aio.run_sync(operations.run_plugin(name, spec, reporter=reporter), sigterm_cancels=True)
 
     def text() -> None:
         out.say(f"Controller of [bold]{escape(name)}[/] restarted in {result.elapsed:.1f} s")
@@ -198,8 +203,8 @@ def top(ctx: click.Context, once: bool, interval: float, name: str) -> None:
     """
     import sys
 
+    from globular.ipcluster.top import Watch
     from globular.paths import globular_home
-    from globular.plugins.ipcluster.top import Watch
 
     out = output(ctx)
     home = globular_home()
@@ -214,7 +219,7 @@ def top(ctx: click.Context, once: bool, interval: float, name: str) -> None:
             await watch.close()
 
     if once or out.json or not out.console.is_terminal:
-        frame = run_sync(one(), sigterm_cancels=True)
+        frame = aio.run_sync(one(), sigterm_cancels=True)
         out.result(frame, text=lambda: out.print(_frame_view(frame)))
         return
     from rich.live import Live
@@ -249,7 +254,7 @@ def top(ctx: click.Context, once: bool, interval: float, name: str) -> None:
 
     try:
         with keys:
-            run_sync(live(), sigterm_cancels=True)
+            aio.run_sync(live(), sigterm_cancels=True)
     except KeyboardInterrupt:
         pass
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from globular.errors import GlobularError
-from globular.plugins.ipcluster.notebook import notebook_folder
-from globular.plugins.ipcluster.settings import IPClusterSettings
+from globular.ipcluster.notebook import notebook_folder
+from globular.ipcluster.settings import IPClusterSettings
 from globular.providers.base import Runner
 from globular.results import size_text
 from globular.state import NodeRecord

@@ -25,11 +25,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from globular.ipcluster.roles import DATA_KEY, local_ipython_dir, master_is_here, profile_dir
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.roles import DATA_KEY, local_ipython_dir, master_is_here, profile_dir
 
 PREFIX = "globular-"  # the cluster_id of globular's clusters in ipyparallel's cluster files
-CLASS = "globular.plugins.ipcluster.labcluster.GlobularCluster"  # imported by ipyparallel only
+CLASS = "globular.ipcluster.labcluster.GlobularCluster"  # imported by ipyparallel only
 
 
 def default_profile() -> Path:

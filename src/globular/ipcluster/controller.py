@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from globular.aio import in_thread
 from globular.errors import GlobularError, NodeError
+from globular.ipcluster import userconfig
+from globular.ipcluster.engines import SUPERVISOR_SOURCE
+from globular.ipcluster.roles import CONTROLLER, DATA_KEY, ipython_dir, profile_dir
+from globular.ipcluster.settings import IPClusterSettings, heartbeat_misses, is_address
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster import userconfig
-from globular.plugins.ipcluster.engines import SUPERVISOR_SOURCE
-from globular.plugins.ipcluster.roles import CONTROLLER, DATA_KEY, ipython_dir, profile_dir
-from globular.plugins.ipcluster.settings import IPClusterSettings, heartbeat_misses, is_address
 from globular.providers.base import ProcessSpec, Runner
 from globular.state import ClusterRecord, ProcessRecord
 
@@ -94,17 +94,23 @@ def controller_address(info: dict[str, Any]) -> str:
     return str(info["interface"]).split("://", 1)[1]
 
 
-async def reachable_info(runner: Runner, info: dict[str, Any]) -> dict[str, Any]:
+async def reachable_info(
+    runner: Runner, info: dict[str, Any], far: dict[int, tuple[str, int]] | None = None
+) -> dict[str, Any]:
     """Client connection info that works from this machine.
 
     For a master reached by ssh, each controller port is forwarded through the
-    runner's SSH connection, so nothing but SSH has to be reachable.
+    runner's SSH connection, so nothing but SSH has to be reachable.  ``far``: filled
+    with each port here -> the controller's (host, port) it stands for.
     """
     if runner.node.is_local:
         return info
 
     async def forward(host: str, port: int) -> int:
-        return (await runner.forward_port(host, port))[1]
+        local = (await runner.forward_port(host, port))[1]
+        if far is not None:
+            far[local] = (host, port)
+        return local
 
     return await forwarded_info(info, forward)
 

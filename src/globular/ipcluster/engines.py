@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
+from globular.ipcluster import userconfig
+from globular.ipcluster.gpus import assign, gpu_env, held, node_devices
+from globular.ipcluster.node import source
+from globular.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
+from globular.ipcluster.settings import IPClusterSettings, engine_heartbeat_misses
+from globular.ipcluster.userconfig import engine_arguments
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster import userconfig
-from globular.plugins.ipcluster.gpus import assign, gpu_env, held, node_devices
-from globular.plugins.ipcluster.node import source
-from globular.plugins.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
-from globular.plugins.ipcluster.settings import IPClusterSettings, engine_heartbeat_misses
-from globular.plugins.ipcluster.userconfig import engine_arguments
 from globular.providers.base import ProcessSpec, Runner
 from globular.state import NodeRecord, ProcessRecord
 
@@ -119,7 +119,7 @@ async def start_engines(
     # order, the master first) get theirs in that order, whichever node answers first
     ids = claim_engine_ids(ctx, node, count, floor)
     data = ctx.plugin_data(DATA_KEY)
-    gpu_of = assign(ids, node_devices(data, node.name)) if settings.gpu_engines != "none" else {}
+    gpu_of = assign(ids, node_devices(data, node.name)) if settings.wants_gpus else {}
     if gpu_of:  # which engine holds which GPU, as they are given
         data.setdefault("gpu_engines", {}).update({str(i): uuid for i, uuid in gpu_of.items() if uuid})
     runner = ctx.runner(node)
@@ -156,7 +156,7 @@ async def fork_engines(
     settings: IPClusterSettings,
 ) -> list[ProcessRecord]:  # fmt: skip
     """Start ``engines`` (ids ``first``, ...) forked from one interpreter on ``node`` (see
-    :mod:`~globular.plugins.ipcluster.node.forkstart`); their records, by pid and start time."""
+    :mod:`~globular.ipcluster.node.forkstart`); their records, by pid and start time."""
     # names of this start's own: a file of an earlier engine set (stopped, then started again
     # with the same first id) must never be read as this one's pids
     tag = f"{first}-{secrets.token_hex(4)}"

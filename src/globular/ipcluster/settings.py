@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BeforeValidator, ByteSize, Field, model_val
 from pydantic_core import PydanticCustomError
 
 from globular.errors import GlobularError
-from globular.plugins.ipcluster.roles import local_profile
+from globular.ipcluster.roles import local_profile
 from globular.spec import ArgList, FileHere, Settings, checked_when_read, shown
 from globular.state import NodeRecord
 
@@ -274,7 +274,7 @@ class IPClusterSettings(Settings):
                     {"key": "engine_fork"},  # the setting the error names (see spec.validated)
                 )
             object.__setattr__(self, "engine_fork", False)  # the model is frozen: set while it is made
-        if self.cpu_engines is not None and self.gpu_engines == "none":
+        if self.cpu_engines is not None and not self.wants_gpus:
             raise PydanticCustomError(
                 "conflicting_settings",
                 "cpu_engines counts the CPU engines beside a GPU node's GPU engines: set gpu_engines "
@@ -287,6 +287,12 @@ class IPClusterSettings(Settings):
     def allowed_ports(self) -> list[int] | None:
         """The ports of ``controller_ports`` (None: any free port)."""
         return list(port_range(self.controller_ports)) if self.controller_ports else None
+
+    @property
+    def wants_gpus(self) -> bool:
+        """GPU engines are asked for (``gpu_engines`` is ``auto`` or a number): nodes are asked for
+        their GPUs, and engines get CUDA_VISIBLE_DEVICES."""
+        return self.gpu_engines != "none"
 
     @property
     def packer_spec(self) -> Packer:
@@ -319,7 +325,7 @@ def encryption_of(settings: IPClusterSettings, remote_nodes: bool) -> str:
 
 def gpus_used(settings: IPClusterSettings, gpus: int) -> int:
     """How many of a node's ``gpus`` get an engine (0: none, the node runs CPU engines)."""
-    if settings.gpu_engines == "none" or not gpus:
+    if not settings.wants_gpus or not gpus:
         return 0
     return gpus if settings.gpu_engines == "auto" else min(int(settings.gpu_engines), gpus)
 

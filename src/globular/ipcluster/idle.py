@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from globular.fanout import each_node
+from globular.ipcluster.controller import controller_address
+from globular.ipcluster.node import source
+from globular.ipcluster.roles import DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
+from globular.ipcluster.settings import IPClusterSettings
 from globular.plugins.base import PluginContext
-from globular.plugins.ipcluster.controller import controller_address
-from globular.plugins.ipcluster.node import source
-from globular.plugins.ipcluster.roles import DATA_KEY, IDLE_WATCHER, ipython_dir, profile_dir
-from globular.plugins.ipcluster.settings import IPClusterSettings
 from globular.providers.base import ProcessSpec
 from globular.state import NodeRecord
 

@@ -24,10 +24,10 @@ from typing import Any
 
 from globular.aio import in_thread
 from globular.errors import GlobularError
-from globular.plugins.ipcluster.controller import ControllerSilent, answer_within, record_data
-from globular.plugins.ipcluster.gpus import engine_count
-from globular.plugins.ipcluster.roles import ENGINE
-from globular.plugins.ipcluster.settings import IPClusterSettings
+from globular.ipcluster.controller import ControllerSilent, answer_within, record_data
+from globular.ipcluster.gpus import engine_count
+from globular.ipcluster.roles import ENGINE
+from globular.ipcluster.settings import IPClusterSettings
 from globular.providers.base import NodeProvider
 from globular.registry import make_provider, resolve_plugin
 from globular.state import ClusterRecord, StateStore
@@ -146,7 +146,7 @@ class Watch:
         await self.provider.close()
 
     async def _facts(self) -> dict[str, dict[str, Any] | BaseException]:
-        gpus = self.settings.gpu_engines != "none"
+        gpus = self.settings.wants_gpus
 
         async def one(node: Any) -> dict[str, Any]:
             request = {"usage": True, "gpus": gpus, "procs": [p.model_dump() for p in node.processes]}

@@ -1,5 +1,5 @@
 """The Cluster class ipyparallel's ClusterManager (the JupyterLab panel) makes of a globular
-cluster's cluster file (see :mod:`globular.plugins.ipcluster.labpanel`).  Imported by
+cluster's cluster file (see :mod:`globular.ipcluster.labpanel`).  Imported by
 ipyparallel only: globular itself never imports it."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 from ipyparallel import Cluster
 from ipyparallel.cluster.launcher import NotRunning
 
-from globular.plugins.ipcluster.labpanel import panel_model
-from globular.plugins.ipcluster.roles import DATA_KEY
+from globular.ipcluster.labpanel import panel_model
+from globular.ipcluster.roles import DATA_KEY
 
 GONE, UNREADABLE = "gone", "unreadable"
 
@@ -94,6 +94,6 @@ class GlobularCluster(Cluster):  # type: ignore[misc]
     async def connect_client(self, **client_kwargs: Any) -> Any:
         import asyncio
 
-        from globular.plugins.ipcluster.client import connect
+        from globular.ipcluster.client import connect
 
         return await asyncio.to_thread(connect, self.globular_name, home=Path(self.globular_home))

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from globular.errors import GlobularError
+from globular.ipcluster.gpus import judge_gpus
+from globular.ipcluster.roles import DATA_KEY
+from globular.ipcluster.settings import IPClusterSettings, engines_for
 from globular.plugins.base import NodeCheck, PluginContext
-from globular.plugins.ipcluster.gpus import judge_gpus
-from globular.plugins.ipcluster.roles import DATA_KEY
-from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for
 from globular.providers.base import NODE_SOURCE, ProcessSpec
 from globular.state import NodeRecord
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from globular.ipcluster.settings import IPClusterSettings, engines_for, gpus_used
 from globular.plugins.base import PluginStatus, StatusView
-from globular.plugins.ipcluster.settings import IPClusterSettings, engines_for, gpus_used
 from globular.state import NodeRecord
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def describe(devices: list[dict[str, Any]]) -> str:
 
 def gpu_env(settings: IPClusterSettings, uuid: str | None) -> dict[str, str]:
     """The environment that pins an engine to GPU ``uuid`` (None: a CPU engine, which sees none)."""
-    if settings.gpu_engines == "none":
+    if not settings.wants_gpus:
         return {}
     return {"CUDA_VISIBLE_DEVICES": uuid or "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "GLOBULAR_GPU": uuid or ""}
 
