@@ -62,12 +62,21 @@ def load_plugin(spec: PluginSpec) -> Plugin:
 class ClusterContext:
     """A cluster known to the state store, as an operation and its plugins see it."""
 
-    def __init__(self, record: ClusterRecord, *, home: Path, store: StateStore, reporter: Reporter):
+    def __init__(
+        self,
+        record: ClusterRecord,
+        *,
+        home: Path,
+        store: StateStore,
+        reporter: Reporter,
+        provider: NodeProvider | None = None,
+    ):
         self.record = record
         self.store = store
         self._home = home
         self._reporter = reporter
-        self.provider: NodeProvider = make_provider(record.spec, cluster=record.name, home=home)
+        # one provider for the whole operation (``provider``: the one that said the new record's region)
+        self.provider: NodeProvider = provider or make_provider(record.spec, cluster=record.name, home=home)
         self.provider.reporter = reporter
         self.provider.on_step = self.node_step
         self.stopped = StopResult(0, 0, [])  # totals of every stop_processes call

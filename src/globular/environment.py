@@ -453,10 +453,6 @@ async def _download_uv(folder: Path, target: Target, wanted: Wanted) -> dict[str
 # -- on the nodes --------------------------------------------------------------------
 
 
-def _node_env(python: str, verb: str, request: dict[str, Any]) -> list[str]:
-    return [python, "-c", NODE_SOURCE, verb, json.dumps(request)]
-
-
 async def _call(
     cluster: PluginContext,
     node: NodeRecord,
@@ -467,7 +463,14 @@ async def _call(
     input: bytes | None = None,
     timeout: float,
 ) -> Any:
-    result = await cluster.runner(node).run(_node_env(python, verb, request), input=input, timeout=timeout)
+    # the node programs, run by ``python`` (the host's own: the environment is not made yet).  The
+    # request goes on stdin, as every request does; only where stdin carries the wheels (env_build)
+    # is it the argument, and it holds no secret (a folder, a name, the installer)
+    if input is None:
+        argv, input = [python, "-c", NODE_SOURCE, verb], json.dumps(request).encode()
+    else:
+        argv = [python, "-c", NODE_SOURCE, verb, json.dumps(request)]
+    result = await cluster.runner(node).run(argv, input=input, timeout=timeout)
     try:
         return json.loads(result.stdout)
     except ValueError:

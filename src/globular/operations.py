@@ -115,10 +115,10 @@ async def created(
     home, store, reporter = _home(home, reporter)
     check_cluster_name(name)
     with store.operation(name), cluster_log(home, name):
-        region = make_provider(spec, cluster=name, home=home).region
-        record = ClusterRecord(name=name, region=region, spec=spec, desired=node_names(spec.cluster_size))
+        provider = make_provider(spec, cluster=name, home=home)
+        record = ClusterRecord(name=name, region=provider.region, spec=spec, desired=node_names(spec.cluster_size))
         store.create(record)
-        ctx = ClusterContext(record, home=home, store=store, reporter=reporter)
+        ctx = ClusterContext(record, home=home, store=store, reporter=reporter, provider=provider)
         try:
             yield ctx
         finally:

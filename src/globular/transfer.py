@@ -116,24 +116,23 @@ def safe_rel(rel: str, where: str) -> str:
     return rel
 
 
-def working_folder(record: ClusterRecord, node: NodeRecord) -> str:
-    """The engines' working folder on ``node``: the first plugin's that names one, else the node's folder."""
-    for spec in record.spec.plugins:
-        _, cls = resolve_plugin(spec.setup_class)
-        folder = cls.from_spec(spec).working_folder(node)
-        if folder:
-            return folder
-    return node.workdir
+def remote_base(record: ClusterRecord, remote: str) -> Callable[[NodeRecord], str]:
+    """Where ``remote`` is on each node: as it is when absolute (or ``~``), else inside the
+    engines' working folder there (the first plugin's that names one, else the node's folder).
+    The plugins are made once, not once a node."""
+    if posixpath.isabs(remote) or remote == "~" or remote.startswith("~/"):
+        return lambda node: remote
+    plugins = [resolve_plugin(spec.setup_class)[1].from_spec(spec) for spec in record.spec.plugins]
+
+    def base(node: NodeRecord) -> str:
+        folder = next((f for f in (p.working_folder(node) for p in plugins) if f), None)
+        return posixpath.join(folder or node.workdir, remote)
+
+    return base
 
 
 def _nodes(record: ClusterRecord, names: Sequence[str] | None, default: list[NodeRecord]) -> list[NodeRecord]:
     return [record.node(n) for n in dict.fromkeys(names)] if names else default
-
-
-def _remote_base(record: ClusterRecord, node: NodeRecord, remote: str) -> str:
-    if posixpath.isabs(remote) or remote == "~" or remote.startswith("~/"):
-        return remote
-    return posixpath.join(working_folder(record, node), remote)
 
 
 async def _same(runner: Runner, wanted: list[tuple[LocalFile, str]]) -> set[str]:
@@ -192,12 +191,13 @@ async def put(
     record = StateStore(home).get(name)
     targets = _nodes(record, nodes, record.nodes)
     files = local_files([Path(s) for s in sources])
+    where = remote_base(record, remote)
     provider = make_provider(record.spec, cluster=record.name, home=home)
 
     async def one(node: NodeRecord) -> NodeTransfer:
         started = time.monotonic()
         runner = provider.runner(node)
-        listing = await runner.tree(_remote_base(record, node, remote))
+        listing = await runner.tree(where(node))
         if listing["kind"] == "file":
             raise NodeError(node.name, f"{listing['root']} is a file: the place to put into must be a folder")
         root, there = listing["root"], listing["files"]
@@ -242,7 +242,7 @@ async def get(
     provider = make_provider(record.spec, cluster=record.name, home=home)
     try:
         return await fetch(
-            targets, provider.runner, lambda node: _remote_base(record, node, remote), Path(local),
+            targets, provider.runner, remote_base(record, remote), Path(local),
             checksum=checksum, reporter=reporter,
         )  # fmt: skip
     finally:

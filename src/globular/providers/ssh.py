@@ -10,7 +10,8 @@ On each host a node is a folder ``<remote_dir>/<cluster>/<node>`` (0700) and the
 processes started in it.  The hosts need only Python (the same major.minor as
 here) and sshd: globular builds the node environment in ``<remote_dir>/envs``
 (see :mod:`globular.environment`) unless ``environment = system``.  Data (files,
-wheels, process requests) travels on stdin, never on a command line.
+wheels, process requests) travels on stdin, never on a command line (env_build's request is
+its argument, as its wheels take stdin: a folder, a name, the installer, never a secret).
 """
 
 from __future__ import annotations
