@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 from globular.cluster import load_plugin
 from globular.errors import GlobularError
+from globular.node.proc import pid_alive
 from globular.plugins.base import PluginStatus, StatusView
 from globular.providers.base import NodeProvider
 from globular.registry import RegistryError, make_provider
@@ -218,19 +218,9 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
     return report
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def cluster_health(record: ClusterRecord, home: Path) -> Health:
     health = Health(record.name)
-    if record.status in ("starting", "stopping") and not _pid_alive(record.owner_pid):
+    if record.status in ("starting", "stopping") and not pid_alive(record.owner_pid):
         health.condition = (
             f"interrupted: its globular process (pid {record.owner_pid}) is gone while {record.status}; "
             f"`globular terminate {record.name}` cleans up"

@@ -28,6 +28,7 @@ from typing import Any
 from globular.errors import GlobularError
 from globular.ipcluster.notebook import notebook_folder
 from globular.ipcluster.settings import IPClusterSettings
+from globular.node.proc import pid_alive
 from globular.providers.base import Runner
 from globular.results import size_text
 from globular.state import NodeRecord
@@ -88,18 +89,8 @@ def _sweep(base: Path) -> None:
     """Copies of an earlier save that was killed (``kill -9``) before it could clean up."""
     for stale in base.glob(".*.part-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_only(folder: Path) -> None:

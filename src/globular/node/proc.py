@@ -39,6 +39,18 @@ def _processes() -> dict[int, tuple[str, int, int, int]]:
     return found
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's counts); for a pid this machine
+    recorded itself (a globular process, a save in progress), not one that could be reused."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _alive(proc: Proc) -> bool:
     st = _stat(proc["pid"])
     return st is not None and st[0] not in ("Z", "X") and st[3] == proc["start"]
