@@ -38,6 +38,17 @@ def stale_part(path: str, name: str, now: float) -> bool:
     return stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_PART
 
 
+def remove_stale_part(path: str, name: str, now: float) -> bool:
+    """Remove ``path`` if it is a stale temporary file (:func:`stale_part`); whether it went."""
+    if not stale_part(path, name, now):
+        return False
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
 def sweep_parts(root: str, only: set[str] | None = None) -> list[str]:
     """Remove the stale temporary files under ``root`` (see :func:`stale_part`), or only those
     of the files named ``only`` directly in it; what was removed."""
@@ -51,22 +62,24 @@ def sweep_parts(root: str, only: set[str] | None = None) -> list[str]:
             path = os.path.join(folder, name)
             if only is not None and not any(name.startswith(f".{mine}{PART}") for mine in only):
                 continue
-            if stale_part(path, name, now):
-                try:
-                    os.unlink(path)
-                    removed.append(os.path.relpath(path, root))
-                except OSError:
-                    pass
+            if remove_stale_part(path, name, now):
+                removed.append(os.path.relpath(path, root))
     return removed
 
 
-def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True, envs: bool = True) -> dict[str, Any]:
+def list_tree(
+    root: str, skip: tuple[str, ...] = (), hidden: bool = True, envs: bool = True, sweep: bool = False
+) -> dict[str, Any]:
     """What ``root`` holds, never following a link: ``{"root": real path, "kind": "dir" | "file" |
     None, "files": {rel: [size, mtime, mode]}, "links": {rel: target}, "special": [rel], "envs":
     [rel]}`` (``skip``: names of folders left out, as ``.ipynb_checkpoints``; ``hidden=False``:
     names starting with a dot left out, as JupyterLab hides them; ``envs=False``: Python
     environments (a venv, a conda install) left out and named in ``envs``; temporary names are
-    always left out)."""
+    always left out, and with ``sweep`` the stale ones met on the way removed: see
+    :func:`stale_part`)."""
+    import time
+
+    now = time.time()
     root = os.path.abspath(os.path.expanduser(root))
     found: dict[str, Any] = {"root": root, "kind": None, "files": {}, "links": {}, "special": [], "envs": []}
     try:
@@ -95,7 +108,7 @@ def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True, envs: 
                 continue
             if os.path.islink(path):
                 note(os.path.relpath(path, root), os.lstat(path), path)
-            elif name in skip or (not hidden and name.startswith(".")):
+            elif name in skip:
                 continue
             elif not envs and any(os.path.lexists(os.path.join(path, mark)) for mark in ENV_MARKS):
                 found["envs"].append(os.path.relpath(path, root))
@@ -103,23 +116,25 @@ def list_tree(root: str, skip: tuple[str, ...] = (), hidden: bool = True, envs: 
                 kept.append(name)
         dirs[:] = kept
         for name in sorted(files):
+            path = os.path.join(folder, name)
+            if sweep:
+                remove_stale_part(path, name, now)
             if name.startswith(".") and (PART in name or not hidden):
                 continue  # a transfer's temporary name, or hidden
-            path = os.path.join(folder, name)
             note(os.path.relpath(path, root), os.lstat(path), path)
     return found
 
 
 @verb(any_python=True)
 def tree(req: Request) -> Any:
-    """:func:`list_tree` of ``req["root"]`` (``~`` is the node user's home), once the stale
-    temporary files of killed transfers under it are removed (``req["sweep"]``)."""
-    if req.get("sweep"):
-        folder = os.path.abspath(os.path.expanduser(req["root"]))
-        if os.path.isdir(folder) and not os.path.islink(folder):
-            sweep_parts(folder)
+    """:func:`list_tree` of ``req["root"]`` (``~`` is the node user's home); with ``req["sweep"]``
+    the stale temporary files of killed transfers it meets are removed in the same walk."""
     return list_tree(
-        req["root"], tuple(req.get("skip", ())), bool(req.get("hidden", True)), bool(req.get("envs", True))
+        req["root"],
+        tuple(req.get("skip", ())),
+        bool(req.get("hidden", True)),
+        bool(req.get("envs", True)),
+        bool(req.get("sweep", False)),
     )
 
 

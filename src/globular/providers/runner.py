@@ -179,7 +179,7 @@ class Runner(ABC):
         self, root: str, skip: Sequence[str] = (), hidden: bool = True, envs: bool = True, sweep: bool = True
     ) -> dict[str, Any]:
         """What ``root`` holds on the node (:func:`globular.node.transfer.list_tree`); ``sweep``:
-        first remove what killed transfers left there (:func:`globular.node.transfer.sweep_parts`)."""
+        remove, on the way, what killed transfers left there (:func:`globular.node.transfer.stale_part`)."""
         request = {"root": root, "skip": list(skip), "hidden": hidden, "envs": envs, "sweep": sweep}
         found: dict[str, Any] = await self.nodeproc("tree", request, timeout=120)
         return found
