@@ -271,14 +271,15 @@ def env_cache(tmp_path_factory) -> Path:
 @contextmanager
 def bare_hosts(
     workdir: Path, count: int, python: str, env_cache: Path | None = None, first: int = 11,
-    path: dict[str, str] | None = None,
+    path: dict[str, str] | None = None, sshd: bool = True,
 ) -> Iterator:  # fmt: skip
     """``count`` netns test hosts (tests/testhosts.py) whose ``python`` is a bare one, with the
     shared environment cache at hand (``share_env_cache``); ``path``: host name -> a folder
-    first on its sessions' PATH (a stand-in nvidia-smi); all removed on exit."""
+    first on its sessions' PATH (a stand-in nvidia-smi); ``sshd=False``: bare namespaces,
+    not reached from here; all removed on exit."""
     import testhosts
 
-    hosts = testhosts.HostNet(workdir=workdir, first=first, path=path or {})
+    hosts = testhosts.HostNet(workdir=workdir, first=first, path=path or {}, sshd=sshd)
     hosts.up(count)
     hosts.python = python  # type: ignore[attr-defined]
     hosts.env_cache = env_cache  # type: ignore[attr-defined]
@@ -320,6 +321,57 @@ def ssh_config(path: Path, hosts, remote_dir: Path, ipcluster: str = "", cluster
         f"[plugin ipcluster]\nsetup_class = ipcluster\n{ipcluster}"
     )
     return path
+
+
+def check_notebook_forward(
+    home: Path, cluster: str, region: str, address: str, engines: int, env: dict | None = None
+) -> None:
+    """The notebook on ``cluster``'s master, not reached from here directly: HTTPS on its
+    ``address``, reached here through `notebook --forward`; a kernel there reaches the
+    controller and its ``engines``.  ``env``: the command's environment, added."""
+    import socket
+    import ssl
+
+    from notebook_client import Jupyter
+
+    saved = json.loads((home / "ipcluster" / f"{cluster}-{region}-notebook.json").read_text())
+    assert saved["url"].startswith(f"https://{address}:")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    forward = subprocess.Popen(
+        [sys.executable, "-m", "globular", "notebook", "--forward", "--port", str(port), cluster],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, COLUMNS="200", **(env or {})),
+    )
+    try:
+        lines = []
+        for line in forward.stdout:
+            lines.append(line)
+            if "Forwarding" in line:
+                break
+        assert f"https://127.0.0.1:{port}/" in "".join(lines), lines
+        cert = (home / "tls" / f"{cluster}-{region}" / "cert.pem").read_text()
+        user = Jupyter(f"https://127.0.0.1:{port}/", ssl.create_default_context(cadata=cert))
+        assert user.request("GET", "/api/contents")[0] == 403
+        assert user.login(saved["password"])[0] == 302
+        assert user.request("GET", "/api/contents")[0] == 200
+        # a kernel on the master: Client() with no argument reaches the (encrypted) controller
+        status, _, body = user.request("POST", "/api/contents", {"type": "notebook"})
+        assert status == 201, body
+        path = json.loads(body)["path"]
+        status, _, body = user.request(
+            "POST", "/api/sessions", {"path": path, "type": "notebook", "kernel": {"name": "python3"}}
+        )
+        assert status == 201, body
+        code = "from ipyparallel import Client\nrc = Client()\nprint(len(rc.ids), rc[:].apply_sync(lambda: 7))\n"
+        assert user.execute(json.loads(body)["kernel"]["id"], code).strip() == f"{engines} {[7] * engines}"
+    finally:
+        forward.send_signal(signal.SIGINT)
+        forwarded = forward.wait(20)
+    assert forwarded == 0
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, driven by playwright (no download)

@@ -197,7 +197,7 @@ STAND_INS = {
     "python": "program",
 }
 EXAMPLES_ENTRY_POINTS = (
-    "[globular.providers]\nfolders = folders_provider:FoldersProvider\n"
+    "[globular.providers]\nfolders = folders_provider:FoldersProvider\nnetns = netns_provider:NetnsProvider\n"
     "[globular.plugins]\nhello = hello_plugin:Hello\n[globular.commands]\nhello = hello_plugin:hello\n"
 )
 
@@ -266,7 +266,8 @@ def test_every_config_block_of_the_docs_validates_as_written(cli, tmp_path):
 
     site = tmp_path / "site"
     env = install(site, DOCS / "examples" / "folders_provider.py", EXAMPLES_ENTRY_POINTS)
-    (site / "hello_plugin.py").write_text((DOCS / "examples" / "hello_plugin.py").read_text())
+    for example in ("hello_plugin.py", "netns_provider.py"):
+        (site / example).write_text((DOCS / "examples" / example).read_text())
     failures = []
     for number, block in enumerate(config_blocks()):
         folder = tmp_path / f"block{number}"

@@ -113,3 +113,42 @@ def test_a_working_folder_that_is_a_file_is_named(runner, tmp_path):
     spec = ProcessSpec(argv=[sys.executable, "-c", "pass"], log=str(tmp_path / "x.log"), role="x", cwd=str(afile))
     with pytest.raises((CommandError, NodeError), match=f"in {afile}: it is not a folder"):
         asyncio.run(runner.spawn([spec]))
+
+
+def test_pipe_relays_one_connection_both_ways_and_ends_with_its_input():
+    """``python -c SOURCE pipe`` (a forwarded port's node end): bytes in on stdin reach the
+    server, its answer comes out on stdout; stdin's end closes the connection, and the process
+    ends.  A port where nothing listens is refused (exit 3, the reason on stderr)."""
+    import json
+    import socket
+    import subprocess
+    import threading
+
+    from globular.node import SOURCE
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    seen: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(100):
+                seen.append(data)
+                conn.sendall(data.upper())
+            seen.append(b"<closed>")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    request = json.dumps({"host": "127.0.0.1", "port": port})
+    piped = subprocess.run([sys.executable, "-c", SOURCE, "pipe", request], input=b"hello", capture_output=True,
+                           timeout=30)  # fmt: skip
+    thread.join(10)
+    server.close()
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == b"HELLO" and b"".join(seen) == b"hello<closed>"
+
+    refused = subprocess.run([sys.executable, "-c", SOURCE, "pipe", request], input=b"x", capture_output=True,
+                             timeout=30)  # fmt: skip
+    assert refused.returncode == 3 and refused.stderr.decode().strip() == "Connection refused"
+    assert refused.stdout == b""

@@ -22,7 +22,15 @@ import psutil
 import pytest
 
 import testhosts
-from conftest import bare_hosts, engine_python, read_record, recorded_pids, share_env_cache, wait_until
+from conftest import (
+    bare_hosts,
+    check_notebook_forward,
+    engine_python,
+    read_record,
+    recorded_pids,
+    share_env_cache,
+    wait_until,
+)
 
 reason = testhosts.available()
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(reason is not None, reason=reason or "")]
@@ -263,7 +271,7 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
     finally:
         client.close()
 
-    check_notebook_forward(home, tmp_path)
+    check_notebook_forward(home, "lab", "ssh", "198.18.0.11", 3)
 
     pids = recorded_pids(read_record(home, "lab"))
     done = cli("terminate", "-y", "lab")
@@ -273,53 +281,6 @@ def check_lab_cluster(net, cli, home, tmp_path, config) -> None:
     assert not (tmp_path / "hosts" / "lab").exists()
     assert not local_file.exists()
     assert not (home / "clusters" / "lab.json").exists()
-
-
-def check_notebook_forward(home, tmp_path) -> None:
-    """The notebook on the remote master: HTTPS on its address, reached here through `notebook --forward`."""
-    import socket
-    import ssl
-
-    from notebook_client import Jupyter
-
-    saved = json.loads((home / "ipcluster" / "lab-ssh-notebook.json").read_text())
-    assert saved["url"].startswith("https://198.18.0.11:")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    forward = subprocess.Popen(
-        [sys.executable, "-m", "globular", "notebook", "--forward", "--port", str(port), "lab"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, COLUMNS="200"),
-    )
-    try:
-        lines = []
-        for line in forward.stdout:
-            lines.append(line)
-            if "Forwarding" in line:
-                break
-        assert f"https://127.0.0.1:{port}/" in "".join(lines), lines
-        cert = (home / "tls" / "lab-ssh" / "cert.pem").read_text()
-        user = Jupyter(f"https://127.0.0.1:{port}/", ssl.create_default_context(cadata=cert))
-        assert user.request("GET", "/api/contents")[0] == 403
-        assert user.login(saved["password"])[0] == 302
-        assert user.request("GET", "/api/contents")[0] == 200
-        # a kernel on the master: Client() with no argument reaches the (encrypted) controller
-        status, _, body = user.request("POST", "/api/contents", {"type": "notebook"})
-        assert status == 201, body
-        path = json.loads(body)["path"]
-        status, _, body = user.request(
-            "POST", "/api/sessions", {"path": path, "type": "notebook", "kernel": {"name": "python3"}}
-        )
-        assert status == 201, body
-        code = "from ipyparallel import Client\nrc = Client()\nprint(len(rc.ids), rc[:].apply_sync(lambda: 7))\n"
-        assert user.execute(json.loads(body)["kernel"]["id"], code).strip() == "3 [7, 7, 7]"
-    finally:
-        forward.send_signal(signal.SIGINT)
-        forwarded = forward.wait(20)
-    assert forwarded == 0
 
 
 LAPTOP_CHECKS = """

@@ -1,5 +1,9 @@
 """Test hosts: network namespaces on a bridge, each running its own sshd.
 
+With ``sshd=False`` they are bare namespaces (a netns provider's nodes): no sshd, the bridge
+has no address here and each host's address is unreachable from here (a route that says so), so
+this machine reaches none of them but through ``ip netns exec``.
+
 Addresses are in 198.18.0.0/24 only (the benchmarking range, RFC 2544): the
 bridge in the root namespace is 198.18.0.1 (the machine that runs globular),
 host ``i`` is 198.18.0.(10+i) (``first`` moves that: the ec2 tests need the
@@ -62,6 +66,7 @@ class HostNet:
     hosts: list[Host] = field(default_factory=list)
     first: int = 11  # the last octet of host1's address
     path: dict[str, str] = field(default_factory=dict)  # host name -> a folder first on its sessions' PATH
+    sshd: bool = True  # False: no sshd, and no address here on the bridge (reached only by ip netns exec)
 
     @property
     def bridge(self) -> str:
@@ -89,12 +94,13 @@ class HostNet:
         try:
             self._keys()
             sh("ip", "link", "add", self.bridge, "type", "bridge")
-            sh("ip", "addr", "add", f"{GATEWAY}/24", "dev", self.bridge)
+            if self.sshd:
+                sh("ip", "addr", "add", f"{GATEWAY}/24", "dev", self.bridge)
             sh("ip", "link", "set", self.bridge, "up")
             for i in range(1, count + 1):
                 self._host(i)
             self._save()
-            for host in self.hosts:
+            for host in self.hosts if self.sshd else ():
                 _wait_port(host.address, 22)
         except BaseException:
             self.down()
@@ -117,6 +123,9 @@ class HostNet:
         sh("ip", "-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
         sh("ip", "-n", host.netns, "link", "set", "eth0", "up")
         sh("ip", "-n", host.netns, "link", "set", "lo", "up")
+        if not self.sshd:
+            sh("ip", "route", "add", "unreachable", f"{host.address}/32")
+            return host
         config = self.workdir / f"sshd_{host.name}.conf"
         config.write_text(
             f"ListenAddress {host.address}\nPort 22\n"
@@ -144,15 +153,16 @@ class HostNet:
         return host
 
     def _save(self) -> None:
-        data = {"tag": self.tag, "first": self.first, "hosts": [asdict(h) for h in self.hosts]}
+        data = {"tag": self.tag, "first": self.first, "sshd": self.sshd, "hosts": [asdict(h) for h in self.hosts]}
         (self.workdir / "hosts.json").write_text(json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, workdir: Path) -> HostNet:
         data = json.loads((workdir / "hosts.json").read_text())
         return cls(
-            workdir=workdir, tag=data["tag"], first=data.get("first", 11), hosts=[Host(**h) for h in data["hosts"]]
-        )
+            workdir=workdir, tag=data["tag"], first=data.get("first", 11), sshd=data.get("sshd", True),
+            hosts=[Host(**h) for h in data["hosts"]],
+        )  # fmt: skip
 
     def ssh(
         self, host: Host, command: str, *, key: Path | None = None, timeout: float = 20
@@ -214,6 +224,8 @@ class HostNet:
             for pid in map(int, left):
                 _wait_gone(pid)
             sh("ip", "netns", "del", host.netns, check=False)
+            if not self.sshd:
+                sh("ip", "route", "del", "unreachable", f"{host.address}/32", check=False)
         sh("ip", "link", "del", self.bridge, check=False)
         self.hosts = []
 

@@ -46,7 +46,7 @@ class NodeRecord(BaseModel):
     workdir: str
     cores: int = Field(ge=1)
     python: str
-    login: str | None = None  # "user@host:port" where ssh reaches the node; None for local nodes
+    login: str | None = None  # "user@host:port" where ssh reaches the node (the connection file's ssh); else None
     data: dict[str, Any] = Field(default_factory=dict)  # provider's own fields
     created: float = Field(default_factory=time.time)  # when its bring-up began
     steps: dict[str, float] = Field(
@@ -57,12 +57,6 @@ class NodeRecord(BaseModel):
     @property
     def is_master(self) -> bool:
         return self.name == "master"
-
-    @property
-    def is_local(self) -> bool:
-        """No ssh login: the node is this machine, or one this machine reaches directly (a
-        Slurm job's compute node, seen from the login node)."""
-        return self.login is None
 
     def processes_with_role(self, role: str) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == role]

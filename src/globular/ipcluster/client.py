@@ -16,12 +16,13 @@ no ``ssh`` subprocess, nothing that SIGHUP can kill), then hands ipyparallel a
 connection dict on 127.0.0.1, to which it connects every socket directly, with
 the CURVE keys.  The tunnel closes with the client.
 
-Whose key and known_hosts: ``sshkey`` when given; for a file that globular wrote
-(it names its cluster, and the cluster's record holds the same session key),
-otherwise the cluster's own key, user and known_hosts, as ``globular.connect``
-uses; for any other file (a plain ipcontroller's), ``~/.ssh/config``, your agent
-and default keys, and ``~/.ssh/known_hosts``.  A host key that is not known is
-refused.
+How it gets there (:mod:`globular.ipcluster.tunnel`): for a file that globular wrote (it
+names its cluster, and the cluster's record holds the same session key), the cluster's own
+provider reaches the master, as ``globular.connect`` does: over SSH with ``sshkey`` when given,
+else the cluster's own key, user and known_hosts; a node entered by a command through the node
+programs; a master this machine reaches directly, directly.  For any other file (a plain
+ipcontroller's), an SSH connection with ``~/.ssh/config``, your agent and default keys, and
+``~/.ssh/known_hosts``.  A host key that is not known is refused.
 
 A client that fails to connect says why: a CURVE handshake the controller
 refused (a stale file: another server key), no answer at the address, or a
@@ -36,32 +37,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import ipyparallel
 
-from globular.aio import LoopThread
 from globular.errors import GlobularError
-from globular.ipcluster.controller import (
-    CLUSTER_KEY,
-    PORT_KEYS,
-    forwarded_info,
-    reachable_info,
-    record_data,
-    with_serverkey,
-)
+from globular.ipcluster.controller import CLUSTER_KEY, PORT_KEYS, record_data, with_serverkey
+from globular.ipcluster.tunnel import ProviderTunnel, SSHTunnel, Tunnel, TunnelError
 from globular.ipcluster.watch import ControllerWatch, HandshakeWatch, watch_controller
 from globular.paths import globular_home
-from globular.providers.base import Runner
-from globular.providers.ssh_settings import SSHHost
 from globular.state import ClusterRecord, StateStore
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-class TunnelError(GlobularError, OSError):
-    """The SSH tunnel to the controller could not be opened."""
 
 
 class ConnectionFileError(GlobularError, OSError):
@@ -87,7 +74,7 @@ class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no ty
         _globular_cluster: tuple[ClusterRecord, Path] | None = None,  # globular.connect's
         **kwargs: Any,
     ) -> None:
-        self._globular_tunnel: _Tunnel | None = None
+        self._globular_tunnel: Tunnel | None = None
         self._globular_watch: ControllerWatch | None = None
         if connection_info is None and not (sshserver or sshkey or password):
             super().__init__(timeout=timeout, **kwargs)  # the profile's file, as ipyparallel finds it
@@ -98,13 +85,18 @@ class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no ty
         cluster = _globular_cluster or _cluster_of(info, connection_info)
         info.pop(CLUSTER_KEY, None)
         record = cluster[0] if cluster else None
-        server = _ssh_server(info, sshserver, sshkey, password)
+        tunnel: Tunnel | None = None
+        if cluster is not None:  # its own provider reaches its master: with its key, user and known_hosts
+            tunnel = ProviderTunnel.reaching(cluster, sshkey, timeout)
+        else:
+            server = _ssh_server(info, sshserver, sshkey, password)
+            if server is not None:
+                tunnel = SSHTunnel(server, sshkey=sshkey, password=password, timeout=timeout)
         # ipyparallel connects to a controller it reaches directly (here, or through the tunnel's
         # ports on 127.0.0.1): every socket gets the CURVE keys
-        if server is None:
+        if tunnel is None:
             super().__init__(info, timeout=timeout, **kwargs)
         else:
-            tunnel = _Tunnel(server, sshkey=sshkey, password=password, cluster=cluster, timeout=timeout)
             self._globular_tunnel = tunnel
             try:
                 super().__init__(tunnel.forward(info), timeout=timeout, **kwargs)
@@ -128,7 +120,7 @@ class Client(ipyparallel.Client):  # type: ignore[misc]  # ipyparallel has no ty
                 closed = tunnel.far_end_refuses(self._config["registration"])
                 if closed:
                     why = closed
-            via = f" (through the SSH tunnel to {tunnel.host})" if tunnel is not None else ""
+            via = f" (through {tunnel.via})" if tunnel is not None else ""
             raise TimeoutError(f"{exc} after {timeout:g} s{via}: {why}") from None
         finally:
             watch.close()
@@ -277,173 +269,4 @@ def _ssh_server(info: dict[str, Any], sshserver: str | None, sshkey: Any, passwo
     return ssh or None
 
 
-# -- the tunnel ---------------------------------------------------------------------
-
-
-def _check_key(path: Path) -> None:
-    """``sshkey`` as OpenSSH takes it: a private key file, readable by its owner alone."""
-    try:
-        st = path.stat()
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TunnelError(f"sshkey {path} does not exist") from None
-    except OSError as exc:
-        raise TunnelError(f"sshkey {path} cannot be read: {exc.strerror}") from None
-    if st.st_mode & 0o077 and st.st_uid == os.getuid():  # OpenSSH: "UNPROTECTED PRIVATE KEY FILE!"
-        raise TunnelError(
-            f"sshkey {path} is readable by others ({st.st_mode & 0o777:04o}), so ssh would refuse it too; chmod 600 {path}"
-        )
-    try:
-        asyncssh.import_private_key(data)
-    except asyncssh.KeyImportError:
-        encrypted = b"ENCRYPTED" in data or b"bcrypt" in data
-        why = (
-            "it has a passphrase: load it into ssh-agent" if encrypted else "not a private key (OpenSSH, PEM or PKCS#8)"
-        )
-        raise TunnelError(f"sshkey {path}: {why}") from None
-
-
-class _Tunnel:
-    """The controller's ports forwarded to 127.0.0.1 through one asyncssh connection, held
-    by a thread of its own until :meth:`close`."""
-
-    def __init__(
-        self,
-        server: str,
-        *,
-        sshkey: Any,
-        password: str | None,
-        cluster: tuple[ClusterRecord, Path] | None,
-        timeout: float,
-    ) -> None:
-        try:
-            self.host = SSHHost.parse(server)
-        except ValueError as exc:
-            raise TunnelError(f"sshserver {server!r}: {exc}") from None
-        self.key = str(Path(sshkey).expanduser()) if sshkey else None
-        if self.key:
-            _check_key(Path(self.key))
-        self.password = password
-        self.cluster = cluster
-        self.timeout = timeout
-        self.provider: Any = None
-        self.runner: Runner | None = None  # the master's, when the cluster is known: its provider reaches it
-        self.conn: asyncssh.SSHClientConnection | None = None
-        self.far: dict[int, tuple[str, int]] = {}  # a forwarded port here -> the controller's (host, port)
-        self.thread = LoopThread("globular-client-tunnel")
-
-    def forward(self, info: dict[str, Any]) -> dict[str, Any]:
-        """``info`` with every port the client connects to forwarded here."""
-        try:
-            return self.thread.call(self._forward(info), self.timeout + 60)
-        except (TimeoutError, OSError, asyncssh.Error) as exc:
-            if isinstance(exc, GlobularError):
-                raise
-            raise TunnelError(f"cannot forward the controller's ports through {self.host}: {exc}") from None
-
-    def far_end_refuses(self, local_url: str) -> str | None:
-        """Why the controller port that ``local_url`` (a forwarded port here) stands for refuses a
-        connection at the tunnel's far end (nothing listens there: the controller is not
-        running), or None when it accepts, or cannot be asked."""
-        try:
-            return self.thread.call(self._far_end_refuses(local_url), self.timeout)
-        except (TimeoutError, OSError, asyncssh.Error):
-            return None
-
-    async def _far_end_refuses(self, local_url: str) -> str | None:
-        port = int(local_url.rsplit(":", 1)[1])
-        far = self.far.get(port)
-        if far is None:
-            return None
-        if self.runner is not None:
-            why = await self.runner.port_refuses(*far)
-        elif self.conn is not None:
-            try:
-                _, writer = await self.conn.open_connection(*far)
-            except asyncssh.ChannelOpenError as exc:
-                why = exc.reason or "refused"
-            else:
-                writer.close()
-                why = None
-        else:
-            return None
-        if why is None:
-            return None
-        return (
-            f"nothing listens at the controller's address {far[0]}:{far[1]} on {self.host} ({why}): "
-            "the controller is not running (`globular status` says why; `globular restart-controller` "
-            "starts a new one)"
-        )
-
-    async def _forward(self, info: dict[str, Any]) -> dict[str, Any]:
-        if self.cluster is not None:  # the cluster's own provider reaches its master: its key, user and known_hosts
-            from globular.registry import make_provider
-
-            record, home = self.cluster
-            self.provider = make_provider(record.spec, cluster=record.name, home=home)
-            if self.key:
-                self.provider.login_with(self.key)
-            self.runner = self.provider.runner(record.master)
-            return await reachable_info(self.runner, info, self.far)
-        conn = await self._connection()
-
-        async def forward(host: str, port: int) -> int:
-            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
-            self.far[listener.get_port()] = (host, port)
-            return listener.get_port()
-
-        forwarded = await forwarded_info(info, forward)
-        log.debug("controller %s ports forwarded through %s", info.get("interface"), self.host)
-        return forwarded
-
-    async def _connection(self) -> asyncssh.SSHClientConnection:
-        """A connection of its own, for a connection file that is not a known cluster's."""
-        known_hosts = Path("~/.ssh/known_hosts").expanduser()
-        if not known_hosts.is_file():
-            raise TunnelError(
-                f"cannot trust {self.host}: {known_hosts} does not exist (ssh to it once, to check and keep its host key)"
-            )
-        options: dict[str, Any] = {
-            "port": self.host.port,
-            "known_hosts": str(known_hosts),
-            "connect_timeout": self.timeout,
-            "keepalive_interval": 10,
-            "keepalive_count_max": 3,
-        }
-        if self.host.user:
-            options["username"] = self.host.user
-        if self.key:
-            options["client_keys"] = [self.key]
-        if self.password:
-            options["password"] = self.password
-        try:
-            self.conn = await asyncssh.connect(self.host.host, **options)
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise TunnelError(
-                f"cannot trust {self.host}: its host key is not in {known_hosts}, or does not match "
-                f"(ssh to it once to check it) [{exc.reason}]"
-            ) from None
-        except asyncssh.PermissionDenied:
-            raise TunnelError(f"{self.host} refused the login (pass sshkey=, or password=)") from None
-        except (OSError, asyncssh.Error) as exc:
-            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-            raise TunnelError(f"cannot reach {self.host}: {reason}") from None
-        return self.conn
-
-    def close(self) -> None:
-        if self.thread.loop.is_closed():
-            return
-        try:
-            self.thread.call(self._close(), 10)
-        except (TimeoutError, OSError, asyncssh.Error) as exc:
-            log.debug("closing the tunnel to %s: %s", self.host, exc)
-        finally:
-            self.thread.close()
-
-    async def _close(self) -> None:
-        conn, self.conn = self.conn, None
-        if self.provider is not None:
-            await self.provider.close()
-        if conn is not None:
-            conn.close()
-            await conn.wait_closed()
+__all__ = ["Client", "ConnectionFileError", "TunnelError", "connect"]

@@ -99,11 +99,12 @@ async def reachable_info(
 ) -> dict[str, Any]:
     """Client connection info that works from this machine.
 
-    For a master reached by ssh, each controller port is forwarded through the
-    runner's SSH connection, so nothing but SSH has to be reachable.  ``far``: filled
+    For a master this machine does not reach directly, each controller port is forwarded
+    by the runner (through its SSH connection; through the node programs of a node entered
+    by a command), so nothing but that has to be reachable.  ``far``: filled
     with each port here -> the controller's (host, port) it stands for.
     """
-    if runner.node.is_local:
+    if runner.direct:
         return info
 
     async def forward(host: str, port: int) -> int:

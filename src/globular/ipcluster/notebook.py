@@ -269,11 +269,12 @@ async def forward_notebook(name: str, local_port: int, ready: Callable[[str], No
     home = globular_home()
     record = StateStore(home).get(name)
     info = notebook_info(name)
-    if record.master.is_local:
-        raise BadInput(f"the master of {name!r} is reached from here without ssh: open {info['url']} directly")
     provider = make_provider(record.spec, cluster=record.name, home=home)
     try:
-        host, port = await provider.runner(record.master).forward_port(info["address"], info["port"], local_port)
+        runner = provider.runner(record.master)
+        if runner.direct:
+            raise BadInput(f"the master of {name!r} is reached from here directly: open {info['url']}")
+        host, port = await runner.forward_port(info["address"], info["port"], local_port)
         ready(f"https://{host}:{port}/")
         await asyncio.Event().wait()
     finally:

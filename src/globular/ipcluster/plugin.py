@@ -231,7 +231,7 @@ class IPCluster(Plugin):
     def _report(
         self, ctx: PluginContext, local_file: Path, engines: int, elapsed: float, notebook: NotebookInfo | None
     ) -> PluginReport:
-        import_line, client_line = client_lines(local_file, ctx.master.is_local, ctx.login_key)
+        import_line, client_line = client_lines(local_file, ctx.runner(ctx.master).direct, ctx.login_key)
         warnings = []
         if notebook is not None and self.settings.idle_shutdown and ctx.rents_machines:
             warnings.append(
@@ -257,7 +257,7 @@ class IPCluster(Plugin):
                     f"self-signed, {notebook.fingerprint}" if not self.settings.notebook_certfile else "yours",
                 ),
             ]
-            if not ctx.master.is_local:
+            if not ctx.runner(ctx.master).direct:
                 summary.append(("from here", f"globular notebook --forward {ctx.name}"))
             if notebook.cert_note:
                 warnings.append(notebook.cert_note)

@@ -49,4 +49,4 @@ def local_profile(name: str) -> Path:
 def master_is_here(ctx: PluginContext) -> bool:
     """The master is this machine (the local provider): its folders and this machine's are one,
     and what runs there finds globular and this machine's records."""
-    return ctx.master.is_local and not ctx.remote_nodes
+    return ctx.runner(ctx.master).direct and not ctx.remote_nodes

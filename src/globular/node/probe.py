@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from globular.node.protocol import Request, verb
+from globular.node.protocol import Refused, Request, verb
 
 
 def _quiet_ports() -> list[int]:
@@ -78,3 +78,42 @@ def connect(req: Request) -> Any:
             return {"ok": True}
     except OSError as exc:
         return {"ok": False, "error": exc.strerror or str(exc)}
+
+
+def pipe(req: Request) -> None:
+    """Relay one TCP connection to ``host:port``, as the node sees it, over this process's stdin
+    and stdout, until both ends close (stdin's end is passed on as a half-close): a port forwarded
+    through the node's own programs (what ``kubectl port-forward`` does for a pod), run as
+    ``python -c SOURCE pipe REQUEST``.  A connection refused there is :class:`Refused` (exit
+    status 3, the reason on stderr), before a byte is relayed."""
+    import os
+    import socket
+    import threading
+
+    try:
+        conn = socket.create_connection((req["host"], int(req["port"])), timeout=float(req.get("timeout", 10)))
+    except OSError as exc:
+        raise Refused(exc.strerror or str(exc)) from None
+    conn.settimeout(None)
+
+    def inward() -> None:  # stdin -> the connection
+        try:
+            while block := os.read(0, 1 << 16):
+                conn.sendall(block)
+        except OSError:
+            pass
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    threading.Thread(target=inward, daemon=True).start()
+    try:
+        while block := conn.recv(1 << 16):
+            view = memoryview(block)
+            while view:
+                view = view[os.write(1, view) :]
+    except OSError:
+        pass
+    finally:
+        conn.close()

@@ -1,6 +1,7 @@
 """How the node programs are run: one verb (``python -c SOURCE VERB``, its request on stdin),
 the long-lived helper (``serve``: JSON lines, one thread a request), and a Slurm job's
-``keeper`` (its batch step, which spawns what must outlive ``srun`` steps) and ``relay``.
+``keeper`` (its batch step, which spawns what must outlive ``srun`` steps) and ``relay``, and
+``pipe`` (one forwarded connection, :func:`globular.node.probe.pipe`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from globular.node.probe import pipe
 from globular.node.proc import _spawned, _stat, stop
 from globular.node.protocol import VERBS, Refused, Request
 
@@ -146,9 +148,13 @@ def main(argv: list[str]) -> None:
         keeper() if argv[1] == "keeper" else relay()
         return
     # the request is the argument where stdin carries something else (a detached process has
-    # none; env_build reads wheels there): never a secret.  Else it comes on stdin.
+    # none; env_build reads wheels there, pipe a connection's bytes): never a secret.  Else it
+    # comes on stdin.
     request = json.loads(argv[2]) if len(argv) > 2 else json.loads(sys.stdin.read() or "{}")
     try:
+        if argv[1] == "pipe":  # a stream, not an answer
+            pipe(request)
+            return
         json.dump(VERBS[argv[1]](request), sys.stdout)
     except Refused as exc:
         sys.stderr.write(f"{exc}\n")

@@ -15,14 +15,16 @@ The contract, for whoever writes one (a provider registers under the
 - **A node is a record** (:class:`~globular.state.NodeRecord`) the provider fills in
   ``create_nodes``: ``address`` (where the other nodes reach it), ``workdir`` (its folder,
   made 0700), ``cores``, ``python``, and ``data`` for the provider's own fields.
-- **How a node is reached**, said by ``login``: ``None`` means this machine reaches the
-  node's addresses directly (the local provider, a Slurm job's compute node seen from the
-  login node): clients connect to the controller as it is.  ``"user@host:port"`` means it
-  is reached over SSH: clients tunnel through the runner's :meth:`Runner.forward_port`
-  (globular's own connection), and ``Client(path)`` reads the login from the connection
-  file.  ``remote_nodes`` says the nodes are other machines (traffic between them is
-  encrypted by default).  :class:`globular.providers.ssh.RemoteProvider` is the base for
-  machines reached by SSH (connecting with host keys checked, a node folder, its Python
+- **How a node is reached** is its runner's: a :attr:`Runner.direct` runner's node addresses
+  are reached from here as they are (the local provider, a Slurm job's compute node seen from
+  the login node): clients connect to the controller as it is.  Any other runner forwards
+  (:meth:`Runner.forward_port`): over SSH through globular's own connection, or through the
+  node programs for a node entered by a command (:class:`~globular.providers.exec_runner.ExecRunner`:
+  ``ip netns exec``, ``kubectl exec``; a provider says only that command).  ``login``
+  (``"user@host:port"``) is only what ipyparallel's own ``Client`` reads from the connection
+  file's ``ssh`` field.  ``remote_nodes`` says the nodes are other machines (traffic between
+  them is encrypted by default).  :class:`globular.providers.ssh.RemoteProvider` is the base
+  for machines reached by SSH (connecting with host keys checked, a node folder, its Python
   checked, a long-lived helper per node): the ssh and ec2 providers differ only in where the
   machines come from.
 - **Asking a node.** :meth:`Runner.nodeproc` asks the node programs (:mod:`globular.node`,
@@ -257,7 +259,7 @@ class NodeProvider(ABC):
         here: ``ssh`` with the cluster's key for machines reached by SSH, ``srun --pty`` for a
         Slurm job's node.  This default: the node is this machine, so the user's shell in the
         node's folder.  ``user`` (log in as): only providers that log in take it."""
-        if not node.is_local:
+        if self.remote_nodes:
             raise GlobularError(f"{node.name}: the {self.name} provider opens no shell on its nodes")
         if user:
             raise BadInput(f"{node.name} of {self.cluster!r} is a {self.name} node: it takes no --user")

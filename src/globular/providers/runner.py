@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from globular import node
 from globular.errors import CommandError, GlobularError, NodeError
@@ -81,6 +81,10 @@ class NodeShell:
 class Runner(ABC):
     """Does work on one node."""
 
+    # this machine reaches the node's addresses as they are (the node is this machine, or a
+    # Slurm job's node seen from the login node); else :meth:`forward_port` reaches them
+    direct: ClassVar[bool] = True
+
     def __init__(self, node: NodeRecord):
         self.node = node
         self.mark: str | None = None  # GLOBULAR_MARK of the processes it starts (set by its provider)
@@ -100,9 +104,11 @@ class Runner(ABC):
 
     async def forward_port(self, host: str, port: int, local_port: int = 0) -> tuple[str, int]:
         """An address on this machine that reaches ``host:port`` as the node sees it
-        (at ``local_port`` when one is asked for and forwarding is needed).
+        (at ``local_port`` when one is asked for and forwarding is needed), until :meth:`close`.
 
-        Local nodes need no forwarding; remote runners tunnel through their connection.
+        A :attr:`direct` runner's nodes need no forwarding (this default); the others tunnel
+        through their connection (SSH) or relay through the node programs
+        (:class:`~globular.providers.exec_runner.ExecRunner`).
         """
         return host, port
 

@@ -41,6 +41,8 @@ def _by_increments(progress: Callable[[int], None]) -> Callable[[bytes, bytes, i
 class SSHRunner(HelperRunner):
     """Runs commands on a node over one SSH connection (opened on first use)."""
 
+    direct = False  # the node's ports are forwarded through the connection
+
     def __init__(self, node: NodeRecord, connect: Callable[[], Awaitable[asyncssh.SSHClientConnection]]):
         super().__init__(node)
         self._connect = connect
@@ -191,13 +193,7 @@ class SSHRunner(HelperRunner):
         return "127.0.0.1", self._forwards[(host, port)].get_port()
 
     async def port_refuses(self, host: str, port: int) -> str | None:
-        conn = await self.connection()
-        try:
-            _, writer = await conn.open_connection(host, port)
-        except asyncssh.ChannelOpenError as exc:
-            return exc.reason or "refused"
-        writer.close()
-        return None
+        return await refused_through(await self.connection(), host, port)
 
     async def close(self) -> None:
         await self.close_helper()
@@ -214,3 +210,13 @@ class SSHRunner(HelperRunner):
                 await asyncio.wait_for(conn.wait_closed(), 5)
             except (TimeoutError, OSError, asyncssh.Error):
                 pass
+
+
+async def refused_through(conn: asyncssh.SSHClientConnection, host: str, port: int) -> str | None:
+    """Why the far end of ``conn`` refuses a connection to ``host:port`` (its reason), or None."""
+    try:
+        _, writer = await conn.open_connection(host, port)
+    except asyncssh.ChannelOpenError as exc:
+        return exc.reason or "refused"
+    writer.close()
+    return None
