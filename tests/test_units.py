@@ -1004,3 +1004,37 @@ def test_slurm_asks_a_hosts_address_once_for_all_the_nodes_there(tmp_path, monke
     found = asyncio.run(addresses())
     assert found[0] == found[1] == found[5] == "198.18.0.11" and found[2] == "198.18.0.12" and found[4] == "198.18.0.13"
     assert isinstance(found[3], GlobularError) and asked == ["h1", "h2", "bad", "bad"]  # a failed one is asked again
+
+
+def test_settings_are_validated_once_and_travel_typed_with_the_spec(tmp_path, monkeypatch):
+    """The config validates a template's provider and plugin settings; the provider and the plugin
+    made from that spec use those very objects (no second validation of a dumped dict).  A spec
+    read back from a record validates on first use, then keeps the typed form."""
+    from globular.config import Config
+    from globular.ipcluster.plugin import IPCluster
+    from globular.providers.local import LocalSettings
+    from globular.registry import make_provider
+
+    text = "[cluster t]\nprovider = local\ncores_per_node = 2\nplugins = ipcluster\n"
+    text += "[plugin ipcluster]\nsetup_class = ipcluster\nmaster_engines = 1\n"
+    calls: list[str] = []
+    original = IPClusterSettings.model_validate.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, *args, **kwargs):
+        calls.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    spec = Config.from_text(text, file="cfg").cluster_spec("t")
+    monkeypatch.setattr(IPClusterSettings, "model_validate", classmethod(counted))
+    monkeypatch.setattr(LocalSettings, "model_validate", classmethod(counted))
+    provider = make_provider(spec, cluster="t", home=tmp_path)
+    plugin = IPCluster.from_spec(spec.plugins[0])
+    assert provider.settings is spec.typed_provider_settings(LocalSettings) and provider.settings.cores_per_node == 2
+    assert plugin.settings is spec.plugins[0].typed_settings(IPClusterSettings)
+    assert calls == []  # nothing validated again
+
+    again = ClusterSpec.model_validate_json(spec.model_dump_json())  # as a record is read
+    first = again.plugins[0].typed_settings(IPClusterSettings)
+    assert first is again.plugins[0].typed_settings(IPClusterSettings) and first.master_engines == 1
+    assert make_provider(again, cluster="t", home=tmp_path).settings is again.typed_provider_settings(LocalSettings)
+    assert calls == ["IPClusterSettings", "LocalSettings"]  # once each

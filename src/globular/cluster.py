@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from globular import environment
 from globular.errors import GlobularError, PluginFailed
 from globular.fanout import each_node
 from globular.plugins.base import NodeCheck, Plugin, PluginReport, PreflightFailed
@@ -154,7 +153,7 @@ class ClusterContext:
             except RegistryError:
                 continue
             if cls is plugin:
-                return cls.Settings.model_validate(spec.settings)
+                return spec.typed_settings(cls.Settings)
         return None
 
     def node_step(self, node: NodeRecord, step: str) -> None:
@@ -234,6 +233,8 @@ class ClusterContext:
         """Make ``nodes`` ready for the plugins: their Python environment (built, or found
         cached: :mod:`globular.environment`), then the preflight; a node that fails it
         raises :class:`PreflightFailed` (one line a node)."""
+        from globular import environment  # the builder: only where nodes are made ready
+
         await environment.prepare(self, self.provider, plugins, nodes)
         checks = await self.preflight(plugins, nodes)
         if any(not c.ok for c in checks):

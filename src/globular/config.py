@@ -348,7 +348,7 @@ class Config:
             if cluster_size and key == "cluster_size":  # it came from the command line
                 raise BadInput(f"-s {cluster_size}: {message}")
             raise self.error(message, sections.get(key, section), key)
-        return ClusterSpec(
+        spec = ClusterSpec(
             template=template,
             config_file=self.file,
             cluster_size=size,
@@ -357,6 +357,8 @@ class Config:
             plugins=plugins,
             environment=environment,
         )
+        spec.keep_typed(provider_settings)
+        return spec
 
     def _environment(
         self, common: ClusterSettings, sections: dict[str, str], section: str, default: str, plugins: list[PluginSpec]
@@ -431,7 +433,9 @@ class Config:
             section=section,
             owner=f"plugin class {cls.__name__}",
         )
-        return PluginSpec(name=name, setup_class=canonical, settings=settings.model_dump(mode="json"))
+        spec = PluginSpec(name=name, setup_class=canonical, settings=settings.model_dump(mode="json"))
+        spec.keep_typed(settings)
+        return spec
 
 
 def cluster_keys(provider: str) -> dict[str, str]:

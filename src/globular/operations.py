@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from globular import environment
 from globular.cluster import ClusterContext, load_plugin, node_names, node_order
 from globular.errors import BadInput, ClusterNotFound, GlobularError, NodeFailures, StartFailed
 from globular.fanout import each_node
@@ -247,6 +246,8 @@ async def check(
 
     async def work(ctx: ClusterContext) -> list[NodeCheck]:
         try:
+            from globular import environment
+
             await environment.prepare(ctx, ctx.provider, plugins, ctx.nodes)
         except NodeFailures as exc:  # a node whose environment cannot be made: its check says why
             return [
@@ -283,6 +284,8 @@ async def prune_environments(
     spec = spec.model_copy(update={"plugins": []})
 
     async def work(ctx: ClusterContext) -> dict[str, list[str]]:
+        from globular import environment
+
         return await environment.prune(ctx, ctx.provider, in_use)
 
     return await _on_template_nodes(f"prune-{spec.template}"[:63], spec, home, reporter, work)

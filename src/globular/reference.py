@@ -214,7 +214,7 @@ def template_settings(config: Config, spec: ClusterSpec) -> list[ShownSetting]:
     in words and units, and its source (set in the template, inherited, another section, default)."""
     where = {key: _source(section, spec.template) for key, section in config.sources(spec.template).items()}
     provider = provider_class(spec.provider)
-    decided = provider.effective_settings(provider.Settings.model_validate(spec.provider_settings), spec.cluster_size)
+    decided = provider.effective_settings(spec.typed_provider_settings(provider.Settings), spec.cluster_size)
     env = spec.environment
     lines = [
         ShownSetting("cluster", "cluster_size", str(spec.cluster_size), where.get("cluster_size", "default")),
@@ -235,7 +235,7 @@ def template_settings(config: Config, spec: ClusterSpec) -> list[ShownSetting]:
         _, cls = resolve_plugin(plugin.setup_class)
         written = config.plugins.get(plugin.name, {})
         sources = dict.fromkeys(written, "set")
-        decided = cls.effective_settings(cls.Settings.model_validate(plugin.settings), provider.remote_nodes)
+        decided = cls.effective_settings(plugin.typed_settings(cls.Settings), provider.remote_nodes)
         lines.append(
             ShownSetting(
                 f"plugin {plugin.name}", "setup_class", plugin.setup_class, sources.get("setup_class", "its name")

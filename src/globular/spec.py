@@ -13,9 +13,18 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+)
 
 from globular.errors import ConfigError
 
@@ -104,12 +113,36 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PluginSpec(BaseModel):
+S = TypeVar("S", bound=Settings)
+
+
+class TypedSettings(BaseModel):
+    """A spec whose settings (JSON in the record) travel with their typed form: validated once
+    by the config, or on first use after the record is read, then kept."""
+
+    _typed: dict[type[Settings], Settings] = PrivateAttr(default_factory=dict)
+
+    def _as(self, model: type[S], values: dict[str, Any]) -> S:
+        typed = self._typed.get(model)
+        if not isinstance(typed, model):
+            typed = self._typed[model] = model.model_validate(values)
+        return typed
+
+    def keep_typed(self, settings: Settings) -> None:
+        """``settings`` is what the spec's values say, already validated (by the config)."""
+        self._typed[type(settings)] = settings
+
+
+class PluginSpec(TypedSettings):
     """One ``[plugin NAME]`` section, resolved."""
 
     name: str
     setup_class: str  # canonical "module:Class"
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    def typed_settings(self, model: type[S]) -> S:
+        """``settings`` as the plugin's ``model``, validated once."""
+        return self._as(model, self.settings)
 
 
 class EnvironmentSpec(BaseModel):
@@ -121,7 +154,7 @@ class EnvironmentSpec(BaseModel):
     wheelhouse: str | None = None  # absolute path of a folder of wheels (no index)
 
 
-class ClusterSpec(BaseModel):
+class ClusterSpec(TypedSettings):
     """One ``[cluster NAME]`` template with ``extends`` resolved and values validated."""
 
     template: str
@@ -131,6 +164,10 @@ class ClusterSpec(BaseModel):
     provider_settings: dict[str, Any] = Field(default_factory=dict)
     plugins: list[PluginSpec] = Field(default_factory=list)
     environment: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
+
+    def typed_provider_settings(self, model: type[S]) -> S:
+        """``provider_settings`` as the provider's ``model``, validated once."""
+        return self._as(model, self.provider_settings)
 
 
 def shown(value: Any, limit: int = 60) -> str:

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field, ValidationError
 
 from globular.errors import BadInput, ClusterBusy, ClusterExists, ClusterNotFound, GlobularError, StateError
@@ -117,6 +116,8 @@ class StateStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        from filelock import FileLock  # here: a command that only reads records never loads it
+
         private_dir(self.dir)
         lock = FileLock(str(self.dir / ".lock"), timeout=self.lock_timeout)
         with lock:
@@ -129,6 +130,8 @@ class StateStore:
         Held by one globular process at a time; released by the kernel if that
         process dies.
         """
+        from filelock import FileLock, Timeout
+
         private_dir(self.dir)
         lock = FileLock(str(self.dir / f".{check_cluster_name(name)}.op.lock"), timeout=timeout)
         try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from globular.errors import GlobularError, NodeError
 from globular.fanout import each_node
 from globular.ipcluster import userconfig
-from globular.ipcluster.gpus import assign, gpu_env, held, node_devices
+from globular.ipcluster.gpus import ENGINE_GPUS, assign, gpu_env, gpu_table, held, node_devices
 from globular.ipcluster.node import source
 from globular.ipcluster.roles import DATA_KEY, ENGINE, SUPERVISOR, ipython_dir
 from globular.ipcluster.settings import IPClusterSettings, engine_heartbeat_misses
@@ -121,7 +121,8 @@ async def start_engines(
     data = ctx.plugin_data(DATA_KEY)
     gpu_of = assign(ids, node_devices(data, node.name)) if settings.wants_gpus else {}
     if gpu_of:  # which engine holds which GPU, as they are given
-        data.setdefault("gpu_engines", {}).update({str(i): uuid for i, uuid in gpu_of.items() if uuid})
+        data[ENGINE_GPUS] = {**gpu_table(data), **{str(i): uuid for i, uuid in gpu_of.items() if uuid}}
+        data.pop("gpu_engines", None)
     runner = ctx.runner(node)
     await runner.write_file(engine_file(node), json.dumps(engine_info).encode(), 0o600)
     await userconfig.install(ctx, node, settings)

@@ -6,7 +6,7 @@ leaves) and keeps them in the record (``gpus``, by node).  An engine given a GPU
 ``CUDA_VISIBLE_DEVICES=<its UUID>`` (a MIG device's for MIG), ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
 (CUDA's order is nvidia-smi's) and ``GLOBULAR_GPU=<its UUID>``; a CPU engine of a cluster with
 ``gpu_engines`` runs with ``CUDA_VISIBLE_DEVICES`` empty, so it never takes a GPU by accident.
-Which engine holds which GPU is kept in the record too (``gpu_engines``: engine id -> UUID).
+Which engine holds which GPU is kept in the record too (``engine_gpus``: engine id -> UUID).
 """
 
 from __future__ import annotations
@@ -81,9 +81,19 @@ def assign(ids: list[int], devices: list[dict[str, Any]]) -> dict[int, str | Non
     return {engine_id: (devices[k]["uuid"] if k < len(devices) else None) for k, engine_id in enumerate(ids)}
 
 
+ENGINE_GPUS = "engine_gpus"  # the record's table: engine id -> the UUID of the GPU it holds
+
+
+def gpu_table(data: dict[str, Any]) -> dict[str, str]:
+    """The record's engine id -> GPU UUID table (a record written before it had this name
+    calls it ``gpu_engines``, the setting's name)."""
+    table: dict[str, str] = data.get(ENGINE_GPUS) or data.get("gpu_engines") or {}
+    return table
+
+
 def held(data: dict[str, Any], engine_ids: list[int]) -> dict[int, str]:
     """Which of ``engine_ids`` hold a GPU, and its UUID."""
-    table = data.get("gpu_engines") or {}
+    table = gpu_table(data)
     return {i: table[str(i)] for i in engine_ids if table.get(str(i))}
 
 

@@ -170,7 +170,7 @@ async def save_cluster_notebooks(name: str, home: Path) -> SavedNotebooks | None
 
     record = StateStore(home).get(name)
     settings = next(
-        (IPClusterSettings.model_validate(spec.settings) for spec in record.spec.plugins
+        (spec.typed_settings(IPClusterSettings) for spec in record.spec.plugins
          if resolve_plugin(spec.setup_class)[1].Settings is IPClusterSettings),
         None,
     )  # fmt: skip

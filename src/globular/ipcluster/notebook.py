@@ -18,8 +18,6 @@ import json
 import secrets
 import ssl
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +206,9 @@ async def wait_https(
     ctx: PluginContext, master: NodeRecord, port: int, cert_pem: bytes | None, log: str, timeout: float = 60
 ) -> None:
     """Wait until the server answers ``GET /api`` over HTTPS with its certificate."""
+    import urllib.error
+    import urllib.request
+
     host, local_port = await ctx.runner(master).forward_port(master.address, port)
     url = f"https://{host}:{local_port}/api"
     context = https_context(cert_pem)

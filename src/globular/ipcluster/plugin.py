@@ -31,7 +31,7 @@ from globular.ipcluster.controller import (
 )
 from globular.ipcluster.controller import running_data as _running_data
 from globular.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
-from globular.ipcluster.gpus import engine_count
+from globular.ipcluster.gpus import engine_count, gpu_table
 from globular.ipcluster.idle import start_idle_watchers
 from globular.ipcluster.labpanel import remove_cluster_files, write_cluster_files
 from globular.ipcluster.notebook import (
@@ -225,7 +225,7 @@ class IPCluster(Plugin):
         return checks
 
     def _gpu_note(self, ctx: PluginContext) -> str:
-        held = len(ctx.plugin_data(DATA_KEY).get("gpu_engines") or {})
+        held = len(gpu_table(ctx.plugin_data(DATA_KEY)))
         return f", {held} of them on a GPU each" if held else ""
 
     def _report(

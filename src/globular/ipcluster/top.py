@@ -79,7 +79,7 @@ class Frame:
 def settings_of_record(record: ClusterRecord) -> IPClusterSettings:
     for spec in record.spec.plugins:
         if resolve_plugin(spec.setup_class)[1].Settings is IPClusterSettings:
-            return IPClusterSettings.model_validate(spec.settings)
+            return spec.typed_settings(IPClusterSettings)
     raise GlobularError(f"cluster {record.name!r} does not run the ipcluster plugin")
 
 

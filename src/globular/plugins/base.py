@@ -173,7 +173,7 @@ class Plugin:
 
     @classmethod
     def from_spec(cls, spec: PluginSpec) -> Plugin:
-        return cls(spec.name, cls.Settings.model_validate(spec.settings))
+        return cls(spec.name, spec.typed_settings(cls.Settings))
 
     @classmethod
     def effective_settings(cls, settings: SettingsModel, remote_nodes: bool) -> dict[str, str]:

@@ -127,7 +127,7 @@ class NodeProvider(ABC):
 
     def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
         self.spec = spec
-        self.settings = self.Settings.model_validate(spec.provider_settings)
+        self.settings = spec.typed_provider_settings(self.Settings)
         self.cluster = cluster
         self.home = home
         self._runners: dict[str, Runner] = {}
