@@ -25,7 +25,8 @@ import pytest
 import testhosts
 from conftest import bare_hosts, other_python, shadowing_python, wait_until
 from globular.config import Config
-from globular.environment import (
+from globular.errors import ConfigError
+from globular.wheelhouse import (
     Target,
     Wanted,
     digest,
@@ -33,7 +34,6 @@ from globular.environment import (
     probe_problems,
     target_platforms,
 )
-from globular.errors import ConfigError
 
 # -- pure logic ----------------------------------------------------------------------
 
@@ -158,9 +158,9 @@ def test_environment_settings_are_checked_with_file_line_section_and_key(tmp_pat
 
 
 def test_starcluster_package_plugins(tmp_path):
-    from globular.environment import wanted_for
     from globular.plugins.pypkginstaller import PyPkgInstaller
     from globular.state import NodeRecord
+    from globular.wheelhouse import wanted_for
 
     text = (
         "[cluster lab]\nprovider = ssh\nnode_hosts = a, b\nplugins = ipcluster, pypkginstaller\npackages = toolz\n"
@@ -526,8 +526,8 @@ def test_too_little_disk_on_a_host_is_named(net, cli, home, tmp_path):
 def test_a_wheelhouse_folder_replaces_the_index(net, cli, home, tmp_path):
     """wheelhouse = DIR (air-gapped sites): pip resolves from DIR alone; a package that is not
     in it is named with the folder, whatever the index has."""
-    from globular.environment import Target, resolve
     from globular.providers.base import NODE_SOURCE
+    from globular.wheelhouse import Target, resolve
 
     probe = subprocess.run(
         [net.python, "-c", NODE_SOURCE, "env_probe", json.dumps({"root": str(tmp_path / "x")})],
@@ -576,8 +576,8 @@ def test_the_builder_installs_with_uv_or_falls_back_to_pip(tmp_path, bare_python
     import io
     import tarfile
 
-    from globular.environment import Target, resolve, target_platforms
     from globular.providers.base import NODE_SOURCE
+    from globular.wheelhouse import Target, resolve, target_platforms
 
     probe = subprocess.run(
         [bare_python, "-c", NODE_SOURCE, "env_probe", json.dumps({"root": str(tmp_path / "envs")})],

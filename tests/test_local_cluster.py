@@ -240,7 +240,7 @@ def test_an_engine_whose_registration_notice_the_client_missed_is_still_found(cl
     import asyncio
 
     from globular import operations as cluster
-    from globular.ipcluster import plugin as ipcluster
+    from globular.ipcluster import lifecycle as ipcluster  # where the plugin opens its client
 
     config = write_config(
         "[global]\ndefault_template = t\n[cluster t]\nprovider = local\ncores_per_node = 1\nplugins = ipcluster\n"

@@ -372,8 +372,8 @@ def entry_point_modules(group: str) -> set[str]:
 
 ROOMS = (  # the folders and top-level modules of src/globular, lowest first: each imports only those before it
     "errors", "paths", "results", "aio", "limits", "logs", "node", "spec", "state", "fanout", "reporting",
-    "providers", "plugins", "environment", "registry", "config", "reference", "cluster", "transfer",
-    "operations", "status", "client", "ipcluster", "api", "cli", "__main__",
+    "providers", "plugins", "wheelhouse", "environment", "registry", "config", "reference", "cluster", "transfer",
+    "operations", "salvage", "status", "client", "ipcluster", "api", "cli", "__main__",
 )  # fmt: skip
 PLUGIN_API = ("errors", "providers", "reporting", "results", "spec", "state", "plugins")
 
@@ -480,7 +480,7 @@ def test_providers_name_no_plugin_and_no_environment_and_the_renderer_no_plugin(
     """A provider never names what the plugins need (ipyparallel, ZeroMQ): the plugins ask in
     their preflight; nor does it decide about node environments.  The renderer shows plain
     data (globular.results), not the plugins' classes."""
-    banned = ("ipyparallel", "zmq", "globular.environment", "globular.plugins")
+    banned = ("ipyparallel", "zmq", "globular.environment", "globular.wheelhouse", "globular.plugins")
     for path in sorted((SRC / "providers").glob("*.py")):
         leaks = {m for m in every_import(path) if m.startswith(banned)}
         assert leaks == set(), f"providers/{path.name} imports {sorted(leaks)}"
@@ -1038,3 +1038,38 @@ def test_settings_are_validated_once_and_travel_typed_with_the_spec(tmp_path, mo
     assert first is again.plugins[0].typed_settings(IPClusterSettings) and first.master_engines == 1
     assert make_provider(again, cluster="t", home=tmp_path).settings is again.typed_provider_settings(LocalSettings)
     assert calls == ["IPClusterSettings", "LocalSettings"]  # once each
+
+
+def test_ipcluster_forgets_only_the_files_of_its_own_cluster(tmp_path):
+    """``terminate --force`` of an unreadable record asks every plugin to forget the cluster:
+    ipcluster removes the connection files that name it (any region, with their notebook
+    file), never those of a cluster whose name starts the same."""
+    from globular.ipcluster.plugin import IPCluster
+
+    folder = tmp_path / "ipcluster"
+    folder.mkdir()
+    files = {
+        "a-local.json": "a", "a-us-east-1.json": "a", "a-b-local.json": "a-b", "a-ssh.json": None,
+    }  # fmt: skip
+    for name, cluster in files.items():
+        (folder / name).write_text(json.dumps({"globular_cluster": cluster} if cluster else {"key": "x"}))
+    (folder / "a-local-notebook.json").write_text("{}")
+    (folder / "a-b-local-notebook.json").write_text("{}")
+    IPCluster.forget(tmp_path, "a")
+    assert sorted(p.name for p in folder.iterdir()) == ["a-b-local-notebook.json", "a-b-local.json", "a-ssh.json"]
+
+
+def test_addnode_host_is_refused_by_the_core_for_a_provider_that_places_its_nodes(tmp_path):
+    """``--host`` reaches only a provider that places nodes (ssh, slurm); for the others the core
+    says where their nodes come from, before anything changes."""
+    from globular import operations
+    from globular.config import Config
+    from globular.errors import BadInput
+
+    spec = Config.from_text("[cluster t]\nprovider = local\n", file="cfg").cluster_spec("t")
+    master = NodeRecord(name="master", address="127.0.0.1", workdir=str(tmp_path), cores=1, python=sys.executable)
+    record = ClusterRecord(name="c", region="local", spec=spec, status="running", nodes=[master], desired=["master"])
+    StateStore(tmp_path).create(record)
+    with pytest.raises(BadInput, match="the local provider makes its nodes on this machine: it takes no --host"):
+        asyncio.run(operations.add_nodes("c", hosts=["somewhere"], home=tmp_path))
+    assert StateStore(tmp_path).get("c").desired == ["master"]

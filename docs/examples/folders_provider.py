@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pydantic import Field
 
-from globular.errors import BadInput
 from globular.providers.base import NodeProvider, Runner
 from globular.providers.local import LocalRunner
 from globular.spec import Settings
@@ -47,8 +46,6 @@ class FoldersProvider(NodeProvider):
         existing: Sequence[NodeRecord] = (),
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
-        if hosts:
-            raise BadInput("the folders provider takes no --host")
         nodes = []
         for name in names:
             folder = Path(self.settings.root, self.cluster, name)

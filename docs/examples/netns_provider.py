@@ -51,6 +51,7 @@ class NetnsRunner(ExecRunner):
 
 class NetnsProvider(NodeProvider):
     name = "netns"
+    where_nodes_come_from = "uses the namespaces of its config"
     Settings = NetnsSettings
     settings: NetnsSettings
     remote_nodes = True  # each has a network of its own: traffic between them is encrypted
@@ -79,8 +80,6 @@ class NetnsProvider(NodeProvider):
         existing: Sequence[NodeRecord] = (),
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
-        if hosts:
-            raise BadInput("the netns provider takes no --host: it uses the namespaces of its config")
         used = {n.data["netns"] for n in existing}
         free = [ns for ns in self.settings.namespaces if ns not in used]
         if len(free) < len(names):

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ipyparallel import Client
 
     from globular.reporting import Reporter
-    from globular.results import NodeCheck
+    from globular.results import NodeCheck, PluginReport
     from globular.status import ClusterStatusReport
     from globular.transfer import NodeTransfer
 
@@ -100,12 +100,19 @@ class Cluster:
     def remove_node(self, node: str) -> None:
         _run(operations.remove_node(self.name, node, home=self.home, reporter=self.reporter))
 
-    def restart_engines(self) -> None:
-        """Kill every engine and start new ones against the same controller (ipclusterrestart)."""
+    def run_plugin(self, plugin: str) -> PluginReport | None:
+        """Run ``plugin``'s ``run`` on the cluster, as ``globular runplugin PLUGIN NAME``: one of the
+        cluster's own ``[plugin]`` sections, else a built-in one.  Its report, if it gives one."""
         from globular.config import Config
 
-        spec = Config.builtin().plugin_spec("ipclusterrestart")
-        _run(operations.run_plugin(self.name, spec, home=self.home, reporter=self.reporter))
+        spec = next((p for p in self.record.spec.plugins if p.name == plugin), None)
+        spec = spec or Config.builtin().plugin_spec(plugin)
+        return _run(operations.run_plugin(self.name, spec, home=self.home, reporter=self.reporter)).report
+
+    def restart_engines(self) -> None:
+        """Kill every engine and start new ones against the same controller: ``run_plugin`` of the
+        built-in ipclusterrestart."""
+        self.run_plugin("ipclusterrestart")
 
     def status(self) -> ClusterStatusReport:
         from globular.status import cluster_status

@@ -3,6 +3,11 @@
 ``[global] default_template``, ``[cluster NAME]`` templates with ``extends``,
 ``[plugin NAME]`` sections with ``setup_class`` and typed settings.  Every error
 names the file, the section and the key (and the line where it can).
+
+(Longer than most modules: the reader of one format, read top to bottom — sections,
+``extends``, the provider's and the plugins' typed settings, the environment — kept
+together so that every error is found and worded the same way; the settings' reference is
+:mod:`globular.reference`.)
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import re
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from globular.cluster import ClusterContext, load_plugin, node_names, node_order
+from globular.cluster import ClusterContext, load_plugin, node_names
 from globular.errors import BadInput, ClusterNotFound, GlobularError, NodeFailures, StartFailed
 from globular.fanout import each_node
 from globular.logs import cluster_log
-from globular.paths import connection_file_path, globular_home, write_private
+from globular.paths import globular_home, write_private
 from globular.plugins.base import NodeCheck, Plugin, PluginReport
 from globular.registry import make_provider, provider_class
 from globular.reporting import NullReporter, Reporter
@@ -73,7 +71,8 @@ class TerminateResult:
     reports: list[PluginReport] = field(default_factory=list)  # what the plugins kept (the notebooks)
 
 
-def _home(home: Path | None, reporter: Reporter | None) -> tuple[Path, StateStore, Reporter]:
+def home_store_reporter(home: Path | None, reporter: Reporter | None) -> tuple[Path, StateStore, Reporter]:
+    """The globular home an operation runs in (default: this user's), its records, its progress."""
     home = home or globular_home()
     return home, StateStore(home), reporter or NullReporter()
 
@@ -97,7 +96,7 @@ def warm_imports(plugins: list[Plugin]) -> None:
 @asynccontextmanager
 async def opened(name: str, home: Path | None, reporter: Reporter | None) -> AsyncIterator[ClusterContext]:
     """Cluster ``name``, locked for one operation, logged to its log file, closed afterwards."""
-    home, store, reporter = _home(home, reporter)
+    home, store, reporter = home_store_reporter(home, reporter)
     with store.operation(name), cluster_log(home, name):
         ctx = ClusterContext(store.get(name), home=home, store=store, reporter=reporter)
         try:
@@ -111,7 +110,7 @@ async def created(
     name: str, spec: ClusterSpec, home: Path | None, reporter: Reporter | None
 ) -> AsyncIterator[ClusterContext]:
     """A new record for cluster ``name`` of ``spec``, locked and logged like :func:`opened`."""
-    home, store, reporter = _home(home, reporter)
+    home, store, reporter = home_store_reporter(home, reporter)
     check_cluster_name(name)
     with store.operation(name), cluster_log(home, name):
         provider = make_provider(spec, cluster=name, home=home)
@@ -197,8 +196,11 @@ async def add_nodes(
     started = time.monotonic()
     async with opened(name, home, reporter) as ctx:
         ctx.require_running()
+        provider = type(ctx.provider)
+        if hosts and not provider.places_nodes:
+            raise BadInput(f"the {provider.name} provider {provider.where_nodes_come_from}: it takes no --host")
         total = len(ctx.record.desired) + count
-        problem = None if hosts else type(ctx.provider).size_problem(ctx.provider.settings, total)
+        problem = None if hosts else provider.size_problem(ctx.provider.settings, total)
         if problem is not None:  # the rule start checks its size with, checked before anything changes
             raise BadInput(f"-n {count}: the cluster would have {total} nodes; {problem[1]}")
         plugins = ctx.plugins()
@@ -231,7 +233,7 @@ async def check(
 ) -> list[NodeCheck]:
     """Preflight alone.  On running cluster ``name``: its nodes.  Otherwise ``spec``'s nodes
     are brought up, checked and released again (providers that rent machines refuse)."""
-    home, store, reporter = _home(home, reporter)
+    home, store, reporter = home_store_reporter(home, reporter)
     if store.exists(name):
         async with opened(name, home, reporter) as ctx:
             return await ctx.preflight(ctx.plugins(), ctx.nodes)
@@ -277,7 +279,7 @@ async def prune_environments(
 ) -> dict[str, list[str]]:
     """Remove the node environments (:mod:`globular.environment`) from the hosts of template
     ``spec``, except those a running cluster of this machine uses; node -> what was removed."""
-    home, store, reporter = _home(home, reporter)
+    home, store, reporter = home_store_reporter(home, reporter)
     if not provider_class(spec.provider).environments_outlive_nodes:
         raise GlobularError(f"{spec.provider} nodes are released with their disks: there is nothing to prune")
     in_use = {n.data["env"]["name"] for r in store.list()[0] for n in r.nodes if n.data.get("env")}
@@ -316,78 +318,6 @@ async def terminate(
         )
 
 
-async def force_terminate(name: str, *, home: Path | None = None, reporter: Reporter | None = None) -> TerminateResult:
-    """A way out of any state: terminate cluster ``name`` whatever fails on the way.
-
-    With a readable record this is :func:`terminate`, and when that fails, every
-    node is still swept for the cluster's marked processes and released where it
-    can be.  With an unreadable record, this machine is swept for every process
-    marked with the cluster (see :func:`~globular.providers.base.process_mark`) and
-    its local files are removed; what could not be done (nodes on other machines
-    the record no longer names reliably) is said in the warnings.  The record goes.
-    """
-    from globular.errors import StateError
-    from globular.node.proc import sweep
-    from globular.providers.base import process_mark
-
-    home, store, reporter = _home(home, reporter)
-    started = time.monotonic()
-    check_cluster_name(name)
-    try:
-        return await terminate(name, discard=True, home=home, reporter=reporter)
-    except ClusterNotFound:
-        raise
-    except (GlobularError, OSError) as exc:
-        first = exc
-    warnings = [f"terminate failed ({first}); forcing"]
-    nodes = stopped = 0
-    with store.operation(name), cluster_log(home, name):
-        try:
-            record: ClusterRecord | None = store.get(name)
-        except StateError:
-            record = None
-        if record is not None:
-            ctx = ClusterContext(record, home=home, store=store, reporter=reporter)
-            nodes = len(record.nodes)
-            try:
-                for node in list(record.nodes):
-                    try:
-                        await ctx.release([node], [])
-                    except (GlobularError, OSError) as exc:
-                        warnings.append(f"{node.name}: could not be released ({exc})")
-                try:
-                    await ctx.provider.release_cluster()
-                except (GlobularError, OSError) as exc:
-                    warnings.append(f"the provider's cluster resources remain ({exc})")
-                stopped = ctx.stopped.stopped + ctx.stopped.killed
-            finally:
-                await ctx.close()
-        else:
-            mark = process_mark(home, name)
-            swept = sweep({"mark": mark, "timeout": 5})
-            stopped = swept["stopped"] + swept["killed"]
-            local = home / "local" / name
-            if local.is_dir():
-                shutil.rmtree(local, ignore_errors=True)
-            try:
-                text = (store.dir / f"{name}.json").read_text(errors="replace")
-            except OSError:
-                text = ""
-            hosts = sorted(set(re.findall(r'"login":\s*"([^"]+)"', text)))
-            if hosts:
-                warnings.append(
-                    f"the record is unreadable: on {', '.join(hosts)} (named in it) stop the processes whose "
-                    f"environment holds GLOBULAR_MARK={mark}/..., and remove their node folders"
-                )
-        regions = [record.region] if record is not None else ["local", "ssh"]  # an ec2 record names its own
-        for region in regions:  # the client's connection file and the notebook's, if any are left
-            client_file = connection_file_path(home, name, region)
-            for leftover in (client_file, client_file.with_name(f"{client_file.stem}-notebook.json")):
-                leftover.unlink(missing_ok=True)
-        store.delete(name)
-    return TerminateResult(name, nodes, stopped, 0, time.monotonic() - started, warnings)
-
-
 async def run_plugin(
     name: str, spec: PluginSpec, *, home: Path | None = None, reporter: Reporter | None = None
 ) -> PluginRunResult:
@@ -397,55 +327,3 @@ async def run_plugin(
     async with opened(name, home, reporter) as ctx:
         report = await ctx.hook(plugin, "run")
         return PluginRunResult(ctx.record, spec.name, time.monotonic() - started, report)
-
-
-@dataclass
-class FoundCluster:
-    """A cluster a provider's account holds that this machine has no record of."""
-
-    name: str
-    spec: ClusterSpec
-    region: str
-    nodes: list[NodeRecord]
-
-
-async def discover(specs: list[ClusterSpec], *, home: Path | None = None) -> list[FoundCluster]:
-    """Clusters started elsewhere (ec2: found by their tags; slurm: by their jobs) in the accounts ``specs`` use.
-
-    Each account (provider, region, credentials) is asked once; clusters this
-    machine has a record of are left out.
-    """
-    home, store, _ = _home(home, None)
-    known = {r.name for r in store.list()[0]}
-    asked: set[tuple[str, str, object]] = set()
-    found: dict[str, FoundCluster] = {}
-    for spec in specs:
-        provider = make_provider(spec, cluster="", home=home)
-        owner = provider.account()
-        account = (spec.provider, provider.region, owner)
-        if owner is None or account in asked:
-            continue
-        asked.add(account)
-        try:
-            for name, nodes in (await provider.discover()).items():
-                if name not in known and name not in found:
-                    found[name] = FoundCluster(name, spec, provider.region, sorted(nodes, key=node_order))
-        finally:
-            await provider.close()
-    return sorted(found.values(), key=lambda f: f.name)
-
-
-def adopt(found: FoundCluster, *, home: Path | None = None) -> ClusterRecord:
-    """Record a cluster found elsewhere so that ``terminate`` (and ``listclusters``) can act on it."""
-    _, store, _ = _home(home, None)
-    record = ClusterRecord(
-        name=found.name,
-        region=found.region,
-        spec=found.spec,
-        nodes=found.nodes,
-        desired=[n.name for n in found.nodes],
-        status="running",
-        error="adopted: started elsewhere (or its record was lost), found by its provider (ec2 tags, Slurm jobs)",
-    )
-    store.create(record)
-    return record

@@ -58,11 +58,6 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def connection_file_path(home: Path, cluster: str, region: str) -> Path:
-    """``~/.globular/ipcluster/<cluster>-<region>.json``."""
-    return home / "ipcluster" / f"{cluster}-{region}.json"
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically with mode 0600."""
     private_dir(path.parent)

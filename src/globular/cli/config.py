@@ -8,16 +8,15 @@ from typing import TYPE_CHECKING
 import click
 from rich.markup import escape
 
-from globular.cli.group import Later
+from globular.cli.group import Later, load_config, run
 from globular.cli.render import output, output_option
 from globular.errors import BadInput
 from globular.paths import globular_home
 
 if TYPE_CHECKING:
-    from globular import aio, environment, operations, reference
-    from globular import config as configs
+    from globular import operations, reference, wheelhouse
 else:  # imported by the commands that use them, when they run
-    aio, configs, environment = Later("globular.aio"), Later("globular.config"), Later("globular.environment")
+    wheelhouse = Later("globular.wheelhouse")
     operations, reference = Later("globular.operations"), Later("globular.reference")
 
 
@@ -71,7 +70,7 @@ def config_show(ctx: click.Context, option_template: str | None, template: str |
         raise BadInput(f"two templates named: {template} and -c {option_template}")
     template = option_template or template
     out = output(ctx)
-    config = configs.Config.load(ctx.find_root().obj["config"])
+    config = load_config(ctx)
     spec = config.cluster_spec(template)
     lines = reference.template_settings(config, spec)
 
@@ -111,11 +110,11 @@ def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
     start builds what it needs again (from the wheelhouse cache here, offline).
     """
     out = output(ctx)
-    spec = configs.Config.load(ctx.find_root().obj["config"]).cluster_spec(template)
+    spec = load_config(ctx).cluster_spec(template)
     with out.reporter() as reporter:
-        removed = aio.run_sync(operations.prune_environments(spec, reporter=reporter), sigterm_cancels=True)
+        removed = run(operations.prune_environments(spec, reporter=reporter))
     cache = globular_home() / "wheels"
-    count = environment.clear_wheel_cache(cache) if wheels else None
+    count = wheelhouse.clear_wheel_cache(cache) if wheels else None
 
     def text() -> None:
         for node, names in removed.items():

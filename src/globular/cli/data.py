@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING
 import click
 from rich.markup import escape
 
-from globular.cli.group import Later
+from globular.cli.group import Later, run
 from globular.cli.render import Output, output, output_option
 from globular.errors import BadInput
 from globular.results import size_text
 
 if TYPE_CHECKING:
-    from globular import aio, transfer
+    from globular import transfer
 else:  # imported by the commands that use them, when they run
-    aio, transfer = Later("globular.aio"), Later("globular.transfer")
+    transfer = Later("globular.transfer")
 
 
 def _show(out: Output, verb: str, transfers: list[transfer.NodeTransfer]) -> None:
@@ -51,10 +51,7 @@ def put(ctx: click.Context, nodes: tuple[str, ...], checksum: bool, name: str, p
         raise BadInput("put needs LOCAL... and REMOTE: `globular put NAME data.csv .`")
     out = output(ctx)
     with out.reporter() as reporter:
-        done = aio.run_sync(
-            transfer.put(name, paths[:-1], paths[-1], nodes=nodes or None, checksum=checksum, reporter=reporter),
-            sigterm_cancels=True,
-        )
+        done = run(transfer.put(name, paths[:-1], paths[-1], nodes=nodes or None, checksum=checksum, reporter=reporter))
     _show(out, "sent", done)
 
 
@@ -76,8 +73,5 @@ def get(ctx: click.Context, nodes: tuple[str, ...], checksum: bool, name: str, r
     """
     out = output(ctx)
     with out.reporter() as reporter:
-        done = aio.run_sync(
-            transfer.get(name, remote, local, nodes=nodes or None, checksum=checksum, reporter=reporter),
-            sigterm_cancels=True,
-        )
+        done = run(transfer.get(name, remote, local, nodes=nodes or None, checksum=checksum, reporter=reporter))
     _show(out, "received", done)

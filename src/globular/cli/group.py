@@ -7,12 +7,15 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from globular.cli.render import output_option
 from globular.logs import FORMAT, LOGGER
+
+if TYPE_CHECKING:
+    from globular.config import Config
 
 
 class Later:
@@ -25,6 +28,21 @@ class Later:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(importlib.import_module(self._module), name)
+
+
+def run(coro: Any) -> Any:
+    """Run a library coroutine; SIGTERM cancels it like Ctrl-C does, so the library's
+    cleanup runs (a half-started cluster is undone)."""
+    from globular.aio import run_sync
+
+    return run_sync(coro, sigterm_cancels=True)
+
+
+def load_config(ctx: click.Context) -> Config:
+    """The config the command line names (``-c``), else the default one."""
+    from globular.config import Config
+
+    return Config.load(ctx.find_root().obj["config"])
 
 
 # StarCluster's commands that globular has under another name, or not at all: what to type instead

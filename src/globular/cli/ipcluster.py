@@ -10,15 +10,14 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.markup import escape
 
-from globular.cli.group import Later
+from globular.cli.group import Later, run
 from globular.cli.render import output, output_option
 from globular.errors import BadInput
 
 if TYPE_CHECKING:
-    from globular import aio
     from globular.ipcluster import notebook as notebooks
 else:  # imported by the commands that use them, when they run
-    aio, notebooks = Later("globular.aio"), Later("globular.ipcluster.notebook")
+    notebooks = Later("globular.ipcluster.notebook")
 
 
 @click.command(short_help="A Python shell connected to the cluster.")
@@ -86,7 +85,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, nam
         from globular.ipcluster.keep import left_out_text, save_cluster_notebooks
         from globular.paths import globular_home
 
-        saved = aio.run_sync(save_cluster_notebooks(name, globular_home()), sigterm_cancels=True)
+        saved = run(save_cluster_notebooks(name, globular_home()))
         if saved is None:
             out.result(
                 {"saved": None}, text=lambda: out.say(f"The notebooks of {escape(name)} are on this machine already.")
@@ -112,7 +111,7 @@ def notebook(ctx: click.Context, forward: bool, local_port: int, save: bool, nam
             out.err.print(f"Forwarding [bold]{escape(url)}[/] to the master; Ctrl-C stops it.")
 
         try:
-            aio.run_sync(notebooks.forward_notebook(name, local_port, ready), sigterm_cancels=True)
+            run(notebooks.forward_notebook(name, local_port, ready))
         except KeyboardInterrupt:
             out.err.print("Forwarding stopped.")
 
@@ -136,7 +135,7 @@ def restart_controller(ctx: click.Context, name: str) -> None:
     out = output(ctx)
     spec = Config.builtin().plugin_spec("ipclusterrestartcontroller")
     with out.reporter() as reporter:
-        result = aio.run_sync(operations.run_plugin(name, spec, reporter=reporter), sigterm_cancels=True)
+        result = run(operations.run_plugin(name, spec, reporter=reporter))
 
     def text() -> None:
         out.say(f"Controller of [bold]{escape(name)}[/] restarted in {result.elapsed:.1f} s")
@@ -219,7 +218,7 @@ def top(ctx: click.Context, once: bool, interval: float, name: str) -> None:
             await watch.close()
 
     if once or out.json or not out.console.is_terminal:
-        frame = aio.run_sync(one(), sigterm_cancels=True)
+        frame = run(one())
         out.result(frame, text=lambda: out.print(_frame_view(frame)))
         return
     from rich.live import Live
@@ -254,7 +253,7 @@ def top(ctx: click.Context, once: bool, interval: float, name: str) -> None:
 
     try:
         with keys:
-            aio.run_sync(live(), sigterm_cancels=True)
+            run(live())
     except KeyboardInterrupt:
         pass
 

@@ -23,8 +23,11 @@ from globular.cli.group import (
     GlobularGroup,
     Later,
     every_command_takes_output_and_verbose,
+    load_config,
     log_to_stderr,
+    run,
 )
+from globular.cli.nodes import addnode, removenode, runplugin
 from globular.cli.render import Output, output, output_option
 from globular.cli.ssh import sshmaster, sshnode
 from globular.errors import ClusterNotFound, GlobularError, StateError
@@ -34,24 +37,9 @@ from globular.registry import commands
 from globular.results import age
 
 if TYPE_CHECKING:
-    from globular import operations, state
-    from globular.config import Config
+    from globular import operations, salvage, state
 else:  # imported by the commands that use them, when they run
-    operations, state = Later("globular.operations"), Later("globular.state")
-
-
-def run(coro: Any) -> Any:
-    """Run a library coroutine; SIGTERM cancels it like Ctrl-C does, so the library's
-    cleanup runs (a half-started cluster is undone)."""
-    from globular.aio import run_sync
-
-    return run_sync(coro, sigterm_cancels=True)
-
-
-def load_config(ctx: click.Context) -> Config:
-    from globular.config import Config
-
-    return Config.load(ctx.find_root().obj["config"])
+    operations, salvage, state = Later("globular.operations"), Later("globular.salvage"), Later("globular.state")
 
 
 @click.group(cls=GlobularGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,13 +116,13 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
     out.result({**data, "reports": result.reports, "checks": result.checks}, text=text)
 
 
-def _found_elsewhere(ctx: click.Context) -> tuple[list[operations.FoundCluster], list[str]]:
+def _found_elsewhere(ctx: click.Context) -> tuple[list[salvage.FoundCluster], list[str]]:
     """Clusters that the config's accounts (ec2, slurm) hold and another machine started (or a lost record)."""
     specs = load_config(ctx).loadable_specs()  # a config named by -c that is not there is an error
     if not specs:
         return [], []
     try:
-        return run(operations.discover(specs)), []
+        return run(salvage.discover(specs)), []
     except GlobularError as exc:
         return [], [f"could not look for clusters started elsewhere: {exc}"]
 
@@ -212,7 +200,7 @@ def terminate(ctx: click.Context, yes: bool, force: bool, discard_notebooks: boo
         if not yes:
             click.confirm(f"Force the termination of cluster {name}?", abort=True)
         with out.reporter() as reporter:
-            result = run(operations.force_terminate(name, reporter=reporter))
+            result = run(salvage.force_terminate(name, reporter=reporter))
         for warning in result.warnings:
             out.warn(warning)
         out.result(
@@ -235,7 +223,7 @@ def terminate(ctx: click.Context, yes: bool, force: bool, discard_notebooks: boo
                 f"Cluster {name} was started elsewhere ({len(found.nodes)} nodes in {found.region}). Terminate it?",
                 abort=True,
             )
-        record = operations.adopt(found)
+        record = salvage.adopt(found)
         yes = True
     if not yes:
         click.confirm(f"Terminate cluster {name} ({len(record.nodes)} nodes, {record.status})?", abort=True)
@@ -340,95 +328,7 @@ def status(ctx: click.Context, name: str) -> None:
     ctx.exit(0 if report.ok else 1)
 
 
-@cli.command(short_help="Add nodes; their engines join live.")
-@click.option(
-    "-n",
-    "--num-nodes",
-    "count",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="How many nodes to add.",
-)
-@click.option(
-    "-H",
-    "--host",
-    "hosts",
-    multiple=True,
-    metavar="[USER@]HOST[:PORT]",
-    help="Where to put a new node (repeat for several): a host (ssh provider; default: the next unused "
-    "of node_hosts) or a Slurm node (slurm; default: the one Slurm picks).",
-)
-@click.argument("name")
-@output_option
-@click.pass_context
-def addnode(ctx: click.Context, count: int, hosts: tuple[str, ...], name: str) -> None:
-    """Add nodes to running cluster NAME.
-
-    New nodes run every plugin's on_add_node: with ipcluster, their engines
-    register with the running controller, and clients already connected see
-    them without reconnecting.  If anything fails, the new nodes are removed.
-    """
-    out = output(ctx)
-    with out.reporter() as reporter:
-        result = run(operations.add_nodes(name, count, hosts=list(hosts) or None, reporter=reporter))
-    out.warnings(result.checks)
-
-    def text() -> None:
-        out.say(f"Added {escape(', '.join(result.nodes))} to [bold]{escape(name)}[/] in {result.elapsed:.1f} s")
-        for report in result.reports:
-            out.report(report)
-
-    out.result({"name": name, "nodes": result.nodes, "elapsed": result.elapsed, "reports": result.reports}, text=text)
-
-
-@cli.command(short_help="Remove a node; its engines leave live.")
-@click.argument("name")
-@click.argument("node")
-@output_option
-@click.pass_context
-def removenode(ctx: click.Context, name: str, node: str) -> None:
-    """Remove NODE (e.g. node002) from running cluster NAME.
-
-    Every plugin's on_remove_node runs (in reverse order; ipcluster shuts its
-    engines down), its processes are stopped by pid, and the node is released.
-    """
-    out = output(ctx)
-    with out.reporter() as reporter:
-        result = run(operations.remove_node(name, node, reporter=reporter))
-    out.result(
-        {"name": name, "nodes": result.nodes, "elapsed": result.elapsed},
-        text=lambda: out.say(f"Removed {escape(node)} from [bold]{escape(name)}[/] in {result.elapsed:.1f} s"),
-    )
-
-
-@cli.command(short_help="Run a plugin (e.g. ipclusterrestart).")
-@click.argument("plugin")
-@click.argument("name")
-@output_option
-@click.pass_context
-def runplugin(ctx: click.Context, plugin: str, name: str) -> None:
-    """Run PLUGIN's `run` on cluster NAME (e.g. ipclusterrestart, ipclusterstop).
-
-    PLUGIN is a [plugin PLUGIN] section of the config, or a built-in plugin.
-    """
-    out = output(ctx)
-    record = state.StateStore(globular_home()).get(name)
-    spec = next((p for p in record.spec.plugins if p.name == plugin), None)
-    if spec is None:
-        spec = load_config(ctx).plugin_spec(plugin)
-    with out.reporter() as reporter:
-        result = run(operations.run_plugin(name, spec, reporter=reporter))
-
-    def text() -> None:
-        out.say(f"Plugin [bold]{escape(plugin)}[/] ran on {escape(name)} in {result.elapsed:.1f} s")
-        if result.report:
-            out.report(result.report)
-
-    out.result({"plugin": plugin, "name": name, "elapsed": result.elapsed, "report": result.report}, text=text)
-
-
-for _command in [config_group, env, put, get, sshmaster, sshnode, *commands()]:
+for _command in [addnode, removenode, runplugin, config_group, env, put, get, sshmaster, sshnode, *commands()]:
     cli.add_command(_command)  # commands() are installed plugins' (ipcluster: shell, notebook, top, ...)
 
 

@@ -3,6 +3,7 @@ for, and reached from this machine (through SSH when the master is remote)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import secrets
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ from globular.ipcluster.roles import CONTROLLER, DATA_KEY, ipython_dir, profile_
 from globular.ipcluster.settings import IPClusterSettings, heartbeat_misses, is_address
 from globular.plugins.base import PluginContext
 from globular.providers.base import ProcessSpec, Runner
-from globular.state import ClusterRecord, ProcessRecord
+from globular.state import ClusterRecord, NodeRecord, ProcessRecord
 
 if TYPE_CHECKING:
     from ipyparallel import Client
@@ -42,6 +43,26 @@ QUIET_WELCOMES = (
     ")\n"
 )
 CLUSTER_KEY = "globular_cluster"  # the client connection file's field that names its cluster
+
+
+def connection_file_path(home: Path, cluster: str, region: str) -> Path:
+    """``~/.globular/ipcluster/<cluster>-<region>.json``."""
+    return home / "ipcluster" / f"{cluster}-{region}.json"
+
+
+def forget_files(home: Path, cluster: str) -> None:
+    """Remove this machine's client connection files of ``cluster`` (whatever its region: each
+    names its cluster) and the notebook's beside them."""
+    for path in (home / "ipcluster").glob(f"{glob.escape(cluster)}-*.json"):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get(CLUSTER_KEY) == cluster:
+            path.unlink(missing_ok=True)
+            path.with_name(f"{path.stem}-notebook.json").unlink(missing_ok=True)
+
+
 # In the connection file of a remote master, the controller's public key is kept under this name:
 # ipyparallel's own Client would tunnel (the file names an ssh server) and give the tunnelled
 # sockets no CURVE keys, so it would connect and then wait for ever; without the key its
@@ -191,22 +212,7 @@ async def launch_controller(
     security = f"{profile_dir(master)}/security"
     await runner.run(["rm", "-f", f"{security}/ipcontroller-client.json", f"{security}/ipcontroller-engine.json"])
     ip = await controller_ip(ctx, settings)
-    allowed = settings.allowed_ports
-    wanted = len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES
-    if allowed:  # every free port of the range: the engines' first, the rest for the controller's clients
-        free: list[int] = await runner.nodeproc("free_ports", {"ip": ip, "ports": allowed, "count": len(allowed)})
-        if len(free) < CONTROLLER_PORTS:
-            raise NodeError(
-                master.name,
-                f"only {len(free)} of the {len(allowed)} ports of controller_ports = {settings.controller_ports} "
-                f"are free on {ip}; the controller needs {CONTROLLER_PORTS} (other programs hold the rest)",
-            )
-        ports, others = free[:wanted], free[wanted:]
-    else:
-        ports = await runner.nodeproc("free_ports", {"ip": ip, "ports": None, "count": wanted})
-        others = []
-        if len(ports) < wanted:
-            raise NodeError(master.name, f"not enough free ports on {ip} for the controller")
+    ports, others = await controller_ports(runner, settings, ip)
     keyfile = f"{security}/globular-session.key"
     key = secrets.token_hex(32)
     await runner.write_file(keyfile, key.encode(), 0o600)
@@ -233,43 +239,14 @@ async def launch_controller(
             f"c.Session.key = {key.encode()!r}\n"
         )
     await runner.write_file(f"{profile_dir(master)}/ipcontroller_config.py", config.encode(), 0o600)
-    packer = settings.packer_spec
-    argv = [
-        master.python,
-        "-m",
-        "ipyparallel.controller",
-        f"--profile-dir={profile_dir(master)}",
-        f"--ip={ip}",
-        f"--HeartMonitor.period={settings.heartbeat_period}",
-        f"--HeartMonitor.max_heartmonitor_misses={heartbeat_misses(settings.heartbeat_period)}",
-        f"--Session.packer={packer.pack}",
-        f"--Session.unpacker={packer.unpack}",
-        f"--Session.keyfile={keyfile}",  # the key itself never on a command line
-        f"--IPController.broadcast_scheduler_depth={BROADCAST_DEPTH}",
-    ]
+    argv = controller_argv(master, settings, ip, keyfile)
     env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": ctx.name}
-    log = f"{master.workdir}/logs/controller.log"
-    spec = ProcessSpec(argv=argv, log=log, role=CONTROLLER, env=env, cwd=master.workdir)
-    if settings.restart_dead_engines:
-        # the controller too is brought back if it dies: on the same ports, with the same keys (its
-        # config and key files stay), restoring its engines' state, so the engines keep their ids
-        request = f"{master.workdir}/run/controller-supervisor.json"
-        plan = {
-            "engines": [{"argv": argv, "log": log}],
-            "restart_id_arg": "--IPEngine.id=",
-            "restart_args": ["--restore"],
-        }
-        await runner.write_file(request, json.dumps(plan).encode(), 0o600)
-        spec = ProcessSpec(
-            argv=[master.python, "-c", SUPERVISOR_SOURCE, request],
-            log=f"{master.workdir}/logs/controller-supervisor.log",
-            role=CONTROLLER,  # the process that stands for the controller: stopping it stops the controller
-            env=env,
-            cwd=master.workdir,
-        )
+    spec = await _supervised(runner, settings, ProcessSpec(argv=argv, log=f"{master.workdir}/logs/controller.log",
+                                                           role=CONTROLLER, env=env, cwd=master.workdir))  # fmt: skip
     ctx.reporter.begin("controller", "controller on master", 1)
     procs = await runner.spawn([spec])
     ctx.track(master, procs)
+    packer = settings.packer_spec
     engine_info = {
         "key": key,
         "signature_scheme": "hmac-sha256",
@@ -283,6 +260,63 @@ async def launch_controller(
         "curve_serverkey": server_key,
     }
     return procs, engine_info
+
+
+async def controller_ports(runner: Runner, settings: IPClusterSettings, ip: str) -> tuple[list[int], list[int]]:
+    """Free ports on the master's ``ip``: the engines' (in ENGINE_PORT_KEYS order, then the
+    broadcast leaves), and the rest of ``controller_ports`` for the controller's clients."""
+    allowed = settings.allowed_ports
+    wanted = len(ENGINE_PORT_KEYS) + BROADCAST_LEAVES
+    if allowed:  # every free port of the range: the engines' first, the rest for the controller's clients
+        free: list[int] = await runner.nodeproc("free_ports", {"ip": ip, "ports": allowed, "count": len(allowed)})
+        if len(free) < CONTROLLER_PORTS:
+            raise NodeError(
+                runner.node.name,
+                f"only {len(free)} of the {len(allowed)} ports of controller_ports = {settings.controller_ports} "
+                f"are free on {ip}; the controller needs {CONTROLLER_PORTS} (other programs hold the rest)",
+            )
+        return free[:wanted], free[wanted:]
+    ports: list[int] = await runner.nodeproc("free_ports", {"ip": ip, "ports": None, "count": wanted})
+    if len(ports) < wanted:
+        raise NodeError(runner.node.name, f"not enough free ports on {ip} for the controller")
+    return ports, []
+
+
+def controller_argv(master: NodeRecord, settings: IPClusterSettings, ip: str, keyfile: str) -> list[str]:
+    packer = settings.packer_spec
+    return [
+        master.python,
+        "-m",
+        "ipyparallel.controller",
+        f"--profile-dir={profile_dir(master)}",
+        f"--ip={ip}",
+        f"--HeartMonitor.period={settings.heartbeat_period}",
+        f"--HeartMonitor.max_heartmonitor_misses={heartbeat_misses(settings.heartbeat_period)}",
+        f"--Session.packer={packer.pack}",
+        f"--Session.unpacker={packer.unpack}",
+        f"--Session.keyfile={keyfile}",  # the key itself never on a command line
+        f"--IPController.broadcast_scheduler_depth={BROADCAST_DEPTH}",
+    ]
+
+
+async def _supervised(runner: Runner, settings: IPClusterSettings, spec: ProcessSpec) -> ProcessSpec:
+    """With ``restart_dead_engines``, the controller too is brought back if it dies: on the same
+    ports, with the same keys (its config and key files stay), restoring its engines' state, so
+    the engines keep their ids.  The supervisor stands for it: stopping it stops the controller."""
+    if not settings.restart_dead_engines:
+        return spec
+    master = runner.node
+    request = f"{master.workdir}/run/controller-supervisor.json"
+    plan = {"engines": [{"argv": spec.argv, "log": spec.log}], "restart_id_arg": "--IPEngine.id=",
+            "restart_args": ["--restore"]}  # fmt: skip
+    await runner.write_file(request, json.dumps(plan).encode(), 0o600)
+    return ProcessSpec(
+        argv=[master.python, "-c", SUPERVISOR_SOURCE, request],
+        log=f"{master.workdir}/logs/controller-supervisor.log",
+        role=CONTROLLER,
+        env=spec.env,
+        cwd=master.workdir,
+    )
 
 
 async def controller_ready(

@@ -107,31 +107,11 @@ async def start_notebook(
 
     password = settings.notebook_passwd or secrets.token_urlsafe(12)
     hashed = await asyncio.to_thread(passwd, password)
-
     jupyter = f"{master.workdir}/jupyter"
     certfile, keyfile = f"{jupyter}/tls/cert.pem", f"{jupyter}/tls/key.pem"
     await runner.write_file(certfile, cert.cert, 0o600)
     await runner.write_file(keyfile, cert.key, 0o600)
-    config = {
-        "ServerApp": {
-            "ip": master.address,
-            "port": settings.notebook_port,
-            "port_retries": 50,
-            "open_browser": False,
-            "root_dir": directory,
-            "certfile": certfile,
-            "keyfile": keyfile,
-            "allow_root": True,
-            "allow_remote_access": True,
-        },
-        "IdentityProvider": {"token": ""},
-        "PasswordIdentityProvider": {
-            "hashed_password": hashed,
-            "password_required": True,
-            "allow_password_change": False,
-        },
-        "LabApp": {"check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
-    }
+    config = server_config(settings, master, directory, (certfile, keyfile), hashed)
     if top_page:
         from globular.ipcluster.labtop import EXTENSION
 
@@ -164,17 +144,53 @@ async def start_notebook(
     await wait_https(ctx, master, port, cert.cert if own else None, procs[0].log or "")
     ctx.reporter.advance("notebook")
     ctx.reporter.end("notebook")
+    return keep_notebook(ctx, master, port, directory, None if settings.notebook_passwd else password, cert, top_page)
 
+
+def server_config(
+    settings: IPClusterSettings, master: NodeRecord, directory: str, tls: tuple[str, str], hashed: str
+) -> dict[str, Any]:
+    """The Jupyter server's config: HTTPS with ``tls`` (cert, key files), the password's hash
+    ``hashed`` and no token, on the master's address."""
+    certfile, keyfile = tls
+    return {
+        "ServerApp": {
+            "ip": master.address,
+            "port": settings.notebook_port,
+            "port_retries": 50,
+            "open_browser": False,
+            "root_dir": directory,
+            "certfile": certfile,
+            "keyfile": keyfile,
+            "allow_root": True,
+            "allow_remote_access": True,
+        },
+        "IdentityProvider": {"token": ""},
+        "PasswordIdentityProvider": {
+            "hashed_password": hashed,
+            "password_required": True,
+            "allow_password_change": False,
+        },
+        "LabApp": {"check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
+    }
+
+
+def keep_notebook(
+    ctx: PluginContext,
+    master: NodeRecord,
+    port: int,
+    directory: str,
+    password: str | None,
+    cert: CertPair,
+    top_page: bool,
+) -> NotebookInfo:
+    """The running server, kept here (``<cluster>-<region>-notebook.json``, 0600, with a password
+    globular made up) and in the record (without it)."""
     url = f"https://{master.address}:{port}/"
     info = NotebookInfo(
-        url=url,
-        port=port,
-        directory=directory,
-        password=None if settings.notebook_passwd else password,
-        fingerprint=cert.fingerprint,
-        cert_note=cert.note,
+        url=url, port=port, directory=directory, password=password, fingerprint=cert.fingerprint, cert_note=cert.note
     )
-    saved = {
+    saved: dict[str, Any] = {
         "url": url,
         "address": master.address,
         "port": port,

@@ -6,61 +6,47 @@ and the client connection file is copied to
 ``~/.globular/ipcluster/<cluster>-<region>.json``.  Every process is started
 and stopped by pid through the node's runner.
 
-The hooks live here; the work is in the modules beside this one: ``controller``,
-``engines``, ``notebook``, ``idle`` (idle shutdown), ``preflight``, ``status`` and
-``commands`` (``globular shell`` and ``globular notebook``).
+The hooks live here; the work is in the modules beside this one: ``lifecycle`` (the
+processes as one), ``controller``, ``engines``, ``notebook``, ``idle`` (idle shutdown),
+``preflight`` and ``status``; the commands are :mod:`globular.cli.ipcluster`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from globular.errors import BadInput, GlobularError
 from globular.fanout import each_node
 from globular.ipcluster.controller import (
     controller_address,
     controller_ip,
-    controller_ready,
-    launch_controller,
-    open_client,
+    forget_files,
 )
-from globular.ipcluster.controller import running_data as _running_data
-from globular.ipcluster.engines import engine_processes, retire_engines, start_engines, wait_for_engines
+from globular.ipcluster.engines import retire_engines, start_engines, wait_for_engines
 from globular.ipcluster.gpus import engine_count, gpu_table
 from globular.ipcluster.idle import start_idle_watchers
-from globular.ipcluster.labpanel import remove_cluster_files, write_cluster_files
+from globular.ipcluster.lifecycle import (
+    client_of,
+    mark_restart,
+    running_data,
+    start_controller_and_engines,
+    stop_engines_and_controller,
+    stop_ipcluster,
+)
 from globular.ipcluster.notebook import (
     NotebookInfo,
     notebook_certificate,
     notebook_folder,
     start_notebook,
-    stop_notebook,
 )
-from globular.ipcluster.preflight import Requirement, local_version, run_preflight
-from globular.ipcluster.roles import CONTROLLER, DATA_KEY, IDLE_WATCHER, ipython_dir
+from globular.ipcluster.preflight import Questions, Requirement, local_version, run_preflight
+from globular.ipcluster.roles import DATA_KEY, ipython_dir
 from globular.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
-from globular.paths import connection_file_path, write_private
 from globular.plugins.base import NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
 from globular.spec import Settings as SettingsModel
 from globular.state import ClusterRecord, NodeRecord
-
-if TYPE_CHECKING:
-    from ipyparallel import Client
-
-
-def running_data(ctx: PluginContext) -> dict[str, Any]:
-    """IPCluster's part of the record; fails, saying so, when no controller runs."""
-    return _running_data(ctx.plugin_data(DATA_KEY), ctx.name)
-
-
-async def client_of(ctx: PluginContext) -> Client:
-    """A Client for the cluster's controller (tunnelled through ssh when the master is remote)."""
-    return await open_client(running_data(ctx), ctx.name, ctx.runner(ctx.master))
 
 
 def client_lines(local_file: Path, local_master: bool, key: str | None) -> tuple[str, str]:
@@ -150,6 +136,10 @@ class IPCluster(Plugin):
 
         return Client
 
+    @classmethod
+    def forget(cls, home: Path, cluster: str) -> None:
+        forget_files(home, cluster)
+
     def encryption(self, ctx: PluginContext) -> str:
         return cluster_encryption(ctx, self.settings)
 
@@ -198,9 +188,7 @@ class IPCluster(Plugin):
         master_modules = [Requirement("jupyterlab", need="enable_notebook")] if settings.enable_notebook else []
         running = ctx.plugin_data(DATA_KEY).get("engine_info") or {}
         ip = controller_address(running) if running else await controller_ip(ctx, settings)
-        checks = await run_preflight(
-            ctx,
-            nodes,
+        questions = Questions(
             modules=modules,
             master_modules=master_modules,
             curve=self.encryption(ctx) == "curve",
@@ -208,8 +196,9 @@ class IPCluster(Plugin):
             engines={n.name: engines_for(n, settings) for n in nodes},
             controller_ip=ip,
             port_candidates=settings.allowed_ports,
-            master_folders={"notebook_directory": notebook_folder(settings)} if settings.enable_notebook else None,
+            master_folders={"notebook_directory": notebook_folder(settings)} if settings.enable_notebook else {},
         )
+        checks = await run_preflight(ctx, nodes, questions)
         # two nodes of one machine (local nodes) see the same GPUs
         known = ctx.plugin_data(DATA_KEY).get("gpus") or {}
         names = {n.name for n in nodes}
@@ -325,80 +314,6 @@ class IPCluster(Plugin):
         from globular.ipcluster.status import ipcluster_status
 
         return await ipcluster_status(view, self.settings)
-
-
-async def start_controller_and_engines(
-    ctx: PluginContext, settings: IPClusterSettings, encryption: str
-) -> tuple[Path, int]:
-    """A controller on the master and its engines on every node, registered; the client
-    connection file written here.  Returns that file and how many engines run."""
-    # the client library loads while the processes start (if start's warm-up has not loaded it)
-    client_import = asyncio.create_task(asyncio.to_thread(importlib.import_module, "ipyparallel"))
-    controller, engine_info = await launch_controller(ctx, settings, curve=encryption == "curve")
-    # Engines start with the controller, not after it: their registration
-    # request waits on the (pre-chosen) registration port until it listens.
-    counts = {node.name: engine_count(ctx.plugin_data(DATA_KEY), node, settings) for node in ctx.nodes}
-    ctx.reporter.begin("engine-start", "starting engines on nodes", len(ctx.nodes))
-    started_ids = await each_node(
-        ctx.nodes,
-        lambda node: start_engines(ctx, node, counts[node.name], engine_info, settings),
-        on_done=lambda node: ctx.reporter.advance("engine-start"),
-    )
-    ctx.reporter.end("engine-start")
-    client_info, engine_info = await controller_ready(ctx, settings, controller, engine_info)
-    local_file = connection_file_path(ctx.home, ctx.name, ctx.region)
-    write_private(local_file, json.dumps(client_info, indent=2).encode())
-    data = ctx.plugin_data(DATA_KEY)
-    data.update(connection_file=str(local_file), engine_info=engine_info, encryption=encryption)
-    ctx.save()
-    write_cluster_files(ctx)  # ipyparallel's JupyterLab panel lists it
-    await client_import
-    client = await client_of(ctx)
-    try:
-        wanted = {i: n for ids in started_ids.values() for i, n in ids.items()}
-        await wait_for_engines(
-            ctx, client, wanted=wanted, nodes=ctx.nodes, timeout=settings.engine_timeout, settings=settings
-        )
-    finally:
-        client.close()
-    return local_file, sum(counts.values())
-
-
-async def stop_engines_and_controller(ctx: PluginContext) -> int:
-    """Stop every engine (with the idle watchers), then the controller; how many engines there were."""
-
-    async def stop_node(node: NodeRecord) -> int:  # one round trip a node
-        engines = engine_processes(node)
-        watchers = node.processes_with_role(IDLE_WATCHER)
-        await ctx.stop_processes(node, watchers + engines + node.processes_with_role(CONTROLLER))
-        return len(engines)
-
-    return sum((await each_node(ctx.nodes, stop_node)).values())
-
-
-async def stop_ipcluster(ctx: PluginContext) -> int:
-    """Stop the notebook server, every engine, then the controller; remove the local files."""
-    await stop_notebook(ctx)
-    stopped = await stop_engines_and_controller(ctx)
-    data = ctx.plugin_data(DATA_KEY)
-    if data.get("connection_file"):
-        Path(data["connection_file"]).unlink(missing_ok=True)
-    remove_cluster_files(ctx)
-    gpus = data.get("gpus")  # what the nodes have stays true: `runplugin ipcluster` starts on it again
-    data.clear()
-    if gpus:
-        data["gpus"] = gpus
-    ctx.save()
-    return stopped
-
-
-def mark_restart(nodes: list[NodeRecord]) -> None:
-    """Each node's engine steps are measured from now (the restart), not from the node's start."""
-    now = time.time()
-    for node in nodes:
-        for step in ("engines", "registered"):
-            node.steps.pop(step, None)
-        node.steps["restart"] = now
 
 
 class IPClusterRestartEngines(Plugin):

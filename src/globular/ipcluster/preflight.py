@@ -18,7 +18,7 @@ import ipaddress
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from globular.errors import GlobularError
@@ -27,7 +27,7 @@ from globular.ipcluster.roles import DATA_KEY
 from globular.ipcluster.settings import IPClusterSettings, engines_for
 from globular.plugins.base import NodeCheck, PluginContext
 from globular.providers.base import NODE_SOURCE, ProcessSpec
-from globular.state import NodeRecord
+from globular.state import NodeRecord, ProcessRecord
 
 log = logging.getLogger(__name__)
 
@@ -128,129 +128,163 @@ def judge(check: NodeCheck, facts: dict[str, Any], wanted: list[Requirement]) ->
         )
 
 
-async def run_preflight(
-    ctx: PluginContext,
-    nodes: list[NodeRecord],
-    *,
-    modules: list[Requirement],
-    master_modules: list[Requirement],
-    engines: dict[str, int],
-    controller_ip: str | None,
-    port_candidates: list[int] | None,
-    curve: bool = False,
-    master_folders: dict[str, str] | None = None,
-    gpu_settings: IPClusterSettings | None = None,
-    timeout: float = CHECK_TIMEOUT,
-) -> list[NodeCheck]:
+@dataclass
+class Questions:
+    """What the preflight asks of every node (and of the master alone)."""
+
+    modules: list[Requirement]
+    master_modules: list[Requirement]
+    engines: dict[str, int]  # node -> the engines it is to run
+    controller_ip: str | None  # where the controller will listen (a stand-in listens there first)
+    port_candidates: list[int] | None
+    curve: bool = False  # does its pyzmq have CURVE?
+    master_folders: dict[str, str] = field(default_factory=dict)  # setting -> a folder the master makes
+    gpu_settings: IPClusterSettings | None = None  # gpu_engines set: its GPUs, judged
+    timeout: float = CHECK_TIMEOUT
+
+    def request(self, node: NodeRecord) -> dict[str, Any]:
+        """What ``node`` is asked (``facts``/``node_facts``)."""
+        wanted = self.wanted(node)
+        return {
+            "modules": [r.module for r in wanted],
+            "load": [r.module for r in wanted if r.load],
+            "questions": {"curve": CURVE_QUESTION} if self.curve else {},
+            "folders": list(self.master_folders.values()) if node.is_master else [],
+            "gpus": self.gpu_settings is not None,
+        }
+
+    def wanted(self, node: NodeRecord) -> list[Requirement]:
+        return self.modules + (self.master_modules if node.is_master else [])
+
+
+async def run_preflight(ctx: PluginContext, nodes: list[NodeRecord], questions: Questions) -> list[NodeCheck]:
     """Check ``nodes``; returns a NodeCheck per node (raise nothing: the caller decides).
 
     With ``gpu_settings`` (``gpu_engines`` set), each node's GPUs are asked for in the same round
     trip, judged, and the ones its engines get kept in the record (``gpus``, by node)."""
-    master = ctx.master
-    checks = {n.name: NodeCheck(node=n.name, address=n.address, engines=engines.get(n.name, 0)) for n in nodes}
-    ctx.reporter.begin("preflight", "preflight checks (nodes)", len(nodes))
-    listener = None
-    port = None
-    try:
-        # a loopback controller with every node on the master's own machine (local provider): nothing to learn
-        probe = controller_ip is not None and not (
-            ipaddress.ip_address(controller_ip).is_loopback
-            and all(n.address == master.address and n.login == master.login for n in nodes)
+    return await Preflight(ctx, nodes, questions).run()
+
+
+class Preflight:
+    """One preflight round: a stand-in controller on the master, each node asked at once."""
+
+    def __init__(self, ctx: PluginContext, nodes: list[NodeRecord], questions: Questions):
+        self.ctx, self.nodes, self.q = ctx, nodes, questions
+        self.checks = {
+            n.name: NodeCheck(node=n.name, address=n.address, engines=questions.engines.get(n.name, 0)) for n in nodes
+        }
+        self.port: int | None = None  # where the stand-in listens
+
+    async def run(self) -> list[NodeCheck]:
+        ctx, master = self.ctx, self.ctx.master
+        ctx.reporter.begin("preflight", "preflight checks (nodes)", len(self.nodes))
+        listener: list[ProcessRecord] = []
+        try:
+            listener = await self._listen()
+            async with asyncio.timeout(self.q.timeout + 10):
+                await asyncio.gather(*(self._check(n) for n in self.nodes))
+        except TimeoutError:
+            for check in self.checks.values():
+                if check.python is None and not check.problems:
+                    check.problems.append(f"no answer within {self.q.timeout:g}s")
+        finally:
+            if listener:
+                await ctx.stop_processes(master, listener)
+            ctx.reporter.end("preflight")
+        return [self.checks[n.name] for n in self.nodes]
+
+    async def _listen(self) -> list[ProcessRecord]:
+        """A stand-in controller on the master's controller address, on a free port, for the
+        nodes to reach; none when every node is the master's loopback (nothing to learn)."""
+        master, ip = self.ctx.master, self.q.controller_ip
+        if ip is None or (
+            ipaddress.ip_address(ip).is_loopback
+            and all(n.address == master.address and n.login == master.login for n in self.nodes)
+        ):
+            return []
+        runner = self.ctx.runner(master)
+        free = await runner.nodeproc("free_ports", {"ip": ip, "ports": self.q.port_candidates, "count": 1})
+        if not free:
+            for check in self.checks.values():
+                check.problems.append(f"no free port on the master's {ip} for the controller")
+            return []
+        self.port = free[0]
+        request = {"ip": ip, "port": self.port, "seconds": self.q.timeout + 5}
+        spec = ProcessSpec(
+            argv=[master.python, "-c", NODE_SOURCE, "listen", json.dumps(request)],
+            log=f"{master.workdir}/logs/preflight-listener.log",
+            role="preflight-listener",
+            cwd=master.workdir,
         )
-        if probe:
-            runner = ctx.runner(master)
-            free = await runner.nodeproc("free_ports", {"ip": controller_ip, "ports": port_candidates, "count": 1})
-            if not free:
-                for check in checks.values():
-                    check.problems.append(f"no free port on the master's {controller_ip} for the controller")
-            else:
-                port = free[0]
-                request = {"ip": controller_ip, "port": port, "seconds": timeout + 5}
-                listener = await runner.spawn(
-                    [
-                        ProcessSpec(
-                            argv=[master.python, "-c", NODE_SOURCE, "listen", json.dumps(request)],
-                            log=f"{master.workdir}/logs/preflight-listener.log",
-                            role="preflight-listener",
-                            cwd=master.workdir,
-                        )
-                    ]
-                )
-                ctx.track(master, listener)
+        listener = await runner.spawn([spec])
+        self.ctx.track(master, listener)
+        return listener
 
-        async def one(node: NodeRecord) -> None:
-            check = checks[node.name]
-            wanted = modules + (master_modules if node.is_master else [])
-            runner = ctx.runner(node)
-            request = {
-                "modules": [r.module for r in wanted],
-                "load": [r.module for r in wanted if r.load],
-                "questions": {"curve": CURVE_QUESTION} if curve else {},
-                "folders": list((master_folders or {}).values()) if node.is_master else [],
-                "gpus": gpu_settings is not None,
-            }
-            kept, key = answers_file(node), answers_key(request)
-            known: dict[str, Any] = {}
+    async def _check(self, node: NodeRecord) -> None:
+        check = self.checks[node.name]
+        request = self.q.request(node)
+        kept, key = answers_file(node), answers_key(request)
+        try:
+            facts, known = await self._facts(node, request, kept, key)
+        except GlobularError as exc:
+            check.problems.append(str(exc).removeprefix(f"{node.name}: "))
+            return
+        self._judge(node, check, facts)
+        if self.port is not None:
+            await self._reach(node, check)
+        if known is not None and kept is not None and not check.problems:  # a good answer, kept for the next start
+            known[key] = {k: facts[k] for k in ("python", "modules", "answers")}
             try:
-                if kept is not None:
-                    found = await runner.nodeproc("read_json", {"path": kept}, timeout=timeout)
-                    known = found if isinstance(found, dict) else {}
-                if isinstance(known.get(key), dict):  # this environment answered these questions before
-                    facts = await runner.nodeproc("node_facts", request, timeout=timeout)
-                    facts |= {**known[key], "executable": node.python}
-                    kept = None  # nothing new to keep
-                else:
-                    facts = await runner.nodeproc("facts", request, timeout=timeout)
-            except GlobularError as exc:
-                check.problems.append(str(exc).removeprefix(f"{node.name}: "))
-                return
-            if gpu_settings is not None:
-                devices, gpu_problems = judge_gpus(facts.get("gpus"), gpu_settings, node.cores)
-                check.problems += gpu_problems
-                check.gpus = [d["uuid"] for d in devices]
-                check.engines = engines_for(node, gpu_settings, len(devices))
-                ctx.plugin_data(DATA_KEY).setdefault("gpus", {})[node.name] = devices
-            judge(check, facts, wanted)
-            for setting, path in (master_folders or {}).items() if node.is_master else ():
-                if path in facts.get("not_folders", []):
-                    check.problems.append(f"{setting} {path} exists and is not a folder")
-            answer = facts.get("answers", {}).get("curve")
-            if curve and answer is not True:
-                why = answer or "zmq.has('curve') is False: its libzmq was built without CURVE"
-                check.problems.append(
-                    f"encryption = curve needs pyzmq with CURVE support, which {facts['executable']} lacks ({why}); "
-                    "install pyzmq's wheel there (pip install pyzmq), or set encryption = none"
-                )
-            if port is not None:
-                reply = {}
-                for _ in range(100):  # the listener may still be starting (a Python's start: ~0.1 s)
-                    reply = await runner.nodeproc(
-                        "connect", {"host": controller_ip, "port": port, "timeout": 3}, timeout=timeout
-                    )
-                    if reply["ok"] or reply.get("error") not in ("Connection refused", None):
-                        break
-                    await asyncio.sleep(0.02)
-                check.controller_reachable = reply["ok"]
-                if not reply["ok"]:
-                    check.problems.append(
-                        f"cannot reach the controller's address {controller_ip}:{port} ({reply.get('error')})"
-                    )
-            if kept is not None and not check.problems:  # a good answer, kept for the next start
-                known[key] = {k: facts[k] for k in ("python", "modules", "answers")}
-                try:
-                    await runner.write_file(kept, json.dumps(known).encode(), 0o644)
-                except GlobularError as exc:  # not kept (a read-only environment): asked again next time
-                    log.info("%s: the preflight's answers are not kept in %s: %s", node.name, kept, exc)
-            ctx.reporter.advance("preflight")
+                await self.ctx.runner(node).write_file(kept, json.dumps(known).encode(), 0o644)
+            except GlobularError as exc:  # not kept (a read-only environment): asked again next time
+                log.info("%s: the preflight's answers are not kept in %s: %s", node.name, kept, exc)
+        self.ctx.reporter.advance("preflight")
 
-        async with asyncio.timeout(timeout + 10):
-            await asyncio.gather(*(one(n) for n in nodes))
-    except TimeoutError:
-        for check in checks.values():
-            if check.python is None and not check.problems:
-                check.problems.append(f"no answer within {timeout:g}s")
-    finally:
-        if listener:
-            await ctx.stop_processes(master, listener)
-        ctx.reporter.end("preflight")
-    return [checks[n.name] for n in nodes]
+    async def _facts(
+        self, node: NodeRecord, request: dict[str, Any], kept: str | None, key: str
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The node's answers, and the kept answers to add this one to (None: nothing new to
+        keep).  Its environment's answers to these questions are kept beside it: asked once."""
+        runner, timeout = self.ctx.runner(node), self.q.timeout
+        known: dict[str, Any] = {}
+        if kept is not None:
+            found = await runner.nodeproc("read_json", {"path": kept}, timeout=timeout)
+            known = found if isinstance(found, dict) else {}
+        if isinstance(known.get(key), dict):  # this environment answered these questions before
+            facts: dict[str, Any] = await runner.nodeproc("node_facts", request, timeout=timeout)
+            return facts | {**known[key], "executable": node.python}, None
+        facts = await runner.nodeproc("facts", request, timeout=timeout)
+        return facts, known
+
+    def _judge(self, node: NodeRecord, check: NodeCheck, facts: dict[str, Any]) -> None:
+        gpu_settings = self.q.gpu_settings
+        if gpu_settings is not None:
+            devices, gpu_problems = judge_gpus(facts.get("gpus"), gpu_settings, node.cores)
+            check.problems += gpu_problems
+            check.gpus = [d["uuid"] for d in devices]
+            check.engines = engines_for(node, gpu_settings, len(devices))
+            self.ctx.plugin_data(DATA_KEY).setdefault("gpus", {})[node.name] = devices
+        judge(check, facts, self.q.wanted(node))
+        for setting, path in self.q.master_folders.items() if node.is_master else ():
+            if path in facts.get("not_folders", []):
+                check.problems.append(f"{setting} {path} exists and is not a folder")
+        answer = facts.get("answers", {}).get("curve")
+        if self.q.curve and answer is not True:
+            why = answer or "zmq.has('curve') is False: its libzmq was built without CURVE"
+            check.problems.append(
+                f"encryption = curve needs pyzmq with CURVE support, which {facts['executable']} lacks ({why}); "
+                "install pyzmq's wheel there (pip install pyzmq), or set encryption = none"
+            )
+
+    async def _reach(self, node: NodeRecord, check: NodeCheck) -> None:
+        """Can ``node`` reach the stand-in controller?"""
+        host, reply = self.q.controller_ip, {}
+        for _ in range(100):  # the listener may still be starting (a Python's start: ~0.1 s)
+            request = {"host": host, "port": self.port, "timeout": 3}
+            reply = await self.ctx.runner(node).nodeproc("connect", request, timeout=self.q.timeout)
+            if reply["ok"] or reply.get("error") not in ("Connection refused", None):
+                break
+            await asyncio.sleep(0.02)
+        check.controller_reachable = reply["ok"]
+        if not reply["ok"]:
+            check.problems.append(f"cannot reach the controller's address {host}:{self.port} ({reply.get('error')})")

@@ -111,11 +111,35 @@ def _idle_column(state: dict[str, Any] | None) -> str:
 
 
 async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> PluginStatus:
+    """The cluster's controller, its engines (running, registered, expected; per node) and its
+    idle shutdown, with what is wrong in words."""
     record = view.record
     data = record_data(record)
     status = PluginStatus()
     if not record.nodes:
         return status
+    controller = _controller(view, data, status)
+    _running_engines(view, data, settings, status)
+    if data.get("idle_shutdown"):
+        await _idle(view, status)
+    if settings.wants_gpus and data:
+        gpu_status(view, data, status)
+    if not data or controller != "up" or record.status != "running":
+        return status
+    registered, why = await _registered(view)
+    if registered is None:
+        status.problems.append(f"the controller does not answer a client ({why})")
+        return status
+    status.data["engines_registered"] = registered.total
+    _unregistered(status, record, registered)
+    if registered.per_node is not None and view.deep:
+        _registered_per_node(record, registered.per_node, status)
+    return status
+
+
+def _controller(view: StatusView, data: dict[str, Any], status: PluginStatus) -> str:
+    """The controller: up, down, unknown or not running."""
+    record = view.record
     master = record.master
     controllers = master.processes_with_role(CONTROLLER)
     up = view.alive(master, CONTROLLER)
@@ -130,7 +154,12 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
         status.columns["traffic"] = {"curve": "encrypted (CurveZMQ)", "none": "not encrypted"}[data["encryption"]]
     if controller == "down":
         status.problems.append(f"the controller on {master.name} is not running (its log: {controllers[0].log})")
+    return controller
 
+
+def _running_engines(view: StatusView, data: dict[str, Any], settings: IPClusterSettings, status: PluginStatus) -> None:
+    """The engines running on each node against those expected there."""
+    record = view.record
     expected_total = data.get("engines")
     running_total = 0
     for node in record.nodes:
@@ -163,34 +192,25 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
         status.columns["engines"] = f"{running_total if answered else '?'}/{expected_total}"
         status.data["engines_running"] = running_total if answered else None
 
-    if data.get("idle_shutdown"):
-        idle = None
-        try:
-            idle = await view.runner(master).nodeproc(
-                "read_json", {"path": idle_state_file(master)}, timeout=ASK_TIMEOUT
-            )
-        except GlobularError as exc:
-            log.info("idle state of %s unreadable: %s", record.name, exc)
-        status.columns["idle shutdown"] = _idle_column(idle)
-        status.data["idle"] = idle
-        if isinstance(idle, dict) and idle.get("shutdown"):
-            stamp = time.strftime("%H:%M:%S", time.localtime(idle["shutdown"]))
-            status.condition = f"idle shutdown at {stamp}: `globular terminate {record.name}` releases the nodes"
 
-    if settings.wants_gpus and data:
-        gpu_status(view, data, status)
-    if not data or controller != "up" or record.status != "running":
-        return status
-    registered, why = await _registered(view)
-    if registered is None:
-        status.problems.append(f"the controller does not answer a client ({why})")
-        return status
-    status.data["engines_registered"] = registered.total
-    _unregistered(status, record, registered)
-    if registered.per_node is None or not view.deep:
-        return status
+async def _idle(view: StatusView, status: PluginStatus) -> None:
+    """Idle shutdown: how long the cluster has been idle, and when it shut down."""
+    record, master = view.record, view.record.master
+    idle = None
+    try:
+        idle = await view.runner(master).nodeproc("read_json", {"path": idle_state_file(master)}, timeout=ASK_TIMEOUT)
+    except GlobularError as exc:
+        log.info("idle state of %s unreadable: %s", record.name, exc)
+    status.columns["idle shutdown"] = _idle_column(idle)
+    status.data["idle"] = idle
+    if isinstance(idle, dict) and idle.get("shutdown"):
+        stamp = time.strftime("%H:%M:%S", time.localtime(idle["shutdown"]))
+        status.condition = f"idle shutdown at {stamp}: `globular terminate {record.name}` releases the nodes"
+
+
+def _registered_per_node(record: ClusterRecord, per_node: dict[str, int], status: PluginStatus) -> None:
     for node in record.nodes:
-        count = registered.per_node.get(node.name, 0)
+        count = per_node.get(node.name, 0)
         node_data = status.node_data[node.name]
         node_data["engines_registered"] = count
         expected, running = node_data["engines_expected"], node_data["engines_running"]
@@ -205,4 +225,3 @@ async def ipcluster_status(view: StatusView, settings: IPClusterSettings) -> Plu
         elif node.name not in status.node_problems and expected and count < expected:
             status.node_states[node.name] = "engines"
             status.node_problems[node.name] = f"{expected - count} of {expected} engines running but not registered"
-    return status

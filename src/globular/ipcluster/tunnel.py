@@ -22,7 +22,7 @@ from globular.aio import LoopThread
 from globular.errors import GlobularError
 from globular.ipcluster.controller import forwarded_info, reachable_info
 from globular.providers.base import NodeProvider, Runner
-from globular.providers.ssh_runner import refused_through
+from globular.providers.ssh_runner import refused_through, ssh_reason
 from globular.providers.ssh_settings import SSHHost
 from globular.state import ClusterRecord
 
@@ -221,8 +221,7 @@ class SSHTunnel(Tunnel):
         except asyncssh.PermissionDenied:
             raise TunnelError(f"{self.host} refused the login (pass sshkey=, or password=)") from None
         except (OSError, asyncssh.Error) as exc:
-            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-            raise TunnelError(f"cannot reach {self.host}: {reason}") from None
+            raise TunnelError(f"cannot reach {self.host}: {ssh_reason(exc)}") from None
         return self.conn
 
     async def _close(self) -> None:

@@ -216,6 +216,12 @@ class Plugin:
         """The client class users import as ``globular.Client`` (None: this plugin has none)."""
         return None
 
+    @classmethod
+    def forget(cls, home: Path, cluster: str) -> None:
+        """Remove what this plugin keeps on this machine (under ``home``) for ``cluster``, which
+        is gone: ``terminate --force``, whose record may be unreadable, asks every plugin.
+        Default: nothing."""
+
     def node_packages(self, node: NodeRecord) -> list[str]:
         """Requirements (``name``, ``name==1.2``, ``name>=2``) this plugin needs in ``node``'s
         Python environment; globular installs them where it manages the environment."""

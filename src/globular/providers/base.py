@@ -124,6 +124,11 @@ class NodeProvider(ABC):
     default_environment: ClassVar[str] = "system"
     # the nodes are other machines, reached over a network (traffic between them is encrypted by default)
     remote_nodes: ClassVar[bool] = False
+    # ``addnode --host`` names where a node goes (ssh: a host; slurm: a compute node); a provider
+    # that places its nodes itself is never handed ``hosts`` (the core refuses them, saying where
+    # its nodes come from)
+    places_nodes: ClassVar[bool] = False
+    where_nodes_come_from: ClassVar[str] = "places its nodes itself"
 
     def __init__(self, spec: ClusterSpec, *, cluster: str, home: Path):
         self.spec = spec
@@ -207,7 +212,7 @@ class NodeProvider(ABC):
 
         ``existing`` are the cluster's nodes already there (the cluster will have
         ``len(existing) + len(names)`` nodes); ``hosts`` asks for
-        particular machines (providers that cannot place nodes refuse it).
+        particular machines (only given to a provider that :attr:`places_nodes`).
         A node handed to ``on_ready`` belongs to the caller, who releases it if
         anything fails; the provider releases what it made but did not hand over.
         Per-node failures are raised together as :class:`NodeFailures`.
@@ -269,6 +274,12 @@ class NodeProvider(ABC):
             os.environ, IPYTHONDIR=f"{node.workdir}/.ipython", GLOBULAR_NODE=node.name, GLOBULAR_CLUSTER=self.cluster
         )
         return NodeShell(argv, cwd=node.workdir, env=env)
+
+    @classmethod
+    def forget(cls, home: Path, cluster: str) -> None:
+        """Remove what this provider keeps on this machine (under ``home``) for ``cluster``,
+        which is gone: ``terminate --force``, whose record may be unreadable, asks every
+        provider (the local provider: its node folders).  Default: nothing."""
 
     def login_with(self, key: str) -> None:
         """Log in to the nodes with the private key file ``key`` instead of the configured one

@@ -11,6 +11,10 @@ so a cluster started on another machine can be found (:meth:`EC2Provider.discove
 After an instance is ``running`` it is reached exactly like an ``ssh`` provider
 host (the same bring-up), its host key accepted on first contact into a
 known_hosts file of the cluster's own.
+
+(Longer than most modules: one provider read top to bottom — credentials, the security
+group, instances and their SSH bring-up, release, discovery by tags; its settings are
+:mod:`globular.providers.ec2_settings`.)
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def my_public_address(url: str, timeout: float = 5.0) -> str | None:
 
 class EC2Provider(RemoteProvider):
     name = "ec2"
+    where_nodes_come_from = "makes its own instances"
     Settings = EC2Settings
     settings: EC2Settings
     rents_machines = True
@@ -283,8 +288,6 @@ class EC2Provider(RemoteProvider):
         existing: Sequence[NodeRecord] = (),
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
-        if hosts:
-            raise BadInput("the ec2 provider makes its own instances: it takes no --host")
         if not Path(self.settings.key_location).expanduser().is_file():
             raise BadInput(
                 f"key_location {self.settings.key_location} (the key of {self.settings.keyname}) does not exist"

@@ -145,6 +145,7 @@ class LocalRunner(Runner):
 
 class LocalProvider(NodeProvider):
     name = "local"
+    where_nodes_come_from = "makes its nodes on this machine"
     Settings = LocalSettings
     settings: LocalSettings
     limit_reason = f" ({OVERSUBSCRIBE} per core here)"
@@ -156,6 +157,10 @@ class LocalProvider(NodeProvider):
     @property
     def root(self) -> Path:
         return self.home / "local" / self.cluster
+
+    @classmethod
+    def forget(cls, home: Path, cluster: str) -> None:
+        shutil.rmtree(home / "local" / cluster, ignore_errors=True)
 
     @classmethod
     def max_nodes(cls, settings: SettingsModel) -> int | None:
@@ -192,8 +197,6 @@ class LocalProvider(NodeProvider):
         existing: Sequence[NodeRecord] = (),
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
-        if hosts:
-            raise BadInput("the local provider makes its nodes on this machine: it takes no --host")
         nodes = []
         python = self.settings.python or sys.executable
         cores = self.cores_per_node(len(existing) + len(names))

@@ -15,6 +15,10 @@ lives as long as the job (an ``srun`` step's processes end with the step, on sit
 Slurm tracks them with cgroups).  Every job carries the cluster's mark as its ``--comment``, so a cluster
 whose record is lost is still found (``squeue``) and cancelled.  The job log of each
 node is ``<remote_dir>/<cluster>/jobs/<node>.log`` on the shared file system.
+
+(Longer than most modules: one provider read top to bottom — the job and its keeper, the
+runner into its steps, release, discovery by job name; its settings and job queries are
+:mod:`globular.providers.slurm_settings` and :mod:`globular.providers.slurm_jobs`.)
 """
 
 from __future__ import annotations
@@ -170,6 +174,7 @@ class SlurmProvider(NodeProvider):
     """Nodes are Slurm jobs, one compute node each (see the module's doc)."""
 
     name = "slurm"
+    places_nodes = True
     Settings = SlurmSettings
     settings: SlurmSettings
     default_environment = "managed"

@@ -39,7 +39,7 @@ from globular.errors import (
 from globular.fanout import each_node
 from globular.paths import private_dir
 from globular.providers.base import NodeProvider, NodeShell, Runner
-from globular.providers.ssh_runner import SSHRunner
+from globular.providers.ssh_runner import SSHRunner, ssh_reason
 from globular.providers.ssh_settings import (
     RemoteSettings,
     SSHHost,
@@ -51,7 +51,6 @@ from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
 
 log = logging.getLogger(__name__)
-MAX_ENGINES_PER_NODE = 1024
 CONNECT_ATTEMPTS = 6  # when the host's sshd drops new connections (MaxStartups)
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
@@ -166,8 +165,7 @@ class RemoteProvider(NodeProvider):
                 "(it refuses new connections beyond its MaxStartups: too many at once?)"
             ) from None
         except (OSError, asyncssh.Error) as exc:
-            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-            raise HostUnreachable(f"cannot reach {host}: {reason}") from None
+            raise HostUnreachable(f"cannot reach {host}: {ssh_reason(exc)}") from None
 
     def _host_is_known(self, host: SSHHost) -> bool:
         path = self.ssh_options().known_hosts
@@ -253,6 +251,7 @@ class SSHProvider(RemoteProvider):
     """Nodes on the hosts of ``node_hosts``, one node a host."""
 
     name = "ssh"
+    places_nodes = True
     Settings = SSHSettings
     settings: SSHSettings
 

@@ -220,3 +220,8 @@ async def refused_through(conn: asyncssh.SSHClientConnection, host: str, port: i
         return exc.reason or "refused"
     writer.close()
     return None
+
+
+def ssh_reason(exc: BaseException) -> str:
+    """Why a connection failed, in the words of asyncssh's error or the system's."""
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
