@@ -54,14 +54,18 @@ class RegistryError(LookupError):
 
 
 @functools.cache
-def _read_group(group: str) -> tuple[tuple[str, str], ...]:
-    # each reading lists every installed package: read a group once a process (a command
-    # looks at three, several times)
-    return tuple((ep.name, ep.value) for ep in entry_points(group=group))
+def _read_groups() -> dict[str, tuple[tuple[str, str], ...]]:
+    # a reading lists every installed package (tens of milliseconds): every group of ours is read
+    # in one, once a process (a command looks at three, several times)
+    every = entry_points()
+    return {
+        group: tuple((ep.name, ep.value) for ep in every.select(group=group))
+        for group in (PROVIDER_GROUP, PLUGIN_GROUP, COMMAND_GROUP)
+    }
 
 
 def _group(group: str) -> dict[str, str]:
-    return dict(_read_group(group))
+    return dict(_read_groups()[group])
 
 
 def plugin_names() -> list[str]:
@@ -158,15 +162,31 @@ def plugin_classes() -> list[type[Plugin]]:
     return found
 
 
-def commands() -> list[Any]:
-    """Every installed ``globular.commands`` entry point's click command (one that is not a
-    click command is left out, with a warning in the log)."""
+def command_names() -> list[str]:
+    """The installed ``globular.commands`` entry points' names (nothing loaded)."""
+    return sorted(_group(COMMAND_GROUP))
+
+
+def command(name: str) -> Any | None:
+    """The click command installed as ``name`` (loaded now), or None: there is none, or it
+    cannot be loaded, or it is not a click command (a warning in the log says which)."""
     import click
 
-    found: list[Any] = []
-    for command in _installed(COMMAND_GROUP, "command"):
-        if isinstance(command, click.Command):
-            found.append(command)
-        else:
-            log.warning("command %r is not a click command", command)
+    target = _group(COMMAND_GROUP).get(name)
+    if target is None:
+        return None
+    try:
+        found = load_object(target)
+    except RegistryError as exc:
+        log.warning("command %s (%s) cannot be loaded: %s", name, target, exc)
+        return None
+    if not isinstance(found, click.Command):
+        log.warning("command %r is not a click command", found)
+        return None
     return found
+
+
+def commands() -> list[Any]:
+    """Every installed ``globular.commands`` entry point's click command (one that is not a
+    click command, or cannot be loaded, is left out, with a warning in the log)."""
+    return [found for name in command_names() if (found := command(name)) is not None]

@@ -11,6 +11,13 @@ Nothing outside this package imports it, except the modules those entry points n
 are command-line code, and render through :func:`globular.cli.render.output`.
 """
 
-from globular.cli.main import cli, entry, main
+import gc
+
+# A command is short and imports much (pydantic's models, click, rich): the collector's default
+# threshold (700 new objects) has it sweep again and again while it starts, ~10 ms of every
+# command.  Collections are rarer, not off: a long command (top, start) still collects.
+gc.set_threshold(20_000, 10, 10)
+
+from globular.cli.main import cli, entry, main  # noqa: E402 - after the collector's threshold
 
 __all__ = ["cli", "entry", "main"]

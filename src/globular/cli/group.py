@@ -58,7 +58,25 @@ INSTEAD = {
 
 class GlobularGroup(click.Group):
     """The root group: a StarCluster command that globular has not gets what to type instead
-    (click alone would suggest the nearest name: `stop` -> `top`)."""
+    (click alone would suggest the nearest name: `stop` -> `top`).  Installed plugins' commands
+    (the ``globular.commands`` entry points) are listed by name and loaded when one runs (or
+    ``--help`` lists them), so that other commands do not pay for their imports."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from globular.registry import command_names
+
+        return sorted({*self.commands, *command_names()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = self.commands.get(cmd_name)
+        if found is None:
+            from globular.registry import command
+
+            found = command(cmd_name)
+            if found is not None:
+                takes_output_and_verbose(found)
+                self.add_command(found, cmd_name)
+        return found
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
@@ -96,14 +114,20 @@ def verbose_option(command: click.Command) -> click.Command:
     )
 
 
+def takes_output_and_verbose(command: click.Command) -> None:
+    """``--output`` and ``-v`` on ``command`` (on each command of a group) where it lacks them."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            takes_output_and_verbose(sub)
+        return
+    names = {name for param in command.params for name in getattr(param, "opts", ())}
+    if "--output" not in names:
+        output_option(command)
+    if "-v" not in names:
+        verbose_option(command)
+
+
 def every_command_takes_output_and_verbose(group: click.Group) -> None:
     """``--output`` and ``-v`` on every command of ``group`` (and of its groups) that lacks them."""
     for command in group.commands.values():
-        if isinstance(command, click.Group):
-            every_command_takes_output_and_verbose(command)
-            continue
-        names = {name for param in command.params for name in getattr(param, "opts", ())}
-        if "--output" not in names:
-            output_option(command)
-        if "-v" not in names:
-            verbose_option(command)
+        takes_output_and_verbose(command)

@@ -33,7 +33,6 @@ from globular.cli.ssh import sshmaster, sshnode
 from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
 from globular.paths import globular_home
-from globular.registry import commands
 from globular.results import age
 
 if TYPE_CHECKING:
@@ -328,8 +327,8 @@ def status(ctx: click.Context, name: str) -> None:
     ctx.exit(0 if report.ok else 1)
 
 
-for _command in [addnode, removenode, runplugin, config_group, env, put, get, sshmaster, sshnode, *commands()]:
-    cli.add_command(_command)  # commands() are installed plugins' (ipcluster: shell, notebook, top, ...)
+for _command in [addnode, removenode, runplugin, config_group, env, put, get, sshmaster, sshnode]:
+    cli.add_command(_command)  # installed plugins' (ipcluster: shell, notebook, top, ...) load when one runs
 
 
 every_command_takes_output_and_verbose(cli)

@@ -20,14 +20,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import click
-from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 from globular.reporting import NODE_STEPS
 from globular.results import NodeCheck, PluginReport
@@ -69,6 +69,9 @@ class RichReporter:
     """The library's progress steps as rich progress bars (a terminal)."""
 
     def __init__(self, target: Console):
+        # here: only a terminal's progress loads rich's progress bars
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -238,6 +241,9 @@ class Output:
         sys.stdout.flush()
 
     def table(self, *columns: str) -> Table:
+        from rich import box
+        from rich.table import Table
+
         if self.plain:
             return Table(*columns, box=None, show_edge=False, header_style="")
         return Table(*columns, box=box.HEAVY_HEAD)
@@ -257,6 +263,8 @@ class Output:
                 self.console.print(f"  {line}", markup=False)
 
     def grid(self, rows: list[tuple[str, str]]) -> None:
+        from rich.table import Table
+
         grid = Table.grid(padding=(0, 2))
         for label, value in rows:
             grid.add_row(f"[bold]{escape(label)}[/]", escape(value))

@@ -65,7 +65,8 @@ The contract, for whoever writes one (a provider registers under the
 - **Optional:** ``status`` (columns and problems for ``globular status``), ``login_key`` (the key the printed ``Client`` line
   names), ``discover`` (clusters found without a record), ``max_nodes``/``size_problem``
   (bounds checked before anything is recorded), ``config_values`` (keys read from other
-  sections of the config, as EC2's ``[aws info]``).
+  sections of the config, as EC2's ``[aws info]``), ``places_nodes`` (``addnode --host``),
+  ``forget`` (what it keeps on this machine, for ``terminate --force``).
 """
 
 from __future__ import annotations
