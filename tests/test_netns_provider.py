@@ -80,6 +80,8 @@ def test_a_provider_whose_nodes_are_entered_by_a_command_runs_the_whole_cluster(
         assert shell.returncode == 0, shell.output
         assert f"inet {node}/24" in shell.stdout and shell.stdout.split()[-1] == str(nodes / "pods" / "node001")
         assert cli("sshnode", "pods", "node001", "exit 7", env=env).returncode == 7
+        named = cli("sshnode", "pods", "node001", "hostname", env=env)  # a namespace has this machine's name
+        assert named.returncode == 0 and named.stdout.strip() == socket.gethostname(), named.output
 
         top = cli("top", "pods", "--once", "--output", "json", env=env)
         assert top.returncode == 0, top.output

@@ -39,7 +39,9 @@ The contract, for whoever writes one (a provider registers under the
   ``tree``/``chunk_read``/``chunk_write``/``sha256`` (files), ``remove_dir`` (a marked folder,
   when the node goes), ``env_*`` (its Python environment), ``free_ports``, ``addresses``,
   ``tail``/``logs``, ``read_json``/``write``; a provider answers them all by running the node
-  programs there, and overrides a method only to do better (SFTP for files).
+  programs there, and overrides a method only to do better (SFTP for files).  One more program
+  is a stream, not a question: ``pipe`` relays one TCP connection as the node sees it over its
+  stdin and stdout (an :class:`~globular.providers.exec_runner.ExecRunner` forwards ports with it).
 - **Progress.** ``create_nodes`` calls ``on_ready(node)`` for each node as it is usable and
   ``self.on_step(node, step)`` as it reaches a step of :data:`globular.reporting.NODE_STEPS`
   (``provision``, ``ssh``; the later steps are the core's and the plugins'); a provider
