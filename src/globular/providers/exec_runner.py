@@ -20,13 +20,12 @@ import contextlib
 import json
 import logging
 import os
-import posixpath
 import signal
 from abc import abstractmethod
 
-from globular.errors import CommandError, CommandTimeout, GlobularError
+from globular.errors import CommandError, GlobularError
 from globular.providers.helper import HelperRunner, NodeHelper
-from globular.providers.here import run_here
+from globular.providers.here import run_for_node
 from globular.providers.runner import CHUNK, NODE_SOURCE, CommandResult, display
 from globular.state import NodeRecord
 
@@ -65,22 +64,8 @@ class ExecRunner(HelperRunner):
     ) -> CommandResult:
         shown = display(argv)
         log.debug("%s: %s", self.node.name, shown)
-        try:
-            result = await run_here(self.entered(argv), input=input, timeout=timeout)
-        except TimeoutError:  # before OSError, which it is a kind of
-            raise CommandTimeout(self.node.name, shown, timeout) from None
-        except OSError as exc:
-            raise self._cannot_enter(shown, exc) from None
-        if check and result.returncode != 0:
-            raise CommandError(self.node.name, shown, result.returncode, result.stderr, result.stdout)
-        return result
-
-    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        import base64
-
-        if not posixpath.isabs(path):
-            path = posixpath.join(self.node.workdir, path)
-        await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
+        return await run_for_node(self.node.name, self.entered(argv), shown, input=input, timeout=timeout, check=check,
+                                  cannot=lambda exc: self._cannot_enter(shown, exc))  # fmt: skip
 
     async def start_helper(self) -> NodeHelper:
         try:

@@ -16,9 +16,11 @@ only how a helper starts on its nodes (:meth:`HelperRunner.start_helper`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import logging
+import posixpath
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -187,6 +189,13 @@ class HelperRunner(Runner):
     async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
         helper = await self.helper(any_python=verb in ANY_PYTHON)
         return await helper.ask(verb, request, timeout)
+
+    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        """Written by the node's helper (``write``: atomically, with ``mode``); a relative
+        ``path`` is in the node's folder."""
+        if not posixpath.isabs(path):
+            path = posixpath.join(self.node.workdir, path)
+        await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
 
     async def close_helper(self) -> None:
         helper, self._node_helper = self._node_helper, None

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from globular.errors import CommandError, CommandTimeout
 from globular.providers.base import CommandResult
 
 
@@ -39,6 +40,32 @@ async def run_here(
         await _stop_child(proc)
         raise
     return CommandResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+async def run_for_node(
+    node: str,
+    argv: list[str],
+    shown: str,
+    *,
+    cannot: Callable[[OSError], CommandError],
+    input: bytes | None = None,
+    timeout: float | None = None,
+    check: bool = True,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> CommandResult:
+    """A runner's command on ``node``, run here as ``argv`` (the command itself, or entered into
+    the node), shown as ``shown`` in errors: its time up is :class:`CommandTimeout`, a program
+    that cannot start is ``cannot(exc)``, and with ``check`` a non-zero exit is :class:`CommandError`."""
+    try:
+        result = await run_here(argv, input=input, timeout=timeout, cwd=cwd, env=env)
+    except TimeoutError:  # before OSError, which it is a kind of
+        raise CommandTimeout(node, shown, timeout) from None
+    except OSError as exc:
+        raise cannot(exc) from None
+    if check and result.returncode != 0:
+        raise CommandError(node, shown, result.returncode, result.stderr, result.stdout)
+    return result
 
 
 STOP_GRACE = 3.0  # s a command stopped by a cancel or a timeout has to clean up before SIGKILL

@@ -19,12 +19,12 @@ from typing import Any
 
 from pydantic import Field
 
-from globular.errors import BadInput, CommandError, CommandTimeout, FileFailed
+from globular.errors import BadInput, CommandError, FileFailed
 from globular.node import ANY_PYTHON, VERBS, Refused
 from globular.node.proc import sweep
 from globular.paths import landed_mode, private_dir, write_private
 from globular.providers.base import CommandResult, NodeProvider, Runner, display
-from globular.providers.here import run_here
+from globular.providers.here import run_for_node
 from globular.spec import ProgramHere, Settings
 from globular.spec import Settings as SettingsModel
 from globular.state import NodeRecord
@@ -99,18 +99,16 @@ class LocalRunner(Runner):
     async def run(
         self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
     ) -> CommandResult:
-        log.debug("%s: %s", self.node.name, display(argv))
-        try:
-            # marked like every process globular starts: what it leaves behind is found by the mark
-            mark = {"GLOBULAR_MARK": self.mark} if self.mark else None
-            result = await run_here(argv, input=input, timeout=timeout, cwd=self.node.workdir, env=mark)
-        except TimeoutError:  # before OSError, which it is a kind of
-            raise CommandTimeout(self.node.name, display(argv), timeout) from None
-        except OSError as exc:
-            raise CommandError(self.node.name, display(argv), 127, exc.strerror or str(exc)) from None
-        if check and result.returncode != 0:
-            raise CommandError(self.node.name, display(argv), result.returncode, result.stderr, result.stdout)
-        return result
+        shown = display(argv)
+        log.debug("%s: %s", self.node.name, shown)
+        # marked like every process globular starts: what it leaves behind is found by the mark
+        mark = {"GLOBULAR_MARK": self.mark} if self.mark else None
+
+        def cannot(exc: OSError) -> CommandError:
+            return CommandError(self.node.name, shown, 127, exc.strerror or str(exc))
+
+        return await run_for_node(self.node.name, argv, shown, cannot=cannot, input=input, timeout=timeout,
+                                  check=check, cwd=self.node.workdir, env=mark)  # fmt: skip
 
     async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
         """The node is this machine: a verb that any Python answers alike runs here, in a

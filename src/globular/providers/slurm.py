@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from globular.errors import BadInput, CommandError, CommandTimeout, ConnectionLost, NodeError
+from globular.errors import BadInput, CommandError, ConnectionLost, NodeError
 from globular.fanout import each_node
 from globular.node.files import remove_dir
 from globular.paths import private_dir
@@ -51,7 +51,7 @@ from globular.providers.base import (
     display,
 )
 from globular.providers.helper import HelperRunner, NodeHelper
-from globular.providers.here import run_here
+from globular.providers.here import run_for_node
 from globular.providers.slurm_jobs import (
     PENDING,
     RUNNING,
@@ -138,23 +138,9 @@ class SlurmRunner(HelperRunner):
     async def run(
         self, argv: list[str], *, input: bytes | None = None, timeout: float | None = 60.0, check: bool = True
     ) -> CommandResult:
-        shown = display(argv)
-        try:
-            result = await run_here(self._srun([f"--chdir={self.node.workdir}", *argv]), input=input, timeout=timeout)
-        except TimeoutError:  # before OSError, which it is a kind of
-            raise CommandTimeout(self.node.name, shown, timeout) from None
-        except OSError as exc:
-            raise self._no_srun(exc) from None
-        if check and result.returncode != 0:
-            raise CommandError(self.node.name, shown, result.returncode, result.stderr, result.stdout)
-        return result
-
-    async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
-        import base64
-
-        if not posixpath.isabs(path):
-            path = posixpath.join(self.node.workdir, path)
-        await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
+        srun = self._srun([f"--chdir={self.node.workdir}", *argv])
+        return await run_for_node(self.node.name, srun, display(argv), cannot=self._no_srun, input=input,
+                                  timeout=timeout, check=check)  # fmt: skip
 
     async def close_helper(self) -> None:
         await super().close_helper()

@@ -4,7 +4,6 @@ SFTP, ports forwarded, all on one asyncssh connection opened on first use."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import posixpath
@@ -94,11 +93,11 @@ class SSHRunner(HelperRunner):
         return result
 
     async def write_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        if self.helper_running:  # one round trip, no new shell
+            await super().write_file(path, data, mode)
+            return
         if not posixpath.isabs(path):
             path = posixpath.join(self.node.workdir, path)
-        if self.helper_running:  # one round trip, no new shell
-            await self.nodeproc("write", {"path": path, "data": base64.b64encode(data).decode(), "mode": mode})
-            return
         tmp = f"{path}.tmp-{secrets.token_hex(4)}"
         q = shlex.quote
         command = (
