@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 
 from globular.cli.group import Later, load_config, run
-from globular.cli.render import output, output_option
+from globular.cli.render import counted, output, output_option
 from globular.errors import BadInput
 from globular.paths import globular_home
 
@@ -119,8 +119,8 @@ def env_prune(ctx: click.Context, template: str | None, wheels: bool) -> None:
     def text() -> None:
         for node, names in removed.items():
             listed = f" ({', '.join(names)})" if names else ""
-            out.say(f"{escape(node)}: {len(names)} environment{'s' if len(names) != 1 else ''} removed{escape(listed)}")
+            out.say(f"{escape(node)}: {counted(len(names), 'environment')} removed{escape(listed)}")
         if count is not None:
-            out.say(f"this machine: {count} wheelhouse{'s' if count != 1 else ''} removed from {escape(str(cache))}")
+            out.say(f"this machine: {counted(count, 'wheelhouse')} removed from {escape(str(cache))}")
 
     out.result({"removed": removed, "wheelhouses_removed": count}, text=text)

@@ -28,7 +28,7 @@ from globular.cli.group import (
     run,
 )
 from globular.cli.nodes import addnode, removenode, runplugin
-from globular.cli.render import Output, output, output_option
+from globular.cli.render import Output, counted, output, output_option
 from globular.cli.ssh import sshmaster, sshnode
 from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
@@ -234,8 +234,8 @@ def terminate(ctx: click.Context, yes: bool, force: bool, discard_notebooks: boo
 
     def text() -> None:
         out.say(
-            f"Terminated cluster [bold]{escape(name)}[/]: {result.nodes} nodes released, "
-            f"{result.processes_stopped} processes stopped{killed} in {result.elapsed:.1f} s"
+            f"Terminated cluster [bold]{escape(name)}[/]: {counted(result.nodes, 'node')} released, "
+            f"{counted(result.processes_stopped, 'process', 'processes')} stopped{killed} in {result.elapsed:.1f} s"
         )
         for report in result.reports:
             out.report(report)
