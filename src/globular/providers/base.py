@@ -31,7 +31,8 @@ The contract, for whoever writes one (a provider registers under the
   stdlib only, shipped as one source: :data:`NODE_SOURCE`) one question each; the default
   runs ``python -c NODE_SOURCE VERB`` per question.  A runner for machines further away
   subclasses :class:`globular.providers.helper.HelperRunner` and says only how the node's
-  one long-lived helper starts (``start_helper``: SSH runs ``serve`` on a channel, Slurm a
+  one long-lived helper starts (``start_helper``: SSH runs ``serve`` on a channel;
+  a :class:`~globular.providers.helper.PipedHelperRunner` names a command run here, Slurm a
   ``relay`` in a job step); the base starts it on first use and again when it ended or the
   node's Python changed.  The verbs a node answers, whatever its provider, are
   :data:`globular.node.VERBS`: ``prepare`` (its folder, 0700), ``facts``/``node_facts``,

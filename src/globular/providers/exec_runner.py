@@ -19,14 +19,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import signal
 from abc import abstractmethod
 
 from globular.errors import CommandError, GlobularError
-from globular.providers.helper import HelperRunner, NodeHelper
+from globular.providers.helper import PipedHelperRunner, ended, kill_child
 from globular.providers.here import run_for_node
-from globular.providers.runner import CHUNK, NODE_SOURCE, CommandResult, display
+from globular.providers.runner import NODE_SOURCE, CommandResult, display
 from globular.state import NodeRecord
 
 log = logging.getLogger(__name__)
@@ -34,14 +32,13 @@ log = logging.getLogger(__name__)
 RELAY_BLOCK = 1 << 16  # bytes a forwarded connection's relay reads at a time
 
 
-class ExecRunner(HelperRunner):
+class ExecRunner(PipedHelperRunner):
     """Does work on a node entered by a command run here (see the module's doc)."""
 
     direct = False  # the node's addresses are reached through it, not from here
 
     def __init__(self, node: NodeRecord):
         super().__init__(node)
-        self._helper_process: asyncio.subprocess.Process | None = None
         self._servers: list[asyncio.Server] = []
         self._relays: set[asyncio.Task[None]] = set()  # one a forwarded connection
         self._pipes: set[asyncio.subprocess.Process] = set()  # their processes
@@ -67,24 +64,11 @@ class ExecRunner(HelperRunner):
         return await run_for_node(self.node.name, self.entered(argv), shown, input=input, timeout=timeout, check=check,
                                   cannot=lambda exc: self._cannot_enter(shown, exc))  # fmt: skip
 
-    async def start_helper(self) -> NodeHelper:
-        try:
-            self._helper_process = await asyncio.create_subprocess_exec(
-                *self.entered([self.node.python, "-c", NODE_SOURCE, "serve"]),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=4 * CHUNK,  # an answer is one line: a file's chunk (base64) is longer than asyncio's 64 KiB
-            )
-        except OSError as exc:
-            raise self._cannot_enter("globular.node serve", exc) from None
-        return NodeHelper.over_pipes(self._helper_process, self.node.name, self.node.python)
+    def helper_argv(self) -> list[str]:
+        return self.entered([self.node.python, "-c", NODE_SOURCE, "serve"])
 
-    async def close_helper(self) -> None:
-        await super().close_helper()
-        process, self._helper_process = self._helper_process, None
-        if process is not None:
-            await _ended(process)
+    def cannot_start(self, exc: OSError) -> CommandError:
+        return self._cannot_enter("globular.node serve", exc)
 
     # -- ports --------------------------------------------------------------------------
 
@@ -149,7 +133,7 @@ class ExecRunner(HelperRunner):
             with contextlib.suppress(OSError):
                 writer.close()
             _end_input(process)
-            await _ended(process)  # its output ended: it is ending
+            await ended(process)  # its output ended: it is ending
             self._pipes.discard(process)
             log.debug("%s: a relay to %s:%d ended (%s)", self.node.name, host, port, process.returncode)
 
@@ -166,32 +150,13 @@ class ExecRunner(HelperRunner):
             server.close()
         # each relay ends with its process (a relay is not cancelled: asyncio would print that)
         for process in list(self._pipes):
-            _kill(process)
+            kill_child(process)
         relays, self._relays = list(self._relays), set()
         if relays:
             await asyncio.wait(relays, timeout=10)
         await self.close_helper()
 
 
-def _kill(process: asyncio.subprocess.Process) -> None:
-    """SIGKILL ``process``, a child of this one, unless it ended.  By its pid, not
-    ``process.kill()``: that polls first, reaping a child that has just ended under the feet of
-    asyncio's watcher, which then prints "Unknown child process"."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-
-
 def _end_input(process: asyncio.subprocess.Process) -> None:
     if process.stdin is not None and not process.stdin.is_closing():
         process.stdin.close()
-
-
-async def _ended(process: asyncio.subprocess.Process, grace: float = 5.0) -> None:
-    """Wait for ``process`` to end (its input closed: it ends by itself), SIGKILL after ``grace`` s."""
-    try:
-        async with asyncio.timeout(grace):
-            await process.wait()
-    except TimeoutError:
-        _kill(process)
-        await process.wait()

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
+import os
 import posixpath
+import signal
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from globular.errors import CommandError, CommandTimeout, ConnectionLost
+from globular.errors import CommandError, CommandTimeout, ConnectionLost, GlobularError
 from globular.node import ANY_PYTHON
 from globular.providers.base import Runner
 from globular.state import NodeRecord
@@ -201,3 +204,60 @@ class HelperRunner(Runner):
         helper, self._node_helper = self._node_helper, None
         if helper is not None:
             helper.close()
+
+
+class PipedHelperRunner(HelperRunner):
+    """A runner whose node helper is a process run here, talking over its pipes: an ``srun``
+    step of the node's job, a command that enters the node (``ip netns exec``)."""
+
+    def __init__(self, node: NodeRecord):
+        super().__init__(node)
+        self._helper_process: asyncio.subprocess.Process | None = None
+
+    @abstractmethod
+    def helper_argv(self) -> list[str]:
+        """The command, run here, whose stdin and stdout are the helper's (or a relay to it)."""
+
+    @abstractmethod
+    def cannot_start(self, exc: OSError) -> GlobularError:
+        """What to raise when :meth:`helper_argv` cannot be run here (naming the node)."""
+
+    async def start_helper(self) -> NodeHelper:
+        from globular.providers.runner import CHUNK
+
+        try:
+            self._helper_process = await asyncio.create_subprocess_exec(
+                *self.helper_argv(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=4 * CHUNK,  # an answer is one line: a file's chunk (base64) is longer than asyncio's 64 KiB
+            )
+        except OSError as exc:
+            raise self.cannot_start(exc) from None
+        return NodeHelper.over_pipes(self._helper_process, self.node.name, self.node.python)
+
+    async def close_helper(self) -> None:
+        await super().close_helper()  # its input closed: it ends by itself
+        process, self._helper_process = self._helper_process, None
+        if process is not None:
+            await ended(process)
+
+
+def kill_child(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL ``process``, a child of this one, unless it ended.  By its pid, not
+    ``process.kill()``: that polls first, reaping a child that has just ended under the feet of
+    asyncio's watcher, which then prints "Unknown child process"."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+
+
+async def ended(process: asyncio.subprocess.Process, grace: float = 5.0) -> None:
+    """Wait for ``process`` to end (its input closed: it ends by itself), SIGKILL after ``grace`` s."""
+    try:
+        async with asyncio.timeout(grace):
+            await process.wait()
+    except TimeoutError:
+        kill_child(process)
+        await process.wait()

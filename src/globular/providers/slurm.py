@@ -40,7 +40,6 @@ from globular.fanout import each_node
 from globular.node.files import remove_dir
 from globular.paths import private_dir
 from globular.providers.base import (
-    CHUNK,
     NODE_SOURCE,
     CommandResult,
     NodeProvider,
@@ -50,7 +49,7 @@ from globular.providers.base import (
     StopResult,
     display,
 )
-from globular.providers.helper import HelperRunner, NodeHelper
+from globular.providers.helper import PipedHelperRunner
 from globular.providers.here import run_for_node
 from globular.providers.slurm_jobs import (
     PENDING,
@@ -84,13 +83,12 @@ class JobEnded(NodeError):
     """The node's job is over: Slurm has stopped everything that ran in it."""
 
 
-class SlurmRunner(HelperRunner):
+class SlurmRunner(PipedHelperRunner):
     """Does work on a node's job: through its keeper (the helper), or in an ``srun`` step."""
 
     def __init__(self, node: NodeRecord, state: Callable[[str], Awaitable[Job]]):
         super().__init__(node)
         self._job_state = state
-        self._process: asyncio.subprocess.Process | None = None
 
     def _srun(self, argv: list[str]) -> list[str]:
         """``argv`` in a new step of the node's job."""
@@ -99,20 +97,13 @@ class SlurmRunner(HelperRunner):
     def _no_srun(self, exc: OSError) -> CommandError:
         return CommandError(self.node.name, "srun", 127, f"cannot run srun here: {exc.strerror or exc}")
 
-    async def start_helper(self) -> NodeHelper:
+    def helper_argv(self) -> list[str]:
         """The relay, in a step of the node's job, to the keeper the job script started."""
         log.debug("%s (job %s): starting its relay", self.node.name, self.node.data["job_id"])
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                *self._srun([self.node.python, "-c", NODE_SOURCE, "relay"]),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=4 * CHUNK,  # an answer is one line: a file's chunk (base64) is longer than asyncio's 64 KiB
-            )
-        except OSError as exc:
-            raise self._no_srun(exc) from None
-        return NodeHelper.over_pipes(self._process, self.node.name, self.node.python)
+        return self._srun([self.node.python, "-c", NODE_SOURCE, "relay"])
+
+    def cannot_start(self, exc: OSError) -> CommandError:
+        return self._no_srun(exc)
 
     async def nodeproc(self, verb: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
         try:
@@ -141,16 +132,6 @@ class SlurmRunner(HelperRunner):
         srun = self._srun([f"--chdir={self.node.workdir}", *argv])
         return await run_for_node(self.node.name, srun, display(argv), cannot=self._no_srun, input=input,
                                   timeout=timeout, check=check)  # fmt: skip
-
-    async def close_helper(self) -> None:
-        await super().close_helper()
-        process, self._process = self._process, None
-        if process is not None:
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
 
     async def close(self) -> None:
         await self.close_helper()
