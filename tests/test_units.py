@@ -19,12 +19,12 @@ import pytest
 from globular.cluster import ClusterContext, node_names
 from globular.errors import GlobularError, NodeFailures, PluginFailed
 from globular.ipcluster.preflight import Requirement, judge
-from globular.ipcluster.settings import IPClusterSettings, engines_for, parse_duration, port_range
+from globular.ipcluster.settings import IPClusterSettings, engines_for, port_range
 from globular.plugins.base import NodeCheck, Plugin, PluginContext
 from globular.providers.base import CommandResult, NodeProvider, Runner, StopResult
 from globular.providers.local import LocalProvider
 from globular.reporting import NullReporter
-from globular.spec import ClusterSpec
+from globular.spec import ClusterSpec, parse_duration
 from globular.state import ClusterRecord, NodeRecord, ProcessRecord, StateStore
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "globular"
@@ -371,9 +371,9 @@ def entry_point_modules(group: str) -> set[str]:
 
 
 ROOMS = (  # the folders and top-level modules of src/globular, lowest first: each imports only those before it
-    "errors", "paths", "results", "aio", "limits", "logs", "node", "spec", "state", "fanout", "reporting",
+    "errors", "paths", "results", "aio", "limits", "logs", "node", "spec", "bounds", "state", "fanout", "reporting",
     "providers", "plugins", "wheelhouse", "environment", "registry", "config", "reference", "cluster", "transfer",
-    "operations", "salvage", "status", "client", "ipcluster", "api", "cli", "__main__",
+    "operations", "salvage", "status", "balance", "client", "ipcluster", "api", "cli", "__main__",
 )  # fmt: skip
 PLUGIN_API = ("errors", "providers", "reporting", "results", "spec", "state", "plugins")
 

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
+from globular.bounds import BoundsProblem, BoundsSettings, cluster_bounds
 from globular.errors import BadInput, ConfigError, GlobularError
 from globular.paths import default_config_path
 from globular.registry import RegistryError, plugin_names, provider_class, provider_names, resolve_plugin
@@ -64,8 +65,9 @@ class GlobalSettings(Settings):
     default_template: str | None = Field(default=None, description="the [cluster] template used when none is named")
 
 
-class ClusterSettings(Settings):
-    """Keys every ``[cluster]`` section may have, whatever its provider."""
+class ClusterSettings(BoundsSettings):
+    """Keys every ``[cluster]`` section may have, whatever its provider (with the balancer's,
+    :mod:`globular.bounds`)."""
 
     extends: str | None = Field(
         default=None, description="another [cluster] template whose settings this one starts from"
@@ -327,6 +329,8 @@ class Config:
             where = sections.get("provider", section)
             raise self.error(str(exc), where, "provider") from None
         own = {k: v for k, v in values.items() if k not in common_keys}
+        if "max_nodes" in values and "max_nodes" in provider_cls.Settings.model_fields:
+            own["max_nodes"] = values["max_nodes"]  # one meaning: ec2's cap is the cluster's
         try:  # values the provider takes from sections of its own ([aws info], [key NAME])
             own, sections = provider_cls.config_values(own, sections, self.extra_sections)
         except ConfigError as exc:
@@ -346,7 +350,17 @@ class Config:
             )
         plugins = [self.plugin_spec(name, referenced_from=sections.get("plugins", section)) for name in common.plugins]
         environment = self._environment(common, sections, section, provider_cls.default_environment, plugins)
-        size = cluster_size or common.cluster_size or provider_cls.default_cluster_size(provider_settings)
+        try:
+            config_size, max_nodes, balance = cluster_bounds(
+                common, cluster_size or common.cluster_size, provider_cls.max_nodes(provider_settings), common.provider
+            )
+        except BoundsProblem as exc:
+            if cluster_size and exc.key == "cluster_size":  # it came from the command line
+                raise BadInput(f"-s {cluster_size}: {exc.message}") from None
+            raise self.error(exc.message, sections.get(exc.key, section), exc.key) from None
+        size = config_size or provider_cls.default_cluster_size(provider_settings)
+        if max_nodes is not None and size > max_nodes:  # the provider's default, above the cap
+            size = max_nodes
         problem = provider_cls.size_problem(provider_settings, size)
         if problem:
             key, message = problem
@@ -361,6 +375,8 @@ class Config:
             provider_settings=provider_settings.model_dump(mode="json"),
             plugins=plugins,
             environment=environment,
+            max_nodes=max_nodes,
+            balance=balance,
         )
         spec.keep_typed(provider_settings)
         return spec

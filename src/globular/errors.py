@@ -85,6 +85,14 @@ class ClusterBusy(GlobularError):
         super().__init__(f"cluster {name!r} is busy with another globular command; try again when it ends")
 
 
+class BalancerRunning(GlobularError):
+    def __init__(self, name: str, pid: int, since: str):
+        super().__init__(
+            f"cluster {name!r} has a balancer already (pid {pid}, since {since}): stop it first "
+            f"(Ctrl-C in its terminal, or kill {pid})"
+        )
+
+
 class StateError(GlobularError):
     """A state record that cannot be read."""
 

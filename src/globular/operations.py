@@ -8,8 +8,11 @@ rendering is the caller's business.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +25,7 @@ from globular.cluster import ClusterContext, load_plugin, node_names
 from globular.errors import BadInput, ClusterNotFound, GlobularError, NodeFailures, StartFailed
 from globular.fanout import each_node
 from globular.logs import cluster_log
+from globular.node.proc import process_start
 from globular.paths import globular_home, write_private
 from globular.plugins.base import NodeCheck, Plugin, PluginReport
 from globular.registry import make_provider, provider_class
@@ -203,6 +207,9 @@ async def add_nodes(
         problem = None if hosts else provider.size_problem(ctx.provider.settings, total)
         if problem is not None:  # the rule start checks its size with, checked before anything changes
             raise BadInput(f"-n {count}: the cluster would have {total} nodes; {problem[1]}")
+        cap = ctx.record.spec.max_nodes
+        if cap is not None and total > cap:
+            raise BadInput(f"-n {count}: the cluster would have {total} nodes; its max_nodes is {cap}")
         plugins = ctx.plugins()
         warm_imports(plugins)
         ctx.record.desired += node_names(count, ctx.record.desired)
@@ -309,6 +316,7 @@ async def terminate(
             except GlobularError as exc:  # uninstalled plugin: its processes are still stopped by pid
                 warnings.append(str(exc))
         nodes = len(ctx.nodes)
+        await stop_balancer(ctx.record)
         log.info("terminating cluster %s: %d nodes", name, nodes)
         reports = await ctx.run_hooks(plugins, "before_terminate", discard)
         warnings += await ctx.teardown(plugins)
@@ -316,6 +324,28 @@ async def terminate(
         return TerminateResult(
             name, nodes, stopped.stopped, stopped.killed, time.monotonic() - started, warnings, reports
         )
+
+
+BALANCER_GRACE = 15.0  # s a balancer asked to stop gets to end its step (a drain, an addnode undone)
+
+
+async def stop_balancer(record: ClusterRecord) -> bool:
+    """Stop the cluster's balancer (``globular loadbalance``) if one runs: SIGTERM by pid (and
+    start time), SIGKILL after :data:`BALANCER_GRACE`.  Whether one ran."""
+    balancer = record.balancer
+    if balancer is None or not balancer.running:
+        return False
+    if balancer.pid == os.getpid():  # this process balances it (the library, in a notebook): it cannot be signalled
+        raise GlobularError(f"cluster {record.name!r} is balanced by this process: stop its Balancer first")
+    log.info("%s: stopping its balancer (pid %d)", record.name, balancer.pid)
+    os.kill(balancer.pid, signal.SIGTERM)
+    deadline = time.monotonic() + BALANCER_GRACE
+    while time.monotonic() < deadline:
+        if process_start(balancer.pid) != balancer.start:  # it ended
+            return True
+        await asyncio.sleep(0.05)
+    os.kill(balancer.pid, signal.SIGKILL)
+    return True
 
 
 async def run_plugin(

@@ -107,6 +107,23 @@ FileHere = Annotated[str | None, path_here("file")]  # a file on this machine (~
 ProgramHere = Annotated[str | None, path_here("program")]  # a program on this machine: a path, or a name on PATH
 
 
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """``30m``, ``2h``, ``1h30m``, ``90s`` (a bare number is minutes) -> seconds."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text) * 60
+    match = _DURATION.match(text)
+    if not text or not match or not any(match.groups()):
+        raise ValueError(f"{value!r} is not a duration (such as 30m, 2h, 1h30m, 90s)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 class Settings(BaseModel):
     """Base of every typed settings block: unknown keys are errors."""
 
@@ -154,6 +171,19 @@ class EnvironmentSpec(BaseModel):
     wheelhouse: str | None = None  # absolute path of a folder of wheels (no index)
 
 
+class BalanceSpec(BaseModel):
+    """The balancer's bounds and pace (``min_nodes`` in ``[cluster]`` turns it on): nodes and
+    seconds, see :mod:`globular.balance`."""
+
+    min_nodes: int = Field(ge=1)
+    max_nodes: int = Field(ge=1)
+    polling_interval: float = Field(default=5.0, gt=0)
+    wait_time: float = Field(default=10.0, ge=0)
+    add_nodes_per_iteration: int = Field(default=1, ge=1)
+    kill_after: float = Field(default=60.0, gt=0)
+    stabilization_time: float = Field(default=30.0, ge=0)
+
+
 class ClusterSpec(TypedSettings):
     """One ``[cluster NAME]`` template with ``extends`` resolved and values validated."""
 
@@ -164,6 +194,8 @@ class ClusterSpec(TypedSettings):
     provider_settings: dict[str, Any] = Field(default_factory=dict)
     plugins: list[PluginSpec] = Field(default_factory=list)
     environment: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
+    max_nodes: int | None = None  # the most nodes the cluster may have: start, addnode and the balancer
+    balance: BalanceSpec | None = None  # min_nodes set: the balancer's settings
 
     def typed_provider_settings(self, model: type[S]) -> S:
         """``provider_settings`` as the provider's ``model``, validated once."""

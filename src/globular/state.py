@@ -15,13 +15,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from globular.errors import BadInput, ClusterBusy, ClusterExists, ClusterNotFound, GlobularError, StateError
 from globular.paths import private_dir, write_private
-from globular.spec import ClusterSpec, error_in_words
+from globular.spec import BalanceSpec, ClusterSpec, error_in_words
 
 STATE_VERSION = 2  # 2: the desired node set (``desired``); version 1 records are read too
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -61,6 +61,35 @@ class NodeRecord(BaseModel):
         return [p for p in self.processes if p.role == role]
 
 
+class BalanceEvent(BaseModel):
+    """One decision of the balancer (or a problem it met), for ``status``."""
+
+    time: float
+    kind: str  # add, remove, keep, busy, error, watch
+    text: str
+    nodes: list[str] = Field(default_factory=list)
+
+
+class BalancerRecord(BaseModel):
+    """The balancer of a cluster (``globular loadbalance``): its process on this machine, by pid
+    and start time, its bounds and its last decisions."""
+
+    pid: int
+    start: int
+    started: float = Field(default_factory=time.time)
+    bounds: BalanceSpec
+    events: list[BalanceEvent] = Field(default_factory=list)  # the last KEPT_EVENTS, oldest first
+    stopped: float | None = None  # when it stopped by itself (one killed leaves this unset)
+
+    KEPT_EVENTS: ClassVar[int] = 20
+
+    @property
+    def running(self) -> bool:
+        from globular.node.proc import process_start
+
+        return self.stopped is None and process_start(self.pid) == self.start
+
+
 class ClusterRecord(BaseModel):
     version: int = STATE_VERSION
     name: str
@@ -74,6 +103,7 @@ class ClusterRecord(BaseModel):
     nodes: list[NodeRecord] = Field(default_factory=list)  # the nodes that exist
     plugin_data: dict[str, dict[str, Any]] = Field(default_factory=dict)
     error: str | None = None
+    balancer: BalancerRecord | None = None  # globular loadbalance, while one runs (or ran and was killed)
 
     @property
     def master(self) -> NodeRecord:

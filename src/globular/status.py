@@ -178,8 +178,36 @@ async def plugin_statuses(view: StatusView) -> list[PluginStatus]:
     return found
 
 
+def balancer_words(record: ClusterRecord) -> str | None:
+    """``running (pid 123), 1..3 nodes``: the cluster's balancer in a few words (None: it never had one)."""
+    balancer = record.balancer
+    if balancer is None:
+        return None
+    state = f"running (pid {balancer.pid})" if balancer.running else "stopped"
+    return f"{state}, {balancer.bounds.min_nodes}..{balancer.bounds.max_nodes} nodes"
+
+
+def balancer_data(record: ClusterRecord) -> dict[str, Any] | None:
+    """The balancer for ``status --output json``: whether it runs, its bounds, the desired node
+    count, and its last decisions with their reasons."""
+    balancer = record.balancer
+    if balancer is None:
+        return None
+    return {
+        "running": balancer.running,
+        "pid": balancer.pid,
+        "started": balancer.started,
+        **balancer.bounds.model_dump(),
+        "desired_nodes": len(record.desired),
+        "events": [e.model_dump() for e in balancer.events],
+    }
+
+
 async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusReport:
     report = ClusterStatusReport(record.name, record.status, record.spec.provider, record.region)
+    if record.balancer is not None:
+        report.columns["balancer"] = balancer_words(record) or ""
+        report.data["balancer"] = balancer_data(record)
     provider = make_provider(record.spec, cluster=record.name, home=home)
     try:
         jobs = await provider_status(provider, record)
@@ -220,6 +248,8 @@ async def cluster_status(record: ClusterRecord, home: Path) -> ClusterStatusRepo
 
 async def cluster_health(record: ClusterRecord, home: Path) -> Health:
     health = Health(record.name)
+    if record.balancer is not None:
+        health.columns["balancer"] = balancer_words(record) or ""
     if record.status in ("starting", "stopping") and not pid_alive(record.owner_pid):
         health.condition = (
             f"interrupted: its globular process (pid {record.owner_pid}) is gone while {record.status}; "

@@ -10,12 +10,14 @@ import atexit
 import os
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
 
 from globular import __version__
+from globular.cli.balance import loadbalance
 from globular.cli.config import config_group, env
 from globular.cli.data import get, put
 from globular.cli.group import (
@@ -64,6 +66,7 @@ def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
     globular status mycluster            per node: steps, engines, load, problems
     globular check mycluster             the preflight checks alone
     globular addnode mycluster           more nodes; their engines join
+    globular loadbalance mycluster       grow and shrink it with its work
     globular terminate mycluster         stop everything and forget it
     globular env prune -c mytemplate     remove the node environments from its hosts
 
@@ -322,12 +325,19 @@ def status(ctx: click.Context, name: str) -> None:
         out.print(table)
         for problem in report.problems:
             out.problem(problem)
+        balancer = report.data.get("balancer")
+        if balancer and balancer["events"]:
+            out.say("Balancer's last decisions:")
+            for event in balancer["events"][-5:]:
+                when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+                nodes = f" {', '.join(event['nodes'])}" if event["nodes"] else ""
+                out.say(f"  {when} {escape(event['kind'])}{escape(nodes)}: {escape(event['text'])}")
 
     out.result(report, ok=report.ok, text=text)
     ctx.exit(0 if report.ok else 1)
 
 
-for _command in [addnode, removenode, runplugin, config_group, env, put, get, sshmaster, sshnode]:
+for _command in [addnode, removenode, loadbalance, runplugin, config_group, env, put, get, sshmaster, sshnode]:
     cli.add_command(_command)  # installed plugins' (ipcluster: shell, notebook, top, ...) load when one runs
 
 

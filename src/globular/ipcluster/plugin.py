@@ -44,7 +44,7 @@ from globular.ipcluster.notebook import (
 from globular.ipcluster.preflight import Questions, Requirement, local_version, run_preflight
 from globular.ipcluster.roles import DATA_KEY, ipython_dir
 from globular.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
-from globular.plugins.base import NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
+from globular.plugins.base import LoadWatcher, NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
 from globular.spec import Settings as SettingsModel
 from globular.state import ClusterRecord, NodeRecord
 
@@ -135,6 +135,14 @@ class IPCluster(Plugin):
         from globular.ipcluster.client import Client
 
         return Client
+
+    @classmethod
+    def load_watcher(cls, record: ClusterRecord, home: Path) -> LoadWatcher | None:
+        if DATA_KEY not in record.plugin_data:
+            return None
+        from globular.ipcluster.load import ControllerLoad
+
+        return ControllerLoad(record.name, home)
 
     @classmethod
     def forget(cls, home: Path, cluster: str) -> None:

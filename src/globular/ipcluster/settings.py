@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 
 from globular.errors import GlobularError
 from globular.ipcluster.roles import local_profile
-from globular.spec import ArgList, FileHere, Settings, checked_when_read, shown
+from globular.spec import ArgList, FileHere, Settings, checked_when_read, parse_duration, shown
 from globular.state import NodeRecord
 
 DEATH_WINDOW_MS = 8000  # the controller drops an engine silent for this long
@@ -72,23 +72,6 @@ def is_address(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
-
-
-def parse_duration(value: Any) -> Any:
-    """``30m``, ``2h``, ``1h30m``, ``90s`` (a bare number is minutes) -> seconds."""
-    if value is None or isinstance(value, (int, float)):
-        return value
-    text = str(value).strip().lower()
-    if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        return float(text) * 60
-    match = _DURATION.match(text)
-    if not text or not match or not any(match.groups()):
-        raise ValueError(f"{value!r} is not a duration (such as 30m, 2h, 1h30m, 90s)")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -39,6 +39,13 @@ def _processes() -> dict[int, tuple[str, int, int, int]]:
     return found
 
 
+def process_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of live process ``pid`` of this machine; None
+    when there is none.  A pid and its start time name one process for good."""
+    st = _stat(pid)
+    return st[3] if st is not None and st[0] not in ("Z", "X") else None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (one of another user's counts); for a pid this machine
     recorded itself (a globular process, a save in progress), not one that could be reused."""

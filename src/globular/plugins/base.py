@@ -155,6 +155,46 @@ class PluginStatus:
     condition: str | None = None  # listclusters' health, when the plugin knows better (idle shutdown)
 
 
+@dataclass(frozen=True)
+class NodeLoad:
+    """One node's engines as the controller sees them."""
+
+    engines: int  # registered
+    busy: int  # with a task queued or running
+
+
+@dataclass(frozen=True)
+class ClusterLoad:
+    """The controller's view, by node (engines it does not know of are left out)."""
+
+    waiting: int  # tasks no engine has taken yet
+    nodes: dict[str, NodeLoad] = field(default_factory=dict)
+
+    @property
+    def engines(self) -> int:
+        return sum(n.engines for n in self.nodes.values())
+
+    @property
+    def busy(self) -> int:
+        return sum(n.busy for n in self.nodes.values())
+
+
+class LoadWatcher(Protocol):
+    """A plugin's view of its cluster's work, for the balancer (:mod:`globular.balance`):
+    ipcluster's asks the controller.  Made by :meth:`Plugin.load_watcher`."""
+
+    async def observe(self) -> ClusterLoad:
+        """The load now (raises :class:`~globular.errors.GlobularError` when it cannot be known)."""
+        ...
+
+    async def drain(self, nodes: list[str], timeout: float) -> list[str]:
+        """Make sure no work of the user's is on ``nodes``' engines or can land there, within
+        ``timeout`` s; the nodes that are (the others keep working as they were)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class Plugin:
     """Base class; every hook is optional."""
 
@@ -251,4 +291,10 @@ class Plugin:
 
     async def status(self, view: StatusView) -> PluginStatus | None:
         """Columns and problems for ``globular status`` and ``listclusters``."""
+        return None
+
+    @classmethod
+    def load_watcher(cls, record: ClusterRecord, home: Path) -> LoadWatcher | None:
+        """What the balancer watches on running cluster ``record`` (None: this plugin runs no
+        work the balancer could follow)."""
         return None

@@ -1,0 +1,135 @@
+"""The balancer's view of an ipcluster: the controller's ``queue_status`` by node, and the
+draining of nodes that are to leave.
+
+**Observe.** ``queue_status()`` gives the tasks no engine has taken yet (``unassigned``) and,
+per engine, its queue (direct tasks) and its load-balanced tasks; the record's ``engine_ids``
+says which node each engine runs on.  An engine with nothing queued and nothing running is
+idle.  Engines the controller no longer lists are left out.
+
+**Drain.** Removing an idle node races the scheduler: a task given to one of its engines
+between "it is idle" and "it stopped" would fail with ``EngineError`` (ipyparallel re-runs it
+only if the user set ``retries``).  So before a node leaves, each of its engines gets one task
+of the balancer's own, through ipyparallel's scheduler like any other, restricted to that
+engine (a ``LoadBalancedView`` with ``targets``): it publishes that it runs (ipyparallel's
+``publish_data``), then holds the engine.  With ipyparallel's default ``TaskScheduler.hwm =
+1`` an engine gets a task only when it has none outstanding, so once every engine of the node
+runs the balancer's task, no task of the user's is on the node and none can be sent there: the
+node leaves, and only the balancer's tasks end with it.  A task of the user's that landed first
+simply runs to its end before the balancer's starts.  A drain that does not start within its
+time (the engine is busy after all) gives up: its task, when it starts later, ends at once, and
+the node stays.  As a last check the controller must list nothing but that one task on each of
+the node's engines (a controller configured with another ``hwm`` fails it: the node stays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from globular.aio import in_thread
+from globular.ipcluster.controller import answer_within
+from globular.ipcluster.roles import DATA_KEY
+from globular.plugins.base import ClusterLoad, NodeLoad
+from globular.state import StateStore
+
+log = logging.getLogger(__name__)
+
+# run on an engine as exec(DRAIN_SOURCE, {"start_by": ..., "hold_until": ...}): standard library
+# and ipyparallel only, nothing left in the user's namespace
+DRAIN_SOURCE = """
+import signal, time
+if time.time() < start_by:
+    from ipyparallel.engine.datapub import publish_data
+    asked = []
+    try:  # the engine's own SIGTERM handler cannot run while this holds the main thread: end first
+        before = signal.signal(signal.SIGTERM, lambda *sig: asked.append(sig))
+    except ValueError:  # not the main thread: nothing holds the handler up
+        before = None
+    try:
+        publish_data({"globular_drain": "holding"})
+        while not asked and time.time() < hold_until:
+            time.sleep(0.05)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+    if asked and callable(before):
+        before(*asked[0])
+"""
+HOLD = 120.0  # s a drained engine is held after its drain's time: the node is removed well before
+CONNECT_TIMEOUT = 10.0
+
+
+class ControllerLoad:
+    """:class:`~globular.plugins.base.LoadWatcher` of an ipcluster (see the module's doc)."""
+
+    def __init__(self, name: str, home: Path):
+        self.name = name
+        self.home = home
+        self.client: Any = None
+
+    async def _client(self) -> Any:
+        if self.client is None:
+            from globular.client.connect import connect
+
+            client = await in_thread(connect, self.name, home=self.home, timeout=CONNECT_TIMEOUT)
+            self.client = answer_within(client)
+        return self.client
+
+    def _engines(self) -> dict[int, str]:
+        record = StateStore(self.home).get(self.name)
+        mapping = record.plugin_data.get(DATA_KEY, {}).get("engine_ids") or {}
+        return {int(k): v for k, v in mapping.items()}
+
+    async def observe(self) -> ClusterLoad:
+        node_of = self._engines()
+        client = await self._client()
+
+        def ask() -> tuple[dict[Any, Any], set[int]]:
+            return client.queue_status(), set(client.ids)
+
+        answer, registered = await in_thread(ask)
+        engines: dict[str, int] = {}
+        busy: dict[str, int] = {}
+        for engine in sorted(registered):
+            node = node_of.get(engine)
+            if node is None:
+                continue
+            queue = answer.get(engine) or {}
+            engines[node] = engines.get(node, 0) + 1
+            busy[node] = busy.get(node, 0) + (1 if queue.get("queue") or queue.get("tasks") else 0)
+        nodes = {n: NodeLoad(engines=engines[n], busy=busy[n]) for n in engines}
+        return ClusterLoad(waiting=int(answer.get("unassigned") or 0), nodes=nodes)
+
+    async def drain(self, nodes: list[str], timeout: float) -> list[str]:
+        client = await self._client()
+        registered = set(await in_thread(lambda: client.ids))
+        on = {node: sorted(e for e, n in self._engines().items() if n == node and e in registered) for node in nodes}
+        start_by = time.time() + timeout
+        args = {"start_by": start_by, "hold_until": start_by + HOLD}
+        held: dict[int, Any] = {}
+        for engine in (e for ids in on.values() for e in ids):
+            view = client.load_balanced_view(targets=[engine])
+            view.retries = 0
+            held[engine] = await in_thread(view.apply_async, exec, DRAIN_SOURCE, dict(args))
+        started: set[int] = set()
+        while time.time() < start_by and len(started) < len(held):
+            await asyncio.sleep(0.05)
+            started |= {e for e, ar in held.items() if (ar.data or {}).get("globular_drain") == "holding"}
+        status = await in_thread(client.queue_status, sorted(started)) if started else {}
+        drained = []
+        for node, ids in on.items():
+            alone = all(e in started and (status.get(e) or {}).get("tasks") == 1 and not (status.get(e) or {}).get("queue")
+                        for e in ids)  # fmt: skip
+            if alone:
+                drained.append(node)
+            else:
+                log.info("%s: %s not drained (its engines kept working)", self.name, node)
+        return drained
+
+    async def close(self) -> None:
+        if self.client is not None:
+            self.client.close(linger=0)
+            self.client = None

@@ -1,0 +1,247 @@
+"""The balancer on a real local cluster: `globular loadbalance` grows it on waiting tasks and
+shrinks idle nodes, never one whose engine works; and the race a scale-down runs against the
+scheduler, driven at its critical moment, with the balancer's drain and with a naive one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import TESTS, read_record, wait_until
+
+pytestmark = pytest.mark.cluster
+
+CONFIG = """\
+[global]
+default_template = t
+[cluster t]
+provider = local
+cores_per_node = 1
+plugins = ipcluster
+min_nodes = 1
+max_nodes = 3
+polling_interval = 0.5s
+wait_time = 1s
+add_nodes_per_iteration = 2
+kill_after = {kill_after}
+stabilization_time = 1s
+[plugin ipcluster]
+setup_class = ipcluster
+master_engines = 1
+"""
+
+
+def slow_square(x, seconds=3.0):
+    import time
+
+    time.sleep(seconds)
+    return x * x
+
+
+def node_of(home, name: str, engine: int) -> str:
+    return read_record(home, name)["plugin_data"]["ipcluster"]["engine_ids"][str(engine)]
+
+
+def node001_of(home) -> dict | None:
+    return next((n for n in read_record(home, "heal")["nodes"] if n["name"] == "node001"), None)
+
+
+def desired(home, name: str) -> list[str]:
+    return read_record(home, name)["desired"]
+
+
+def test_loadbalance_grows_on_waiting_tasks_and_shrinks_idle_nodes_but_never_a_busy_one(cli, home, write_config):
+    config = write_config(CONFIG.format(kill_after="4s"))
+    assert cli("-c", str(config), "start", "lb").returncode == 0
+    assert desired(home, "lb") == ["master"]  # no -s: min_nodes
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "COLUMNS": "200"}
+    balancer = subprocess.Popen(
+        [sys.executable, "-m", "globular", "-c", str(config), "loadbalance", "lb"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    from ipyparallel import Client
+
+    client = Client(str(home / "ipcluster" / "lb-local.json"))
+    try:
+        view = client.load_balanced_view()
+        started = time.monotonic()
+        squares = view.map_async(slow_square, range(12))
+        assert wait_until(lambda: len(desired(home, "lb")) == 3, timeout=30), desired(home, "lb")
+        assert squares.get(timeout=60) == [x * x for x in range(12)]
+        # one engine could not have done it: 12 tasks of 3 s take 36 s there
+        assert time.monotonic() - started < 30
+        assert len({e for e in squares.engine_id}) == 3
+
+        # idle, it shrinks to min_nodes, but a node whose engine runs a task stays until it ends
+        long = view.apply_async(slow_square, 7, 12.0)
+        working: list[int] = []
+
+        def one_engine_works() -> bool:
+            working[:] = [e for e, q in client.queue_status().items() if e != "unassigned" and q["tasks"]]
+            return len(working) == 1
+
+        assert wait_until(one_engine_works, timeout=10)
+        busy_node = node_of(home, "lb", working[0])
+        assert wait_until(lambda: len(desired(home, "lb")) == (1 if busy_node == "master" else 2), timeout=20)
+        assert busy_node in desired(home, "lb")
+        assert long.get(timeout=30) == 49
+        assert wait_until(lambda: desired(home, "lb") == ["master"], timeout=20), desired(home, "lb")
+
+        shown = json.loads(cli("status", "lb", "--output", "json").stdout)["result"]["balancer"]
+        assert shown["running"] and shown["pid"] == balancer.pid and (shown["min_nodes"], shown["max_nodes"]) == (1, 3)
+        assert {"add", "remove"} <= {e["kind"] for e in shown["events"]}
+        assert all(e["text"] for e in shown["events"])  # each with its reason
+        listed = cli("listclusters")
+        assert "running (pid" in listed.stdout and "1..3 nodes" in listed.stdout, listed.stdout
+        second = cli("loadbalance", "lb")
+        assert second.returncode == 1 and f"has a balancer already (pid {balancer.pid}" in second.stderr
+    finally:
+        client.close()
+        balancer.send_signal(signal.SIGINT)
+        out, err = balancer.communicate(timeout=30)
+    assert balancer.returncode == 0, err
+    assert "Balancer stopped; cluster lb left as it is: 1 node" in out
+    lines = out.splitlines()
+    assert any(" added node001, node002 -> 3 nodes: " in line and "waited" in line for line in lines), out
+    assert any(" removed " in line and "idle for" in line for line in lines), out
+    assert err == ""  # nothing of a third party's on the user's screen
+    log = (home / "logs" / "lb.log").read_text()
+    assert "balancer: add: " in log and "balancer: remove: " in log  # every decision in the cluster's log
+    assert "stopped" in cli("status", "lb").stdout  # the last balancer, and its decisions, stay shown
+
+    # one that was stopped (or killed) does not block the next; terminate stops a running one first
+    again = subprocess.Popen(
+        [sys.executable, "-m", "globular", "loadbalance", "-k", "1m", "lb"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: "running (pid" in cli("listclusters").stdout, timeout=20)
+        assert cli("terminate", "-y", "lb").returncode == 0
+        out, err = again.communicate(timeout=30)
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.wait()
+    assert again.returncode == 0 and err == "", err
+    assert "cluster lb is gone" in out or "Balancer stopped" in out, out
+
+
+def test_a_node_killed_with_9_is_replaced_and_a_map_with_retries_completes(cli, home, write_config):
+    config = write_config(CONFIG.format(kill_after="10m").replace("min_nodes = 1", "min_nodes = 2"))
+    assert cli("-c", str(config), "start", "heal").returncode == 0
+    assert desired(home, "heal") == ["master", "node001"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "COLUMNS": "200"}
+    balancer = subprocess.Popen(
+        [sys.executable, "-m", "globular", "loadbalance", "heal"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    from ipyparallel import Client
+
+    client = Client(str(home / "ipcluster" / "heal-local.json"))
+    try:
+        assert wait_until(lambda: read_record(home, "heal").get("balancer") is not None, timeout=20)  # it watches
+        view = client.load_balanced_view()
+        view.retries = 3  # what re-runs a task whose engine died: ipyparallel's own retries
+        squares = view.map_async(slow_square, range(8), [1.0] * 8)
+        assert wait_until(lambda: sum(q["tasks"] for e, q in client.queue_status().items() if e != "unassigned") == 2)
+        killed = {p["pid"] for p in node001_of(home)["processes"]}
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+
+        def replaced() -> bool:  # a new node001 (the name is free again), with processes of its own
+            node = node001_of(home)
+            return node is not None and bool(node["processes"]) and not killed & {p["pid"] for p in node["processes"]}
+
+        assert wait_until(replaced, timeout=60)
+        assert squares.get(timeout=90) == [x * x for x in range(8)]
+        assert wait_until(lambda: len(client.ids) >= 2, timeout=30)  # the replacement's engine took its place
+    finally:
+        client.close()
+        balancer.send_signal(signal.SIGINT)
+        out, err = balancer.communicate(timeout=30)
+    assert balancer.returncode == 0 and err == "", err
+    assert " lost node001: its process is gone" in out, out
+    assert " added node001 -> 2 nodes: replacing node001" in out, out
+    assert cli("terminate", "-y", "heal").returncode == 0
+
+
+class Racing:
+    """The balancer's watcher, with a task of the user's sent to a node at the moment the
+    balancer has decided it leaves (before its drain, or before a naive balancer stops it)."""
+
+    def __init__(self, inner, client, naive: bool):
+        self.inner, self.client, self.naive = inner, client, naive
+        self.sent: list = []
+
+    async def observe(self):
+        return await self.inner.observe()
+
+    async def drain(self, nodes, timeout):
+        def send() -> None:
+            record_ids = self.inner._engines()
+            for engine, node in record_ids.items():
+                if node in nodes and engine in self.client.ids:
+                    view = self.client.load_balanced_view(targets=[engine])
+                    self.sent.append((node, view.apply_async(slow_square, 6, 6.0)))  # longer than removenode waits
+
+        await asyncio.to_thread(send)
+        await asyncio.sleep(0.3)  # the task is on the node's engine
+        if self.naive:
+            return list(nodes)  # "the engine was idle": stop it
+        return await self.inner.drain(nodes, timeout)
+
+    async def close(self):
+        await self.inner.close()
+
+
+@pytest.mark.parametrize("naive", [False, True], ids=["drained", "naive"])
+def test_a_task_sent_to_a_leaving_node_is_never_lost_and_a_naive_balancer_loses_it(cli, home, write_config, naive):
+    config = write_config(CONFIG.format(kill_after="1s"))
+    assert cli("-c", str(config), "start", "-s", "3", "race").returncode == 0
+    from ipyparallel import Client
+
+    from globular.balance.balancer import Balancer, bounds_of
+    from globular.ipcluster.load import ControllerLoad
+    from globular.state import StateStore
+
+    client = Client(str(home / "ipcluster" / "race-local.json"))
+    spec = StateStore(home).get("race").spec.balance
+    assert spec is not None
+    balancer = Balancer("race", bounds_of(spec), home=home)
+    watcher = Racing(ControllerLoad("race", home), client, naive)
+
+    def stop_when_done() -> None:
+        wait_until(lambda: len(watcher.sent) > 0 and all(ar.ready() for _, ar in watcher.sent), timeout=40)
+        balancer.stop()
+
+    stopper = threading.Thread(target=stop_when_done)
+    stopper.start()
+    try:
+        asyncio.run(asyncio.wait_for(balancer.run(watcher), 60))
+    finally:
+        stopper.join()
+        client.close()
+    assert watcher.sent, "the balancer never decided to remove a node"
+    outcomes = []
+    for _node, ar in watcher.sent:
+        try:
+            outcomes.append(ar.get(timeout=1))
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+    if naive:
+        # the race, lost (EngineError, or RemoteError when its engine was stopped under it): what the drain is for
+        assert any(outcome != 36 for outcome in outcomes), outcomes
+    else:
+        assert outcomes == [36] * len(watcher.sent), outcomes
+    assert cli("terminate", "-y", "race").returncode == 0
