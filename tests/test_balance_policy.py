@@ -160,9 +160,13 @@ def test_bounds_need_min_nodes_to_balance_and_fit_the_provider():
 
 def test_flags_override_the_template_and_are_checked_the_same_way():
     spec = BalanceSpec(min_nodes=1, max_nodes=3)
-    assert balance_from_flags(spec, {"max_nodes": 5, "kill_after": None}).max_nodes == 5
+    assert balance_from_flags(spec, {"max_nodes": 5, "kill_after": None}, None, 16, "local").max_nodes == 5
     with pytest.raises(BoundsProblem, match="more than max_nodes"):
-        balance_from_flags(spec, {"min_nodes": 4})
+        balance_from_flags(spec, {"min_nodes": 4}, None, 16, "local")
+    with pytest.raises(BoundsProblem, match="the ssh provider places at most 3"):
+        balance_from_flags(spec, {"max_nodes": 4}, None, 3, "ssh")
+    with pytest.raises(BoundsProblem, match="at most 3 nodes \\(max_nodes\\)"):
+        balance_from_flags(spec, {"max_nodes": 4}, 3, 16, "local")
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,14 @@ def test_loadbalance_grows_on_waiting_tasks_and_shrinks_idle_nodes_but_never_a_b
     config = write_config(CONFIG.format(kill_after="4s"))
     assert cli("-c", str(config), "start", "lb").returncode == 0
     assert desired(home, "lb") == ["master"]  # no -s: min_nodes
+    for args, message in [
+        (["-m", "99"], "-m 99: the cluster may have at most 3 nodes (max_nodes)"),
+        (["-n", "4"], "-n 4 is more than max_nodes (3)"),
+        (["-i", "60"], "'60': give a unit, such as 60s or 60m"),
+        (["-k", "soon"], "'soon' is not a duration"),
+    ]:
+        bad = cli("loadbalance", *args, "lb")
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     env = {**os.environ, "PYTHONPATH": str(TESTS), "COLUMNS": "200"}
     balancer = subprocess.Popen(
         [sys.executable, "-m", "globular", "-c", str(config), "loadbalance", "lb"],

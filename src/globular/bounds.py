@@ -106,9 +106,18 @@ def cluster_bounds(
     return size, most, balance
 
 
-def balance_from_flags(spec: BalanceSpec, flags: dict[str, Any]) -> BalanceSpec:
-    """``spec`` with ``loadbalance``'s flags (those given) instead, checked like the config's."""
+def balance_from_flags(
+    spec: BalanceSpec, flags: dict[str, Any], cap: int | None, provider_limit: int | None, provider: str
+) -> BalanceSpec:
+    """``spec`` with ``loadbalance``'s flags (those given) instead, checked like the config's:
+    ``cap`` is the cluster's ``max_nodes``, ``provider_limit`` what its provider can place."""
     values = {**spec.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
+    if cap is not None and values["max_nodes"] > cap:
+        raise BoundsProblem("max_nodes", f"{values['max_nodes']}: the cluster may have at most {cap} nodes (max_nodes)")
+    if provider_limit is not None and values["max_nodes"] > provider_limit:
+        raise BoundsProblem(
+            "max_nodes", f"{values['max_nodes']}: the {provider} provider places at most {provider_limit}"
+        )
     if values["min_nodes"] > values["max_nodes"]:
         raise BoundsProblem("min_nodes", f"{values['min_nodes']} is more than max_nodes ({values['max_nodes']})")
     return BalanceSpec.model_validate(values)

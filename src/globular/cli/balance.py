@@ -140,13 +140,17 @@ def loadbalance(
         from globular.spec import BalanceSpec
 
         spec = BalanceSpec(min_nodes=min_nodes, max_nodes=max_nodes)
-    limit = record.spec.max_nodes
-    if max_nodes is not None and limit is not None and max_nodes > limit:
-        raise BadInput(f"-m {max_nodes}: cluster {name!r} may have at most {limit} nodes (max_nodes)")
+    from globular.registry import provider_class
+
+    provider = provider_class(record.spec.provider)
+    limit = provider.max_nodes(record.spec.typed_provider_settings(provider.Settings))
     try:
-        chosen = bounds.balance_from_flags(spec, flags)
+        chosen = bounds.balance_from_flags(spec, flags, record.spec.max_nodes, limit, record.spec.provider)
     except bounds.BoundsProblem as exc:
-        raise BadInput(f"-n {min_nodes or spec.min_nodes}: {exc.message}") from None
+        flag = "-m" if exc.key == "max_nodes" else "-n"
+        value = flags[exc.key] or getattr(spec, exc.key)
+        said = exc.message if exc.message.startswith(f"{value}") else f"{value}: {exc.message}"
+        raise BadInput(f"{flag} {said}") from None
     events: list[dict[str, Any]] = []
 
     def shown(event: balancer.Event) -> None:
