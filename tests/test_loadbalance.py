@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import TESTS, read_record, wait_until
+from conftest import TESTS, gone, read_record, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -60,8 +60,15 @@ def desired(home, name: str) -> list[str]:
 
 def test_loadbalance_grows_on_waiting_tasks_and_shrinks_idle_nodes_but_never_a_busy_one(cli, home, write_config):
     config = write_config(CONFIG.format(kill_after="4s"))
-    assert cli("-c", str(config), "start", "lb").returncode == 0
+    started = cli("-c", str(config), "start", "lb")
+    assert started.returncode == 0, started.stderr
+    assert "Its balancer follows the work (1..3 nodes) in the background, pid " in started.stdout
     assert desired(home, "lb") == ["master"]  # no -s: min_nodes
+    detached = read_record(home, "lb")["balancer"]["pid"]
+    stopped = cli("loadbalance", "--stop", "lb")  # this test watches one in the foreground instead
+    assert stopped.returncode == 0 and f"Stopped the balancer of lb (pid {detached})" in stopped.stdout
+    assert gone(detached)
+    assert "No balancer runs for lb" in cli("loadbalance", "--stop", "lb").stdout
     for args, message in [
         (["-m", "99"], "-m 99: the cluster may have at most 3 nodes (max_nodes)"),
         (["-n", "4"], "-n 4 is more than max_nodes (3)"),
@@ -149,16 +156,11 @@ def test_a_node_killed_with_9_is_replaced_and_a_map_with_retries_completes(cli, 
     config = write_config(CONFIG.format(kill_after="10m").replace("min_nodes = 1", "min_nodes = 2"))
     assert cli("-c", str(config), "start", "heal").returncode == 0
     assert desired(home, "heal") == ["master", "node001"]
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "COLUMNS": "200"}
-    balancer = subprocess.Popen(
-        [sys.executable, "-m", "globular", "loadbalance", "heal"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    first = read_record(home, "heal")["balancer"]["pid"]  # start detached it: min_nodes is set
     from ipyparallel import Client
 
     client = Client(str(home / "ipcluster" / "heal-local.json"))
     try:
-        assert wait_until(lambda: read_record(home, "heal").get("balancer") is not None, timeout=20)  # it watches
         view = client.load_balanced_view()
         view.retries = 3  # what re-runs a task whose engine died: ipyparallel's own retries
         squares = view.map_async(slow_square, range(8), [1.0] * 8)
@@ -176,12 +178,52 @@ def test_a_node_killed_with_9_is_replaced_and_a_map_with_retries_completes(cli, 
         assert wait_until(lambda: len(client.ids) >= 2, timeout=30)  # the replacement's engine took its place
     finally:
         client.close()
-        balancer.send_signal(signal.SIGINT)
-        out, err = balancer.communicate(timeout=30)
-    assert balancer.returncode == 0 and err == "", err
+    out = (home / "logs" / "heal.balancer.log").read_text()
     assert " lost node001: its process is gone" in out, out
     assert " added node001 -> 2 nodes: replacing node001" in out, out
+
+    # killed with -9, the balancer leaves the cluster as it is, and --detach starts a new one
+    before = desired(home, "heal")
+    os.kill(first, signal.SIGKILL)
+    assert wait_until(lambda: gone(first))
+    assert "stopped, 2..3 nodes" in cli("listclusters").stdout
+    assert desired(home, "heal") == before
+    again = cli("loadbalance", "--detach", "heal")
+    assert again.returncode == 0 and "running in the background (pid " in again.stdout, again.stderr
+    second = read_record(home, "heal")["balancer"]["pid"]
+    assert second != first and not gone(second)
+    refused = cli("loadbalance", "--detach", "heal")
+    assert refused.returncode == 1 and f"has a balancer already (pid {second}" in refused.stderr
     assert cli("terminate", "-y", "heal").returncode == 0
+    assert gone(second)  # terminate stopped it first
+
+
+def test_a_failing_addnode_is_reported_and_retried_with_growing_pauses_never_a_crash(cli, home, write_config):
+    config = CONFIG.format(kill_after="10m").replace("plugins = ipcluster", "plugins = ipcluster, failadd")
+    config += "[plugin failadd]\nsetup_class = globular_test_plugins.FailOnAdd\n"
+    assert cli("-c", str(write_config(config)), "start", "fail").returncode == 0
+    pid = read_record(home, "fail")["balancer"]["pid"]
+    from ipyparallel import Client
+
+    client = Client(str(home / "ipcluster" / "fail-local.json"))
+    try:
+        squares = client.load_balanced_view().map_async(slow_square, range(24), [1.0] * 24)
+
+        def problems() -> list[dict]:
+            events = read_record(home, "fail")["balancer"]["events"]
+            return [e for e in events if e["kind"] == "error"]
+
+        assert wait_until(lambda: len(problems()) >= 2, timeout=30)
+        first, second = problems()[:2]
+        assert "cannot-mount-scratch" in first["text"] and "trying again in 1 s" in first["text"], first
+        assert "trying again in 2 s" in second["text"], second  # each pause twice the last
+        assert squares.get(timeout=60) == [x * x for x in range(24)]  # the engines it has do the work meanwhile
+    finally:
+        client.close()
+    assert not gone(pid) and desired(home, "fail") == ["master"]  # running on, the cluster as it was
+    shown = cli("status", "fail").stdout
+    assert "problem" in shown and "cannot-mount-scratch" in shown, shown
+    assert cli("terminate", "-y", "fail").returncode == 0
 
 
 class Racing:
@@ -217,6 +259,7 @@ class Racing:
 def test_a_task_sent_to_a_leaving_node_is_never_lost_and_a_naive_balancer_loses_it(cli, home, write_config, naive):
     config = write_config(CONFIG.format(kill_after="1s"))
     assert cli("-c", str(config), "start", "-s", "3", "race").returncode == 0
+    assert cli("loadbalance", "--stop", "race").returncode == 0  # this test runs its own, in this process
     from ipyparallel import Client
 
     from globular.balance.balancer import Balancer, bounds_of

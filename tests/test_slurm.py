@@ -153,6 +153,55 @@ def lifecycle(slurm, cli, home, tmp_path, config) -> None:
     assert gone.returncode == 0, gone.output
 
 
+GROW = """
+import globular, sys, time
+client = globular.connect(sys.argv[1])
+def slow(x):
+    import time
+    time.sleep(2)
+    return x * x
+print(client.load_balanced_view().map_sync(slow, range(16)))
+client.close()
+"""
+
+
+def test_the_balancer_replaces_a_cancelled_job_and_grows_with_jobs(slurm, cli, home, tmp_path):
+    bounds = "min_nodes = 2\nmax_nodes = 3\npolling_interval = 1s\nwait_time = 2s\nkill_after = 10m\n"
+    config = slurm_config(slurm, tmp_path, home, cores=2, cluster=bounds)
+    try:
+        started = cli("-c", config, "start", "elastic", timeout=600)  # no -s: min_nodes; its balancer detached
+        assert started.returncode == 0 and "Its balancer follows the work (2..3 nodes)" in started.stdout, (
+            started.output
+        )
+        jobs = jobs_of(slurm, "elastic")
+        assert sorted(jobs) == ["master", "node001"], jobs
+        cancelled = jobs["node001"].split()[0]
+        slurm.run("scancel", cancelled)  # an admin, a preemption: the job ends behind globular's back
+
+        def replaced() -> bool:
+            job = jobs_of(slurm, "elastic").get("node001", "")
+            return bool(job) and job.split()[0] != cancelled and job.endswith("RUNNING")
+
+        assert wait_until(replaced, timeout=180), jobs_of(slurm, "elastic")
+        log = (home / "logs" / "elastic.balancer.log").read_text()
+        assert f"lost node001: job {cancelled} ended: CANCELLED" in log, log
+        assert wait_until(lambda: len(engines(cli, "elastic")["addresses"]) == 3, timeout=60)
+
+        grow = subprocess.Popen([sys.executable, "-c", GROW, "elastic"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert wait_until(lambda: "node002" in jobs_of(slurm, "elastic"), timeout=120), jobs_of(slurm, "elastic")
+            out, _ = grow.communicate(timeout=180)
+        finally:
+            if grow.poll() is None:
+                grow.kill()
+                grow.wait()
+        assert out.strip() == str([x * x for x in range(16)])
+    finally:
+        cli("terminate", "-y", "elastic", timeout=300)
+    assert jobs_of(slurm, "elastic") == {}
+    assert not processes_of(home, tmp_path)
+
+
 def test_a_partition_slurm_refuses_fails_start_with_slurms_message(slurm, cli, home, tmp_path):
     config = slurm_config(slurm, tmp_path, home, cluster="partition = nosuch\n")
     started = cli("-c", config, "start", "-s", "2", "bad")

@@ -684,3 +684,40 @@ def test_a_node_cut_off_past_the_heartbeat_window_gets_its_engine_back(net, cli,
     stopped = cli("-c", config, "terminate", "-y", "cut")
     assert stopped.returncode == 0, stopped.output
     assert not remote_processes(net, tmp_path / "hosts")
+
+
+def test_the_balancer_replaces_a_host_cut_off_with_a_free_one(net, cli, home, tmp_path):
+    """min_nodes 2 of 3 hosts; node001's host loses its link: silent three polls, it is lost, it
+    leaves the record (what cannot be done on it is logged) and a new node001 comes up on the
+    free host; the map runs on the cluster whole again."""
+    from globular import connect
+
+    victim, free = net.hosts[1], net.hosts[2]
+    hosts = ", ".join(f"root@{h.address}" for h in net.hosts[:3])
+    config = ssh_config(net, tmp_path, hosts=hosts, extra="min_nodes = 2\npolling_interval = 1s\nkill_after = 10m\n")
+    started = cli("-c", config, "start", "heal", timeout=240)
+    assert started.returncode == 0, started.output
+
+    def node001() -> dict:
+        return next((n for n in read_record(home, "heal")["nodes"] if n["name"] == "node001"), {})
+
+    assert node001()["address"] == victim.address
+    testhosts.sh("ip", "-n", victim.netns, "link", "set", "eth0", "down")
+    try:
+        assert wait_until(lambda: node001().get("address") == free.address and node001().get("processes"), timeout=120)
+    finally:
+        testhosts.sh("ip", "-n", victim.netns, "link", "set", "eth0", "up")
+    log = (home / "logs" / "heal.balancer.log").read_text()
+    assert "lost node001: it has not answered 3 polls in a row" in log, log
+    rc = connect("heal")
+    try:
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=60), rc.ids
+        assert rc[:].map_sync(portable(lambda x: x * x), range(6)) == [x * x for x in range(6)]
+    finally:
+        rc.close()
+    stopped = cli("-c", config, "terminate", "-y", "heal")
+    assert stopped.returncode == 0, stopped.output
+    # the lost host's engine gives up without its controller's heartbeat, its helper with its connection
+    assert wait_until(lambda: not remote_processes(net, tmp_path / "hosts"), timeout=30), remote_processes(
+        net, tmp_path / "hosts"
+    )

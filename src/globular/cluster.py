@@ -244,7 +244,13 @@ class ClusterContext:
     # -- the node set --------------------------------------------------------
 
     async def reconcile(
-        self, plugins: list[Plugin], *, join: bool = False, prepare: bool = True, hosts: list[str] | None = None
+        self,
+        plugins: list[Plugin],
+        *,
+        join: bool = False,
+        prepare: bool = True,
+        hosts: list[str] | None = None,
+        lost: bool = False,
     ) -> tuple[list[NodeRecord], list[NodeCheck], list[PluginReport]]:
         """Bring the nodes to ``record.desired``.
 
@@ -254,12 +260,13 @@ class ClusterContext:
         get their environment and preflight, and with ``join`` each plugin's
         ``on_add_node``.  If making them fails, the new nodes are released and taken
         out of ``desired`` again.  Returns the new nodes, their checks and reports.
+        ``lost``: the nodes leaving are gone (see :meth:`release`).
         """
         wanted = set(self.record.desired)
         extra = [n for n in self.nodes if n.name not in wanted]
         if extra:
             log.info("%s: releasing %s", self.name, ", ".join(n.name for n in extra))
-            await self.release(extra, plugins if join else [])
+            await self.release(extra, plugins if join else [], lost=lost)
         have = {n.name for n in self.nodes}
         missing = [name for name in self.record.desired if name not in have]
         if not missing:
@@ -290,11 +297,13 @@ class ClusterContext:
             raise
         return added, checks, reports
 
-    async def release(self, nodes: list[NodeRecord], plugins: list[Plugin]) -> None:
+    async def release(self, nodes: list[NodeRecord], plugins: list[Plugin], *, lost: bool = False) -> None:
         """Take ``nodes`` out of the cluster: ``on_remove_node`` in reverse plugin
         order, stop whatever they still run (by pid), release them, drop them from
         the record.  Every step runs even if an earlier one failed; the first
-        failure is raised (the nodes then stay in the record, for a later reconcile)."""
+        failure is raised (the nodes then stay in the record, for a later reconcile).
+        ``lost``: the nodes are gone (the balancer replaces them): what cannot be done on
+        them is logged, and they leave the record all the same."""
         errors: list[BaseException] = []
         for node in nodes:
             for plugin in reversed(plugins):
@@ -308,7 +317,12 @@ class ClusterContext:
             await self.provider.terminate_nodes(nodes)
         except BaseException as exc:  # noqa: BLE001 - collected; the first is raised below
             errors.append(exc)
-        else:
+        if lost and all(isinstance(e, Exception) for e in errors):  # an interruption is never swallowed
+            for error in errors:
+                log.warning("%s: %s is lost; it leaves the record all the same: %s", self.name,
+                            ", ".join(n.name for n in nodes), error)  # fmt: skip
+            errors = []
+        if not errors:
             names = {n.name for n in nodes}
             self.record.nodes = [n for n in self.record.nodes if n.name not in names]
             self.save()

@@ -220,9 +220,11 @@ async def add_nodes(
 
 
 async def remove_node(
-    name: str, node_name: str, *, home: Path | None = None, reporter: Reporter | None = None
+    name: str, node_name: str, *, lost: bool = False, home: Path | None = None, reporter: Reporter | None = None
 ) -> NodesResult:
-    """Run the plugins' ``on_remove_node`` (reverse order), stop the node's processes, release it."""
+    """Run the plugins' ``on_remove_node`` (reverse order), stop the node's processes, release it.
+    ``lost``: the node is gone (the balancer replaces it): what cannot be done on it is logged,
+    and it leaves the record all the same."""
     started = time.monotonic()
     async with opened(name, home, reporter) as ctx:
         ctx.require_running()
@@ -231,7 +233,7 @@ async def remove_node(
             raise GlobularError("the master cannot be removed; use `globular terminate` to stop the whole cluster")
         ctx.record.desired = [n for n in ctx.record.desired if n != node_name]
         ctx.save()
-        await ctx.reconcile(ctx.plugins(), join=True)
+        await ctx.reconcile(ctx.plugins(), join=True, lost=lost)
         return NodesResult(ctx.record, [node_name], time.monotonic() - started)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from globular.cluster import ClusterContext, node_order
 from globular.errors import ClusterNotFound, GlobularError
 from globular.logs import cluster_log
-from globular.operations import TerminateResult, home_store_reporter, terminate
+from globular.operations import TerminateResult, home_store_reporter, stop_balancer, terminate
 from globular.plugins.base import Plugin
 from globular.providers.base import NodeProvider
 from globular.registry import make_provider, provider_class, resolve_plugin
@@ -55,6 +55,10 @@ async def force_terminate(name: str, *, home: Path | None = None, reporter: Repo
         except StateError:
             record = None
         if record is not None:
+            try:
+                await stop_balancer(record)
+            except (GlobularError, OSError) as exc:
+                warnings.append(f"its balancer could not be stopped ({exc})")
             ctx = ClusterContext(record, home=home, store=store, reporter=reporter)
             nodes = len(record.nodes)
             try:

@@ -30,9 +30,11 @@ from globular.logs import cluster_log
 from globular.node.proc import process_start
 from globular.paths import globular_home
 from globular.plugins.base import ClusterLoad, LoadWatcher
+from globular.providers.base import NodeProvider
 from globular.registry import make_provider, resolve_plugin
 from globular.spec import BalanceSpec
 from globular.state import BalanceEvent, BalancerRecord, ClusterRecord, StateStore
+from globular.status import ASK_TIMEOUT
 
 log = logging.getLogger(__name__)
 MOST_PAUSE = 300.0  # seconds between tries after failures, at most
@@ -95,12 +97,15 @@ class Balancer:
         self._unsaved: list[BalanceEvent] = []
         self.failures = 0
         self.losses = LossWatch()
+        self._provider_now: NodeProvider | None = None
+        self._provider_nodes: tuple[tuple[str, str, float], ...] | None = None
         self._master_lost: str | None = None
 
     def stop(self) -> None:
         self._stopped.set()
 
     def _event(self, kind: str, text: str, **kw: object) -> Event:
+        text = "; ".join(line.strip() for line in text.splitlines() if line.strip())  # one line each
         event = Event(time.time(), kind, text, **kw)  # type: ignore[arg-type]
         with cluster_log(self.home, self.name):
             log.info("balancer: %s: %s%s", kind, text, f" ({', '.join(event.nodes)})" if event.nodes else "")
@@ -142,8 +147,8 @@ class Balancer:
         record = self.store.get(self.name)
         if record.status != "running":
             raise GlobularError(f"cluster {self.name!r} is {record.status}, not running: there is nothing to balance")
-        watcher = watcher or watcher_for(record, self.home)
         self._claim()
+        watcher = watcher or watcher_for(record, self.home)
         b = self.bounds
         self._event(
             "watch",
@@ -170,7 +175,24 @@ class Balancer:
                     pass
         finally:
             await watcher.close()
+            await self._close_provider()
             self._release()
+
+    async def _provider(self, record: ClusterRecord) -> NodeProvider:
+        """The cluster's provider, kept while its nodes stay the same (a runner keeps its
+        connection to its node: a node replaced under the same name gets a new one)."""
+        nodes = tuple((n.name, n.address, n.created) for n in record.nodes)
+        if self._provider_nodes != nodes:
+            await self._close_provider()
+            self._provider_now = make_provider(record.spec, cluster=record.name, home=self.home)
+            self._provider_nodes = nodes
+        assert self._provider_now is not None
+        return self._provider_now
+
+    async def _close_provider(self) -> None:
+        provider, self._provider_now, self._provider_nodes = self._provider_now, None, None
+        if provider is not None:
+            await provider.close()
 
     def _release(self) -> None:
         """Record that this balancer stopped (its decisions stay, for ``status``)."""
@@ -208,11 +230,8 @@ class Balancer:
         ``removenode``: what is left of it stopped by pid, released) and as many new nodes are
         asked for, within ``max_nodes``.  A lost master is reported, never removed: the
         controller went with it."""
-        provider = make_provider(record.spec, cluster=record.name, home=self.home)
-        try:
-            lost = await self.losses.lost(record, provider)
-        finally:
-            await provider.close()
+        answer_within = min(ASK_TIMEOUT, max(3.0, 2 * self.bounds.polling_interval))
+        lost = await self.losses.lost(record, await self._provider(record), answer_within)
         master = record.master.name
         if master in lost:
             reason = lost.pop(master)
@@ -226,7 +245,7 @@ class Balancer:
         for node, reason in sorted(lost.items()):
             self._event("lost", reason, nodes=(node,))
             try:
-                await operations.remove_node(self.name, node, home=self.home)
+                await operations.remove_node(self.name, node, lost=True, home=self.home)
                 gone.append(node)
             except ClusterBusy:
                 return self._event("busy", "another globular command holds the cluster: the next poll heals")

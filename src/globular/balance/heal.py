@@ -22,14 +22,15 @@ class LossWatch:
     def __init__(self) -> None:
         self.silent: dict[str, int] = {}
 
-    async def lost(self, record: ClusterRecord, provider: NodeProvider) -> dict[str, str]:
-        """Node -> why it is lost, among ``record``'s nodes that have started processes."""
+    async def lost(self, record: ClusterRecord, provider: NodeProvider, timeout: float) -> dict[str, str]:
+        """Node -> why it is lost, among ``record``'s nodes that have started processes; a node
+        that does not answer within ``timeout`` s is silent this poll."""
         import asyncio
 
         jobs = await provider_status(provider, record)
         found = dict(jobs.node_problems)
         nodes = [n for n in record.nodes if n.processes and n.name not in found]
-        answers = await asyncio.gather(*(ask_node(provider, n) for n in nodes), return_exceptions=True)
+        answers = await asyncio.gather(*(ask_node(provider, n, timeout) for n in nodes), return_exceptions=True)
         for node, answer in zip(nodes, answers):
             if isinstance(answer, BaseException):
                 if not isinstance(answer, Exception):

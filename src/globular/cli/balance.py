@@ -16,10 +16,16 @@ from globular.cli.render import Output, counted, output, output_option
 from globular.errors import BadInput, ClusterNotFound
 
 if TYPE_CHECKING:
-    from globular import bounds, state
-    from globular.balance import balancer
+    from globular import bounds, operations, state
+    from globular.balance import balancer, service
 else:  # imported when the command runs
     bounds, state, balancer = Later("globular.bounds"), Later("globular.state"), Later("globular.balance.balancer")
+    operations, service = Later("globular.operations"), Later("globular.balance.service")
+
+
+# a balancer's event kinds (globular.balance.balancer.Event) as its lines say them
+EVENT_WORDS = {"add": "added", "remove": "removed", "keep": "kept", "watch": "watching", "busy": "waiting",
+               "error": "problem", "stop": "stopped"}  # fmt: skip
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -97,6 +103,8 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     metavar="DURATION",
     help="No node is removed this soon after the last change: 30s.",
 )
+@click.option("--detach", is_flag=True, help="Run it in the background (log: ~/.globular/logs/NAME.balancer.log).")
+@click.option("--stop", is_flag=True, help="Stop the balancer running in the background.")
 @click.argument("name")
 @output_option
 @click.pass_context
@@ -110,6 +118,8 @@ def loadbalance(
     add_nodes_per_iteration: int | None,
     kill_after: float | None,
     stabilization_time: float | None,
+    detach: bool,
+    stop: bool,
 ) -> None:
     """Balance running cluster NAME: add nodes when tasks wait for an engine, remove nodes
     whose every engine has idled, between min_nodes and max_nodes.
@@ -120,14 +130,25 @@ def loadbalance(
     there or can be sent there.  Each decision is printed with its reason and written to
     ~/.globular/logs/NAME.log.  Ctrl-C stops the balancer and leaves the cluster as it is.
 
+    With --detach it runs in the background, in a session of its own on this machine (it
+    survives the terminal; `start` does this when the template sets min_nodes); --stop, or
+    `terminate`, stops it.  One balancer a cluster: a second is refused.
+
     \b
     globular loadbalance mycluster
     globular loadbalance -n 1 -m 8 -k 2m mycluster
+    globular loadbalance --detach mycluster
+    globular loadbalance --stop mycluster
     """
     flags = {"max_nodes": max_nodes, "min_nodes": min_nodes, "polling_interval": polling_interval,
              "wait_time": wait_time, "add_nodes_per_iteration": add_nodes_per_iteration, "kill_after": kill_after,
              "stabilization_time": stabilization_time}  # fmt: skip
     out = output(ctx)
+    if stop:
+        if detach or any(v is not None for v in flags.values()):
+            raise BadInput("--stop takes no other option")
+        _stop(out, name)
+        return
     record = state.StateStore(_home()).get(name)
     spec = record.spec.balance
     if spec is None:
@@ -151,6 +172,10 @@ def loadbalance(
         value = flags[exc.key] or getattr(spec, exc.key)
         said = exc.message if exc.message.startswith(f"{value}") else f"{value}: {exc.message}"
         raise BadInput(f"{flag} {said}") from None
+    if detach:
+        detached = service.detach(name, chosen, _home())
+        _say_detached(out, name, detached)
+        return
     events: list[dict[str, Any]] = []
 
     def shown(event: balancer.Event) -> None:
@@ -204,7 +229,28 @@ def _home() -> Any:
 def _print(out: Output, name: str, event: balancer.Event) -> None:
     stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
     nodes = f" {', '.join(event.nodes)}" if event.nodes else ""
-    verb = {"add": "added", "remove": "removed", "keep": "kept", "watch": "watching", "busy": "waiting",
-            "error": "problem"}.get(event.kind, event.kind)  # fmt: skip
+    verb = EVENT_WORDS.get(event.kind, event.kind)
     size = f" -> {counted(event.size, 'node')}" if event.kind in ("add", "remove") else ""
     out.say(f"{stamp} {verb}{escape(nodes)}{size}: {escape(event.text)}")
+
+
+def _stop(out: Output, name: str) -> None:
+    record = state.StateStore(_home()).get(name)
+    pid = record.balancer.pid if record.balancer is not None else None
+    stopped = run(operations.stop_balancer(record))
+    text = (
+        f"Stopped the balancer of [bold]{escape(name)}[/] (pid {pid})"
+        if stopped
+        else f"No balancer runs for [bold]{escape(name)}[/]"
+    )
+    out.result({"name": name, "stopped": stopped, "pid": pid if stopped else None}, text=lambda: out.say(text))
+
+
+def _say_detached(out: Output, name: str, detached: service.Detached) -> None:
+    def text() -> None:
+        out.say(
+            f"Balancer of [bold]{escape(name)}[/] running in the background (pid {detached.pid}); "
+            f"its output: {escape(detached.log)}; `globular loadbalance --stop {escape(name)}` stops it"
+        )
+
+    out.result({"name": name, "pid": detached.pid, "log": detached.log}, text=text)

@@ -17,7 +17,7 @@ import click
 from rich.markup import escape
 
 from globular import __version__
-from globular.cli.balance import loadbalance
+from globular.cli.balance import EVENT_WORDS, loadbalance
 from globular.cli.config import config_group, env
 from globular.cli.data import get, put
 from globular.cli.group import (
@@ -100,12 +100,21 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
     spec = load_config(ctx).cluster_spec(template, cluster_size)
     out.say(
         f"Starting cluster [bold]{escape(name)}[/] from template [bold]{escape(spec.template)}[/]: "
-        f"{spec.cluster_size} nodes, provider {spec.provider}"
+        f"{counted(spec.cluster_size, 'node')}, provider {spec.provider}"
     )
     with out.reporter() as reporter:
         result = run(operations.start(name, spec, reporter=reporter))
     out.warnings(result.checks)
     record = result.record
+    balancer: dict[str, Any] | None = None
+    if spec.balance is not None:  # min_nodes: the cluster follows its work from the start
+        from globular.balance.service import detach
+
+        try:
+            detached = detach(name, spec.balance, globular_home())
+            balancer = {"pid": detached.pid, "log": detached.log}
+        except GlobularError as exc:
+            out.warn(f"{exc}; the cluster runs without it: `globular loadbalance --detach {name}` tries again")
 
     def text() -> None:
         out.say(
@@ -113,8 +122,14 @@ def start(ctx: click.Context, cluster_size: int | None, template: str | None, na
         )
         for report in result.reports:
             out.report(report)
+        if spec.balance is not None and balancer is not None:
+            bounds = f"{spec.balance.min_nodes}..{spec.balance.max_nodes}"
+            out.say(
+                f"\nIts balancer follows the work ({bounds} nodes) in the background, pid {balancer['pid']}: "
+                f"`globular loadbalance --stop {escape(name)}` stops it"
+            )
 
-    data = {"name": name, "nodes": [n.name for n in record.nodes], "elapsed": result.elapsed}
+    data = {"name": name, "nodes": [n.name for n in record.nodes], "elapsed": result.elapsed, "balancer": balancer}
     out.result({**data, "reports": result.reports, "checks": result.checks}, text=text)
 
 
@@ -331,7 +346,8 @@ def status(ctx: click.Context, name: str) -> None:
             for event in balancer["events"][-5:]:
                 when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
                 nodes = f" {', '.join(event['nodes'])}" if event["nodes"] else ""
-                out.say(f"  {when} {escape(event['kind'])}{escape(nodes)}: {escape(event['text'])}")
+                kind = EVENT_WORDS.get(event["kind"], event["kind"])
+                out.say(f"  {when} {escape(kind)}{escape(nodes)}: {escape(event['text'])}")
 
     out.result(report, ok=report.ok, text=text)
     ctx.exit(0 if report.ok else 1)

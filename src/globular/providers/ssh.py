@@ -35,6 +35,7 @@ from globular.errors import (
     GlobularError,
     HostUnreachable,
     NodeError,
+    NodeFailures,
 )
 from globular.fanout import each_node
 from globular.paths import private_dir
@@ -265,6 +266,12 @@ class SSHProvider(RemoteProvider):
         return len(hosts_in_order(settings))
 
     @classmethod
+    def max_nodes(cls, settings: SettingsModel) -> int | None:
+        """One node a host of ``node_hosts`` (``addnode --host`` may name more)."""
+        assert isinstance(settings, SSHSettings)
+        return len(hosts_in_order(settings))
+
+    @classmethod
     def size_problem(cls, settings: SettingsModel, size: int) -> tuple[str, str] | None:
         assert isinstance(settings, SSHSettings)
         count = len(hosts_in_order(settings))
@@ -313,16 +320,34 @@ class SSHProvider(RemoteProvider):
         hosts: list[str] | None = None,
     ) -> list[NodeRecord]:
         placed = self._place(names, list(existing), hosts)
-        nodes = [
-            NodeRecord(
-                name=name,
-                address=host.host,
-                workdir=self._node_dir(name),
-                cores=1,
-                python=self.settings.python,
-                login=str(host),
-                data={"host": str(host)},
-            )
-            for name, host in zip(names, placed)
-        ]
-        return await self._bring_up(nodes, on_ready)
+        if hosts:
+            return await self._bring_up([self._node(n, h) for n, h in zip(names, placed)], on_ready)
+        # hosts picked here: one that does not answer gives its place to the next free host
+        used = {self._host(n).key for n in existing} | {h.key for h in placed}
+        spare = [h for h in hosts_in_order(self.settings) if h.key not in used]
+        made: list[NodeRecord] = []
+        todo = list(zip(names, placed))
+        while True:
+            nodes = [self._node(n, h) for n, h in todo]
+            try:
+                await self._bring_up(nodes, on_ready)
+                return made + nodes
+            except NodeFailures as exc:
+                silent = [n for n in nodes if isinstance(exc.failures.get(n.name), HostUnreachable)]
+                if len(silent) != len(exc.failures) or len(spare) < len(silent):
+                    raise
+                made += [n for n in nodes if n.name not in exc.failures]
+                todo = [(n.name, spare.pop(0)) for n in silent]
+                for node, (_, host) in zip(silent, todo):
+                    log.warning("%s: %s does not answer; trying %s", node.name, self._host(node), host)
+
+    def _node(self, name: str, host: SSHHost) -> NodeRecord:
+        return NodeRecord(
+            name=name,
+            address=host.host,
+            workdir=self._node_dir(name),
+            cores=1,
+            python=self.settings.python,
+            login=str(host),
+            data={"host": str(host)},
+        )

@@ -1,0 +1,205 @@
+"""How fast the balancer follows the work, and whether it ever loses a task or flaps, on local
+nodes (one engine each; the real ``globular`` command, the balancer detached by ``start``).
+
+    .venv/bin/python benchmarks/bench_balance.py [--rounds 3] [--cycles 20]
+    .venv/bin/python benchmarks/bench_balance.py --rounds 0 --cycles 450    # the soak: about an hour
+
+- **grow**: from a backlog (12 tasks of 1 s on a 1-node cluster) to the first task that an engine
+  of a new node runs, less ``wait_time`` (the configured wait); the anchor is the issue's target,
+  two ``polling_interval``s plus ``globular addnode``'s own time to working engines, measured in
+  the same round on the same cluster.
+- **heal**: from a node's processes killed with -9 to the first task its replacement runs; the
+  same anchor (the loss is seen at the next poll).
+- **waves**: ``--cycles`` waves of tasks (0.3–1.5 s each, a burst of 3 to 9) with gaps drawn
+  around ``kill_after`` (half to twice), through a view with no ``retries``: the tasks lost (any
+  that did not return its value), the nodes removed while one of their engines ran a task, and
+  the cluster's changes (adds and removes; flapping would be several a cycle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_env
+
+POLL, WAIT, KILL_AFTER, STABLE = 1.0, 2.0, 3.0, 1.0
+CONFIG = f"""\
+[global]
+default_template = bench
+[cluster bench]
+provider = local
+cores_per_node = 1
+plugins = ipcluster
+min_nodes = 1
+max_nodes = 3
+polling_interval = {POLL:g}s
+wait_time = {WAIT:g}s
+add_nodes_per_iteration = 2
+kill_after = {KILL_AFTER:g}s
+stabilization_time = {STABLE:g}s
+[plugin ipcluster]
+setup_class = ipcluster
+master_engines = 1
+"""
+
+
+def work(seconds: float) -> tuple[float, str]:
+    import os
+    import time
+
+    started = time.time()
+    time.sleep(seconds)
+    return started, os.environ.get("GLOBULAR_NODE", "?")
+
+
+class Bench:
+    def __init__(self, home: Path):
+        self.home = home
+        self.env = command_env(GLOBULAR_HOME=str(home), COLUMNS="200")
+        (home / "config").parent.mkdir(parents=True, exist_ok=True)
+        (home / "config").write_text(CONFIG)
+
+    def cmd(self, *args: str) -> float:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "globular", *args], capture_output=True, text=True, env=self.env)
+        if done.returncode != 0:
+            raise RuntimeError(f"globular {' '.join(args)}: {done.stdout}{done.stderr}")
+        return time.perf_counter() - started
+
+    def record(self) -> dict:
+        return json.loads((self.home / "clusters" / "bench.json").read_text())
+
+    def client(self):
+        from ipyparallel import Client
+
+        return Client(str(self.home / "ipcluster" / "bench-local.json"))
+
+    def wait_desired(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.record()["desired"]) != count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not reach {count} nodes: {self.record()['desired']}")
+            time.sleep(0.2)
+
+
+def addnode_time(bench: Bench, rc) -> float:
+    """``globular addnode`` until its engine works (the balancer stopped meanwhile), then removed."""
+    bench.cmd("loadbalance", "--stop", "bench")
+    before = set(rc.ids)
+    started = time.perf_counter()
+    bench.cmd("addnode", "bench")
+    while not set(rc.ids) - before:
+        time.sleep(0.01)
+    new = sorted(set(rc.ids) - before)
+    rc[new].apply_sync(work, 0)
+    elapsed = time.perf_counter() - started
+    bench.cmd("removenode", "bench", next(n["name"] for n in bench.record()["nodes"] if n["name"] != "master"))
+    bench.cmd("loadbalance", "--detach", "bench")
+    return elapsed
+
+
+def grow_time(bench: Bench, rc) -> float:
+    view = rc.load_balanced_view()
+    submitted = time.time()
+    results = view.map_async(work, [1.0] * 12)
+    first_new = min((t for t, node in results.get(timeout=120) if node != "master"), default=None)
+    if first_new is None:
+        raise RuntimeError("no new node ran a task")
+    bench.wait_desired(1)  # idle again: back to min_nodes before the next figure
+    return first_new - submitted - WAIT
+
+
+def heal_time(bench: Bench, rc) -> float:
+    bench.cmd("addnode", "bench")  # a node to lose (the balancer keeps it while it works)
+    view = rc.load_balanced_view()
+    view.retries = 3
+    node = next(n for n in bench.record()["nodes"] if n["name"] != "master")
+    killed_at = time.time()
+    for proc in node["processes"]:
+        os.kill(proc["pid"], signal.SIGKILL)
+    pids = {p["pid"] for p in node["processes"]}
+    while True:  # the replacement: the same name, new processes
+        new = next((n for n in bench.record()["nodes"] if n["name"] == node["name"] and n["processes"]), None)
+        if new and not pids & {p["pid"] for p in new["processes"]}:
+            break
+        time.sleep(0.05)
+    engines = {int(e) for e, n in bench.record()["plugin_data"]["ipcluster"]["engine_ids"].items() if n == node["name"]}
+    while not engines & set(rc.ids):
+        time.sleep(0.02)
+    started, _ = rc[sorted(engines & set(rc.ids))[0]].apply_sync(work, 0)
+    return started - killed_at  # idle, the replacement is removed by the balancer in its time
+
+
+def waves(bench: Bench, rc, cycles: int, seed: int = 7) -> dict[str, int]:
+    rng = random.Random(seed)
+    view = rc.load_balanced_view()  # no retries: a task lost is a failure
+    sent, spans = [], []
+    for _ in range(cycles):
+        burst = [rng.uniform(0.3, 1.5) for _ in range(rng.randint(3, 9))]
+        sent.append((view.map_async(work, burst), burst))
+        time.sleep(rng.uniform(0.5, 2.0) * KILL_AFTER)
+    lost = 0
+    for ar, burst in sent:
+        try:
+            for (started, node), seconds in zip(ar.get(timeout=120), burst):
+                spans.append((node, started, started + seconds))
+        except Exception:
+            lost += 1
+    events = [e for e in bench.record()["balancer"]["events"] if e["kind"] in ("add", "remove")]
+    removals = [(e["time"], n) for e in events if e["kind"] == "remove" for n in e["nodes"]]
+    busy_removed = sum(1 for t, n in removals if any(node == n and a < t < b for node, a, b in spans))
+    return {"lost": lost, "busy_removed": busy_removed, "changes": len(events)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--json", default=str(Path(__file__).with_name("results-balance.json")))
+    args = parser.parse_args()
+    figures: dict[str, list[float]] = {"grow": [], "heal": [], "addnode": []}
+    with tempfile.TemporaryDirectory(prefix="globular-bench-balance-") as tmp:
+        bench = Bench(Path(tmp))
+        bench.cmd("start", "bench")
+        rc = bench.client()
+        try:
+            for rnd in range(args.rounds):
+                print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr)
+                figures["addnode"].append(addnode_time(bench, rc))
+                figures["grow"].append(grow_time(bench, rc))
+                figures["heal"].append(heal_time(bench, rc))
+                bench.wait_desired(1)
+            wave = waves(bench, rc, args.cycles)
+        finally:
+            rc.close()
+            bench.cmd("terminate", "-y", "bench")
+    anchor = 2 * POLL + statistics.median(figures["addnode"]) if figures["addnode"] else float("nan")
+    print(f"{'figure (median)':44} {'balancer':>9} {'target':>9} {'ratio':>7}")
+    for name, label in (
+        ("grow", "backlog -> a new node's engine runs a task"),
+        ("heal", "node lost -> its replacement runs a task"),
+    ):
+        if figures[name]:
+            value = statistics.median(figures[name])
+            print(f"{label + ' (s)':44} {value:9.2f} {anchor:9.2f} {value / anchor:7.2f}")
+    print(f"(target = 2 x polling_interval {POLL:g} s + addnode until its engine works "
+          f"{statistics.median(figures['addnode']) if figures['addnode'] else float('nan'):.2f} s; grow less wait_time {WAIT:g} s)")  # fmt: skip
+    print(f"waves: {args.cycles} cycles: {wave['lost']} tasks lost, {wave['busy_removed']} busy nodes removed, "
+          f"{wave['changes']} changes ({wave['changes'] / max(args.cycles, 1):.1f} a cycle)")  # fmt: skip
+    Path(args.json).write_text(json.dumps({"figures": figures, "waves": wave, "anchor": anchor}, indent=2) + "\n")
+    return 0 if wave["lost"] == 0 and wave["busy_removed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
