@@ -93,6 +93,14 @@ def test_loadbalance_grows_on_waiting_tasks_and_shrinks_idle_nodes_but_never_a_b
         started = time.monotonic()
         squares = view.map_async(slow_square, range(12))
         assert wait_until(lambda: len(desired(home, "lb")) == 3, timeout=30), desired(home, "lb")
+        seen = cli("top", "--once", "lb")  # the target and the balancer beside the queue
+        assert (
+            seen.returncode == 0
+            and "nodes 3" in seen.stdout
+            and f"(balancer running (pid {balancer.pid}), 1..3 nodes)" in seen.stdout
+        ), seen.output
+        frame = json.loads(cli("top", "--once", "--output", "json", "lb").stdout)["result"]
+        assert frame["desired"] == 3 and frame["balancer"].startswith("running"), frame
         assert squares.get(timeout=60) == [x * x for x in range(12)]
         # one engine could not have done it: 12 tasks of 3 s take 36 s there
         assert time.monotonic() - started < 30

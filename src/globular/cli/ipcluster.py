@@ -161,6 +161,9 @@ def _frame_view(frame: Any) -> Any:
         "; engines ",
         (f"{frame.registered}/{frame.expected}", "red" if frame.registered < frame.expected else "green"),
         " registered" + (f"; slowest: {frame.slowest}" if frame.slowest else ""),
+        f"; nodes {len(frame.nodes)}"
+        + (f" -> {frame.desired}" if frame.desired not in (None, len(frame.nodes)) else ""),
+        f" (balancer {frame.balancer})" if frame.balancer else "",
     )
     table = Table(box=None, pad_edge=False)
     for column in ("node", "cpu", "memory", "load", "gpus", "engines busy/idle/dead"):

@@ -31,6 +31,7 @@ from globular.ipcluster.settings import IPClusterSettings
 from globular.providers.base import NodeProvider
 from globular.registry import make_provider, resolve_plugin
 from globular.state import ClusterRecord, StateStore
+from globular.status import balancer_words
 
 WINDOW = 10.0  # seconds of history the rates are over
 ASK_TIMEOUT = 10.0  # s a node may take to answer
@@ -74,6 +75,8 @@ class Frame:
     # and the task numbers are those of its last answer (controller_answered)
     controller_problem: str | None = None
     controller_answered: float | None = None  # when it last answered (time.time())
+    desired: int | None = None  # the nodes the record wants (the balancer's target while it adds or removes)
+    balancer: str | None = None  # "running (pid 12), 1..3 nodes"; None: the cluster never had one
 
 
 def settings_of_record(record: ClusterRecord) -> IPClusterSettings:
@@ -97,6 +100,7 @@ class Watch:
         self.failures: deque[tuple[float, int]] = deque()
         self.last_check = time.time()
         self.seen_ids: set[int] | None = None
+        self.seen_nodes: set[str] | None = None
         self.answering: dict[str, bool] = {}
         self.events: deque[str] = deque(maxlen=6)
         self.dead_seen: set[tuple[str, int]] = set()
@@ -223,6 +227,13 @@ class Watch:
             for i in sorted(ids - self.seen_ids):
                 self.events.append(f"engine {i} ({node_of.get(i, '?')}) joined")
         self.seen_ids = ids
+        names = {n.name for n in self.record.nodes}
+        if self.seen_nodes is not None:
+            for name in sorted(names - self.seen_nodes):
+                self.events.append(f"node {name} joined the cluster")
+            for name in sorted(self.seen_nodes - names):
+                self.events.append(f"node {name} left the cluster")
+        self.seen_nodes = names
         span = now - start_time
         done = sum(done_by.values())
         busy_nodes = [r for r in rows if r.busy + r.idle and r.done + r.busy]
@@ -250,6 +261,8 @@ class Watch:
             queue_status=sums,
             controller_problem=problem,
             controller_answered=self.last_answer[0] if self.last_answer else None,
+            desired=len(self.record.desired),
+            balancer=balancer_words(self.record),
         )
 
     def _usage(self, row: NodeRow, answer: dict[str, Any]) -> None:
