@@ -577,7 +577,7 @@ def test_slurm_settings_and_the_sbatch_command_they_make(tmp_path):
     from pydantic import ValidationError
 
     from globular.providers.slurm import SlurmProvider
-    from globular.providers.slurm_jobs import _seconds, fraction_left
+    from globular.providers.slurm_jobs import fraction_left, seconds_of
     from globular.providers.slurm_settings import SlurmSettings
 
     settings = SlurmSettings.model_validate(
@@ -603,7 +603,7 @@ def test_slurm_settings_and_the_sbatch_command_they_make(tmp_path):
     assert argv[:2] == ["sbatch", "--parsable"]
     assert {"--partition=gpu", "--time=1-02:00:00", "--cpus-per-task=4", "--nodelist=cn7", "--job-name=glb-c-node001",
             f"--comment={provider.mark('node001')}", "--mem=8G", "--gres=gpu:1"} <= set(argv)  # fmt: skip
-    assert _seconds("1-02:00:00") == 93600 and _seconds("10:00") == 600 and _seconds("UNLIMITED") is None
+    assert seconds_of("1-02:00:00") == 93600 and seconds_of("10:00") == 600 and seconds_of("UNLIMITED") is None
     # idle shutdown: a Slurm node gives itself back by ending its own job, and nothing else
     node = NodeRecord(
         name="node001", address="10.0.0.7", workdir=str(tmp_path), cores=4, python="python3", data={"job_id": "417"}

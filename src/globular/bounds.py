@@ -18,7 +18,9 @@ from pydantic import BeforeValidator, Field
 from globular.spec import BalanceSpec, Settings, parse_duration
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-BALANCE_KEYS = ("polling_interval", "wait_time", "add_nodes_per_iteration", "kill_after", "stabilization_time")
+BALANCE_KEYS = (
+    "polling_interval", "wait_time", "add_nodes_per_iteration", "kill_after", "stabilization_time", "replace_before",
+)  # fmt: skip
 
 
 class BoundsSettings(Settings):
@@ -55,6 +57,12 @@ class BoundsSettings(Settings):
         default=30.0,
         ge=0,
         description="no node is removed this soon after the cluster last changed",
+        json_schema_extra={"unit": "duration", "reference_type": "duration"},
+    )
+    replace_before: Duration = Field(
+        default=300.0,
+        ge=0,
+        description="a node its provider ends this soon (a Slurm job's time limit) is replaced before, then drained",
         json_schema_extra={"unit": "duration", "reference_type": "duration"},
     )
 

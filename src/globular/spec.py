@@ -182,6 +182,7 @@ class BalanceSpec(BaseModel):
     add_nodes_per_iteration: int = Field(default=1, ge=1)
     kill_after: float = Field(default=60.0, gt=0)
     stabilization_time: float = Field(default=30.0, ge=0)
+    replace_before: float = Field(default=300.0, ge=0)
 
 
 class ClusterSpec(TypedSettings):

@@ -100,6 +100,8 @@ class Balancer:
         self._provider_now: NodeProvider | None = None
         self._provider_nodes: tuple[tuple[str, str, float], ...] | None = None
         self._master_lost: str | None = None
+        self._replacing: dict[str, str] = {}  # node its provider ends soon -> the node that replaces it
+        self._said: set[str] = set()  # what was said once (a master ending, a replacement at max_nodes)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -218,6 +220,9 @@ class Balancer:
         healed = await self.heal(record)
         if healed is not None:
             return healed
+        swapped = await self.replace_ending(watcher, self.store.get(self.name))
+        if swapped is not None:
+            return swapped
         load = await watcher.observe()
         self.policy.observe(load, now)
         decision = self.policy.decide(load, record.desired, record.master.name, now)
@@ -263,6 +268,47 @@ class Balancer:
         self.policy.changed(self.clock())
         self._desired = None
         return event
+
+    async def replace_ending(self, watcher: LoadWatcher, record: ClusterRecord) -> Event | None:
+        """``replace_before``: a node its provider ends within that time (a Slurm job near its
+        time limit) gets its replacement first, within ``max_nodes``; then it is drained (its
+        running tasks end first) and removed, before its end.  The master's end is reported:
+        the cluster ends with it."""
+        b = self.bounds
+        ending = {
+            n: left for n, left in self.losses.time_left.items() if left < b.replace_before and n in record.desired
+        }
+        master = record.master.name
+        if master in ending and master not in self._said:
+            self._said.add(master)
+            self._event("error", f"the master ends in {ending[master]:.0f} s (its provider's limit): the cluster "
+                        "ends with it; globular does not replace a master")  # fmt: skip
+        for node, left in sorted(ending.items()):
+            if node == master:
+                continue
+            new = self._replacing.get(node)
+            if new is None or new not in record.desired:
+                if len(record.desired) >= b.max_nodes:
+                    if f"full:{node}" not in self._said:
+                        self._said.add(f"full:{node}")
+                        self._event(
+                            "keep", f"{node} ends in {left:.0f} s; at max_nodes, it is replaced after", nodes=(node,)
+                        )
+                    continue
+                result = await operations.add_nodes(self.name, 1, home=self.home)
+                self._replacing[node] = result.nodes[0]
+                self.policy.changed(self.clock())
+                self._desired = None
+                return self._event("add", f"replacing {node}, which ends in {left:.0f} s (replace_before)",
+                                   nodes=tuple(result.nodes), size=len(result.record.desired))  # fmt: skip
+            if node in await watcher.drain([node], timeout=max(b.polling_interval, 5.0)):
+                result = await operations.remove_node(self.name, node, home=self.home)
+                del self._replacing[node]
+                self.policy.changed(self.clock())
+                self._desired = None
+                return self._event("remove", f"{node} replaced by {new} before its end ({left:.0f} s left)",
+                                   nodes=(node,), size=len(result.record.desired))  # fmt: skip
+        return None
 
     async def apply(self, watcher: LoadWatcher, decision: Decision, load: ClusterLoad) -> Event:
         try:

@@ -4,14 +4,21 @@ A node is lost when its provider says it is gone (:meth:`NodeProvider.status`: a
 that ended — cancelled, preempted, timed out), when every process globular recorded on it is
 gone (asked of the node, by pid and start time: a local node killed with -9), or when it has
 not answered for :data:`SILENT_POLLS` polls in a row (a host that dropped off the network).
-One silent poll is not enough: a loaded node may miss one answer.
+One silent poll is not enough: a loaded node may miss one answer.  The same round trip to
+the provider says how long each node has before the provider ends it (a Slurm job's time
+left), for ``replace_before``.
 """
 
 from __future__ import annotations
 
+import logging
+
+from globular.errors import GlobularError
 from globular.providers.base import NodeProvider
 from globular.state import ClusterRecord
-from globular.status import ask_node, provider_status
+from globular.status import ask_node
+
+log = logging.getLogger(__name__)
 
 SILENT_POLLS = 3
 
@@ -21,14 +28,20 @@ class LossWatch:
 
     def __init__(self) -> None:
         self.silent: dict[str, int] = {}
+        self.time_left: dict[str, float] = {}  # node -> seconds before its provider ends it (Slurm's walltime)
 
     async def lost(self, record: ClusterRecord, provider: NodeProvider, timeout: float) -> dict[str, str]:
         """Node -> why it is lost, among ``record``'s nodes that have started processes; a node
         that does not answer within ``timeout`` s is silent this poll."""
         import asyncio
 
-        jobs = await provider_status(provider, record)
-        found = dict(jobs.node_problems)
+        try:
+            said = await asyncio.wait_for(provider.status(record.nodes), timeout)
+        except (GlobularError, TimeoutError) as exc:  # the processes still tell
+            log.info("%s: the %s provider's status: %s", record.name, record.spec.provider, exc or "no answer")
+            said = None
+        found = dict(said.node_problems) if said is not None else {}
+        self.time_left = dict(said.node_time_left) if said is not None else {}
         nodes = [n for n in record.nodes if n.processes and n.name not in found]
         answers = await asyncio.gather(*(ask_node(provider, n, timeout) for n in nodes), return_exceptions=True)
         for node, answer in zip(nodes, answers):

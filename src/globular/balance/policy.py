@@ -38,6 +38,7 @@ class Bounds:
     add_nodes_per_iteration: int = 1
     kill_after: float = 60.0
     stabilization_time: float = 30.0
+    replace_before: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def balancer_argv(name: str, spec: BalanceSpec) -> list[str]:
         sys.executable, "-m", "globular", "loadbalance",
         "-n", str(spec.min_nodes), "-m", str(spec.max_nodes), "-i", _flag(spec.polling_interval),
         "-w", _flag(spec.wait_time), "-a", str(spec.add_nodes_per_iteration), "-k", _flag(spec.kill_after),
-        "-s", _flag(spec.stabilization_time), name,
+        "-s", _flag(spec.stabilization_time), "--replace-before", _flag(spec.replace_before), name,
     ]  # fmt: skip
 
 

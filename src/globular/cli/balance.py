@@ -103,6 +103,14 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     metavar="DURATION",
     help="No node is removed this soon after the last change: 30s.",
 )
+@click.option(
+    "--replace-before",
+    "--replace_before",
+    "replace_before",
+    callback=_duration,
+    metavar="DURATION",
+    help="A node its provider ends this soon (a Slurm job's time limit) is replaced first: 5m.",
+)
 @click.option("--detach", is_flag=True, help="Run it in the background (log: ~/.globular/logs/NAME.balancer.log).")
 @click.option("--stop", is_flag=True, help="Stop the balancer running in the background.")
 @click.argument("name")
@@ -118,6 +126,7 @@ def loadbalance(
     add_nodes_per_iteration: int | None,
     kill_after: float | None,
     stabilization_time: float | None,
+    replace_before: float | None,
     detach: bool,
     stop: bool,
 ) -> None:
@@ -142,7 +151,7 @@ def loadbalance(
     """
     flags = {"max_nodes": max_nodes, "min_nodes": min_nodes, "polling_interval": polling_interval,
              "wait_time": wait_time, "add_nodes_per_iteration": add_nodes_per_iteration, "kill_after": kill_after,
-             "stabilization_time": stabilization_time}  # fmt: skip
+             "stabilization_time": stabilization_time, "replace_before": replace_before}  # fmt: skip
     out = output(ctx)
     if stop:
         if detach or any(v is not None for v in flags.values()):

@@ -114,6 +114,7 @@ class ProviderStatus:
     node_problems: dict[str, str] = field(default_factory=dict)  # node -> what is wrong with it
     node_states: dict[str, str] = field(default_factory=dict)  # node -> its state, where a problem says
     warnings: list[str] = field(default_factory=list)  # the cluster works, but soon may not
+    node_time_left: dict[str, float] = field(default_factory=dict)  # node -> seconds before the provider ends it
 
 
 class NodeProvider(ABC):

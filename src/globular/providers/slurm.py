@@ -61,6 +61,7 @@ from globular.providers.slurm_jobs import (
     jobs,
     node_address,
     queued,
+    seconds_of,
     slurm,
 )
 from globular.providers.slurm_settings import SlurmSettings
@@ -423,6 +424,9 @@ class SlurmProvider(NodeProvider):
                 limited = job.time_left not in ("", "UNLIMITED", "NOT_SET", "INVALID")
                 left = f"{job.time_left} left" if limited else "no time limit"
                 report.node_columns[name] = {"job": f"{job_id} {job.state.lower()}, {left}"}
+                seconds = seconds_of(job.time_left) if limited else None
+                if seconds is not None:
+                    report.node_time_left[name] = float(seconds)
                 fraction = fraction_left(job.time_left, job.time_limit)
                 if fraction is not None and fraction < 0.1:
                     report.warnings.append(

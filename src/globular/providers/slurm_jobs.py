@@ -127,7 +127,7 @@ async def queued() -> list[tuple[str, str]]:
     return found
 
 
-def _seconds(text: str) -> int | None:
+def seconds_of(text: str) -> int | None:
     """Slurm's ``[D-]HH:MM:SS`` (or ``MM:SS``) in seconds; None for anything else."""
     days, _, rest = text.rpartition("-")
     parts = rest.split(":")
@@ -142,7 +142,7 @@ def _seconds(text: str) -> int | None:
 
 
 def fraction_left(left: str, limit: str) -> float | None:
-    total, remaining = _seconds(limit), _seconds(left)
+    total, remaining = seconds_of(limit), seconds_of(left)
     if not total or remaining is None:
         return None
     return remaining / total
