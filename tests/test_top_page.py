@@ -82,11 +82,12 @@ def png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
     return width, height, [b"".join(r[i : i + 3] for i in range(0, len(r), step)) for r in rows]
 
 
-def rate_pixels_above_baseline(path: Path) -> int:
-    """Pixels of the tasks/s colour between the labels and the baseline: the line off zero."""
-    width, height, rows = png_pixels(path)
+def rate_pixels_above_baseline(path: Path, baseline: int) -> int:
+    """Pixels of the tasks/s colour between the legend and the plot's baseline (the zero of its
+    axes, a few pixels kept clear): the line off zero."""
+    width, _, rows = png_pixels(path)
     near = lambda px: all(abs(a - b) < 40 for a, b in zip(px, RATE))  # noqa: E731
-    return sum(1 for y in range(50, height - 10) for x in range(width) if near(rows[y][x * 3 : x * 3 + 3]))
+    return sum(1 for y in range(30, baseline - 3) for x in range(width) if near(rows[y][x * 3 : x * 3 + 3]))
 
 
 def test_the_top_page_plots_tasks_per_second_and_shows_the_controllers_counts(cli, home, write_config, tmp_path):
@@ -136,9 +137,23 @@ def test_the_top_page_plots_tasks_per_second_and_shows_the_controllers_counts(cl
                     page.screenshot(path=str(screenshot("top-page.png") or shot), full_page=True)
                     page.locator("#plot").screenshot(path=str(plot_shot))
                     numbers = {k: page.locator(f"#{k}").inner_text() for k in ("registered", "expected", "waiting")}
+                    numbers |= {
+                        k: page.locator(f"#{k}").inner_text() for k in ("node-count", "node-target", "balancer")
+                    }
                     nodes = page.locator("#nodes tbody tr").evaluate_all("rows => rows.map(r => r.dataset.node)")
                     points = int(page.locator("#plot").get_attribute("data-points") or 0)
                     peak = float(page.locator("#plot").get_attribute("data-peak-rate") or 0)
+                    baseline = int(page.locator("#plot").get_attribute("data-baseline") or 0)
+                    shown_nodes = [page.locator("#plot").get_attribute(f"data-{k}") for k in ("nodes", "desired")]
+                    node_points = page.locator("#plot .nodes").get_attribute("points") or ""
+                    times = page.locator("#plot .time-tick").all_text_contents()
+                    rate_ticks = page.locator("#plot .rate-tick").all_text_contents()
+                    count_ticks = page.locator("#plot .count-tick").all_text_contents()
+                    waiting_ticks = page.locator("#plot .waiting-tick").all_text_contents()
+                    legend = page.locator("#plot > text[id$=-label]").all_text_contents()
+                    drawn = page.locator("#plot > polyline").evaluate_all(
+                        "lines => lines.map(l => l.getBBox().width > 0 || l.getAttribute('points') !== '')"
+                    )
                 except BaseException as exc:
                     page.screenshot(path=str(shot), full_page=True)
                     raise AssertionError(f"browser step failed ({exc}); screenshot: {shot}") from exc
@@ -150,8 +165,18 @@ def test_the_top_page_plots_tasks_per_second_and_shows_the_controllers_counts(cl
             mapping.wait()
         stopped = cli("terminate", "-y", "watched")
     assert completed == 300
-    assert numbers == {"registered": "5", "expected": "5", "waiting": "0"}, numbers
+    assert numbers == {"registered": "5", "expected": "5", "waiting": "0", "node-count": "3", "node-target": "3",
+                       "balancer": "none"}, numbers  # fmt: skip
     assert nodes == ["master", "node001", "node002"]
     assert points >= 5 and peak > 0, (points, peak)
-    assert rate_pixels_above_baseline(plot_shot) > 30, f"no tasks/s line off zero in {plot_shot}"
+    assert rate_pixels_above_baseline(plot_shot, baseline) > 30, f"no tasks/s line off zero in {plot_shot}"
+    # the axes: time (seconds or minutes ago, to now), tasks/s on the left, counts on the right
+    assert times[0] == "now" and len(times) >= 2 and all(t.startswith("-") for t in times[1:]), times
+    assert rate_ticks[0] == "0" and float(rate_ticks[-1]) >= peak, (rate_ticks, peak)
+    assert count_ticks[0] == "0" and float(count_ticks[-1]) >= 3, count_ticks  # the nodes' panel
+    assert waiting_ticks[0] == "0" and float(waiting_ticks[-1]) >= 1, waiting_ticks
+    # the node count and its target over time, beside the tasks
+    assert shown_nodes == ["3", "3"] and len(node_points.split()) >= points, (shown_nodes, node_points)
+    assert legend == ["tasks/s (left)", "tasks waiting (right)", "nodes", "- - target nodes", "busy engines"], legend
+    assert drawn == [True] * 5, drawn  # each line a rendered element of the plot (not swallowed by a sibling)
     assert stopped.returncode == 0, stopped.output

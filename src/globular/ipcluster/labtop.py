@@ -62,7 +62,8 @@ class Watcher:
     def __init__(self, name: str, home: Path, interval: float = INTERVAL, linger: float = LINGER):
         self.name, self.home, self.interval, self.linger = name, home, interval, linger
         self.latest: dict[str, Any] | None = None
-        self.history: deque[tuple[float, float, int]] = deque(maxlen=HISTORY)  # (time, tasks/s, busy)
+        # (time, tasks/s, busy engines, tasks waiting, nodes, nodes desired: the balancer's target)
+        self.history: deque[tuple[float, float, int, int, int, int]] = deque(maxlen=HISTORY)
         self.error: str | None = None
         self.asked = time.monotonic()
         self.task: asyncio.Task[None] | None = None
@@ -78,7 +79,10 @@ class Watcher:
             "frame": self.latest,
             "age": age,  # s since the frame was made: the watch may be waiting on a node or the controller
             "stale": age is not None and age > STALE * max(self.interval, 1.0),
-            "history": [{"time": t, "per_second": r, "busy": b} for t, r, b in self.history],
+            "history": [
+                {"time": t, "per_second": r, "busy": b, "waiting": w, "nodes": n, "desired": d}
+                for t, r, b, w, n, d in self.history
+            ],
             "error": self.error,
         }
 
@@ -97,7 +101,10 @@ class Watcher:
             while time.monotonic() - self.asked < self.linger:
                 frame = await watch.frame()
                 self.latest = dataclasses.asdict(frame)
-                self.history.append((frame.time, frame.per_second, frame.running))
+                desired = frame.desired if frame.desired is not None else len(frame.nodes)
+                self.history.append(
+                    (frame.time, frame.per_second, frame.running, frame.waiting, len(frame.nodes), desired)
+                )
                 self.error = None
                 await asyncio.sleep(self.interval)
         except (GlobularError, OSError, TimeoutError) as exc:
