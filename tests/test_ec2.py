@@ -372,3 +372,36 @@ def test_terminate_copies_the_notebooks_home_first_and_stops_when_it_cannot(
     discarded = cli("-c", config, "terminate", "-y", "--discard-notebooks", "nbs", timeout=300)
     assert discarded.returncode == 0, discarded.output
     assert "not copied home (discarded)" in discarded.stdout and account.snapshot() == before
+
+
+def test_an_instance_terminated_behind_globulars_back_is_replaced(account, net, cli, home, tmp_path, terminated):
+    """min_nodes 2; node001's instance is terminated in the account (a spot reclaim, the console):
+    the ec2 provider's status says so, the balancer takes the node out and a new instance
+    replaces it, whose engine joins."""
+    from globular import connect
+
+    bounds = "min_nodes = 2\nmax_nodes = 3\npolling_interval = 1s\nkill_after = 10m\n"
+    config = ec2_config(account, net, tmp_path, cluster=bounds)
+    terminated("spot", config)
+    started = cli("-c", config, "start", "spot")
+    assert started.returncode == 0 and "Its balancer follows the work (2..3 nodes)" in started.stdout, started.output
+    [old] = [i["InstanceId"] for i in account.instances("running") if tags(i)["globular:node"] == "node001"]
+    account.ec2.terminate_instances(InstanceIds=[old])
+
+    def replaced() -> bool:
+        node = next((n for n in read_record(home, "spot")["nodes"] if n["name"] == "node001"), None)
+        return node is not None and node["data"].get("instance_id") not in (None, old) and bool(node["processes"])
+
+    assert wait_until(replaced, timeout=120)
+    log = (home / "logs" / "spot.balancer.log").read_text()
+    assert f"lost node001: instance {old} is terminated" in log, log
+    running = sorted(tags(i)["globular:node"] for i in account.instances("running"))
+    assert running == ["master", "node001"], running
+    rc = connect("spot")
+    try:
+        assert wait_until(lambda: len(rc.ids) == 2, timeout=30)
+        assert sorted(rc[:].apply_sync(portable(node_name))) == ["master", "node001"]
+    finally:
+        rc.close()
+    stopped = cli("-c", config, "terminate", "-y", "spot")
+    assert stopped.returncode == 0, stopped.output

@@ -31,6 +31,7 @@ import asyncssh
 
 from globular.errors import BadInput, GlobularError, HostUnreachable, NodeError
 from globular.paths import write_private
+from globular.providers.base import ProviderStatus
 from globular.providers.ec2_settings import EC2Settings, aws_config_values
 from globular.providers.ssh import RemoteProvider
 from globular.providers.ssh_settings import SSHHost, SSHOptions
@@ -434,6 +435,22 @@ class EC2Provider(RemoteProvider):
             await self._terminate_ids(ids)
             self.reporter.end("ec2-terminate")
         self._forget_host_keys([n.data.get("address") or n.address for n in nodes])
+
+    async def status(self, nodes: Sequence[NodeRecord]) -> ProviderStatus:
+        """Each node's instance state; one terminated or stopped behind globular's back (a spot
+        reclaim, someone in the console) is the node's problem."""
+        report = ProviderStatus()
+        ids = {n.data["instance_id"]: n.name for n in nodes if n.data.get("instance_id")}
+        if not ids:
+            return report
+        found = {i["InstanceId"]: i for i in await self.instances(ids=list(ids), states=None)}
+        for instance_id, name in ids.items():
+            state = (found.get(instance_id, {}).get("State") or {}).get("Name", "gone")
+            report.node_columns[name] = {"instance": f"{instance_id} {state}"}
+            if state not in ("pending", "running"):
+                report.node_problems[name] = f"instance {instance_id} is {state}"
+                report.node_states[name] = f"instance {state}"
+        return report
 
     async def release_cluster(self) -> None:
         """Every instance tagged with the cluster (even one no record knows), then the group."""
