@@ -14,13 +14,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from globular.errors import BalancerRunning, GlobularError
+from globular.bounds import BoundsProblem, balance_from_flags
+from globular.errors import BadInput, BalancerRunning, GlobularError
 from globular.logs import log_file
 from globular.paths import private_dir
 from globular.reference import in_duration
+from globular.registry import provider_class
 from globular.spec import BalanceSpec
-from globular.state import StateStore
+from globular.state import ClusterRecord, StateStore
 
 START_TIMEOUT = 30.0  # s for a detached balancer to record itself
 
@@ -29,6 +32,31 @@ START_TIMEOUT = 30.0  # s for a detached balancer to record itself
 class Detached:
     pid: int
     log: str
+
+
+def chosen_bounds(record: ClusterRecord, flags: dict[str, Any]) -> BalanceSpec:
+    """The balancer's bounds for ``record``: its template's, with ``loadbalance``'s flags
+    (``min_nodes``, ``max_nodes``, ... those not None) instead; a template without
+    ``min_nodes`` needs ``-n`` and ``-m``.  Checked against the cluster's ``max_nodes`` and
+    what its provider can place (:class:`BadInput` naming the flag)."""
+    spec = record.spec.balance
+    if spec is None:
+        missing = [flag for key, flag in (("min_nodes", "-n"), ("max_nodes", "-m")) if flags.get(key) is None]
+        if missing:
+            raise BadInput(
+                f"cluster {record.name!r} has no min_nodes and max_nodes in its template "
+                f"[cluster {record.spec.template}]: give {' and '.join(missing)}"
+            )
+        spec = BalanceSpec(min_nodes=flags["min_nodes"], max_nodes=flags["max_nodes"])
+    provider = provider_class(record.spec.provider)
+    limit = provider.max_nodes(record.spec.typed_provider_settings(provider.Settings))
+    try:
+        return balance_from_flags(spec, flags, record.spec.max_nodes, limit, record.spec.provider)
+    except BoundsProblem as exc:
+        flag = "-m" if exc.key == "max_nodes" else "-n"
+        value = flags.get(exc.key) or getattr(spec, exc.key)
+        said = exc.message if exc.message.startswith(f"{value}") else f"{value}: {exc.message}"
+        raise BadInput(f"{flag} {said}") from None
 
 
 def balancer_log(home: Path, name: str) -> Path:

@@ -16,10 +16,10 @@ from globular.cli.render import Output, counted, output, output_option
 from globular.errors import BadInput, ClusterNotFound
 
 if TYPE_CHECKING:
-    from globular import bounds, operations, state
+    from globular import operations, state
     from globular.balance import balancer, service
 else:  # imported when the command runs
-    bounds, state, balancer = Later("globular.bounds"), Later("globular.state"), Later("globular.balance.balancer")
+    state, balancer = Later("globular.state"), Later("globular.balance.balancer")
     operations, service = Later("globular.operations"), Later("globular.balance.service")
 
 
@@ -158,29 +158,7 @@ def loadbalance(
             raise BadInput("--stop takes no other option")
         _stop(out, name)
         return
-    record = state.StateStore(_home()).get(name)
-    spec = record.spec.balance
-    if spec is None:
-        if min_nodes is None or max_nodes is None:
-            missing = [f for f, v in (("min_nodes", min_nodes), ("max_nodes", max_nodes)) if v is None]
-            raise BadInput(
-                f"cluster {name!r} has no min_nodes and max_nodes in its template [cluster {record.spec.template}]: "
-                f"give {' and '.join('-n' if m == 'min_nodes' else '-m' for m in missing)}"
-            )
-        from globular.spec import BalanceSpec
-
-        spec = BalanceSpec(min_nodes=min_nodes, max_nodes=max_nodes)
-    from globular.registry import provider_class
-
-    provider = provider_class(record.spec.provider)
-    limit = provider.max_nodes(record.spec.typed_provider_settings(provider.Settings))
-    try:
-        chosen = bounds.balance_from_flags(spec, flags, record.spec.max_nodes, limit, record.spec.provider)
-    except bounds.BoundsProblem as exc:
-        flag = "-m" if exc.key == "max_nodes" else "-n"
-        value = flags[exc.key] or getattr(spec, exc.key)
-        said = exc.message if exc.message.startswith(f"{value}") else f"{value}: {exc.message}"
-        raise BadInput(f"{flag} {said}") from None
+    chosen = service.chosen_bounds(state.StateStore(_home()).get(name), flags)
     if detach:
         detached = service.detach(name, chosen, _home())
         _say_detached(out, name, detached)
