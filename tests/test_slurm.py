@@ -206,26 +206,31 @@ def test_a_job_near_its_time_limit_is_replaced_before_it_ends_and_no_task_is_los
     """Jobs of one minute, replace_before 45s: some 15 s after it started, node001's job gets a
     replacement, is drained and cancelled by globular (not ended by Slurm's limit), while a map
     without retries runs through it."""
-    bounds = "min_nodes = 2\nmax_nodes = 3\npolling_interval = 1s\nkill_after = 10m\nreplace_before = 45s\n"
+    # no growth (wait_time 10m): the one node added is node001's replacement, within max_nodes
+    bounds = (
+        "min_nodes = 2\nmax_nodes = 3\npolling_interval = 1s\nwait_time = 10m\nkill_after = 10m\nreplace_before = 45s\n"
+    )
     config = slurm_config(slurm, tmp_path, home, cores=2, cluster=f"time_limit = 1\n{bounds}")
     try:
         started = cli("-c", config, "start", "short", timeout=600)
         assert started.returncode == 0, started.output
         first = jobs_of(slurm, "short")["node001"].split()[0]
-        work = subprocess.Popen([sys.executable, "-c", GROW, "short", "30"], stdout=subprocess.PIPE, text=True)
-        try:
-            assert wait_until(lambda: "node001" not in jobs_of(slurm, "short"), timeout=40), jobs_of(slurm, "short")
+        work = subprocess.Popen([sys.executable, "-c", GROW, "short", "24"], stdout=subprocess.PIPE, text=True)
+        try:  # its tasks go first (the scheduler serves its queue in order), then node001 leaves, before 60 s
+            assert wait_until(lambda: "node001" not in jobs_of(slurm, "short"), timeout=50), jobs_of(slurm, "short")
             out, _ = work.communicate(timeout=40)
         finally:
             if work.poll() is None:
                 work.kill()
                 work.wait()
-        assert out.strip() == str([x * x for x in range(30)])  # nothing lost, no retries set
+        assert out.strip() == str([x * x for x in range(24)])  # nothing lost, no retries set
         assert jobs_of(slurm, "short")["node002"].endswith("RUNNING")
         ended = slurm.run("scontrol", "show", "job", first).stdout
         assert "JobState=CANCELLED" in ended, ended  # globular's doing, before the time limit
-        log = (home / "logs" / "short.balancer.log").read_text()
-        assert "replacing node001, which ends in" in log and "node001 replaced by node002 before its end" in log, log
+        balancer_log = home / "logs" / "short.balancer.log"  # its line follows the job's cancel
+        assert wait_until(lambda: "node001 replaced by node002 before its end" in balancer_log.read_text(), timeout=15)
+        log = balancer_log.read_text()
+        assert "replacing node001, which ends in" in log, log
         assert "the master ends in" in log, log
     finally:
         cli("terminate", "-y", "short", timeout=300)

@@ -301,7 +301,9 @@ class Balancer:
                 self._desired = None
                 return self._event("add", f"replacing {node}, which ends in {left:.0f} s (replace_before)",
                                    nodes=tuple(result.nodes), size=len(result.record.desired))  # fmt: skip
-            if node in await watcher.drain([node], timeout=max(b.polling_interval, 5.0)):
+            # its running and queued tasks go first (the scheduler serves its queue in order):
+            # the drain keeps its place from poll to poll until shortly before the node's end
+            if node in await watcher.drain([node], timeout=min(b.polling_interval, 1.0), window=max(5.0, left - 5.0)):
                 result = await operations.remove_node(self.name, node, home=self.home)
                 del self._replacing[node]
                 self.policy.changed(self.clock())

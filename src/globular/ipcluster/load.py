@@ -17,7 +17,8 @@ runs the balancer's task, no task of the user's is on the node and none can be s
 node leaves, and only the balancer's tasks end with it.  A task of the user's that landed first
 simply runs to its end before the balancer's starts.  A drain that does not start within its
 time (the engine is busy after all) gives up: its task, when it starts later, ends at once, and
-the node stays.  As a last check the controller must list nothing but that one task on each of
+the node stays (with a ``window`` longer than the wait, as ``replace_before`` asks, the task
+keeps its place in the scheduler's queue from one poll to the next).  As a last check the controller must list nothing but that one task on each of
 the node's engines (a controller configured with another ``hwm`` fails it: the node stays).
 """
 
@@ -69,6 +70,7 @@ class ControllerLoad:
         self.name = name
         self.home = home
         self.client: Any = None
+        self.pending: dict[int, tuple[Any, float]] = {}  # engine -> its drain task and when it may start by
 
     async def _client(self) -> Any:
         if self.client is None:
@@ -103,21 +105,31 @@ class ControllerLoad:
         nodes = {n: NodeLoad(engines=engines[n], busy=busy[n]) for n in engines}
         return ClusterLoad(waiting=int(answer.get("unassigned") or 0), nodes=nodes)
 
-    async def drain(self, nodes: list[str], timeout: float) -> list[str]:
+    async def drain(self, nodes: list[str], timeout: float, window: float | None = None) -> list[str]:
         client = await self._client()
         registered = set(await in_thread(lambda: client.ids))
         on = {node: sorted(e for e, n in self._engines().items() if n == node and e in registered) for node in nodes}
-        start_by = time.time() + timeout
-        args = {"start_by": start_by, "hold_until": start_by + HOLD}
+        now = time.time()
+        window = timeout if window is None else max(window, timeout)
         held: dict[int, Any] = {}
         for engine in (e for ids in on.values() for e in ids):
+            kept = self.pending.get(engine)
+            if kept is not None and kept[1] > now and not kept[0].ready():
+                held[engine] = kept[0]  # asked before, still waiting for its turn: it keeps its place
+                continue
+            start_by = now + window
             view = client.load_balanced_view(targets=[engine])
             view.retries = 0
-            held[engine] = await in_thread(view.apply_async, exec, DRAIN_SOURCE, dict(args))
+            args = {"start_by": start_by, "hold_until": start_by + HOLD}
+            held[engine] = await in_thread(view.apply_async, exec, DRAIN_SOURCE, args)
+            self.pending[engine] = (held[engine], start_by)
         started: set[int] = set()
-        while time.time() < start_by and len(started) < len(held):
+        until = min(now + timeout, max((self.pending[e][1] for e in held), default=now))
+        while True:
+            started = {e for e, ar in held.items() if (ar.data or {}).get("globular_drain") == "holding"}
+            if len(started) == len(held) or time.time() >= until:
+                break
             await asyncio.sleep(0.05)
-            started |= {e for e, ar in held.items() if (ar.data or {}).get("globular_drain") == "holding"}
         status = await in_thread(client.queue_status, sorted(started)) if started else {}
         drained = []
         for node, ids in on.items():
@@ -125,8 +137,10 @@ class ControllerLoad:
                         for e in ids)  # fmt: skip
             if alone:
                 drained.append(node)
+                for engine in ids:
+                    self.pending.pop(engine, None)
             else:
-                log.info("%s: %s not drained (its engines kept working)", self.name, node)
+                log.info("%s: %s not drained yet (its engines are working)", self.name, node)
         return drained
 
     async def close(self) -> None:

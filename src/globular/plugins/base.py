@@ -187,9 +187,10 @@ class LoadWatcher(Protocol):
         """The load now (raises :class:`~globular.errors.GlobularError` when it cannot be known)."""
         ...
 
-    async def drain(self, nodes: list[str], timeout: float) -> list[str]:
-        """Make sure no work of the user's is on ``nodes``' engines or can land there, within
-        ``timeout`` s; the nodes that are (the others keep working as they were)."""
+    async def drain(self, nodes: list[str], timeout: float, window: float | None = None) -> list[str]:
+        """Make sure no work of the user's is on ``nodes``' engines or can land there, waiting
+        at most ``timeout`` s; the nodes that are (the others keep working as they were).
+        ``window``: how long the drain may keep trying across calls (default ``timeout``)."""
         ...
 
     async def close(self) -> None: ...
