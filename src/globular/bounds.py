@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
+from globular.results import counted
 from globular.spec import BalanceSpec, Settings, parse_duration
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -75,10 +76,6 @@ class BoundsProblem(Exception):
         self.key, self.message = key, message
 
 
-def _nodes(count: int) -> str:
-    return f"{count} node{'s' if count != 1 else ''}"
-
-
 def cluster_bounds(
     keys: BoundsSettings, cluster_size: int | None, provider_limit: int | None, provider: str
 ) -> tuple[int | None, int | None, BalanceSpec | None]:
@@ -105,7 +102,7 @@ def cluster_bounds(
     if provider_limit is not None and most > provider_limit:
         raise BoundsProblem("max_nodes", f"{most}: the {provider} provider places at most {provider_limit}")
     if keys.min_nodes > most:
-        where = "max_nodes" if keys.max_nodes is not None else f"the {provider} provider's {_nodes(most)}"
+        where = "max_nodes" if keys.max_nodes is not None else f"the {provider} provider's {counted(most, 'node')}"
         raise BoundsProblem("min_nodes", f"{keys.min_nodes} is more than {where} ({most})")
     size = cluster_size if cluster_size is not None else keys.min_nodes
     if not keys.min_nodes <= size <= most:

@@ -1,5 +1,6 @@
 """What operations and plugins hand back to be shown: a plugin's report, a node's preflight
-(and :func:`age` and :func:`size_text`, how a duration and a size read wherever they are shown).
+(and :func:`age`, :func:`size_text` and :func:`counted`, how a duration, a size and a count
+read wherever they are shown).
 
 Plain data, shared by the core, the plugins (:mod:`globular.plugins.base` re-exports them as
 part of the plugin API) and the renderer, which imports nothing of the plugins.
@@ -9,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+def counted(count: int, noun: str, plural: str = "") -> str:
+    """``1 node``, ``2 nodes``: a count and its noun (``plural`` where it is not noun + s)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 @dataclass

@@ -32,6 +32,7 @@ from globular.paths import globular_home
 from globular.plugins.base import ClusterLoad, LoadWatcher
 from globular.providers.base import NodeProvider
 from globular.registry import make_provider, resolve_plugin
+from globular.results import counted
 from globular.spec import BalanceSpec
 from globular.state import BalanceEvent, BalancerRecord, ClusterRecord, StateStore
 from globular.status import ASK_TIMEOUT
@@ -50,10 +51,6 @@ class Event:
     nodes: tuple[str, ...] = ()
     load: ClusterLoad | None = None
     size: int = 0  # nodes desired afterwards
-
-
-def _nodes(count: int) -> str:
-    return f"{count} node{'s' if count != 1 else ''}"
 
 
 def bounds_of(spec: BalanceSpec) -> Bounds:
@@ -154,7 +151,7 @@ class Balancer:
         b = self.bounds
         self._event(
             "watch",
-            f"{_nodes(len(record.desired))}; bounds {b.min_nodes}..{b.max_nodes}, polling every {b.polling_interval:g} s, "
+            f"{counted(len(record.desired), 'node')}; bounds {b.min_nodes}..{b.max_nodes}, polling every {b.polling_interval:g} s, "
             f"adding after {b.wait_time:g} s of waiting tasks, removing after {b.kill_after:g} s idle",
             size=len(record.desired),
         )

@@ -11,6 +11,7 @@ left), for ``replace_before``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from globular.errors import GlobularError
@@ -33,8 +34,6 @@ class LossWatch:
     async def lost(self, record: ClusterRecord, provider: NodeProvider, timeout: float) -> dict[str, str]:
         """Node -> why it is lost, among ``record``'s nodes that have started processes; a node
         that does not answer within ``timeout`` s is silent this poll."""
-        import asyncio
-
         try:
             said = await asyncio.wait_for(provider.status(record.nodes), timeout)
         except (GlobularError, TimeoutError) as exc:  # the processes still tell

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from globular.plugins.base import ClusterLoad
+from globular.results import counted
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,6 @@ class Decision:
     reason: str
     count: int = 0
     nodes: tuple[str, ...] = ()
-
-
-def _nodes(count: int) -> str:
-    return f"{count} node{'s' if count != 1 else ''}"
 
 
 def _seconds(value: float) -> str:
@@ -128,5 +125,5 @@ class Policy:
             reason = "no task waits: the node asked for is not needed"
         else:
             longest = max((now - s for s, n in idle if n in leaving), default=0.0)
-            reason = f"{_nodes(len(leaving))} idle for {_seconds(longest)} (kill_after {_seconds(b.kill_after)}), no task waits"
+            reason = f"{counted(len(leaving), 'node')} idle for {_seconds(longest)} (kill_after {_seconds(b.kill_after)}), no task waits"
         return Decision("remove", reason, nodes=tuple(leaving))

@@ -12,8 +12,9 @@ import click
 from rich.markup import escape
 
 from globular.cli.group import Later, run
-from globular.cli.render import Output, counted, output, output_option
+from globular.cli.render import Output, output, output_option
 from globular.errors import BadInput, ClusterNotFound
+from globular.results import counted
 
 if TYPE_CHECKING:
     from globular import operations, state

@@ -9,9 +9,10 @@ import click
 from rich.markup import escape
 
 from globular.cli.group import Later, load_config, run
-from globular.cli.render import counted, output, output_option
+from globular.cli.render import output, output_option
 from globular.errors import BadInput
 from globular.paths import globular_home
+from globular.results import counted
 
 if TYPE_CHECKING:
     from globular import operations, reference, wheelhouse

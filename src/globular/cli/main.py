@@ -30,12 +30,12 @@ from globular.cli.group import (
     run,
 )
 from globular.cli.nodes import addnode, removenode, runplugin
-from globular.cli.render import Output, counted, output, output_option
+from globular.cli.render import Output, output, output_option
 from globular.cli.ssh import sshmaster, sshnode
 from globular.errors import ClusterNotFound, GlobularError, StateError
 from globular.limits import raise_open_file_limit
 from globular.paths import globular_home
-from globular.results import age
+from globular.results import age, counted
 
 if TYPE_CHECKING:
     from globular import operations, salvage, state

@@ -36,11 +36,6 @@ ENVELOPE_VERSION = 1
 PLAIN_WIDTH = 100_000  # piped output is never cut
 
 
-def counted(count: int, noun: str, plural: str = "") -> str:
-    """``1 node``, ``2 nodes``: a count and its noun (``plural`` where it is not noun + s)."""
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
-
-
 def to_data(value: Any) -> Any:
     """``value`` as JSON-ready data (``to_dict()`` where a result has one)."""
     if hasattr(value, "to_dict"):

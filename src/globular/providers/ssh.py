@@ -262,8 +262,7 @@ class SSHProvider(RemoteProvider):
 
     @classmethod
     def default_cluster_size(cls, settings: SettingsModel) -> int:
-        assert isinstance(settings, SSHSettings)
-        return len(hosts_in_order(settings))
+        return cls.max_nodes(settings) or 0  # every host of node_hosts
 
     @classmethod
     def max_nodes(cls, settings: SettingsModel) -> int | None:
