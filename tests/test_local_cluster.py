@@ -178,7 +178,7 @@ def test_controller_that_dies_is_reported_with_its_log(cli, home, tmp_path, writ
     wrapper = tmp_path / "python"
     wrapper.write_text(
         "#!/bin/sh\n"
-        'case "$2" in *ipyparallel.controller*) echo "controller: address already in use" >&2; exit 1;; esac\n'
+        'case "$1" in */run/ipcontroller.py) echo "controller: address already in use" >&2; exit 1;; esac\n'
         f'exec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)

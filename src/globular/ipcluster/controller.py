@@ -3,6 +3,7 @@ for, and reached from this machine (through SSH when the master is remote)."""
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import json
 import secrets
@@ -239,7 +240,10 @@ async def launch_controller(
             "c.IPController.enable_curve = True\n"
             f"c.Session.key = {key.encode()!r}\n"
         )
-    await runner.write_file(f"{profile_dir(master)}/ipcontroller_config.py", config.encode(), 0o600)
+    await asyncio.gather(
+        runner.write_file(f"{profile_dir(master)}/ipcontroller_config.py", config.encode(), 0o600),
+        runner.write_file(controller_script(master), CONTROLLER_SOURCE.encode(), 0o600),
+    )
     argv = controller_argv(master, settings, ip, keyfile)
     env = {"IPYTHONDIR": ipython_dir(master), "GLOBULAR_CLUSTER": ctx.name}
     spec = await _supervised(runner, settings, ProcessSpec(argv=argv, log=f"{master.workdir}/logs/controller.log",
@@ -286,12 +290,17 @@ async def controller_ports(runner: Runner, settings: IPClusterSettings, ip: str)
 CONTROLLER_SOURCE = source("ipcontroller")
 
 
+def controller_script(master: NodeRecord) -> str:
+    """Where the controller's program is written on the master: a file, not ``-c``, so that
+    ``ps`` shows ``python .../run/ipcontroller.py ARGS``, not its source."""
+    return f"{master.workdir}/run/ipcontroller.py"
+
+
 def controller_argv(master: NodeRecord, settings: IPClusterSettings, ip: str, keyfile: str) -> list[str]:
     packer = settings.packer_spec
     return [
         master.python,
-        "-c",
-        CONTROLLER_SOURCE,  # python -m ipyparallel.controller, that stops faster (node/ipcontroller.py)
+        controller_script(master),  # python -m ipyparallel.controller, that stops faster (node/ipcontroller.py)
         f"--profile-dir={profile_dir(master)}",
         f"--ip={ip}",
         f"--HeartMonitor.period={settings.heartbeat_period}",
