@@ -44,6 +44,24 @@ def test_nodes_coming_count_toward_what_waiting_tasks_need():
     assert step(policy, 10, waiting, ["master", "node001"]) is None  # node001 is coming: it takes the 2
 
 
+def test_a_node_asked_for_is_cancelled_only_after_it_has_not_joined_for_kill_after():
+    """A user's addnode in flight (in desired, its engines not registered) is not removed under
+    it; one that never joins goes after kill_after, and one that joins meanwhile idles anew."""
+    policy = Policy(BOUNDS)
+    idle = load(master=(1, 0))
+    desired = ["master", "node001"]
+    assert step(policy, 100, idle, desired) is None
+    assert step(policy, 159, idle, desired) is None
+    gone = step(policy, 160, idle, desired)
+    assert gone is not None and gone.nodes == ("node001",) and "not needed" in gone.reason
+    fresh = Policy(BOUNDS)
+    step(fresh, 100, idle, desired)
+    joined = load(master=(1, 0), node001=(1, 0))
+    assert step(fresh, 150, joined, desired) is None
+    assert step(fresh, 209, joined, desired) is None  # idle since it joined, not since it was asked for
+    assert step(fresh, 210, joined, desired) is not None
+
+
 def test_a_wait_that_stops_starts_again_from_zero():
     policy = Policy(BOUNDS)
     step(policy, 0, load(waiting=3, master=(1, 1)), ["master"])
@@ -93,8 +111,9 @@ def test_below_min_nodes_adds_at_once_and_a_node_asked_for_is_cancelled_first():
     add = step(policy, 0, load(master=(1, 1)), ["master"])
     assert add is not None and add.action == "add" and add.count == 2 and "1 of min_nodes 3" in add.reason
     policy = Policy(Bounds(min_nodes=1, max_nodes=4, stabilization_time=0, kill_after=60))
-    cancel = step(policy, 0, load(master=(1, 0)), ["master", "node001"])  # node001's engines never came
-    assert cancel is not None and cancel.nodes == ("node001",)
+    assert step(policy, 0, load(master=(1, 0)), ["master", "node001"]) is None
+    cancel = step(policy, 60, load(master=(1, 0)), ["master", "node001"])  # node001's engines never came
+    assert cancel is not None and cancel.nodes == ("node001",)  # before the master, idle as long
 
 
 def test_waits_are_floats_of_seconds_that_never_wrap_after_a_day():

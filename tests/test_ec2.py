@@ -393,6 +393,10 @@ def test_an_instance_terminated_behind_globulars_back_is_replaced(account, net, 
         return node is not None and node["data"].get("instance_id") not in (None, old) and bool(node["processes"])
 
     assert wait_until(replaced, timeout=120)
+    assert wait_until(
+        lambda: "registered" in next(n for n in read_record(home, "spot")["nodes"] if n["name"] == "node001")["steps"],
+        timeout=60,
+    )
     log = (home / "logs" / "spot.balancer.log").read_text()
     assert f"lost node001: instance {old} is terminated" in log, log
     running = sorted(tags(i)["globular:node"] for i in account.instances("running"))

@@ -206,6 +206,50 @@ def test_a_node_killed_with_9_is_replaced_and_a_map_with_retries_completes(cli, 
     assert gone(second)  # terminate stopped it first
 
 
+def test_an_engine_that_left_the_controller_is_started_again_in_place_beside_a_busy_one(cli, home, write_config):
+    """A frozen engine (SIGSTOP: alive, silent past the controller's heartbeat window) is
+    dropped by the controller; the balancer stops it by pid and starts a new engine on the
+    same node, while the node's other engine runs a task to its end."""
+    config = CONFIG.format(kill_after="10m").replace("min_nodes = 1", "min_nodes = 2")
+    config = config.replace("max_nodes = 3", "max_nodes = 2").replace("cores_per_node = 1", "cores_per_node = 2")
+    assert cli("-c", str(write_config(config)), "start", "revive").returncode == 0
+    before = next(n for n in read_record(home, "revive")["nodes"] if n["name"] == "node001")
+    frozen, working = [p for p in before["processes"] if p["role"] == "ipengine"]
+    from ipyparallel import Client
+
+    client = Client(str(home / "ipcluster" / "revive-local.json"))
+    try:
+        assert wait_until(lambda: len(client.ids) == 3)
+        long = client[int(working["ident"])].apply_async(slow_square, 6, 25.0)
+        os.kill(frozen["pid"], signal.SIGSTOP)
+        try:
+            # the controller drops it (its heartbeat window), the balancer starts another there
+            assert wait_until(lambda: int(frozen["ident"]) not in client.ids, timeout=30)
+            assert wait_until(lambda: len(client.ids) == 3, timeout=45), client.ids
+        finally:
+            if not gone(frozen["pid"]):
+                os.kill(frozen["pid"], signal.SIGCONT)
+        assert gone(frozen["pid"])  # stopped by pid, frozen as it was
+        after = next(n for n in read_record(home, "revive")["nodes"] if n["name"] == "node001")
+        assert after["created"] == before["created"]  # the same node, not a replacement
+        engines = {p["pid"]: p["ident"] for p in after["processes"] if p["role"] == "ipengine"}
+        assert working["pid"] in engines and frozen["pid"] not in engines and len(engines) == 2
+        new_id = int(next(i for pid, i in engines.items() if pid != working["pid"]))
+        ids = read_record(home, "revive")["plugin_data"]["ipcluster"]["engine_ids"]
+        assert new_id > int(frozen["ident"]) and ids.get(str(new_id)) == "node001", (ids, client.ids, engines)
+        assert not long.ready() and long.get(timeout=30) == 36  # the busy engine kept its task
+        assert client[new_id].apply_sync(os.getpid) in engines
+    finally:
+        client.close()
+    events = read_record(home, "revive")["balancer"]["events"]
+    restarted = [e for e in events if e["kind"] == "restart"]
+    assert len(restarted) == 1 and restarted[0]["nodes"] == ["node001"], events
+    assert "1 engine not registered with the controller for " in restarted[0]["text"], restarted
+    assert f"({frozen['ident']} -> {new_id})" in restarted[0]["text"], restarted
+    assert read_record(home, "revive")["desired"] == ["master", "node001"]
+    assert cli("terminate", "-y", "revive").returncode == 0
+
+
 def test_a_failing_addnode_is_reported_and_retried_with_growing_pauses_never_a_crash(cli, home, write_config):
     config = CONFIG.format(kill_after="10m").replace("plugins = ipcluster", "plugins = ipcluster, failadd")
     config += "[plugin failadd]\nsetup_class = globular_test_plugins.FailOnAdd\n"

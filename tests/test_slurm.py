@@ -185,7 +185,18 @@ def test_the_balancer_replaces_a_cancelled_job_and_grows_with_jobs(slurm, cli, h
         assert wait_until(replaced, timeout=180), jobs_of(slurm, "elastic")
         log = (home / "logs" / "elastic.balancer.log").read_text()
         assert f"lost node001: job {cancelled} ended: CANCELLED" in log, log
-        assert wait_until(lambda: len(engines(cli, "elastic")["addresses"]) == 3, timeout=60)
+        # the controller is told at once that the job's engines are gone (nothing of theirs is
+        # left to say so), not left to its heartbeat window
+        [controller_log] = tmp_path.glob("**/master/logs/controller.log")
+        assert "requested 'unregistration_request'" in controller_log.read_text(), controller_log.read_text()[-3000:]
+
+        def answered_by_three() -> bool:  # the replacement's engines in, the cancelled job's dropped (heartbeat)
+            try:
+                return len(engines(cli, "elastic")["addresses"]) == 3
+            except AssertionError:  # an engine of the cancelled job, not dropped yet, failed its task
+                return False
+
+        assert wait_until(answered_by_three, timeout=60, interval=1.0)
 
         grow = subprocess.Popen([sys.executable, "-c", GROW, "elastic"], stdout=subprocess.PIPE, text=True)
         try:

@@ -709,8 +709,9 @@ def test_the_balancer_replaces_a_host_cut_off_with_a_free_one(net, cli, home, tm
         testhosts.sh("ip", "-n", victim.netns, "link", "set", "eth0", "up")
     log = (home / "logs" / "heal.balancer.log").read_text()
     assert "lost node001: it has not answered 3 polls in a row" in log, log
+    assert wait_until(lambda: "registered" in node001().get("steps", {}), timeout=60)  # its join done
     rc = connect("heal")
-    try:
+    try:  # the lost host's engine dropped by the controller (its heartbeat window), the new one in
         assert wait_until(lambda: len(rc.ids) == 2, timeout=60), rc.ids
         assert rc[:].map_sync(portable(lambda x: x * x), range(6)) == [x * x for x in range(6)]
     finally:

@@ -80,6 +80,7 @@ class ClusterContext:
         self.provider.on_step = self.node_step
         self.stopped = StopResult(0, 0, [])  # totals of every stop_processes call
         self._save_pending = False
+        self._lost: set[str] = set()  # nodes being released as lost
 
     # -- the PluginContext ---------------------------------------------------
 
@@ -155,6 +156,9 @@ class ClusterContext:
             if cls is plugin:
                 return spec.typed_settings(cls.Settings)
         return None
+
+    def is_lost(self, node: NodeRecord) -> bool:
+        return node.name in self._lost
 
     def node_step(self, node: NodeRecord, step: str) -> None:
         now = time.time()
@@ -305,12 +309,16 @@ class ClusterContext:
         ``lost``: the nodes are gone (the balancer replaces them): what cannot be done on
         them is logged, and they leave the record all the same."""
         errors: list[BaseException] = []
-        for node in nodes:
-            for plugin in reversed(plugins):
-                try:
-                    await self.hook(plugin, "on_remove_node", node)
-                except PluginFailed as exc:
-                    errors.append(exc)
+        self._lost = {n.name for n in nodes} if lost else set()
+        try:
+            for node in nodes:
+                for plugin in reversed(plugins):
+                    try:
+                        await self.hook(plugin, "on_remove_node", node)
+                    except PluginFailed as exc:
+                        errors.append(exc)
+        finally:
+            self._lost = set()
 
         try:  # the provider then sweeps what is marked but unrecorded (a start killed mid-spawn)
             await each_node([n for n in nodes if n.processes], lambda n: self.stop_processes(n, list(n.processes)))

@@ -237,6 +237,21 @@ async def remove_node(
         return NodesResult(ctx.record, [node_name], time.monotonic() - started)
 
 
+async def restart_node(
+    name: str, node_name: str, *, home: Path | None = None, reporter: Reporter | None = None
+) -> NodesResult:
+    """Run the plugins' ``on_restart_node`` on ``node_name``: what of its work left the cluster
+    (an engine no longer registered) starts again in place; the node and the rest stay.  Its
+    reports (none: there was nothing to restart)."""
+    started = time.monotonic()
+    async with opened(name, home, reporter) as ctx:
+        ctx.require_running()
+        node = ctx.record.node(node_name)
+        reports = await ctx.run_hooks(ctx.plugins(), "on_restart_node", node)
+        ctx.save()
+        return NodesResult(ctx.record, [node_name], time.monotonic() - started, reports)
+
+
 async def check(
     name: str, spec: ClusterSpec | None = None, *, home: Path | None = None, reporter: Reporter | None = None
 ) -> list[NodeCheck]:

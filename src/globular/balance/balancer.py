@@ -39,11 +39,13 @@ from globular.status import ASK_TIMEOUT
 
 log = logging.getLogger(__name__)
 MOST_PAUSE = 300.0  # seconds between tries after failures, at most
+REVIVE_AFTER = 5.0  # s a node's engines stay unregistered before they are started again in place (at least 2 polls)
 
 
 @dataclass(frozen=True)
 class Event:
-    """One thing the balancer did or saw: ``kind`` is add, remove, keep, busy, error or watch."""
+    """One thing the balancer did or saw: ``kind`` is add, remove, restart, lost, keep, busy,
+    error, watch or stop."""
 
     time: float  # time.time()
     kind: str
@@ -99,6 +101,7 @@ class Balancer:
         self._master_lost: str | None = None
         self._replacing: dict[str, str] = {}  # node its provider ends soon -> the node that replaces it
         self._said: set[str] = set()  # what was said once (a master ending, a replacement at max_nodes)
+        self._left_since: dict[str, float] = {}  # node -> since when some of its engines are unregistered
 
     def stop(self) -> None:
         self._stopped.set()
@@ -217,11 +220,14 @@ class Balancer:
         healed = await self.heal(record)
         if healed is not None:
             return healed
-        swapped = await self.replace_ending(watcher, self.store.get(self.name))
+        swapped = await self.replace_ending(watcher, record)  # unchanged: nothing was healed
         if swapped is not None:
             return swapped
         load = await watcher.observe()
         self.policy.observe(load, now)
+        revived = await self.revive(load, now)
+        if revived is not None:
+            return revived
         decision = self.policy.decide(load, record.desired, record.master.name, now)
         if decision is None:
             return None
@@ -255,16 +261,58 @@ class Balancer:
                 self._event("error", f"{node} could not be removed: {exc}", nodes=(node,))
         if not gone:
             return None
-        size = len(self.store.get(self.name).desired)
-        count = min(len(gone), self.bounds.max_nodes - size)
-        event = self._event("remove", f"lost: {', '.join(gone)}", nodes=tuple(gone), size=size)
+        desired = self.store.get(self.name).desired
+        count = min(len(gone), self.bounds.max_nodes - len(desired))
+        event = self._event("remove", f"lost: {', '.join(gone)}", nodes=tuple(gone), size=len(desired))
+        self._changed(desired)
         if count > 0:
             result = await operations.add_nodes(self.name, count, home=self.home)
             event = self._event("add", f"replacing {', '.join(gone)}", nodes=tuple(result.nodes),
                                 size=len(result.record.desired))  # fmt: skip
-        self.policy.changed(self.clock())
-        self._desired = None
+            self._changed(result.record.desired)
         return event
+
+    def _changed(self, desired: list[str]) -> None:
+        """This balancer changed the desired node set to ``desired``: the stabilization time
+        runs from now, and a later difference is a user's change."""
+        self.policy.changed(self.clock())
+        self._desired = list(desired)
+
+    async def revive(self, load: ClusterLoad, now: float) -> Event | None:
+        """Start again in place the engines of a node that stays but whose engines left the
+        controller (:attr:`ClusterLoad.unregistered`: cut off past its heartbeat window, frozen,
+        killed) once they have been gone :data:`REVIVE_AFTER` s, through the plugins'
+        ``on_restart_node`` (:func:`globular.operations.restart_node`); the node's other
+        engines, and their tasks, are not touched.  One node a poll."""
+        for name in list(self._left_since):
+            if name not in load.unregistered:
+                del self._left_since[name]
+        for name in load.unregistered:
+            self._left_since.setdefault(name, now)
+        after = max(REVIVE_AFTER, 2 * self.bounds.polling_interval)
+        due = sorted(n for n, since in self._left_since.items() if now - since >= after and n in (self._desired or []))
+        if not due:
+            return None
+        node = due[0]
+        count = load.unregistered[node]
+        waited = now - self._left_since[node]
+        try:
+            result = await operations.restart_node(self.name, node, home=self.home)
+        except ClusterBusy:
+            return self._event("busy", "another globular command holds the cluster: the next poll restarts")
+        except ClusterNotFound:
+            raise
+        except GlobularError as exc:  # reported, and tried again after the growing pause
+            raise GlobularError(f"{node}'s engines could not be started again: {exc}") from exc
+        del self._left_since[node]
+        if not result.reports:
+            return None  # they came back meanwhile
+        done = "; ".join(text for report in result.reports for _, text in report.summary)
+        return self._event(
+            "restart",
+            f"{counted(count, 'engine')} not registered with the controller for {waited:.0f} s: {done}",
+            nodes=(node,), size=len(result.record.desired),
+        )  # fmt: skip
 
     async def replace_ending(self, watcher: LoadWatcher, record: ClusterRecord) -> Event | None:
         """``replace_before``: a node its provider ends within that time (a Slurm job near its
@@ -294,8 +342,7 @@ class Balancer:
                     continue
                 result = await operations.add_nodes(self.name, 1, home=self.home)
                 self._replacing[node] = result.nodes[0]
-                self.policy.changed(self.clock())
-                self._desired = None
+                self._changed(result.record.desired)
                 return self._event("add", f"replacing {node}, which ends in {left:.0f} s (replace_before)",
                                    nodes=tuple(result.nodes), size=len(result.record.desired))  # fmt: skip
             # its running and queued tasks go first (the scheduler serves its queue in order):
@@ -303,8 +350,7 @@ class Balancer:
             if node in await watcher.drain([node], timeout=min(b.polling_interval, 1.0), window=max(5.0, left - 5.0)):
                 result = await operations.remove_node(self.name, node, home=self.home)
                 del self._replacing[node]
-                self.policy.changed(self.clock())
-                self._desired = None
+                self._changed(result.record.desired)
                 return self._event("remove", f"{node} replaced by {new} before its end ({left:.0f} s left)",
                                    nodes=(node,), size=len(result.record.desired))  # fmt: skip
         return None
@@ -315,6 +361,7 @@ class Balancer:
                 result = await operations.add_nodes(self.name, decision.count, home=self.home)
                 event = self._event("add", decision.reason, nodes=tuple(result.nodes), load=load,
                                     size=len(result.record.desired))  # fmt: skip
+                desired = result.record.desired
             else:
                 drained = await watcher.drain(list(decision.nodes), timeout=max(self.bounds.polling_interval, 5.0))
                 kept = [n for n in decision.nodes if n not in drained]
@@ -324,13 +371,12 @@ class Balancer:
                 if not drained:
                     self.policy.changed(self.clock())
                     return event
-                size = len(self._desired or [])
+                desired = list(self._desired or [])
                 for node in drained:
                     result = await operations.remove_node(self.name, node, home=self.home)
-                    size = len(result.record.desired)
-                event = self._event("remove", decision.reason, nodes=tuple(drained), load=load, size=size)
+                    desired = result.record.desired
+                event = self._event("remove", decision.reason, nodes=tuple(drained), load=load, size=len(desired))
         except ClusterBusy:
             return self._event("busy", "another globular command holds the cluster: the next poll decides again")
-        self.policy.changed(self.clock())
-        self._desired = None  # read again: our own change is not a user's
+        self._changed(desired)
         return event

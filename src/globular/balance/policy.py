@@ -11,8 +11,8 @@ set of the record and the time; it answers one :class:`Decision` or None.
   (a node was lost) it adds at once.
 - *Shrink* only whole nodes whose every engine has been idle (nothing queued, nothing running)
   for ``kill_after``, while no task waits; never the master; never below ``min_nodes``; never
-  within ``stabilization_time`` of the last change; nodes asked for and not joined first,
-  then the node idle the longest.
+  within ``stabilization_time`` of the last change; nodes asked for and not joined for
+  ``kill_after`` first, then the node idle the longest.
 
 The waits are measured on the caller's monotonic clock (``now``): a day-long wait is a float
 of seconds, never a ``timedelta.seconds`` that wraps.
@@ -64,6 +64,7 @@ class Policy:
         self.bounds = bounds
         self.waiting_since: float | None = None
         self.idle_since: dict[str, float] = {}
+        self.coming_since: dict[str, float] = {}  # node asked for (desired) whose engines are not registered
         self.last_change: float | None = None
 
     def changed(self, now: float) -> None:
@@ -92,6 +93,10 @@ class Policy:
             count = min(b.min_nodes - size, b.max_nodes - size)
             return Decision("add", f"{size} of min_nodes {b.min_nodes} nodes", count=count)
         coming = [n for n in desired if n not in load.nodes]  # asked for, engines not registered yet
+        for name in coming:
+            self.coming_since.setdefault(name, now)
+        for name in [n for n in self.coming_since if n not in coming]:
+            del self.coming_since[name]
         waited = now - self.waiting_since if self.waiting_since is not None else 0.0
         if load.waiting > 0:
             if waited < b.wait_time or size >= b.max_nodes:
@@ -117,7 +122,9 @@ class Policy:
             for name, since in self.idle_since.items()
             if name != master and name in desired and now - since >= b.kill_after
         )
-        leaving = [n for n in coming if n != master][:spare]
+        # a node asked for goes only once it has not joined for kill_after (a user's addnode in
+        # flight, slow to boot, is not cancelled under it)
+        leaving = [n for n in coming if n != master and now - self.coming_since[n] >= b.kill_after][:spare]
         leaving += [name for _, name in idle][: spare - len(leaving)]
         if not leaving:
             return None

@@ -26,7 +26,7 @@ else:  # imported when the command runs
 
 # a balancer's event kinds (globular.balance.balancer.Event) as its lines say them
 EVENT_WORDS = {"add": "added", "remove": "removed", "keep": "kept", "watch": "watching", "busy": "waiting",
-               "error": "problem", "stop": "stopped"}  # fmt: skip
+               "error": "problem", "stop": "stopped", "restart": "restarted"}  # fmt: skip
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

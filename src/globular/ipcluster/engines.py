@@ -296,6 +296,9 @@ async def wait_for_engines(
     reporter = ctx.reporter
     reporter.begin(key, description, len(wanted))
     unknown = {i for i in client.ids if str(i) not in mapping}  # foreign engines, there before us
+    # engines registered before this wait that it does not wait for (a node's engines that kept
+    # running while others of it start again) are not counted among the new
+    earlier = {i for i in client.ids if i not in wanted}
     registered: set[str] = set()
     retried: Counter[int] = Counter()
     deadline = time.monotonic() + timeout
@@ -306,7 +309,7 @@ async def wait_for_engines(
         if strays:
             unknown |= strays
             mapping.update({str(i): n for i, n in (await ask_engine_nodes(client, strays)).items() if n in need})
-        mine = {i for i in ids if mapping.get(str(i)) in need}
+        mine = {i for i in ids - earlier if mapping.get(str(i)) in need}
         have = Counter(mapping[str(i)] for i in mine)
         done = sum(min(have[n], count) for n, count in need.items())
         for name, count in need.items():
@@ -342,7 +345,7 @@ async def wait_for_engines(
                 tail,
             )
         if now >= next_check:
-            await check_engines_alive(ctx, nodes, settings=settings, registered=mine, retried=retried)
+            await check_engines_alive(ctx, nodes, settings=settings, registered=mine | earlier, retried=retried)
             if done < len(wanted) or ids & gone:
                 await asyncio.to_thread(refresh_engine_list, client, set(wanted), set(gone))
             next_check = now + 1.0
@@ -382,14 +385,36 @@ def engine_ids_on(ctx: PluginContext, nodes: list[NodeRecord]) -> set[int]:
     return {int(i) for i, node in mapping.items() if node in names}
 
 
-async def retire_engines(ctx: PluginContext, client: Client, nodes: list[NodeRecord]) -> set[int]:
+def unregister_engines(client: Client, ids: set[int]) -> None:
+    """Tell the controller that engines ``ids`` are gone with their node (lost: a job ended, a
+    host cut off): ipyparallel's own ``unregistration_request``, the message an engine sends
+    as it leaves.  The controller drops them at once, and its scheduler fails their tasks (or
+    runs them again, with ``retries``) and sends them no more, instead of doing so only after
+    its heartbeat window."""
+
+    def send() -> None:  # on the client's IO thread, where its sockets are used
+        for engine_id in sorted(ids):
+            client.session.send(client._query_stream, "unregistration_request", content={"id": engine_id})
+
+    client._io_loop.add_callback(send)
+
+
+async def retire_engines(
+    ctx: PluginContext, client: Client, nodes: list[NodeRecord], *, lost: bool = False
+) -> set[int]:
     """Ask the controller to shut down the engines of ``nodes`` (so they unregister
-    at once), then stop their processes by pid whatever they did."""
+    at once), then stop their processes by pid whatever they did.  ``lost``: the nodes are
+    lost, nothing there answers: the controller is told they are gone
+    (:func:`unregister_engines`), and their processes are stopped, or found gone, as the nodes
+    are released."""
     recorded = engine_ids_on(ctx, nodes)
     ids = recorded & set(client.ids)
     if ids:
         try:
-            client.shutdown(targets=sorted(ids), block=False)
+            if lost:
+                await asyncio.to_thread(unregister_engines, client, ids)
+            else:
+                client.shutdown(targets=sorted(ids), block=False)
         except Exception as exc:  # noqa: BLE001 - a controller that cannot relay it: the pids are stopped anyway
             log.info("%s: the controller did not relay the shutdown of engines %s: %s", ctx.name, sorted(ids), exc)
         else:
@@ -403,7 +428,8 @@ async def retire_engines(ctx: PluginContext, client: Client, nodes: list[NodeRec
                 if time.monotonic() >= next_ask:  # a notice of their leaving may have been missed
                     await asyncio.to_thread(refresh_engine_list, client, set(), ids)
                     next_ask = time.monotonic() + 0.5
-    await each_node(nodes, lambda node: stop_engines(ctx, node))
+    if not lost:
+        await each_node(nodes, lambda node: stop_engines(ctx, node))
     data = ctx.plugin_data(DATA_KEY)
     mapping = data.setdefault("engine_ids", {})
     for engine_id in recorded:

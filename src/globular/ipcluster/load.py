@@ -6,6 +6,9 @@ per engine, its queue (direct tasks) and its load-balanced tasks; the record's `
 says which node each engine runs on.  An engine with nothing queued and nothing running is
 idle.  Engines the controller no longer lists are left out.
 
+Engines started on a node that the controller does not list (see
+:mod:`~globular.ipcluster.revive`) are counted apart, for the balancer to start them again.
+
 **Drain.** Removing an idle node races the scheduler: a task given to one of its engines
 between "it is idle" and "it stopped" would fail with ``EngineError`` (ipyparallel re-runs it
 only if the user set ``retries``).  So before a node leaves, each of its engines gets one task
@@ -32,9 +35,10 @@ from typing import Any
 
 from globular.aio import in_thread
 from globular.ipcluster.controller import answer_within
+from globular.ipcluster.revive import left_engines
 from globular.ipcluster.roles import DATA_KEY
 from globular.plugins.base import ClusterLoad, NodeLoad
-from globular.state import StateStore
+from globular.state import ClusterRecord, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,24 @@ HOLD = 120.0  # s a drained engine is held after its drain's time: the node is r
 CONNECT_TIMEOUT = 10.0
 
 
+def send_hold(client: Any, engine: int, start_by: float) -> Any:
+    """Send ``engine`` the task that holds it (:data:`DRAIN_SOURCE`), through the scheduler,
+    bound to it; its AsyncResult."""
+    view = client.load_balanced_view(targets=[engine])
+    view.retries = 0
+    return view.apply_async(exec, DRAIN_SOURCE, {"start_by": start_by, "hold_until": start_by + HOLD})
+
+
+async def holding(held: dict[int, Any], until: float) -> set[int]:
+    """Wait, until ``until`` (``time.time()``) at most, for the hold tasks ``held`` (engine ->
+    AsyncResult) to run; the engines they hold."""
+    while True:
+        started = {e for e, ar in held.items() if (ar.data or {}).get("globular_drain") == "holding"}
+        if len(started) == len(held) or time.time() >= until:
+            return started
+        await asyncio.sleep(0.05)
+
+
 class ControllerLoad:
     """:class:`~globular.plugins.base.LoadWatcher` of an ipcluster (see the module's doc)."""
 
@@ -80,13 +102,14 @@ class ControllerLoad:
             self.client = answer_within(client)
         return self.client
 
-    def _engines(self) -> dict[int, str]:
-        record = StateStore(self.home).get(self.name)
+    def _engines(self, record: ClusterRecord | None = None) -> dict[int, str]:
+        record = record or StateStore(self.home).get(self.name)
         mapping = record.plugin_data.get(DATA_KEY, {}).get("engine_ids") or {}
         return {int(k): v for k, v in mapping.items()}
 
     async def observe(self) -> ClusterLoad:
-        node_of = self._engines()
+        record = StateStore(self.home).get(self.name)
+        node_of = self._engines(record)
         client = await self._client()
 
         def ask() -> tuple[dict[Any, Any], set[int]]:
@@ -103,7 +126,10 @@ class ControllerLoad:
             engines[node] = engines.get(node, 0) + 1
             busy[node] = busy.get(node, 0) + (1 if queue.get("queue") or queue.get("tasks") else 0)
         nodes = {n: NodeLoad(engines=engines[n], busy=busy[n]) for n in engines}
-        return ClusterLoad(waiting=int(answer.get("unassigned") or 0), nodes=nodes)
+        # nodes whose engines all registered once (a node joining or restarting is not done yet)
+        left = {node.name: len(left_engines(node, registered)) for node in record.nodes if "registered" in node.steps}
+        unregistered = {name: count for name, count in left.items() if count}
+        return ClusterLoad(waiting=int(answer.get("unassigned") or 0), nodes=nodes, unregistered=unregistered)
 
     async def drain(self, nodes: list[str], timeout: float, window: float | None = None) -> list[str]:
         client = await self._client()
@@ -118,18 +144,10 @@ class ControllerLoad:
                 held[engine] = kept[0]  # asked before, still waiting for its turn: it keeps its place
                 continue
             start_by = now + window
-            view = client.load_balanced_view(targets=[engine])
-            view.retries = 0
-            args = {"start_by": start_by, "hold_until": start_by + HOLD}
-            held[engine] = await in_thread(view.apply_async, exec, DRAIN_SOURCE, args)
+            held[engine] = await in_thread(send_hold, client, engine, start_by)
             self.pending[engine] = (held[engine], start_by)
-        started: set[int] = set()
         until = min(now + timeout, max((self.pending[e][1] for e in held), default=now))
-        while True:
-            started = {e for e, ar in held.items() if (ar.data or {}).get("globular_drain") == "holding"}
-            if len(started) == len(held) or time.time() >= until:
-                break
-            await asyncio.sleep(0.05)
+        started = await holding(held, until)
         status = await in_thread(client.queue_status, sorted(started)) if started else {}
         drained = []
         for node, ids in on.items():

@@ -45,6 +45,7 @@ from globular.ipcluster.preflight import Questions, Requirement, local_version, 
 from globular.ipcluster.roles import DATA_KEY, ipython_dir
 from globular.ipcluster.settings import IPClusterSettings, encryption_of, engines_for
 from globular.plugins.base import LoadWatcher, NodeCheck, Plugin, PluginContext, PluginReport, PluginStatus, StatusView
+from globular.results import counted
 from globular.spec import Settings as SettingsModel
 from globular.state import ClusterRecord, NodeRecord
 
@@ -300,20 +301,36 @@ class IPCluster(Plugin):
     async def on_remove_node(self, ctx: PluginContext, node: NodeRecord) -> None:
         client = await client_of(ctx)  # fails, saying so, when no controller runs
         try:
-            retired = await retire_engines(ctx, client, [node])
-            await wait_for_engines(
-                ctx,
-                client,
-                wanted={},
-                gone=retired,
-                nodes=[],
-                timeout=self.settings.engine_timeout,
-                key=f"engines-leaving:{node.name}",
-                description=f"engines of {node.name} leaving",
-            )
+            if ctx.is_lost(node):  # its engines went with it, or leave on request: not waited for
+                await retire_engines(ctx, client, [node], lost=True)
+            else:
+                retired = await retire_engines(ctx, client, [node])
+                await wait_for_engines(
+                    ctx,
+                    client,
+                    wanted={},
+                    gone=retired,
+                    nodes=[],
+                    timeout=self.settings.engine_timeout,
+                    key=f"engines-leaving:{node.name}",
+                    description=f"engines of {node.name} leaving",
+                )
         finally:
             client.close()
         (ctx.plugin_data(DATA_KEY).get("gpus") or {}).pop(node.name, None)
+
+    async def on_restart_node(self, ctx: PluginContext, node: NodeRecord) -> PluginReport | None:
+        from globular.ipcluster.revive import revive_engines
+
+        revived = await revive_engines(ctx, node, self.settings)
+        if not revived:
+            return None
+        pairs = ", ".join(f"{old} -> {new}" for old, new in sorted(revived.items()))
+        return PluginReport(
+            plugin=self.name,
+            summary=[(node.name, f"{counted(len(revived), 'engine')} started again in place ({pairs})")],
+            data={"engines": {str(old): new for old, new in revived.items()}},
+        )
 
     async def on_shutdown(self, ctx: PluginContext) -> None:
         await stop_ipcluster(ctx)

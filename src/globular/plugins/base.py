@@ -101,6 +101,10 @@ class PluginContext(Protocol):
     def node_step(self, node: NodeRecord, step: str) -> None:
         """``node`` reached ``step`` (``globular status`` shows it; see reporting.NODE_STEPS)."""
 
+    def is_lost(self, node: NodeRecord) -> bool:
+        """``node`` leaves because it is lost (its provider ended it, it stopped answering: the
+        balancer replaces it): nothing on it answers, so ``on_remove_node`` should not wait on it."""
+
 
 class PreflightFailed(GlobularError):
     """One line per node that cannot run what the plugins start; nothing was started."""
@@ -169,6 +173,9 @@ class ClusterLoad:
 
     waiting: int  # tasks no engine has taken yet
     nodes: dict[str, NodeLoad] = field(default_factory=dict)
+    # node -> its engines started there and alive or dead, but not registered (cut off from the
+    # controller past its heartbeat window, frozen, or killed): :meth:`Plugin.on_restart_node`
+    unregistered: dict[str, int] = field(default_factory=dict)
 
     @property
     def engines(self) -> int:
@@ -283,6 +290,14 @@ class Plugin:
 
     async def on_remove_node(self, ctx: PluginContext, node: NodeRecord) -> None:
         """``node`` is about to leave the cluster."""
+
+    async def on_restart_node(self, ctx: PluginContext, node: NodeRecord) -> PluginReport | None:
+        """Some of ``node``'s work left the cluster while the node stays and answers (an engine
+        cut off from its controller past the heartbeat window, frozen, or killed): start that
+        again in place, leaving what still works untouched.  The balancer calls it
+        (:func:`globular.operations.restart_node`) for a node its :class:`LoadWatcher` lists in
+        :attr:`ClusterLoad.unregistered`; None: nothing was left to restart."""
+        return None
 
     async def on_shutdown(self, ctx: PluginContext) -> None:
         """The cluster is being terminated (or a start failed); undo ``run``.
