@@ -5,7 +5,7 @@ balancer detached by ``start``).
     .venv/bin/python benchmarks/bench_balance.py [--rounds 3] [--cycles 20]
     .venv/bin/python benchmarks/bench_balance.py --provider ssh      # 4 netns hosts (root; tests/testhosts.py)
     .venv/bin/python benchmarks/bench_balance.py --provider slurm    # a real Slurm on them (tests/testslurm.py)
-    .venv/bin/python benchmarks/bench_balance.py --rounds 0 --cycles 450    # the soak: about an hour
+    .venv/bin/python benchmarks/bench_balance.py --rounds 0 --cycles 960    # the soak: about an hour (3.75 s a cycle)
 
 - **grow**: from a backlog (12 tasks of 1 s on a 1-node cluster) to the first task that an engine
   of a new node runs, less ``wait_time`` (the configured wait); the anchor is the issue's target,
@@ -23,9 +23,11 @@ balancer detached by ``start``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -172,6 +174,7 @@ def waves(bench: Bench, rc, cycles: int, seed: int = 7) -> dict[str, int]:
     rng = random.Random(seed)
     view = rc.load_balanced_view()  # no retries: a task lost is a failure
     sent, spans = [], []
+    began = time.time()
     for _ in range(cycles):
         burst = [rng.uniform(0.3, 1.5) for _ in range(rng.randint(3, 9))]
         sent.append((view.map_async(work, burst), burst))
@@ -188,10 +191,24 @@ def waves(bench: Bench, rc, cycles: int, seed: int = 7) -> dict[str, int]:
         for line in (bench.home / "logs" / "bench.log").read_text().splitlines():
             if "balancer: " in line:
                 print(f"  {line}", file=sys.stderr)
-    events = [e for e in bench.record()["balancer"]["events"] if e["kind"] in ("add", "remove")]
-    removals = [(e["time"], n) for e in events if e["kind"] == "remove" for n in e["nodes"]]
+    events = [e for e in decisions(bench.home) if e[0] >= began]  # every one: the record keeps the last 20
+    removals = [(t, n) for t, kind, nodes in events if kind == "remove" for n in nodes]
     busy_removed = sum(1 for t, n in removals if any(node == n and a < t < b for node, a, b in spans))
     return {"lost": lost, "busy_removed": busy_removed, "changes": len(events)}
+
+
+DECISION = re.compile(r"^(\S+ \S+) \d+ INFO globular\.balance\.balancer: balancer: (add|remove): .* \(([\w, ]+)\)$")
+
+
+def decisions(home: Path) -> list[tuple[float, str, list[str]]]:
+    """The balancer's changes (time, add or remove, nodes), each a line of the cluster's log."""
+    found = []
+    for line in (home / "logs" / "bench.log").read_text().splitlines():
+        match = DECISION.match(line)
+        if match:
+            when = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            found.append((when, match[2], match[3].split(", ")))
+    return found
 
 
 def measure(bench: Bench, rounds: int, cycles: int) -> tuple[dict[str, list[float]], dict[str, int]]:

@@ -3,6 +3,7 @@ mid-start, and the engine watchdog (``restart_dead_engines``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -56,6 +57,23 @@ def row(listing: str, name: str) -> str:
     return next(line for line in listing.splitlines() if line.strip().startswith(name) or f" {name} " in line)
 
 
+async def engines_seen_on_master(home) -> int:
+    """The master's engines in the balancer's view (ipcluster's ControllerLoad), once every
+    engine has said where it runs."""
+    from globular.ipcluster.load import ControllerLoad
+
+    watcher = ControllerLoad("wd", home)
+    try:
+        for _ in range(100):
+            load = await watcher.observe()
+            if not watcher.asking:
+                break
+            await asyncio.sleep(0.1)
+        return load.nodes["master"].engines if "master" in load.nodes else 0
+    finally:
+        await watcher.close()
+
+
 def test_watchdog_restarts_a_dead_engine_and_retried_tasks_are_not_lost(cli, home, tmp_path, write_config):
     from globular import connect
 
@@ -77,6 +95,8 @@ def test_watchdog_restarts_a_dead_engine_and_retried_tasks_are_not_lost(cli, hom
         # the engine count comes back without anyone doing anything: a new engine, a new id
         assert wait_until(lambda: len(rc.ids) == 2 and set(rc.ids) != first, timeout=60), rc.ids
         assert rc[:].apply_sync(portable(lambda: 1)) == [1, 1]
+        # the balancer's view places the restarted engine (an id the record does not have) on its node
+        assert asyncio.run(engines_seen_on_master(home)) == 2
     finally:
         rc.close()
     supervisor_log = next((home / "local" / "wd" / "master" / "logs").glob("supervisor-*.log")).read_text()

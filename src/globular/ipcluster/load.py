@@ -3,8 +3,10 @@ draining of nodes that are to leave.
 
 **Observe.** ``queue_status()`` gives the tasks no engine has taken yet (``unassigned``) and,
 per engine, its queue (direct tasks) and its load-balanced tasks; the record's ``engine_ids``
-says which node each engine runs on.  An engine with nothing queued and nothing running is
-idle.  Engines the controller no longer lists are left out.
+says which node each engine runs on; an engine it does not list (a supervisor restarted it,
+``restart_dead_engines``, under a fresh id) is asked, once, where it runs, and until it has
+answered no node is drained.  An engine with nothing queued and nothing running is idle.
+Engines the controller no longer lists are left out.
 
 Engines started on a node that the controller does not list (see
 :mod:`~globular.ipcluster.revive`) are counted apart, for the balancer to start them again.
@@ -35,6 +37,7 @@ from typing import Any
 
 from globular.aio import in_thread
 from globular.ipcluster.controller import answer_within
+from globular.ipcluster.engines import engine_node
 from globular.ipcluster.revive import left_engines
 from globular.ipcluster.roles import DATA_KEY
 from globular.plugins.base import ClusterLoad, NodeLoad
@@ -93,6 +96,10 @@ class ControllerLoad:
         self.home = home
         self.client: Any = None
         self.pending: dict[int, tuple[Any, float]] = {}  # engine -> its drain task and when it may start by
+        # engines not in the record (a supervisor restarted them under a fresh id): where they
+        # run, asked of each (it answers once its task ends), and the answers still to come
+        self.placed: dict[int, str] = {}
+        self.asking: dict[int, Any] = {}
 
     async def _client(self) -> Any:
         if self.client is None:
@@ -103,19 +110,38 @@ class ControllerLoad:
         return self.client
 
     def _engines(self, record: ClusterRecord | None = None) -> dict[int, str]:
+        """Engine -> node: the record's, and those the engines said (:meth:`_place`)."""
         record = record or StateStore(self.home).get(self.name)
         mapping = record.plugin_data.get(DATA_KEY, {}).get("engine_ids") or {}
-        return {int(k): v for k, v in mapping.items()}
+        return {**self.placed, **{int(k): v for k, v in mapping.items()}}
+
+    def _place(self, client: Any, registered: set[int], node_of: dict[int, str]) -> set[int]:
+        """Ask the registered engines the record does not place where they run (one question
+        each, answered after the task it runs); the engines not placed yet.  (Run in a thread.)"""
+        for engine, answer in list(self.asking.items()):
+            if answer.ready():
+                del self.asking[engine]
+                try:
+                    self.placed[engine] = answer.get(0)
+                except Exception as exc:  # noqa: BLE001 - it left, or failed: asked again if it is still there
+                    log.info("%s: engine %d did not say where it runs: %s", self.name, engine, exc)
+        strays = {e for e in registered if e not in node_of and e not in self.placed}
+        for engine in sorted(strays - set(self.asking)):
+            self.asking[engine] = client[engine].apply_async(engine_node)
+        for engine in set(self.placed) - registered:
+            del self.placed[engine]
+        return strays
 
     async def observe(self) -> ClusterLoad:
         record = StateStore(self.home).get(self.name)
-        node_of = self._engines(record)
         client = await self._client()
 
-        def ask() -> tuple[dict[Any, Any], set[int]]:
-            return client.queue_status(), set(client.ids)
+        def ask() -> tuple[dict[Any, Any], set[int], dict[int, str]]:
+            answer, registered = client.queue_status(), set(client.ids)
+            self._place(client, registered, self._engines(record))
+            return answer, registered, self._engines(record)
 
-        answer, registered = await in_thread(ask)
+        answer, registered, node_of = await in_thread(ask)
         engines: dict[str, int] = {}
         busy: dict[str, int] = {}
         for engine in sorted(registered):
@@ -134,7 +160,13 @@ class ControllerLoad:
     async def drain(self, nodes: list[str], timeout: float, window: float | None = None) -> list[str]:
         client = await self._client()
         registered = set(await in_thread(lambda: client.ids))
-        on = {node: sorted(e for e, n in self._engines().items() if n == node and e in registered) for node in nodes}
+        node_of = self._engines()
+        unplaced = {e for e in registered if e not in node_of}
+        if unplaced:  # one of them may run on a node that is to leave: none leaves before they answer
+            await in_thread(self._place, client, registered, node_of)
+            log.info("%s: engines %s have not said where they run yet: no node leaves", self.name, sorted(unplaced))
+            return []
+        on = {node: sorted(e for e, n in node_of.items() if n == node and e in registered) for node in nodes}
         now = time.time()
         window = timeout if window is None else max(window, timeout)
         held: dict[int, Any] = {}
