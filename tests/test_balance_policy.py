@@ -217,3 +217,17 @@ def test_min_nodes_is_the_size_of_a_start_without_s_and_max_nodes_caps_the_provi
     assert spec.balance == BalanceSpec(min_nodes=3, max_nodes=4, wait_time=60)
     path.write_text("[cluster t]\nprovider = local\nmax_nodes = 1\n")
     assert Config.load(path).cluster_spec("t").cluster_size == 1  # the local default, 2, capped
+
+
+def test_the_engines_to_start_again_are_those_a_node_has_fewer_registered_than_started():
+    from globular.ipcluster.revive import left_engines
+    from globular.state import NodeRecord, ProcessRecord
+
+    node = NodeRecord(name="node001", address="198.18.0.12", workdir="/w", cores=2, python="p")
+    node.processes = [ProcessRecord(pid=10 + i, start=1, role="ipengine", ident=str(i)) for i in (1, 2)]
+    node_of = {1: "node001", 2: "node001", 0: "master"}
+    assert left_engines(node, {0, 1, 2}, node_of) == []
+    assert [p.ident for p in left_engines(node, {0, 2}, node_of)] == ["1"]  # engine 1 left the controller
+    assert [p.ident for p in left_engines(node, {0}, node_of)] == ["1", "2"]
+    # the controller gave engine 1 another id (7) than it asked for: both are there, nothing to restart
+    assert left_engines(node, {0, 2, 7}, {**node_of, 7: "node001"}) == []

@@ -153,7 +153,7 @@ class ControllerLoad:
             busy[node] = busy.get(node, 0) + (1 if queue.get("queue") or queue.get("tasks") else 0)
         nodes = {n: NodeLoad(engines=engines[n], busy=busy[n]) for n in engines}
         # nodes whose engines all registered once (a node joining or restarting is not done yet)
-        left = {node.name: len(left_engines(node, registered)) for node in record.nodes if "registered" in node.steps}
+        left = {n.name: len(left_engines(n, registered, node_of)) for n in record.nodes if "registered" in n.steps}
         unregistered = {name: count for name, count in left.items() if count}
         return ClusterLoad(waiting=int(answer.get("unassigned") or 0), nodes=nodes, unregistered=unregistered)
 

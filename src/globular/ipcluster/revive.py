@@ -28,10 +28,16 @@ log = logging.getLogger(__name__)
 STOP_GRACE = 2.0  # s an engine the controller dropped gets to end on SIGTERM (a frozen one never does)
 
 
-def left_engines(node: NodeRecord, registered: set[int]) -> list[ProcessRecord]:
+def left_engines(node: NodeRecord, registered: set[int], node_of: dict[int, str]) -> list[ProcessRecord]:
     """``node``'s engine processes (started one by one, not under a supervisor) whose engine
-    the controller does not list among ``registered``."""
-    return [p for p in node.processes_with_role(ENGINE) if p.ident and int(p.ident) not in registered]
+    the controller does not list among ``registered``, as many as the node has fewer engines
+    registered (``node_of``: engine id -> node) than processes: an engine the controller gave
+    another id than it asked for still counts as there."""
+    procs = node.processes_with_role(ENGINE)
+    missing = len(procs) - sum(1 for engine in registered if node_of.get(engine) == node.name)
+    if missing <= 0:
+        return []
+    return [p for p in procs if p.ident and int(p.ident) not in registered][:missing]
 
 
 async def revive_engines(ctx: PluginContext, node: NodeRecord, settings: IPClusterSettings) -> dict[int, int]:
@@ -41,7 +47,8 @@ async def revive_engines(ctx: PluginContext, node: NodeRecord, settings: IPClust
     client = await client_of(ctx)
     try:
         registered = set(await asyncio.to_thread(lambda: client.ids))
-        left = left_engines(node, registered)
+        node_of = {int(k): v for k, v in (data.get("engine_ids") or {}).items()}
+        left = left_engines(node, registered, node_of)
         if not left:
             return {}
         old = [int(p.ident) for p in left if p.ident]
