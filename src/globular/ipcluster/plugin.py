@@ -301,7 +301,7 @@ class IPCluster(Plugin):
     async def on_remove_node(self, ctx: PluginContext, node: NodeRecord) -> None:
         client = await client_of(ctx)  # fails, saying so, when no controller runs
         try:
-            if ctx.is_lost(node):  # its engines went with it, or leave on request: not waited for
+            if ctx.is_lost(node):  # the controller is told its engines are gone (unregistration): nothing to wait for
                 await retire_engines(ctx, client, [node], lost=True)
             else:
                 retired = await retire_engines(ctx, client, [node])
